@@ -112,6 +112,7 @@ def load_config(name: str):
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
     """Load ``name`` (see module docstring) in eval mode with ``dtype`` weights."""
     start = time.perf_counter()
+    _quiet_transformers()
     if name in TINY_CONFIGS:
         model, source = _tiny_model(name, dtype, seed), "random"
         tokenizer = load_tokenizer()
@@ -125,6 +126,13 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, se
         source = "local" if Path(name).is_dir() else "hub-cache"
     model.eval()
     return LoadedModel(model, tokenizer, name, source, time.perf_counter() - start)
+
+
+def _quiet_transformers() -> None:
+    """Progress bars from every rank's loader would bury the job's own progress lines."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def load_tokenizer():
@@ -239,3 +247,12 @@ def _local_or_cached_path(name: str) -> str:
             f"model: {name!r} is not a local directory and not in the local Hugging Face cache, and this "
             f"machine cannot download it. Allowed: {', '.join(known_names())}, a local model directory, "
             f"or a hub id already downloaded ({type(exc).__name__})") from None
+
+
+def prepare(name: str) -> None:
+    """Make later loads of ``name`` fast before several ranks load it at once: converts the
+    embedded GGUF to the verified cache (once) and caches the tokenizer."""
+    if name == EMBEDDED and not (_embedded_cache_dir(embedded_gguf()) / "verified.json").exists():
+        load_model(name)
+    elif name in TINY_CONFIGS:
+        load_tokenizer()

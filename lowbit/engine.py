@@ -1,0 +1,75 @@
+"""Run a TP-sharded model on one rank: build it, prefill, greedy-decode.
+
+Every rank calls these with the same inputs; the communicator inside the row-parallel
+linears keeps the ranks in lockstep, and since every rank receives the same reduced sums,
+greedy decoding picks the same token on every rank without extra broadcasts.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.comm import Communicator, ExactCommunicator
+from lowbit.dist import Group, device_for
+from lowbit.models import LoadedModel, load_config, load_model
+from lowbit.tp import check_tp_size, shard_model
+
+
+@dataclass
+class TPModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    group: Group
+    load_seconds: float
+
+
+def build_tp_model(name: str, group: Group, communicator: Communicator | None = None,
+                   dtype: torch.dtype = torch.float32, loaded: LoadedModel | None = None) -> TPModel:
+    """Load ``name`` and shard it for ``group.rank``. ``loaded`` (e.g. a cached full model in
+    tests) is deep-copied instead of loading again."""
+    check_tp_size(load_config(name) if loaded is None else loaded.model.config, group.world_size, name)
+    if loaded is None:
+        loaded = load_model(name, dtype=dtype)
+        model = loaded.model
+    else:
+        model = copy.deepcopy(loaded.model)
+    shard_model(model, group.rank, group.world_size, communicator or ExactCommunicator(group))
+    model.to(device_for(group))
+    return TPModel(model, loaded.tokenizer, name, group, loaded.seconds)
+
+
+@torch.no_grad()
+def prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits for every position of ``input_ids`` [batch, seq] (fp32)."""
+    device = next(model.parameters()).device
+    return model(input_ids.to(device), use_cache=False).logits.float().cpu()
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                    eos_token_id: int | None = None) -> dict:
+    """Greedy decoding with a KV cache. Returns new token ids and prefill/decode timings."""
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True)
+    past = out.past_key_values
+    next_id = out.logits[:, -1].argmax(-1)
+    prefill_s = time.perf_counter() - t0
+    new = [next_id]
+    t1 = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        if eos_token_id is not None and bool((next_id == eos_token_id).all()):
+            break
+        out = model(next_id[:, None], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        next_id = out.logits[:, -1].argmax(-1)
+        new.append(next_id)
+    decode_s = time.perf_counter() - t1
+    tokens = torch.stack(new, dim=1).cpu()
+    return dict(tokens=tokens, prefill_seconds=prefill_s, decode_seconds=decode_s,
+                decode_tokens=tokens.shape[1] - 1)
