@@ -1,0 +1,278 @@
+"""Torch reference quantizers for the communicated partial sums, and the bit packer.
+
+The Triton kernels in ``kernels/`` must match these bit for bit, so every step is spelled out
+and computed in fp32 in this order. ``b`` is the bit width, ``c`` a constant computed in
+Python float64 and rounded once to fp32.
+
+==============  =========================================  ============================================
+                symmetric                                  asymmetric
+==============  =========================================  ============================================
+range           absmax = max |x| (finite values)           lo = min x, hi = max x (finite values)
+scale           absmax * c,   c = fp32(2 / (2**b - 1))     hi * c - lo * c,   c = fp32(1 / (2**b - 1))
+code q          clamp(rne(x / scale), -2**(b-1),           clamp(rne((x - lo) / scale), 0, 2**b - 1)
+                2**(b-1) - 1)
+stored (uint8)  q + 2**(b-1)                               q
+dequantized     q * scale                                  q * scale + lo   (two roundings, no FMA)
+==============  =========================================  ============================================
+
+The scale formulas are the paper's ``2*absmax/(2**b-1)`` and ``(max-min)/(2**b-1)``, written
+so that they cannot overflow fp32 even for values near 3.4e38 (``2*absmax`` would).
+
+Granularity (where ``absmax`` / ``lo`` / ``hi`` are taken):
+
+==========  =========================================  ==========================================
+static      per feature, from calibration (min/max      scales [H], fp32, never sent
+            tensors [H] of this rank)
+token       per row, from the row                       scales [*rows], in ``scale_dtype``
+group       per ``group_size`` contiguous features      scales [*rows, H // G], in ``scale_dtype``
+==========  =========================================  ==========================================
+
+Dynamic scales are rounded to ``scale_dtype`` BEFORE quantizing, so dequantization uses
+exactly the value that travels. The rounding is directed so the rounded range still covers the
+data: ``lo`` rounds toward -inf, then the scale (computed from the rounded ``lo``) rounds
+toward +inf. Static scales stay fp32.
+
+Rounding: ONE rule everywhere, round half to even (``round_half_even``; ``torch.round`` is
+half-to-even, as is Triton's ``rint``).
+
+Zero scale (an all-zero row/group, a constant group, a feature never active in calibration):
+no division happens; every value gets q = 0, which dequantizes to exactly 0 (symmetric) or
+exactly ``lo`` (asymmetric).
+
+Non-finite policy: non-finite inputs never poison other values.
+  * dynamic ranges are computed over finite values only;
+  * NaN quantizes as if it were 0.0 (symmetric: the zero code, dequantizes to exactly 0);
+  * +Inf / -Inf clamp to the largest / smallest code;
+  * the number of non-finite inputs is returned as ``nonfinite``.
+Clamping: ``clamped`` counts finite values outside the range the scale was built for (for
+static scales, values beyond this rank's calibrated range; for dynamic scales normally 0).
+Excluded features (``exclude``, the BF16 outlier columns) take no part in ranges or counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.scheme import QuantSpec
+
+_FP32 = torch.float32
+
+
+def round_half_even(t: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer, ties to even (2.5 -> 2, 3.5 -> 4): torch.round's rule."""
+    return torch.round(t)
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Smallest and largest signed code q (before the unsigned offset)."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def scale_constant(bits: int, symmetric: bool) -> float:
+    """c in the scale formulas, as the fp32 value the kernels must use."""
+    c = 2.0 / (2**bits - 1) if symmetric else 1.0 / (2**bits - 1)
+    return torch.tensor(c, dtype=_FP32).item()
+
+
+@dataclass
+class QuantResult:
+    """codes: uint8, same shape as x. scales/mins: fp32 values exactly as the receiver uses them
+    (dynamic ones already rounded to the scale dtype); mins is None when symmetric."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    clamped: int
+    nonfinite: int
+
+
+def _round_toward(t: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """Round fp32 ``t`` to ``dtype`` toward +inf (up) or -inf, staying finite; returns fp32.
+
+    bf16 is the top 16 bits of fp32, so directed rounding is integer arithmetic on the bits:
+    truncating drops the magnitude (toward 0); adding 0xFFFF first raises it (away from 0).
+    """
+    t = t.to(_FP32).contiguous()
+    if dtype == _FP32:
+        return t
+    assert dtype == torch.bfloat16, dtype
+    mag = t.abs().view(torch.int32).to(torch.int64)
+    away_from_zero = (t > 0) == up
+    mag = torch.where(away_from_zero, (mag + 0xFFFF) & 0x7FFF0000, mag & 0x7FFF0000)
+    mag = torch.clamp(mag, max=0x7F7F0000)  # largest finite bf16: never round a finite value to inf
+    out = mag.to(torch.int32).view(_FP32)
+    out = torch.where(t < 0, -out, out)
+    return torch.where(t == 0, t, out)
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View x [..., H] as [..., n_groups, width] for the dynamic granularities."""
+    hidden = x.shape[-1]
+    if spec.granularity == "token":
+        return x.unsqueeze(-2)
+    if hidden % spec.group_size:
+        spec.validate_for(hidden)
+    return x.reshape(*x.shape[:-1], hidden // spec.group_size, spec.group_size)
+
+
+def static_qparams(
+    spec: QuantSpec, static_min: torch.Tensor, static_max: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 per-feature (scales, mins) from calibrated per-feature min/max [H] of this rank."""
+    lo = static_min.to(_FP32)
+    hi = static_max.to(_FP32)
+    c = scale_constant(spec.bits, spec.symmetric)
+    if spec.symmetric:
+        return torch.maximum(lo.abs(), hi.abs()) * c, None
+    return hi * c - lo * c, lo
+
+
+def _dynamic_qparams(xg: torch.Tensor, valid: torch.Tensor, spec: QuantSpec):
+    """Scales (and mins) per [..., n_groups] from the valid (finite, not excluded) values."""
+    c = scale_constant(spec.bits, spec.symmetric)
+    any_valid = valid.any(-1)
+    if spec.symmetric:
+        absmax = torch.where(valid, xg.abs(), 0.0).amax(-1)
+        return _round_toward(absmax * c, spec.scale_dtype, up=True), None
+    lo = torch.where(valid, xg, torch.inf).amin(-1)
+    hi = torch.where(valid, xg, -torch.inf).amax(-1)
+    lo = torch.where(any_valid, lo, 0.0)
+    hi = torch.where(any_valid, hi, 0.0)
+    lo = _round_toward(lo, spec.scale_dtype, up=False)
+    scale = _round_toward(hi * c - lo * c, spec.scale_dtype, up=True)
+    return scale, lo
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    static_min: torch.Tensor | None = None,
+    static_max: torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+) -> QuantResult:
+    """Quantize x [..., H] (fp32 or bf16) with ``spec``; see the module docstring for the math.
+
+    ``static_min``/``static_max`` [H] are required for static granularity. ``exclude`` (feature
+    indices, e.g. the BF16 outlier columns) are left out of dynamic ranges and counts; their
+    codes are the zero code.
+    """
+    x = x.to(_FP32)
+    hidden = x.shape[-1]
+    finite = torch.isfinite(x)
+    valid = finite
+    if exclude is not None and exclude.numel():
+        keep = torch.ones(hidden, dtype=torch.bool, device=x.device)
+        keep[exclude] = False
+        valid = finite & keep
+    else:
+        keep = None
+    x_in = torch.where(torch.isnan(x), 0.0, x)  # NaN quantizes as 0.0; +-Inf stay and clamp
+
+    if spec.granularity == "static":
+        if static_min is None or static_max is None:
+            raise ValueError("static granularity needs static_min and static_max (per-feature [H] tensors)")
+        scales, mins = static_qparams(spec, static_min.to(x.device), static_max.to(x.device))
+        scale_b, min_b = scales, mins  # [H] broadcasts over rows
+        xs = x_in
+        if spec.symmetric:
+            out_of_range = x.abs() > torch.maximum(static_min.abs(), static_max.abs()).to(x.device, _FP32)
+        else:
+            out_of_range = (x < static_min.to(x.device, _FP32)) | (x > static_max.to(x.device, _FP32))
+    else:
+        xg = _grouped(x_in, spec)
+        scales, mins = _dynamic_qparams(xg, _grouped(valid, spec), spec)
+        scale_b = scales.unsqueeze(-1)
+        min_b = mins.unsqueeze(-1) if mins is not None else None
+        xs = xg
+        out_of_range = None  # ranges come from the data itself
+
+    qmin, qmax = qrange(spec.bits, spec.symmetric)
+    zero_scale = scale_b == 0
+    safe_scale = torch.where(zero_scale, 1.0, scale_b)
+    shifted = xs if spec.symmetric else xs - min_b
+    q = torch.clamp(round_half_even(shifted / safe_scale), qmin, qmax)
+    q = torch.where(zero_scale, 0.0, q)
+    if spec.granularity != "static":
+        q = q.reshape(x.shape)
+        scales = scales.squeeze(-1) if spec.granularity == "token" else scales
+        mins = mins.squeeze(-1) if (mins is not None and spec.granularity == "token") else mins
+    if keep is not None:
+        q = torch.where(keep, q, 0.0)
+    codes = (q - qmin).to(torch.uint8)
+
+    nonfinite = int((~finite).sum()) if keep is None else int((~finite & keep).sum())
+    clamped = 0
+    if out_of_range is not None:
+        counted = out_of_range & valid
+        clamped = int(counted.sum())
+    return QuantResult(codes, scales, mins, clamped, nonfinite)
+
+
+def dequantize(
+    codes: torch.Tensor, spec: QuantSpec, scales: torch.Tensor, mins: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 values from uint8 codes [..., H] and the scales (and mins) ``quantize`` returned."""
+    qmin, _ = qrange(spec.bits, spec.symmetric)
+    q = codes.to(_FP32) + qmin
+    scales = scales.to(_FP32)
+    if not spec.symmetric and mins is None:
+        raise ValueError("asymmetric dequantization needs mins")
+    if spec.granularity == "static":
+        out = q * scales
+        return out if spec.symmetric else out + mins.to(_FP32)
+    if spec.granularity == "token":
+        out = q * scales.unsqueeze(-1)
+        return out if spec.symmetric else out + mins.to(_FP32).unsqueeze(-1)
+    qg = _grouped(q, spec)
+    out = qg * scales.unsqueeze(-1)
+    if not spec.symmetric:
+        out = out + mins.to(_FP32).unsqueeze(-1)
+    return out.reshape(codes.shape)
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes holding ``count`` codes of ``bits`` bits, padded only in the last byte."""
+    return (count * bits + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (each < 2**bits) into a 1-D uint8 bit stream.
+
+    Little-endian bit order: code i occupies stream bits [i*bits, (i+1)*bits), its least
+    significant bit first, and stream bit j is bit (j % 8) of byte j // 8. Any width 1..8.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits: {bits} not allowed; allowed: 1..8")
+    flat = codes.reshape(-1)
+    if flat.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {flat.dtype}")
+    if bits < 8 and flat.numel() and int(flat.max()) >= 2**bits:
+        raise ValueError(f"codes must be < 2**{bits}; max is {int(flat.max())}")
+    if bits == 8:
+        return flat.clone()
+    shifts = torch.arange(bits, dtype=torch.uint8, device=flat.device)
+    stream = ((flat.unsqueeze(-1) >> shifts) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    byte_shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (stream.reshape(-1, 8) << byte_shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``count`` codes of a packed stream, 1-D uint8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits: {bits} not allowed; allowed: 1..8")
+    need = packed_nbytes(count, bits)
+    if packed.numel() < need:
+        raise ValueError(f"{count} codes of {bits} bits need {need} bytes, got {packed.numel()}")
+    packed = packed.reshape(-1)[:need]
+    if bits == 8:
+        return packed.clone()
+    byte_shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.unsqueeze(-1) >> byte_shifts) & 1).reshape(-1)[: count * bits]
+    shifts = torch.arange(bits, dtype=torch.uint8, device=packed.device)
+    return (stream.reshape(count, bits) << shifts).sum(-1, dtype=torch.uint8)

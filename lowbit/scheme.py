@@ -1,0 +1,461 @@
+"""Communication schemes: what a row-parallel partial sum is turned into before it travels.
+
+This module is the ONE owner of the scheme string grammar; everything else (job specs, pages,
+the CLI, collectives) parses and prints schemes through it.
+
+    python -m lowbit schemes        # prints GRAMMAR_HELP
+
+Grammar::
+
+    exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)
+    int<B>[a]-<gran>[-<outliers>][@<algo>]    B in 2,3,4,5,6,8; 'a' = asymmetric
+      gran:     static | token | group<G>
+      outliers: top<K> | rand<K>[s<seed>]     K a fraction '1/64' or a decimal '0.05'
+      algo:     gather (default) | twoshot[+int<B>[a]-token|group<G>]   second leg, default int8-token
+    scheme map: <scheme>[;L<a>[-<b>][.<module>]=<scheme>]...
+
+==============================================  ===================================================
+string                                          meaning
+==============================================  ===================================================
+``bf16`` (``exact``)                            exact all-reduce in BF16
+``fp32``                                        exact all-reduce in FP32
+``int4-static-top1/64``                         the paper: Int4 symmetric, static per-feature
+                                                scales from calibration, top 1/64 features in BF16
+``int4-static-rand1/64s7``                      baseline: same count of BF16 features, chosen at
+                                                random with seed 7
+``int8-token``                                  Int8, one dynamic scale per token (row)
+``int4-group32``                                Int4, one dynamic scale per 32 features of a row
+``int3a-group64-top1/64``                       Int3 asymmetric (scale and min) per group of 64
+``int4-token@twoshot+int8-token``               two-shot reduce-scatter / all-gather; the reduced
+                                                shard is requantized to Int8 per token
+``int4-static-top1/64;L0-3=int8-token;``        per-site overrides: layers 0..3 use Int8 per
+``L28.down_proj=bf16``                          token, layer 28's down_proj goes exact
+==============================================  ===================================================
+
+Canonical strings (what ``str()`` prints, and what ``parse`` round-trips exactly): ``exact`` is
+printed ``bf16``; ``@gather`` and a random seed of 0 are omitted; ``@twoshot`` always names its
+second leg; outlier fractions print as ``n/d`` in lowest terms. The scale dtype is not part of
+the string: strings always mean BF16 scales (FP16 scales overflowed to inf on real data).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
+GRANULARITIES = ("static", "token", "group")
+DYNAMIC_GRANULARITIES = ("token", "group")
+SCALE_DTYPES = (torch.bfloat16, torch.float32)
+OUTLIER_SELECTS = ("none", "topk", "random")
+ALGOS = ("gather", "two_shot")
+WIRE_DTYPES = ("bf16", "fp32")
+MAX_K_FRAC = Fraction(1, 2)
+
+GRAMMAR_HELP = """\
+Scheme strings (lowbit.scheme is the one parser):
+
+  exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)
+  int<B>[a]-<gran>[-<outliers>][@<algo>]    B in 2,3,4,5,6,8; 'a' = asymmetric (scale + min)
+    gran:     static | token | group<G>     static = per-feature scales from calibration
+    outliers: top<K> | rand<K>[s<seed>]     K = fraction of features kept in BF16, in (0, 1/2]
+    algo:     gather (default) | twoshot[+int<B>[a]-token|group<G>]   second leg, default int8-token
+  scheme map: <scheme>[;L<a>[-<b>][.<module>]=<scheme>]...
+
+Examples:
+  bf16                              exact BF16 all-reduce (the baseline)
+  int4-static-top1/64               the paper: Int4 static per-feature, top 1/64 features in BF16
+  int4-static-rand1/64s7            same, but 1/64 random features (seed 7) in BF16
+  int8-token                        Int8, one dynamic scale per token
+  int4-group32                      Int4, one dynamic scale per 32 features
+  int3a-group64-top1/64             Int3 asymmetric per group of 64, top 1/64 in BF16
+  int4-token@twoshot+int8-token     two-shot; reduced shard requantized to Int8 per token
+  int4-static-top1/64;L0-3=int8-token;L28.down_proj=bf16   per-layer / per-module overrides
+"""
+
+
+class SchemeError(ValueError):
+    """A scheme that cannot be built; the message names the field and what is allowed."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fraction(value) -> Fraction:
+    if isinstance(value, float):
+        return Fraction(repr(value))  # 0.05 means 1/20, not the nearest binary fraction
+    return Fraction(value)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: bit width, symmetry, and where scales come from.
+
+    granularity: ``static`` one fp32 scale per feature from calibration (not sent);
+    ``token`` one dynamic scale per row; ``group`` one per ``group_size`` contiguous features
+    of a row. Dynamic scales travel in ``scale_dtype``.
+    """
+
+    bits: int
+    symmetric: bool = True
+    granularity: str = "static"
+    group_size: int | None = None
+    scale_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        if self.bits not in ALLOWED_BITS:
+            raise SchemeError("bits", f"{self.bits!r} not allowed; allowed: {', '.join(map(str, ALLOWED_BITS))}")
+        if self.granularity not in GRANULARITIES:
+            raise SchemeError(
+                "granularity", f"{self.granularity!r} not allowed; allowed: {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise SchemeError("group_size", f"{self.group_size!r} not allowed; allowed: a positive integer")
+        elif self.group_size is not None:
+            raise SchemeError(
+                "group_size", f"{self.group_size!r} not allowed for granularity {self.granularity!r}; allowed: None"
+            )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise SchemeError(
+                "scale_dtype",
+                f"{_dtype_name(self.scale_dtype)} not allowed (fp16 scales overflow to inf); "
+                f"allowed: {', '.join(_dtype_name(d) for d in SCALE_DTYPES)}",
+            )
+
+    @property
+    def dynamic(self) -> bool:
+        return self.granularity in DYNAMIC_GRANULARITIES
+
+    def __str__(self) -> str:
+        gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        return f"int{self.bits}{'' if self.symmetric else 'a'}-{gran}"
+
+    def validate_for(self, hidden: int) -> None:
+        if self.granularity == "group" and hidden % self.group_size:
+            divisors = [d for d in range(1, hidden + 1) if hidden % d == 0]
+            raise SchemeError(
+                "group_size",
+                f"{self.group_size} does not divide hidden size {hidden}; "
+                f"allowed group sizes: {', '.join(map(str, divisors))}",
+            )
+
+
+@dataclass(frozen=True)
+class OutlierSpec:
+    """Which features skip quantization and travel in BF16.
+
+    ``topk``: the ``k_frac * hidden`` (floored) features with the largest calibrated range;
+    ``random``: as many features drawn with ``seed`` (the paper's baseline). Both are fixed
+    sets known to every rank, so their indices are never sent. ``none`` normalizes
+    ``k_frac`` to 0.
+    """
+
+    select: str = "none"
+    k_frac: Fraction = Fraction(1, 64)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.select not in OUTLIER_SELECTS:
+            raise SchemeError("select", f"{self.select!r} not allowed; allowed: {', '.join(OUTLIER_SELECTS)}")
+        if self.select == "none":
+            object.__setattr__(self, "k_frac", Fraction(0))
+            object.__setattr__(self, "seed", 0)
+            return
+        k = _fraction(self.k_frac)
+        object.__setattr__(self, "k_frac", k)
+        if not (0 < k <= MAX_K_FRAC):
+            raise SchemeError("k_frac", f"{k} not allowed; allowed: a fraction in (0, 1/2]")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise SchemeError("seed", f"{self.seed!r} not allowed; allowed: an integer >= 0")
+        if self.select == "topk" and self.seed != 0:
+            raise SchemeError("seed", f"{self.seed} not allowed for select 'topk'; allowed: 0 (only 'random' uses it)")
+
+    def count(self, hidden: int) -> int:
+        """Number of BF16 features at this hidden size: floor(k_frac * hidden)."""
+        return int(self.k_frac * hidden)
+
+    def __str__(self) -> str:
+        if self.select == "none":
+            return ""
+        k = f"{self.k_frac.numerator}/{self.k_frac.denominator}"
+        if self.select == "topk":
+            return f"top{k}"
+        return f"rand{k}" + (f"s{self.seed}" if self.seed else "")
+
+
+DEFAULT_SECOND = QuantSpec(8, True, "token")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One site's communication scheme (see the module docstring for the string form).
+
+    ``second`` is the two-shot requantization leg (dynamic only); it defaults to int8-token
+    when ``algo == "two_shot"`` and must be None otherwise.
+    """
+
+    kind: str = "exact"
+    wire_dtype: str | None = "bf16"
+    quant: QuantSpec | None = None
+    outliers: OutlierSpec = field(default_factory=OutlierSpec)
+    algo: str = "gather"
+    second: QuantSpec | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("exact", "quant"):
+            raise SchemeError("kind", f"{self.kind!r} not allowed; allowed: exact, quant")
+        if self.algo not in ALGOS:
+            raise SchemeError("algo", f"{self.algo!r} not allowed; allowed: {', '.join(ALGOS)}")
+        if self.kind == "exact":
+            if self.wire_dtype not in WIRE_DTYPES:
+                raise SchemeError("wire_dtype", f"{self.wire_dtype!r} not allowed; allowed: {', '.join(WIRE_DTYPES)}")
+            if self.quant is not None or self.second is not None:
+                raise SchemeError("quant", "an exact scheme takes no quantization; allowed: None")
+            if self.outliers.select != "none":
+                raise SchemeError("outliers", "an exact scheme keeps every feature; allowed: none")
+            if self.algo != "gather":
+                raise SchemeError("algo", f"{self.algo!r} not allowed for an exact scheme; allowed: gather")
+            return
+        object.__setattr__(self, "wire_dtype", None)
+        if not isinstance(self.quant, QuantSpec):
+            raise SchemeError("quant", f"{self.quant!r} not allowed for kind 'quant'; allowed: a QuantSpec")
+        if self.algo == "gather" and self.second is not None:
+            raise SchemeError("second", "only the two_shot algo has a second leg; allowed: None")
+        if self.algo == "two_shot":
+            if self.second is None:
+                object.__setattr__(self, "second", DEFAULT_SECOND)
+            if self.second.granularity not in DYNAMIC_GRANULARITIES:
+                raise SchemeError(
+                    "second",
+                    f"granularity {self.second.granularity!r} not allowed for the requantization leg "
+                    f"(no calibration exists for the reduced sum); allowed: {', '.join(DYNAMIC_GRANULARITIES)}",
+                )
+
+    @property
+    def is_exact(self) -> bool:
+        return self.kind == "exact"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when static scales or a top-k outlier set must come from a calibration run."""
+        if self.is_exact:
+            return False
+        return self.quant.granularity == "static" or self.outliers.select == "topk"
+
+    def __str__(self) -> str:
+        if self.is_exact:
+            return self.wire_dtype
+        text = str(self.quant)
+        if self.outliers.select != "none":
+            text += f"-{self.outliers}"
+        if self.algo == "two_shot":
+            text += f"@twoshot+{self.second}"
+        return text
+
+    def validate_for(self, hidden: int, tp: int) -> None:
+        """Check this scheme can run at this hidden size and TP size; raise SchemeError if not.
+
+        Two-shot's reduce-scatter keeps whole rows (it splits tokens), so the second leg's group
+        size must divide ``hidden`` just as the first leg's does.
+        """
+        if not isinstance(tp, int) or tp < 1:
+            raise SchemeError("tp", f"{tp!r} not allowed; allowed: an integer >= 1")
+        if self.is_exact:
+            return
+        self.quant.validate_for(hidden)
+        if self.second is not None:
+            self.second.validate_for(hidden)
+        if self.outliers.select != "none":
+            n = self.outliers.count(hidden)
+            if n < 1:
+                raise SchemeError(
+                    "k_frac",
+                    f"{self.outliers.k_frac} of hidden size {hidden} keeps no feature; "
+                    f"allowed: k_frac >= 1/{hidden}",
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------
+
+_K = r"(\d+/\d+|\d*\.\d+|\d+)"
+_RE_QUANT = re.compile(r"int(\d+)(a?)")
+_RE_GRAN = re.compile(r"static|token|group(\d+)")
+_RE_OUTLIERS = re.compile(r"top" + _K + r"|rand" + _K + r"(?:s(\d+))?")
+_RE_ALGO = re.compile(r"gather|twoshot(?:\+(int\d+a?-(?:token|group\d+)))?")
+_EXACT = {"exact": "bf16", "bf16": "bf16", "fp32": "fp32"}
+
+
+def _expected(field_name: str, text: str, pos: int, what: str) -> SchemeError:
+    rest = text[pos:] or "<end>"
+    return SchemeError(field_name, f"cannot parse {text!r} at position {pos} ({rest!r}); expected {what}")
+
+
+def _parse_quant_spec(text: str, pos: int, field_name: str) -> tuple[QuantSpec, int]:
+    m = _RE_QUANT.match(text, pos)
+    if not m:
+        return None, pos
+    bits = int(m.group(1))
+    if bits not in ALLOWED_BITS:
+        raise SchemeError("bits", f"{bits} not allowed; allowed: {', '.join(map(str, ALLOWED_BITS))}")
+    pos = m.end()
+    if not text.startswith("-", pos):
+        raise _expected(field_name, text, pos, "'-' then a granularity: static, token, group<G>")
+    g = _RE_GRAN.match(text, pos + 1)
+    if not g:
+        raise _expected("granularity", text, pos + 1, "a granularity: static, token, group<G>")
+    gran = "group" if g.group(1) is not None else g.group(0)
+    group_size = int(g.group(1)) if g.group(1) is not None else None
+    return QuantSpec(bits, symmetric=not m.group(2), granularity=gran, group_size=group_size), g.end()
+
+
+def _parse_k(text: str) -> Fraction:
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise SchemeError("k_frac", f"{text!r} not allowed; allowed: a fraction in (0, 1/2] such as 1/64 or 0.05")
+
+
+def parse_scheme(text: str) -> Scheme:
+    """Parse one scheme string (see the module docstring); raise SchemeError on bad input."""
+    if not isinstance(text, str):
+        raise SchemeError("scheme", f"{text!r} is not a string")
+    text = text.strip()
+    if text in _EXACT:
+        return Scheme("exact", wire_dtype=_EXACT[text])
+    quant, pos = _parse_quant_spec(text, 0, "scheme")
+    if quant is None:
+        raise _expected("scheme", text, 0, "one of: exact, bf16, fp32, int<B>[a]-<gran>[-<outliers>][@<algo>]")
+    outliers = OutlierSpec()
+    if text.startswith("-", pos):
+        o = _RE_OUTLIERS.match(text, pos + 1)
+        if not o:
+            raise _expected("outliers", text, pos + 1, "outliers: top<K> or rand<K>[s<seed>]")
+        if o.group(1) is not None:
+            outliers = OutlierSpec("topk", _parse_k(o.group(1)))
+        else:
+            outliers = OutlierSpec("random", _parse_k(o.group(2)), int(o.group(3) or 0))
+        pos = o.end()
+    algo, second = "gather", None
+    if text.startswith("@", pos):
+        a = _RE_ALGO.match(text, pos + 1)
+        if not a:
+            raise _expected(
+                "algo", text, pos + 1, "an algo: gather, twoshot, twoshot+int<B>[a]-token, twoshot+int<B>[a]-group<G>"
+            )
+        if a.group(0) == "twoshot" and text.startswith("+", a.end()):
+            raise _expected("second", text, a.end() + 1, "a second leg: int<B>[a]-token or int<B>[a]-group<G>")
+        if a.group(0) != "gather":
+            algo = "two_shot"
+            if a.group(1):
+                second, _ = _parse_quant_spec(a.group(1), 0, "second")
+        pos = a.end()
+    if pos != len(text):
+        raise _expected("scheme", text, pos, "'-<outliers>', '@<algo>' or the end of the scheme")
+    return Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second)
+
+
+def _row_parallel_modules() -> tuple[str, ...]:
+    from lowbit.comm import ROW_PARALLEL_MODULES  # the TP layer owns module names
+
+    return tuple(ROW_PARALLEL_MODULES)
+
+
+@dataclass(frozen=True)
+class SchemeMap:
+    """A default scheme plus per-site overrides keyed by (layer, module or None for both).
+
+    Lookup order: (layer, module), then (layer, None), then the default.
+    """
+
+    default: Scheme
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        modules = _row_parallel_modules()
+        for (layer, module), scheme in self.overrides.items():
+            if not isinstance(layer, int) or layer < 0:
+                raise SchemeError("layer", f"{layer!r} not allowed; allowed: an integer >= 0")
+            if module is not None and module not in modules:
+                raise SchemeError("module", f"{module!r} not allowed; allowed: {', '.join(modules)}")
+            if not isinstance(scheme, Scheme):
+                raise SchemeError("overrides", f"{scheme!r} is not a Scheme")
+
+    def for_site(self, layer: int, module: str | None = None) -> Scheme:
+        for key in ((layer, module), (layer, None)):
+            if key in self.overrides:
+                return self.overrides[key]
+        return self.default
+
+    def schemes(self) -> list[Scheme]:
+        """Every distinct scheme used, default first."""
+        out = [self.default]
+        for s in self.overrides.values():
+            if s not in out:
+                out.append(s)
+        return out
+
+    def validate_for(self, hidden: int, tp: int) -> None:
+        for s in self.schemes():
+            s.validate_for(hidden, tp)
+
+    def __str__(self) -> str:
+        runs: dict[tuple[str | None, str], list[int]] = {}
+        for (layer, module), scheme in self.overrides.items():
+            runs.setdefault((module, str(scheme)), []).append(layer)
+        entries = []
+        for (module, scheme), layers in runs.items():
+            layers.sort()
+            start = prev = layers[0]
+            for layer in layers[1:] + [None]:
+                if layer is not None and layer == prev + 1:
+                    prev = layer
+                    continue
+                entries.append((start, prev, module, scheme))
+                if layer is not None:
+                    start = prev = layer
+        entries.sort(key=lambda e: (e[0], e[2] is not None, e[2] or "", e[1]))
+        parts = [str(self.default)]
+        for start, end, module, scheme in entries:
+            site = f"L{start}" + (f"-{end}" if end != start else "") + (f".{module}" if module else "")
+            parts.append(f"{site}={scheme}")
+        return ";".join(parts)
+
+
+_RE_OVERRIDE = re.compile(r"L(\d+)(?:-(\d+))?(?:\.([A-Za-z_]\w*))?=(.*)")
+
+
+def parse_scheme_map(text: str) -> SchemeMap:
+    """Parse ``<scheme>[;L<a>[-<b>][.<module>]=<scheme>]...``; raise SchemeError on bad input."""
+    if not isinstance(text, str):
+        raise SchemeError("scheme map", f"{text!r} is not a string")
+    parts = [p.strip() for p in text.strip().split(";")]
+    default = parse_scheme(parts[0])
+    overrides: dict[tuple[int, str | None], Scheme] = {}
+    for part in parts[1:]:
+        m = _RE_OVERRIDE.fullmatch(part)
+        if not m:
+            raise SchemeError(
+                "override", f"cannot parse {part!r}; expected L<a>[-<b>][.<module>]=<scheme>, e.g. L0-3=int8-token"
+            )
+        first = int(m.group(1))
+        last = int(m.group(2)) if m.group(2) is not None else first
+        if last < first:
+            raise SchemeError("override", f"layer range L{first}-{last} is empty; allowed: L<a>-<b> with a <= b")
+        scheme = parse_scheme(m.group(4))
+        for layer in range(first, last + 1):
+            key = (layer, m.group(3))
+            if key in overrides:
+                where = f"L{layer}" + (f".{key[1]}" if key[1] else "")
+                raise SchemeError("override", f"{where} is given twice; allowed: each site at most once")
+            overrides[key] = scheme
+    return SchemeMap(default, overrides)
