@@ -1,0 +1,33 @@
+"""Test helpers shared by the test files: comparisons that say *where* they failed."""
+from __future__ import annotations
+
+import torch
+
+
+def assert_close_verbose(actual, expected, atol=0.0, rtol=0.0, msg: str = "", max_print: int = 5) -> None:
+    """Assert |actual - expected| <= atol + rtol * |expected| elementwise (NaN == NaN).
+
+    ``atol`` may be a tensor broadcastable to the shapes (e.g. a per-row bound). On failure the
+    message lists the first ``max_print`` mismatching indices with both values and the bound.
+    """
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.double()
+    e = expected.double()
+    bound = torch.as_tensor(atol, dtype=torch.float64) + rtol * e.abs()
+    bound = torch.broadcast_to(bound, a.shape)
+    both_nan = torch.isnan(a) & torch.isnan(e)
+    same_inf = torch.isinf(a) & (a == e)
+    ok = both_nan | same_inf | ((a - e).abs() <= bound)
+    if bool(ok.all()):
+        return
+    bad = (~ok).nonzero()
+    lines = [f"{msg} {len(bad)} of {a.numel()} elements differ; first {min(max_print, len(bad))}:"]
+    for idx in bad[:max_print].tolist():
+        i = tuple(idx)
+        lines.append(
+            f"  at {i}: actual={a[i].item()!r} expected={e[i].item()!r} "
+            f"diff={(a[i] - e[i]).abs().item():.3g} bound={bound[i].item():.3g}"
+        )
+    raise AssertionError("\n".join(lines))

@@ -1,0 +1,253 @@
+"""The scheme grammar: examples parse to the right fields, str() round-trips, bad input explains itself."""
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.scheme import (
+    ALLOWED_BITS,
+    GRAMMAR_HELP,
+    OutlierSpec,
+    QuantSpec,
+    Scheme,
+    SchemeError,
+    SchemeMap,
+    parse_scheme,
+    parse_scheme_map,
+)
+
+EXAMPLES = [
+    "int4-static-top1/64",
+    "int8-token",
+    "int4-group32",
+    "int3a-group64-top1/64",
+    "int4-static-rand1/64s7",
+    "int4-token@twoshot+int8-token",
+    "bf16",
+]
+
+
+@pytest.mark.parametrize("text", EXAMPLES)
+def test_examples_are_canonical(text):
+    assert str(parse_scheme(text)) == text
+
+
+def test_paper_scheme_fields():
+    s = parse_scheme("int4-static-top1/64")
+    assert s.quant == QuantSpec(4, symmetric=True, granularity="static")
+    assert s.outliers == OutlierSpec("topk", Fraction(1, 64))
+    assert s.algo == "gather" and s.second is None
+    assert s.needs_calibration
+    assert s.outliers.count(576) == 9
+
+
+def test_fields_of_the_other_examples():
+    s = parse_scheme("int3a-group64-top1/64")
+    assert (s.quant.bits, s.quant.symmetric, s.quant.granularity, s.quant.group_size) == (3, False, "group", 64)
+    s = parse_scheme("int4-static-rand1/64s7")
+    assert s.outliers == OutlierSpec("random", Fraction(1, 64), 7)
+    s = parse_scheme("int4-token@twoshot+int8-token")
+    assert s.algo == "two_shot" and s.second == QuantSpec(8, True, "token")
+    assert parse_scheme("bf16") == Scheme("exact", "bf16")
+    assert parse_scheme("fp32").wire_dtype == "fp32"
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("exact", "bf16"),
+        (" int8-token ", "int8-token"),
+        ("int4-token@gather", "int4-token"),
+        ("int4-token@twoshot", "int4-token@twoshot+int8-token"),
+        ("int4-static-top0.05", "int4-static-top1/20"),
+        ("int4-static-top2/128", "int4-static-top1/64"),
+        ("int4-static-rand1/64s0", "int4-static-rand1/64"),
+    ],
+)
+def test_non_canonical_strings_normalize(text, canonical):
+    assert str(parse_scheme(text)) == canonical
+
+
+def test_needs_calibration():
+    assert parse_scheme("int4-static").needs_calibration
+    assert parse_scheme("int4-token-top1/64").needs_calibration
+    assert not parse_scheme("int4-token-rand1/64").needs_calibration
+    assert not parse_scheme("int8-token").needs_calibration
+    assert not parse_scheme("bf16").needs_calibration
+
+
+quant_specs = st.builds(
+    QuantSpec,
+    bits=st.sampled_from(ALLOWED_BITS),
+    symmetric=st.booleans(),
+    granularity=st.sampled_from(["static", "token"]),
+) | st.builds(
+    lambda b, s, g: QuantSpec(b, s, "group", g),
+    st.sampled_from(ALLOWED_BITS),
+    st.booleans(),
+    st.sampled_from([1, 8, 32, 64, 96]),
+)
+dynamic_specs = quant_specs.filter(lambda q: q.granularity != "static")
+fractions_ = st.builds(Fraction, st.integers(1, 50), st.integers(2, 400)).filter(lambda f: 0 < f <= Fraction(1, 2))
+outlier_specs = (
+    st.just(OutlierSpec())
+    | st.builds(OutlierSpec, st.just("topk"), fractions_)
+    | st.builds(OutlierSpec, st.just("random"), fractions_, st.integers(0, 10**6))
+)
+quant_schemes = st.builds(
+    lambda q, o, two, second: Scheme(
+        "quant", quant=q, outliers=o, algo="two_shot" if two else "gather", second=second if two else None
+    ),
+    quant_specs,
+    outlier_specs,
+    st.booleans(),
+    dynamic_specs,
+)
+schemes = quant_schemes | st.sampled_from([Scheme("exact", "bf16"), Scheme("exact", "fp32")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(schemes)
+def test_str_round_trips(scheme):
+    text = str(scheme)
+    parsed = parse_scheme(text)
+    assert parsed == scheme, text
+    assert str(parsed) == text
+
+
+site_keys = st.tuples(st.integers(0, 40), st.sampled_from([None, "o_proj", "down_proj"]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(schemes, st.dictionaries(site_keys, schemes, max_size=8))
+def test_scheme_map_str_round_trips(default, overrides):
+    smap = SchemeMap(default, overrides)
+    text = str(smap)
+    parsed = parse_scheme_map(text)
+    assert parsed == smap, text
+    assert str(parsed) == text
+
+
+def test_scheme_map_example_and_lookup_order():
+    text = "int4-static-top1/64;L0-3=int8-token;L28.down_proj=bf16"
+    smap = parse_scheme_map(text)
+    assert str(smap) == text
+    assert len(smap.overrides) == 5  # L0..L3 (both modules) + L28.down_proj
+    assert str(smap.for_site(2, "o_proj")) == "int8-token"
+    assert str(smap.for_site(28, "down_proj")) == "bf16"
+    assert str(smap.for_site(28, "o_proj")) == "int4-static-top1/64"
+    assert str(smap.for_site(4, "down_proj")) == "int4-static-top1/64"
+    # a (layer, module) override beats a whole-layer one
+    smap = parse_scheme_map("bf16;L1=int8-token;L1.o_proj=int4-token")
+    assert str(smap.for_site(1, "o_proj")) == "int4-token"
+    assert str(smap.for_site(1, "down_proj")) == "int8-token"
+
+
+def test_scheme_map_compresses_consecutive_layers():
+    assert str(parse_scheme_map("bf16;L2=int8-token;L0-1=int8-token;L5=int8-token")) == "bf16;L0-2=int8-token;L5=int8-token"
+
+
+# Bad input catalogue: (text, field named in the message, the allowed values it must list).
+BAD_SCHEMES = [
+    ("int4_token", "scheme", "'-' then a granularity: static, token, group<G>"),
+    ("float8", "scheme", "exact, bf16, fp32, int<B>"),
+    ("fp16", "scheme", "exact, bf16, fp32, int<B>"),
+    ("int7-token", "bits", "2, 3, 4, 5, 6, 8"),
+    ("int1-token", "bits", "2, 3, 4, 5, 6, 8"),
+    ("int4", "scheme", "static, token, group<G>"),
+    ("int4-channel", "granularity", "static, token, group<G>"),
+    ("int4-group", "granularity", "static, token, group<G>"),
+    ("int4-group0", "group_size", "a positive integer"),
+    ("int4-static-top0.6", "k_frac", "(0, 1/2]"),
+    ("int4-static-top0", "k_frac", "(0, 1/2]"),
+    ("int4-static-top1/0", "k_frac", "(0, 1/2]"),
+    ("int4-static-bottom1/64", "outliers", "top<K> or rand<K>[s<seed>]"),
+    ("int4-static-top1/64s3", "scheme", "'-<outliers>', '@<algo>' or the end"),
+    ("int4-token@ring", "algo", "gather, twoshot"),
+    ("int4-token@twoshot+int4-static", "second", "int<B>[a]-token or int<B>[a]-group<G>"),
+    ("int4-token@twoshot+int9-token", "bits", "2, 3, 4, 5, 6, 8"),
+]
+
+
+@pytest.mark.parametrize("text, field, allowed", BAD_SCHEMES)
+def test_bad_scheme_names_field_and_allowed_values(text, field, allowed):
+    with pytest.raises(SchemeError) as info:
+        parse_scheme(text)
+    message = str(info.value)
+    assert info.value.field == field, message
+    assert message.startswith(f"{field}: "), message
+    assert allowed in message, message
+
+
+def test_bad_scheme_reports_failing_position():
+    with pytest.raises(SchemeError, match=r"at position 5 \('channel'\)"):
+        parse_scheme("int4-channel")
+
+
+BAD_MAPS = [
+    ("bf16;X3=int8-token", "override", "L<a>[-<b>][.<module>]=<scheme>"),
+    ("bf16;L3-1=int8-token", "override", "a <= b"),
+    ("bf16;L3=int8-token;L2-4=bf16", "override", "each site at most once"),
+    ("bf16;L3.mlp=int8-token", "module", "o_proj, down_proj"),
+    ("bf16;L3=int9-token", "bits", "2, 3, 4, 5, 6, 8"),
+]
+
+
+@pytest.mark.parametrize("text, field, allowed", BAD_MAPS)
+def test_bad_scheme_map_names_field_and_allowed_values(text, field, allowed):
+    with pytest.raises(SchemeError) as info:
+        parse_scheme_map(text)
+    assert info.value.field == field and allowed in str(info.value), str(info.value)
+
+
+def test_group_size_must_divide_hidden():
+    parse_scheme("int4-group64").validate_for(576, 3)
+    with pytest.raises(SchemeError) as info:
+        parse_scheme("int4-group100").validate_for(576, 3)
+    assert str(info.value).startswith("group_size: 100 does not divide hidden size 576; allowed group sizes: 1, 2, 3, 4, 6,")
+    with pytest.raises(SchemeError, match="group_size: 100"):
+        parse_scheme("int4-token@twoshot+int8-group100").validate_for(576, 3)
+    with pytest.raises(SchemeError, match="group_size"):
+        parse_scheme_map("bf16;L3=int4-group7").validate_for(576, 3)
+
+
+def test_outlier_fraction_too_small_for_hidden():
+    with pytest.raises(SchemeError, match="k_frac: 1/64 of hidden size 32 keeps no feature"):
+        parse_scheme("int4-static-top1/64").validate_for(32, 2)
+
+
+def test_constructor_validation_lists_allowed_values():
+    with pytest.raises(SchemeError, match="scale_dtype: float16 not allowed .*allowed: bfloat16, float32"):
+        QuantSpec(4, scale_dtype=torch.float16)
+    with pytest.raises(SchemeError, match="select: 'all' not allowed; allowed: none, topk, random"):
+        OutlierSpec("all")
+    with pytest.raises(SchemeError, match="second: granularity 'static' not allowed.*allowed: token, group"):
+        Scheme("quant", quant=QuantSpec(4), algo="two_shot", second=QuantSpec(8))
+    with pytest.raises(SchemeError, match="wire_dtype: 'fp16' not allowed; allowed: bf16, fp32"):
+        Scheme("exact", "fp16")
+    with pytest.raises(SchemeError, match="tp: 0 not allowed"):
+        parse_scheme("int8-token").validate_for(576, 0)
+
+
+def test_grammar_help_examples_all_parse():
+    lines = GRAMMAR_HELP.split("Examples:")[1].strip().splitlines()
+    texts = [line.split()[0] for line in lines]
+    assert set(EXAMPLES) <= set(texts)
+    for text in texts:
+        if ";" in text:
+            assert str(parse_scheme_map(text)) == text
+        else:
+            assert str(parse_scheme(text)) == text
+
+
+def test_module_docstring_documents_every_example():
+    import lowbit.scheme
+
+    doc = lowbit.scheme.__doc__
+    for text in EXAMPLES:
+        assert re.search(re.escape(f"``{text}``"), doc), text
