@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny models are cached per session; the threaded fake group runs TP ranks
+as threads of the test process (real processes are used only in tests marked ``slow``)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """name -> LoadedModel for the tiny random configs, loaded once."""
+    from lowbit.models import TINY_CONFIGS, load_model
+    return {name: load_model(name) for name in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from lowbit.models import load_model
+    return load_model("smollm2-135m")
