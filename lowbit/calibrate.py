@@ -1,0 +1,218 @@
+"""Calibration: per-feature statistics of the communicated partial sums, and outlier selection.
+
+With the exact all-reduce, calibration text runs through the TP model. At every row-parallel
+site (layer x {o_proj, down_proj}) each rank records, per batch, the min and max of every
+feature of its *partial* sum, and keeps an exponential moving average
+``ema = (1 - gamma) * ema + gamma * batch_value`` (initialised with the first batch; the paper
+uses gamma = 0.01). The per-rank range is ``2 * max(|min|, |max|)``. The artifact also keeps
+every batch's min/max so the app can show how consistent the outlier features are across
+batches, ranks, layers and text sources.
+
+Outlier selection (same indices on every rank): ``topk`` scores each feature by its range summed
+over ranks and keeps the k = round(k_frac * hidden) largest; ``random`` draws k features with a
+seed; ``none`` keeps none.
+
+    python -m lowbit calibrate --model smollm2-135m --tp 3 --source wikipedia --chunks 16 --seq-len 256
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit.comm import ROW_PARALLEL_MODULES, Communicator, ExactCommunicator, Site
+from lowbit.dist import Group
+
+SELECTIONS = ("topk", "random", "none")
+ARTIFACT_TENSORS = "calibration.safetensors"
+ARTIFACT_META = "calibration.json"
+
+
+class CalibrationError(ValueError):
+    """Missing or mismatched calibration; the message names the field and what was expected."""
+
+
+@dataclass
+class Calibration:
+    """Feature statistics of the partial sums: tensors indexed [layer, module, rank, feature]."""
+
+    ema_min: torch.Tensor  # [L, M, tp, H]
+    ema_max: torch.Tensor
+    batch_min: torch.Tensor  # [batches, L, M, tp, H]
+    batch_max: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tp(self) -> int:
+        return self.ema_min.shape[2]
+
+    @property
+    def hidden(self) -> int:
+        return self.ema_min.shape[3]
+
+    @property
+    def layers(self) -> int:
+        return self.ema_min.shape[0]
+
+    @staticmethod
+    def module_index(module: str) -> int:
+        return ROW_PARALLEL_MODULES.index(module)
+
+    def rank_range(self, site: Site, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """EMA (min, max) per feature of ``rank``'s partial at ``site``: the static scales."""
+        m = self.module_index(site.module)
+        return self.ema_min[site.layer, m, rank], self.ema_max[site.layer, m, rank]
+
+    def ranges(self) -> torch.Tensor:
+        """Per-rank range 2*max(|min|,|max|): [L, M, tp, H]."""
+        return 2 * torch.maximum(self.ema_min.abs(), self.ema_max.abs())
+
+    def batch_ranges(self) -> torch.Tensor:
+        return 2 * torch.maximum(self.batch_min.abs(), self.batch_max.abs())
+
+    def check_matches(self, model: str, tp: int) -> None:
+        problems = []
+        if self.meta.get("model") != model:
+            problems.append(f"model {self.meta.get('model')!r} (job: {model!r})")
+        if self.tp != tp:
+            problems.append(f"TP size {self.tp} (job: {tp})")
+        if problems:
+            raise CalibrationError("calibration: artifact was made for " + " and ".join(problems)
+                                   + "; run `python -m lowbit calibrate` for this model and TP size")
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"ema_min": self.ema_min.contiguous(), "ema_max": self.ema_max.contiguous(),
+                   "batch_min": self.batch_min.contiguous(), "batch_max": self.batch_max.contiguous()},
+                  str(folder / ARTIFACT_TENSORS))
+        (folder / ARTIFACT_META).write_text(json.dumps(self.meta, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Calibration":
+        folder = Path(folder)
+        if not (folder / ARTIFACT_TENSORS).exists() or not (folder / ARTIFACT_META).exists():
+            raise CalibrationError(f"calibration: no artifact in {folder} (expected {ARTIFACT_TENSORS} "
+                                   f"and {ARTIFACT_META}); run `python -m lowbit calibrate` first")
+        t = load_file(str(folder / ARTIFACT_TENSORS))
+        return cls(t["ema_min"], t["ema_max"], t["batch_min"], t["batch_max"],
+                   json.loads((folder / ARTIFACT_META).read_text()))
+
+
+def n_outliers(k_frac: Fraction | float, hidden: int) -> int:
+    """k = round(k_frac * hidden), at least 1 (hidden 576 at 1/64 -> 9)."""
+    return max(1, int(round(float(k_frac) * hidden)))
+
+
+def select_outliers(calibration: Calibration | None, site: Site, method: str, k_frac: Fraction | float,
+                    hidden: int, seed: int = 0) -> torch.Tensor:
+    """Sorted feature indices kept in BF16 at ``site`` (identical on every rank)."""
+    if method not in SELECTIONS:
+        raise CalibrationError(f"selection: {method!r} unknown; allowed: {', '.join(SELECTIONS)}")
+    if method == "none":
+        return torch.empty(0, dtype=torch.long)
+    k = n_outliers(k_frac, hidden)
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + site.layer * 2 + ROW_PARALLEL_MODULES.index(site.module))
+        return torch.randperm(hidden, generator=gen)[:k].sort().values
+    if calibration is None:
+        raise CalibrationError("calibration: top-k outlier selection needs a calibration artifact")
+    score = calibration.ranges()[site.layer, Calibration.module_index(site.module)].sum(0)  # summed over ranks
+    return score.topk(k).indices.sort().values
+
+
+class StatsCommunicator(Communicator):
+    """Wraps a communicator and records per-batch min/max of this rank's partial per feature."""
+
+    def __init__(self, inner: Communicator, layers: int, hidden: int):
+        super().__init__(inner.group, record=False)
+        self.inner = inner
+        self.cur_min = torch.full((layers, len(ROW_PARALLEL_MODULES), hidden), math.inf)
+        self.cur_max = torch.full((layers, len(ROW_PARALLEL_MODULES), hidden), -math.inf)
+
+    def _reduce(self, partial, site):
+        flat = partial.detach().reshape(-1, partial.shape[-1]).float().cpu()
+        m = ROW_PARALLEL_MODULES.index(site.module)
+        self.cur_min[site.layer, m] = torch.minimum(self.cur_min[site.layer, m], flat.amin(0))
+        self.cur_max[site.layer, m] = torch.maximum(self.cur_max[site.layer, m], flat.amax(0))
+        return self.inner.reduce(partial, site), 0, {}
+
+    def take_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.cur_min.clone(), self.cur_max.clone()
+        self.cur_min.fill_(math.inf)
+        self.cur_max.fill_(-math.inf)
+        return out
+
+
+@torch.no_grad()
+def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[torch.Tensor], gamma: float = 0.01,
+                    meta: dict | None = None, progress=None) -> Calibration:
+    """Collective: run ``token_batches`` through the TP ``model`` with the exact all-reduce and
+    return the statistics of every rank (gathered on every rank)."""
+    from lowbit.tp import row_parallel_sites, set_communicator
+    if not 0 < gamma <= 1:
+        raise CalibrationError(f"gamma: {gamma} not in (0, 1]")
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    stats = StatsCommunicator(ExactCommunicator(group, record=False), layers, hidden)
+    previous = next(m.communicator for m in model.modules() if hasattr(m, "communicator"))
+    set_communicator(model, stats)
+    device = next(model.parameters()).device
+    mins, maxs = [], []
+    start = time.perf_counter()
+    try:
+        for step, ids in enumerate(token_batches):
+            model(ids.to(device), use_cache=False)
+            bmin, bmax = stats.take_batch()
+            mins.append(bmin)
+            maxs.append(bmax)
+            if progress:
+                progress("calibrate", step + 1, len(token_batches), f"batch {step + 1}/{len(token_batches)}", {})
+    finally:
+        set_communicator(model, previous)
+    # [batches, L, M, H] per rank -> gather -> [batches, L, M, tp, H]
+    local = torch.stack([torch.stack(mins), torch.stack(maxs)])  # [2, B, L, M, H]
+    gathered = group.all_gather(local.to(device)).cpu()  # [tp, 2, B, L, M, H]
+    batch_min = gathered[:, 0].permute(1, 2, 3, 0, 4).contiguous()
+    batch_max = gathered[:, 1].permute(1, 2, 3, 0, 4).contiguous()
+    ema_min, ema_max = batch_min[0].clone(), batch_max[0].clone()
+    for b in range(1, batch_min.shape[0]):
+        ema_min = (1 - gamma) * ema_min + gamma * batch_min[b]
+        ema_max = (1 - gamma) * ema_max + gamma * batch_max[b]
+    tokens = sum(int(ids.numel()) for ids in token_batches)
+    info = dict(meta or {}, tp=group.world_size, gamma=gamma, batches=len(token_batches), tokens=tokens,
+                hidden=hidden, layers=layers, modules=list(ROW_PARALLEL_MODULES),
+                seconds=round(time.perf_counter() - start, 3), sites=len(row_parallel_sites(model)))
+    return Calibration(ema_min, ema_max, batch_min, batch_max, info)
+
+
+def ema_trace(calibration: Calibration, site: Site, feature: int, gamma: float | None = None) -> torch.Tensor:
+    """EMA of one feature's range (summed over ranks) after each calibration batch: [batches]."""
+    gamma = calibration.meta.get("gamma", 0.01) if gamma is None else gamma
+    m = Calibration.module_index(site.module)
+    bmin = calibration.batch_min[:, site.layer, m, :, feature]
+    bmax = calibration.batch_max[:, site.layer, m, :, feature]
+    ema_min, ema_max, out = bmin[0].clone(), bmax[0].clone(), []
+    for b in range(bmin.shape[0]):
+        if b:
+            ema_min = (1 - gamma) * ema_min + gamma * bmin[b]
+            ema_max = (1 - gamma) * ema_max + gamma * bmax[b]
+        out.append((2 * torch.maximum(ema_min.abs(), ema_max.abs())).sum())
+    return torch.stack(out)
+
+
+def topk_sets(ranges: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k feature indices along the last dim of ``ranges`` [..., H] (sorted): [..., k]."""
+    return ranges.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    sa, sb = set(a.tolist()), set(b.tolist())
+    return len(sa & sb) / max(1, len(sa | sb))
