@@ -44,6 +44,10 @@ Non-finite policy: non-finite inputs never poison other values.
   * NaN quantizes as if it were 0.0 (symmetric: the zero code, dequantizes to exactly 0);
   * +Inf / -Inf clamp to the largest / smallest code;
   * the number of non-finite inputs is returned as ``nonfinite``.
+Overflow: scales never overflow (see the formulas). For |x| <= 1e38 every finite value keeps
+the scale/2 bound; nearer the fp32 ceiling (3.4e38) the end codes of the grid (or the
+asymmetric ``q * scale`` before ``+ lo``) can exceed fp32, so ``dequantize`` saturates its
+result to the finite fp32 range: outputs are never inf or NaN, only less exact there.
 Clamping: ``clamped`` counts finite values outside the range the scale was built for (for
 static scales, values beyond this rank's calibrated range; for dynamic scales normally 0).
 Excluded features (``exclude``, the BF16 outlier columns) take no part in ranges or counts.
@@ -57,6 +61,7 @@ import torch
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def round_half_even(t: torch.Tensor) -> torch.Tensor:
@@ -222,15 +227,16 @@ def dequantize(
         raise ValueError("asymmetric dequantization needs mins")
     if spec.granularity == "static":
         out = q * scales
-        return out if spec.symmetric else out + mins.to(_FP32)
-    if spec.granularity == "token":
+        out = out if spec.symmetric else out + mins.to(_FP32)
+    elif spec.granularity == "token":
         out = q * scales.unsqueeze(-1)
-        return out if spec.symmetric else out + mins.to(_FP32).unsqueeze(-1)
-    qg = _grouped(q, spec)
-    out = qg * scales.unsqueeze(-1)
-    if not spec.symmetric:
-        out = out + mins.to(_FP32).unsqueeze(-1)
-    return out.reshape(codes.shape)
+        out = out if spec.symmetric else out + mins.to(_FP32).unsqueeze(-1)
+    else:
+        out = _grouped(q, spec) * scales.unsqueeze(-1)
+        if not spec.symmetric:
+            out = out + mins.to(_FP32).unsqueeze(-1)
+        out = out.reshape(codes.shape)
+    return torch.clamp(out, -_FP32_MAX, _FP32_MAX)  # saturate: never inf near the fp32 ceiling
 
 
 def packed_nbytes(count: int, bits: int) -> int:
