@@ -263,16 +263,29 @@ class Scheme:
     def validate_for(self, hidden: int, tp: int) -> None:
         """Check this scheme can run at this hidden size and TP size; raise SchemeError if not.
 
-        Two-shot's reduce-scatter keeps whole rows (it splits tokens), so the second leg's group
-        size must divide ``hidden`` just as the first leg's does.
+        Group sizes must divide ``hidden``. Two-shot's reduce-scatter splits the features into
+        ``tp`` equal chunks (as ``lowbit.collectives`` does), so ``hidden`` must divide by
+        ``tp`` and both legs' group sizes must divide the chunk ``hidden // tp``.
         """
         if not isinstance(tp, int) or tp < 1:
             raise SchemeError("tp", f"{tp!r} not allowed; allowed: an integer >= 1")
         if self.is_exact:
             return
         self.quant.validate_for(hidden)
-        if self.second is not None:
-            self.second.validate_for(hidden)
+        if self.algo == "two_shot":
+            if hidden % tp:
+                raise SchemeError(
+                    "algo", f"two_shot needs hidden size {hidden} divisible by TP size {tp}; allowed: gather"
+                )
+            width = hidden // tp
+            for leg in (self.quant, self.second):
+                if leg.granularity == "group" and width % leg.group_size:
+                    allowed = [g for g in range(1, width + 1) if width % g == 0]
+                    raise SchemeError(
+                        "group_size",
+                        f"{leg.group_size} does not divide the two-shot chunk of {width} features "
+                        f"(hidden {hidden} / TP {tp}); allowed: {', '.join(map(str, allowed))}",
+                    )
         if self.outliers.select != "none":
             n = self.outliers.count(hidden)
             if n < 1:

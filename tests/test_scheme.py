@@ -212,6 +212,15 @@ def test_group_size_must_divide_hidden():
     assert str(info.value).startswith("group_size: 100 does not divide hidden size 576; allowed group sizes: 1, 2, 3, 4, 6,")
     with pytest.raises(SchemeError, match="group_size: 100"):
         parse_scheme("int4-token@twoshot+int8-group100").validate_for(576, 3)
+
+
+def test_two_shot_groups_must_fit_the_per_rank_feature_chunk():
+    parse_scheme("int4-group64@twoshot+int8-group64").validate_for(576, 3)  # chunk of 192
+    with pytest.raises(SchemeError, match="group_size: 64 does not divide the two-shot chunk of 144 .*allowed: 1, 2,"):
+        parse_scheme("int4-token@twoshot+int8-group64").validate_for(576, 4)
+    with pytest.raises(SchemeError, match="algo: two_shot needs hidden size 576 divisible by TP size 5; allowed: gather"):
+        parse_scheme("int4-token@twoshot").validate_for(576, 5)
+    parse_scheme("int4-group64").validate_for(576, 5)  # gather has no chunking
     with pytest.raises(SchemeError, match="group_size"):
         parse_scheme_map("bf16;L3=int4-group7").validate_for(576, 3)
 
