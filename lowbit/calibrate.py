@@ -9,7 +9,7 @@ every batch's min/max so the app can show how consistent the outlier features ar
 batches, ranks, layers and text sources.
 
 Outlier selection (same indices on every rank): ``topk`` scores each feature by its range summed
-over ranks and keeps the k = round(k_frac * hidden) largest; ``random`` draws k features with a
+over ranks and keeps the k = floor(k_frac * hidden) largest; ``random`` draws k features with a
 seed; ``none`` keeps none.
 
     python -m lowbit calibrate --model smollm2-135m --tp 3 --source wikipedia --chunks 16 --seq-len 256
@@ -20,7 +20,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.comm import ROW_PARALLEL_MODULES, Communicator, ExactCommunicator, Site
 from lowbit.dist import Group
+from lowbit.scheme import OUTLIER_SELECTS, OutlierSpec
 
-SELECTIONS = ("topk", "random", "none")
 ARTIFACT_TENSORS = "calibration.safetensors"
 ARTIFACT_META = "calibration.json"
 
@@ -106,19 +105,13 @@ class Calibration:
                    json.loads((folder / ARTIFACT_META).read_text()))
 
 
-def n_outliers(k_frac: Fraction | float, hidden: int) -> int:
-    """k = round(k_frac * hidden), at least 1 (hidden 576 at 1/64 -> 9)."""
-    return max(1, int(round(float(k_frac) * hidden)))
-
-
-def select_outliers(calibration: Calibration | None, site: Site, method: str, k_frac: Fraction | float,
-                    hidden: int, seed: int = 0) -> torch.Tensor:
-    """Sorted feature indices kept in BF16 at ``site`` (identical on every rank)."""
-    if method not in SELECTIONS:
-        raise CalibrationError(f"selection: {method!r} unknown; allowed: {', '.join(SELECTIONS)}")
+def select_outliers(calibration: Calibration | None, site: Site, outliers: OutlierSpec, hidden: int) -> torch.Tensor:
+    """Sorted feature indices kept in BF16 at ``site`` (identical on every rank); how many is
+    ``OutlierSpec.count`` (the scheme grammar owns that rule: 576 features at 1/64 -> 9)."""
+    method, seed = outliers.select, outliers.seed
     if method == "none":
         return torch.empty(0, dtype=torch.long)
-    k = n_outliers(k_frac, hidden)
+    k = outliers.count(hidden)
     if method == "random":
         gen = torch.Generator().manual_seed(seed * 1_000_003 + site.layer * 2 + ROW_PARALLEL_MODULES.index(site.module))
         return torch.randperm(hidden, generator=gen)[:k].sort().values

@@ -29,9 +29,10 @@ class Group(Protocol):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Stack every rank's ``tensor`` along a new dim 0: [world_size, *tensor.shape]."""
 
-    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Split dim 0 into world_size equal chunks; chunk j goes to rank j. Returns the
-        received chunks stacked in rank order (same shape as the input)."""
+    def all_to_all(self, tensor: torch.Tensor, send_splits: list[int] | None = None,
+                   recv_splits: list[int] | None = None) -> torch.Tensor:
+        """Split dim 0 into chunks (equal, or ``send_splits`` long); chunk j goes to rank j.
+        Returns the received chunks concatenated in rank order (``recv_splits`` long)."""
 
     def barrier(self) -> None:
         """Wait for every rank."""
@@ -57,10 +58,15 @@ class TorchGroup:
         dist.all_gather(list(out.unbind(0)), tensor, group=self.group)
         return out
 
-    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+    def all_to_all(self, tensor: torch.Tensor, send_splits: list[int] | None = None,
+                   recv_splits: list[int] | None = None) -> torch.Tensor:
         tensor = tensor.contiguous()
-        out = torch.empty_like(tensor)
-        dist.all_to_all_single(out, tensor, group=self.group)
+        if send_splits is None:
+            out = torch.empty_like(tensor)
+        else:
+            out = torch.empty((sum(recv_splits), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        dist.all_to_all_single(out, tensor, output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                               group=self.group)
         return out
 
     def barrier(self) -> None:
@@ -136,11 +142,23 @@ class ThreadGroup:
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return torch.stack(self._exchange(tensor))
 
-    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.shape[0] % self.world_size:
-            raise ValueError(f"all_to_all: dim 0 ({tensor.shape[0]}) not divisible by {self.world_size}")
+    def all_to_all(self, tensor: torch.Tensor, send_splits: list[int] | None = None,
+                   recv_splits: list[int] | None = None) -> torch.Tensor:
+        if send_splits is None:
+            if tensor.shape[0] % self.world_size:
+                raise ValueError(f"all_to_all: dim 0 ({tensor.shape[0]}) not divisible by {self.world_size}")
+            send_splits = [tensor.shape[0] // self.world_size] * self.world_size
         parts = self._exchange(tensor)
-        return torch.cat([p.chunk(self.world_size)[self.rank] for p in parts])
+        splits = self._exchange_splits(send_splits)
+        mine = []
+        for src, part in enumerate(parts):
+            start = sum(splits[src][:self.rank])
+            mine.append(part[start:start + splits[src][self.rank]])
+        return torch.cat(mine)
+
+    def _exchange_splits(self, splits: list[int]) -> list[list[int]]:
+        got = self._exchange(torch.tensor(splits, dtype=torch.long))
+        return [g.tolist() for g in got]
 
     def barrier(self) -> None:
         self.world._barrier.wait()

@@ -1,0 +1,267 @@
+"""Accuracy of a scheme against the exact run on the same tokens.
+
+Text metrics (held-out chunks of a text source): perplexity, mean KL divergence
+KL(reference || scheme) of next-token distributions, and top-1 agreement with the reference.
+The reference is the exact fp32 all-reduce (``fp32``), so ``bf16`` shows the cost of the
+usual 16-bit wire too.
+
+Task metrics: zero-shot log-likelihood multiple choice (lm-eval's definitions): ``acc`` picks
+the choice with the highest summed log-probability of its continuation, ``acc_norm`` divides
+it by the continuation's length in bytes; standard error = sample std / sqrt(n). The task's
+primary metric follows OLMES (acc_norm for arc_challenge, hellaswag, piqa; acc otherwise) and
+"% kept" is the paper's: scheme score / reference score, averaged over tasks.
+
+Per-layer error: relative error and SNR of each site's reduced output, ``local`` (every site
+gets exact inputs: the error this site adds) and ``accumulated`` (inputs already carry the
+upstream error: what the model really sees).
+
+All functions are collective: every rank of the group calls them with the same arguments.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.calibrate import Calibration
+from lowbit.collectives import QuantCommunicator
+from lowbit.comm import Communicator, ExactCommunicator, Site
+from lowbit.data import Item
+from lowbit.dist import Group
+from lowbit.tp import set_communicator
+
+REFERENCE = "fp32"
+PRIMARY_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm",
+                  "winogrande": "acc", "boolq": "acc"}
+
+
+def make_communicator(group: Group, scheme: str, calibration: Calibration | None) -> Communicator:
+    return QuantCommunicator(group, scheme, calibration)
+
+
+def _summarize_calls(comm: Communicator) -> dict:
+    values = sum(c.tokens * c.hidden for c in comm.calls)
+    sent = sum(c.bytes_sent for c in comm.calls)
+    leg1 = [c.extra.get("leg1_bits") for c in comm.calls if c.extra.get("leg1_bits") is not None]
+    leg2 = [c.extra.get("leg2_bits") for c in comm.calls if c.extra.get("leg2_bits")]
+    return dict(bits_per_value=8.0 * sent / values if values else 0.0,
+                leg1_bits=sum(leg1) / len(leg1) if leg1 else None,
+                leg2_bits=sum(leg2) / len(leg2) if leg2 else None,
+                clamped=int(sum(c.extra.get("clamped", 0) for c in comm.calls)),
+                nonfinite=int(sum(c.extra.get("nonfinite", 0) for c in comm.calls)),
+                comm_seconds=sum(c.seconds for c in comm.calls), calls=len(comm.calls), values=values)
+
+
+@torch.no_grad()
+def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: list[str], calibration: Calibration | None,
+                  batch_size: int = 4, progress=None) -> dict[str, dict]:
+    """Perplexity, KL vs the fp32 reference and top-1 agreement for each scheme on ``chunks``."""
+    device = next(model.parameters()).device
+    comms = {s: make_communicator(group, s, calibration) for s in [REFERENCE, *schemes]}
+    acc = {s: defaultdict(float) for s in comms}
+    batches = list(chunks.split(batch_size))
+    for step, ids in enumerate(batches):
+        ids = ids.to(device)
+        targets = ids[:, 1:]
+        ref_logp = None
+        for name, comm in comms.items():
+            set_communicator(model, comm)
+            logp = F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+            a = acc[name]
+            a["nll"] += -logp.gather(-1, targets[..., None]).sum().item()
+            a["tokens"] += targets.numel()
+            if ref_logp is None:
+                ref_logp = logp
+            a["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()
+            a["top1"] += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+        if progress:
+            progress("text", step + 1, len(batches), f"held-out batch {step + 1}/{len(batches)}", {})
+    out = {}
+    for name, a in acc.items():
+        n = a["tokens"]
+        out[name] = dict(ppl=math.exp(a["nll"] / n), kl=a["kl"] / n, top1_agreement=a["top1"] / n, tokens=int(n),
+                         **_summarize_calls(comms[name]))
+    return out
+
+
+def _item_sequences(tokenizer, item: Item) -> tuple[list[list[int]], list[int]]:
+    """Token ids of context+continuation per choice, and where each continuation starts."""
+    seqs, starts = [], []
+    for ctx, cont in zip(item.contexts, item.continuations):
+        c = tokenizer(ctx, add_special_tokens=False).input_ids
+        k = tokenizer(cont, add_special_tokens=False).input_ids
+        seqs.append(c + k)
+        starts.append(len(c))
+    return seqs, starts
+
+
+@torch.no_grad()
+def _choice_logliks(model, seqs: list[list[int]], starts: list[int], pad_id: int) -> list[float]:
+    device = next(model.parameters()).device
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    logp = F.log_softmax(model(ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float(), -1)
+    out = []
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        pos = torch.arange(start - 1, len(s) - 1)
+        tgt = torch.tensor(s[start:])
+        out.append(logp[i, pos.to(device), tgt.to(device)].sum().item())
+    return out
+
+
+@torch.no_grad()
+def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list[Item]], schemes: list[str],
+                   calibration: Calibration | None, progress=None) -> dict[str, dict[str, dict]]:
+    """{scheme: {task: {acc, acc_norm, acc_se, acc_norm_se, n}}} for the reference and ``schemes``."""
+    comms = {s: make_communicator(group, s, calibration) for s in [REFERENCE, *schemes]}
+    hits = {s: defaultdict(lambda: {"acc": [], "acc_norm": []}) for s in comms}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total = sum(len(v) for v in items_by_task.values())
+    done = 0
+    for task, items in items_by_task.items():
+        for item in items:
+            seqs, starts = _item_sequences(tokenizer, item)
+            lengths = [max(1, len(c.encode("utf-8"))) for c in item.continuations]
+            for name, comm in comms.items():
+                set_communicator(model, comm)
+                ll = _choice_logliks(model, seqs, starts, pad_id)
+                h = hits[name][task]
+                h["acc"].append(float(max(range(len(ll)), key=lambda i: ll[i]) == item.gold))
+                h["acc_norm"].append(float(max(range(len(ll)), key=lambda i: ll[i] / lengths[i]) == item.gold))
+            done += 1
+            if progress:
+                progress("tasks", done, total, f"{task}: item {len(hits[REFERENCE][task]['acc'])}/{len(items)}", {})
+    out: dict[str, dict[str, dict]] = {}
+    for name, by_task in hits.items():
+        out[name] = {}
+        for task, h in by_task.items():
+            row = {"n": len(h["acc"])}
+            for metric in ("acc", "acc_norm"):
+                vals = torch.tensor(h[metric])
+                row[metric] = vals.mean().item()
+                row[f"{metric}_se"] = (vals.std(unbiased=True) / math.sqrt(len(vals))).item() if len(vals) > 1 else 0.0
+            row["primary"] = PRIMARY_METRIC[task]
+            out[name][task] = row
+        out[name]["_comm"] = _summarize_calls(comms[name])
+    return out
+
+
+def kept_pct(scheme_tasks: dict[str, dict], reference_tasks: dict[str, dict]) -> float | None:
+    """The paper's "% of original performance": mean over tasks of scheme/reference primary score."""
+    ratios = []
+    for task, row in scheme_tasks.items():
+        if task.startswith("_"):
+            continue
+        ref = reference_tasks[task][row["primary"]]
+        if ref > 0:
+            ratios.append(row[row["primary"]] / ref)
+    return 100.0 * sum(ratios) / len(ratios) if ratios else None
+
+
+class ErrorProbe(Communicator):
+    """Measures each site's error of a quantized communicator against the exact fp32 sum.
+
+    mode ``local``: forward the exact sum (the next site sees exact inputs).
+    mode ``accumulated``: first call ``start_recording()`` and run a pass of the exact model (stores each
+    site's exact output), then ``start_comparing()`` and run the same tokens: the quantized output is
+    forwarded and compared with the stored exact output.
+    """
+
+    def __init__(self, group: Group, inner: QuantCommunicator, mode: str = "local"):
+        super().__init__(group, record=False)
+        if mode not in ("local", "accumulated"):
+            raise ValueError(f"mode: {mode!r} unknown; allowed: local, accumulated")
+        self.inner, self.mode, self.phase = inner, mode, "compare"
+        self.exact = ExactCommunicator(group, torch.float32, record=False)
+        self.stored: dict[Site, list[torch.Tensor]] = defaultdict(list)
+        self.cursor: dict[Site, int] = defaultdict(int)
+        self.sums: dict[tuple[Site, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+
+    def start_recording(self) -> None:
+        self.phase = "record"
+
+    def start_comparing(self) -> None:
+        self.phase = "compare"
+        self.cursor.clear()
+
+    def _accumulate(self, site: Site, leg: str, got: torch.Tensor, ref: torch.Tensor) -> None:
+        s = self.sums[(site, leg)]
+        err = (got.float() - ref.float())
+        s[0] += float((err * err).sum())
+        s[1] += float((ref.float() ** 2).sum())
+        s[2] = max(s[2], float(err.abs().max())) if err.numel() else s[2]
+
+    def _reduce(self, partial, site):
+        if self.phase == "record":
+            exact = self.exact.reduce(partial, site)
+            self.stored[site].append(exact.detach().clone())
+            return exact, 0, {}
+        q = self.inner.reduce(partial, site)
+        if self.mode == "local":
+            ref = self.exact.reduce(partial, site)
+        else:
+            ref = self.stored[site][self.cursor[site]]
+            self.cursor[site] += 1
+        self._accumulate(site, "final", q, ref)
+        if self.inner.last_first_leg is not None:
+            self._accumulate(site, "leg1", self.inner.last_first_leg.reshape(ref.shape), ref)
+            self.inner.last_first_leg = None
+        return (ref if self.mode == "local" else q), 0, {}
+
+    def rows(self, scheme: str) -> list[dict]:
+        out = []
+        for (site, leg), (err2, ref2, maxerr) in sorted(self.sums.items(), key=lambda kv: (kv[0][0].layer, kv[0][0].module, kv[0][1])):
+            rel = math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
+            snr = 10 * math.log10(ref2 / err2) if err2 > 0 else float("inf")
+            out.append(dict(scheme=scheme, mode=self.mode, layer=site.layer, module=site.module, leg=leg,
+                            rel_error=rel, snr_db=snr, max_abs_error=maxerr))
+        return out
+
+
+@torch.no_grad()
+def layer_errors(model, group: Group, batches: list[torch.Tensor], schemes: list[str],
+                 calibration: Calibration | None, modes=("local", "accumulated"), progress=None) -> list[dict]:
+    """Per-site relative error and SNR of each scheme, in each mode (see ``ErrorProbe``)."""
+    device = next(model.parameters()).device
+    previous = next(m.communicator for m in model.modules() if hasattr(m, "communicator"))
+    rows, total, step = [], len(schemes) * len(modes), 0
+    try:
+        for scheme in schemes:
+            for mode in modes:
+                inner = QuantCommunicator(group, scheme, calibration, record=False, keep_first_leg=True)
+                probe = ErrorProbe(group, inner, mode)
+                set_communicator(model, probe)
+                for ids in batches:
+                    if mode == "accumulated":
+                        probe.start_recording()
+                        model(ids.to(device), use_cache=False)
+                        probe.start_comparing()
+                    model(ids.to(device), use_cache=False)
+                rows += probe.rows(scheme)
+                step += 1
+                if progress:
+                    progress("layer-error", step, total, f"{scheme} ({mode})", {})
+    finally:
+        set_communicator(model, previous)
+    return rows
+
+
+def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks: dict | None) -> dict:
+    """One results.json record: scheme, bits, text metrics, per-task metrics, % kept."""
+    rec = dict(scheme=scheme, bits_per_value=text["bits_per_value"], leg1_bits=text["leg1_bits"],
+               leg2_bits=text["leg2_bits"], ppl=text["ppl"], kl=text["kl"], top1_agreement=text["top1_agreement"],
+               clamped=text["clamped"], nonfinite=text["nonfinite"], text_tokens=text["tokens"],
+               comm_seconds=text["comm_seconds"])
+    if tasks is not None:
+        rec["tasks"] = {t: r for t, r in tasks.items() if not t.startswith("_")}
+        rec["kept_pct"] = kept_pct(tasks, reference_tasks)
+        primaries = [r[r["primary"]] for t, r in rec["tasks"].items()]
+        rec["avg_primary"] = sum(primaries) / len(primaries) if primaries else None
+    return rec
