@@ -1,43 +1,93 @@
-"""Entry point of every torchrun rank: read a job spec, join the group, run the job kind.
+"""Entry point of every torchrun rank: read the job spec, join the group, run the job kind.
 
     python -m torch.distributed.run --standalone --nproc-per-node 3 -m launch.worker runs/<id>/spec.json
 
-Rank 0 writes ``result.json`` next to the spec. Errors are recorded by torchrun's ``@record``
-into the file named by TORCHELASTIC_ERROR_FILE so the launcher can show the failing rank's
-traceback.
+The spec is validated again here (same ``JobSpec`` rules as at submit time). The kind named by
+``spec.kind`` is looked up in ``launch.registry.KINDS`` and called on every rank with a
+``JobContext``; rank 0's return value is written to ``result.json``. A failing rank's traceback
+is recorded by ``@record`` into torchrun's per-rank error file, which the launcher reads.
+Every collective has ``spec.collective_timeout_s`` as its timeout, so a dead peer fails the
+job instead of hanging it.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from lowbit.dist import init_from_env
+from launch.events import EventLog
+from launch.layout import RunPaths, write_atomic
+from launch.registry import kind_function
+from launch.spec import JobSpec
 
 
-def _tp_check(group, spec: dict) -> dict | None:
-    from lowbit.tpcheck import DEFAULT_PROMPT, run_tp_check
-    return run_tp_check(group, spec["model"], spec.get("prompt") or DEFAULT_PROMPT,
-                        int(spec.get("max_new_tokens", 16)))
+@dataclass
+class JobContext:
+    """What a job kind receives: the process group, its spec, the event log (writes only on
+    rank 0) and the run's paths (``paths.file(name)`` for extra result files)."""
+
+    group: object
+    spec: JobSpec
+    events: EventLog
+    paths: RunPaths
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def run_dir(self) -> Path:
+        return self.paths.dir
 
 
-KINDS = {"tp-check": _tp_check}
+def run_job(spec_path: Path) -> dict | None:
+    import torch
+    import torch.distributed as dist
+
+    from lowbit.dist import init_from_env
+
+    spec_path = Path(spec_path).resolve()
+    paths = RunPaths(spec_path.parent.parent, spec_path.parent.name)
+    rank = int(os.environ.get("RANK", "0"))
+    events = EventLog(paths.events, enabled=rank == 0)
+    spec = JobSpec.load(spec_path)
+    fn = kind_function(spec.kind)
+    events.loading(f"starting {spec.tp} rank(s), backend {spec.backend}")
+    torch.manual_seed(spec.seed)
+    start = time.perf_counter()
+    group = init_from_env(spec.backend, timeout_s=spec.collective_timeout_s)
+    try:
+        try:
+            result = fn(JobContext(group, spec, events, paths))
+        except BaseException as exc:
+            events.failed(f"rank {group.rank}: {type(exc).__name__}: {exc}")
+            raise
+        if group.rank == 0 and result is not None:
+            result = dict(result)
+            result.setdefault("run", dict(id=paths.run_id, kind=spec.kind, model=spec.model, tp=group.world_size,
+                                          backend=getattr(group, "backend", "?"),
+                                          seconds=time.perf_counter() - start))
+            write_atomic(paths.result, json.dumps(result, indent=2, default=str))
+        group.barrier()
+        events.done(f"{spec.kind} finished in {time.perf_counter() - start:.1f} s")
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @record
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    spec_path = Path(argv[0])
-    spec = json.loads(spec_path.read_text())
-    group = init_from_env(spec.get("backend", "auto"), timeout_s=float(spec.get("collective_timeout_s", 120)))
-    result = KINDS[spec["kind"]](group, spec)
-    if group.rank == 0 and result is not None:
-        tmp = spec_path.parent / "result.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(spec_path.parent / "result.json")
-    group.barrier()
+    if len(argv) != 1:
+        print("usage: python -m launch.worker runs/<id>/spec.json (started by torchrun)", file=sys.stderr)
+        return 2
+    run_job(Path(argv[0]))
     return 0
 
 

@@ -1,0 +1,106 @@
+"""Progress events: rank 0 appends one JSON object per line to ``runs/<id>/events.jsonl``.
+
+    {"time": 1700000000.1, "stage": "running", "step": 3, "total": 10, "message": "layer 3", "metrics": {}}
+
+Stages used by the worker: ``loading`` (joining the group, loading the model), ``running``
+(step/total of the kind's main loop), ``done`` or ``failed``. A kind may add its own stage names.
+Readers (the app, ``python -m launch tail``) tolerate a partial last line: the writer may be in
+the middle of appending it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class EventLog:
+    """Appends progress events. Only the writing rank (rank 0) gets ``enabled=True``; the
+    others call the same methods, which then do nothing, so job kinds need no rank checks."""
+
+    def __init__(self, path: Path | None, enabled: bool = True):
+        self.path = Path(path) if path is not None else None
+        self.enabled = enabled and path is not None
+
+    def emit(self, stage: str, message: str = "", step: int | None = None, total: int | None = None,
+             **metrics) -> dict:
+        event = dict(time=time.time(), stage=stage, step=step, total=total, message=message,
+                     metrics=_jsonable(metrics))
+        if self.enabled:
+            line = json.dumps(event, allow_nan=False) + "\n"
+            # One write call per line on an O_APPEND file: a reader sees whole lines or a tail.
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        return event
+
+    def loading(self, message: str = "", **metrics) -> dict:
+        return self.emit("loading", message, **metrics)
+
+    def step(self, step: int, total: int, message: str = "", **metrics) -> dict:
+        return self.emit("running", message, step=step, total=total, **metrics)
+
+    def done(self, message: str = "", **metrics) -> dict:
+        return self.emit("done", message, **metrics)
+
+    def failed(self, message: str, **metrics) -> dict:
+        return self.emit("failed", message, **metrics)
+
+
+def _jsonable(value):
+    """Metrics as strict JSON: non-finite floats become None, tensors/numpy become numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def read_events(path: Path) -> list[dict]:
+    """All complete events of ``path`` (missing file: []). Lines that do not parse, such as a
+    half-written last line, are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("stage"), str):
+            events.append(event)
+    return events
+
+
+def progress(events: list[dict]) -> tuple[float, str]:
+    """(fraction done in [0, 1], a one-line message) for a progress bar."""
+    if not events:
+        return 0.0, "waiting to start"
+    last = events[-1]
+    stage, message = last["stage"], last.get("message") or ""
+    if stage == "done":
+        return 1.0, f"done{': ' + message if message else ''}"
+    fraction = 0.0
+    for event in reversed(events):
+        step, total = event.get("step"), event.get("total")
+        if isinstance(step, (int, float)) and isinstance(total, (int, float)) and total > 0:
+            fraction = min(1.0, max(0.0, step / total))
+            break
+    counter = ""
+    if isinstance(last.get("step"), int) and isinstance(last.get("total"), int):
+        counter = f" {last['step']}/{last['total']}"
+    return fraction, f"{stage}{counter}{': ' + message if message else ''}"
+
+
+def text_bar(fraction: float, message: str, width: int = 30) -> str:
+    """``[#########.....................]  30%  running 3/10: layer 3`` for terminals."""
+    filled = int(round(fraction * width))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {fraction * 100:3.0f}%  {message}"
