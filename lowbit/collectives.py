@@ -89,7 +89,10 @@ class QuantCommunicator(Communicator):
         if plan.scheme.is_exact:
             wire = partial.to(_WIRE_DTYPES[plan.scheme.wire_dtype])
             out = self.group.all_reduce(wire).to(partial.dtype)
-            return out, wire.numel() * wire.element_size(), {"leg1_bits": 8.0 * wire.element_size()}
+            nbytes = wire.numel() * wire.element_size()
+            # a ring all-reduce receives 2 (tp - 1) / tp of the tensor per rank
+            received = 2 * (self.group.world_size - 1) * nbytes // self.group.world_size
+            return out, nbytes, {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
         x = partial.reshape(-1, hidden).float()
         if plan.scheme.algo == "gather":
             out, nbytes, extra = self._gather(x, plan)
@@ -112,7 +115,8 @@ class QuantCommunicator(Communicator):
         for r in range(tp):
             out += decode(gathered[r], tokens, hidden, quant, idx, *self._static(plan, r))
         bits = layout(tokens, hidden, quant, idx.numel()).bits_per_value
-        return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits)
+        return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
+                                          bytes_received=(tp - 1) * payload.numel())
 
     def _chunks(self, hidden: int, idx: torch.Tensor):
         tp = self.group.world_size
@@ -154,5 +158,6 @@ class QuantCommunicator(Communicator):
         extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"],
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
                      leg2_bits=8.0 * max(sizes2) * tp / values if values else 0.0,
-                     leg1_bytes=sum(send_splits), leg2_bytes=max(sizes2))
+                     leg1_bytes=sum(send_splits), leg2_bytes=max(sizes2),
+                     bytes_received=(tp - 1) * own_bytes + (tp - 1) * max(sizes2))
         return out, sum(send_splits) + max(sizes2), extra

@@ -219,7 +219,7 @@ class ErrorProbe(Communicator):
         out = []
         for (site, leg), (err2, ref2, maxerr) in sorted(self.sums.items(), key=lambda kv: (kv[0][0].layer, kv[0][0].module, kv[0][1])):
             rel = math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
-            snr = 10 * math.log10(ref2 / err2) if err2 > 0 else float("inf")
+            snr = 10 * math.log10(ref2 / err2) if err2 > 0 and ref2 > 0 else None  # None: no error at all
             out.append(dict(scheme=scheme, mode=self.mode, layer=site.layer, module=site.module, leg=leg,
                             rel_error=rel, snr_db=snr, max_abs_error=maxerr))
         return out
