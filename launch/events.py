@@ -28,9 +28,13 @@ class EventLog:
         event = dict(time=time.time(), stage=stage, step=step, total=total, message=message,
                      metrics=_jsonable(metrics))
         if self.enabled:
-            line = json.dumps(event, allow_nan=False) + "\n"
+            line = (json.dumps(event, allow_nan=False) + "\n").encode()
             # One write call per line on an O_APPEND file: a reader sees whole lines or a tail.
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.path, "a+b") as f:
+                if f.tell() > 0:
+                    f.seek(-1, 2)
+                    if f.read(1) != b"\n":  # a torn line from an earlier writer: keep ours whole
+                        line = b"\n" + line
                 f.write(line)
         return event
 
