@@ -81,6 +81,12 @@ def cmd_submit(args) -> int:
             _start_background_queue()
         print(f"follow it with: python -m launch tail {run_id} --follow")
         return 0
+    return _report_end(watch(queue, run_id))
+
+
+def watch(queue: JobQueue, run_id: str) -> dict:
+    """Run the queue here until ``run_id`` ends, drawing its progress bar; Ctrl-C cancels it.
+    Returns its index row."""
     queue.start()
     try:
         row = queue.wait(run_id, on_poll=lambda row: _print_progress(run_id))
@@ -91,7 +97,7 @@ def cmd_submit(args) -> int:
     finally:
         queue.stop()
     _print_progress(run_id, final=True)
-    return _report_end(row)
+    return row
 
 
 def _report_end(row: dict) -> int:

@@ -62,3 +62,60 @@ def selftest(ctx) -> dict | None:
         return None
     return dict(world_size=world, steps=total, expected_sum=expected, max_abs_error=worst,
                 all_reduce_ok=worst == 0.0, seconds=time.perf_counter() - start)
+
+
+# -- the method's jobs (lowbit.jobs) -----------------------------------------------------------
+METHOD_PARAMS = dict(seq_len=(int, 1, 8192), batch_size=(int, 1, 1024), gamma=(float, 0.0, 1.0),
+                     layer_error=(bool, None, None), layer_error_chunks=(int, 0, 1024), force=(bool, None, None))
+
+
+def _progress(ctx):
+    """lowbit's progress callback -> one event per step, its stage named by lowbit (calibrate,
+    text, tasks, layer-error), so the bar reads e.g. ``tasks 12/40: arc_easy: item 12/20``."""
+    def report(stage, step, total, message, metrics):
+        ctx.events.emit(stage, message, step, total, **(metrics or {}))
+    return report
+
+
+def _chunks(tokens: int, seq_len: int) -> int:
+    return max(1, tokens // seq_len)
+
+
+def calibration_folder(ctx) -> "Path":
+    """Where a calibrate run keeps its artifact (inside the run directory)."""
+    return ctx.paths.dir / "calibration"
+
+
+def _calibrate_params(spec) -> dict:
+    from lowbit.jobs import CALIBRATE_DEFAULTS
+    p = {k: spec.params.get(k, v) for k, v in CALIBRATE_DEFAULTS.items() if k != "chunks"}
+    p.update(model=spec.model, source=spec.calib_data, chunks=_chunks(spec.calib_tokens, p["seq_len"]))
+    return p
+
+
+def calibrate(ctx) -> dict | None:
+    """Calibrate the EMA feature ranges (lowbit.jobs.calibrate) into ``runs/<id>/calibration/``."""
+    from lowbit.jobs import calibrate as run
+    ctx.events.loading(f"loading {ctx.spec.model} sharded {ctx.group.world_size} ways")
+    params = dict(_calibrate_params(ctx.spec), out=str(calibration_folder(ctx)), force=True)
+    return run(ctx.group, params, _progress(ctx))
+
+
+def evaluate(ctx) -> dict | None:
+    """Evaluate every scheme of the spec against the exact run (lowbit.jobs.evaluate).
+
+    The calibration comes from the calibrate run ``spec.calib_from`` when given, else from the
+    shared cache under $LOWBIT_CACHE (made on the fly from ``calib_data``/``calib_tokens``)."""
+    from launch.layout import RunPaths
+    from lowbit.jobs import EVALUATE_DEFAULTS
+    from lowbit.jobs import evaluate as run
+    spec = ctx.spec
+    params = _calibrate_params(spec)
+    params.update({k: spec.params.get(k, EVALUATE_DEFAULTS[k]) for k in ("layer_error", "layer_error_chunks")})
+    params.update(schemes=list(spec.schemes), eval_source=spec.eval_data,
+                  eval_chunks=_chunks(spec.eval_tokens, params["seq_len"]), tasks=list(spec.tasks),
+                  items=spec.items_per_task, seed=spec.seed)
+    if spec.calib_from:
+        params["calibration"] = str(RunPaths(ctx.paths.root, spec.calib_from).dir / "calibration")
+    ctx.events.loading(f"loading {spec.model} sharded {ctx.group.world_size} ways")
+    return run(ctx.group, params, _progress(ctx))

@@ -1,9 +1,12 @@
 """Process groups of running jobs: who is in one, and ending all of it.
 
-Each job's torchrun starts with ``start_new_session=True``, so torchrun and every rank it spawns
-share one process group whose id is torchrun's pid. Cancelling or timing out a job signals that
-whole group (SIGTERM, then SIGKILL after a grace period), so no rank is left behind. Members
-are read from /proc (Linux); zombies (already dead, waiting to be reaped) do not count.
+Each job's torchrun starts with ``start_new_session=True``, so its process group id is
+torchrun's pid. torch >= 2.13 starts every rank in a session of its own, so the ranks are *not*
+in that group: a job's processes are the group's members plus every process whose command line
+names the job's spec file (``marker``; each rank runs ``-m launch.worker runs/<id>/spec.json``).
+That also finds ranks that outlived a killed torchrun (re-parented to init) after a restart.
+Cancelling or timing out a job signals all of them (SIGTERM, then SIGKILL after a grace period),
+so no rank is left behind. Members are read from /proc (Linux); zombies do not count.
 """
 from __future__ import annotations
 
@@ -44,8 +47,17 @@ def live_pids() -> list[int]:
     return pids
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes of process group ``pgid``."""
+def group_members(pgid: int | None, marker: str | None = None) -> list[int]:
+    """Live processes of process group ``pgid``, plus (with ``marker``) every live process whose
+    command line contains ``marker`` (never this process)."""
+    found = set(_pgid_members(pgid)) if pgid and pgid > 1 else set()
+    if marker:
+        found |= {p for p in live_pids() if marker in cmdline(p)}
+    found.discard(os.getpid())
+    return sorted(found)
+
+
+def _pgid_members(pgid: int) -> list[int]:
     if not _PROC.is_dir():  # no /proc: ask the kernel whether anything of the group is left
         try:
             os.killpg(pgid, 0)
@@ -60,8 +72,8 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def group_alive(pgid: int | None) -> bool:
-    return bool(pgid) and bool(group_members(pgid))
+def group_alive(pgid: int | None, marker: str | None = None) -> bool:
+    return bool(group_members(pgid, marker))
 
 
 def descendants(pid: int) -> list[int]:
@@ -79,20 +91,29 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_group(pgid: int | None, grace_s: float = 5.0) -> bool:
-    """SIGTERM the whole group, SIGKILL what is left after ``grace_s``; True when none remain."""
-    if not pgid or pgid <= 1 or pgid == os.getpgrp():
-        return not group_alive(pgid) if pgid and pgid > 1 else True
+def kill_group(pgid: int | None, grace_s: float = 5.0, marker: str | None = None) -> bool:
+    """SIGTERM the group and every process naming ``marker``, SIGKILL what is left after
+    ``grace_s``; True when none remain. Never signals this process's own group."""
+    own = os.getpgrp()
+    if pgid == own:
+        pgid = None
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
+        members = group_members(pgid, marker)
+        if not members:
             return True
-        except PermissionError:
-            return not group_alive(pgid)
+        if pgid and pgid > 1:
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            if not group_members(pgid):
+            if not group_members(pgid, marker):
                 return True
             time.sleep(0.05)
-    return not group_members(pgid)
+    return not group_members(pgid, marker)

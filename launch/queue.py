@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -95,7 +96,7 @@ class JobQueue:
                 for run_id in list(self._procs) + list(self._attached):
                     row = self.index.get(run_id)
                     self.index.finish(run_id, "cancelled", error="queue stopped with kill_running=True")
-                    procs.kill_group(row and row["pgid"], self.kill_grace_s)
+                    procs.kill_group(row and row["pgid"], self.kill_grace_s, self._marker(run_id))
                 self._reap_all()
             self._release_lock()
 
@@ -197,21 +198,21 @@ class JobQueue:
                 continue
             if row["status"] in FINISHED:
                 # Finished elsewhere (cancelled from another process): make sure it is gone.
-                procs.kill_group(row["pgid"], self.kill_grace_s)
+                procs.kill_group(row["pgid"], self.kill_grace_s, self._marker(run_id))
                 self._forget(run_id)
                 continue
             limit = _time_limit(row)
             if row["started"] and limit and now - row["started"] > limit:
                 self.index.finish(run_id, "timeout", error=f"time limit of {limit:g} s exceeded; process group "
                                                            f"{row['pgid']} stopped (SIGTERM, then SIGKILL)")
-                procs.kill_group(row["pgid"], self.kill_grace_s)
+                procs.kill_group(row["pgid"], self.kill_grace_s, self._marker(run_id))
                 self._forget(run_id)
                 continue
             if proc is not None:
                 returncode = proc.poll()
                 if returncode is not None:
                     self._finalize(row, returncode)
-            elif not procs.group_alive(row["pgid"]):
+            elif not procs.group_alive(row["pgid"], self._marker(run_id)):
                 paths = RunPaths(self.root, run_id)
                 if _valid_json(paths.result):
                     self.index.finish(run_id, "done", result_paths=paths.result_files())
@@ -221,7 +222,7 @@ class JobQueue:
 
     def _finalize(self, row: dict, returncode: int) -> None:
         run_id = row["id"]
-        procs.kill_group(row["pgid"], grace_s=1.0)  # a rank that outlived torchrun: none may remain
+        procs.kill_group(row["pgid"], 1.0, self._marker(run_id))  # a rank that outlived torchrun: none may remain
         paths = RunPaths(self.root, run_id)
         if returncode == 0:
             self.index.finish(run_id, "done", returncode=0, result_paths=paths.result_files())
@@ -229,6 +230,10 @@ class JobQueue:
             self.index.finish(run_id, "failed", error=failure_text(paths, returncode), returncode=returncode,
                               result_paths=paths.result_files())
         self._forget(run_id)
+
+    def _marker(self, run_id: str) -> str:
+        """What every process of the run has on its command line: its spec path."""
+        return str(RunPaths(self.root, run_id).spec)
 
     def _forget(self, run_id: str) -> None:
         proc = self._procs.pop(run_id, None)
@@ -287,8 +292,7 @@ def cancel(run_id: str, root: Path | None = None, grace_s: float = 5.0) -> str:
     # Mark first so the scheduler reads the ended process as cancelled, not failed.
     index.finish(run_id, "cancelled", error="cancelled by user")
     row = index.get(run_id)
-    if row["pgid"]:
-        procs.kill_group(row["pgid"], grace_s)
+    procs.kill_group(row["pgid"], grace_s, str(RunPaths(Path(root).resolve() if root else runs_root(), run_id).spec))
     return row["status"]
 
 
@@ -319,24 +323,83 @@ def list_runs(root: Path | None = None) -> list[dict]:
 
 
 def failure_text(paths: RunPaths, returncode: int | None) -> str:
-    """The failing rank's error: torchrun's root-cause error file (written via ``@record``),
-    else a rank's error file, else torchrun's failure summary and the log tail."""
-    parts = []
-    summary = _torchrun_failure_summary(paths.launcher_log)
-    if summary:
-        parts.append(summary)
-    for candidate in [paths.error, *paths.rank_error_files()]:
-        message = _error_file_message(candidate)
-        if message:
-            parts.append(message)
-            break
-    if len(parts) < 2:
-        tail = _tail(paths.launcher_log, 25)
-        if tail:
-            parts.append("log tail:\n" + tail)
-    if not parts:
-        parts.append(f"torchrun exited with code {returncode} and left no error file or log")
-    return "\n".join(parts)[-ERROR_TEXT_CHARS:]
+    """The failing rank's error. torchrun lists every failed rank (exit code, signal, the
+    traceback ``@record`` wrote to its error file); when one rank dies, its peers fail too with
+    "connection closed" errors, so the root cause is the first failure that is not such an echo."""
+    failures = _rank_failures(paths)
+    if failures:
+        root = min(failures, key=lambda f: (_is_echo(f), f["rank"]))
+        message = _error_file_message(Path(root["error_file"])) if root.get("error_file") else None
+        text = f"rank {root['rank']} failed (exitcode {root.get('exitcode', '?')}): " + \
+            (message or root.get("traceback") or "no traceback")
+        others = sorted(f["rank"] for f in failures if f is not root)
+        if others:
+            text += f"\n(also ended: rank {', '.join(map(str, others))}, after rank {root['rank']})"
+        return _clip(text)
+    message = _error_file_message(paths.error)
+    tail = _tail(paths.launcher_log, 25)
+    parts = [p for p in (message, tail and "log tail:\n" + tail) if p]
+    return _clip("\n".join(parts) or f"torchrun exited with code {returncode} and left no error file or log")
+
+
+def _clip(text: str) -> str:
+    """At most ERROR_TEXT_CHARS: the head (the error message) and the tail (where it was raised)."""
+    if len(text) <= ERROR_TEXT_CHARS:
+        return text
+    half = ERROR_TEXT_CHARS // 2
+    return f"{text[:half]}\n[...]\n{text[-half:]}"
+
+
+# Errors a rank raises because a peer died, not because of its own fault.
+_ECHOES = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer", "Broken pipe",
+           "Signal 15 (SIGTERM)", "Signal 1 (SIGHUP)")
+
+
+def _is_echo(failure: dict) -> bool:
+    text = failure.get("traceback", "") or ""
+    if failure.get("error_file"):
+        text += _error_file_message(Path(failure["error_file"])) or ""
+    return any(e in text for e in _ECHOES)
+
+
+def _rank_failures(paths: RunPaths) -> list[dict]:
+    """torchrun's failure report (sections "Failures:" and "Root Cause") as one dict per rank:
+    rank, exitcode, error_file, traceback."""
+    text = _tail(paths.launcher_log, 2000) or ""
+    start = text.rfind("Failures:")
+    root = text.rfind("Root Cause (first observed failure):")
+    if start < 0 or (0 <= root < start):
+        start = root
+    if start < 0:
+        return []
+    by_rank: dict[int, dict] = {}
+    current, key = None, None
+    for line in text[start:].splitlines():
+        if re.fullmatch(r"\[\d+\]:", line.strip()):
+            current, key = {}, None
+            continue
+        if current is None:
+            continue
+        if line.startswith(("---", "===")):
+            current = None
+            continue
+        m = re.match(r"\s+(time|host|rank|exitcode|error_file|traceback)\s*:\s?(.*)$", line)
+        if m:
+            key, value = m.group(1), m.group(2).strip()
+            if key == "rank":
+                rank = re.match(r"\d+", value)
+                if rank:
+                    current = by_rank.setdefault(int(rank.group()), current)
+                    current["rank"] = int(rank.group())
+            elif key == "exitcode":
+                current[key] = value.split(" ")[0]
+            elif key == "error_file":
+                current[key] = None if value.startswith("<N/A>") else value
+            else:
+                current[key] = value
+        elif key == "traceback" and line.strip():
+            current["traceback"] = current.get("traceback", "") + "\n" + line.strip()
+    return [f for f in by_rank.values() if "rank" in f]
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -349,7 +412,7 @@ def _time_limit(row: dict) -> float | None:
 
 def _group_runs(pgid: int, paths: RunPaths) -> bool:
     """Does process group ``pgid`` still run this run (and not a reused pid)?"""
-    return any(str(paths.spec) in procs.cmdline(pid) for pid in procs.group_members(pgid))
+    return any(str(paths.spec) in procs.cmdline(pid) for pid in procs.group_members(pgid, str(paths.spec)))
 
 
 def _read_json(path: Path):
@@ -387,27 +450,6 @@ def _error_file_message(path: Path) -> str | None:
             text = f"{text}\n{stack.strip()}"
         return text.strip() or None
     return str(message).strip() if message else None
-
-
-def _torchrun_failure_summary(log: Path) -> str | None:
-    """torchrun's 'Root Cause' block: rank, exit code, signal, error file of the first failure."""
-    text = _tail(log, 200) or ""
-    start = text.rfind("Root Cause (first observed failure):")
-    if start < 0:
-        return None
-    fields = {}
-    for line in text[start:].splitlines()[1:]:
-        key, sep, value = line.strip().partition(":")
-        if sep and key.strip() in ("rank", "exitcode", "traceback") and key.strip() not in fields:
-            fields[key.strip()] = value.strip()
-        elif fields and line.strip().startswith("="):
-            break
-    if not fields:
-        return None
-    text = f"rank {fields.get('rank', '?')} failed, exitcode {fields.get('exitcode', '?')}"
-    if not fields.get("traceback", "").startswith(("Traceback", "To enable traceback")):
-        text += f": {fields.get('traceback')}"  # e.g. "Signal 9 (SIGKILL) received by PID 123"
-    return text
 
 
 def _tail(path: Path, lines: int) -> str | None:

@@ -26,6 +26,9 @@ class Kind:
     needs_model: bool = True         # False: the model field is not loaded (e.g. selftest)
     # Extra checks of ``spec.params`` for this kind: returns (field, problem) pairs.
     check_params: Callable[[dict], list[tuple[str, str]]] | None = field(default=None, compare=False)
+    # Checks that need the whole (already field-valid) spec dict, e.g. schemes against the
+    # model's hidden size and the TP size: returns (field, problem) pairs.
+    check_spec: Callable[[dict], list[tuple[str, str]]] | None = field(default=None, compare=False)
 
 
 def _check_selftest_params(params: dict) -> list[tuple[str, str]]:
@@ -44,7 +47,62 @@ def _check_selftest_params(params: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def _check_method_params(params: dict) -> list[tuple[str, str]]:
+    """params of calibrate / evaluate: seq_len, batch_size, gamma, layer_error, layer_error_chunks, force."""
+    from launch.kinds import METHOD_PARAMS
+    problems = []
+    for key, value in params.items():
+        if key not in METHOD_PARAMS:
+            problems.append((f"params.{key}", f"unknown parameter; allowed: {', '.join(sorted(METHOD_PARAMS))}"))
+            continue
+        kind, lo, hi = METHOD_PARAMS[key]
+        if kind is bool:
+            if not isinstance(value, bool):
+                problems.append((f"params.{key}", f"must be true or false, got {value!r}"))
+        elif isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            problems.append((f"params.{key}", f"must be {'a number' if kind is float else 'an integer'}, got {value!r}"))
+        elif not ((lo < value) if kind is float else (lo <= value)) or value > hi:
+            bound = f"> {lo}" if kind is float else f">= {lo}"
+            problems.append((f"params.{key}", f"must be {bound} and <= {hi}, got {value!r}"))
+    return problems
+
+
+def _check_method_spec(spec: dict) -> list[tuple[str, str]]:
+    """Schemes against the model and TP size; token counts against seq_len; calib_from exists."""
+    from launch.layout import RunPaths, runs_root
+    from lowbit.models import load_config
+    from lowbit.scheme import SchemeError, parse_scheme_map
+    from lowbit.tp import text_config
+    problems = []
+    hidden = text_config(load_config(spec["model"])).hidden_size
+    for i, text in enumerate(spec["schemes"]):
+        try:
+            parse_scheme_map(text).validate_for(hidden, spec["tp"])
+        except SchemeError as exc:
+            problems.append((f"schemes[{i}]", f"{text!r}: {exc}"))
+    seq_len = spec["params"].get("seq_len", 256)
+    for name in ("calib_tokens", "eval_tokens") if spec["kind"] == "evaluate" else ("calib_tokens",):
+        if isinstance(seq_len, int) and spec[name] < seq_len:
+            problems.append((name, f"must be at least params.seq_len ({seq_len}) tokens, got {spec[name]}"))
+    if spec["kind"] == "evaluate":
+        if not spec["schemes"]:
+            problems.append(("schemes", "evaluate needs at least one scheme, e.g. int4-static-top1/64"))
+        if spec.get("calib_from"):
+            folder = RunPaths(runs_root(), spec["calib_from"]).dir / "calibration"
+            try:
+                from lowbit.calibrate import Calibration
+                Calibration.load(folder).check_matches(spec["model"], spec["tp"])
+            except Exception as exc:  # noqa: BLE001 - any unreadable artifact is this field's problem
+                problems.append(("calib_from", f"run {spec['calib_from']!r} has no usable calibration for "
+                                               f"{spec['model']} at TP {spec['tp']}: {exc}"))
+    return problems
+
+
 KINDS: dict[str, Kind] = {
+    "calibrate": Kind("launch.kinds:calibrate", "EMA per-feature ranges of the partial sums per layer/module/rank",
+                      check_params=_check_method_params, check_spec=_check_method_spec),
+    "evaluate": Kind("launch.kinds:evaluate", "perplexity, KL, top-1, task accuracy and per-layer error per scheme",
+                     check_params=_check_method_params, check_spec=_check_method_spec),
     "tp-check": Kind("launch.kinds:tp_check", "sharded vs unsharded logits and greedy text"),
     "generate": Kind("launch.kinds:generate", "greedy generation with the TP-sharded model"),
     "selftest": Kind("launch.kinds:selftest",
@@ -53,7 +111,7 @@ KINDS: dict[str, Kind] = {
                      needs_model=False, check_params=_check_selftest_params),
 }
 
-PLANNED_KINDS = ("calibrate", "evaluate", "sweep", "collective-bench")
+PLANNED_KINDS = ("sweep", "collective-bench")
 
 
 def available_kinds() -> list[str]:

@@ -328,6 +328,8 @@ def _field_problems(d: dict, skip: set[str] = frozenset()) -> list[tuple[str, st
         else:
             if kind_info is not None and kind_info.check_params is not None and not bad_keys:
                 p.extend(kind_info.check_params(params))
+    if kind_info is not None and kind_info.check_spec is not None and model_ok and tp_ok and not p:
+        p.extend(kind_info.check_spec(d))
     return p
 
 

@@ -2,6 +2,14 @@
 
     python -m lowbit models                          # what can be loaded here
     python -m lowbit tp-check --model smollm2-135m --tp 3
+    python -m lowbit schemes                         # the scheme grammar, with examples
+    python -m lowbit calibrate --model smollm2-135m --tp 3 --tokens 4096
+    python -m lowbit evaluate --tp 3 --scheme int4-static-top1/64 --scheme int4-static-random1/64 \\
+        --calib-from <calibrate run id> --tasks arc_easy,piqa --items 50
+
+calibrate / evaluate are queued as runs under $LOWBIT_RUNS (./runs), like the app's jobs, and
+show a progress bar; evaluate prints one row per scheme (bits/value, perplexity, KL, top-1
+agreement, task accuracy and % of the exact run kept).
 """
 from __future__ import annotations
 
@@ -72,6 +80,88 @@ def cmd_tp_check(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_schemes(args) -> int:
+    from lowbit.scheme import GRAMMAR_HELP
+    print(GRAMMAR_HELP)
+    return 0
+
+
+def _queue_and_watch(spec: dict) -> tuple[int, dict | None]:
+    """Queue ``spec`` as a run, draw its progress here; (exit code, rank 0's result or None)."""
+    from launch.__main__ import _report_end, watch
+    from launch.layout import run_paths
+    from launch.queue import JobQueue
+    from launch.spec import SpecError
+    try:
+        queue = JobQueue()
+        run_id = queue.submit(spec)
+    except SpecError as exc:
+        for name, problem in exc.problems:
+            print(f"error: {name}: {problem}", file=sys.stderr)
+        return 2, None
+    print(f"run {run_id}: {spec['kind']} {spec['model']} at TP {spec['tp']}")
+    row = watch(queue, run_id)
+    code = _report_end(row)
+    result = run_paths(run_id).result
+    return code, (json.loads(result.read_text()) if code == 0 and result.exists() else None)
+
+
+def _method_spec(args, kind: str) -> dict:
+    params = {k: v for k, v in dict(seq_len=args.seq_len, batch_size=args.batch_size, gamma=args.gamma).items()
+              if v is not None}
+    return dict(kind=kind, model=args.model, tp=args.tp, backend=args.backend, calib_data=args.data,
+                calib_tokens=args.tokens, time_limit_s=args.time_limit, params=params)
+
+
+def cmd_calibrate(args) -> int:
+    code, result = _queue_and_watch(_method_spec(args, "calibrate"))
+    if result:
+        print(f"calibration artifact: {result['artifact']}")
+    return code
+
+
+def format_results(result: dict) -> str:
+    """evaluate's records as a text table (one row per scheme)."""
+    import pandas as pd
+    rows = []
+    for r in result["records"]:
+        top1 = r.get("top1_agreement")
+        row = {"scheme": r["scheme"], "bits/value": r.get("bits_per_value"), "ppl": r.get("ppl"),
+               "KL": r.get("kl"), "top-1 %": None if top1 is None else 100 * top1}
+        for task, t in (r.get("tasks") or {}).items():
+            row[f"{task} %"] = 100 * t[t["primary"]]
+        if r.get("tasks"):
+            row["avg %"] = None if r.get("avg_primary") is None else 100 * r["avg_primary"]
+            row["kept %"] = r.get("kept_pct")
+        rows.append(row)
+    return pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def cmd_evaluate(args) -> int:
+    spec = _method_spec(args, "evaluate")
+    spec.update(schemes=args.scheme or ["int4-static-top1/64"], eval_data=args.eval_data,
+                eval_tokens=args.eval_tokens, tasks=[t for t in args.tasks.split(",") if t],
+                items_per_task=args.items, seed=args.seed, calib_from=args.calib_from)
+    if args.no_layer_error:
+        spec["params"]["layer_error"] = False
+    code, result = _queue_and_watch(spec)
+    if result:
+        print(format_results(result))
+    return code
+
+
+def _add_method_args(p, tokens: int) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tp", type=int, default=3)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--data", default="wikipedia", help="calibration text source")
+    p.add_argument("--tokens", type=int, default=tokens, help="calibration tokens")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--gamma", type=float, default=None, help="EMA weight of each new batch (default 0.01)")
+    p.add_argument("--time-limit", type=float, default=3600.0, help="seconds")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowbit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--prompt", default=None)
     p.set_defaults(fn=cmd_tp_check)
+    p = sub.add_parser("schemes", help="the scheme grammar with examples")
+    p.set_defaults(fn=cmd_schemes)
+    p = sub.add_parser("calibrate", help="queue a calibration run and watch it")
+    _add_method_args(p, 4096)
+    p.set_defaults(fn=cmd_calibrate)
+    p = sub.add_parser("evaluate", help="queue an evaluation of schemes and print the table")
+    _add_method_args(p, 4096)
+    p.add_argument("--scheme", action="append", help="a scheme string (repeat); see `schemes`")
+    p.add_argument("--calib-from", default=None, help="run id of a calibrate run (else the cache)")
+    p.add_argument("--eval-data", default="wikipedia")
+    p.add_argument("--eval-tokens", type=int, default=2048)
+    p.add_argument("--tasks", default="", help="comma-separated, e.g. arc_easy,piqa")
+    p.add_argument("--items", type=int, default=50, help="items per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-layer-error", action="store_true")
+    p.set_defaults(fn=cmd_evaluate)
     args = parser.parse_args(argv)
     return args.fn(args)
 
