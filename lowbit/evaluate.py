@@ -148,6 +148,12 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
                 row[metric] = vals.mean().item()
                 row[f"{metric}_se"] = (vals.std(unbiased=True) / math.sqrt(len(vals))).item() if len(vals) > 1 else 0.0
             row["primary"] = PRIMARY_METRIC[task]
+            # Paired with the reference on the same items: the difference's standard error is
+            # far smaller than either accuracy's when the two mostly agree.
+            diff = torch.tensor(h[row["primary"]]) - torch.tensor(hits[REFERENCE][task][row["primary"]])
+            row["delta"] = diff.mean().item()
+            row["delta_se"] = (diff.std(unbiased=True) / math.sqrt(len(diff))).item() if len(diff) > 1 else 0.0
+            row["flipped"] = int((diff != 0).sum().item())
             out[name][task] = row
         out[name]["_comm"] = _summarize_calls(comms[name])
     return out

@@ -15,6 +15,7 @@ Names understood by ``load_model``:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -160,13 +161,29 @@ def _embedded_model(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = embedded_gguf()
     cached = _embedded_cache_dir(gguf)
-    if (cached / "verified.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(cached), "cache"
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    convert_to_cache(model, tokenizer, cached, source=gguf)
+    # The ranks of a first job all start here at once: one converts, the others wait for its
+    # verified cache instead of dequantizing the GGUF file N times on a small machine.
+    with _cache_lock(cached):
+        if (cached / "verified.json").exists():
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+            return model, AutoTokenizer.from_pretrained(cached), "cache"
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        convert_to_cache(model, tokenizer, cached, source=gguf)
     return model.to(dtype), tokenizer, "gguf"
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path):
+    """An exclusive file lock next to ``folder`` (released when the holder exits or dies)."""
+    import fcntl
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def convert_to_cache(model, tokenizer, folder: Path, source: Path) -> None:

@@ -1,0 +1,212 @@
+"""Calibration, outlier selection and evaluation on a tiny Llama with TP ranks as threads.
+
+What is checked: the EMA is the stated recurrence over the per-batch statistics, the artifact
+round-trips, top-k picks the features with the largest range summed over ranks (the same on every
+rank), evaluation's reference has zero KL and full agreement, more bits give less error, paired
+task deltas are consistent with the accuracies, and the job functions write what the app reads.
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from lowbit.calibrate import (Calibration, CalibrationError, ema_trace, jaccard, run_calibration, select_outliers,
+                              topk_sets)
+from lowbit.comm import ROW_PARALLEL_MODULES, Site
+from lowbit.data import load_task, token_chunks
+from lowbit.dist import ThreadWorld
+from lowbit.engine import build_tp_model
+from lowbit.evaluate import REFERENCE, evaluate_tasks, evaluate_text, kept_pct, layer_errors
+from lowbit.scheme import OutlierSpec
+
+TP = 2
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_models):
+    chunks = token_chunks(tiny_models[MODEL].tokenizer, "wikipedia", "calib", 6, 32)
+    return list(chunks.split(2))
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_models, batches):
+    def body(group):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        return run_calibration(tp.model, group, batches, gamma=0.25, meta=dict(model=MODEL))
+    cals = ThreadWorld(TP).run(body)
+    for other in cals[1:]:  # gathered: every rank holds everyone's statistics
+        torch.testing.assert_close(other.ema_max, cals[0].ema_max, rtol=0, atol=0)
+    return cals[0]
+
+
+def test_calibration_shapes_and_meta(calibration, tiny_models):
+    cfg = tiny_models[MODEL].model.config
+    L, H = cfg.num_hidden_layers, cfg.hidden_size
+    assert calibration.ema_min.shape == (L, len(ROW_PARALLEL_MODULES), TP, H)
+    assert calibration.batch_max.shape == (3, L, len(ROW_PARALLEL_MODULES), TP, H)
+    assert calibration.meta["tokens"] == 6 * 32 and calibration.meta["gamma"] == 0.25
+    assert (calibration.batch_min <= calibration.batch_max).all()
+    assert (calibration.ema_min <= calibration.ema_max).all()
+
+
+def test_ema_is_the_stated_recurrence(calibration):
+    bmax, g = calibration.batch_max, 0.25
+    expected = bmax[0]
+    for b in range(1, bmax.shape[0]):
+        expected = (1 - g) * expected + g * bmax[b]
+    torch.testing.assert_close(calibration.ema_max, expected)
+    # ema_trace's last point is the artifact's range of that feature, summed over ranks
+    site = Site(1, "down_proj")
+    trace = ema_trace(calibration, site, feature=5)
+    assert trace.shape == (3,)
+    final = calibration.ranges()[1, 1, :, 5].sum()
+    assert math.isclose(trace[-1].item(), final.item(), rel_tol=1e-5)
+
+
+def test_per_batch_minmax_are_the_partials_true_extremes(tiny_models, batches, calibration):
+    """Rank r's partial at layer 0 o_proj, recomputed by hand, has the recorded min/max."""
+    from lowbit.comm import Communicator, ExactCommunicator
+    from lowbit.tp import set_communicator
+
+    class Grab(Communicator):
+        def __init__(self, group):
+            super().__init__(group, record=False)
+            self.inner, self.seen = ExactCommunicator(group, record=False), []
+
+        def _reduce(self, partial, site):
+            if site == Site(0, "o_proj"):
+                self.seen.append(partial.detach().reshape(-1, partial.shape[-1]).clone())
+            return self.inner.reduce(partial, site), 0, {}
+
+    def body(group):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        grab = Grab(group)
+        set_communicator(tp.model, grab)
+        with torch.no_grad():
+            tp.model(batches[1], use_cache=False)
+        return grab.seen[0]
+    partials = ThreadWorld(TP).run(body)
+    for rank, partial in enumerate(partials):
+        torch.testing.assert_close(calibration.batch_max[1, 0, 0, rank], partial.max(0).values)
+        torch.testing.assert_close(calibration.batch_min[1, 0, 0, rank], partial.min(0).values)
+
+
+def test_artifact_round_trips_and_refuses_a_mismatch(calibration, tmp_path):
+    calibration.save(tmp_path / "cal")
+    again = Calibration.load(tmp_path / "cal")
+    torch.testing.assert_close(again.ema_min, calibration.ema_min, rtol=0, atol=0)
+    assert again.meta == calibration.meta
+    again.check_matches(MODEL, TP)
+    with pytest.raises(CalibrationError, match="TP size 2"):
+        again.check_matches(MODEL, 4)
+    with pytest.raises(CalibrationError, match="model"):
+        again.check_matches("smollm2-135m", TP)
+    with pytest.raises(CalibrationError, match="no artifact"):
+        Calibration.load(tmp_path / "missing")
+
+
+def test_topk_selects_the_largest_summed_ranges(calibration):
+    site, H = Site(0, "down_proj"), calibration.hidden
+    spec = OutlierSpec(select="topk", k_frac=Fraction(1, 16))
+    picked = select_outliers(calibration, site, spec, H)
+    k = spec.count(H)
+    assert picked.numel() == k == H // 16
+    score = calibration.ranges()[0, 1].sum(0)
+    assert score[picked].min() >= score.sort(descending=True).values[k - 1]
+    assert torch.equal(picked, topk_sets(score, k))
+
+
+def test_random_selection_is_seeded_and_varies_by_site(calibration):
+    H = calibration.hidden
+    spec = OutlierSpec(select="random", k_frac=Fraction(1, 16), seed=3)
+    a = select_outliers(None, Site(0, "o_proj"), spec, H)
+    assert torch.equal(a, select_outliers(None, Site(0, "o_proj"), spec, H))
+    assert not torch.equal(a, select_outliers(None, Site(1, "o_proj"), spec, H))
+    assert a.numel() == H // 16 and len(set(a.tolist())) == a.numel()
+    assert select_outliers(None, Site(0, "o_proj"), OutlierSpec(select="none"), H).numel() == 0
+    with pytest.raises(CalibrationError, match="needs a calibration"):
+        select_outliers(None, Site(0, "o_proj"), OutlierSpec(select="topk", k_frac=Fraction(1, 16)), H)
+
+
+def test_jaccard():
+    assert jaccard(torch.tensor([1, 2, 3]), torch.tensor([3, 2, 1])) == 1.0
+    assert jaccard(torch.tensor([1, 2]), torch.tensor([3, 4])) == 0.0
+    assert jaccard(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4])) == 0.5
+
+
+SCHEMES = ["bf16", "int8-token", "int4-static-top1/16", "int2-token"]
+
+
+@pytest.fixture(scope="module")
+def text_metrics(tiny_models, calibration):
+    held = token_chunks(tiny_models[MODEL].tokenizer, "wikipedia", "eval", 4, 32)
+
+    def body(group):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        return evaluate_text(tp.model, group, held, SCHEMES, calibration, batch_size=2)
+    results = ThreadWorld(TP).run(body)
+    assert results[0][REFERENCE]["ppl"] == results[1][REFERENCE]["ppl"]  # every rank computes the same
+    return results[0]
+
+
+def test_reference_has_no_divergence(text_metrics):
+    ref = text_metrics[REFERENCE]
+    assert ref["kl"] == 0 and ref["top1_agreement"] == 1.0
+    assert ref["bits_per_value"] == 32 and math.isfinite(ref["ppl"]) and ref["ppl"] > 1
+    assert ref["tokens"] == 4 * 31  # next-token targets per 32-token chunk
+
+
+def test_fewer_bits_cost_more_kl(text_metrics):
+    kl = {s: text_metrics[s]["kl"] for s in SCHEMES}
+    assert 0 <= kl["bf16"] < kl["int8-token"] < kl["int2-token"], kl
+    assert kl["int4-static-top1/16"] < kl["int2-token"], kl
+    assert text_metrics["int2-token"]["top1_agreement"] < text_metrics["bf16"]["top1_agreement"]
+
+
+def test_bits_per_value_are_measured_from_bytes(text_metrics):
+    assert text_metrics["bf16"]["bits_per_value"] == 16
+    assert text_metrics["int8-token"]["bits_per_value"] == pytest.approx(8 + 16 / 64)  # bf16 scale per 64-wide row
+    assert text_metrics["int2-token"]["bits_per_value"] < 3
+    top = text_metrics["int4-static-top1/16"]["bits_per_value"]
+    assert top == pytest.approx(4 + (16 - 4) / 16)  # static scales are not sent; 1/16 of values in bf16
+
+
+def test_task_accuracy_with_paired_deltas(tiny_models, calibration):
+    items = {"arc_easy": load_task("arc_easy", 6, seed=0), "piqa": load_task("piqa", 6, seed=0)}
+
+    def body(group):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        return evaluate_tasks(tp.model, group, tp.tokenizer, items, ["bf16", "int2-token"], calibration)
+    out = ThreadWorld(TP).run(body)[0]
+    for scheme in (REFERENCE, "bf16", "int2-token"):
+        for task in items:
+            row = out[scheme][task]
+            assert row["n"] == 6 and 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1
+            assert row["delta"] == pytest.approx(row[row["primary"]] - out[REFERENCE][task][row["primary"]])
+    for task in items:
+        assert out[REFERENCE][task]["delta"] == 0 and out[REFERENCE][task]["flipped"] == 0
+    assert kept_pct(out[REFERENCE], out[REFERENCE]) == 100.0
+    assert out["int2-token"]["_comm"]["bits_per_value"] < out["bf16"]["_comm"]["bits_per_value"]
+
+
+def test_layer_errors_local_and_accumulated(tiny_models, calibration, batches):
+    def body(group):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        return layer_errors(tp.model, group, batches[:1], ["int8-token", "int2-token"], calibration)
+    rows = ThreadWorld(TP).run(body)[0]
+    L = tiny_models[MODEL].model.config.num_hidden_layers
+    by = {(r["scheme"], r["mode"], r["layer"], r["module"], r["leg"]): r for r in rows}
+    for mode in ("local", "accumulated"):
+        for layer in range(L):
+            for module in ROW_PARALLEL_MODULES:
+                e8 = by[("int8-token", mode, layer, module, "final")]["rel_error"]
+                e2 = by[("int2-token", mode, layer, module, "final")]["rel_error"]
+                assert 0 < e8 < e2, (mode, layer, module, e8, e2)
+    # the first site sees exact inputs in both modes: same error
+    first = ("int2-token", "{}", 0, "o_proj", "final")
+    assert by[first[:1] + ("local",) + first[2:]]["rel_error"] == pytest.approx(
+        by[first[:1] + ("accumulated",) + first[2:]]["rel_error"], rel=1e-4)
