@@ -18,6 +18,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bench.collectives import check_params as bench_params, check_spec as bench_spec  # stdlib-only at import
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -98,7 +100,14 @@ def _check_method_spec(spec: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def _check_throughput_params(params: dict) -> list[tuple[str, str]]:
+    from bench.throughput import check_params
+    return check_params(params)
+
+
 KINDS: dict[str, Kind] = {
+    "throughput": Kind("bench.throughput:throughput_job", "prefill/decode tokens/s and communication share per scheme",
+                       check_params=_check_throughput_params, check_spec=_check_method_spec),
     "calibrate": Kind("launch.kinds:calibrate", "EMA per-feature ranges of the partial sums per layer/module/rank",
                       check_params=_check_method_params, check_spec=_check_method_spec),
     "evaluate": Kind("launch.kinds:evaluate", "perplexity, KL, top-1, task accuracy and per-layer error per scheme",
@@ -109,9 +118,12 @@ KINDS: dict[str, Kind] = {
                      "launcher self-test: all-reduce loop for params.sleep_s seconds, optional deliberate "
                      "crash of params.crash_rank at params.crash_step (used by the launcher's tests)",
                      needs_model=False, check_params=_check_selftest_params),
+    "collective-bench": Kind("bench.collectives:collective_bench",
+                             "bf16 all_reduce vs quantized gather / two_shot by size, TP and link (bench.collectives)",
+                             needs_model=False, check_params=bench_params, check_spec=bench_spec),
 }
 
-PLANNED_KINDS = ("sweep", "collective-bench")
+PLANNED_KINDS = ("sweep",)
 
 
 def available_kinds() -> list[str]:

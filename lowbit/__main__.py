@@ -4,8 +4,8 @@
     python -m lowbit tp-check --model smollm2-135m --tp 3
     python -m lowbit schemes                         # the scheme grammar, with examples
     python -m lowbit calibrate --model smollm2-135m --tp 3 --tokens 4096
-    python -m lowbit evaluate --tp 3 --scheme int4-static-top1/64 --scheme int4-static-random1/64 \\
-        --calib-from <calibrate run id> --tasks arc_easy,piqa --items 50
+    python -m lowbit evaluate --tp 3 --schemes bf16,int4-static-top1/64,int4-static-rand1/64 \\
+        --calib-from <calibrate run id> --tasks arc_easy,piqa --items 50 --out results/
 
 calibrate / evaluate are queued as runs under $LOWBIT_RUNS (./runs), like the app's jobs, and
 show a progress bar; evaluate prints one row per scheme (bits/value, perplexity, KL, top-1
@@ -139,7 +139,8 @@ def format_results(result: dict) -> str:
 
 def cmd_evaluate(args) -> int:
     spec = _method_spec(args, "evaluate")
-    spec.update(schemes=args.scheme or ["int4-static-top1/64"], eval_data=args.eval_data,
+    schemes = [s.strip() for s in (args.schemes or "").split(",") if s.strip()] + (args.scheme or [])
+    spec.update(schemes=schemes or ["int4-static-top1/64"], eval_data=args.eval_data,
                 eval_tokens=args.eval_tokens, tasks=[t for t in args.tasks.split(",") if t],
                 items_per_task=args.items, seed=args.seed, calib_from=args.calib_from)
     if args.no_layer_error:
@@ -147,6 +148,13 @@ def cmd_evaluate(args) -> int:
     code, result = _queue_and_watch(spec)
     if result:
         print(format_results(result))
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            layers = result.pop("layer_errors", [])
+            (out / "results.json").write_text(json.dumps(result, indent=2))
+            (out / "layer_errors.json").write_text(json.dumps(layers, indent=1))
+            print(f"wrote {out / 'results.json'} and {out / 'layer_errors.json'}")
     return code
 
 
@@ -183,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_calibrate)
     p = sub.add_parser("evaluate", help="queue an evaluation of schemes and print the table")
     _add_method_args(p, 4096)
-    p.add_argument("--scheme", action="append", help="a scheme string (repeat); see `schemes`")
+    p.add_argument("--schemes", default=None, help="comma-separated scheme strings, e.g. bf16,int4-static-top1/64")
+    p.add_argument("--scheme", action="append", help="one more scheme string (repeatable); see `schemes`")
+    p.add_argument("--out", default=None, help="also write DIR/results.json and DIR/layer_errors.json")
     p.add_argument("--calib-from", default=None, help="run id of a calibrate run (else the cache)")
     p.add_argument("--eval-data", default="wikipedia")
     p.add_argument("--eval-tokens", type=int, default=2048)
