@@ -181,12 +181,15 @@ class JobQueue:
             paths = RunPaths(self.root, run_id)
             if row["pgid"] and _group_runs(row["pgid"], paths):
                 self._attached.add(run_id)
-            elif _valid_json(paths.result):
+                continue
+            if _valid_json(paths.result):
                 self.index.finish(run_id, "done", error="finished while no queue was watching",
                                   result_paths=paths.result_files())
             else:
                 self.index.finish(run_id, "lost", error="its processes vanished while no queue was watching "
                                                         "(app or machine restart)")
+            _teardown_cluster(run_id)
+        _remove_stale_clusters()
 
     def _watch(self) -> None:
         now = time.time()
@@ -244,6 +247,7 @@ class JobQueue:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        _teardown_cluster(run_id)
 
     def _reap_all(self) -> None:
         for run_id in list(self._procs):
@@ -266,8 +270,9 @@ class JobQueue:
             if not paths.spec.exists():  # e.g. a submit from another process still writing it
                 write_atomic(paths.spec, json.dumps(json.loads(row["spec_json"]), indent=2, sort_keys=True))
             spec = JobSpec.load(paths.spec)
+            command = _job_command(spec, paths)
             with open(paths.launcher_log, "ab") as log:
-                proc = subprocess.Popen(torchrun_command(spec, paths.spec, paths.logs), cwd=REPO_ROOT,
+                proc = subprocess.Popen(command, cwd=REPO_ROOT,
                                         env=job_env(spec, paths, self.max_parallel), stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         except Exception as exc:  # noqa: BLE001 - a run that cannot start fails, the queue goes on
@@ -293,6 +298,7 @@ def cancel(run_id: str, root: Path | None = None, grace_s: float = 5.0) -> str:
     index.finish(run_id, "cancelled", error="cancelled by user")
     row = index.get(run_id)
     procs.kill_group(row["pgid"], grace_s, str(RunPaths(Path(root).resolve() if root else runs_root(), run_id).spec))
+    _teardown_cluster(run_id)
     return row["status"]
 
 
@@ -403,6 +409,38 @@ def _rank_failures(paths: RunPaths) -> list[dict]:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _job_command(spec: JobSpec, paths: RunPaths) -> list[str]:
+    """torchrun for loopback jobs; for an emulated link the cluster supervisor (launch.cluster),
+    which builds one network namespace per rank, runs a torchrun node in each and removes them.
+    Refused (field ``link``) where this process cannot create namespaces."""
+    if spec.link == "loopback":
+        return torchrun_command(spec, paths.spec, paths.logs)
+    from launch import cluster
+    problem = cluster.link_problem(spec.link)
+    if problem:
+        raise cluster.ClusterError(problem)
+    return cluster.supervisor_command(paths.spec)
+
+
+def _teardown_cluster(run_id: str) -> None:
+    """Cleanup hook where a run ends (done, failed, cancelled, timed out, lost): remove its
+    emulated-cluster namespaces unless a live supervisor still owns them. Never raises."""
+    try:
+        from launch import cluster
+        cluster.teardown_run(run_id)
+    except Exception:  # noqa: BLE001 - cleanup must not break the scheduler
+        traceback.print_exc(file=sys.stderr)
+
+
+def _remove_stale_clusters() -> None:
+    """After a restart: namespaces of emulated clusters whose supervisor is gone."""
+    try:
+        from launch import cluster
+        cluster.remove_stale()
+    except Exception:  # noqa: BLE001 - cleanup must not break the scheduler
+        traceback.print_exc(file=sys.stderr)
+
+
 def _time_limit(row: dict) -> float | None:
     try:
         return float(json.loads(row["spec_json"]).get("time_limit_s"))

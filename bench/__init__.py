@@ -1,0 +1,1 @@
+"""Benchmarks that publish the README's numbers; each module says the command that runs it."""

@@ -1,0 +1,490 @@
+"""Collective micro-benchmark: BF16 all_reduce against quantized ``gather`` and ``two_shot``,
+end to end (quantize + collective + dequantize), by message size, TP size and link.
+
+    .venv/bin/python -m bench.collectives --tp 3 --link 100mbit --out bench/results/tp3-100mbit.json
+    .venv/bin/python -m bench.collectives --tp 2 3 4 --link loopback --out bench/results/loopback.json
+    .venv/bin/python -m bench.collectives --tp 3 --link loopback 1gbit 100mbit --tokens 8192 --hidden 576 \\
+        --out bench/results/tp3-8192x576.json
+
+Each (TP size, link) pair is one ``collective-bench`` job through the launch queue (``runs/``):
+gloo ranks on this machine, over loopback or, for a rate such as ``1gbit``, as torchrun nodes of
+an emulated cluster (``launch.cluster``: one network namespace per rank, tbf-shaped links).
+
+What is timed, per (tokens, hidden) and scheme, on every rank: ``QuantCommunicator.reduce`` of
+a BF16 partial [tokens, hidden] (for ``bf16`` the plain all_reduce, for the quantized schemes
+quantize + encode, the collective(s), decode + fp32 sum, cast back to BF16), after a barrier.
+A repeat's time is the slowest rank's; ``median_ms`` is the median over repeats after
+``warmup`` untimed rounds. The schemes of one size are interleaved within each repeat (and
+rotated), so a load change on this shared machine hits all of them alike; ``speedup_vs_bf16``
+divides the BF16 median of the same job and size by the scheme's median.
+
+Data and calibration: the static schemes (the paper's ``int4-static-top1/64``: static
+per-feature scales, top 1/64 features in BF16) need a calibration. The bench derives it from
+the data itself: every rank's partial is seeded Gaussian with a fixed set of 1/64 "consistent
+outlier" features scaled by 20 (the same features on every rank, as the paper observes), and
+the calibration is each rank's exact per-feature min/max of that partial (one batch, so the
+EMA is the batch). So top-k picks exactly the injected features, static scales cover the data
+(nothing clamps), and timing covers the paper's wire format; ``rel_error`` (vs the fp32 sum)
+only checks that every path computed the sum, it is no accuracy result.
+
+Bytes: ``bytes_per_rank`` is what one rank receives (= sends, on average) over the wire:
+ring all_reduce 2 (tp - 1) / tp x the BF16 tensor; gather (tp - 1) payloads; two_shot
+(tp - 1) leg-1 chunks + (tp - 1) padded leg-2 chunks. ``bits_per_value`` is the first leg's
+payload bits per value (``lowbit.payload``: 4.1875 for the paper's scheme at 576 features),
+``leg2_bits_per_value`` the two-shot requantization leg's.
+
+Codec: ``--codec auto`` uses a fused CPU path of ``kernels.dispatch`` (``quantize_pack`` /
+``unpack_dequant_sum``) when that module exists, else the torch path of ``lowbit.collectives``;
+``reference`` runs the same fused-path plumbing on ``kernels.reference`` (eager torch). Every
+record names the codec it used.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+DEFAULT_TOKENS = [1, 16, 256, 2048, 8192]
+DEFAULT_HIDDEN = [576, 5120]
+# bf16 baseline; gather and two_shot at int8 / int4 + 1/64 BF16 outliers / int2. The int4
+# two-shot runs twice: with an int4 second leg (~4.2 bits both legs, the speed target) and the
+# default int8 second leg (DESIGN: 4-bit requantization adds error, 8 bits almost none).
+DEFAULT_SCHEMES = [
+    "bf16",
+    "int8-static", "int4-static-top1/64", "int2-static",
+    "int8-static@twoshot+int8-token", "int4-static-top1/64@twoshot+int4-token",
+    "int4-static-top1/64@twoshot+int8-token", "int2-static@twoshot+int2-token",
+]
+CODECS = ("auto", "lowbit", "reference", "dispatch")
+DTYPES = ("bf16", "fp32")
+OUTLIER_GAIN = 20.0  # how much larger the synthetic consistent-outlier features are
+PARAM_LIMITS = dict(repeats=(1, 1000), min_repeats=(1, 1000), warmup=(0, 100), seed=(0, 2**31 - 1))
+MAX_SIZE = 1 << 16
+DEFAULT_PARAMS = dict(tokens=DEFAULT_TOKENS, hidden=DEFAULT_HIDDEN, schemes=DEFAULT_SCHEMES, repeats=15,
+                      min_repeats=5, warmup=2, budget_s=20.0, seed=0, dtype="bf16", codec="auto")
+SITE_LAYER, SITE_MODULE = 0, "down_proj"
+
+
+# -- spec checks (launch.registry) -------------------------------------------------------------
+def check_params(params: dict) -> list[tuple[str, str]]:
+    """Problems of a collective-bench job's ``params`` as (field, message) pairs."""
+    from lowbit.scheme import parse_scheme
+    problems = []
+    for key in sorted(set(params) - set(DEFAULT_PARAMS)):
+        problems.append((f"params.{key}", f"unknown collective-bench parameter; allowed: "
+                                          f"{', '.join(sorted(DEFAULT_PARAMS))}"))
+    for key in ("tokens", "hidden"):
+        value = params.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE for v in value):
+            problems.append((f"params.{key}", f"must be a non-empty list of integers 1..{MAX_SIZE}, got {value!r}"))
+    schemes = params.get("schemes")
+    if schemes is not None:
+        if not isinstance(schemes, list) or not schemes:
+            problems.append(("params.schemes", f"must be a non-empty list of scheme strings, got {schemes!r}"))
+        else:
+            for i, text in enumerate(schemes):
+                try:
+                    if not isinstance(text, str):
+                        raise ValueError(f"must be a string, got {type(text).__name__}")
+                    parse_scheme(text)
+                except ValueError as exc:
+                    problems.append((f"params.schemes[{i}]", f"{text!r}: {exc}"))
+    for key, (lo, hi) in PARAM_LIMITS.items():
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
+            problems.append((f"params.{key}", f"must be an integer {lo}..{hi}, got {value!r}"))
+    budget = params.get("budget_s")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or not 0 < budget <= 3600):
+        problems.append(("params.budget_s", f"must be a number > 0 and <= 3600 (seconds per size), got {budget!r}"))
+    for key, allowed in (("dtype", DTYPES), ("codec", CODECS)):
+        value = params.get(key)
+        if value is not None and value not in allowed:
+            problems.append((f"params.{key}", f"{value!r} not allowed; allowed: {', '.join(allowed)}"))
+    return problems
+
+
+def check_spec(spec: dict) -> list[tuple[str, str]]:
+    """Whole-spec checks: an emulated link needs network namespaces (root); the bench's TP
+    size needs every scheme to be valid at some hidden size."""
+    from launch.cluster import link_problem
+    problems = []
+    problem = link_problem(spec["link"])
+    if problem:
+        problems.append(("link", problem))
+    if spec["nnodes"] != 1:
+        problems.append(("nnodes", "collective-bench runs on one machine (an emulated link makes one node per "
+                                   "rank itself); allowed: 1"))
+    return problems
+
+
+# -- the fused-path communicator ---------------------------------------------------------------
+def codec_module(name: str):
+    """(label, module with quantize_pack/unpack_dequant_sum) for a codec name, or (label, None)
+    for lowbit's own torch path."""
+    if name in ("auto", "dispatch"):
+        try:
+            dispatch = importlib.import_module("kernels.dispatch")
+        except ImportError:
+            dispatch = None
+        if dispatch is not None and all(hasattr(dispatch, f) for f in ("quantize_pack", "unpack_dequant_sum")):
+            return "kernels.dispatch", dispatch
+        if name == "dispatch":
+            raise ValueError("codec: kernels.dispatch with quantize_pack/unpack_dequant_sum is not available here; "
+                             "allowed: auto, lowbit, reference")
+        return "lowbit", None
+    if name == "reference":
+        from kernels import reference
+
+        class _Reference:
+            quantize_pack = staticmethod(reference.quantize_pack_ref)
+            unpack_dequant_sum = staticmethod(reference.unpack_dequant_sum_ref)
+        return "kernels.reference", _Reference
+    if name == "lowbit":
+        return "lowbit", None
+    raise ValueError(f"codec: {name!r} not allowed; allowed: {', '.join(CODECS)}")
+
+
+def make_communicator(group, scheme: str, calibration, codec):
+    """A QuantCommunicator for ``scheme``; with a fused ``codec`` module its gather and
+    two-shot legs go through ``codec.quantize_pack`` / ``codec.unpack_dequant_sum`` (the same
+    bytes and sums as lowbit.payload, one fused call per leg)."""
+    from lowbit.collectives import QuantCommunicator
+    if codec is None:
+        return QuantCommunicator(group, scheme, calibration, record=False)
+    return _fused_communicator_class()(group, scheme, calibration, codec)
+
+
+_FUSED_CLASS = None
+
+
+def _fused_communicator_class():
+    global _FUSED_CLASS
+    if _FUSED_CLASS is not None:
+        return _FUSED_CLASS
+    import torch
+
+    from lowbit.collectives import QuantCommunicator
+    from lowbit.payload import layout
+
+    class FusedCommunicator(QuantCommunicator):
+        """QuantCommunicator whose encode/decode legs are one fused call each."""
+
+        def __init__(self, group, schemes, calibration, codec):
+            super().__init__(group, schemes, calibration, record=False)
+            self.codec = codec
+
+        def _gather(self, x, plan):
+            tokens, hidden = x.shape
+            tp = self.group.world_size
+            quant, idx = plan.scheme.quant, plan.outlier_idx
+            payload = self.codec.quantize_pack(x, quant, idx, *self._static(plan, self.group.rank))
+            gathered = self.group.all_gather(payload)
+            out = self.codec.unpack_dequant_sum(gathered, tokens, hidden, quant, idx, plan.static_min, plan.static_max)
+            bits = layout(tokens, hidden, quant, idx.numel()).bits_per_value
+            return out, payload.numel(), dict(leg1_bits=bits["total"], bits_breakdown=bits,
+                                              bytes_received=(tp - 1) * payload.numel())
+
+        def _two_shot(self, x, plan):
+            tokens, hidden = x.shape
+            rank, tp = self.group.rank, self.group.world_size
+            quant, second = plan.scheme.quant, plan.scheme.second
+            cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
+            parts = [self.codec.quantize_pack(x[:, cols[j]].contiguous(), quant, local_idx[j],
+                                              *self._static(plan, rank, cols[j])) for j in range(tp)]
+            send_splits = [p.numel() for p in parts]
+            own_bytes = send_splits[rank]
+            received = self.group.all_to_all(torch.cat(parts), send_splits, [own_bytes] * tp)
+            smin = None if plan.static_min is None else plan.static_min[:, cols[rank]]
+            smax = None if plan.static_max is None else plan.static_max[:, cols[rank]]
+            reduced = self.codec.unpack_dequant_sum(received.reshape(tp, own_bytes), tokens, width, quant,
+                                                    local_idx[rank], smin, smax)
+            p2 = self.codec.quantize_pack(reduced, second, local_idx[rank])
+            sizes2 = [layout(tokens, width, second, local_idx[j].numel()).total_bytes for j in range(tp)]
+            padded = torch.zeros(max(sizes2), dtype=torch.uint8, device=x.device)
+            padded[:p2.numel()] = p2
+            gathered = self.group.all_gather(padded)
+            out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
+            for j in range(tp):
+                out[:, cols[j]] = self.codec.unpack_dequant_sum(gathered[j:j + 1, :sizes2[j]], tokens, width,
+                                                                second, local_idx[j])
+            values = tokens * hidden
+            extra = dict(leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
+                         leg2_bits=8.0 * max(sizes2) * tp / values if values else 0.0,
+                         leg1_bytes=sum(send_splits), leg2_bytes=max(sizes2),
+                         bytes_received=(tp - 1) * own_bytes + (tp - 1) * max(sizes2))
+            return out, sum(send_splits) + max(sizes2), extra
+
+    _FUSED_CLASS = FusedCommunicator
+    return _FUSED_CLASS
+
+
+# -- data --------------------------------------------------------------------------------------
+def outlier_features(hidden: int, seed: int):
+    """The synthetic consistent-outlier features: 1/64 of them (at least one), same on every rank."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(hidden, generator=g)[:max(1, hidden // 64)].sort().values
+
+
+def synthetic_partial(tokens: int, hidden: int, rank: int, seed: int, dtype):
+    """Rank ``rank``'s partial sum: seeded Gaussian, the outlier features ``OUTLIER_GAIN`` x larger."""
+    import torch
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + tokens * 31 + hidden)
+    x = torch.randn(tokens, hidden, generator=g)
+    x[:, outlier_features(hidden, seed)] *= OUTLIER_GAIN
+    return x.to(dtype)
+
+
+def data_calibration(group, partial):
+    """A Calibration whose static ranges are every rank's exact per-feature min/max of its own
+    ``partial`` (one batch: the EMA is the batch), at site (0, down_proj); top-k then picks the
+    synthetic outlier features."""
+    import torch
+
+    from lowbit.calibrate import Calibration
+    x = partial.float()
+    stats = group.all_gather(torch.stack([x.amin(0), x.amax(0)]))  # [tp, 2, H]
+    ema_min = stats[:, 0].unsqueeze(0).unsqueeze(0).expand(1, 2, -1, -1).contiguous()  # [L=1, M=2, tp, H]
+    ema_max = stats[:, 1].unsqueeze(0).unsqueeze(0).expand(1, 2, -1, -1).contiguous()
+    return Calibration(ema_min, ema_max, ema_min.unsqueeze(0).clone(), ema_max.unsqueeze(0).clone(),
+                       dict(model="synthetic", source="collective-bench data", tp=group.world_size))
+
+
+# -- the measurement ---------------------------------------------------------------------------
+def wire_bytes(scheme, extra: dict, nbytes_bf16: int, tp: int) -> int:
+    """Bytes one rank receives over the wire (see the module docstring)."""
+    if scheme.is_exact:
+        return 2 * (tp - 1) * nbytes_bf16 // tp
+    return int(extra.get("bytes_received", 0))
+
+
+def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -> list[dict]:
+    """Run the benchmark on ``group`` (every rank calls it); returns the records (every rank
+    gets the same list). ``progress(step, total, message)`` is called on every rank."""
+    import torch
+
+    from lowbit.comm import Site
+    from lowbit.scheme import SchemeError, parse_scheme
+
+    p = dict(DEFAULT_PARAMS, **params)
+    tp, rank = group.world_size, group.rank
+    dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
+    codec_label, codec = codec_module(p["codec"])
+    site = Site(SITE_LAYER, SITE_MODULE)
+    schemes = [str(parse_scheme(s)) for s in p["schemes"]]
+    if "bf16" not in schemes:
+        schemes = ["bf16"] + schemes  # speedups need the baseline of the same run
+    sizes = [(t, h) for h in p["hidden"] for t in p["tokens"]]
+    records = []
+    for step, (tokens, hidden) in enumerate(sizes):
+        if progress:
+            progress(step, len(sizes), f"{tokens} x {hidden} at TP {tp}, {link}")
+        partial = synthetic_partial(tokens, hidden, rank, p["seed"], dtype)
+        calibration = data_calibration(group, partial)
+        exact = group.all_reduce(partial.float())
+        comms, skipped = {}, {}
+        for text in schemes:
+            scheme = parse_scheme(text)
+            try:
+                scheme.validate_for(hidden, tp)
+                comms[text] = make_communicator(group, text, calibration, codec)
+            except SchemeError as exc:
+                skipped[text] = str(exc)
+        runnable = [s for s in schemes if s in comms]
+        extras, errors = {}, {}
+
+        def one_call(text):
+            group.barrier()
+            start = time.perf_counter()
+            out = comms[text].reduce(partial, site)
+            return time.perf_counter() - start, out
+
+        for _ in range(p["warmup"]):
+            round_s = 0.0
+            for text in runnable:
+                seconds, out = one_call(text)
+                round_s += seconds
+        # One untimed call per scheme for its byte counts and the check that it computed the sum.
+        for text in runnable:
+            out, _, extras[text] = comms[text]._reduce(partial, site)
+            errors[text] = float((out.float() - exact).norm() / max(exact.norm().item(), 1e-30))
+        if p["warmup"] == 0:
+            round_s = sum(one_call(text)[0] for text in runnable)
+        slowest = group.all_gather(torch.tensor([round_s], dtype=torch.float64)).max().item()
+        repeats = int(min(p["repeats"], max(p["min_repeats"], math.floor(p["budget_s"] / max(slowest, 1e-9)))))
+        times = torch.zeros(repeats, len(runnable), dtype=torch.float64)
+        for r in range(repeats):
+            order = runnable[r % len(runnable):] + runnable[:r % len(runnable)]
+            for text in order:
+                times[r, runnable.index(text)] = one_call(text)[0]
+        slowest_rank = group.all_gather(times).amax(0)  # [repeats, schemes]: a repeat ends with its slowest rank
+        medians = {text: statistics.median(slowest_rank[:, i].tolist()) for i, text in enumerate(runnable)}
+        nbytes_bf16 = tokens * hidden * 2
+        for text in schemes:
+            scheme = parse_scheme(text)
+            method = "all_reduce" if scheme.is_exact else scheme.algo
+            rec = dict(tp=tp, tokens=tokens, hidden=hidden, method=method, scheme=text, link=link,
+                       backend=getattr(group, "backend", "?"), codec="torch" if scheme.is_exact else codec_label,
+                       dtype=p["dtype"])
+            if text in skipped:
+                rec.update(median_ms=None, speedup_vs_bf16=None, bytes_per_rank=None, bits_per_value=None,
+                           skipped=skipped[text])
+                records.append(rec)
+                continue
+            i = runnable.index(text)
+            extra = extras[text]
+            col = slowest_rank[:, i].tolist()
+            median_s = medians[text]
+            bytes_rank = wire_bytes(scheme, extra, nbytes_bf16, tp)
+            rec.update(median_ms=1e3 * median_s, min_ms=1e3 * min(col),
+                       p90_ms=1e3 * sorted(col)[min(len(col) - 1, int(0.9 * len(col)))],
+                       repeats=repeats, warmup=p["warmup"],
+                       speedup_vs_bf16=medians["bf16"] / median_s if median_s > 0 else None,
+                       bytes_per_rank=bytes_rank,
+                       bits_per_value=16.0 if scheme.is_exact else float(extra["leg1_bits"]),
+                       leg2_bits_per_value=float(extra["leg2_bits"]) if "leg2_bits" in extra else None,
+                       effective_gbps=bytes_rank * 8 / median_s / 1e9 if median_s > 0 else None,
+                       rel_error=errors[text])
+            records.append(rec)
+    if progress:
+        progress(len(sizes), len(sizes), f"done: {len(records)} records")
+    return records
+
+
+def collective_bench(ctx) -> dict | None:
+    """The ``collective-bench`` job kind (launch.registry): rank 0 returns the records."""
+    spec = ctx.spec
+    load_before = os.getloadavg()
+
+    def progress(step, total, message):
+        ctx.events.step(step, total, message)
+
+    records = bench_on_group(ctx.group, dict(spec.params), spec.link, progress)
+    if ctx.rank != 0:
+        return None
+    return dict(records=records, meta=machine_meta(dict(load_avg_before=load_before, load_avg_after=os.getloadavg(),
+                                                        link=spec.link, tp=ctx.group.world_size,
+                                                        params=dict(DEFAULT_PARAMS, **spec.params))))
+
+
+def machine_meta(extra: dict | None = None) -> dict:
+    import torch
+    return dict(extra or {}, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
+                torch=torch.__version__, processor=_cpu_model())
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def job_spec(tp: int, link: str, params: dict, time_limit_s: float = 3600.0) -> dict:
+    """The collective-bench job spec (a plain dict, validated by launch.spec.JobSpec)."""
+    return dict(kind="collective-bench", model="none", tp=tp, backend="gloo", link=link, params=params,
+                collective_timeout_s=600.0, time_limit_s=time_limit_s)
+
+
+def format_table(records: list[dict]) -> str:
+    """A plain-text table of the records, one line per record."""
+    head = f"{'link':>9} {'tp':>2} {'tokens':>6} {'hidden':>6} {'method':>10} {'scheme':<40} " \
+           f"{'median ms':>10} {'speedup':>8} {'MB/rank':>8} {'bits':>6}"
+    lines = [head]
+    for r in records:
+        if r.get("median_ms") is None:
+            lines.append(f"{r['link']:>9} {r['tp']:>2} {r['tokens']:>6} {r['hidden']:>6} {r['method']:>10} "
+                         f"{r['scheme']:<40} skipped: {r.get('skipped')}")
+            continue
+        lines.append(f"{r['link']:>9} {r['tp']:>2} {r['tokens']:>6} {r['hidden']:>6} {r['method']:>10} "
+                     f"{r['scheme']:<40} {r['median_ms']:>10.2f} {r['speedup_vs_bf16']:>7.2f}x "
+                     f"{r['bytes_per_rank'] / 1e6:>8.3f} {r['bits_per_value']:>6.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.collectives", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tp", type=int, nargs="+", default=[3], help="TP sizes, one job each (default 3)")
+    parser.add_argument("--link", nargs="+", default=["loopback"],
+                        help="loopback and/or rates like 1gbit 100mbit (emulated cluster, needs root)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=DEFAULT_TOKENS)
+    parser.add_argument("--hidden", type=int, nargs="+", default=DEFAULT_HIDDEN)
+    parser.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, help="scheme strings (lowbit.scheme)")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_PARAMS["repeats"], help="at most this many timed rounds")
+    parser.add_argument("--min-repeats", type=int, default=DEFAULT_PARAMS["min_repeats"])
+    parser.add_argument("--warmup", type=int, default=DEFAULT_PARAMS["warmup"])
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_PARAMS["budget_s"],
+                        help="seconds of timed rounds per size (more repeats where they are fast)")
+    parser.add_argument("--codec", choices=CODECS, default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write {meta, records} JSON here")
+    parser.add_argument("--time-limit-s", type=float, default=3600.0, help="per job")
+    args = parser.parse_args(argv)
+
+    from launch.queue import JobQueue
+    from launch.spec import JobSpec, SpecError
+    params = dict(tokens=args.tokens, hidden=args.hidden, schemes=args.schemes, repeats=args.repeats,
+                  min_repeats=args.min_repeats, warmup=args.warmup, budget_s=args.budget_s, seed=args.seed,
+                  codec=args.codec)
+    specs = []
+    try:
+        for link in args.link:
+            for tp in args.tp:
+                specs.append(JobSpec.from_dict(job_spec(tp, link, params, args.time_limit_s)))
+    except SpecError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    queue = JobQueue()
+    records, runs, failed = [], [], []
+    for spec in specs:
+        run_id = queue.submit(spec)
+        print(f"[{spec.link} tp {spec.tp}] run {run_id} queued", flush=True)
+        last = {"step": None}
+
+        def show(row, run_id=run_id):
+            from launch.events import read_events
+            from launch.layout import RunPaths
+            events = read_events(RunPaths(queue.root, run_id).events)
+            if events and events[-1].get("message") != last["step"]:
+                last["step"] = events[-1].get("message")
+                print(f"  {last['step']}", flush=True)
+
+        row = queue.wait(run_id, on_poll=show, poll_s=0.5)
+        runs.append(dict(id=run_id, link=spec.link, tp=spec.tp, status=row["status"]))
+        if row["status"] != "done":
+            failed.append(run_id)
+            print(f"[{spec.link} tp {spec.tp}] {row['status']}: {row.get('error')}", file=sys.stderr)
+            continue
+        from launch.layout import RunPaths
+        result = json.loads(RunPaths(queue.root, run_id).result.read_text())
+        records += result["records"]
+        runs[-1]["meta"] = result.get("meta")
+    print(format_table(records))
+    if args.out:
+        command = "python -m bench.collectives " + " ".join(sys.argv[1:] if argv is None else argv)
+        out = dict(meta=machine_meta(dict(command=command, runs=runs)), records=records)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
+        print(f"wrote {len(records)} records to {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
