@@ -16,10 +16,20 @@
 Outlier features (top-k by calibrated range, or random) travel in BF16 at fixed indices known
 to every rank. Each call records bytes handed to collectives, bits per value of each leg, and
 how many values were clamped or non-finite.
+
+Rotation (``-rot<R>``, ``lowbit.rotation``): each rank rotates its partial before quantizing
+(or its weights already did: ``prerotated=True`` after ``lowbit.rotation.fold_rotation``), the
+sum is taken in the rotated space in fp32 and rotated back once. With BF16 outliers the
+outlier columns are cut out in the original space first; the message is then the payload of
+all ``H`` rotated features (``lowbit.payload``, no outlier section) followed by the BF16
+outlier columns [T, k] - one more section, counted in the bits like everything else.
+Stochastic rounding (``-sr``): the first leg's quantizer draws its uniforms from a seed made of
+(communicator seed, site, rank, call number at that site), so reruns are bit-identical while
+ranks and calls get independent noise; the two-shot second leg rounds to nearest.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,9 +37,52 @@ from lowbit.calibrate import Calibration, CalibrationError, select_outliers
 from lowbit.comm import Communicator, Site
 from lowbit.dist import Group
 from lowbit.payload import decode, encode, layout
-from lowbit.scheme import Scheme, SchemeMap, parse_scheme_map
+from lowbit.rotation import rotate, unrotate
+from lowbit.scheme import QuantSpec, Scheme, SchemeMap, parse_scheme_map
 
 _WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_OUTLIER_DTYPE = torch.bfloat16  # the rotated message's trailing outlier columns, as in payload
+
+
+def _rotate(x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
+    """The block rotation: the Triton kernel on a GPU, the torch reference elsewhere."""
+    if x.is_cuda:
+        from kernels.hadamard import block_hadamard
+        return block_hadamard(x, block, inverse)
+    return unrotate(x, block) if inverse else rotate(x, block)
+
+
+def rotated_message_bits(tokens: int, hidden: int, quant: QuantSpec, n_outliers: int) -> dict[str, float]:
+    """Bit accounting of a rotated message: the payload of all H rotated features plus the
+    BF16 outlier columns (see the module docstring); same keys as ``PayloadLayout.bits_per_value``."""
+    bits = dict(layout(tokens, hidden, quant, 0).bits_per_value)
+    n = tokens * hidden
+    extra = 8.0 * tokens * n_outliers * _OUTLIER_DTYPE.itemsize / n if n else 0.0
+    bits["outliers"] = extra
+    bits["total"] += extra
+    return bits
+
+
+def scheme_bits_per_value(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> float:
+    """Bits per value this rank hands to collectives for one site under ``scheme``, as the
+    communicator records it (gather: one message; two-shot: both legs, padding included).
+    Independent of the token count for every scheme (``tokens=8`` keeps packed codes whole bytes)."""
+    from lowbit.scheme import parse_scheme
+    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    if scheme.is_exact:
+        return 8.0 * layout(tokens, hidden, scheme).total_bytes / (tokens * hidden)
+    k = scheme.outliers.count(hidden)
+    if scheme.algo == "gather":
+        if scheme.rotation is not None:
+            return rotated_message_bits(tokens, hidden, scheme.quant, k)["total"]
+        return layout(tokens, hidden, scheme.quant, k).bits_per_value["total"]
+    width = hidden // tp
+    # the chunk split of two-shot: outliers per chunk depend on which features they are; count
+    # the even split (exact for rand/top-k only on average, exact for no outliers)
+    per_chunk = [k // tp + (1 if j < k % tp else 0) for j in range(tp)] if scheme.rotation is None else [0] * tp
+    leg1 = sum(layout(tokens, width, scheme.quant, c).total_bytes for c in per_chunk)
+    leg2 = max(layout(tokens, width, scheme.second, c).total_bytes for c in per_chunk)
+    return 8.0 * (leg1 + leg2) / (tokens * hidden)
 
 
 @dataclass
@@ -37,7 +90,7 @@ class SitePlan:
     """Everything fixed per site: the scheme, outlier indices, static ranges of every rank."""
 
     scheme: Scheme
-    outlier_idx: torch.Tensor  # [k] sorted feature indices
+    outlier_idx: torch.Tensor  # [k] sorted feature indices (original, unrotated space)
     static_min: torch.Tensor | None  # [tp, H] or None for dynamic granularities
     static_max: torch.Tensor | None
 
@@ -46,8 +99,11 @@ class QuantCommunicator(Communicator):
     """Communicator driven by a SchemeMap; see the module docstring."""
 
     def __init__(self, group: Group, schemes: SchemeMap | str, calibration: Calibration | None = None,
-                 record: bool = True, keep_first_leg: bool = False):
+                 record: bool = True, keep_first_leg: bool = False, prerotated: bool = False, seed: int = 0):
         super().__init__(group, record)
+        self.prerotated = prerotated  # rotated sites' partials arrive rotated (folded weights)
+        self.seed = seed  # stochastic rounding: base of the per-call seeds
+        self._site_calls: dict[Site, int] = {}
         self.schemes = parse_scheme_map(schemes) if isinstance(schemes, str) else schemes
         self.calibration = calibration
         self.keep_first_leg = keep_first_leg  # error probes: also gather two-shot's leg-1 sums
@@ -94,21 +150,74 @@ class QuantCommunicator(Communicator):
             received = 2 * (self.group.world_size - 1) * nbytes // self.group.world_size
             return out, nbytes, {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
         x = partial.reshape(-1, hidden).float()
+        quant = self._call_quant(plan.scheme.quant, site)
+        rot = plan.scheme.rotation
+        if rot is not None and self.prerotated and plan.outlier_idx.numel():
+            raise ValueError(f"{site}: prerotated partials cannot give unrotated BF16 outlier columns")
         if plan.scheme.algo == "gather":
-            out, nbytes, extra = self._gather(x, plan)
+            if rot is None:
+                out, nbytes, extra = self._gather(x, plan, quant)
+            else:
+                out, nbytes, extra = self._gather_rotated(x, plan, quant)
         else:
-            out, nbytes, extra = self._two_shot(x, plan)
+            if rot is not None and not self.prerotated:
+                x = _rotate(x, rot)
+            out, nbytes, extra = self._two_shot(x, plan, quant)
+            if rot is not None:
+                out = _rotate(out, rot, inverse=True)
+                if self.last_first_leg is not None:
+                    self.last_first_leg = _rotate(self.last_first_leg, rot, inverse=True)
         return out.to(partial.dtype).reshape(partial.shape), nbytes, extra
+
+    def _call_quant(self, quant: QuantSpec, site: Site) -> QuantSpec:
+        """The first leg's spec for this call: stochastic rounding gets this call's own seed."""
+        if quant.rounding != "stochastic":
+            return quant
+        n = self._site_calls.get(site, 0)
+        self._site_calls[site] = n + 1
+        module = 0 if site.module == "o_proj" else 1
+        seed = ((((self.seed * 1_009 + site.layer) * 2 + module) * 4_099 + self.group.rank) * 1_000_003 + n)
+        return replace(quant, rounding_seed=seed % 2**62)
+
+    def _gather_rotated(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
+        """Gather with rotation: outliers out in the original space, rotate, quantize all H."""
+        tokens, hidden = x.shape
+        tp, rot, idx = self.group.world_size, plan.scheme.rotation, plan.outlier_idx
+        rest = x
+        if idx.numel():
+            rest = x.clone()
+            rest[:, idx] = 0.0
+        if not self.prerotated:
+            rest = _rotate(rest, rot)
+        payload, stats = encode(rest, quant)
+        n_codes = payload.numel()
+        if idx.numel():
+            cols = x[:, idx].to(_OUTLIER_DTYPE).contiguous().reshape(-1).view(torch.uint8)
+            payload = torch.cat([payload, cols])
+        gathered = self.group.all_gather(payload)
+        summed = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
+        for r in range(tp):
+            summed += decode(gathered[r, :n_codes], tokens, hidden, quant)
+        out = _rotate(summed, rot, inverse=True)
+        if idx.numel():
+            outl = torch.zeros(tokens, idx.numel(), dtype=torch.float32, device=x.device)
+            for r in range(tp):
+                outl += gathered[r, n_codes:].clone().view(_OUTLIER_DTYPE).reshape(tokens, -1).float()
+            out[:, idx] = outl
+        stats["nonfinite"] = int((~torch.isfinite(x)).sum())  # of the partial as produced
+        bits = rotated_message_bits(tokens, hidden, quant, idx.numel())
+        return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
+                                          bytes_received=(tp - 1) * payload.numel())
 
     def _static(self, plan: SitePlan, rank: int, cols: slice = slice(None)):
         if plan.static_min is None:
             return None, None
         return plan.static_min[rank, cols], plan.static_max[rank, cols]
 
-    def _gather(self, x: torch.Tensor, plan: SitePlan):
+    def _gather(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
         tokens, hidden = x.shape
         rank, tp = self.group.rank, self.group.world_size
-        quant, idx = plan.scheme.quant, plan.outlier_idx
+        idx = plan.outlier_idx
         payload, stats = encode(x, quant, idx, *self._static(plan, rank))
         gathered = self.group.all_gather(payload)
         out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
@@ -125,10 +234,10 @@ class QuantCommunicator(Communicator):
         local_idx = [idx[(idx >= c.start) & (idx < c.stop)] - c.start for c in cols]
         return cols, local_idx, width
 
-    def _two_shot(self, x: torch.Tensor, plan: SitePlan):
+    def _two_shot(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
         tokens, hidden = x.shape
         rank, tp = self.group.rank, self.group.world_size
-        quant, second = plan.scheme.quant, plan.scheme.second
+        second = plan.scheme.second
         cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
         parts, clamped, nonfinite = [], 0, 0
         for j in range(tp):

@@ -33,7 +33,11 @@ data: ``lo`` rounds toward -inf, then the scale (computed from the rounded ``lo`
 toward +inf. Static scales stay fp32.
 
 Rounding: ONE rule everywhere, round half to even (``round_half_even``; ``torch.round`` is
-half-to-even, as is Triton's ``rint``).
+half-to-even, as is Triton's ``rint``). The one opt-in exception is ``spec.rounding ==
+"stochastic"`` (scheme suffix ``-sr``): q = floor(v + u) with u ~ U[0, 1) drawn from a generator
+seeded with ``spec.rounding_seed`` (``stochastic_round``), so E[q] = v inside the code range and
+the error is below one step instead of half a step. Scales, clamping, NaN (still the zero code:
+floor(0 + u) = 0) and +-Inf (still the end codes) are unchanged.
 
 Zero scale (an all-zero row/group, a constant group, a feature never active in calibration):
 no division happens; every value gets q = 0, which dequantizes to exactly 0 (symmetric) or
@@ -67,6 +71,16 @@ _FP32_MAX = torch.finfo(torch.float32).max
 def round_half_even(t: torch.Tensor) -> torch.Tensor:
     """Round to the nearest integer, ties to even (2.5 -> 2, 3.5 -> 4): torch.round's rule."""
     return torch.round(t)
+
+
+def stochastic_round(t: torch.Tensor, seed: int) -> torch.Tensor:
+    """floor(t + u), u ~ U[0, 1) from a generator seeded with ``seed`` (same seed, same draws).
+
+    Unbiased: E[result] = t for finite t. NaN stays NaN and +-Inf stay +-Inf (callers clamp).
+    """
+    gen = torch.Generator(device=t.device).manual_seed(int(seed))
+    u = torch.rand(t.shape, generator=gen, device=t.device, dtype=_FP32)
+    return torch.floor(t + u)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -198,7 +212,9 @@ def quantize(
     zero_scale = scale_b == 0
     safe_scale = torch.where(zero_scale, 1.0, scale_b)
     shifted = xs if spec.symmetric else xs - min_b
-    q = torch.clamp(round_half_even(shifted / safe_scale), qmin, qmax)
+    ratio = shifted / safe_scale
+    rounded = stochastic_round(ratio, spec.rounding_seed) if spec.rounding == "stochastic" else round_half_even(ratio)
+    q = torch.clamp(rounded, qmin, qmax)
     q = torch.where(zero_scale, 0.0, q)
     if spec.granularity != "static":
         q = q.reshape(x.shape)

@@ -8,9 +8,12 @@ the CLI, collectives) parses and prints schemes through it.
 Grammar::
 
     exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)
-    int<B>[a]-<gran>[-<outliers>][@<algo>]    B in 2,3,4,5,6,8; 'a' = asymmetric
+    int<B>[a]-<gran>[-<outliers>][-rot<R>][-sr][@<algo>]    B in 2,3,4,5,6,8; 'a' = asymmetric
       gran:     static | token | group<G>
       outliers: top<K> | rand<K>[s<seed>]     K a fraction '1/64' or a decimal '0.05'
+      rot<R>:   block Walsh-Hadamard rotation of size R (a power of two dividing hidden), dynamic
+                scales only; outlier columns are taken out in the original space first
+      sr:       stochastic rounding of the first leg (seeded per call), else round to nearest
       algo:     gather (default) | twoshot[+int<B>[a]-token|group<G>]   second leg, default int8-token
     scheme map: <scheme>[;L<a>[-<b>][.<module>]=<scheme>]...
 
@@ -28,19 +31,23 @@ string                                          meaning
 ``int3a-group64-top1/64``                       Int3 asymmetric (scale and min) per group of 64
 ``int4-token@twoshot+int8-token``               two-shot reduce-scatter / all-gather; the reduced
                                                 shard is requantized to Int8 per token
+``int3-token-rot64``                            Int3 per token after a 64-wide block Hadamard
+                                                rotation (inverted after the fp32 sum)
+``int4-token-sr``                               Int4 per token, stochastic rounding
 ``int4-static-top1/64;L0-3=int8-token;``        per-site overrides: layers 0..3 use Int8 per
 ``L28.down_proj=bf16``                          token, layer 28's down_proj goes exact
 ==============================================  ===================================================
 
 Canonical strings (what ``str()`` prints, and what ``parse`` round-trips exactly): ``exact`` is
 printed ``bf16``; ``@gather`` and a random seed of 0 are omitted; ``@twoshot`` always names its
-second leg; outlier fractions print as ``n/d`` in lowest terms. The scale dtype is not part of
-the string: strings always mean BF16 scales (FP16 scales overflowed to inf on real data).
+second leg; outlier fractions print as ``n/d`` in lowest terms; suffixes print in the order
+outliers, ``-rot<R>``, ``-sr``. The scale dtype is not part of the string: strings always mean
+BF16 scales (FP16 scales overflowed to inf on real data).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 import torch
@@ -53,14 +60,18 @@ OUTLIER_SELECTS = ("none", "topk", "random")
 ALGOS = ("gather", "two_shot")
 WIRE_DTYPES = ("bf16", "fp32")
 MAX_K_FRAC = Fraction(1, 2)
+ROUNDINGS = ("nearest", "stochastic")
+MAX_ROTATION = 4096
 
 GRAMMAR_HELP = """\
 Scheme strings (lowbit.scheme is the one parser):
 
   exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)
-  int<B>[a]-<gran>[-<outliers>][@<algo>]    B in 2,3,4,5,6,8; 'a' = asymmetric (scale + min)
+  int<B>[a]-<gran>[-<outliers>][-rot<R>][-sr][@<algo>]    B in 2,3,4,5,6,8; 'a' = asymmetric (scale + min)
     gran:     static | token | group<G>     static = per-feature scales from calibration
     outliers: top<K> | rand<K>[s<seed>]     K = fraction of features kept in BF16, in (0, 1/2]
+    rot<R>:   block Walsh-Hadamard of size R before quantizing (dynamic scales only)
+    sr:       stochastic rounding (unbiased; seeded per call) instead of round to nearest
     algo:     gather (default) | twoshot[+int<B>[a]-token|group<G>]   second leg, default int8-token
   scheme map: <scheme>[;L<a>[-<b>][.<module>]=<scheme>]...
 
@@ -72,6 +83,8 @@ Examples:
   int4-group32                      Int4, one dynamic scale per 32 features
   int3a-group64-top1/64             Int3 asymmetric per group of 64, top 1/64 in BF16
   int4-token@twoshot+int8-token     two-shot; reduced shard requantized to Int8 per token
+  int3-token-rot64                  Int3 per token after a 64-wide block Hadamard rotation
+  int4-token-sr                     Int4 per token with stochastic rounding
   int4-static-top1/64;L0-3=int8-token;L28.down_proj=bf16   per-layer / per-module overrides
 """
 
@@ -108,8 +121,17 @@ class QuantSpec:
     granularity: str = "static"
     group_size: int | None = None
     scale_dtype: torch.dtype = torch.bfloat16
+    # Stochastic rounding draws its uniforms from ``rounding_seed``; the communicator sets a
+    # fresh seed per call (rank, site, call), so a run is reproducible. Neither field changes
+    # the payload layout, and neither appears in ``str()`` (the scheme prints ``-sr``).
+    rounding: str = "nearest"
+    rounding_seed: int = 0
 
     def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise SchemeError("rounding", f"{self.rounding!r} not allowed; allowed: {', '.join(ROUNDINGS)}")
+        if not isinstance(self.rounding_seed, int) or self.rounding_seed < 0:
+            raise SchemeError("rounding_seed", f"{self.rounding_seed!r} not allowed; allowed: an integer >= 0")
         if self.bits not in ALLOWED_BITS:
             raise SchemeError("bits", f"{self.bits!r} not allowed; allowed: {', '.join(map(str, ALLOWED_BITS))}")
         if self.granularity not in GRANULARITIES:
@@ -208,6 +230,7 @@ class Scheme:
     outliers: OutlierSpec = field(default_factory=OutlierSpec)
     algo: str = "gather"
     second: QuantSpec | None = None
+    rotation: int | None = None  # block size of the Walsh-Hadamard rotation (lowbit.rotation)
 
     def __post_init__(self):
         if self.kind not in ("exact", "quant"):
@@ -223,6 +246,8 @@ class Scheme:
                 raise SchemeError("outliers", "an exact scheme keeps every feature; allowed: none")
             if self.algo != "gather":
                 raise SchemeError("algo", f"{self.algo!r} not allowed for an exact scheme; allowed: gather")
+            if self.rotation is not None:
+                raise SchemeError("rotation", "an exact scheme is not rotated; allowed: None")
             return
         object.__setattr__(self, "wire_dtype", None)
         if not isinstance(self.quant, QuantSpec):
@@ -238,10 +263,30 @@ class Scheme:
                     f"granularity {self.second.granularity!r} not allowed for the requantization leg "
                     f"(no calibration exists for the reduced sum); allowed: {', '.join(DYNAMIC_GRANULARITIES)}",
                 )
+            if self.second.rounding != "nearest":
+                raise SchemeError("second", "the requantization leg rounds to nearest; allowed: rounding 'nearest'")
+        if self.rotation is not None:
+            r = self.rotation
+            if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r > MAX_ROTATION or r & (r - 1):
+                raise SchemeError("rotation", f"{r!r} not allowed; allowed: a power of two in 2..{MAX_ROTATION}")
+            if self.quant.granularity not in DYNAMIC_GRANULARITIES:
+                raise SchemeError(
+                    "rotation",
+                    "a rotated partial needs dynamic scales (calibrated ranges are of the unrotated "
+                    f"features); allowed granularities: {', '.join(DYNAMIC_GRANULARITIES)}",
+                )
+            if self.algo == "two_shot" and self.outliers.select != "none":
+                raise SchemeError("rotation", "rotation with BF16 outliers runs with the gather algo only; "
+                                              "allowed: @gather, or no outliers")
 
     @property
     def is_exact(self) -> bool:
         return self.kind == "exact"
+
+    @property
+    def stochastic(self) -> bool:
+        """True when the first leg uses stochastic rounding (``-sr``)."""
+        return not self.is_exact and self.quant.rounding == "stochastic"
 
     @property
     def needs_calibration(self) -> bool:
@@ -256,6 +301,10 @@ class Scheme:
         text = str(self.quant)
         if self.outliers.select != "none":
             text += f"-{self.outliers}"
+        if self.rotation is not None:
+            text += f"-rot{self.rotation}"
+        if self.stochastic:
+            text += "-sr"
         if self.algo == "two_shot":
             text += f"@twoshot+{self.second}"
         return text
@@ -272,6 +321,10 @@ class Scheme:
         if self.is_exact:
             return
         self.quant.validate_for(hidden)
+        if self.rotation is not None and hidden % self.rotation:
+            allowed = [2**i for i in range(1, 13) if hidden % 2**i == 0]
+            raise SchemeError("rotation", f"block size {self.rotation} does not divide hidden size {hidden}; "
+                                          f"allowed: {', '.join(map(str, allowed)) or 'none (hidden is odd)'}")
         if self.algo == "two_shot":
             if hidden % tp:
                 raise SchemeError(
@@ -305,6 +358,8 @@ _RE_QUANT = re.compile(r"int(\d+)(a?)")
 _RE_GRAN = re.compile(r"static|token|group(\d+)")
 _RE_OUTLIERS = re.compile(r"top" + _K + r"|rand" + _K + r"(?:s(\d+))?")
 _RE_ALGO = re.compile(r"gather|twoshot(?:\+(int\d+a?-(?:token|group\d+)))?")
+_RE_ROT = re.compile(r"-rot(\d+)")
+_RE_SUFFIX = re.compile(r"-rot\d|-sr(?:@|$)")
 _EXACT = {"exact": "bf16", "bf16": "bf16", "fp32": "fp32"}
 
 
@@ -349,15 +404,23 @@ def parse_scheme(text: str) -> Scheme:
     if quant is None:
         raise _expected("scheme", text, 0, "one of: exact, bf16, fp32, int<B>[a]-<gran>[-<outliers>][@<algo>]")
     outliers = OutlierSpec()
-    if text.startswith("-", pos):
+    if text.startswith("-", pos) and not _RE_SUFFIX.match(text, pos):
         o = _RE_OUTLIERS.match(text, pos + 1)
         if not o:
-            raise _expected("outliers", text, pos + 1, "outliers: top<K> or rand<K>[s<seed>]")
+            raise _expected("outliers", text, pos + 1, "outliers: top<K> or rand<K>[s<seed>] (or rot<R>, sr)")
         if o.group(1) is not None:
             outliers = OutlierSpec("topk", _parse_k(o.group(1)))
         else:
             outliers = OutlierSpec("random", _parse_k(o.group(2)), int(o.group(3) or 0))
         pos = o.end()
+    rotation = None
+    m = _RE_ROT.match(text, pos)
+    if m:
+        rotation = int(m.group(1))
+        pos = m.end()
+    if text.startswith("-sr", pos) and (pos + 3 == len(text) or text[pos + 3] == "@"):
+        quant = replace(quant, rounding="stochastic")
+        pos += 3
     algo, second = "gather", None
     if text.startswith("@", pos):
         a = _RE_ALGO.match(text, pos + 1)
@@ -373,8 +436,8 @@ def parse_scheme(text: str) -> Scheme:
                 second, _ = _parse_quant_spec(a.group(1), 0, "second")
         pos = a.end()
     if pos != len(text):
-        raise _expected("scheme", text, pos, "'-<outliers>', '@<algo>' or the end of the scheme")
-    return Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second)
+        raise _expected("scheme", text, pos, "'-rot<R>', '-sr', '-<outliers>', '@<algo>' or the end of the scheme")
+    return Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second, rotation=rotation)
 
 
 def _row_parallel_modules() -> tuple[str, ...]:

@@ -1,0 +1,119 @@
+"""Block Walsh-Hadamard rotation of the communicated partial sums (scheme suffix ``-rot<R>``).
+
+Why it helps: a partial sum with a few huge features (the massive activations of SmolLM2) forces
+a per-token or per-group scale so large that every other feature of that token rounds to zero.
+An orthogonal rotation ``y = x M`` spreads each huge feature evenly over the ``R`` features of its
+block, so the block's absmax shrinks towards its RMS and the quantization step with it. The
+transform is linear, so the ranks may rotate their partials, quantize, send, dequantize and sum
+in the rotated space, and undo it once on the fp32 sum: ``sum_r(x_r) = (sum_r x_r M) M^T``.
+
+``M`` is block diagonal over the hidden features: each block of ``R`` contiguous features is
+multiplied by fixed random signs ``s`` (one per feature, the same on every rank and run) and
+then by the normalized Sylvester-Hadamard matrix ``H_R / sqrt(R)`` (symmetric, orthogonal).
+So ``M = diag(s) Hn`` per block and ``M^{-1} = M^T = Hn diag(s)``. Nothing travels for it: every
+rank builds the same ``M``, so a rotated scheme costs exactly the bits of its payload.
+
+With BF16 outliers (``top<K>``/``rand<K>``) the outlier columns are taken out in the original
+space first (sent in BF16 and zeroed), the rest is rotated and all ``H`` rotated features are
+quantized; the receiver overwrites the outlier columns of the inverse-rotated sum with the
+exact BF16 sum. Folding (``fold_rotation``): ``x M = (a W^T) M = a (M^T W)^T``, so the forward
+rotation can be multiplied into each rank's row-parallel weight slice offline and the sender
+pays nothing at run time.
+
+    PYTHONPATH=. python -c "import torch; from lowbit.rotation import rotate, unrotate; \\
+        x = torch.randn(4, 576); print((unrotate(rotate(x, 64), 64) - x).abs().max())"
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+_FP32 = torch.float32
+_SIGN_SEED = 0x5EED
+
+
+def check_block(hidden: int, block: int) -> None:
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"rotation block: {block} not allowed; allowed: a power of two")
+    if hidden % block:
+        raise ValueError(f"rotation block: {block} does not divide hidden size {hidden}")
+
+
+@functools.lru_cache(maxsize=32)
+def hadamard_matrix(block: int) -> torch.Tensor:
+    """Normalized Sylvester-Hadamard matrix ``H_R / sqrt(R)`` [R, R] in fp32: H[i, j] =
+    (-1)^popcount(i & j) / sqrt(R). Symmetric and orthogonal, so it is its own inverse."""
+    check_block(block, block)
+    idx = torch.arange(block)
+    bits = idx[:, None] & idx[None, :]
+    parity = torch.zeros_like(bits)
+    for shift in range(max(1, block.bit_length())):
+        parity ^= (bits >> shift) & 1
+    return (1.0 - 2.0 * parity.to(_FP32)) / math.sqrt(block)
+
+
+@functools.lru_cache(maxsize=32)
+def rotation_signs(hidden: int) -> torch.Tensor:
+    """Fixed random +-1 per feature [H] (the same on every rank, every run)."""
+    gen = torch.Generator().manual_seed(_SIGN_SEED + hidden)
+    return (torch.randint(0, 2, (hidden,), generator=gen) * 2 - 1).to(_FP32)
+
+
+def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x M`` over the last dim in fp32 (see the module docstring): [..., H] -> [..., H]."""
+    hidden = x.shape[-1]
+    check_block(hidden, block)
+    x = x.to(_FP32) * rotation_signs(hidden).to(x.device)
+    blocks = x.reshape(*x.shape[:-1], hidden // block, block)
+    return (blocks @ hadamard_matrix(block).to(x.device)).reshape(x.shape)
+
+
+def unrotate(y: torch.Tensor, block: int) -> torch.Tensor:
+    """``y M^T``, the inverse of ``rotate`` (fp32): [..., H] -> [..., H]."""
+    hidden = y.shape[-1]
+    check_block(hidden, block)
+    y = y.to(_FP32)
+    blocks = y.reshape(*y.shape[:-1], hidden // block, block)
+    x = (blocks @ hadamard_matrix(block).to(y.device)).reshape(y.shape)
+    return x * rotation_signs(hidden).to(y.device)
+
+
+def rotation_matrix(hidden: int, block: int) -> torch.Tensor:
+    """The dense [H, H] ``M`` (for folding and tests; the communicator never builds it)."""
+    return rotate(torch.eye(hidden), block)
+
+
+def fold_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """Row-parallel weight slice [H, in/tp] with the forward rotation folded in: ``M^T W``,
+    so that ``a @ fold_weight(W).T == rotate(a @ W.T)``."""
+    m = rotation_matrix(weight.shape[0], block).to(weight.device)
+    return (m.T @ weight.to(_FP32)).to(weight.dtype)
+
+
+def fold_rotation(model: torch.nn.Module, schemes) -> list:
+    """Fold the forward rotation into every row-parallel weight whose site's scheme rotates.
+
+    ``schemes`` is a SchemeMap or string. Returns the folded sites. Use the folded model with
+    ``QuantCommunicator(..., prerotated=True)``, which then skips the sender's rotation. Sites
+    with BF16 outliers cannot be folded (their outlier columns are needed unrotated).
+    """
+    from lowbit.scheme import parse_scheme_map
+    from lowbit.tp import RowParallelLinear
+    smap = parse_scheme_map(schemes) if isinstance(schemes, str) else schemes
+    folded = []
+    for module in model.modules():
+        if not isinstance(module, RowParallelLinear):
+            continue
+        scheme = smap.for_site(module.site.layer, module.site.module)
+        if scheme.is_exact or scheme.rotation is None:
+            continue
+        if scheme.outliers.select != "none":
+            raise ValueError(f"fold: {module.site} uses {scheme} with BF16 outliers; its outlier columns must "
+                             "travel unrotated, so rotate online (prerotated=False) instead")
+        with torch.no_grad():
+            module.weight.copy_(fold_weight(module.weight.data, scheme.rotation))
+        folded.append(module.site)
+    model.lowbit_folded_rotation = str(smap)
+    return folded
