@@ -87,6 +87,21 @@ def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: list[str],
     return out
 
 
+def _item_batches(tokenizer, items: list[Item], max_sequences: int):
+    """Consecutive items grouped so that a group holds at most ``max_sequences`` choices
+    (an item with more choices than that forms a group of its own)."""
+    batch, count = [], 0
+    for item in items:
+        seqs, starts = _item_sequences(tokenizer, item)
+        if batch and count + len(seqs) > max_sequences:
+            yield batch
+            batch, count = [], 0
+        batch.append((item, seqs, starts))
+        count += len(seqs)
+    if batch:
+        yield batch
+
+
 def _item_sequences(tokenizer, item: Item) -> tuple[list[list[int]], list[int]]:
     """Token ids of context+continuation per choice, and where each continuation starts."""
     seqs, starts = [], []
@@ -118,24 +133,32 @@ def _choice_logliks(model, seqs: list[list[int]], starts: list[int], pad_id: int
 
 @torch.no_grad()
 def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list[Item]], schemes: list[str],
-                   calibration: Calibration | None, progress=None) -> dict[str, dict[str, dict]]:
-    """{scheme: {task: {acc, acc_norm, acc_se, acc_norm_se, n}}} for the reference and ``schemes``."""
+                   calibration: Calibration | None, progress=None, batch_sequences: int = 32
+                   ) -> dict[str, dict[str, dict]]:
+    """{scheme: {task: {acc, acc_norm, acc_se, acc_norm_se, n, delta, delta_se, flipped}}} for
+    the reference and ``schemes``. The choices of several items share one forward (up to
+    ``batch_sequences`` sequences, right-padded): each forward costs two collectives per layer
+    whatever its size, so small batches would be dominated by their latency."""
     comms = {s: make_communicator(group, s, calibration) for s in [REFERENCE, *schemes]}
     hits = {s: defaultdict(lambda: {"acc": [], "acc_norm": []}) for s in comms}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = sum(len(v) for v in items_by_task.values())
     done = 0
     for task, items in items_by_task.items():
-        for item in items:
-            seqs, starts = _item_sequences(tokenizer, item)
-            lengths = [max(1, len(c.encode("utf-8"))) for c in item.continuations]
+        for batch in _item_batches(tokenizer, items, batch_sequences):
+            seqs = [s for _, item_seqs, _ in batch for s in item_seqs]
+            starts = [s for _, _, item_starts in batch for s in item_starts]
             for name, comm in comms.items():
                 set_communicator(model, comm)
                 ll = _choice_logliks(model, seqs, starts, pad_id)
-                h = hits[name][task]
-                h["acc"].append(float(max(range(len(ll)), key=lambda i: ll[i]) == item.gold))
-                h["acc_norm"].append(float(max(range(len(ll)), key=lambda i: ll[i] / lengths[i]) == item.gold))
-            done += 1
+                h, at = hits[name][task], 0
+                for item, item_seqs, _ in batch:
+                    mine = ll[at:at + len(item_seqs)]
+                    at += len(item_seqs)
+                    lengths = [max(1, len(c.encode("utf-8"))) for c in item.continuations]
+                    h["acc"].append(float(max(range(len(mine)), key=lambda i: mine[i]) == item.gold))
+                    h["acc_norm"].append(float(max(range(len(mine)), key=lambda i: mine[i] / lengths[i]) == item.gold))
+            done += len(batch)
             if progress:
                 progress("tasks", done, total, f"{task}: item {len(hits[REFERENCE][task]['acc'])}/{len(items)}", {})
     out: dict[str, dict[str, dict]] = {}

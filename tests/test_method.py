@@ -210,3 +210,18 @@ def test_layer_errors_local_and_accumulated(tiny_models, calibration, batches):
     first = ("int2-token", "{}", 0, "o_proj", "final")
     assert by[first[:1] + ("local",) + first[2:]]["rel_error"] == pytest.approx(
         by[first[:1] + ("accumulated",) + first[2:]]["rel_error"], rel=1e-4)
+
+
+def test_batching_items_does_not_change_the_scores(tiny_models, calibration):
+    """Right padding leaves every choice's log-likelihood as it is alone (up to fp32 GEMM order)."""
+    items = {"arc_easy": load_task("arc_easy", 5, seed=1)}
+
+    def body(group, batch_sequences):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        return evaluate_tasks(tp.model, group, tp.tokenizer, items, ["int4-token"], calibration,
+                              batch_sequences=batch_sequences)
+    one = ThreadWorld(TP).run(body, 1)[0]
+    many = ThreadWorld(TP).run(body, 64)[0]
+    for scheme in (REFERENCE, "int4-token"):
+        for metric in ("acc", "acc_norm", "n"):
+            assert one[scheme]["arc_easy"][metric] == many[scheme]["arc_easy"][metric]
