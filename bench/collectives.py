@@ -33,10 +33,12 @@ ring all_reduce 2 (tp - 1) / tp x the BF16 tensor; gather (tp - 1) payloads; two
 payload bits per value (``lowbit.payload``: 4.1875 for the paper's scheme at 576 features),
 ``leg2_bits_per_value`` the two-shot requantization leg's.
 
-Codec: ``--codec auto`` uses a fused CPU path of ``kernels.dispatch`` (``quantize_pack`` /
-``unpack_dequant_sum``) when that module exists, else the torch path of ``lowbit.collectives``;
-``reference`` runs the same fused-path plumbing on ``kernels.reference`` (eager torch). Every
-record names the codec it used.
+Codec: ``--codec auto`` uses a fused CPU path (``kernels.dispatch`` or ``kernels.fused_cpu``:
+``quantize_pack`` / ``unpack_dequant_sum``, torch.compile graphs) when one exists, else the torch
+path of ``lowbit.collectives``; ``reference`` runs the same fused-path plumbing on
+``kernels.reference`` (eager torch). Both produce lowbit.payload's bytes and sums (tested). Every
+record names the codec it used. On CUDA (``--backend auto`` picks NCCL when every rank has a
+GPU) the data lives on each rank's GPU and timings synchronize the device.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ DEFAULT_SCHEMES = [
     "int8-static@twoshot+int8-token", "int4-static-top1/64@twoshot+int4-token",
     "int4-static-top1/64@twoshot+int8-token", "int2-static@twoshot+int2-token",
 ]
-CODECS = ("auto", "lowbit", "reference", "dispatch")
+CODECS = ("auto", "lowbit", "reference", "fused")
+FUSED_MODULES = ("kernels.dispatch", "kernels.fused_cpu")  # fused CPU paths, first found wins
 DTYPES = ("bf16", "fp32")
 OUTLIER_GAIN = 20.0  # how much larger the synthetic consistent-outlier features are
 PARAM_LIMITS = dict(repeats=(1, 1000), min_repeats=(1, 1000), warmup=(0, 100), seed=(0, 2**31 - 1))
@@ -131,18 +134,20 @@ def check_spec(spec: dict) -> list[tuple[str, str]]:
 
 # -- the fused-path communicator ---------------------------------------------------------------
 def codec_module(name: str):
-    """(label, module with quantize_pack/unpack_dequant_sum) for a codec name, or (label, None)
-    for lowbit's own torch path."""
-    if name in ("auto", "dispatch"):
-        try:
-            dispatch = importlib.import_module("kernels.dispatch")
-        except ImportError:
-            dispatch = None
-        if dispatch is not None and all(hasattr(dispatch, f) for f in ("quantize_pack", "unpack_dequant_sum")):
-            return "kernels.dispatch", dispatch
-        if name == "dispatch":
-            raise ValueError("codec: kernels.dispatch with quantize_pack/unpack_dequant_sum is not available here; "
-                             "allowed: auto, lowbit, reference")
+    """(label, module with quantize_pack / unpack_dequant_sum) for a codec name, or
+    ("lowbit", None) for lowbit's own torch path. ``auto``: the first of ``FUSED_MODULES`` that
+    imports and has both functions, else lowbit; ``fused``: the same, but it must exist."""
+    if name in ("auto", "fused"):
+        for module_name in FUSED_MODULES:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            if all(callable(getattr(module, f, None)) for f in ("quantize_pack", "unpack_dequant_sum")):
+                return module_name, module
+        if name == "fused":
+            raise ValueError(f"codec: no fused CPU path here (none of {', '.join(FUSED_MODULES)} has "
+                             "quantize_pack and unpack_dequant_sum); allowed: auto, lowbit, reference")
         return "lowbit", None
     if name == "reference":
         from kernels import reference
@@ -179,16 +184,24 @@ def _fused_communicator_class():
     from lowbit.payload import layout
 
     class FusedCommunicator(QuantCommunicator):
-        """QuantCommunicator whose encode/decode legs are one fused call each."""
+        """QuantCommunicator whose encode/decode legs are one fused call each (rotation, when a
+        scheme has one, is applied around these legs by QuantCommunicator as before)."""
 
         def __init__(self, group, schemes, calibration, codec):
             super().__init__(group, schemes, calibration, record=False)
             self.codec = codec
 
-        def _gather(self, x, plan):
+        def _fusable(self, quant) -> bool:
+            # stochastic rounding draws its own noise in lowbit.quant: that path stays lowbit's
+            return getattr(quant, "rounding", "nearest") == "nearest"
+
+        def _gather(self, x, plan, *args):
+            quant = args[0] if args else plan.scheme.quant  # lowbit passes this call's first-leg spec
+            if not self._fusable(quant):
+                return super()._gather(x, plan, *args)
             tokens, hidden = x.shape
             tp = self.group.world_size
-            quant, idx = plan.scheme.quant, plan.outlier_idx
+            idx = plan.outlier_idx
             payload = self.codec.quantize_pack(x, quant, idx, *self._static(plan, self.group.rank))
             gathered = self.group.all_gather(payload)
             out = self.codec.unpack_dequant_sum(gathered, tokens, hidden, quant, idx, plan.static_min, plan.static_max)
@@ -196,10 +209,13 @@ def _fused_communicator_class():
             return out, payload.numel(), dict(leg1_bits=bits["total"], bits_breakdown=bits,
                                               bytes_received=(tp - 1) * payload.numel())
 
-        def _two_shot(self, x, plan):
+        def _two_shot(self, x, plan, *args):
+            quant = args[0] if args else plan.scheme.quant
+            if not self._fusable(quant) or self.keep_first_leg:
+                return super()._two_shot(x, plan, *args)
             tokens, hidden = x.shape
             rank, tp = self.group.rank, self.group.world_size
-            quant, second = plan.scheme.quant, plan.scheme.second
+            second = plan.scheme.second
             cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
             parts = [self.codec.quantize_pack(x[:, cols[j]].contiguous(), quant, local_idx[j],
                                               *self._static(plan, rank, cols[j])) for j in range(tp)]
@@ -276,10 +292,13 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
     import torch
 
     from lowbit.comm import Site
+    from lowbit.dist import device_for
     from lowbit.scheme import SchemeError, parse_scheme
 
     p = dict(DEFAULT_PARAMS, **params)
     tp, rank = group.world_size, group.rank
+    device = device_for(group)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = torch.bfloat16 if p["dtype"] == "bf16" else torch.float32
     codec_label, codec = codec_module(p["codec"])
     site = Site(SITE_LAYER, SITE_MODULE)
@@ -291,7 +310,7 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
     for step, (tokens, hidden) in enumerate(sizes):
         if progress:
             progress(step, len(sizes), f"{tokens} x {hidden} at TP {tp}, {link}")
-        partial = synthetic_partial(tokens, hidden, rank, p["seed"], dtype)
+        partial = synthetic_partial(tokens, hidden, rank, p["seed"], dtype).to(device)
         calibration = data_calibration(group, partial)
         exact = group.all_reduce(partial.float())
         comms, skipped = {}, {}
@@ -306,9 +325,11 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
         extras, errors = {}, {}
 
         def one_call(text):
+            sync()
             group.barrier()
             start = time.perf_counter()
             out = comms[text].reduce(partial, site)
+            sync()
             return time.perf_counter() - start, out
 
         for _ in range(p["warmup"]):
@@ -322,14 +343,14 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
             errors[text] = float((out.float() - exact).norm() / max(exact.norm().item(), 1e-30))
         if p["warmup"] == 0:
             round_s = sum(one_call(text)[0] for text in runnable)
-        slowest = group.all_gather(torch.tensor([round_s], dtype=torch.float64)).max().item()
+        slowest = group.all_gather(torch.tensor([round_s], dtype=torch.float64, device=device)).max().item()
         repeats = int(min(p["repeats"], max(p["min_repeats"], math.floor(p["budget_s"] / max(slowest, 1e-9)))))
         times = torch.zeros(repeats, len(runnable), dtype=torch.float64)
         for r in range(repeats):
             order = runnable[r % len(runnable):] + runnable[:r % len(runnable)]
             for text in order:
                 times[r, runnable.index(text)] = one_call(text)[0]
-        slowest_rank = group.all_gather(times).amax(0)  # [repeats, schemes]: a repeat ends with its slowest rank
+        slowest_rank = group.all_gather(times.to(device)).amax(0).cpu()  # a repeat ends with its slowest rank
         medians = {text: statistics.median(slowest_rank[:, i].tolist()) for i, text in enumerate(runnable)}
         nbytes_bf16 = tokens * hidden * 2
         for text in schemes:
@@ -397,9 +418,9 @@ def _cpu_model() -> str:
 
 
 # -- CLI ---------------------------------------------------------------------------------------
-def job_spec(tp: int, link: str, params: dict, time_limit_s: float = 3600.0) -> dict:
+def job_spec(tp: int, link: str, params: dict, time_limit_s: float = 3600.0, backend: str = "auto") -> dict:
     """The collective-bench job spec (a plain dict, validated by launch.spec.JobSpec)."""
-    return dict(kind="collective-bench", model="none", tp=tp, backend="gloo", link=link, params=params,
+    return dict(kind="collective-bench", model="none", tp=tp, backend=backend, link=link, params=params,
                 collective_timeout_s=600.0, time_limit_s=time_limit_s)
 
 
@@ -433,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=DEFAULT_PARAMS["budget_s"],
                         help="seconds of timed rounds per size (more repeats where they are fast)")
     parser.add_argument("--codec", choices=CODECS, default="auto")
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                        help="auto: NCCL when every rank has a GPU, else gloo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write {meta, records} JSON here")
     parser.add_argument("--time-limit-s", type=float, default=3600.0, help="per job")
@@ -447,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for link in args.link:
             for tp in args.tp:
-                specs.append(JobSpec.from_dict(job_spec(tp, link, params, args.time_limit_s)))
+                spec = JobSpec.from_dict(job_spec(tp, link, params, args.time_limit_s, args.backend))
+                problems = check_spec(spec.to_dict())  # launch.spec runs check_spec for model kinds only
+                if problems:
+                    raise SpecError(problems)
+                specs.append(spec)
     except SpecError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,164 @@
+"""bench.collectives on threaded fake groups: the records, their byte and bit accounting, the
+fused-path plumbing against lowbit's communicator, and the collective-bench spec checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.collectives import (DEFAULT_SCHEMES, bench_on_group, check_params, codec_module, data_calibration,
+                               format_table, make_communicator, outlier_features, synthetic_partial)
+from launch.spec import JobSpec, SpecError
+from lowbit.comm import Site
+from lowbit.dist import ThreadWorld
+from tests.helpers import assert_close_verbose
+
+# lowbit's torch path: no torch.compile in fast tests (the fused path is compared separately)
+FAST = dict(repeats=2, min_repeats=1, warmup=1, budget_s=0.5, codec="lowbit")
+
+
+def _run(tp, **params):
+    return ThreadWorld(tp).run(lambda g: bench_on_group(g, dict(FAST, **params)))
+
+
+def test_one_record_per_size_and_scheme_with_the_fields_the_readme_reads():
+    schemes = ["bf16", "int4-static-top1/64", "int4-static-top1/64@twoshot+int4-token"]
+    per_rank = _run(3, tokens=[1, 16], hidden=[576], schemes=schemes)
+    records = per_rank[0]
+    assert [(r["tokens"], r["scheme"]) for r in records] == [(t, s) for t in (1, 16) for s in schemes]
+    for r in records:
+        for key in ("tp", "tokens", "hidden", "method", "scheme", "link", "median_ms", "speedup_vs_bf16",
+                    "bytes_per_rank", "bits_per_value"):
+            assert r[key] is not None, (key, r)
+        assert r["median_ms"] > 0 and r["repeats"] >= 1
+    assert {r["method"] for r in records} == {"all_reduce", "gather", "two_shot"}
+    assert all(r["speedup_vs_bf16"] == 1.0 for r in records if r["scheme"] == "bf16")
+    # every rank reports the same timings (the slowest rank of each repeat)
+    assert [r["median_ms"] for r in per_rank[1]] == [r["median_ms"] for r in records]
+    assert "int4-static-top1/64" in format_table(records)
+
+
+def test_paper_scheme_is_4_1875_bits_and_bytes_follow_each_algorithm():
+    tokens, hidden, tp = 16, 576, 3
+    records = {r["scheme"]: r for r in _run(tp, tokens=[tokens], hidden=[hidden],
+                                            schemes=["bf16", "int4-static-top1/64", "int8-static@twoshot+int8-token"])[0]}
+    bf16_bytes = tokens * hidden * 2
+    assert records["bf16"]["bytes_per_rank"] == 2 * (tp - 1) * bf16_bytes // tp  # ring all-reduce
+    assert records["bf16"]["bits_per_value"] == 16.0
+    paper = records["int4-static-top1/64"]
+    assert paper["bits_per_value"] == 4.1875  # 63/64 * 4 + 1/64 * 16, exact in binary
+    assert paper["bytes_per_rank"] == (tp - 1) * tokens * hidden * 4.1875 / 8  # gather: tp - 1 payloads
+    two = records["int8-static@twoshot+int8-token"]
+    # leg 1: tp - 1 int8 chunks of hidden/tp; leg 2: tp - 1 int8 chunks + one bf16 scale per token
+    chunk = tokens * hidden // tp
+    assert two["bytes_per_rank"] == (tp - 1) * chunk + (tp - 1) * (chunk + 2 * tokens)
+    assert two["leg2_bits_per_value"] == pytest.approx(8 + 16 * tp / hidden)
+
+
+def test_quantized_paths_compute_the_sum():
+    records = _run(2, tokens=[16], hidden=[64], schemes=DEFAULT_SCHEMES)[0]
+    errors = {r["scheme"]: r["rel_error"] for r in records}
+    # bf16 rounding of the inputs and the sum: ~2**-8 relative
+    assert errors["bf16"] < 8e-3
+    # int8 with exact static ranges: step/2 = range/255 per value, far below 2 %
+    assert errors["int8-static"] < 0.02 and errors["int8-static@twoshot+int8-token"] < 0.03
+    # int4 keeps the big features in bf16; the rest has step 2*absmax/15 -> ~10 % at worst
+    assert errors["int4-static-top1/64"] < 0.15
+    # int2 only has to be a sum, not a good one (4 levels)
+    assert errors["int2-static"] < 1.0
+
+
+def test_two_shot_that_cannot_split_the_features_is_a_skipped_record():
+    records = _run(3, tokens=[4], hidden=[64], schemes=["bf16", "int8-static@twoshot+int8-token"])[0]
+    skipped = records[1]
+    assert skipped["median_ms"] is None and "divisible" in skipped["skipped"], skipped
+    assert "skipped" in format_table(records)
+
+
+def test_bf16_baseline_is_always_measured():
+    records = _run(2, tokens=[4], hidden=[64], schemes=["int8-static"])[0]
+    assert [r["scheme"] for r in records] == ["bf16", "int8-static"]
+
+
+@pytest.mark.parametrize("scheme", ["int4-static-top1/64", "int2-static", "int4-token-top1/64",
+                                    "int4-static-top1/64@twoshot+int4-token", "int8-static@twoshot+int8-token",
+                                    "int3a-group16-top1/64@twoshot+int8-token"])
+def test_fused_path_equals_lowbit_communicator(scheme):
+    """The fused-path plumbing (here on kernels.reference) returns the very values of
+    lowbit.collectives.QuantCommunicator: same bytes on the wire, same fp32 sums."""
+    label, reference = codec_module("reference")
+    assert label == "kernels.reference"
+    tokens, hidden, tp = 5, 96, 3
+
+    def body(group):
+        partial = synthetic_partial(tokens, hidden, group.rank, 3, torch.bfloat16)
+        calib = data_calibration(group, partial)
+        site = Site(0, "down_proj")
+        plain = make_communicator(group, scheme, calib, None)._reduce(partial, site)
+        fused = make_communicator(group, scheme, calib, reference)._reduce(partial, site)
+        return plain, fused
+
+    for rank, ((out_a, bytes_a, extra_a), (out_b, bytes_b, extra_b)) in enumerate(ThreadWorld(tp).run(body)):
+        assert_close_verbose(out_b, out_a, msg=f"rank {rank} {scheme}")  # bit-equal: same math, same order
+        assert bytes_a == bytes_b and extra_a["bytes_received"] == extra_b["bytes_received"]
+
+
+def test_calibration_from_the_data_selects_the_synthetic_outliers():
+    hidden = 128
+    partials = ThreadWorld(2).run(lambda g: data_calibration(g, synthetic_partial(64, hidden, g.rank, 0,
+                                                                                  torch.float32)))
+    from lowbit.calibrate import select_outliers
+    from lowbit.scheme import parse_scheme
+    idx = select_outliers(partials[0], Site(0, "down_proj"), parse_scheme("int4-static-top1/64").outliers, hidden)
+    assert idx.tolist() == outlier_features(hidden, 0).tolist()
+
+
+def test_codec_auto_falls_back_to_lowbit_without_a_fused_path(monkeypatch):
+    import importlib
+
+    from bench import collectives
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name in collectives.FUSED_MODULES:
+            raise ImportError("not built")
+        return real(name, *a, **k)
+    monkeypatch.setattr(importlib, "import_module", fake)
+    assert codec_module("auto") == ("lowbit", None)
+    with pytest.raises(ValueError, match="codec"):
+        codec_module("fused")
+
+
+@pytest.mark.parametrize("params, field", [
+    (dict(tokens=[0]), "params.tokens"),
+    (dict(tokens=[]), "params.tokens"),
+    (dict(hidden="576"), "params.hidden"),
+    (dict(schemes=["int9-static"]), "params.schemes[0]"),
+    (dict(schemes=[]), "params.schemes"),
+    (dict(repeats=0), "params.repeats"),
+    (dict(warmup=True), "params.warmup"),
+    (dict(budget_s=0), "params.budget_s"),
+    (dict(budget_s="20"), "params.budget_s"),
+    (dict(codec="cuda"), "params.codec"),
+    (dict(dtype="fp8"), "params.dtype"),
+    (dict(tokenz=[1]), "params.tokenz"),
+])
+def test_bad_params_are_refused_by_field(params, field):
+    assert field in [f for f, _ in check_params(params)]
+    with pytest.raises(SpecError) as err:
+        JobSpec(kind="collective-bench", model="none", tp=2, params=params)
+    assert field in err.value.fields()
+
+
+def test_default_params_and_loopback_spec_are_valid():
+    assert check_params({}) == []
+    spec = JobSpec(kind="collective-bench", model="none", tp=4, params=dict(tokens=[1, 8192], hidden=[576, 5120]))
+    assert spec.link == "loopback"
+
+
+def test_emulated_link_without_namespace_rights_is_refused_on_field_link(monkeypatch, capsys):
+    from bench import collectives
+    from launch import cluster
+    monkeypatch.setattr(cluster, "_effective_caps", lambda: 0)
+    assert collectives.main(["--tp", "3", "--link", "100mbit"]) == 2
+    err = capsys.readouterr().err
+    assert "link:" in err and "loopback" in err and "CAP_NET_ADMIN" in err, err
