@@ -39,6 +39,7 @@ _FP32 = torch.float32
 _FP32_MAX = torch.finfo(torch.float32).max
 _OUTLIER_DTYPE = torch.bfloat16  # the payload's outlier section (payload.py owns the choice)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUT_DTYPES = INPUT_DTYPES
 WHOLE_BYTE_BITS = (2, 4, 8)  # widths whose codes never straddle a byte
 
 
@@ -46,11 +47,14 @@ WHOLE_BYTE_BITS = (2, 4, 8)  # widths whose codes never straddle a byte
 class Features:
     """Which features are quantized (``keep``, ascending) and which travel in BF16 (``outliers``,
     in the caller's order), plus ``colmap`` [H] int32: kept position k >= 0, or -(j+1) for
-    outlier j. Built once on the host; every path takes these as index tensors."""
+    outlier j. ``kept_runs``: the kept features as maximal runs ``(start, stop)`` of consecutive
+    indices (host ints, for paths that copy slices instead of gathering). Built once on the host;
+    every path takes the tensors as index tensors."""
 
     keep: torch.Tensor
     outliers: torch.Tensor
     colmap: torch.Tensor
+    kept_runs: tuple[tuple[int, int], ...] = ()
 
     @property
     def n_outliers(self) -> int:
@@ -72,7 +76,12 @@ def features(hidden: int, outlier_idx: torch.Tensor | None, device) -> Features:
     keep = keep_mask.nonzero().reshape(-1)
     colmap[keep] = torch.arange(keep.numel())
     colmap[outlier_idx] = -1 - torch.arange(outlier_idx.numel())
-    return Features(keep.to(device), outlier_idx.to(device), colmap.to(torch.int32).to(device))
+    runs, start = [], 0
+    for o in sorted(outlier_idx.tolist()) + [hidden]:
+        if o > start:
+            runs.append((start, o))
+        start = o + 1
+    return Features(keep.to(device), outlier_idx.to(device), colmap.to(torch.int32).to(device), tuple(runs))
 
 
 def check_input(x: torch.Tensor, quant: QuantSpec) -> None:
@@ -88,6 +97,24 @@ def check_input(x: torch.Tensor, quant: QuantSpec) -> None:
     quant.validate_for(x.shape[1])
 
 
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype {out_dtype} not allowed; allowed: float32, bfloat16, float16")
+
+
+def check_second(second) -> None:
+    """The two-shot leg 2 spec: dynamic only (no calibration exists for the reduced sum)."""
+    if not isinstance(second, QuantSpec) or not second.dynamic:
+        raise ValueError(f"second must be a dynamic QuantSpec (token or group), got {second!r}")
+
+
+def inverse_order(feats: Features) -> torch.Tensor:
+    """int64 [H]: column h of ``cat([kept columns, outlier columns], 1)`` holding feature h."""
+    kept = feats.keep.numel()
+    cm = feats.colmap.to(torch.int64)
+    return torch.where(cm >= 0, cm, kept - 1 - cm)
+
+
 def static_tables(quant: QuantSpec, static_min, static_max, hidden: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (scales, mins) [..., H] from calibrated ranges via ``quant.static_qparams``; mins are
     zeros when symmetric (never read then)."""
@@ -98,6 +125,8 @@ def static_tables(quant: QuantSpec, static_min, static_max, hidden: int, device)
     if static_min.shape[-1] != hidden or static_max.shape != static_min.shape:
         raise ValueError(f"static_min/static_max must be [..., {hidden}], got "
                          f"{tuple(static_min.shape)} and {tuple(static_max.shape)}")
+    if not (torch.isfinite(static_min).all() and torch.isfinite(static_max).all()):
+        raise ValueError("static_min/static_max must be finite (a calibrated range)")
     scales, mins = static_qparams(quant, static_min, static_max)
     if mins is None:
         mins = torch.zeros_like(scales)
@@ -252,6 +281,8 @@ def prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, st
 def quantize_pack_ref(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None) -> torch.Tensor:
     """One rank's payload of x [T, H]: the same bytes as ``lowbit.payload.encode(...)[0]``."""
     feats, gk, scales, mins, lay = prepare_quantize(x, quant, outlier_idx, static_min, static_max)
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.uint8, device=x.device)  # layout of 0 tokens: 0 bytes
     return _quantize_pack_core(x, feats.keep, feats.outliers, gk, scales, mins, quant, lay)
 
 
@@ -262,6 +293,9 @@ def unpack_dequant_sum_ref(payloads, tokens: int, hidden: int, quant: QuantSpec,
     [tp, H], each rank's calibrated range."""
     feats, gk, scales, mins, lay = prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins,
                                                   static_maxs)
+    check_out_dtype(out_dtype)
+    if tokens == 0:
+        return torch.zeros(0, hidden, dtype=out_dtype, device=payloads.device)
     return _dequant_sum_core(payloads, feats.keep, feats.outliers, gk, scales, mins, quant, lay, out_dtype)
 
 
@@ -269,7 +303,6 @@ def unpack_dequant_sum_requant_ref(payloads, tokens: int, hidden: int, quant: Qu
                                    static_mins, static_maxs, second: QuantSpec) -> torch.Tensor:
     """Two-shot leg 1 -> leg 2: the fp32 rank-order sum of the payloads, requantized with the
     dynamic ``second`` spec and the same outlier features; returns the new payload."""
-    if not isinstance(second, QuantSpec) or not second.dynamic:
-        raise ValueError(f"second must be a dynamic QuantSpec (token or group), got {second!r}")
+    check_second(second)
     reduced = unpack_dequant_sum_ref(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs)
     return quantize_pack_ref(reduced, second, outlier_idx)
