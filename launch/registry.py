@@ -105,6 +105,16 @@ def _check_throughput_params(params: dict) -> list[tuple[str, str]]:
     return check_params(params)
 
 
+def _check_sweep_params(params: dict) -> list[tuple[str, str]]:
+    from lowbit.sweep import check_params
+    return check_params(params)
+
+
+def _check_sweep_spec(spec: dict) -> list[tuple[str, str]]:
+    from lowbit.sweep import check_spec
+    return check_spec(spec)
+
+
 KINDS: dict[str, Kind] = {
     "throughput": Kind("bench.throughput:throughput_job", "prefill/decode tokens/s and communication share per scheme",
                        check_params=_check_throughput_params, check_spec=_check_method_spec),
@@ -112,6 +122,9 @@ KINDS: dict[str, Kind] = {
                       check_params=_check_method_params, check_spec=_check_method_spec),
     "evaluate": Kind("launch.kinds:evaluate", "perplexity, KL, top-1, task accuracy and per-layer error per scheme",
                      check_params=_check_method_params, check_spec=_check_method_spec),
+    "sweep": Kind("lowbit.sweep:sweep_job", "auto-tune: candidate schemes over a bits/value range, Pareto "
+                                            "frontier of bits vs KL, resumable (lowbit.sweep)",
+                  check_params=_check_sweep_params, check_spec=_check_sweep_spec),
     "tp-check": Kind("launch.kinds:tp_check", "sharded vs unsharded logits and greedy text"),
     "generate": Kind("launch.kinds:generate", "greedy generation with the TP-sharded model"),
     "selftest": Kind("launch.kinds:selftest",

@@ -1,0 +1,329 @@
+"""Auto-tune sweep: evaluate candidate schemes over a bits/value range, return the Pareto frontier.
+
+Given a budget range ``[budget_min, budget_max]`` (bits per value, as the communicator sends
+them) and an accuracy floor (``kl_max`` and/or ``kept_min`` % of the exact run's task score),
+the sweep evaluates
+
+1. explicit candidate schemes (the job spec's ``schemes``),
+2. a grid (``grid``: bits x granularity x outliers x rotation x rounding) filtered to the range,
+3. per-site allocations (``allocate``: a list of budgets): ``lowbit.sensitivity`` measures every
+   site's KL increase for each of ``allocate_candidates`` once, then allocates bits per site
+   for each budget; the resulting scheme maps are candidates like the others,
+4. the paper's ``int4-static-top1/64`` as the point of comparison (``include_paper``),
+
+each against the fp32 all-reduce on the same tokens (perplexity, KL, top-1 agreement, and task
+accuracy with paired deltas when ``tasks``/``items`` are set). The Pareto frontier is the set of
+in-range points that no other in-range point beats on both bits and KL; ``best`` is the
+cheapest frontier point that meets the floor, ``best_at[b]`` the lowest-KL point at <= b bits.
+
+Resumable: every finished point is one file ``points/<key>.json`` in the run directory (written
+atomically by rank 0); a rerun over the same folder, or a new run with ``resume_from=<run id>``,
+skips them, and the sensitivity table is kept the same way (``points/sensitivity.json``).
+
+    python -m launch submit sweep.json --wait       # kind "sweep", see launch.registry
+    # sweep.json: {"kind": "sweep", "model": "smollm2-135m", "tp": 3, "calib_from": "<id>",
+    #              "params": {"budget_min": 2.5, "budget_max": 4.3, "kl_max": 0.05, "allocate": [3.0]}}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.collectives import scheme_bits_per_value
+from lowbit.scheme import SchemeError, parse_scheme, parse_scheme_map
+from lowbit.sensitivity import DEFAULT_CANDIDATES, BudgetError, allocate, map_bits_per_value, site_sensitivity
+from lowbit.tp import row_parallel_sites
+
+PAPER = "int4-static-top1/64"
+SENSITIVITY_FILE = "sensitivity.json"
+SWEEP_DEFAULTS = dict(
+    budget_min=2.0, budget_max=4.5, kl_max=None, kept_min=None,
+    grid=None,  # e.g. {"bits": [2, 3, 4], "granularity": ["token", "group32"], "rotation": [null, 64]}
+    allocate=[], allocate_candidates=list(DEFAULT_CANDIDATES), allocate_method="dp", sensitivity_chunks=1,
+    include_paper=True, report_at=[4.2, 3.5, 3.0, 2.5], resume_from=None,
+    seq_len=256, batch_size=2,
+)
+GRID_KEYS = ("bits", "granularity", "outliers", "rotation", "rounding")
+
+
+def point_key(scheme: str) -> str:
+    """File name stem of a point: a hash of its canonical scheme string."""
+    return hashlib.sha1(str(parse_scheme_map(scheme)).encode()).hexdigest()[:16]
+
+
+def grid_schemes(grid: dict | None, hidden: int, tp: int, budget_min: float, budget_max: float) -> list[str]:
+    """Canonical scheme strings of the grid whose bits per value lie in the range."""
+    if not grid:
+        return []
+    out = []
+    for bits in grid.get("bits", [4]):
+        for gran in grid.get("granularity", ["token"]):
+            for outl in grid.get("outliers", [None]):
+                for rot in grid.get("rotation", [None]):
+                    for rounding in grid.get("rounding", ["nearest"]):
+                        text = f"int{bits}-{gran}" + (f"-{outl}" if outl else "") + (f"-rot{rot}" if rot else "") \
+                            + ("-sr" if rounding == "stochastic" else "")
+                        try:
+                            scheme = parse_scheme(text)
+                            scheme.validate_for(hidden, tp)
+                        except SchemeError:
+                            continue  # e.g. rotation with static scales: not a candidate
+                        if budget_min - 1e-9 <= scheme_bits_per_value(scheme, hidden, tp) <= budget_max + 1e-9:
+                            out.append(str(scheme))
+    return list(dict.fromkeys(out))
+
+
+def pareto_frontier(points: list[dict], x: str = "bits_per_value", y: str = "kl") -> list[dict]:
+    """Points not dominated on (x lower, y lower), sorted by x."""
+    ordered = sorted(points, key=lambda p: (p[x], p[y]))
+    frontier, best_y = [], float("inf")
+    for p in ordered:
+        if p[y] < best_y:
+            frontier.append(p)
+            best_y = p[y]
+    return frontier
+
+
+def meets_floor(point: dict, kl_max: float | None, kept_min: float | None) -> bool:
+    if kl_max is not None and point["kl"] > kl_max:
+        return False
+    if kept_min is not None and (point.get("kept_pct") is None or point["kept_pct"] < kept_min):
+        return False
+    return True
+
+
+def summarize(points: list[dict], p: dict) -> dict:
+    """Frontier, best point meeting the floor, and the best point at each ``report_at`` budget."""
+    in_range = [q for q in points if p["budget_min"] - 1e-9 <= q["bits_per_value"] <= p["budget_max"] + 1e-9]
+    frontier = pareto_frontier(in_range)
+    ok = [q for q in frontier if meets_floor(q, p["kl_max"], p["kept_min"])]
+    best_at = {}
+    for budget in p["report_at"]:
+        under = [q for q in points if q["bits_per_value"] <= budget + 1e-9]
+        best_at[str(budget)] = min(under, key=lambda q: q["kl"])["scheme"] if under else None
+    return dict(frontier=[q["scheme"] for q in frontier], best=ok[0]["scheme"] if ok else None, best_at=best_at)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _agree(group, flags: list[bool]) -> list[bool]:
+    """Rank 0's view of which files exist, on every rank (collective decisions must match)."""
+    t = torch.tensor([1 if f else 0 for f in flags] or [0], dtype=torch.long)
+    return [bool(v) for v in group.all_gather(t)[0].tolist()][:len(flags)]
+
+
+def _sensitivity(model, group, p, calibration, held, points_dir: Path, progress) -> list[dict]:
+    path = points_dir / SENSITIVITY_FILE
+    cands = [str(parse_scheme(c)) for c in p["allocate_candidates"]]
+    cached = None
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data.get("candidates") == cands:
+            cached = data["rows"]
+    if _agree(group, [cached is not None])[0]:
+        return cached
+    batches = list(held[:max(1, p["sensitivity_chunks"])].split(p["batch_size"]))
+    rows = site_sensitivity(model, group, batches, cands, calibration, progress=progress)
+    if group.rank == 0:
+        _write_json(path, dict(candidates=cands, rows=rows))
+    return rows
+
+
+def _evaluate_point(model, group, tokenizer, scheme, calibration, held, items, p, progress) -> dict:
+    from lowbit.evaluate import REFERENCE, evaluate_tasks, evaluate_text, summary_record
+    text = evaluate_text(model, group, held, [scheme], calibration, p["batch_size"], progress)
+    tasks = evaluate_tasks(model, group, tokenizer, items, [scheme], calibration, progress) if items else None
+    rec = summary_record(scheme, text[scheme], tasks[scheme] if tasks else None, tasks[REFERENCE] if tasks else None)
+    rec["reference_ppl"] = text[REFERENCE]["ppl"]
+    if tasks:
+        rec["reference_tasks"] = {t: r for t, r in tasks[REFERENCE].items() if not t.startswith("_")}
+    return rec
+
+
+def run_sweep(tp_model, group, params: dict, calibration, held: torch.Tensor, items: dict | None,
+              points_dir: str | Path, progress=None) -> dict | None:
+    """Collective: evaluate every candidate not already in ``points_dir``; rank 0 returns the
+    points, the frontier and the best schemes (see the module docstring)."""
+    p = dict(SWEEP_DEFAULTS, **params)
+    model = tp_model.model
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden, tp = cfg.hidden_size, group.world_size
+    points_dir = Path(points_dir)
+    if group.rank == 0:
+        points_dir.mkdir(parents=True, exist_ok=True)
+    group.barrier()
+    candidates = {str(parse_scheme_map(s)): None for s in p.get("schemes", [])}
+    candidates.update({s: None for s in grid_schemes(p["grid"], hidden, tp, p["budget_min"], p["budget_max"])})
+    if p["include_paper"]:
+        candidates.setdefault(PAPER, None)
+    if p["allocate"]:
+        rows = _sensitivity(model, group, p, calibration, held, points_dir, progress)
+        for budget in p["allocate"]:
+            try:
+                smap = str(allocate(rows, budget, hidden, p["allocate_method"]))
+            except BudgetError:
+                continue
+            candidates.setdefault(smap, budget)
+    names = list(candidates)
+    all_sites = [(site.layer, site.module) for site in row_parallel_sites(model)]
+    done = _agree(group, [(points_dir / f"{point_key(s)}.json").exists() for s in names])
+    points = []
+    for i, (scheme, finished) in enumerate(zip(names, done)):
+        path = points_dir / f"{point_key(scheme)}.json"
+        if finished:
+            if group.rank == 0:
+                points.append(json.loads(path.read_text()))
+            continue
+        start = time.perf_counter()
+        rec = _evaluate_point(model, group, tp_model.tokenizer, scheme, calibration, held, items, p, None)
+        rec.update(allocated_for=candidates[scheme], seconds=round(time.perf_counter() - start, 2),
+                   nominal_bits=map_bits_per_value(scheme, all_sites, hidden, tp))
+        if group.rank == 0:
+            _write_json(path, rec)
+            points.append(rec)
+        if progress:
+            progress("sweep", i + 1, len(names), f"{scheme}: {rec['bits_per_value']:.3f} bits, KL {rec['kl']:.4g}", {})
+    if group.rank != 0:
+        return None
+    return dict(points=points, **summarize(points, p), params={k: p[k] for k in SWEEP_DEFAULTS},
+                evaluated=sum(1 for d in done if not d), reused=sum(done))
+
+
+# -- job kind "sweep" (registered in launch.registry) --------------------------------------------
+def check_params(params: dict) -> list[tuple[str, str]]:
+    """(field, problem) pairs for a sweep's ``params`` (cheap: no model)."""
+    problems = []
+    for key in sorted(set(params) - set(SWEEP_DEFAULTS)):
+        problems.append((f"params.{key}", f"unknown sweep parameter; allowed: {', '.join(sorted(SWEEP_DEFAULTS))}"))
+    p = dict(SWEEP_DEFAULTS, **params)
+
+    def number(key, lo, hi, optional=False):
+        v = p[key]
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            problems.append((f"params.{key}", f"must be a number in [{lo}, {hi}], got {v!r}"))
+    number("budget_min", 0, 32)
+    number("budget_max", 0, 32)
+    number("kl_max", 0, 100, optional=True)
+    number("kept_min", 0, 1000, optional=True)
+    if not any(f[0] in ("params.budget_min", "params.budget_max") for f in problems) \
+            and p["budget_min"] > p["budget_max"]:
+        problems.append(("params.budget_min", f"must be <= budget_max ({p['budget_max']}), got {p['budget_min']}"))
+    for key in ("seq_len", "batch_size", "sensitivity_chunks"):
+        v = p[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 8192:
+            problems.append((f"params.{key}", f"must be an integer in [1, 8192], got {v!r}"))
+    for key in ("allocate", "report_at"):
+        v = p[key]
+        if not isinstance(v, list) or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 32
+                                          for b in v):
+            problems.append((f"params.{key}", f"must be a list of budgets in (0, 32] bits/value, got {v!r}"))
+    if p["allocate_method"] not in ("dp", "greedy"):
+        problems.append(("params.allocate_method", f"{p['allocate_method']!r} unknown; allowed: dp, greedy"))
+    if not isinstance(p["include_paper"], bool):
+        problems.append(("params.include_paper", f"must be true or false, got {p['include_paper']!r}"))
+    cands = p["allocate_candidates"]
+    if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
+        problems.append(("params.allocate_candidates", f"must be a non-empty list of scheme strings, got {cands!r}"))
+    else:
+        for i, c in enumerate(cands):
+            try:
+                if ";" in c:
+                    raise SchemeError("scheme", "a candidate is one scheme, not a map")
+                parse_scheme(c)
+            except SchemeError as exc:
+                problems.append((f"params.allocate_candidates[{i}]", f"{c!r}: {exc}"))
+    grid = p["grid"]
+    if grid is not None:
+        if not isinstance(grid, dict) or set(grid) - set(GRID_KEYS) \
+                or not all(isinstance(v, list) and v for v in grid.values()):
+            problems.append(("params.grid", f"must map some of {', '.join(GRID_KEYS)} to non-empty lists, got {grid!r}"))
+    rf = p["resume_from"]
+    if rf is not None:
+        from launch.layout import run_id_problem
+        problem = run_id_problem(rf) if isinstance(rf, str) else "must be a run id string"
+        if problem:
+            problems.append(("params.resume_from", problem))
+    return problems
+
+
+def check_spec(spec: dict) -> list[tuple[str, str]]:
+    """Candidates against the model's hidden size and the TP size; resume_from must exist."""
+    from launch.layout import RunPaths, runs_root
+    from lowbit.models import load_config
+    from lowbit.tp import text_config
+    problems = []
+    hidden, tp = text_config(load_config(spec["model"])).hidden_size, spec["tp"]
+    for i, text in enumerate(spec["schemes"]):
+        try:
+            parse_scheme_map(text).validate_for(hidden, tp)
+        except SchemeError as exc:
+            problems.append((f"schemes[{i}]", f"{text!r}: {exc}"))
+    p = dict(SWEEP_DEFAULTS, **spec["params"])
+    for i, text in enumerate(p["allocate_candidates"]):
+        try:
+            parse_scheme(text).validate_for(hidden, tp)
+        except SchemeError as exc:
+            problems.append((f"params.allocate_candidates[{i}]", f"{text!r}: {exc}"))
+    if p["resume_from"] and not (RunPaths(runs_root(), p["resume_from"]).dir / "points").is_dir():
+        problems.append(("params.resume_from", f"run {p['resume_from']!r} has no points/ folder to resume from"))
+    if spec.get("calib_from"):
+        try:
+            from lowbit.calibrate import Calibration
+            Calibration.load(RunPaths(runs_root(), spec["calib_from"]).dir / "calibration").check_matches(
+                spec["model"], tp)
+        except Exception as exc:  # noqa: BLE001 - any unreadable artifact is this field's problem
+            problems.append(("calib_from", f"run {spec['calib_from']!r} has no usable calibration: {exc}"))
+    return problems
+
+
+def sweep_job(ctx) -> dict | None:
+    """Worker entry of kind ``sweep``: load the model and calibration, resume, sweep."""
+    from launch.layout import RunPaths
+    from lowbit.calibrate import Calibration
+    from lowbit.data import load_task, token_chunks
+    from lowbit.engine import build_tp_model
+    from lowbit.jobs import CALIBRATE_DEFAULTS, _calibrate_model, default_calibration_dir
+    spec, group = ctx.spec, ctx.group
+    p = dict(SWEEP_DEFAULTS, **spec.params, schemes=list(spec.schemes))
+    points_dir = ctx.paths.dir / "points"
+    if group.rank == 0:
+        points_dir.mkdir(parents=True, exist_ok=True)
+        if p["resume_from"]:
+            for f in (RunPaths(ctx.paths.root, p["resume_from"]).dir / "points").glob("*.json"):
+                if not (points_dir / f.name).exists():
+                    shutil.copy2(f, points_dir / f.name)
+    group.barrier()
+    ctx.events.loading(f"loading {spec.model} sharded {group.world_size} ways")
+    tp_model = build_tp_model(spec.model, group)
+    if spec.calib_from:
+        folder = RunPaths(ctx.paths.root, spec.calib_from).dir / "calibration"
+    else:
+        chunks = max(1, spec.calib_tokens // p["seq_len"])
+        folder = default_calibration_dir(spec.model, group.world_size, spec.calib_data, chunks, p["seq_len"],
+                                         CALIBRATE_DEFAULTS["gamma"])
+        if not (folder / "calibration.json").exists():
+            cp = dict(model=spec.model, source=spec.calib_data, chunks=chunks, seq_len=p["seq_len"],
+                      batch_size=CALIBRATE_DEFAULTS["batch_size"], gamma=CALIBRATE_DEFAULTS["gamma"])
+            _calibrate_model(tp_model, group, cp, folder, None)
+    calibration = Calibration.load(folder)
+    calibration.check_matches(spec.model, group.world_size)
+    held = token_chunks(tp_model.tokenizer, spec.eval_data, "eval", max(1, spec.eval_tokens // p["seq_len"]),
+                        p["seq_len"])
+    items = {t: load_task(t, spec.items_per_task, spec.seed) for t in spec.tasks} \
+        if spec.tasks and spec.items_per_task else None
+
+    def progress(stage, step, total, message, metrics):
+        ctx.events.emit(stage, message, step, total, **(metrics or {}))
+    return run_sweep(tp_model, group, p, calibration, held, items, points_dir, progress)
