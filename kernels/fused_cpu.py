@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from kernels import reference as ref
 from lowbit.payload import Section
-from lowbit.quant import _dynamic_qparams, qrange, round_half_even
+from lowbit.quant import _dynamic_qparams, pack_bits, qrange, round_half_even, unpack_bits
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
@@ -93,9 +93,7 @@ def _pack_payload(header, codes, x_outliers, bits: int):
     flat = codes.reshape(-1)
     if bits != 8:
         cpb = 8 // bits
-        pad = (-flat.shape[0]) % cpb
-        if pad:
-            flat = F.pad(flat, (0, pad))
+        flat = F.pad(flat, (0, (-flat.shape[0]) % cpb))  # unconditional: no guard on the token parity
         units = flat.reshape(-1, cpb)
         packed = units[:, 0]
         for j in range(1, cpb):
@@ -106,20 +104,21 @@ def _pack_payload(header, codes, x_outliers, bits: int):
 
 
 def _dequant_sum_kept(codes_bytes, token_ref, scales, mins, group_of_kept, scale_k, min_k, outliers,
-                      quant: QuantSpec, kept: int):
+                      quant: QuantSpec, kept: int, code_bits: int):
     """One graph: [T, K + n_out] fp32, the rank-order sums of the kept columns then the outliers.
 
-    codes_bytes [tp, nbytes] (the code sections), token_ref [T] (carries the dynamic token
-    count), scales/mins [tp, T, n_groups] fp32 or None, scale_k/min_k [tp, K] (static),
+    codes_bytes [tp, nbytes] (the code sections, ``code_bits`` per code; 8 = one code per
+    byte, as 3/5/6-bit streams arrive after the eager ``unpack_bits``), token_ref [T] (carries
+    the dynamic token count), scales/mins [tp, T, n_groups] fp32 or None, scale_k/min_k [tp, K] (static),
     outliers [tp, T, n_out] fp32 or None."""
     tp = codes_bytes.shape[0]
     tokens = token_ref.shape[0]
     qmin, _ = qrange(quant.bits, quant.symmetric)
-    if quant.bits == 8:
+    if code_bits == 8:
         codes = codes_bytes
     else:
-        shifts = torch.arange(0, 8, quant.bits, dtype=torch.uint8, device=codes_bytes.device)
-        codes = ((codes_bytes.unsqueeze(-1) >> shifts) & (2**quant.bits - 1)).reshape(tp, -1)
+        shifts = torch.arange(0, 8, code_bits, dtype=torch.uint8, device=codes_bytes.device)
+        codes = ((codes_bytes.unsqueeze(-1) >> shifts) & (2**code_bits - 1)).reshape(tp, -1)
     q = codes[:, :tokens * kept].reshape(tp, tokens, kept).to(_FP32) + qmin
     if quant.granularity == "static":
         deq = q * scale_k.unsqueeze(1)
@@ -170,8 +169,12 @@ def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static
     with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
         codes, header = _graph("codes")(x, keep_mask, scales, mins, quant)
         codes = _drop_columns(codes, feats.kept_runs)
-        _dynamic_tokens((header, 0), (codes, 0), (x_out, 0))
-        payload = _graph("pack")(header, codes, x_out, quant.bits)
+        if quant.bits in ref.WHOLE_BYTE_BITS:
+            _dynamic_tokens((header, 0), (codes, 0), (x_out, 0))
+            payload = _graph("pack")(header, codes, x_out, quant.bits)
+        else:  # 3/5/6-bit codes straddle bytes: lowbit's bit packer, eagerly
+            tail = x_out.to(torch.bfloat16).reshape(-1).view(torch.uint8)
+            payload = torch.cat([header, pack_bits(codes, quant.bits), tail])
     assert payload.numel() == lay.total_bytes, (payload.numel(), lay)
     return payload
 
@@ -198,12 +201,16 @@ def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, out
             mn = _section_f32(payloads, lay.mins, quant.scale_dtype, (tp, tokens, n_groups))
     outl = _section_f32(payloads, lay.outliers, torch.bfloat16, (tp, tokens, n_out)) if n_out else None
     codes = payloads[:, lay.codes.offset:lay.codes.end]
+    code_bits = quant.bits
+    if code_bits not in ref.WHOLE_BYTE_BITS:  # straddling codes: lowbit's unpacker, eagerly
+        codes = torch.stack([unpack_bits(codes[r], code_bits, tokens * kept) for r in range(tp)])
+        code_bits = 8
     token_ref = torch.empty(tokens, dtype=torch.uint8, device=payloads.device)
     scale_k = scales[:, feats.keep].contiguous()
     min_k = mins[:, feats.keep].contiguous()
     _dynamic_tokens((codes, 1), (token_ref, 0), (sc, 1), (mn, 1), (outl, 1))
     with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
-        sums = _graph("dequant")(codes, token_ref, sc, mn, gk, scale_k, min_k, outl, quant, kept)
+        sums = _graph("dequant")(codes, token_ref, sc, mn, gk, scale_k, min_k, outl, quant, kept, code_bits)
     if n_out:
         sums = sums.index_select(1, ref.inverse_order(feats))
     return sums.to(out_dtype)

@@ -94,6 +94,9 @@ def check_input(x: torch.Tensor, quant: QuantSpec) -> None:
         raise ValueError(f"x must be [tokens, hidden], got shape {tuple(x.shape)}")
     if not isinstance(quant, QuantSpec):
         raise TypeError(f"quant must be a QuantSpec, got {type(quant).__name__}")
+    if getattr(quant, "rounding", "nearest") != "nearest":
+        raise ValueError(f"rounding {quant.rounding!r}: the kernels round to nearest (half to even); "
+                         "stochastic rounding stays on lowbit.quant's torch path")
     quant.validate_for(x.shape[1])
 
 

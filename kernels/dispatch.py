@@ -1,0 +1,163 @@
+"""One entry point per kernel; picks the implementation for the device and bit width.
+
+    PYTHONPATH=. python -c "import torch; from kernels import dispatch; from lowbit.scheme import QuantSpec; \\
+        print(dispatch.backend(torch.device('cpu'), 4), dispatch.quantize_pack(torch.randn(3, 64), QuantSpec(4, True, 'token')).shape)"
+
+``LOWBIT_KERNELS`` (environment, read on every call):
+
+=============  ====================================================================================
+``auto``       default. CUDA: Triton kernels (``kernels.triton_quant``) for 2/4/8-bit codes, the
+               eager torch reference for 3/5/6-bit codes. CPU: the compiled torch path
+               (``kernels.fused_cpu``), or the eager reference where torch.compile cannot run
+               (one warning, then the reference for the rest of the process).
+``triton``     Triton kernels; an error off CUDA. 3/5/6 bits still go to the torch path.
+``interpret``  Triton kernels under the Triton interpreter on CPU tensors (tests). Sets
+               ``TRITON_INTERPRET=1`` for the import of the kernels (``import_interpreted``);
+               an error if they were already imported compiled in this process.
+``compiled``   ``kernels.fused_cpu`` (any device torch.compile supports).
+``reference``  ``kernels.reference``, eager torch.
+=============  ====================================================================================
+
+Every path returns the same bytes (payloads) and values (sums) as the reference, raises the
+same TypeError / ValueError for bad input (checked before any kernel runs), and returns an
+empty payload / a [0, H] sum for zero tokens.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+
+import torch
+
+from kernels import reference as ref
+from lowbit.scheme import QuantSpec
+
+BACKENDS = ("auto", "triton", "interpret", "compiled", "reference")
+ENV = "LOWBIT_KERNELS"
+_compile_broken: str | None = None  # why torch.compile failed here, once it has
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV}={value!r} not allowed; allowed: {', '.join(BACKENDS)}")
+    return value
+
+
+def backend(device: torch.device | str, bits: int) -> str:
+    """The implementation that runs for a tensor on ``device`` with ``bits``-bit codes:
+    ``triton``, ``interpret``, ``compiled`` or ``reference``."""
+    device = torch.device(device)
+    chosen = mode()
+    triton_bits = bits in ref.WHOLE_BYTE_BITS
+    if chosen == "auto":
+        if device.type == "cuda":
+            return "triton" if triton_bits else "reference"
+        return "reference" if _compile_broken else "compiled"
+    if chosen == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"{ENV}=triton needs CUDA tensors, got {device.type}; use interpret on CPU")
+        return "triton" if triton_bits else "reference"
+    if chosen == "interpret":
+        if device.type != "cpu":
+            raise ValueError(f"{ENV}=interpret runs the Triton interpreter on CPU tensors, got {device.type}")
+        return "interpret" if triton_bits else "reference"
+    return chosen
+
+
+def _triton_module(interpret: bool):
+    name = "kernels.triton_quant"
+    if interpret and name not in sys.modules:
+        module = import_interpreted()
+    else:
+        module = importlib.import_module(name)
+    interpreted = type(module._quantize_pack_kernel).__name__ == "InterpretedFunction"
+    if interpret != interpreted:
+        raise RuntimeError(f"{name} was imported {'interpreted' if interpreted else 'compiled'} in this process "
+                           f"(TRITON_INTERPRET is read at import); start a new process for "
+                           f"{ENV}={'interpret' if interpret else 'triton'}")
+    return module
+
+
+def import_interpreted():
+    """Import ``kernels.triton_quant`` with its kernels interpreted. Triton reads
+    ``TRITON_INTERPRET`` when a kernel is decorated, so the variable is set for the import only
+    and restored after it (other Triton modules imported later are left as they would be)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module("kernels.triton_quant")
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _module(device, bits: int):
+    which = backend(device, bits)
+    if which in ("triton", "interpret"):
+        return which, _triton_module(which == "interpret")
+    if which == "compiled":
+        from kernels import fused_cpu
+        return which, fused_cpu
+    return which, None
+
+
+def _run(name: str, device, bits: int, args, kwargs):
+    global _compile_broken
+    which, module = _module(device, bits)
+    if module is None:
+        return getattr(ref, f"{name}_ref")(*args, **kwargs)
+    if which != "compiled" or mode() == "compiled":
+        return getattr(module, name)(*args, **kwargs)
+    try:
+        return getattr(module, name)(*args, **kwargs)
+    except (TypeError, ValueError):
+        raise  # bad input: the same errors as the reference, raised before compiling
+    except Exception as exc:  # no C++ compiler, an inductor bug: keep running, eagerly
+        _compile_broken = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"kernels: torch.compile failed here ({_compile_broken[:300]}); "
+                      "using the eager torch reference from now on", RuntimeWarning, stacklevel=3)
+        return getattr(ref, f"{name}_ref")(*args, **kwargs)
+
+
+def quantize_pack(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, static_min=None,
+                  static_max=None) -> torch.Tensor:
+    """One rank's payload (uint8, ``lowbit.payload`` layout) of its partial sum x [T, H].
+
+    ``outlier_idx``: features sent in BF16 (same on every rank); ``static_min``/``static_max``
+    [H]: this rank's calibrated range (static granularity only)."""
+    ref.check_input(x, quant)
+    return _run("quantize_pack", x.device, quant.bits, (x, quant, outlier_idx, static_min, static_max), {})
+
+
+def unpack_dequant_sum(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
+                       static_mins=None, static_maxs=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sum [T, H] (``out_dtype``) of every rank's dequantized payload, in fp32 and rank order.
+
+    ``payloads`` [tp, nbytes] uint8 (the all-gather result); ``static_mins``/``maxs`` [tp, H]:
+    each sender's calibrated range (static granularity only)."""
+    _check_payloads(payloads)
+    return _run("unpack_dequant_sum", payloads.device, quant.bits if isinstance(quant, QuantSpec) else 8,
+                (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs), {"out_dtype": out_dtype})
+
+
+def unpack_dequant_sum_requant(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec, outlier_idx,
+                               static_mins, static_maxs, second: QuantSpec) -> torch.Tensor:
+    """Two-shot: sum the leg-1 payloads of this rank's chunk [T, H], requantize the fp32 sum with
+    the dynamic ``second`` spec and the same outlier features; returns the leg-2 payload."""
+    _check_payloads(payloads)
+    ref.check_second(second)
+    whole = isinstance(quant, QuantSpec) and {quant.bits, second.bits} <= set(ref.WHOLE_BYTE_BITS)
+    bits = quant.bits if whole else 3  # either leg straddles bytes: the torch path for both
+    return _run("unpack_dequant_sum_requant", payloads.device, bits,
+                (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, second), {})
+
+
+def _check_payloads(payloads) -> None:
+    if not isinstance(payloads, torch.Tensor) or payloads.dtype != torch.uint8 or payloads.dim() != 2:
+        got = f"{payloads.dtype} {tuple(payloads.shape)}" if isinstance(payloads, torch.Tensor) else type(payloads).__name__
+        raise TypeError(f"payloads must be a uint8 tensor [tp, nbytes] (one payload per rank), got {got}")
