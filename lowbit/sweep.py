@@ -162,10 +162,7 @@ def run_sweep(tp_model, group, params: dict, calibration, held: torch.Tensor, it
     if group.rank == 0:
         points_dir.mkdir(parents=True, exist_ok=True)
     group.barrier()
-    candidates = {str(parse_scheme_map(s)): None for s in p.get("schemes", [])}
-    candidates.update({s: None for s in grid_schemes(p["grid"], hidden, tp, p["budget_min"], p["budget_max"])})
-    if p["include_paper"]:
-        candidates.setdefault(PAPER, None)
+    candidates: dict[str, float | None] = {}  # scheme -> the budget it was allocated for
     if p["allocate"]:
         rows = _sensitivity(model, group, p, calibration, held, points_dir, progress)
         for budget in p["allocate"]:
@@ -174,6 +171,10 @@ def run_sweep(tp_model, group, params: dict, calibration, held: torch.Tensor, it
             except BudgetError:
                 continue
             candidates.setdefault(smap, budget)
+    if p["include_paper"]:
+        candidates.setdefault(PAPER, None)
+    for text in p.get("schemes", []) + grid_schemes(p["grid"], hidden, tp, p["budget_min"], p["budget_max"]):
+        candidates.setdefault(str(parse_scheme_map(text)), None)
     names = list(candidates)
     all_sites = [(site.layer, site.module) for site in row_parallel_sites(model)]
     done = _agree(group, [(points_dir / f"{point_key(s)}.json").exists() for s in names])
