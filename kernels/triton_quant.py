@@ -41,6 +41,9 @@ with ``floor`` (no libdevice, so it runs in the interpreter), no FMA contraction
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -126,6 +129,43 @@ def _load_x(x_ptr, t, col, stride_t, stride_h, mask, IN_BF16: tl.constexpr):
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _row_scales(x_ptr, stride_t, stride_h, colmap_ptr, pay_ptr, mins_off, c, t_first, t_stop,
+                G: tl.constexpr, NG: tl.constexpr, NG_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                NROWS: tl.constexpr, SYMMETRIC: tl.constexpr, SCALE_BYTES: tl.constexpr, IN_BF16: tl.constexpr):
+    """Dynamic scales (and mins) of rows [t_first, t_stop) (at most NROWS), loaded as an
+    [NROWS, n_groups, group] tile, stored into the payload header as lowbit.quant rounds them."""
+    t = t_first + tl.arange(0, NROWS)[:, None, None]
+    g = tl.arange(0, NG_PAD)[None, :, None]
+    j = tl.arange(0, G_PAD)[None, None, :]
+    col = g * G + j
+    in_row = (t < t_stop) & (g < NG) & (j < G)
+    kept_col = tl.load(colmap_ptr + col, mask=(g < NG) & (j < G), other=-1) >= 0
+    xv = _load_x(x_ptr, t, col, stride_t, stride_h, in_row, IN_BF16)
+    valid = in_row & kept_col & (tl.abs(xv) < float("inf"))  # finite and kept: NaN fails too
+    if SYMMETRIC:
+        absmax = tl.max(tl.where(valid, tl.abs(xv), 0.0), axis=2)
+        scale = _scale_round(absmax * c, True, SCALE_BYTES)
+    else:
+        any_valid = tl.max(valid.to(tl.int32), axis=2) > 0
+        lo = tl.min(tl.where(valid, xv, float("inf")), axis=2)
+        hi = tl.max(tl.where(valid, xv, -float("inf")), axis=2)
+        lo = tl.where(any_valid, lo, 0.0)
+        hi = tl.where(any_valid, hi, 0.0)
+        lo = _scale_round(lo, False, SCALE_BYTES)
+        scale = _scale_round(hi * c - lo * c, True, SCALE_BYTES)
+    t2 = t_first + tl.arange(0, NROWS)[:, None]
+    g2 = tl.arange(0, NG_PAD)[None, :]
+    smask = (t2 < t_stop) & (g2 < NG)
+    sidx = t2 * NG + g2
+    shift: tl.constexpr = 16 if SCALE_BYTES == 2 else 0
+    sbits = scale.to(tl.int32, bitcast=True).to(tl.int64) >> shift
+    _store_scalar_bytes(pay_ptr + sidx * SCALE_BYTES, sbits, smask, SCALE_BYTES)
+    if not SYMMETRIC:
+        mbits = lo.to(tl.int32, bitcast=True).to(tl.int64) >> shift
+        _store_scalar_bytes(pay_ptr + mins_off + sidx * SCALE_BYTES, mbits, smask, SCALE_BYTES)
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize + pack
 # ---------------------------------------------------------------------------------------------
@@ -146,37 +186,12 @@ def _quantize_pack_kernel(
 
     # Phase A: dynamic scales of rows [t0, t1) (+ one halo row), into the payload's header.
     if GRAN != 0:
-        g_idx = tl.arange(0, NG_PAD)[:, None]
-        j_idx = tl.arange(0, G_PAD)[None, :]
-        col = g_idx * G + j_idx
-        in_row = (g_idx < NG) & (j_idx < G)
-        kept_col = tl.load(colmap_ptr + col, mask=in_row, other=-1) >= 0
-        g_vec = tl.arange(0, NG_PAD)
-        t_stop = tl.minimum(t1 + HALO, T)
-        for t in range(t0, t_stop):
-            xv = _load_x(x_ptr, t + col * 0, col, stride_t, stride_h, in_row, IN_BF16)
-            valid = in_row & kept_col & (tl.abs(xv) < float("inf"))  # finite: NaN fails too
-            any_valid = tl.max(valid.to(tl.int32), axis=1) > 0
-            if SYMMETRIC:
-                absmax = tl.max(tl.where(valid, tl.abs(xv), 0.0), axis=1)
-                scale = _scale_round(absmax * c, True, SCALE_BYTES)
-            else:
-                lo = tl.min(tl.where(valid, xv, float("inf")), axis=1)
-                hi = tl.max(tl.where(valid, xv, -float("inf")), axis=1)
-                lo = tl.where(any_valid, lo, 0.0)
-                hi = tl.where(any_valid, hi, 0.0)
-                lo = _scale_round(lo, False, SCALE_BYTES)
-                scale = _scale_round(hi * c - lo * c, True, SCALE_BYTES)
-            smask = g_vec < NG
-            sbits = scale.to(tl.int32, bitcast=True).to(tl.int64)
-            if SCALE_BYTES == 2:
-                sbits = sbits >> 16
-            _store_scalar_bytes(pay_ptr + (t * NG + g_vec) * SCALE_BYTES, sbits, smask, SCALE_BYTES)
-            if not SYMMETRIC:
-                mbits = lo.to(tl.int32, bitcast=True).to(tl.int64)
-                if SCALE_BYTES == 2:
-                    mbits = mbits >> 16
-                _store_scalar_bytes(pay_ptr + mins_off + (t * NG + g_vec) * SCALE_BYTES, mbits, smask, SCALE_BYTES)
+        _row_scales(x_ptr, stride_t, stride_h, colmap_ptr, pay_ptr, mins_off, c, t0, t1,
+                    G, NG, NG_PAD, G_PAD, ROWS, SYMMETRIC, SCALE_BYTES, IN_BF16)
+        if HALO:
+            if t1 < T:
+                _row_scales(x_ptr, stride_t, stride_h, colmap_ptr, pay_ptr, mins_off, c, t1, t1 + 1,
+                            G, NG, NG_PAD, G_PAD, 1, SYMMETRIC, SCALE_BYTES, IN_BF16)
         tl.debug_barrier()  # phase B reads these scales back (this program's own writes)
 
     # Phase B: code bytes whose first code lies in rows [t0, t1).
@@ -301,6 +316,24 @@ def _launch_options(device: torch.device) -> dict:
     return {} if device.type == "cpu" else {"enable_fp_fusion": False}
 
 
+@contextlib.contextmanager
+def _launching(kernel):
+    """The interpreter imports parts of Triton lazily at launch and they check
+    TRITON_INTERPRET again, so an interpreted kernel runs with it set (and then restored)."""
+    if type(kernel).__name__ != "InterpretedFunction" or os.environ.get("TRITON_INTERPRET") == "1":
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
 _NAN_BITS: dict = {}
 
 
@@ -328,21 +361,24 @@ def _launch_quantize(x, quant, feats, scales, mins, lay, payload, rows_per_progr
     qmin, qmax = qrange(quant.bits, quant.symmetric)
     g, ng, ng_pad, g_pad = _geometry(quant, hidden)
     if rows_per_program is None:
-        rows_per_program = 4 if x.device.type == "cpu" else 16  # interpreter: few, small programs
+        # interpreter: one program for the small test shapes; GPU: a tile of <= 8192 values
+        tile = ng_pad * g_pad if quant.dynamic else triton.next_power_of_2(hidden)
+        rows_per_program = 8 if x.device.type == "cpu" else max(1, min(16, 8192 // tile))
     halo = 1 if (kept * quant.bits) % 8 else 0
     x_arg = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
     grid = (triton.cdiv(tokens, rows_per_program),)
-    _quantize_pack_kernel[grid](
-        x_arg, x.stride(0), x.stride(1), feats.colmap, feats.keep, feats.outliers, scales, mins, payload,
-        tokens, hidden, kept, feats.n_outliers, lay.mins.offset, lay.codes.offset, lay.outliers.offset,
-        lay.codes.nbytes, scale_constant(quant.bits, quant.symmetric),
-        BITS=quant.bits, QMIN=qmin, QMAX=qmax, SYMMETRIC=quant.symmetric, GRAN=_GRAN[quant.granularity],
-        G=g, NG=ng, NG_PAD=ng_pad, G_PAD=g_pad, SCALE_BYTES=quant.scale_dtype.itemsize,
-        ROWS=rows_per_program, HALO=halo, BLOCK_B=256 if x.device.type == "cpu" else 1024,
-        OUT_PAD=triton.next_power_of_2(feats.n_outliers) if feats.n_outliers else 0,
-        IN_BF16=x.dtype == torch.bfloat16, NAN_BITS=nan_bf16_bits(x.dtype, x.device),
-        **_launch_options(x.device),
-    )
+    with _launching(_quantize_pack_kernel):
+        _quantize_pack_kernel[grid](
+            x_arg, x.stride(0), x.stride(1), feats.colmap, feats.keep, feats.outliers, scales, mins, payload,
+            tokens, hidden, kept, feats.n_outliers, lay.mins.offset, lay.codes.offset, lay.outliers.offset,
+            lay.codes.nbytes, scale_constant(quant.bits, quant.symmetric),
+            BITS=quant.bits, QMIN=qmin, QMAX=qmax, SYMMETRIC=quant.symmetric, GRAN=_GRAN[quant.granularity],
+            G=g, NG=ng, NG_PAD=ng_pad, G_PAD=g_pad, SCALE_BYTES=quant.scale_dtype.itemsize,
+            ROWS=rows_per_program, HALO=halo, BLOCK_B=1024,
+            OUT_PAD=triton.next_power_of_2(feats.n_outliers) if feats.n_outliers else 0,
+            IN_BF16=x.dtype == torch.bfloat16, NAN_BITS=nan_bf16_bits(x.dtype, x.device),
+            **_launch_options(x.device),
+        )
 
 
 def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None,
@@ -350,6 +386,8 @@ def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static
     """One rank's payload (uint8 [total_bytes]); the bytes of ``reference.quantize_pack_ref``."""
     feats, _, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     _check_bits(quant)
+    if rows_per_program is not None and (rows_per_program < 1 or rows_per_program & (rows_per_program - 1)):
+        raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
     payload = torch.empty(lay.total_bytes, dtype=torch.uint8, device=x.device)
     if x.shape[0] and lay.total_bytes:
         _launch_quantize(x, quant, feats, scales, mins, lay, payload, rows_per_program)
@@ -362,25 +400,28 @@ def _launch_dequant(payloads, quant, feats, scales, mins, lay, out, block_t=None
     qmin, _ = qrange(quant.bits, quant.symmetric)
     g, ng, _, _ = _geometry(quant, hidden)
     cpu = payloads.device.type == "cpu"
-    block_t = block_t or (4 if cpu else 16)
-    block_h = block_h or min(triton.next_power_of_2(hidden), 128 if cpu else 256)
+    block_t = block_t or (8 if cpu else 16)
+    block_h = block_h or min(triton.next_power_of_2(hidden), 256)
     out_kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[out.dtype]
     out_arg = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     grid = (triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_h))
-    _dequant_sum_kernel[grid](
-        payloads, payloads.stride(0), tp, feats.colmap, scales, mins, out_arg, out.stride(0), out.stride(1),
-        tokens, hidden, hidden - feats.n_outliers, feats.n_outliers, lay.mins.offset, lay.codes.offset,
-        lay.outliers.offset,
-        BITS=quant.bits, QMIN=qmin, SYMMETRIC=quant.symmetric, GRAN=_GRAN[quant.granularity], G=g, NG=ng,
-        SCALE_BYTES=quant.scale_dtype.itemsize, BLOCK_T=block_t, BLOCK_H=block_h, OUT_KIND=out_kind,
-        NAN_BITS=nan_bf16_bits(torch.float32, payloads.device),
-        **_launch_options(payloads.device),
-    )
+    with _launching(_dequant_sum_kernel):
+        _dequant_sum_kernel[grid](
+            payloads, payloads.stride(0), tp, feats.colmap, scales, mins, out_arg, out.stride(0), out.stride(1),
+            tokens, hidden, hidden - feats.n_outliers, feats.n_outliers, lay.mins.offset, lay.codes.offset,
+            lay.outliers.offset,
+            BITS=quant.bits, QMIN=qmin, SYMMETRIC=quant.symmetric, GRAN=_GRAN[quant.granularity], G=g, NG=ng,
+            SCALE_BYTES=quant.scale_dtype.itemsize, BLOCK_T=block_t, BLOCK_H=block_h, OUT_KIND=out_kind,
+            NAN_BITS=nan_bf16_bits(torch.float32, payloads.device),
+            **_launch_options(payloads.device),
+        )
 
 
 def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
-                       static_mins=None, static_maxs=None, out_dtype=torch.float32) -> torch.Tensor:
-    """[T, H] in ``out_dtype``: the values of ``reference.unpack_dequant_sum_ref``."""
+                       static_mins=None, static_maxs=None, out_dtype=torch.float32,
+                       block_t: int | None = None, block_h: int | None = None) -> torch.Tensor:
+    """[T, H] in ``out_dtype``: the values of ``reference.unpack_dequant_sum_ref``.
+    ``block_t`` x ``block_h`` (powers of two): the output tile of one program."""
     feats, _, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx,
                                                      static_mins, static_maxs)
     ref.check_out_dtype(out_dtype)
@@ -389,7 +430,7 @@ def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, out
     if tokens and hidden:
         if payloads.stride(1) != 1:
             payloads = payloads.contiguous()
-        _launch_dequant(payloads, quant, feats, scales, mins, lay, out)
+        _launch_dequant(payloads, quant, feats, scales, mins, lay, out, block_t, block_h)
     return out
 
 
