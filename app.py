@@ -1,13 +1,54 @@
 """lowbit app entry point: `make run` (or `streamlit run app.py`).
 
-Pages live in pages/ and are registered here with st.navigation; they read run results and
-submit jobs, never doing model math themselves.
+Pages live in pages/ and are registered here with st.navigation, grouped as Learn / Explore /
+Runs; they read run results (launch.results) and submit jobs (launch.queue), never doing model
+math themselves. The sidebar shows the machine, the installed models and the active job.
 """
 import streamlit as st
 
-st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide")
+from launch import results
+from pages import _ui
+
+st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon=":material/compress:")
 
 pages = {
-    "Learn": [st.Page("pages/overview.py", title="Overview", default=True)],
+    "Learn": [st.Page("pages/overview.py", title="Overview", icon=":material/school:", default=True)],
+    "Explore": [
+        st.Page("pages/outliers.py", title="Outliers", icon=":material/scatter_plot:"),
+        st.Page("pages/layer_error.py", title="Layer error", icon=":material/stacked_line_chart:"),
+        st.Page("pages/bits.py", title="Bits", icon=":material/stacked_bar_chart:"),
+        st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/balance:"),
+        st.Page("pages/collectives.py", title="Collectives", icon=":material/hub:"),
+    ],
+    "Runs": [st.Page("pages/runs.py", title="Runs", icon=":material/list:")],
 }
-st.navigation(pages).run()
+page = st.navigation(pages)
+_ui.ensure_queue()
+
+
+@st.fragment(run_every=_ui.POLL_S * 2)
+def active_job() -> None:
+    active = results.active_runs(_ui.root())
+    if active.empty:
+        st.caption("No job running. Start one from Overview (demo) or Runs.")
+        return
+    run = active.iloc[0]
+    st.markdown(f"**{run['kind']}** · {run['model']} · TP {run['tp']}")
+    _ui.show_progress(run["id"], show_end=False)
+    if len(active) > 1:
+        st.caption(f"{len(active) - 1} more queued")
+    st.page_link("pages/runs.py", label="Queue and logs", icon=":material/list:")
+
+
+with st.sidebar:
+    st.subheader("Active job")
+    active_job()
+    st.subheader("Machine")
+    info = _ui.machine()
+    gpus = f"{info['gpus']} ({', '.join(info['gpu_names'])})" if info["gpu_names"] else str(info["gpus"])
+    st.markdown(f"CPU cores: **{info['cpu_cores']}**  \nGPUs: **{gpus}**  \nBackend: **{info['backend']}**")
+    st.subheader("Installed models")
+    models = _ui.model_sources()
+    st.dataframe(models[["name", "kind", "cached"]], hide_index=True, width="stretch")
+
+page.run()

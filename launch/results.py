@@ -1,0 +1,663 @@
+"""The results store: run directories -> pandas DataFrames for the app's pages (no Streamlit).
+
+    from launch import results
+    results.runs_frame()                        # every run: status, kind, model, TP, times, progress
+    data, problem = results.load_result(run_id) # result.json, or why it cannot be read
+    results.scheme_frame(data)                  # evaluate: one row per scheme (bits, ppl, KL, top-1, % kept)
+    results.layer_error_frame(data)             # evaluate: error per layer / module / mode / leg
+    results.calibration_sources()               # every calibration artifact a run made or used
+    results.bits_parts("int4-static-top1/64", hidden=576, tp=3)   # payload layout, stacked by part
+
+Every reader tolerates missing, half-written or corrupt files: it returns an empty frame or a
+problem text instead of raising, so a failed run never breaks a page. The functions here are
+bookkeeping over files the jobs wrote (and over ``lowbit.payload``'s byte layout, the one owner
+of the bit accounting); the model math happens only inside the jobs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from launch.events import progress, read_events
+from launch.index import ACTIVE, FINISHED
+from launch.layout import RunPaths, run_id_problem, runs_root
+
+RUN_COLUMNS = ["id", "kind", "model", "tp", "status", "created", "started", "finished", "duration_s",
+               "fraction", "message", "error", "problem", "schemes"]
+SCHEME_PARTS = ("payload", "outliers", "scales", "indices")
+DEFAULT_TOKENS = 1024  # message length for layout-based accounting; bits/value barely depend on it
+
+
+# -- runs ----------------------------------------------------------------------------------------
+def _root(root) -> Path:
+    return Path(root).resolve() if root else runs_root()
+
+
+def read_json(path: Path) -> tuple[object | None, str | None]:
+    """(parsed JSON, None) or (None, why it could not be read)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None, f"{Path(path).name} is missing"
+    except OSError as exc:
+        return None, f"cannot read {Path(path).name}: {exc.strerror or exc}"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"{Path(path).name} is not valid JSON ({exc.msg} at line {exc.lineno})"
+
+
+def run_paths(run_id: str, root=None) -> RunPaths:
+    return RunPaths(_root(root), run_id)
+
+
+def load_spec(run_id: str, root=None) -> dict | None:
+    if run_id_problem(run_id):
+        return None
+    data, _ = read_json(run_paths(run_id, root).spec)
+    return data if isinstance(data, dict) else None
+
+
+def load_result(run_id: str, root=None) -> tuple[dict | None, str | None]:
+    """(result.json as a dict, None) or (None, what is wrong with it)."""
+    problem = run_id_problem(run_id)
+    if problem:
+        return None, f"run id {run_id!r}: {problem}"
+    data, problem = read_json(run_paths(run_id, root).result)
+    if problem:
+        return None, problem
+    if not isinstance(data, dict):
+        return None, f"result.json holds a {type(data).__name__}, not an object"
+    return data, None
+
+
+def run_progress(run_id: str, root=None) -> tuple[float, str, list[dict]]:
+    """(fraction in [0, 1], one-line message, all events) from the run's events.jsonl."""
+    try:
+        events = read_events(run_paths(run_id, root).events)
+    except Exception as exc:  # noqa: BLE001 - an unreadable events file is shown, not raised
+        return 0.0, f"events unreadable: {exc}", []
+    fraction, message = progress(events)
+    return fraction, message, events
+
+
+def runs_frame(root=None) -> pd.DataFrame:
+    """Every run (newest first): index rows checked against their directories, with progress."""
+    from launch.queue import list_runs
+    try:
+        rows = list_runs(_root(root))
+    except Exception as exc:  # noqa: BLE001 - the page shows the problem instead of a traceback
+        return pd.DataFrame([dict(id="(index)", kind="?", model="?", status="corrupt", problem=str(exc))],
+                            columns=RUN_COLUMNS)
+    out = []
+    now = time.time()
+    for row in rows:
+        spec = {}
+        try:
+            spec = json.loads(row.get("spec_json") or "{}")
+        except (TypeError, json.JSONDecodeError):
+            pass
+        if not spec and not run_id_problem(row["id"]):
+            spec = load_spec(row["id"], root) or {}
+        started, finished = row.get("started"), row.get("finished")
+        duration = (finished or now) - started if started else None
+        fraction, message = (1.0, "") if row["status"] == "done" else (None, "")
+        if row["status"] in ACTIVE:
+            fraction, message, _ = run_progress(row["id"], root)
+        schemes = spec.get("schemes") if isinstance(spec.get("schemes"), list) else []
+        out.append(dict(id=row["id"], kind=row.get("kind"), model=row.get("model"), tp=row.get("tp"),
+                        status=row["status"], created=_when(row.get("created")), started=_when(started),
+                        finished=_when(finished), duration_s=duration, fraction=fraction, message=message,
+                        error=row.get("error"), problem=row.get("problem"),
+                        schemes=", ".join(map(str, schemes))))
+    frame = pd.DataFrame(out, columns=RUN_COLUMNS)
+    return frame.sort_values("created", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _when(t) -> pd.Timestamp | None:
+    if not isinstance(t, (int, float)) or not math.isfinite(t):
+        return None
+    return pd.Timestamp.fromtimestamp(t).floor("s")  # local time, as the user's clock shows it
+
+
+def active_runs(root=None) -> pd.DataFrame:
+    frame = runs_frame(root)
+    return frame[frame["status"].isin(ACTIVE)].sort_values("created").reset_index(drop=True)
+
+
+def finished_ok(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Done runs of ``kind`` (status done or unindexed with a result), newest first."""
+    ok = frame[(frame["kind"] == kind) & frame["status"].isin(["done", "unindexed"])]
+    return ok.reset_index(drop=True)
+
+
+def log_tail(run_id: str, root=None, lines: int = 40) -> dict[str, str]:
+    """Last ``lines`` of the launcher log and of each rank's log (name -> text)."""
+    paths = run_paths(run_id, root)
+    out = {}
+    for path in [paths.launcher_log, *paths.rank_logs()]:
+        text = _tail(path, lines)
+        if text:
+            out[str(path.relative_to(paths.dir))] = text
+    return out
+
+
+def _tail(path: Path, lines: int) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64_000))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return "\n".join(text.splitlines()[-lines:]) or None
+
+
+def events_frame(events: list[dict]) -> pd.DataFrame:
+    rows = [dict(time=_when(e.get("time")), stage=e.get("stage"), step=e.get("step"), total=e.get("total"),
+                 message=e.get("message")) for e in events]
+    return pd.DataFrame(rows, columns=["time", "stage", "step", "total", "message"])
+
+
+# -- evaluate results ----------------------------------------------------------------------------
+def scheme_fields(text: str) -> dict:
+    """What a scheme string means, as columns: bits, granularity, select, k, algo, second leg."""
+    from lowbit.scheme import SchemeError, parse_scheme_map
+    try:
+        smap = parse_scheme_map(text)
+    except (SchemeError, TypeError, ValueError) as exc:
+        return dict(family="?", bits=None, granularity=None, select=None, k=None, algo=None, second=None,
+                    overrides=0, parse_error=str(exc))
+    s = smap.default
+    if s.is_exact:
+        return dict(family="exact", bits=16 if s.wire_dtype == "bf16" else 32, granularity="-", select="none",
+                    k="0", algo="all-reduce", second=None, overrides=len(smap.overrides), parse_error=None)
+    k = s.outliers.k_frac
+    return dict(family=f"int{s.quant.bits}", bits=s.quant.bits,
+                granularity=str(s.quant).split("-", 1)[1], select=s.outliers.select,
+                k=f"{k.numerator}/{k.denominator}" if k else "0", algo=s.algo,
+                second=str(s.second) if s.second else None, overrides=len(smap.overrides), parse_error=None)
+
+
+def _num(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _dict_records(result: dict | None) -> list[dict]:
+    records = result.get("records") if isinstance(result, dict) else None
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def _records(result: dict | None) -> list[dict]:
+    """The scheme records of an evaluate result (records without a scheme name are skipped)."""
+    return [r for r in _dict_records(result) if isinstance(r.get("scheme"), str)]
+
+
+def _task_rows(record: dict) -> list[dict]:
+    tasks = record.get("tasks")
+    if not isinstance(tasks, dict):
+        return []
+    rows = []
+    for task, t in tasks.items():
+        if not isinstance(t, dict):
+            continue
+        primary = t.get("primary") if t.get("primary") in ("acc", "acc_norm") else "acc"
+        rows.append(dict(scheme=record["scheme"], task=task, metric=primary, value=_num(t.get(primary)),
+                         se=_num(t.get(f"{primary}_se")), acc=_num(t.get("acc")), acc_se=_num(t.get("acc_se")),
+                         acc_norm=_num(t.get("acc_norm")), acc_norm_se=_num(t.get("acc_norm_se")),
+                         delta=_num(t.get("delta")), delta_se=_num(t.get("delta_se")), n=_num(t.get("n"))))
+    return rows
+
+
+def task_frame(result: dict | None) -> pd.DataFrame:
+    """One row per (scheme, task): the primary metric, its standard error, and both accuracies."""
+    rows = [row for r in _records(result) for row in _task_rows(r)]
+    return pd.DataFrame(rows, columns=["scheme", "task", "metric", "value", "se", "acc", "acc_se", "acc_norm",
+                                       "acc_norm_se", "delta", "delta_se", "n"])
+
+
+def _kept_se(scheme_tasks: pd.DataFrame, reference_tasks: pd.DataFrame) -> float | None:
+    """Standard error of the paper's "% kept" (mean over tasks of scheme / reference score).
+    Each task's ratio has the error of the paired difference (delta_se) over the reference score;
+    without paired numbers, the scheme's own standard error is used."""
+    ref = reference_tasks.set_index("task")["value"]
+    terms = []
+    for _, row in scheme_tasks.iterrows():
+        r = ref.get(row["task"])
+        if r is None or not r or pd.isna(r):
+            continue
+        se = row["delta_se"] if row["delta_se"] is not None and not pd.isna(row["delta_se"]) else row["se"]
+        if se is None or pd.isna(se):
+            continue
+        terms.append((se / r) ** 2)
+    return 100.0 * math.sqrt(sum(terms)) / len(terms) if terms else None
+
+
+SCHEME_COLUMNS = ["scheme", "reference", "bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement",
+                  "kept_pct", "kept_se", "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok",
+                  "text_tokens", "clamped", "nonfinite",
+                  "family", "bits", "granularity", "select", "k", "algo", "second", "overrides"]
+
+
+def scheme_frame(result: dict | None) -> pd.DataFrame:
+    """One row per scheme of an evaluate result (the reference first), with its parsed fields."""
+    records = _records(result)
+    reference = (result or {}).get("reference", "fp32")
+    tasks = task_frame(result)
+    ref_tasks = tasks[tasks["scheme"] == reference]
+    rows = []
+    for r in records:
+        mine = tasks[tasks["scheme"] == r["scheme"]]
+        ses = [s for s in mine["se"] if s is not None and not pd.isna(s)]
+        row = dict(scheme=r["scheme"], reference=r["scheme"] == reference,
+                   **{k: _num(r.get(k)) for k in ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl",
+                                                  "top1_agreement", "kept_pct", "avg_primary", "comm_seconds",
+                                                  "clamped", "nonfinite", "text_tokens")},
+                   kept_se=_kept_se(mine, ref_tasks) if len(mine) and len(ref_tasks) else None,
+                   avg_primary_se=math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None)
+        tokens, seconds = row["text_tokens"], row["comm_seconds"]
+        row["comm_ms_per_ktok"] = seconds / tokens * 1e6 if tokens and seconds is not None else None
+        fields = scheme_fields(r["scheme"])
+        row.update({k: fields[k] for k in ("family", "bits", "granularity", "select", "k", "algo", "second",
+                                           "overrides")})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=SCHEME_COLUMNS)
+
+
+LAYER_ERROR_COLUMNS = ["scheme", "mode", "layer", "module", "leg", "rel_error", "snr_db", "max_abs_error"]
+
+
+def layer_error_frame(result: dict | None) -> pd.DataFrame:
+    """Per-site error rows of an evaluate result (``layer_errors``), numbers coerced."""
+    rows = (result or {}).get("layer_errors")
+    if not isinstance(rows, list):
+        return pd.DataFrame(columns=LAYER_ERROR_COLUMNS)
+    frame = pd.DataFrame([r for r in rows if isinstance(r, dict)], columns=LAYER_ERROR_COLUMNS)
+    for col in ("layer", "rel_error", "snr_db", "max_abs_error"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame.dropna(subset=["scheme", "layer"]).astype({"layer": int})
+
+
+def evaluate_runs(frame: pd.DataFrame, root=None) -> pd.DataFrame:
+    """Done evaluate runs whose result.json holds scheme records, newest first, with a label."""
+    ok = finished_ok(frame, "evaluate")
+    rows = []
+    for _, run in ok.iterrows():
+        data, problem = load_result(run["id"], root)
+        records = _records(data)
+        if problem or not records:
+            continue
+        rows.append(dict(id=run["id"], model=data.get("model", run["model"]), tp=data.get("tp", run["tp"]),
+                         created=run["created"], schemes=len(records),
+                         has_layers=bool(data.get("layer_errors")),
+                         label=f"{run['id']} · {data.get('model', run['model'])} TP {data.get('tp', run['tp'])} · "
+                               f"{len(records)} schemes"))
+    return pd.DataFrame(rows, columns=["id", "model", "tp", "created", "schemes", "has_layers", "label"])
+
+
+def pareto_front(cost: pd.Series, quality: pd.Series) -> pd.Series:
+    """True for points no other point beats: lower-or-equal cost and higher-or-equal quality,
+    strictly better in one."""
+    c, q = cost.to_numpy(dtype=float), quality.to_numpy(dtype=float)
+    ok = np.isfinite(c) & np.isfinite(q)
+    front = np.zeros(len(c), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok & (c <= c[i]) & (q >= q[i]) & ((c < c[i]) | (q > q[i]))
+        front[i] = not others.any()
+    return pd.Series(front, index=cost.index)
+
+
+def compare_specs(a: dict | None, b: dict | None) -> pd.DataFrame:
+    """Every spec field of two runs side by side; ``same`` False where they differ."""
+    a, b = a or {}, b or {}
+    rows = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        rows.append(dict(field=key, A=json.dumps(va, sort_keys=True), B=json.dumps(vb, sort_keys=True),
+                         same=va == vb))
+    return pd.DataFrame(rows, columns=["field", "A", "B", "same"])
+
+
+def compare_results(a: dict | None, b: dict | None) -> pd.DataFrame:
+    """Two results side by side: evaluate runs by scheme, anything else as flattened fields."""
+    if _records(a) or _records(b):
+        cols = ["scheme", "bits_per_value", "ppl", "kl", "top1_agreement", "kept_pct", "comm_seconds"]
+        fa, fb = scheme_frame(a)[cols], scheme_frame(b)[cols]
+        return fa.merge(fb, on="scheme", how="outer", suffixes=(" (A)", " (B)"))
+    flat_a, flat_b = _flatten(a or {}), _flatten(b or {})
+    rows = [dict(field=k, A=flat_a.get(k), B=flat_b.get(k)) for k in sorted(set(flat_a) | set(flat_b))]
+    return pd.DataFrame(rows, columns=["field", "A", "B"])
+
+
+def _flatten(d, prefix="") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            text = json.dumps(v, default=str)
+            out[key] = text if len(text) <= 200 else text[:197] + "..."
+    return out
+
+
+# -- calibrations --------------------------------------------------------------------------------
+def calibration_folder(run_id: str, spec: dict | None, root=None) -> Path | None:
+    """Where the calibration a run made (calibrate) or used (evaluate) lives.
+
+    A calibrate run keeps it in ``runs/<id>/calibration``; an evaluate run used the one of its
+    ``calib_from`` run, or the shared cache folder that ``lowbit.jobs`` derives from its spec."""
+    if not isinstance(spec, dict):
+        return None
+    root = _root(root)
+    kind = spec.get("kind")
+    if kind == "calibrate":
+        return RunPaths(root, run_id).dir / "calibration"
+    if kind != "evaluate":
+        return None
+    if spec.get("calib_from") and not run_id_problem(spec["calib_from"]):
+        return RunPaths(root, spec["calib_from"]).dir / "calibration"
+    try:
+        from launch.kinds import _calibrate_params
+        from lowbit.jobs import CALIBRATE_DEFAULTS, default_calibration_dir
+        params = spec.get("params") if isinstance(spec.get("params"), dict) else {}
+        view = SimpleNamespace(model=spec["model"], calib_data=spec.get("calib_data", CALIBRATE_DEFAULTS["source"]),
+                               calib_tokens=int(spec.get("calib_tokens", 4096)), params=params)
+        p = _calibrate_params(view)
+        return default_calibration_dir(p["model"], int(spec["tp"]), p["source"], p["chunks"], p["seq_len"],
+                                       p["gamma"])
+    except Exception:  # noqa: BLE001 - a spec that no longer maps to a folder has no calibration to show
+        return None
+
+
+CALIBRATION_COLUMNS = ["folder", "run_id", "kind", "model", "tp", "source", "batches", "tokens", "hidden", "layers",
+                       "gamma", "created", "label"]
+
+
+def calibration_sources(frame: pd.DataFrame, root=None) -> pd.DataFrame:
+    """Every calibration artifact that a done calibrate/evaluate run made or used (one row per
+    folder, the newest run naming it), read from its calibration.json only."""
+    rows, seen = [], set()
+    for _, run in frame.iterrows():
+        if run["kind"] not in ("calibrate", "evaluate") or run["status"] not in ("done", "unindexed"):
+            continue
+        folder = calibration_folder(run["id"], load_spec(run["id"], root), root)
+        if folder is None or str(folder) in seen:
+            continue
+        meta, problem = read_json(folder / "calibration.json")
+        if problem or not isinstance(meta, dict) or not (folder / "calibration.safetensors").exists():
+            continue
+        seen.add(str(folder))
+        rows.append(dict(folder=str(folder), run_id=run["id"], kind=run["kind"], model=meta.get("model"),
+                         tp=meta.get("tp"), source=meta.get("source"), batches=meta.get("batches"),
+                         tokens=meta.get("tokens"), hidden=meta.get("hidden"), layers=meta.get("layers"),
+                         gamma=meta.get("gamma"), created=meta.get("created"),
+                         label=f"{meta.get('model')} TP {meta.get('tp')} · {meta.get('source')} · "
+                               f"{meta.get('tokens')} tokens · {run['kind']} {run['id']}"))
+    return pd.DataFrame(rows, columns=CALIBRATION_COLUMNS)
+
+
+def load_calibration(folder: str | Path):
+    """The artifact in ``folder`` (``lowbit.calibrate.Calibration``); raises CalibrationError."""
+    from lowbit.calibrate import Calibration
+    return Calibration.load(folder)
+
+
+def outlier_count(hidden: int, k_frac: Fraction) -> int:
+    """How many features a top-k / random selection keeps (the scheme grammar's rule)."""
+    from lowbit.scheme import OutlierSpec
+    return OutlierSpec("topk", Fraction(k_frac)).count(hidden)
+
+
+def selected_features(cal, layer: int, module: str, k_frac: Fraction) -> list[int]:
+    """The features the paper keeps in BF16 at this site (top-k of the range summed over ranks)."""
+    from lowbit.calibrate import select_outliers
+    from lowbit.comm import Site
+    from lowbit.scheme import OutlierSpec
+    idx = select_outliers(cal, Site(layer, module), OutlierSpec("topk", Fraction(k_frac)), cal.hidden)
+    return [int(i) for i in idx]
+
+
+def feature_ranges(cal, layer: int, module: str) -> pd.DataFrame:
+    """EMA range 2*max(|min|,|max|) of every feature of each rank's partial: feature, rank, range."""
+    ranges = cal.ranges()[layer, cal.module_index(module)].float().numpy()  # [tp, H]
+    tp, hidden = ranges.shape
+    return pd.DataFrame(dict(feature=np.tile(np.arange(hidden), tp), rank=np.repeat(np.arange(tp), hidden),
+                             range=ranges.reshape(-1)))
+
+
+def range_heatmap(cal, module: str) -> np.ndarray:
+    """Range summed over ranks, [layers, features]: the selection score of every feature."""
+    return cal.ranges()[:, cal.module_index(module)].sum(1).float().numpy()
+
+
+def random_jaccard(hidden: int, k: int) -> float:
+    """Expected Jaccard overlap of two random k-subsets of ``hidden`` features (the no-structure line)."""
+    if k <= 0 or hidden <= 0:
+        return 0.0
+    inter = k * k / hidden
+    return inter / (2 * k - inter)
+
+
+def overlap_between_batches(cal, module: str, k: int) -> pd.DataFrame:
+    """Per layer and batch: Jaccard of that batch's top-k (range summed over ranks) with the
+    top-k of the final EMA, i.e. the selected set."""
+    from lowbit.calibrate import jaccard, topk_sets
+    m = cal.module_index(module)
+    batch = cal.batch_ranges()[:, :, m].sum(2)  # [B, L, H]
+    ema = topk_sets(cal.ranges()[:, m].sum(1), k)  # [L, k]
+    sets = topk_sets(batch, k)  # [B, L, k]
+    rows = [dict(layer=layer, batch=b, jaccard=jaccard(sets[b, layer], ema[layer]))
+            for b in range(sets.shape[0]) for layer in range(sets.shape[1])]
+    return pd.DataFrame(rows, columns=["layer", "batch", "jaccard"])
+
+
+def overlap_between_ranks(cal, layer: int, module: str, k: int) -> pd.DataFrame:
+    """rank x rank Jaccard of each rank's own top-k at one site."""
+    from lowbit.calibrate import jaccard, topk_sets
+    sets = topk_sets(cal.ranges()[layer, cal.module_index(module)], k)  # [tp, k]
+    tp = sets.shape[0]
+    data = [[jaccard(sets[i], sets[j]) for j in range(tp)] for i in range(tp)]
+    return pd.DataFrame(data, index=[f"rank {i}" for i in range(tp)], columns=[f"rank {j}" for j in range(tp)])
+
+
+def overlap_between_layers(cal, module: str, k: int) -> pd.DataFrame:
+    """layer x layer Jaccard of the selected top-k sets (range summed over ranks)."""
+    from lowbit.calibrate import jaccard, topk_sets
+    sets = topk_sets(cal.ranges()[:, cal.module_index(module)].sum(1), k)  # [L, k]
+    n = sets.shape[0]
+    data = [[jaccard(sets[i], sets[j]) for j in range(n)] for i in range(n)]
+    return pd.DataFrame(data, index=list(range(n)), columns=list(range(n)))
+
+
+def overlap_between_sources(cal_a, cal_b, k: int) -> pd.DataFrame:
+    """Per layer and module: Jaccard of the selected sets of two calibrations of the same model
+    and TP size (e.g. Wikipedia-style text vs Shakespeare)."""
+    from lowbit.calibrate import jaccard, topk_sets
+    if cal_a.ranges().shape != cal_b.ranges().shape:
+        raise ValueError(f"calibrations differ in shape {tuple(cal_a.ranges().shape)} vs "
+                         f"{tuple(cal_b.ranges().shape)}: pick two of the same model and TP size")
+    rows = []
+    for m, module in enumerate(cal_a.meta.get("modules") or ("o_proj", "down_proj")):
+        a = topk_sets(cal_a.ranges()[:, m].sum(1), k)
+        b = topk_sets(cal_b.ranges()[:, m].sum(1), k)
+        rows += [dict(layer=layer, module=module, jaccard=jaccard(a[layer], b[layer])) for layer in range(a.shape[0])]
+    return pd.DataFrame(rows, columns=["layer", "module", "jaccard"])
+
+
+def ema_trace_frame(cal, layer: int, module: str, feature: int) -> pd.DataFrame:
+    """After each calibration batch: that batch's range of ``feature`` (summed over ranks) and
+    the EMA the static scale comes from."""
+    from lowbit.calibrate import ema_trace
+    from lowbit.comm import Site
+    ema = ema_trace(cal, Site(layer, module), feature).float().numpy()
+    batch = cal.batch_ranges()[:, layer, cal.module_index(module), :, feature].sum(-1).float().numpy()
+    return pd.DataFrame(dict(batch=np.arange(len(ema)), batch_range=batch, ema_range=ema))
+
+
+# -- bits accounting (lowbit.payload owns the layout) --------------------------------------------
+def _leg_parts(tokens: int, hidden: int, quant, n_outliers: int) -> dict[str, float]:
+    from lowbit.payload import layout
+    lay = layout(tokens, hidden, quant, n_outliers)
+    bits = lay.bits_per_value
+    return {part: bits[part] * tokens * hidden for part in SCHEME_PARTS}  # total bits of this message
+
+
+def site_bits(scheme, hidden: int, tp: int, tokens: int = DEFAULT_TOKENS) -> list[dict]:
+    """Bits per value of one site's message for a parsed ``Scheme``: rows (leg, part, bits).
+
+    gather: one payload per rank (``lowbit.payload.layout``). two-shot: leg 1 is the tp chunks
+    each rank cuts its partial into (hidden/tp features each), leg 2 the rank's requantized
+    reduced chunk, padded to the largest chunk; both over the rank's tokens x hidden values, as
+    ``lowbit.collectives`` counts the bytes it hands to the collectives (the measured
+    ``bits_per_value``). The outlier features are assumed spread evenly over the chunks (their
+    real positions come from calibration)."""
+    from lowbit.payload import layout
+    values = tokens * hidden
+    if scheme.is_exact:
+        total = layout(tokens, hidden, scheme).bits_per_value["total"]
+        return [dict(leg="leg 1", part="payload", bits=total)] + \
+            [dict(leg="leg 1", part=p, bits=0.0) for p in SCHEME_PARTS[1:]]
+    n_out = scheme.outliers.count(hidden) if scheme.outliers.select != "none" else 0
+    if scheme.algo == "gather":
+        parts = _leg_parts(tokens, hidden, scheme.quant, n_out)
+        return [dict(leg="leg 1", part=p, bits=v / values) for p, v in parts.items()]
+    width = hidden // tp
+    per_chunk = [n_out // tp + (1 if j < n_out % tp else 0) for j in range(tp)]
+    leg1 = {p: 0.0 for p in SCHEME_PARTS}
+    for k in per_chunk:
+        for p, v in _leg_parts(tokens, width, scheme.quant, k).items():
+            leg1[p] += v
+    widest = max(per_chunk)
+    leg2 = _leg_parts(tokens, width, scheme.second, widest)
+    return [dict(leg="leg 1", part=p, bits=v / values) for p, v in leg1.items()] + \
+        [dict(leg="leg 2", part=p, bits=v / values) for p, v in leg2.items()]
+
+
+def bits_parts(scheme_text: str, hidden: int, tp: int, tokens: int = DEFAULT_TOKENS) -> pd.DataFrame:
+    """The default scheme's bits per value by leg and part (payload, outliers, scales, indices)."""
+    from lowbit.scheme import parse_scheme_map
+    smap = parse_scheme_map(scheme_text)
+    smap.validate_for(hidden, tp)
+    rows = [dict(scheme=scheme_text, **r) for r in site_bits(smap.default, hidden, tp, tokens)]
+    return pd.DataFrame(rows, columns=["scheme", "leg", "part", "bits"])
+
+
+def bits_per_site(scheme_text: str, hidden: int, layers: int, tp: int, tokens: int = DEFAULT_TOKENS) -> pd.DataFrame:
+    """Bits per value at every (layer, module) of a scheme map (per-layer overrides differ)."""
+    from lowbit.comm import ROW_PARALLEL_MODULES
+    from lowbit.scheme import parse_scheme_map
+    smap = parse_scheme_map(scheme_text)
+    smap.validate_for(hidden, tp)
+    cache: dict[str, list[dict]] = {}
+    rows = []
+    for layer in range(layers):
+        for module in ROW_PARALLEL_MODULES:
+            s = smap.for_site(layer, module)
+            if str(s) not in cache:
+                cache[str(s)] = site_bits(s, hidden, tp, tokens)
+            rows += [dict(layer=layer, module=module, scheme=str(s), **r) for r in cache[str(s)]]
+    return pd.DataFrame(rows, columns=["layer", "module", "scheme", "leg", "part", "bits"])
+
+
+def traffic_per_token(scheme_text: str, hidden: int, layers: int, tp: int, tokens: int = DEFAULT_TOKENS) -> dict:
+    """Bytes per token: each rank's message (its partial, encoded) summed over the 2 sites of a
+    layer and over all layers, and the bytes each rank sends with the scheme's collective.
+
+    exact: ring all-reduce, each rank sends 2 (tp-1)/tp of the message; gather: all-gather,
+    each rank's payload reaches tp-1 peers ((tp-1) x payload, as in a ring all-gather); two-shot:
+    all-to-all of leg 1 (the (tp-1)/tp of it bound for peers) plus an all-gather of its reduced
+    chunk to tp-1 peers."""
+    from lowbit.scheme import parse_scheme_map
+    sites = bits_per_site(scheme_text, hidden, layers, tp, tokens)
+    smap = parse_scheme_map(scheme_text)
+    message = sent = 0.0
+    for (layer, module), g in sites.groupby(["layer", "module"], sort=False):
+        scheme = smap.for_site(layer, module)
+        leg1 = g.loc[g["leg"] == "leg 1", "bits"].sum() * hidden / 8
+        leg2 = g.loc[g["leg"] == "leg 2", "bits"].sum() * hidden / 8
+        message += leg1 + leg2
+        if tp == 1:
+            continue
+        if scheme.is_exact:
+            sent += 2 * (tp - 1) / tp * leg1
+        elif scheme.algo == "gather":
+            sent += (tp - 1) * leg1
+        else:
+            sent += (tp - 1) / tp * leg1 + (tp - 1) * leg2
+    bits = sites.groupby(["layer", "module"])["bits"].sum().mean() if len(sites) else 0.0
+    return dict(scheme=scheme_text, bits_per_value=float(bits), message_bytes_per_layer=message / max(1, layers),
+                message_bytes=message, sent_bytes_per_layer=sent / max(1, layers), sent_bytes=sent)
+
+
+# -- models and machine --------------------------------------------------------------------------
+def model_shape(name: str) -> dict:
+    """hidden size, layers, heads, KV heads and vocabulary of a model, from its config only."""
+    from lowbit.models import load_config
+    from lowbit.tp import text_config
+    cfg = text_config(load_config(name))
+    return dict(model=name, hidden=int(cfg.hidden_size), layers=int(cfg.num_hidden_layers),
+                heads=int(cfg.num_attention_heads),
+                kv_heads=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+                intermediate=int(getattr(cfg, "intermediate_size", 0) or 0), vocab=int(cfg.vocab_size))
+
+
+def valid_tp_sizes(name: str, largest: int = 8) -> list[int]:
+    """TP sizes from 1 to ``largest`` that can shard ``name`` (``lowbit.tp.check_tp_size``)."""
+    from lowbit.models import load_config
+    from lowbit.tp import TPSizeError, check_tp_size
+    cfg = load_config(name)
+    sizes = []
+    for tp in range(1, largest + 1):
+        try:
+            check_tp_size(cfg, tp, name)
+            sizes.append(tp)
+        except TPSizeError:
+            pass
+    return sizes
+
+
+def machine_info() -> dict:
+    """CPU cores, GPUs and the backend ``auto`` picks here."""
+    from launch.spec import available_gpus
+    gpus = available_gpus()
+    names = []
+    if gpus:
+        try:
+            import torch
+            names = [torch.cuda.get_device_name(i) for i in range(gpus)]
+        except Exception:  # noqa: BLE001 - names are decoration
+            names = []
+    return dict(cpu_cores=os.cpu_count() or 1, gpus=gpus, gpu_names=names, backend="nccl" if gpus else "gloo")
+
+
+# -- collective benchmark ------------------------------------------------------------------------
+COLLECTIVE_COLUMNS = ["run_id", "tp", "tokens", "hidden", "method", "scheme", "median_ms", "speedup_vs_bf16",
+                      "bytes_per_rank", "bits_per_value", "link", "message_mib"]
+
+
+def collective_frame(frame: pd.DataFrame, root=None) -> pd.DataFrame:
+    """Records of every done collective-bench run (one row per measured configuration)."""
+    rows = []
+    for _, run in finished_ok(frame, "collective-bench").iterrows():
+        data, problem = load_result(run["id"], root)
+        if problem:
+            continue
+        for r in _dict_records(data):
+            row = dict(run_id=run["id"], **{k: r.get(k) for k in COLLECTIVE_COLUMNS[1:-1]})
+            rows.append(row)
+    out = pd.DataFrame(rows, columns=COLLECTIVE_COLUMNS)
+    for col in ("tp", "tokens", "hidden", "median_ms", "speedup_vs_bf16", "bytes_per_rank", "bits_per_value"):
+        out[col] = pd.to_numeric(out[col], errors="coerce")
+    out["message_mib"] = out["tokens"] * out["hidden"] * 2 / 2**20
+    return out.dropna(subset=["tp", "median_ms"])

@@ -1,0 +1,143 @@
+"""Layer error: how much error does each scheme add at each layer and module?
+
+Reads the per-site errors of evaluate runs (``layer_errors`` of result.json); builds a scheme
+from controls and starts an evaluate run for it."""
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from launch import results
+from lowbit.scheme import ALLOWED_BITS, OutlierSpec, QuantSpec, Scheme, SchemeError, parse_scheme_map
+from pages import _ui
+
+K_CHOICES = ["1/128", "1/64", "1/32", "1/16"]
+
+st.title("Layer error: where does quantization hurt?")
+st.markdown(
+    "**What you will learn:** the error each scheme adds to the all-reduced output at every layer and module. "
+    "*Local* error: that site alone is quantized, its inputs are exact -- what this site adds. *Accumulated*: every "
+    "site is quantized, so errors from earlier layers flow in -- what the model really sees. Relative error = "
+    "||quantized - exact|| / ||exact|| of the reduced sum; SNR = 10 log10(||exact||² / ||error||²).")
+
+
+def scheme_builder() -> str | None:
+    """Controls -> one scheme string (lowbit.scheme owns the grammar); None if it cannot be built."""
+    c1, c2, c3, c4 = st.columns(4)
+    with c1:
+        bits = st.selectbox("Bits", ALLOWED_BITS, index=ALLOWED_BITS.index(4), key="le_bits")
+        asym = st.checkbox("Asymmetric (scale + min)", key="le_asym")
+    with c2:
+        gran = st.selectbox("Granularity", ["static", "token", "group"], key="le_gran",
+                            help="static: per-feature scale from calibration; token: one scale per token; "
+                                 "group: one scale per G features of a token")
+        group = st.number_input("Group size G", min_value=1, value=32, step=8, key="le_group",
+                                disabled=gran != "group")
+    with c3:
+        select = st.selectbox("Outliers in BF16", ["topk", "random", "none"], key="le_select",
+                              help="topk: the widest features from calibration (the paper); random: as many, "
+                                   "chosen at random (the baseline)")
+        k = st.selectbox("k (fraction of features)", K_CHOICES, index=1, key="le_k", disabled=select == "none")
+    with c4:
+        algo = st.selectbox("Algorithm", ["gather", "two_shot"], key="le_algo",
+                            help="gather: all-gather the quantized partials (the paper); two_shot: reduce-scatter "
+                                 "then all-gather, requantizing the reduced sum")
+        second_bits = st.selectbox("Second-leg bits", [8, 6, 4], key="le_second", disabled=algo != "two_shot")
+    try:
+        quant = QuantSpec(int(bits), not asym, gran, int(group) if gran == "group" else None)
+        outliers = OutlierSpec(select, k) if select != "none" else OutlierSpec()
+        second = QuantSpec(int(second_bits), True, "token") if algo == "two_shot" else None
+        return str(Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second))
+    except (SchemeError, ValueError, ZeroDivisionError) as exc:
+        st.error(f"`{exc}`")
+        return None
+
+
+def run_scheme_form() -> None:
+    st.markdown("Build a scheme, or type any scheme string (per-layer overrides too, e.g. "
+                "`int4-static-top1/64;L0-3=int8-token`), and evaluate it against exact BF16 with per-layer errors.")
+    built = scheme_builder()
+    text = st.text_input("Scheme string", value=built or "", key=f"le_text_{built}",
+                         help="python -m lowbit schemes prints the grammar")
+    names = _ui.model_names()
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        model = st.selectbox("Model", names, index=names.index("smollm2-135m") if "smollm2-135m" in names else 0,
+                             key="le_model")
+    sizes = _ui.valid_tp_sizes(model)
+    with c2:
+        tp = st.selectbox("TP size", sizes, index=sizes.index(3) if 3 in sizes else 0, key="le_tp")
+    with c3:
+        tokens = st.number_input("Evaluation tokens", min_value=1, value=512, step=128, key="le_tokens")
+    if st.button("Evaluate this scheme", type="primary", icon=":material/play_arrow:", key="le_go"):
+        _ui.submit(dict(kind="evaluate", model=model, tp=int(tp), schemes=["bf16", text.strip()],
+                        calib_tokens=2048, eval_tokens=int(tokens), tasks=[], items_per_task=0,
+                        params=dict(seq_len=128, batch_size=4, layer_error=True, layer_error_chunks=1)))
+
+
+run_id = _ui.pick_evaluate_run(key="le_run", need_layers=True)
+if run_id is None:
+    _ui.empty_state("No per-layer errors yet.",
+                    "Evaluate runs measure them (the classroom demo does). Or evaluate a scheme of your own below.")
+    with st.container(border=True):
+        run_scheme_form()
+    st.stop()
+
+data, problem = _ui.result(run_id)
+errors = results.layer_error_frame(data)
+if problem or errors.empty:
+    st.error(f"Run {run_id} has no usable per-layer errors ({problem or 'empty layer_errors'}).")
+    st.stop()
+fields = pd.DataFrame([dict(scheme=s, **results.scheme_fields(s)) for s in errors["scheme"].unique()])
+st.subheader("Pick schemes")
+c1, c2, c3, c4 = st.columns(4)
+pickers = {}
+for col, name, label in ((c1, "family", "Bits"), (c2, "granularity", "Granularity"), (c3, "k", "k (BF16 features)"),
+                         (c4, "select", "Selection")):
+    with col:
+        pickers[name] = _ui.filter_all(label, sorted(fields[name].dropna().astype(str).unique()), key=f"le_f_{name}")
+chosen = fields
+for name, values in pickers.items():
+    chosen = chosen[chosen[name].astype(str).isin(values)]
+c1, c2, c3 = st.columns(3)
+with c1:
+    metric = st.radio("Metric", ["relative error", "SNR (dB)"], horizontal=True, key="le_metric")
+with c2:
+    modes = st.multiselect("Mode", ["local", "accumulated"], default=["local", "accumulated"], key="le_modes")
+with c3:
+    legs = st.toggle("Show two-shot's first leg", value=True, key="le_legs",
+                     help="Two-shot quantizes twice; its first-leg line shows the error before requantization.")
+
+shown = errors[errors["scheme"].isin(chosen["scheme"]) & errors["mode"].isin(modes)]
+if not legs:
+    shown = shown[shown["leg"] == "final"]
+if shown.empty:
+    st.warning("No scheme matches these filters.")
+else:
+    shown = shown.assign(series=shown["scheme"] + shown["leg"].map(lambda g: " · leg 1" if g == "leg1" else ""))
+    y = "rel_error" if metric == "relative error" else "snr_db"
+    fig = px.line(shown.sort_values("layer"), x="layer", y=y, color="series", line_dash="mode", facet_col="module",
+                  markers=True, log_y=y == "rel_error",
+                  color_discrete_map=_ui.scheme_colors(sorted(shown["series"].unique())),
+                  labels=dict(layer="layer", rel_error="relative error (log scale)", snr_db="SNR (dB)", series="scheme",
+                              mode="mode"))
+    fig.for_each_annotation(lambda a: a.update(text=a.text.replace("module=", ""), font_size=_ui.FONT + 2))
+    fig.update_layout(title=f"{data.get('model')} TP {data.get('tp')}: "
+                            f"{'higher is better' if y == 'snr_db' else 'lower is better'}")
+    _ui.plot(_ui.style(fig, height=560), key="le_chart")
+    summary = (shown.groupby(["scheme", "mode", "leg"])
+               .agg(mean_rel_error=("rel_error", "mean"), worst_rel_error=("rel_error", "max"),
+                    mean_snr_db=("snr_db", "mean"), max_abs_error=("max_abs_error", "max"))
+               .reset_index())
+    worst = shown.loc[shown.groupby(["scheme", "mode", "leg"])["rel_error"].idxmax(), ["scheme", "mode", "leg",
+                                                                                        "layer", "module"]]
+    summary = summary.merge(worst.rename(columns=dict(layer="worst layer", module="worst module")),
+                            on=["scheme", "mode", "leg"])
+    st.dataframe(summary, hide_index=True, width="stretch")
+    records = results.scheme_frame(data)
+    clamped = records[records["clamped"].fillna(0) > 0][["scheme", "clamped", "nonfinite"]]
+    if not clamped.empty:
+        st.caption("Values clamped by static scales during the text evaluation (outside the calibrated range): "
+                   + ", ".join(f"{r.scheme}: {int(r.clamped):,}" for r in clamped.itertuples()))
+
+with st.expander("Evaluate another scheme"):
+    run_scheme_form()

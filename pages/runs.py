@@ -1,0 +1,190 @@
+"""Runs: the queue with live progress and cancel, a form for any job, the history with filters,
+one run's details and logs, and two runs side by side."""
+import json
+
+import pandas as pd
+import streamlit as st
+
+from launch import results
+from launch.index import ACTIVE, STATUSES
+from launch.registry import available_kinds
+from launch.spec import BACKENDS, SpecError
+from lowbit.data import TASKS, TEXT_SOURCES
+from pages import _ui
+
+st.title("Runs")
+st.markdown("Every job is a real `torchrun` launch on this machine; its files live in "
+            f"`{_ui.root()}/<run id>/`. The queue runs one job at a time.")
+
+
+# -- queue ---------------------------------------------------------------------------------------
+@st.fragment(run_every=_ui.POLL_S)
+def queue_panel() -> None:
+    active = results.active_runs(_ui.root())
+    if active.empty:
+        st.caption("Nothing queued or running.")
+        return
+    for run in active.itertuples():
+        with st.container(border=True):
+            c1, c2 = st.columns([5, 1])
+            with c1:
+                st.markdown(f"**{run.kind}** · {run.model} · TP {run.tp} · `{run.id}`")
+                _ui.show_progress(run.id)
+            with c2:
+                if st.button("Cancel", key=f"cancel_{run.id}", icon=":material/stop:"):
+                    status = _ui.cancel_run(run.id)
+                    st.toast(f"{run.id}: {status}")
+                    st.rerun()
+
+
+st.header("Queue")
+queue_panel()
+
+
+# -- new run -------------------------------------------------------------------------------------
+def new_run_form() -> None:
+    names = _ui.model_names()
+    kinds = available_kinds()
+    c1, c2, c3, c4 = st.columns(4)
+    with c1:
+        kind = st.selectbox("Kind", kinds, index=kinds.index("evaluate") if "evaluate" in kinds else 0,
+                            key="new_kind")
+    with c2:
+        model = st.selectbox("Model", names, key="new_model")
+    with c3:
+        tp = st.number_input("TP size", min_value=1, max_value=64, value=2, key="new_tp",
+                             help=f"valid for {model}: {', '.join(map(str, _ui.valid_tp_sizes(model)))}")
+    with c4:
+        backend = st.selectbox("Backend", BACKENDS, key="new_backend")
+    schemes = st.text_area("Schemes (one per line)", "bf16\nint4-static-top1/64", key="new_schemes",
+                           help="python -m lowbit schemes prints the grammar")
+    c1, c2, c3, c4 = st.columns(4)
+    with c1:
+        calib_data = st.selectbox("Calibration text", TEXT_SOURCES, key="new_calib_data")
+    with c2:
+        calib_tokens = st.number_input("Calibration tokens", min_value=0, value=2048, step=256, key="new_calib_tokens")
+    with c3:
+        eval_data = st.selectbox("Evaluation text", TEXT_SOURCES, key="new_eval_data")
+    with c4:
+        eval_tokens = st.number_input("Evaluation tokens", min_value=0, value=1024, step=256, key="new_eval_tokens")
+    c1, c2, c3 = st.columns([2, 1, 1])
+    with c1:
+        tasks = st.multiselect("Tasks", TASKS, default=["arc_easy"], key="new_tasks")
+    with c2:
+        items = st.number_input("Items per task", min_value=0, value=16, key="new_items")
+    with c3:
+        limit = st.number_input("Time limit (s)", min_value=1.0, value=1800.0, step=60.0, key="new_limit")
+    params_text = st.text_input("params (JSON object)", '{"seq_len": 128}', key="new_params",
+                                help="kind-specific extras, e.g. seq_len, batch_size, layer_error")
+    if st.button("Queue this run", type="primary", icon=":material/play_arrow:", key="new_go"):
+        try:
+            params = json.loads(params_text or "{}")
+        except json.JSONDecodeError as exc:
+            _ui.show_problems(SpecError([("params", f"not valid JSON ({exc})")]))
+            return
+        spec = dict(kind=kind, model=model, tp=int(tp), backend=backend,
+                    schemes=[s.strip() for s in schemes.splitlines() if s.strip()], calib_data=calib_data,
+                    calib_tokens=int(calib_tokens), eval_data=eval_data, eval_tokens=int(eval_tokens),
+                    tasks=list(tasks), items_per_task=int(items), time_limit_s=float(limit), params=params)
+        if kind in ("generate", "tp-check"):
+            spec["prompt"] = "The partial sums of a tensor-parallel layer"
+        _ui.submit(spec)
+
+
+with st.expander("Start a run", expanded=False):
+    new_run_form()
+
+# -- history -------------------------------------------------------------------------------------
+st.header("History")
+frame = _ui.runs()
+if frame.empty:
+    st.info("**No runs yet.** Start the classroom demo on the Overview page (one button), or queue any job with "
+            "*Start a run* above. From a terminal: `.venv/bin/python -m lowbit evaluate --model tiny-llama --tp 2`.",
+            icon=":material/info:")
+    st.page_link("pages/overview.py", label="Go to the demo", icon=":material/play_arrow:")
+    st.stop()
+
+c1, c2, c3, c4 = st.columns(4)
+present = [s for s in (*STATUSES, "corrupt", "unindexed") if s in set(frame["status"])]
+with c1:
+    statuses = _ui.filter_all("Status", present, key="hist_status")
+with c2:
+    kind_pick = _ui.filter_all("Kind", sorted(frame["kind"].dropna().astype(str).unique()), key="hist_kind")
+with c3:
+    model_pick = _ui.filter_all("Model", sorted(frame["model"].dropna().astype(str).unique()), key="hist_model")
+with c4:
+    search = st.text_input("Search (id, scheme, error)", key="hist_search")
+hist = frame[frame["status"].isin(statuses) & frame["kind"].astype(str).isin(kind_pick)
+             & frame["model"].astype(str).isin(model_pick)]
+if search.strip():
+    needle = search.strip().lower()
+    text = (hist["id"].astype(str) + " " + hist["schemes"].fillna("") + " " + hist["error"].fillna("")).str.lower()
+    hist = hist[text.str.contains(needle, regex=False)]
+st.dataframe(hist[["id", "status", "kind", "model", "tp", "schemes", "created", "duration_s", "problem"]],
+             hide_index=True, width="stretch",
+             column_config=dict(duration_s=st.column_config.NumberColumn("duration (s)", format="%.1f"),
+                                created=st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss")))
+st.caption(f"{len(hist)} of {len(frame)} runs.")
+
+# -- one run -------------------------------------------------------------------------------------
+st.header("Details")
+ids = list(hist["id"]) or list(frame["id"])
+run_id = st.selectbox("Run", ids, key="detail_run")
+row = frame[frame["id"] == run_id].iloc[0]
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Status", row["status"])
+c2.metric("Kind", str(row["kind"]))
+c3.metric("Model · TP", f"{row['model']} · {row['tp']}")
+c4.metric("Duration", f"{row['duration_s']:.0f} s" if pd.notna(row["duration_s"]) else "-")
+if row["status"] in ACTIVE:
+    _ui.show_progress(run_id)
+if isinstance(row["error"], str) and row["error"]:
+    st.error("Error reported by the launcher:")
+    st.code(row["error"], language=None)
+if isinstance(row["problem"], str) and row["problem"]:
+    st.warning(f"{row['problem']}")
+tab_res, tab_spec, tab_ev, tab_logs = st.tabs(["Result", "Spec", "Progress events", "Logs"])
+with tab_res:
+    data, problem = _ui.result(run_id)
+    if problem:
+        st.caption(f"No result: {problem}.")
+    elif results.scheme_frame(data).empty:
+        st.json(data, expanded=1)
+    else:
+        st.dataframe(results.scheme_frame(data), hide_index=True, width="stretch")
+        st.page_link("pages/tradeoffs.py", label="Plot it (Trade-offs)", icon=":material/balance:")
+with tab_spec:
+    spec = results.load_spec(run_id, _ui.root())
+    if spec is None:
+        st.caption("spec.json is missing or unreadable.")
+    else:
+        st.code(_ui.spec_json(spec), language="json")
+with tab_ev:
+    _, _, events = results.run_progress(run_id, _ui.root())
+    if events:
+        st.dataframe(results.events_frame(events).tail(30), hide_index=True, width="stretch")
+    else:
+        st.caption("No progress events.")
+with tab_logs:
+    logs = results.log_tail(run_id, _ui.root(), lines=60)
+    if not logs:
+        st.caption("No logs.")
+    for name, text in logs.items():
+        st.markdown(f"`{name}` (last 60 lines)")
+        st.code(text, language=None)
+
+# -- compare -------------------------------------------------------------------------------------
+st.header("Compare two runs")
+all_ids = list(frame["id"])
+if len(all_ids) < 2:
+    st.caption("Two runs are needed.")
+else:
+    c1, c2 = st.columns(2)
+    with c1:
+        a = st.selectbox("Run A", all_ids, index=0, key="cmp_a")
+    with c2:
+        b = st.selectbox("Run B", all_ids, index=1, key="cmp_b")
+    only_diff = st.toggle("Only fields that differ", value=True, key="cmp_diff")
+    specs = results.compare_specs(results.load_spec(a, _ui.root()), results.load_spec(b, _ui.root()))
+    st.dataframe(specs[~specs["same"]] if only_diff else specs, hide_index=True, width="stretch")
+    st.dataframe(results.compare_results(_ui.result(a)[0], _ui.result(b)[0]), hide_index=True, width="stretch")

@@ -1,0 +1,335 @@
+"""The results store (launch.results) on real run files, and the fixture runs the app tests use.
+
+``build_results_template()`` makes, once per test session, a runs root with the files real jobs
+write: two calibrate runs (tiny-llama, TP 2, Wikipedia-style and LAMBADA text) and an
+evaluate run computed with lowbit's own job functions on threaded ranks (``lowbit.dist.ThreadWorld``),
+a demo-shaped evaluate run, a collective-bench run, a failed run with a torchrun log, a run
+whose result.json is corrupt, a directory without a spec and a run whose processes vanished.
+Tests copy it (``results_root``) so a queue started on one copy never touches the template.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from launch import results
+from launch.events import EventLog
+from launch.index import RunIndex
+from launch.layout import RunPaths, write_atomic
+from launch.presets import DEMO_SCHEMES
+from launch.spec import JobSpec
+
+MODEL, TP = "tiny-llama", 2
+EVAL_SCHEMES = ["bf16", "int4-static", "int4-static-rand1/64", "int4-static-top1/64",
+                "int4-token@twoshot+int8-token", "int8-token"]
+SEQ_LEN = 64
+SECOND_SOURCE = "lambada"  # the other text for the between-sources overlap (shorter to tokenize than shakespeare)
+_TEMPLATE: dict[str, Path] = {}
+
+
+@contextmanager
+def _runs_env(root: Path):
+    old = os.environ.get("LOWBIT_RUNS")
+    os.environ["LOWBIT_RUNS"] = str(root)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOWBIT_RUNS", None)
+        else:
+            os.environ["LOWBIT_RUNS"] = old
+
+
+def _record(root: Path, run_id: str, spec: dict, status: str, result: dict | None = None, error: str | None = None,
+            seconds: float = 12.0) -> RunPaths:
+    """Write a run the way the launcher does: spec.json, events, result.json, index row."""
+    paths = RunPaths(root, run_id)
+    paths.make()
+    write_atomic(paths.spec, json.dumps(spec, indent=2, sort_keys=True))
+    events = EventLog(paths.events)
+    events.loading(f"starting {spec.get('tp')} rank(s), backend gloo")
+    for step in range(1, 4):
+        events.step(step, 3, f"step {step}/3")
+    if result is not None:
+        result = dict(result, run=dict(id=run_id, kind=spec["kind"], model=spec.get("model"), tp=spec.get("tp"),
+                                       backend="gloo", seconds=seconds))
+        write_atomic(paths.result, json.dumps(result, indent=2, default=str))
+    if status == "done":
+        events.done(f"{spec['kind']} finished in {seconds:.1f} s")
+    index = RunIndex(root)
+    index.add(run_id, spec, created=time.time() - 600 + len(index.ids()))
+    index.claim(run_id)
+    if status != "running":
+        index.finish(run_id, status, error=error, returncode=0 if status == "done" else 1,
+                     result_paths=paths.result_files())
+    return paths
+
+
+def _calibrate(root: Path, run_id: str, source: str) -> dict:
+    from lowbit import jobs
+    from lowbit.dist import ThreadWorld
+    spec = JobSpec(kind="calibrate", model=MODEL, tp=TP, calib_data=source, calib_tokens=8 * SEQ_LEN,
+                   params=dict(seq_len=SEQ_LEN, batch_size=2)).to_dict()
+    out = RunPaths(root, run_id).dir / "calibration"
+    params = dict(model=MODEL, source=source, chunks=8, seq_len=SEQ_LEN, batch_size=2, gamma=0.01, out=str(out),
+                  force=True)
+    result = ThreadWorld(TP).run(jobs.calibrate, params)[0]
+    _record(root, run_id, dict(spec, run_id=run_id), "done", result)
+    return result
+
+
+@contextmanager
+def _one_model_for_all_ranks():
+    """Rank threads share one loaded model (deep-copied per rank by ``build_tp_model``) and so
+    one tokenizer: lowbit.data caches a source's token stream per tokenizer object, and
+    tokenizing a whole source once per rank would dominate the fixture's time."""
+    from unittest import mock
+
+    from lowbit import jobs
+    from lowbit.data import token_chunks
+    from lowbit.engine import build_tp_model
+    from lowbit.models import load_model
+    loaded = load_model(MODEL)  # also: transformers' lazy imports happen here, not racing in the rank threads
+    for source in ("wikipedia", SECOND_SOURCE):
+        token_chunks(loaded.tokenizer, source, "calib", 1, 2)
+
+    def build(name, group, *args, **kwargs):
+        return build_tp_model(name, group, *args, **dict(kwargs, loaded=loaded if name == MODEL else None))
+
+    with mock.patch.object(jobs, "build_tp_model", build):
+        yield
+
+
+def _build(root: Path) -> None:
+    with _one_model_for_all_ranks():
+        _build_runs(root)
+
+
+def _build_runs(root: Path) -> None:
+    from lowbit import jobs
+    from lowbit.dist import ThreadWorld
+    root.mkdir(parents=True)
+    _calibrate(root, "cal-wiki", "wikipedia")
+    _calibrate(root, f"cal-{SECOND_SOURCE}", SECOND_SOURCE)
+    with _runs_env(root):
+        spec = JobSpec(kind="evaluate", model=MODEL, tp=TP, schemes=EVAL_SCHEMES, calib_from="cal-wiki",
+                       calib_tokens=8 * SEQ_LEN, eval_tokens=2 * SEQ_LEN, tasks=["arc_easy", "piqa"], items_per_task=2,
+                       params=dict(seq_len=SEQ_LEN, batch_size=2, layer_error=True, layer_error_chunks=1)).to_dict()
+    params = dict(model=MODEL, schemes=EVAL_SCHEMES, calibration=str(RunPaths(root, "cal-wiki").dir / "calibration"),
+                  eval_source="wikipedia", eval_chunks=2, seq_len=SEQ_LEN, batch_size=2, tasks=["arc_easy", "piqa"],
+                  items=2, seed=0, layer_error=True, layer_error_chunks=1, source="wikipedia", chunks=8, gamma=0.01)
+    evaluation = ThreadWorld(TP).run(jobs.evaluate, params)[0]
+    _record(root, "eval-tiny", dict(spec, run_id="eval-tiny"), "done", evaluation, seconds=41.0)
+
+    # The demo's shape: the same evaluation restricted to the demo's schemes (and the reference).
+    demo = dict(evaluation, records=[r for r in evaluation["records"] if r["scheme"] in ("fp32", *DEMO_SCHEMES)],
+                layer_errors=[r for r in evaluation["layer_errors"] if r["scheme"] in DEMO_SCHEMES])
+    with _runs_env(root):
+        demo_spec = dict(spec, schemes=list(DEMO_SCHEMES), run_id="demo-tiny")
+    _record(root, "demo-tiny", demo_spec, "done", demo, seconds=38.0)
+
+    # collective-bench: the record format its kind writes (numbers shaped like a loopback run).
+    records = []
+    for tp in (2, 4):
+        for tokens in (16, 256, 4096):
+            base_ms = 0.05 + tokens * 576 * 2 * 2 * (tp - 1) / tp / 2e9 * 1e3
+            for method, scheme, bits in (("all_reduce", "bf16", 16.0), ("gather", "int4-static-top1/64", 4.1875),
+                                         ("two_shot", "int4-token@twoshot+int8-token", 12.2)):
+                ms = base_ms if method == "all_reduce" else 0.08 + base_ms * bits / 16 * (tp / 2 if method == "gather" else 1)
+                records.append(dict(tp=tp, tokens=tokens, hidden=576, method=method, scheme=scheme,
+                                    median_ms=ms, speedup_vs_bf16=base_ms / ms,
+                                    bytes_per_rank=tokens * 576 * bits / 8 * (tp - 1), bits_per_value=bits,
+                                    link="loopback"))
+    _record(root, "bench-loopback", dict(kind="collective-bench", model=MODEL, tp=4, link="loopback",
+                                         run_id="bench-loopback"), "done", dict(records=records))
+
+    failed = _record(root, "eval-failed", dict(spec, run_id="eval-failed", schemes=["int2-token"]), "failed",
+                     error="rank 1 failed (exitcode 1): RuntimeError: deliberate failure for the app tests")
+    write_atomic(failed.launcher_log, "[rank1]: Traceback (most recent call last):\n[rank1]: RuntimeError: "
+                                      "deliberate failure for the app tests\n")
+    corrupt = _record(root, "eval-corrupt", dict(spec, run_id="eval-corrupt"), "done", {"records": []})
+    corrupt.result.write_text('{"records": [ {"scheme": "bf16", ')  # torn write
+    (root / "orphan-dir").mkdir()  # a directory without spec.json
+    _record(root, "gen-lost", dict(kind="generate", model=MODEL, tp=TP, prompt="Hi", run_id="gen-lost"), "running")
+
+
+def build_results_template(base: Path) -> Path:
+    """The fixture runs root, built once per session under ``base``."""
+    import torch
+    if "root" not in _TEMPLATE:
+        root = base / "template-runs"
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread per rank thread: the ranks already fill the cores
+        try:
+            _build(root)
+        finally:
+            torch.set_num_threads(threads)
+        _TEMPLATE["root"] = root
+    return _TEMPLATE["root"]
+
+
+def copy_results(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest, ignore=shutil.ignore_patterns("queue.lock", "*.tmp"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def results_template(tmp_path_factory) -> Path:
+    return build_results_template(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def results_root(results_template, tmp_path) -> Path:
+    return copy_results(results_template, tmp_path / "runs")
+
+
+# -- the store -----------------------------------------------------------------------------------
+def test_runs_frame_lists_every_run_with_status_and_never_raises_on_bad_ones(results_root):
+    frame = results.runs_frame(results_root)
+    status = dict(zip(frame["id"], frame["status"]))
+    assert status["eval-tiny"] == "done" and status["cal-wiki"] == "done"
+    assert status["eval-failed"] == "failed"
+    assert status["eval-corrupt"] == "corrupt"  # result.json is not JSON although the index says done
+    assert status["orphan-dir"] == "corrupt"  # no spec.json
+    assert status["gen-lost"] == "running"  # only a queue's recovery may call it lost
+    assert frame.loc[frame["id"] == "eval-tiny", "fraction"].item() == 1.0
+
+
+def test_runs_frame_of_an_empty_root_is_an_empty_frame_with_columns(tmp_path):
+    frame = results.runs_frame(tmp_path / "none-yet")
+    assert frame.empty and list(frame.columns) == results.RUN_COLUMNS
+
+
+def test_load_result_reports_problems_instead_of_raising(results_root):
+    data, problem = results.load_result("eval-corrupt", results_root)
+    assert data is None and "not valid JSON" in problem
+    data, problem = results.load_result("no-such-run", results_root)
+    assert data is None and "missing" in problem
+    data, problem = results.load_result("../etc", results_root)
+    assert data is None and "run id" in problem
+
+
+def test_scheme_frame_has_one_row_per_scheme_with_the_papers_bits(results_root):
+    data, _ = results.load_result("eval-tiny", results_root)
+    frame = results.scheme_frame(data).set_index("scheme")
+    assert list(frame.index) == ["fp32", *EVAL_SCHEMES]
+    assert frame.loc["fp32", "reference"] and frame.loc["fp32", "kl"] == 0.0
+    # tiny-llama hidden 64: 1/64 keeps one feature, 63 x 4 + 16 bits over 64 values = 4.1875
+    assert frame.loc["int4-static-top1/64", "bits_per_value"] == pytest.approx(4.1875)
+    assert frame.loc["int4-static-top1/64", "select"] == "topk" and frame.loc["int4-static", "select"] == "none"
+    assert frame.loc["int8-token", "kl"] < frame.loc["int4-static", "kl"]
+    assert frame["kept_pct"].notna().all() and frame["kept_se"].notna().all()
+
+
+def test_measured_bits_equal_the_payload_layout_for_every_scheme(results_root):
+    data, _ = results.load_result("eval-tiny", results_root)
+    measured = results.scheme_frame(data).set_index("scheme")["bits_per_value"]
+    for scheme in EVAL_SCHEMES:
+        layout_bits = results.bits_parts(scheme, hidden=64, tp=TP)["bits"].sum()
+        # exact: payload.layout and the communicator count the same bytes (the layout is exact at
+        # these sizes: no partial byte to round, outliers split evenly over two-shot's 2 chunks)
+        assert layout_bits == pytest.approx(measured[scheme], abs=1e-9), scheme
+
+
+def test_bits_parts_split_payload_outliers_scales():
+    parts = results.bits_parts("int4-static-top1/64", hidden=576, tp=3).set_index("part")["bits"]
+    assert parts["payload"] == pytest.approx(567 * 4 / 576)
+    assert parts["outliers"] == pytest.approx(9 * 16 / 576)
+    assert parts["scales"] == 0.0 and parts["indices"] == 0.0  # static scales and indices are not sent
+    token = results.bits_parts("int8-token", hidden=576, tp=3).set_index("part")["bits"]
+    assert token["scales"] == pytest.approx(16 / 576)  # one bf16 scale per token
+    two = results.bits_parts("int4-token@twoshot+int8-token", hidden=576, tp=3)
+    assert set(two["leg"]) == {"leg 1", "leg 2"}
+    assert two[two["leg"] == "leg 2"]["bits"].sum() == pytest.approx((192 * 8 + 16) / 576)
+
+
+def test_traffic_per_token_counts_two_all_reduces_per_layer():
+    t = results.traffic_per_token("bf16", hidden=576, layers=30, tp=3)
+    assert t["message_bytes_per_layer"] == 2 * 576 * 2
+    assert t["sent_bytes_per_layer"] == pytest.approx(2 * (3 - 1) / 3 * 2 * 576 * 2)
+    paper = results.traffic_per_token("int4-static-top1/64", hidden=576, layers=30, tp=3)
+    assert paper["message_bytes"] / t["message_bytes"] == pytest.approx(4.1875 / 16)
+    mixed = results.bits_per_site("int4-static-top1/64;L0-3=int8-token", hidden=576, layers=30, tp=3)
+    per_layer = mixed.groupby("layer")["bits"].sum() / 2
+    assert per_layer[0] == pytest.approx(8 + 16 / 576) and per_layer[4] == pytest.approx(4.1875)
+
+
+def test_layer_error_frame_has_local_and_accumulated_rows_and_twoshot_first_leg(results_root):
+    data, _ = results.load_result("eval-tiny", results_root)
+    frame = results.layer_error_frame(data)
+    assert set(frame["mode"]) == {"local", "accumulated"}
+    assert set(frame["module"]) == {"o_proj", "down_proj"} and set(frame["layer"]) == {0, 1}
+    two = frame[frame["scheme"] == "int4-token@twoshot+int8-token"]
+    assert set(two["leg"]) == {"final", "leg1"}
+    assert (frame["rel_error"] >= 0).all()
+    assert results.layer_error_frame({"layer_errors": "garbage"}).empty
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    cost = pd.Series([16.0, 8.25, 4.1875, 4.1875, 4.0])
+    quality = pd.Series([100.0, 99.0, 90.0, 80.0, 70.0])
+    assert results.pareto_front(cost, quality).tolist() == [True, True, True, False, True]
+    assert results.pareto_front(pd.Series([1.0, math.nan]), pd.Series([1.0, 2.0])).tolist() == [True, False]
+
+
+def test_calibration_sources_find_calibrate_runs_and_the_evaluate_runs_calibration(results_root):
+    sources = results.calibration_sources(results.runs_frame(results_root), results_root)
+    assert set(sources["source"]) == {"wikipedia", SECOND_SOURCE}
+    assert len(sources) == 2  # eval-tiny used cal-wiki's folder: listed once
+    assert (sources["model"] == MODEL).all() and (sources["tp"] == TP).all()
+
+
+def test_outlier_frames_from_a_real_calibration(results_root):
+    cal = results.load_calibration(results_root / "cal-wiki" / "calibration")
+    ranges = results.feature_ranges(cal, 0, "down_proj")
+    assert len(ranges) == TP * 64 and (ranges["range"] >= 0).all()
+    k = results.outlier_count(64, Fraction(1, 16))
+    assert k == 4
+    chosen = results.selected_features(cal, 0, "down_proj", Fraction(1, 16))
+    summed = ranges.groupby("feature")["range"].sum().sort_values(ascending=False)
+    assert sorted(chosen) == sorted(summed.index[:4].tolist())
+    batches = results.overlap_between_batches(cal, "down_proj", k)
+    assert batches["jaccard"].between(0, 1).all() and batches["batch"].nunique() == 4
+    ranks = results.overlap_between_ranks(cal, 0, "down_proj", k)
+    assert ranks.shape == (TP, TP) and all(ranks.iloc[i, i] == 1.0 for i in range(TP))
+    assert results.overlap_between_layers(cal, "o_proj", k).shape == (2, 2)
+    other = results.load_calibration(results_root / f"cal-{SECOND_SOURCE}" / "calibration")
+    sources = results.overlap_between_sources(cal, other, k)
+    assert len(sources) == 2 * 2 and sources["jaccard"].between(0, 1).all()
+    trace = results.ema_trace_frame(cal, 1, "o_proj", chosen[0])
+    assert len(trace) == 4 and trace["ema_range"].iloc[0] == pytest.approx(trace["batch_range"].iloc[0], rel=1e-5)
+    assert results.random_jaccard(64, 4) == pytest.approx((16 / 64) / (8 - 16 / 64))
+
+
+def test_collective_frame_reads_bench_records(results_root):
+    bench = results.collective_frame(results.runs_frame(results_root), results_root)
+    assert len(bench) == 2 * 3 * 3
+    assert set(bench["method"]) == {"all_reduce", "gather", "two_shot"}
+    assert bench["message_mib"].iloc[0] == pytest.approx(bench["tokens"].iloc[0] * 576 * 2 / 2**20)
+
+
+def test_compare_two_runs_side_by_side(results_root):
+    a, _ = results.load_result("eval-tiny", results_root)
+    b, _ = results.load_result("demo-tiny", results_root)
+    merged = results.compare_results(a, b)
+    assert "kl (A)" in merged and "kl (B)" in merged
+    by_scheme = merged.set_index("scheme")
+    assert pd.isna(by_scheme.loc["int8-token", "kl (B)"])  # not a demo scheme: only in A
+    assert by_scheme.loc["int4-static-top1/64", "kl (A)"] == by_scheme.loc["int4-static-top1/64", "kl (B)"]
+    specs = results.compare_specs(results.load_spec("eval-tiny", results_root),
+                                  results.load_spec("demo-tiny", results_root))
+    assert set(specs.loc[~specs["same"], "field"]) == {"run_id", "schemes"}
+
+
+def test_model_shape_and_valid_tp_sizes():
+    assert results.model_shape(MODEL)["hidden"] == 64
+    assert results.valid_tp_sizes(MODEL) == [1, 2, 4]
