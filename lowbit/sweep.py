@@ -328,3 +328,62 @@ def sweep_job(ctx) -> dict | None:
     def progress(stage, step, total, message, metrics):
         ctx.events.emit(stage, message, step, total, **(metrics or {}))
     return run_sweep(tp_model, group, p, calibration, held, items, points_dir, progress)
+
+
+# -- stochastic vs nearest rounding: the error of the sum over ranks -----------------------------
+def sum_error(model_name: str, tp: int, schemes: list[str], calibration_dir: str | None, chunks: int = 1,
+              seq_len: int = 256, source: str = "wikipedia") -> list[dict]:
+    """Per scheme: relative error of the reduced sum vs the exact fp32 sum at every site with exact
+    inputs (``lowbit.evaluate.layer_errors`` "local"), as mean / median / max over sites, and the
+    KL of the whole run. TP ranks are threads of this process (``lowbit.dist.ThreadWorld``)."""
+    import statistics
+
+    from lowbit.calibrate import Calibration
+    from lowbit.data import token_chunks
+    from lowbit.dist import ThreadWorld
+    from lowbit.engine import build_tp_model
+    from lowbit.evaluate import evaluate_text, layer_errors
+    from lowbit.models import load_model
+    loaded = load_model(model_name)
+    cal = Calibration.load(calibration_dir) if calibration_dir else None
+    held = token_chunks(loaded.tokenizer, source, "eval", chunks, seq_len)
+
+    def body(group):
+        m = build_tp_model(model_name, group, loaded=loaded)
+        rows = layer_errors(m.model, group, list(held.split(1)), schemes, cal, modes=("local",))
+        text = evaluate_text(m.model, group, held, schemes, cal, batch_size=1)
+        return rows, text
+    rows, text = ThreadWorld(tp).run(body)[0]
+    out = []
+    for s in schemes:
+        errs = [r["rel_error"] for r in rows if r["scheme"] == s and r["leg"] == "final"]
+        out.append(dict(scheme=s, mean_rel_error=statistics.fmean(errs), median_rel_error=statistics.median(errs),
+                        max_rel_error=max(errs), sites=len(errs), kl=text[s]["kl"], ppl=text[s]["ppl"],
+                        bits_per_value=text[s]["bits_per_value"], tokens=text[s]["tokens"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lowbit.sweep sum-error --schemes a,a-sr,... [--calibration DIR]``: the rounding
+    comparison in one process (threads as ranks); the sweep itself runs as the job kind."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m lowbit.sweep")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("sum-error", help="relative error of the sum over ranks per scheme (e.g. -sr vs nearest)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tp", type=int, default=3)
+    p.add_argument("--schemes", required=True)
+    p.add_argument("--calibration", default=None, help="calibration folder (runs/<id>/calibration)")
+    p.add_argument("--chunks", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args(argv)
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    for row in sum_error(args.model, args.tp, schemes, args.calibration, args.chunks, args.seq_len):
+        print(f"{row['scheme']:32s} bits {row['bits_per_value']:.3f}  sum rel. error mean {row['mean_rel_error']:.4f} "
+              f"median {row['median_rel_error']:.4f} max {row['max_rel_error']:.4f} over {row['sites']} sites  "
+              f"KL {row['kl']:.4f}  ppl {row['ppl']:.2f}  ({row['tokens']} tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
