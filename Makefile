@@ -7,6 +7,10 @@ STAMP   := $(VENV)/.installed
 PORT    ?= 8501
 PYTEST_ARGS ?=
 
+# The browser test drives Debian's chromium (never a downloaded browser build).
+CHROMIUM := /usr/bin/chromium
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: run test setup clean-venv
 
 $(STAMP): requirements.txt requirements-assets.txt
@@ -21,7 +25,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true
 
-test: $(STAMP)
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
+
+test: $(STAMP) | $(CHROMIUM)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 clean-venv:
