@@ -114,6 +114,10 @@ def _dequant_sum_kept(codes_bytes, token_ref, scales, mins, group_of_kept, scale
     tp = codes_bytes.shape[0]
     tokens = token_ref.shape[0]
     qmin, _ = qrange(quant.bits, quant.symmetric)
+    # One spare byte keeps the stream strictly longer than T*K codes for every T, so the slice
+    # below guards on one inequality instead of specialising on whether T*K*bits fills the
+    # last byte (a second graph for every other token count).
+    codes_bytes = F.pad(codes_bytes, (0, 1))
     if code_bits == 8:
         codes = codes_bytes
     else:
@@ -163,6 +167,7 @@ def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static
     feats, gk, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.uint8, device=x.device)
+    x = x.contiguous()  # one copy for strided input instead of a graph per stride pattern
     x_out = x.index_select(1, feats.outliers)
     keep_mask = feats.colmap >= 0
     _dynamic_tokens((x, 0), (x_out, 0))
