@@ -1,6 +1,6 @@
 """The CPU production path: the torch reference restated as a few ``torch.compile`` graphs.
 
-    PYTHONPATH=. python -m kernels.bench --cpu-only --out /tmp/b.json     # its cost vs gloo
+    PYTHONPATH=. .venv/bin/python -m kernels.bench --device cpu --tokens 8192 --hidden 576 --out /tmp/b.json
 
 Same bytes and values as ``kernels.reference`` (the tests hold them bit-equal), several times
 faster than running the reference eagerly. Why the reference is not simply compiled whole:
@@ -8,13 +8,15 @@ TorchInductor's CPU code generator turns every data-dependent index (the outlier
 bit stream that crosses rows) into scalar gathers and then inlines the whole computation into
 that scalar loop. So the work is cut where the indexing is irregular:
 
-* ``quantize_pack``: eager ``index_select`` picks the kept and the outlier columns (ATen's
-  contiguous fp32 gather is vectorised); graph 1 computes the dynamic scales over the full row
-  (outliers masked) and the codes of the kept columns; graph 2 packs the realised code matrix
-  as one flat stream (affine indexing) and concatenates ``[scales | mins | codes | outliers]``.
+* ``quantize_pack``: graph 1 computes the dynamic scales over the full rows (outlier columns
+  masked out) and the codes of every column at full width, where a group is a reshape; the
+  outlier columns are then dropped by concatenating the kept runs of columns (ATen copies
+  contiguous runs fast; the run bounds are host ints, never seen by a graph); graph 2 packs
+  the realised code matrix as one flat stream and concatenates
+  ``[scales | mins | codes | outliers]``. 3/5/6-bit codes use lowbit's bit packer eagerly.
 * ``unpack_dequant_sum``: one graph unpacks every rank's stream, dequantizes, sums the ranks in
-  rank order in fp32 and appends the summed outlier columns; an eager ``index_select`` puts the
-  columns back in feature order.
+  rank order in fp32 and appends the summed outlier columns; an eager fp32 ``index_select``
+  (vectorised in ATen) puts the columns back in feature order.
 
 Tokens are a dynamic dimension (``mark_dynamic``), so one compiled graph serves every prompt
 length >= 2 (1 token, the decode step, gets its own); every other size is specialised. The
