@@ -123,19 +123,25 @@ def _agree(group, flags: list[bool]) -> list[bool]:
 
 
 def _sensitivity(model, group, p, calibration, held, points_dir: Path, progress) -> list[dict]:
+    """Rows for every allocation candidate; candidates already in the table (same token count)
+    are reused, so adding a candidate to a finished sweep measures only that one."""
     path = points_dir / SENSITIVITY_FILE
     cands = [str(parse_scheme(c)) for c in p["allocate_candidates"]]
-    cached = None
+    chunks = max(1, p["sensitivity_chunks"])
+    cached: list[dict] = []
     if path.exists():
         data = json.loads(path.read_text())
-        if data.get("candidates") == cands:
-            cached = data["rows"]
-    if _agree(group, [cached is not None])[0]:
+        if data.get("chunks", 1) == chunks:
+            cached = [r for r in data["rows"] if r["scheme"] in cands]
+    have = _agree(group, [any(r["scheme"] == c for r in cached) for c in cands])
+    missing = [c for c, ok in zip(cands, have) if not ok]
+    if not missing:
         return cached
-    batches = list(held[:max(1, p["sensitivity_chunks"])].split(p["batch_size"]))
-    rows = site_sensitivity(model, group, batches, cands, calibration, progress=progress)
+    batches = list(held[:chunks].split(p["batch_size"]))
+    rows = site_sensitivity(model, group, batches, missing, calibration, progress=progress)
+    rows = [r for r in cached if r["scheme"] not in missing] + rows
     if group.rank == 0:
-        _write_json(path, dict(candidates=cands, rows=rows))
+        _write_json(path, dict(candidates=list(dict.fromkeys(r["scheme"] for r in rows)), chunks=chunks, rows=rows))
     return rows
 
 

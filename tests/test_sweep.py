@@ -80,6 +80,14 @@ def test_sweep_returns_a_frontier_and_resumes_without_recomputing(tiny_models, s
     assert again["evaluated"] == 0 and again["reused"] == len(names)
     assert next(p for p in again["points"] if p["scheme"] == "int8-token")["marker"] == 1
 
+    # one more allocation candidate: only its sensitivity rows are measured, the others kept
+    before = json.loads((tmp_path / "points" / "sensitivity.json").read_text())["rows"]
+    more = dict(params, allocate_candidates=params["allocate_candidates"] + ["int8-token"])
+    _sweep(tiny_models, setup, tmp_path / "points", more)
+    after = json.loads((tmp_path / "points" / "sensitivity.json").read_text())["rows"]
+    assert after[:len(before)] == before
+    assert {r["scheme"] for r in after[len(before):]} == {"int8-token"}
+
 
 @pytest.mark.parametrize("params, field", [
     (dict(budget_min=5, budget_max=3), "params.budget_min"),
