@@ -54,7 +54,7 @@ from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
 _GRAN = {"static": 0, "token": 1, "group": 2}
-_BF16_MAX_BITS = 0x7F7F0000  # largest finite bf16, as fp32 bits
+_INF = tl.constexpr(float("inf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,14 +142,14 @@ def _row_scales(x_ptr, stride_t, stride_h, colmap_ptr, pay_ptr, mins_off, c, t_f
     in_row = (t < t_stop) & (g < NG) & (j < G)
     kept_col = tl.load(colmap_ptr + col, mask=(g < NG) & (j < G), other=-1) >= 0
     xv = _load_x(x_ptr, t, col, stride_t, stride_h, in_row, IN_BF16)
-    valid = in_row & kept_col & (tl.abs(xv) < float("inf"))  # finite and kept: NaN fails too
+    valid = in_row & kept_col & (tl.abs(xv) < _INF)  # finite and kept: NaN fails too
     if SYMMETRIC:
         absmax = tl.max(tl.where(valid, tl.abs(xv), 0.0), axis=2)
         scale = _scale_round(absmax * c, True, SCALE_BYTES)
     else:
         any_valid = tl.max(valid.to(tl.int32), axis=2) > 0
-        lo = tl.min(tl.where(valid, xv, float("inf")), axis=2)
-        hi = tl.max(tl.where(valid, xv, -float("inf")), axis=2)
+        lo = tl.min(tl.where(valid, xv, _INF), axis=2)
+        hi = tl.max(tl.where(valid, xv, -_INF), axis=2)
         lo = tl.where(any_valid, lo, 0.0)
         hi = tl.where(any_valid, hi, 0.0)
         lo = _scale_round(lo, False, SCALE_BYTES)
@@ -170,7 +170,8 @@ def _row_scales(x_ptr, stride_t, stride_h, colmap_ptr, pay_ptr, mins_off, c, t_f
 # quantize + pack
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+# Token-dependent sizes and offsets are not specialised (a new variant per token count % 16).
+@triton.jit(do_not_specialize=["T", "mins_off", "codes_off", "outl_off", "total_codes_bytes"])
 def _quantize_pack_kernel(
     x_ptr, stride_t, stride_h, colmap_ptr, keep_ptr, outl_ptr, sscale_ptr, smin_ptr, pay_ptr,
     T, H, K, N_OUT, mins_off, codes_off, outl_off, total_codes_bytes, c,
@@ -251,7 +252,7 @@ def _quantize_pack_kernel(
 # unpack + dequantize + sum
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["pay_stride", "stride_ot", "T", "mins_off", "codes_off", "outl_off"])
 def _dequant_sum_kernel(
     pay_ptr, pay_stride, tp, colmap_ptr, sscale_ptr, smin_ptr, out_ptr, stride_ot, stride_oh,
     T, H, K, N_OUT, mins_off, codes_off, outl_off,
