@@ -8,8 +8,11 @@
 =============  ====================================================================================
 ``auto``       default. CUDA: Triton kernels (``kernels.triton_quant``) for 2/4/8-bit codes, the
                eager torch reference for 3/5/6-bit codes. CPU: the compiled torch path
-               (``kernels.fused_cpu``), or the eager reference where torch.compile cannot run
-               (one warning, then the reference for the rest of the process).
+               (``kernels.fused_cpu``) for messages of at least ``FUSED_MIN_VALUES`` values,
+               the eager reference below that (a compiled call costs more fixed overhead than
+               the eager ops save there: kernels/results/cpu.json has it slower up to 16 x 576
+               and about even at 16 x 4096), and the eager reference for good where
+               torch.compile cannot run (one warning).
 ``triton``     Triton kernels; an error off CUDA. 3/5/6 bits still go to the torch path.
 ``interpret``  Triton kernels under the Triton interpreter on CPU tensors (tests). Sets
                ``TRITON_INTERPRET=1`` for the import of the kernels (``import_interpreted``);
@@ -35,6 +38,7 @@ from kernels import reference as ref
 from lowbit.scheme import QuantSpec
 
 BACKENDS = ("auto", "triton", "interpret", "compiled", "reference")
+FUSED_MIN_VALUES = 1 << 16  # tokens x hidden; see the table above
 ENV = "LOWBIT_KERNELS"
 _compile_broken: str | None = None  # why torch.compile failed here, once it has
 
@@ -46,16 +50,18 @@ def mode() -> str:
     return value
 
 
-def backend(device: torch.device | str, bits: int) -> str:
-    """The implementation that runs for a tensor on ``device`` with ``bits``-bit codes:
-    ``triton``, ``interpret``, ``compiled`` or ``reference``."""
+def backend(device: torch.device | str, bits: int, values: int | None = None) -> str:
+    """The implementation that runs for a message of ``values`` (tokens x hidden; None: a large
+    one) on ``device`` with ``bits``-bit codes: ``triton``, ``interpret``, ``compiled`` or
+    ``reference``."""
     device = torch.device(device)
     chosen = mode()
     triton_bits = bits in ref.WHOLE_BYTE_BITS
     if chosen == "auto":
         if device.type == "cuda":
             return "triton" if triton_bits else "reference"
-        return "reference" if _compile_broken else "compiled"
+        small = values is not None and values < FUSED_MIN_VALUES
+        return "reference" if _compile_broken or small else "compiled"
     if chosen == "triton":
         if device.type != "cuda":
             raise ValueError(f"{ENV}=triton needs CUDA tensors, got {device.type}; use interpret on CPU")
@@ -96,8 +102,8 @@ def import_interpreted():
             os.environ["TRITON_INTERPRET"] = previous
 
 
-def _module(device, bits: int):
-    which = backend(device, bits)
+def _module(device, bits: int, values: int | None):
+    which = backend(device, bits, values)
     if which in ("triton", "interpret"):
         return which, _triton_module(which == "interpret")
     if which == "compiled":
@@ -106,9 +112,9 @@ def _module(device, bits: int):
     return which, None
 
 
-def _run(name: str, device, bits: int, args, kwargs):
+def _run(name: str, device, bits: int, values: int, args, kwargs):
     global _compile_broken
-    which, module = _module(device, bits)
+    which, module = _module(device, bits, values)
     if module is None:
         return getattr(ref, f"{name}_ref")(*args, **kwargs)
     if which != "compiled" or mode() == "compiled":
@@ -131,7 +137,7 @@ def quantize_pack(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, static_mi
     ``outlier_idx``: features sent in BF16 (same on every rank); ``static_min``/``static_max``
     [H]: this rank's calibrated range (static granularity only)."""
     ref.check_input(x, quant)
-    return _run("quantize_pack", x.device, quant.bits, (x, quant, outlier_idx, static_min, static_max), {})
+    return _run("quantize_pack", x.device, quant.bits, x.numel(), (x, quant, outlier_idx, static_min, static_max), {})
 
 
 def unpack_dequant_sum(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
@@ -141,7 +147,8 @@ def unpack_dequant_sum(payloads: torch.Tensor, tokens: int, hidden: int, quant: 
     ``payloads`` [tp, nbytes] uint8 (the all-gather result); ``static_mins``/``maxs`` [tp, H]:
     each sender's calibrated range (static granularity only)."""
     _check_payloads(payloads)
-    return _run("unpack_dequant_sum", payloads.device, quant.bits if isinstance(quant, QuantSpec) else 8,
+    bits = quant.bits if isinstance(quant, QuantSpec) else 8
+    return _run("unpack_dequant_sum", payloads.device, bits, _values(tokens, hidden),
                 (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs), {"out_dtype": out_dtype})
 
 
@@ -153,8 +160,12 @@ def unpack_dequant_sum_requant(payloads: torch.Tensor, tokens: int, hidden: int,
     ref.check_second(second)
     whole = isinstance(quant, QuantSpec) and {quant.bits, second.bits} <= set(ref.WHOLE_BYTE_BITS)
     bits = quant.bits if whole else 3  # either leg straddles bytes: the torch path for both
-    return _run("unpack_dequant_sum_requant", payloads.device, bits,
+    return _run("unpack_dequant_sum_requant", payloads.device, bits, _values(tokens, hidden),
                 (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, second), {})
+
+
+def _values(tokens, hidden) -> int | None:
+    return tokens * hidden if isinstance(tokens, int) and isinstance(hidden, int) else None
 
 
 def _check_payloads(payloads) -> None:

@@ -368,6 +368,16 @@ def test_dispatch_picks_the_backend_for_device_and_bits(monkeypatch, env, device
     assert dispatch.backend(device, bits) == expected
 
 
+def test_dispatch_auto_keeps_small_cpu_messages_on_the_eager_reference(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    monkeypatch.setattr(dispatch, "_compile_broken", None)
+    assert dispatch.backend("cpu", 4, values=16 * 576) == "reference"  # decode steps: overhead wins
+    assert dispatch.backend("cpu", 4, values=dispatch.FUSED_MIN_VALUES) == "compiled"
+    assert dispatch.backend("cuda", 4, values=1) == "triton"
+    monkeypatch.setenv(dispatch.ENV, "compiled")
+    assert dispatch.backend("cpu", 4, values=1) == "compiled"  # an explicit mode is obeyed
+
+
 def test_dispatch_rejects_an_unknown_mode_and_triton_off_cuda(monkeypatch):
     monkeypatch.setenv(dispatch.ENV, "fast")
     with pytest.raises(ValueError, match="allowed: auto, triton, interpret, compiled, reference"):
@@ -400,7 +410,7 @@ def test_dispatch_falls_back_to_the_reference_when_compile_fails(monkeypatch):
     monkeypatch.setattr(dispatch, "_compile_broken", None)
     monkeypatch.setattr(fused_cpu, "quantize_pack", broken)
     spec = QuantSpec(4, True, "token")
-    x = partial(12)
+    x = partial(12, tokens=400)  # above FUSED_MIN_VALUES: auto picks the compiled path
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         got = dispatch.quantize_pack(x, spec, OUTLIERS)
     assert_same_bytes(got, ref.quantize_pack_ref(x, spec, OUTLIERS))

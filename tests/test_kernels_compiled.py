@@ -117,8 +117,8 @@ def test_compiled_path_on_degenerate_input(spec):
 def test_dispatch_auto_on_cpu_runs_the_compiled_path(monkeypatch):
     monkeypatch.setenv(dispatch.ENV, "auto")
     monkeypatch.setattr(dispatch, "_compile_broken", None)
-    assert dispatch.backend("cpu", 4) == "compiled"
-    x = partial(60)
+    x = partial(60, tokens=400)  # 80k values: above FUSED_MIN_VALUES
+    assert dispatch.backend("cpu", 4, x.numel()) == "compiled"
     lo, hi = static_args(PAPER, x)
     calls = []
     original = fused_cpu.quantize_pack
