@@ -33,6 +33,11 @@ ring all_reduce 2 (tp - 1) / tp x the BF16 tensor; gather (tp - 1) payloads; two
 payload bits per value (``lowbit.payload``: 4.1875 for the paper's scheme at 576 features),
 ``leg2_bits_per_value`` the two-shot requantization leg's.
 
+Compute: ``compute_ms`` is the same reduce through ``NoWireGroup`` (collectives that return
+this rank's own data in the right shapes, moving nothing), all ranks at once, slowest rank,
+median: the quantize/dequantize cost alone. ``median_ms - compute_ms`` is roughly what the
+collective itself took.
+
 Codec: ``--codec auto`` uses a fused CPU path (``kernels.dispatch`` or ``kernels.fused_cpu``:
 ``quantize_pack`` / ``unpack_dequant_sum``, torch.compile graphs) when one exists, else the torch
 path of ``lowbit.collectives``; ``reference`` runs the same fused-path plumbing on
@@ -69,10 +74,12 @@ CODECS = ("auto", "lowbit", "reference", "fused")
 FUSED_MODULES = ("kernels.dispatch", "kernels.fused_cpu")  # fused CPU paths, first found wins
 DTYPES = ("bf16", "fp32")
 OUTLIER_GAIN = 20.0  # how much larger the synthetic consistent-outlier features are
-PARAM_LIMITS = dict(repeats=(1, 1000), min_repeats=(1, 1000), warmup=(0, 100), seed=(0, 2**31 - 1))
+PARAM_LIMITS = dict(repeats=(1, 1000), min_repeats=(1, 1000), warmup=(0, 100), seed=(0, 2**31 - 1),
+                    compute_repeats=(0, 100))
 MAX_SIZE = 1 << 16
 DEFAULT_PARAMS = dict(tokens=DEFAULT_TOKENS, hidden=DEFAULT_HIDDEN, schemes=DEFAULT_SCHEMES, repeats=15,
-                      min_repeats=5, warmup=2, budget_s=20.0, seed=0, dtype="bf16", codec="auto")
+                      min_repeats=5, warmup=2, budget_s=20.0, seed=0, dtype="bf16", codec="auto",
+                      compute_repeats=3)
 SITE_LAYER, SITE_MODULE = 0, "down_proj"
 
 
@@ -352,6 +359,7 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
                 times[r, runnable.index(text)] = one_call(text)[0]
         slowest_rank = group.all_gather(times.to(device)).amax(0).cpu()  # a repeat ends with its slowest rank
         medians = {text: statistics.median(slowest_rank[:, i].tolist()) for i, text in enumerate(runnable)}
+        compute = _compute_medians(group, runnable, calibration, codec, partial, site, p["compute_repeats"], sync)
         nbytes_bf16 = tokens * hidden * 2
         for text in schemes:
             scheme = parse_scheme(text)
@@ -377,11 +385,63 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
                        bits_per_value=16.0 if scheme.is_exact else float(extra["leg1_bits"]),
                        leg2_bits_per_value=float(extra["leg2_bits"]) if "leg2_bits" in extra else None,
                        effective_gbps=bytes_rank * 8 / median_s / 1e9 if median_s > 0 else None,
+                       compute_ms=None if compute is None else 1e3 * compute[text],
                        rel_error=errors[text])
             records.append(rec)
     if progress:
         progress(len(sizes), len(sizes), f"done: {len(records)} records")
     return records
+
+
+class NoWireGroup:
+    """A stand-in group whose collectives move nothing: each returns this rank's own data in the
+    shape the real collective would (all_gather: tp copies; all_to_all: tp copies of the chunk
+    this rank keeps). A reduce through it costs the quantize/dequantize work alone."""
+
+    backend = "none"
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def all_reduce(self, tensor):
+        return tensor * self.world_size
+
+    def all_gather(self, tensor):
+        return tensor.unsqueeze(0).expand(self.world_size, *tensor.shape).clone()
+
+    def all_to_all(self, tensor, send_splits=None, recv_splits=None):
+        if send_splits is None:
+            chunk = tensor.shape[0] // self.world_size
+            send_splits = [chunk] * self.world_size
+        start = sum(send_splits[:self.rank])
+        own = tensor[start:start + send_splits[self.rank]]
+        return own.repeat(self.world_size, *([1] * (own.dim() - 1)))
+
+    def barrier(self):
+        pass
+
+
+def _compute_medians(group, runnable, calibration, codec, partial, site, repeats, sync):
+    """Median over ``repeats`` of the slowest rank's no-wire reduce (``NoWireGroup``) per
+    scheme, all ranks at once (so they compete for the cores as in the real run); None if 0."""
+    import torch
+    if repeats <= 0:
+        return None
+    local = NoWireGroup(group.rank, group.world_size)
+    comms = {text: make_communicator(local, text, calibration, codec) for text in runnable}
+    for text in runnable:
+        comms[text].reduce(partial, site)  # compile / allocate outside timing
+    times = torch.zeros(repeats, len(runnable), dtype=torch.float64)
+    for r in range(repeats):
+        for i, text in enumerate(runnable):
+            sync()
+            group.barrier()
+            start = time.perf_counter()
+            comms[text].reduce(partial, site)
+            sync()
+            times[r, i] = time.perf_counter() - start
+    slowest = group.all_gather(times.to(partial.device)).amax(0).cpu()
+    return {text: statistics.median(slowest[:, i].tolist()) for i, text in enumerate(runnable)}
 
 
 def collective_bench(ctx) -> dict | None:
@@ -427,7 +487,7 @@ def job_spec(tp: int, link: str, params: dict, time_limit_s: float = 3600.0, bac
 def format_table(records: list[dict]) -> str:
     """A plain-text table of the records, one line per record."""
     head = f"{'link':>9} {'tp':>2} {'tokens':>6} {'hidden':>6} {'method':>10} {'scheme':<40} " \
-           f"{'median ms':>10} {'speedup':>8} {'MB/rank':>8} {'bits':>6}"
+           f"{'median ms':>10} {'speedup':>8} {'MB/rank':>8} {'bits':>6} {'compute ms':>10}"
     lines = [head]
     for r in records:
         if r.get("median_ms") is None:
@@ -436,7 +496,8 @@ def format_table(records: list[dict]) -> str:
             continue
         lines.append(f"{r['link']:>9} {r['tp']:>2} {r['tokens']:>6} {r['hidden']:>6} {r['method']:>10} "
                      f"{r['scheme']:<40} {r['median_ms']:>10.2f} {r['speedup_vs_bf16']:>7.2f}x "
-                     f"{r['bytes_per_rank'] / 1e6:>8.3f} {r['bits_per_value']:>6.3f}")
+                     f"{r['bytes_per_rank'] / 1e6:>8.3f} {r['bits_per_value']:>6.3f} "
+                     + (f"{r['compute_ms']:>10.2f}" if r.get("compute_ms") is not None else f"{'-':>10}"))
     return "\n".join(lines)
 
 
@@ -454,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=DEFAULT_PARAMS["budget_s"],
                         help="seconds of timed rounds per size (more repeats where they are fast)")
     parser.add_argument("--codec", choices=CODECS, default="auto")
+    parser.add_argument("--compute-repeats", type=int, default=DEFAULT_PARAMS["compute_repeats"],
+                        help="no-wire rounds for compute_ms (quantize + dequantize alone); 0: skip")
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                         help="auto: NCCL when every rank has a GPU, else gloo")
     parser.add_argument("--seed", type=int, default=0)
@@ -465,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     from launch.spec import JobSpec, SpecError
     params = dict(tokens=args.tokens, hidden=args.hidden, schemes=args.schemes, repeats=args.repeats,
                   min_repeats=args.min_repeats, warmup=args.warmup, budget_s=args.budget_s, seed=args.seed,
-                  codec=args.codec)
+                  codec=args.codec, compute_repeats=args.compute_repeats)
     specs = []
     try:
         for link in args.link:

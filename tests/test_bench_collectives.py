@@ -74,6 +74,34 @@ def test_two_shot_that_cannot_split_the_features_is_a_skipped_record():
     assert "skipped" in format_table(records)
 
 
+@pytest.mark.parametrize("scheme", ["bf16", "int8-static", "int8-static@twoshot+int8-token"])
+def test_no_wire_group_reduces_tp_copies_of_the_own_partial(scheme):
+    """compute_ms runs the reduce on NoWireGroup: same shapes, no traffic, so the 'sum' over tp
+    ranks is tp x this rank's own data (up to int8 steps)."""
+    from bench.collectives import NoWireGroup
+    tp, partial = 3, synthetic_partial(8, 96, 1, 0, torch.float32)
+    group = NoWireGroup(1, tp)
+    # every rank calibrated on this partial: the copies decode with the scales they were encoded with
+    calib = ThreadWorld(tp).run(lambda g: data_calibration(g, partial))[1]
+    out = make_communicator(group, scheme, calib, None).reduce(partial, Site(0, "down_proj"))
+    expected, scale = tp * partial, partial.abs().amax(0)
+    if "twoshot" in scheme:  # every leg hands back this rank's own feature chunk (rank 1: columns 32..63)
+        expected, scale = expected[:, 32:64].repeat(1, tp), scale[32:64].repeat(tp)
+    # int8 static: step = 2 absmax / 255 per feature and copy (half a step of error each; a whole
+    # step here for margin); two-shot's per-token int8 leg adds a step of 2 rowmax / 255
+    bound = tp * (2 * scale) / 255 + 1e-6
+    if "twoshot" in scheme:
+        bound = bound + 2 * expected.abs().amax(1, keepdim=True) / 255
+    assert_close_verbose(out, expected, atol=bound, msg=scheme)
+
+
+def test_compute_ms_is_reported_and_can_be_skipped():
+    with_compute = _run(2, tokens=[4], hidden=[64], schemes=["int8-static"], compute_repeats=1)[0]
+    assert all(r["compute_ms"] > 0 for r in with_compute)
+    without = _run(2, tokens=[4], hidden=[64], schemes=["int8-static"], compute_repeats=0)[0]
+    assert all(r["compute_ms"] is None for r in without)
+
+
 def test_bf16_baseline_is_always_measured():
     records = _run(2, tokens=[4], hidden=[64], schemes=["int8-static"])[0]
     assert [r["scheme"] for r in records] == ["bf16", "int8-static"]
