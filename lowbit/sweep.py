@@ -192,7 +192,7 @@ def run_sweep(tp_model, group, params: dict, calibration, held: torch.Tensor, it
                 points.append(json.loads(path.read_text()))
             continue
         start = time.perf_counter()
-        rec = _evaluate_point(model, group, tp_model.tokenizer, scheme, calibration, held, items, p, None)
+        rec = _evaluate_point(model, group, tp_model.tokenizer, scheme, calibration, held, items, p, progress)
         rec.update(allocated_for=candidates[scheme], seconds=round(time.perf_counter() - start, 2),
                    nominal_bits=map_bits_per_value(scheme, all_sites, hidden, tp))
         if group.rank == 0:
@@ -365,6 +365,7 @@ def sum_error(model_name: str, tp: int, schemes: list[str], calibration_dir: str
         errs = [r["rel_error"] for r in rows if r["scheme"] == s and r["leg"] == "final"]
         out.append(dict(scheme=s, mean_rel_error=statistics.fmean(errs), median_rel_error=statistics.median(errs),
                         max_rel_error=max(errs), sites=len(errs), kl=text[s]["kl"], ppl=text[s]["ppl"],
+                        top1_agreement=text[s]["top1_agreement"],
                         bits_per_value=text[s]["bits_per_value"], tokens=text[s]["tokens"]))
     return out
 
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in sum_error(args.model, args.tp, schemes, args.calibration, args.chunks, args.seq_len):
         print(f"{row['scheme']:32s} bits {row['bits_per_value']:.3f}  sum rel. error mean {row['mean_rel_error']:.4f} "
               f"median {row['median_rel_error']:.4f} max {row['max_rel_error']:.4f} over {row['sites']} sites  "
-              f"KL {row['kl']:.4f}  ppl {row['ppl']:.2f}  ({row['tokens']} tokens)")
+              f"KL {row['kl']:.4f}  top-1 {100 * row['top1_agreement']:.1f}%  ppl {row['ppl']:.2f}  ({row['tokens']} tokens)")
     return 0
 
 
