@@ -9,7 +9,7 @@ import streamlit as st
 from launch import results
 from pages import _ui
 
-st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon=":material/compress:")
+st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon="📡")
 
 pages = {
     "Learn": [st.Page("pages/overview.py", title="Overview", icon=":material/school:", default=True)],
@@ -26,7 +26,7 @@ page = st.navigation(pages)
 _ui.ensure_queue()
 
 
-@st.fragment(run_every=_ui.POLL_S * 2)
+@st.fragment(run_every=_ui.POLL_S * 3)
 def active_job() -> None:
     active = results.active_runs(_ui.root())
     if active.empty:

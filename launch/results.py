@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from launch.events import progress, read_events
-from launch.index import ACTIVE, FINISHED
+from launch.index import ACTIVE
 from launch.layout import RunPaths, run_id_problem, runs_root
 
 RUN_COLUMNS = ["id", "kind", "model", "tp", "status", "created", "started", "finished", "duration_s",
@@ -129,8 +129,15 @@ def _when(t) -> pd.Timestamp | None:
 
 
 def active_runs(root=None) -> pd.DataFrame:
-    frame = runs_frame(root)
-    return frame[frame["status"].isin(ACTIVE)].sort_values("created").reset_index(drop=True)
+    """Queued and running runs in submission order: one index query (cheap enough to poll)."""
+    from launch.index import RunIndex
+    try:
+        rows = RunIndex(_root(root)).list(ACTIVE)
+    except Exception:  # noqa: BLE001 - an unreadable index shows as no active run; Runs shows why
+        rows = []
+    return pd.DataFrame([dict(id=r["id"], kind=r["kind"], model=r["model"], tp=r["tp"], status=r["status"],
+                              created=_when(r["created"])) for r in rows],
+                        columns=["id", "kind", "model", "tp", "status", "created"])
 
 
 def finished_ok(frame: pd.DataFrame, kind: str) -> pd.DataFrame:

@@ -83,6 +83,22 @@ def valid_tp_sizes(name: str) -> list[int]:
     return results.valid_tp_sizes(name)
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def bits_parts(scheme: str, hidden: int, tp: int) -> pd.DataFrame:
+    """Bits per value by leg and part (pure bookkeeping over lowbit.payload: cached by its inputs)."""
+    return results.bits_parts(scheme, hidden, tp)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def bits_per_site(scheme: str, hidden: int, layers: int, tp: int) -> pd.DataFrame:
+    return results.bits_per_site(scheme, hidden, layers, tp)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def traffic_per_token(scheme: str, hidden: int, layers: int, tp: int) -> dict:
+    return results.traffic_per_token(scheme, hidden, layers, tp)
+
+
 @st.cache_data(show_spinner=False)
 def model_names() -> list[str]:
     from lowbit.models import known_names
@@ -163,10 +179,10 @@ def style(fig: go.Figure, height: int = 480, legend_title: str | None = None) ->
     fig.update_layout(template="plotly_white", height=height, font=dict(size=FONT, color="#111"),
                       title_font=dict(size=FONT + 4), colorway=COLORS, margin=dict(l=70, r=30, t=60, b=60),
                       legend=dict(font=dict(size=FONT - 2), title=legend_title))
-    fig.update_xaxes(title_font=dict(size=FONT + 2), tickfont=dict(size=FONT - 2), showline=True,
-                     linecolor="#111", gridcolor="#ddd", zeroline=False)
-    fig.update_yaxes(title_font=dict(size=FONT + 2), tickfont=dict(size=FONT - 2), showline=True,
-                     linecolor="#111", gridcolor="#ddd", zeroline=False)
+    axes = dict(title_font=dict(size=FONT + 2, color="#111"), tickfont=dict(size=FONT - 2, color="#111"),
+                showline=True, linecolor="#111", gridcolor="#ddd", zeroline=False)
+    fig.update_xaxes(**axes)
+    fig.update_yaxes(**axes)
     return fig
 
 

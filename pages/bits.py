@@ -50,7 +50,7 @@ if extra.strip():
 rows, problems = [], []
 for s in chosen:
     try:
-        rows.append(results.bits_parts(s, H, tp))
+        rows.append(_ui.bits_parts(s, H, tp))
     except (SchemeError, ValueError) as exc:
         problems.append(f"`{s}: {exc}`")
 for p in problems:
@@ -70,7 +70,8 @@ if not measured.empty:
     m = measured[measured["scheme"].isin(parts["scheme"])]
     if not m.empty:
         fig.add_trace(go.Scatter(x=m["scheme"], y=m["bits_per_value"], mode="markers", name="measured in a run",
-                                 marker=dict(symbol="diamond", size=16, color="#111", line=dict(color="white", width=2))))
+                                 marker=dict(symbol="diamond", size=16, color="#111",
+                                             line=dict(color="white", width=2))))
 totals = parts.groupby("scheme", sort=False)["bits"].sum()
 fig.add_trace(go.Scatter(x=list(totals.index), y=list(totals.values), mode="text", text=[f"{v:.3f}" for v in totals],
                          textposition="top center", textfont=dict(size=_ui.FONT), showlegend=False))
@@ -80,7 +81,7 @@ st.caption("Diamonds: bits per value measured by the latest evaluate run (bytes 
            "they match the layout because lowbit.payload is the one owner of both.")
 
 st.header("Bytes per token")
-traffic = pd.DataFrame([results.traffic_per_token(s, H, L, tp) for s in totals.index])
+traffic = pd.DataFrame([_ui.traffic_per_token(s, H, L, tp) for s in totals.index])
 bf16_bytes = 2 * 2 * H * L
 table = pd.DataFrame({
     "scheme": traffic["scheme"], "bits / value (mean over sites)": traffic["bits_per_value"].round(4),
@@ -97,7 +98,7 @@ st.caption("Message: one rank's encoded partial sums for the layer's two all-red
 st.header("Per layer")
 st.markdown("A scheme map can give layers their own bit widths (e.g. `int4-static-top1/64;L0-3=int8-token`).")
 layer_scheme = st.selectbox("Scheme", list(totals.index), index=len(totals) - 1, key="bits_layer_scheme")
-per_site = results.bits_per_site(layer_scheme, H, L, tp)
+per_site = _ui.bits_per_site(layer_scheme, H, L, tp)
 fig = px.bar(per_site, x="layer", y="bits", color="part", facet_col="module", pattern_shape="leg",
              color_discrete_map=_ui.PART_COLORS, category_orders=dict(part=list(results.SCHEME_PARTS)),
              labels=dict(layer="layer", bits="bits per value", part="part", leg="leg"))

@@ -7,7 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from launch import results
-from lowbit.scheme import ALLOWED_BITS, OutlierSpec, QuantSpec, Scheme, SchemeError, parse_scheme_map
+from lowbit.scheme import ALLOWED_BITS, OutlierSpec, QuantSpec, Scheme, SchemeError
 from pages import _ui
 
 K_CHOICES = ["1/128", "1/64", "1/32", "1/16"]

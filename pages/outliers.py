@@ -5,7 +5,6 @@ and evaluate runs wrote; starts calibrate runs for other text sources."""
 from fractions import Fraction
 
 import numpy as np
-import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
@@ -106,7 +105,8 @@ st.markdown("Bright vertical stripes are features that are outliers in many laye
 
 # -- overlaps ----------------------------------------------------------------------------------------
 st.header("Overlap of the top-k sets (Jaccard)")
-st.markdown(f"Jaccard = |A ∩ B| / |A ∪ B|: **1** means the same {k} feature(s), and two *random* sets of {k} out of "
+st.markdown(f"Jaccard = |A ∩ B| / |A ∪ B|: **1** means the same {k} feature(s), and two *random* sets of {k} "
+            f"out of "
             f"{cal.hidden} would overlap about **{baseline:.3f}** (dashed line).")
 tab_b, tab_r, tab_l, tab_s = st.tabs(["Between batches", "Between ranks", "Between layers", "Between text sources"])
 with tab_b:

@@ -31,31 +31,49 @@ H, L = shape["hidden"], shape["layers"]
 
 
 # -- 1. where TP communicates ----------------------------------------------------------------------
-def layer_diagram(tp: int, hidden: int) -> str:
-    """DOT source of one decoder layer sharded over ``tp`` ranks (at most 4 drawn)."""
-    shown = list(range(min(tp, 4)))
-    lines = ['digraph G {', 'rankdir=LR; bgcolor="white"; nodesep=0.25; ranksep=0.45;',
-             'node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=18, fillcolor="#E8F1FA", '
-             'color="#0072B2", penwidth=1.5];', 'edge [color="#333333", penwidth=1.4];',
-             f'x [label="hidden state\\n{hidden} features\\n(all ranks)", fillcolor="#FFFFFF", color="#111111"];',
-             'ar1 [label="ALL-REDUCE 1\\nsum of partials\\n16 bits/value", shape=box, fillcolor="#D55E00", '
-             'fontcolor="white", color="#D55E00"];',
-             'ar2 [label="ALL-REDUCE 2\\nsum of partials\\n16 bits/value", shape=box, fillcolor="#D55E00", '
-             'fontcolor="white", color="#D55E00"];',
-             'h [label="hidden state\\n+ residual", fillcolor="#FFFFFF", color="#111111"];',
-             'out [label="next layer", fillcolor="#FFFFFF", color="#111111"];']
-    for r in shown:
-        lines += [f'a{r} [label="rank {r}: q k v (its heads)\\n-> attention\\n-> o_proj (its rows)\\n= partial sum"];',
-                  f'm{r} [label="rank {r}: gate/up (its columns)\\n-> down_proj (its rows)\\n= partial sum", '
-                  'fillcolor="#E6F5EF", color="#009E73"];',
-                  f'x -> a{r}; a{r} -> ar1; h -> m{r}; m{r} -> ar2;']
-    if tp > len(shown):
-        lines += [f'amore [label="... {tp - len(shown)} more rank(s)", shape=plaintext, style=""];',
-                  f'mmore [label="... {tp - len(shown)} more rank(s)", shape=plaintext, style=""];',
-                  'x -> amore [style=dashed]; amore -> ar1 [style=dashed]; h -> mmore [style=dashed]; '
-                  'mmore -> ar2 [style=dashed];']
-    lines += ['ar1 -> h; ar2 -> out;', '}']
-    return "\n".join(lines)
+def layer_diagram(tp: int, hidden: int) -> go.Figure:
+    """One decoder layer sharded over ``tp`` ranks (at most 4 drawn), as boxes and arrows."""
+    shown = min(tp, 4)
+    ys = [(shown - 1) / 2 - r for r in range(shown)]
+    fig = go.Figure()
+
+    def box(x, y, text, fill, line, w=0.8, h=0.8, color="#111"):
+        fig.add_shape(type="rect", x0=x - w / 2, x1=x + w / 2, y0=y - h / 2, y1=y + h / 2, fillcolor=fill,
+                      line=dict(color=line, width=3), layer="below")
+        fig.add_annotation(x=x, y=y, text=text, showarrow=False, font=dict(size=_ui.FONT + 2, color=color))
+
+    def arrow(x0, y0, x1, y1):
+        fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", text="",
+                           showarrow=True, arrowhead=2, arrowsize=1.2, arrowwidth=2.5, arrowcolor="#333")
+
+    X, A, R1, P, M, R2, N = 0.0, 1.5, 3.0, 4.1, 5.3, 6.8, 8.0  # column centres
+    box(X, 0, f"<b>x</b><br>{hidden}<br>features", "white", "#111")
+    box(P, 0, "<b>+ x</b>", "white", "#111", w=0.5, h=0.5)
+    box(N, 0, "next<br>layer", "white", "#111")
+    for x in (R1, R2):
+        box(x, 0, "<b>ALL-<br>REDUCE</b><br>16 bit", "#D55E00", "#D55E00", color="white")
+    for r, y in enumerate(ys):
+        box(A, y, f"<b>rank {r}</b><br>attention<br>+ o_proj", "#E8F1FA", "#0072B2", w=1.05)
+        box(M, y, f"<b>rank {r}</b><br>MLP<br>+ down_proj", "#E6F5EF", "#009E73", w=1.05)
+        arrow(X + 0.4, 0, A - 0.53, y)
+        arrow(A + 0.53, y, R1 - 0.4, 0)
+        arrow(P + 0.25, 0, M - 0.53, y)
+        arrow(M + 0.53, y, R2 - 0.4, 0)
+    arrow(R1 + 0.4, 0, P - 0.25, 0)
+    arrow(R2 + 0.4, 0, N - 0.4, 0)
+    for x in ((A + R1) / 2, (M + R2) / 2):
+        fig.add_annotation(x=x, y=ys[0] + 0.5, text="partial sums", showarrow=False,
+                           font=dict(size=_ui.FONT - 2, color="#555"))
+    if tp > shown:
+        for x in (A, M):
+            fig.add_annotation(x=x, y=ys[-1] - 0.65, text=f"+ {tp - shown} more rank(s)", showarrow=False,
+                               font=dict(size=_ui.FONT))
+    low = ys[-1] - (0.9 if tp > shown else 0.6)
+    fig.update_xaxes(visible=False, range=[-0.5, 8.5])
+    fig.update_yaxes(visible=False, range=[low, ys[0] + 0.7])
+    fig.update_layout(template="plotly_white", height=max(300, 120 * shown + 120), margin=dict(l=10, r=10, t=10, b=10),
+                      showlegend=False, dragmode=False)
+    return fig
 
 
 st.header("1. Where tensor parallelism communicates")
@@ -64,7 +82,7 @@ st.markdown(
     "gate, up) need no communication. The **row-parallel** layers (`o_proj` after attention, `down_proj` after the "
     "MLP) each leave every rank with a *partial sum* of the full hidden vector, and the ranks add those partials "
     "with an **all-reduce** -- twice per decoder layer, for every token.")
-st.graphviz_chart(layer_diagram(tp, H), width="stretch")
+_ui.plot(layer_diagram(tp, H), key="ov_diagram")
 
 # -- 2. bytes --------------------------------------------------------------------------------------
 st.header("2. How many bytes per token")
@@ -72,7 +90,7 @@ schemes = ["bf16", "int8-token", "int4-static-top1/64"]
 traffic = []
 for s in schemes:
     try:
-        t = results.traffic_per_token(s, H, L, tp)
+        t = _ui.traffic_per_token(s, H, L, tp)
     except ValueError as exc:  # a scheme this model's hidden size cannot take
         st.caption(f"{s}: {exc}")
         continue

@@ -69,19 +69,23 @@ else:
     front = results.pareto_front(points[x], points[y] if higher else -points[y])
     fig = go.Figure()
     multi = len(run_ids) > 1
-    for i, (run_id, g) in enumerate(points.groupby("run", sort=False)):
-        color = _ui.COLORS[i % len(_ui.COLORS)]
+    colors = _ui.scheme_colors(points["scheme"])
+    symbols = ["circle", "square", "diamond", "triangle-up", "x", "star"]
+    runs_in_plot = list(dict.fromkeys(points["run"]))
+    for (run_id, scheme), g in points.groupby(["run", "scheme"], sort=False):
+        color = colors[scheme]
         err = None
         if y_se and g[y_se].notna().any():
-            err = dict(type="data", array=g[y_se].fillna(0), thickness=2, width=6, color=color)
-        fig.add_trace(go.Scatter(x=g[x], y=g[y], error_y=err, mode="markers+text", text=g["scheme"],
-                                 textposition="top center", textfont=dict(size=_ui.FONT - 3),
-                                 marker=dict(size=14, color=color, line=dict(color="white", width=1)),
-                                 name=run_id if multi else "schemes"))
+            err = dict(type="data", array=g[y_se].fillna(0), thickness=2, width=8, color=color)
+        name = scheme + (f" ({run_id})" if multi else "")
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], error_y=err, mode="markers", name=name,
+                                 marker=dict(size=16, color=color, line=dict(color="white", width=1),
+                                             symbol=symbols[runs_in_plot.index(run_id) % len(symbols)]),
+                                 hovertemplate=f"{scheme}<br>{x_title}: %{{x:.4g}}<br>{y_title}: %{{y:.4g}}"))
     fp = points[front].sort_values(x)
     fig.add_trace(go.Scatter(x=fp[x], y=fp[y], mode="lines+markers", name="Pareto frontier",
-                             line=dict(color="#D55E00", width=4),
-                             marker=dict(size=22, symbol="circle-open", color="#D55E00", line=dict(width=3))))
+                             line=dict(color="#111", width=3, dash="dot"),
+                             marker=dict(size=26, symbol="circle-open", color="#111", line=dict(width=2))))
     fig.update_layout(title=f"{quality} vs {cost} ({'up' if higher else 'down'} and left is better)",
                       xaxis_title=x_title, yaxis_title=y_title)
     if y == "kl":

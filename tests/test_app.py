@@ -12,7 +12,7 @@ from launch.index import RunIndex
 from launch.registry import KINDS
 from launch.spec import JobSpec, SpecError
 from tests.conftest import REPO
-from tests.test_app_results import copy_results, results_root, results_template  # noqa: F401 - fixtures
+from tests.test_app_results import results_root, results_template  # noqa: F401 - fixtures
 
 PAGES = ["pages/overview.py", "pages/outliers.py", "pages/layer_error.py", "pages/bits.py", "pages/tradeoffs.py",
          "pages/collectives.py", "pages/runs.py"]
@@ -62,7 +62,7 @@ def test_every_page_opens_on_an_empty_history_and_says_how_to_start(empty_runs, 
         sidebar = texts(at.sidebar.markdown)
         assert "CPU cores" in sidebar and "Backend" in sidebar
         assert "smollm2-135m" in set(at.sidebar.dataframe[0].value["name"])
-        assert at.get("graphviz_chart"), "the TP layer diagram"
+        assert at.get("plotly_chart"), "the TP layer diagram"
         assert at.button(key="demo_button")
     elif page == "pages/bits.py":  # computed from the payload layout: needs no run
         assert plotly_charts(at)
@@ -74,7 +74,7 @@ def test_every_page_opens_on_an_empty_history_and_says_how_to_start(empty_runs, 
 
 
 # -- with results --------------------------------------------------------------------------------
-EXPECTED_CHARTS = {"pages/overview.py": 1, "pages/outliers.py": 5, "pages/layer_error.py": 1, "pages/bits.py": 2,
+EXPECTED_CHARTS = {"pages/overview.py": 2, "pages/outliers.py": 5, "pages/layer_error.py": 1, "pages/bits.py": 2,
                    "pages/tradeoffs.py": 1, "pages/collectives.py": 3, "pages/runs.py": 0}
 
 

@@ -144,7 +144,8 @@ def _build_runs(root: Path) -> None:
             base_ms = 0.05 + tokens * 576 * 2 * 2 * (tp - 1) / tp / 2e9 * 1e3
             for method, scheme, bits in (("all_reduce", "bf16", 16.0), ("gather", "int4-static-top1/64", 4.1875),
                                          ("two_shot", "int4-token@twoshot+int8-token", 12.2)):
-                ms = base_ms if method == "all_reduce" else 0.08 + base_ms * bits / 16 * (tp / 2 if method == "gather" else 1)
+                scale = tp / 2 if method == "gather" else 1  # all-gather sends TP-1 payloads
+                ms = base_ms if method == "all_reduce" else 0.08 + base_ms * bits / 16 * scale
                 records.append(dict(tp=tp, tokens=tokens, hidden=576, method=method, scheme=scheme,
                                     median_ms=ms, speedup_vs_bf16=base_ms / ms,
                                     bytes_per_rank=tokens * 576 * bits / 8 * (tp - 1), bits_per_value=bits,

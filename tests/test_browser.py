@@ -1,0 +1,168 @@
+"""The app in a real browser: `streamlit run app.py` on a free localhost port, Debian's headless
+Chromium driven by Playwright through every page (fixture runs present), then the demo button on
+a tiny configuration (tiny-llama, TP 2) until its result renders. Saves one PNG per page under
+test-output/screenshots/ and prints each page's first-render time and the demo's wall time
+(measured, not asserted).
+
+    .venv/bin/python -m pytest tests/test_browser.py -s
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_app_results import copy_results, results_template  # noqa: F401 - session fixture
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = REPO / "test-output" / "screenshots"
+# (nav label, h1 text, plotly charts expected once rendered with the fixture results)
+PAGES = [("Overview", "lowbit: low-bit communication", 2), ("Outliers", "Outliers", 5),
+         ("Layer error", "Layer error", 1), ("Bits", "Bits", 2), ("Trade-offs", "Trade-offs", 1),
+         ("Collectives", "Collectives", 3), ("Runs", "Runs", 0)]
+DEMO_TIMEOUT_S = 420
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"streamlit at {url} not healthy after {timeout_s} s")
+
+
+@pytest.fixture
+def app_server(results_template, tmp_path):  # noqa: F811 - the fixture imported above
+    root = copy_results(results_template, tmp_path / "runs")
+    port = free_port()
+    log = open(tmp_path / "streamlit.log", "wb")
+    env = dict(os.environ, LOWBIT_RUNS=str(root), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+                             "--server.port", str(port), "--server.headless", "true",
+                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url, root, tmp_path / "streamlit.log"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        # a demo run the test left behind would be stopped by its own time limit; stop it now
+        from launch.index import RunIndex
+        from launch.queue import cancel
+        for row in RunIndex(root).list(("queued", "running")):
+            cancel(row["id"], root)
+
+
+def wait_rendered(page, h1: str, charts: int, timeout_ms: int = 120_000) -> None:
+    """The page's title is shown, its charts are drawn and the script has stopped running."""
+    page.locator("h1", has_text=h1).first.wait_for(state="visible", timeout=timeout_ms)
+    if charts:
+        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {charts}",
+                               timeout=timeout_ms)
+    page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidgetRunningIcon\"]') && "
+                           "!document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=timeout_ms)
+
+
+def nav_link(page, label: str):
+    """The sidebar navigation link of a page (its text also holds the icon's name)."""
+    return page.locator(f'a[data-testid="stSidebarNavLink"]:has(span[label="{label}"])')
+
+
+def pick(page, label: str, option: str) -> None:
+    """Choose ``option`` in the st.selectbox labelled ``label``."""
+    box = page.get_by_role("combobox", name=label, exact=True).first
+    box.wait_for(state="visible", timeout=120_000)
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_every_page_and_the_demo_in_chromium(app_server):
+    from playwright.sync_api import sync_playwright
+    url, root, log_path = app_server
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport=dict(width=1600, height=1000))
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            start = time.perf_counter()
+            page.goto(url)
+            wait_rendered(page, PAGES[0][1], PAGES[0][2], timeout_ms=240_000)
+            cold = time.perf_counter() - start
+            for label, h1, charts in PAGES:
+                start = time.perf_counter()
+                nav_link(page, label).click()
+                wait_rendered(page, h1, charts)
+                timings[label] = time.perf_counter() - start
+                # a page that raised shows streamlit's exception box instead of content
+                assert page.locator('[data-testid="stException"]').count() == 0, label
+                assert page.locator('[data-testid="stSidebar"]').get_by_text("CPU cores").count() == 1, label
+                page.screenshot(path=str(SCREENSHOTS / f"{label.lower().replace(' ', '-')}.png"), full_page=True)
+
+            # The demo, on a configuration small enough for a test.
+            nav_link(page, "Overview").click()
+            wait_rendered(page, PAGES[0][1], 0)
+            pick(page, "Model", "tiny-llama")
+            wait_rendered(page, PAGES[0][1], 0)
+            pick(page, "TP size (ranks)", "2")
+            wait_rendered(page, PAGES[0][1], 0)
+            start = time.perf_counter()
+            page.get_by_role("button", name=re.compile("Run the demo")).click()
+            page.locator('[data-testid="stProgress"]').first.wait_for(state="visible", timeout=60_000)
+            page.screenshot(path=str(SCREENSHOTS / "overview-demo-running.png"), full_page=True)
+            finished = page.get_by_text(re.compile(r"Demo run \S+ \(tiny-llama, TP 2, backend gloo\) finished"))
+            failed = page.get_by_text(re.compile(r"The demo run \S+ ended"))
+            deadline = time.monotonic() + DEMO_TIMEOUT_S
+            while time.monotonic() < deadline and not finished.count() and not failed.count():
+                page.wait_for_timeout(500)
+            demo_wall = time.perf_counter() - start
+            assert not failed.count(), page.locator('[data-testid="stCode"]').all_inner_texts()
+            assert finished.count(), f"demo did not finish within {DEMO_TIMEOUT_S} s"
+            page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1")
+            finished.first.scroll_into_view_if_needed()
+            page.screenshot(path=str(SCREENSHOTS / "overview-demo-result.png"), full_page=True)
+            table = page.locator('[data-testid="stDataFrame"]').last
+            assert table.is_visible()
+        finally:
+            browser.close()
+    print(f"\ncold start (first load incl. imports): {cold:.2f} s")
+    for label, seconds in timings.items():
+        print(f"first render {label:<12} {seconds:6.2f} s")
+    print(f"demo wall time (click -> result rendered, tiny-llama TP 2): {demo_wall:.1f} s")
+    print(f"screenshots: {SCREENSHOTS}")
+    assert not errors, errors
+    assert "Traceback" not in Path(log_path).read_text(errors="replace"), Path(log_path).read_text()[-3000:]
