@@ -13,8 +13,8 @@ What each kernel does (one payload per rank, layout owned by ``lowbit.payload``)
     | scales (dynamic) | mins (asym dynamic) | codes: T x K packed, row-major | bf16 outliers T x k |
 
 ``_quantize_pack_kernel`` -- one program per ``ROWS`` tokens, three phases:
-  A. (dynamic scales) each row is loaded as an [n_groups, group] tile (a token scale is one
-     group of width H), outlier columns and non-finite values masked out, the range reduced,
+  A. (dynamic scales) the program's rows are loaded as one [rows, n_groups, group] tile (a
+     token scale is one group of width H), outlier columns and non-finite values masked out, the range reduced,
      the scale (and min) rounded toward +inf (-inf) to the scale dtype exactly as
      ``lowbit.quant._dynamic_qparams``, and stored into the payload's scale section.
   B. the program writes the code bytes whose first code lies in its rows. A byte holds
@@ -34,6 +34,9 @@ Two-shot requantization: ``_dequant_sum_kernel`` into an fp32 chunk, then
 
 Bit widths: 2, 4 and 8 (a byte holds whole codes). 3, 5 and 6-bit codes straddle bytes; they
 stay on the torch path (``kernels.dispatch`` routes them there) and these wrappers raise.
+
+Status: verified byte-equal under the Triton interpreter only; no GPU was available when they
+were written, so compiled-mode runs and the GB/s targets (``kernels.bench``) are still to do.
 
 Rounding identical to the reference: IEEE division (``div_rn``), round half to even written
 with ``floor`` (no libdevice, so it runs in the interpreter), no FMA contraction
