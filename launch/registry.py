@@ -136,7 +136,7 @@ KINDS: dict[str, Kind] = {
                              needs_model=False, check_params=bench_params, check_spec=bench_spec),
 }
 
-PLANNED_KINDS = ("sweep",)
+PLANNED_KINDS: tuple[str, ...] = ()
 
 
 def available_kinds() -> list[str]:
