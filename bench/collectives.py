@@ -501,6 +501,37 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(records: list[dict]) -> str:
+    """README table: one row per (tp, tokens, hidden, scheme), one column per link:
+    ``median ms (speedup vs bf16) [compute ms]``."""
+    links = list(dict.fromkeys(r["link"] for r in records))
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        rows.setdefault((r["tp"], r["tokens"], r["hidden"], r["method"], r["scheme"]), {})[r["link"]] = r
+    head = ["TP", "tokens x hidden", "method", "scheme", "bits/value", "MB/rank"] + \
+        [f"{link}: ms (x bf16) [compute]" for link in links]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (tp, tokens, hidden, method, scheme), by_link in rows.items():
+        first = next(iter(by_link.values()))
+        if first.get("median_ms") is None:
+            cells = ["-", "-"] + ["skipped"] * len(links)
+        else:
+            cells = [f"{first['bits_per_value']:.4g}", f"{first['bytes_per_rank'] / 1e6:.3g}"]
+            for link in links:
+                r = by_link.get(link)
+                if r is None or r.get("median_ms") is None:
+                    cells.append("-")
+                    continue
+                compute = "" if r.get("compute_ms") is None else f" [{_ms(r['compute_ms'])}]"
+                cells.append(f"{_ms(r['median_ms'])} ({r['speedup_vs_bf16']:.2f}x){compute}")
+        lines.append(f"| {tp} | {tokens} x {hidden} | {method} | `{scheme}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.collectives", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tp", type=int, nargs="+", default=[3], help="TP sizes, one job each (default 3)")
@@ -522,7 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write {meta, records} JSON here")
     parser.add_argument("--time-limit-s", type=float, default=3600.0, help="per job")
+    parser.add_argument("--markdown", type=Path, nargs="+", metavar="F.json",
+                        help="print the README table of earlier --out files and exit (runs nothing)")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table([r for f in args.markdown for r in json.loads(f.read_text())["records"]]))
+        return 0
 
     from launch.queue import JobQueue
     from launch.spec import JobSpec, SpecError

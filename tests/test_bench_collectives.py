@@ -190,3 +190,17 @@ def test_emulated_link_without_namespace_rights_is_refused_on_field_link(monkeyp
     assert collectives.main(["--tp", "3", "--link", "100mbit"]) == 2
     err = capsys.readouterr().err
     assert "link:" in err and "loopback" in err and "CAP_NET_ADMIN" in err, err
+
+
+def test_markdown_table_has_one_column_per_link(tmp_path, capsys):
+    import json
+
+    from bench.collectives import main
+    records = _run(2, tokens=[4], hidden=[64], schemes=["int8-static"])[0]
+    both = records + [dict(r, link="100mbit") for r in records]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(dict(meta={}, records=both)))
+    assert main(["--markdown", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "loopback: ms" in lines[0] and "100mbit: ms" in lines[0]
+    assert len(lines) == 2 + 2 and "`int8-static`" in lines[3]
