@@ -74,27 +74,36 @@ def backend(device: torch.device | str, bits: int, values: int | None = None) ->
 
 
 def _triton_module(interpret: bool):
-    name = "kernels.triton_quant"
-    if interpret and name not in sys.modules:
-        module = import_interpreted()
-    else:
-        module = importlib.import_module(name)
-    interpreted = type(module._quantize_pack_kernel).__name__ == "InterpretedFunction"
-    if interpret != interpreted:
-        raise RuntimeError(f"{name} was imported {'interpreted' if interpreted else 'compiled'} in this process "
-                           f"(TRITON_INTERPRET is read at import); start a new process for "
-                           f"{ENV}={'interpret' if interpret else 'triton'}")
+    if interpret:
+        return import_interpreted()
+    module = importlib.import_module(_TRITON_MODULE)
+    if _is_interpreted(module):
+        raise RuntimeError(f"{_TRITON_MODULE} was imported with TRITON_INTERPRET=1 in this process (Triton reads "
+                           f"it at import); start a new process without it for {ENV}=triton")
     return module
 
 
+_TRITON_MODULE = "kernels.triton_quant"
+
+
+def _is_interpreted(module) -> bool:
+    return type(module._quantize_pack_kernel).__name__ == "InterpretedFunction"
+
+
 def import_interpreted():
-    """Import ``kernels.triton_quant`` with its kernels interpreted. Triton reads
-    ``TRITON_INTERPRET`` when a kernel is decorated, so the variable is set for the import only
-    and restored after it (other Triton modules imported later are left as they would be)."""
+    """``kernels.triton_quant`` with its kernels interpreted. Triton reads ``TRITON_INTERPRET``
+    when a kernel is decorated, so the variable is set for the import only and restored after it
+    (other Triton modules imported later are left as they would be)."""
+    module = sys.modules.get(_TRITON_MODULE)
+    if module is not None:
+        if not _is_interpreted(module):
+            raise RuntimeError(f"{_TRITON_MODULE} was already imported compiled in this process (Triton reads "
+                               f"TRITON_INTERPRET at import); run {ENV}=interpret in a new process")
+        return module
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        return importlib.import_module("kernels.triton_quant")
+        return importlib.import_module(_TRITON_MODULE)
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]

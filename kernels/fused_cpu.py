@@ -29,6 +29,9 @@ The math per element is the reference's, in the same fp32 order, taken from ``lo
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +48,15 @@ _FP32_MAX = torch.finfo(torch.float32).max
 # below vary; hidden/outlier counts stay constants (cheap division by constants).
 _DYNAMO_CONFIG = dict(capture_scalar_outputs=True, automatic_dynamic_shapes=False, recompile_limit=1024,
                       accumulated_recompile_limit=1 << 16)
+# The config patch is process-global: ranks run as threads (lowbit's threaded fake group) would
+# interleave its enter/exit and leave it patched, so compiled calls take turns.
+_CONFIG_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _compiling():
+    with _CONFIG_LOCK, torch._dynamo.config.patch(**_DYNAMO_CONFIG):
+        yield
 
 
 def _codes_and_scales(x, keep_mask, scales_static, mins_static, quant: QuantSpec):
@@ -173,7 +185,7 @@ def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static
     x_out = x.index_select(1, feats.outliers)
     keep_mask = feats.colmap >= 0
     _dynamic_tokens((x, 0), (x_out, 0))
-    with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
+    with _compiling():
         codes, header = _graph("codes")(x, keep_mask, scales, mins, quant)
         codes = _drop_columns(codes, feats.kept_runs)
         if quant.bits in ref.WHOLE_BYTE_BITS:
@@ -216,7 +228,7 @@ def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, out
     scale_k = scales[:, feats.keep].contiguous()
     min_k = mins[:, feats.keep].contiguous()
     _dynamic_tokens((codes, 1), (token_ref, 0), (sc, 1), (mn, 1), (outl, 1))
-    with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
+    with _compiling():
         sums = _graph("dequant")(codes, token_ref, sc, mn, gk, scale_k, min_k, outl, quant, kept, code_bits)
     if n_out:
         sums = sums.index_select(1, ref.inverse_order(feats))
