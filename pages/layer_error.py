@@ -121,6 +121,8 @@ else:
                   labels=dict(layer="layer", rel_error="relative error (log scale)", snr_db="SNR (dB)", series="scheme",
                               mode="mode"))
     fig.for_each_annotation(lambda a: a.update(text=a.text.replace("module=", ""), font_size=_ui.FONT + 2))
+    if y == "rel_error":
+        fig.update_yaxes(dtick=1, exponentformat="power")  # one label per decade
     fig.update_layout(title=f"{data.get('model')} TP {data.get('tp')}: "
                             f"{'higher is better' if y == 'snr_db' else 'lower is better'}")
     _ui.plot(_ui.style(fig, height=560), key="le_chart")

@@ -171,7 +171,7 @@ def demo_result(run_id: str, row) -> None:
                          text=shown["kl"].map(lambda v: f"{v:.3g}"), textposition="outside", showlegend=False),
                   row=1, col=2)
     fig.update_yaxes(title_text="agreement (%)", range=[0, 110], row=1, col=1)
-    fig.update_yaxes(title_text="KL (nats/token, log scale)", type="log", row=1, col=2)
+    fig.update_yaxes(title_text="KL (nats/token, log scale)", type="log", dtick=1, exponentformat="power", row=1, col=2)
     fig.update_xaxes(title_text="scheme")
     _ui.style(fig, height=520)
     fig.update_annotations(font_size=_ui.FONT + 2)

@@ -95,6 +95,16 @@ def wait_rendered(page, h1: str, charts: int, timeout_ms: int = 120_000) -> None
                            "!document.querySelector('[data-testid=\"stSkeleton\"]')", timeout=timeout_ms)
 
 
+def snap(page, name: str) -> None:
+    """Screenshot of the whole page: streamlit scrolls inside its main element, so the viewport
+    is made as tall as the content for the shot."""
+    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    page.set_viewport_size(dict(width=1600, height=max(1000, min(int(height) + 40, 9000))))
+    page.wait_for_timeout(700)  # plotly redraws at the new size
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    page.set_viewport_size(dict(width=1600, height=1000))
+
+
 def nav_link(page, label: str):
     """The sidebar navigation link of a page (its text also holds the icon's name)."""
     return page.locator(f'a[data-testid="stSidebarNavLink"]:has(span[label="{label}"])')
@@ -104,8 +114,16 @@ def pick(page, label: str, option: str) -> None:
     """Choose ``option`` in the st.selectbox labelled ``label``."""
     box = page.get_by_role("combobox", name=label, exact=True).first
     box.wait_for(state="visible", timeout=120_000)
-    box.click()
-    page.get_by_role("option", name=option, exact=True).click()
+    for _ in range(5):  # a periodic fragment rerun may close the open list: open it again
+        if box.input_value() == option:
+            return
+        box.click()
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=10_000)
+        except Exception:  # noqa: BLE001 - retried; the last state is asserted below
+            page.keyboard.press("Escape")
+        page.wait_for_timeout(1000)
+    assert box.input_value() == option, f"{label}: {box.input_value()!r}, wanted {option!r}"
 
 
 def test_every_page_and_the_demo_in_chromium(app_server):
@@ -131,7 +149,7 @@ def test_every_page_and_the_demo_in_chromium(app_server):
                 # a page that raised shows streamlit's exception box instead of content
                 assert page.locator('[data-testid="stException"]').count() == 0, label
                 assert page.locator('[data-testid="stSidebar"]').get_by_text("CPU cores").count() == 1, label
-                page.screenshot(path=str(SCREENSHOTS / f"{label.lower().replace(' ', '-')}.png"), full_page=True)
+                snap(page, label.lower().replace(" ", "-"))
 
             # The demo, on a configuration small enough for a test.
             nav_link(page, "Overview").click()
@@ -143,7 +161,7 @@ def test_every_page_and_the_demo_in_chromium(app_server):
             start = time.perf_counter()
             page.get_by_role("button", name=re.compile("Run the demo")).click()
             page.locator('[data-testid="stProgress"]').first.wait_for(state="visible", timeout=60_000)
-            page.screenshot(path=str(SCREENSHOTS / "overview-demo-running.png"), full_page=True)
+            snap(page, "overview-demo-running")
             finished = page.get_by_text(re.compile(r"Demo run \S+ \(tiny-llama, TP 2, backend gloo\) finished"))
             failed = page.get_by_text(re.compile(r"The demo run \S+ ended"))
             deadline = time.monotonic() + DEMO_TIMEOUT_S
@@ -154,7 +172,7 @@ def test_every_page_and_the_demo_in_chromium(app_server):
             assert finished.count(), f"demo did not finish within {DEMO_TIMEOUT_S} s"
             page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1")
             finished.first.scroll_into_view_if_needed()
-            page.screenshot(path=str(SCREENSHOTS / "overview-demo-result.png"), full_page=True)
+            snap(page, "overview-demo-result")
             table = page.locator('[data-testid="stDataFrame"]').last
             assert table.is_visible()
         finally:
