@@ -172,6 +172,9 @@ def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
     return a, b
 
 
+EXACT_METHODS = ("exact", "allreduce", "all_reduce", "bf16")
+
+
 def check_against(records: list[dict]) -> list[dict]:
     """Fit alpha/beta per (link, tp) to the bf16 all-reduce records, then predict every
     record's *collective* time from its bytes per rank and report the relative error.
@@ -184,7 +187,7 @@ def check_against(records: list[dict]) -> list[dict]:
     for r in records:
         groups.setdefault((r.get("link", "loopback"), r["tp"]), []).append(r)
     for (link, n), rows in sorted(groups.items()):
-        exact = [r for r in rows if r["method"] in ("exact", "allreduce", "bf16")]
+        exact = [r for r in rows if r["method"] in EXACT_METHODS]
         if len(exact) < 2:
             continue
         # ring all-reduce: T = 2(N-1) alpha + [2(N-1)/N M] / beta  ->  linear in x = 2(N-1)/N M
@@ -192,13 +195,13 @@ def check_against(records: list[dict]) -> list[dict]:
         alpha, beta = a / (2 * (n - 1)), 1.0 / b
         for r in rows:
             payload = r["bytes_per_rank"]
-            if r["method"] in ("exact", "allreduce", "bf16"):
+            if r["method"] in EXACT_METHODS:
                 pred = allreduce_s(n, r["tokens"] * r["hidden"] * 2, alpha, beta)
             elif r["method"] == "gather":
                 pred = gather_s(n, payload, alpha, beta)
             else:  # two_shot: bytes_per_rank counts both legs
                 pred = 2 * (n - 1) * alpha + (n - 1) / n * payload / beta
-            pred += r.get("codec_ms", 0.0) / 1e3
+            pred += r.get("codec_ms", r.get("compute_ms") or 0.0) / 1e3
             out.append(dict(link=link, tp=n, method=r["method"], scheme=r.get("scheme"), tokens=r["tokens"],
                             hidden=r["hidden"], measured_ms=r["median_ms"], predicted_ms=pred * 1e3,
                             rel_error=(pred * 1e3 - r["median_ms"]) / r["median_ms"],
