@@ -63,25 +63,37 @@ if shown.empty:
     st.stop()
 shown = shown.sort_values("message_mib")
 colors = _ui.scheme_colors(labels)
+
+
+def decades(fig):
+    """Log axes labelled once per decade; facet titles without the column name."""
+    fig.update_xaxes(dtick=1, exponentformat="power")
+    fig.for_each_annotation(lambda a: a.update(font_size=_ui.FONT + 2))
+    return fig
 common = dict(color="label", facet_col="tp", markers=True, log_x=True, color_discrete_map=colors)
 
 fig = px.line(shown, x="message_mib", y="median_ms", log_y=True, **common,
-              labels=dict(message_mib="message size (MiB in BF16, tokens x hidden x 2 B)",
-                          median_ms="median time (ms, log scale)", label="", tp="TP"))
-fig.update_layout(title=f"All-reduce time by message size ({link_pick or 'any link'})")
+              labels=dict(message_mib="message (MiB in BF16)", median_ms="median time (ms, log scale)", label="",
+                          tp="TP"))
+fig.update_layout(title=f"All-reduce time by message size ({link_pick or 'any link'}); message = tokens x hidden x 2 B")
+fig.update_yaxes(dtick=1, exponentformat="power")
+decades(fig)
 _ui.plot(_ui.style(fig, height=520), key="cb_time")
 
 fig = px.line(shown, x="message_mib", y="speedup_vs_bf16", **common,
-              labels=dict(message_mib="message size (MiB in BF16)", speedup_vs_bf16="speedup vs BF16 all-reduce (x)",
+              labels=dict(message_mib="message (MiB in BF16)", speedup_vs_bf16="speedup vs BF16 all-reduce (x)",
                           label="", tp="TP"))
 fig.add_hline(y=1.0, line=dict(dash="dash", color="#111"), annotation_text="as fast as BF16")
 fig.update_layout(title="Speedup: above the dashed line the quantized collective wins")
+decades(fig)
 _ui.plot(_ui.style(fig, height=480), key="cb_speedup")
 
 fig = px.line(shown, x="message_mib", y="bytes_per_rank", log_y=True, **common,
-              labels=dict(message_mib="message size (MiB in BF16)", bytes_per_rank="bytes sent per rank (log scale)",
+              labels=dict(message_mib="message (MiB in BF16)", bytes_per_rank="bytes sent per rank (log scale)",
                           label="", tp="TP"))
 fig.update_layout(title="Bytes each rank moves")
+fig.update_yaxes(dtick=1, exponentformat="power")
+decades(fig)
 _ui.plot(_ui.style(fig, height=480), key="cb_bytes")
 
 st.dataframe(shown.drop(columns=["label"]), hide_index=True, width="stretch")
