@@ -159,7 +159,7 @@ def demo_result(run_id: str, row) -> None:
         return
     took = row["duration_s"] if row is not None and pd.notna(row["duration_s"]) else None
     st.success(f"Demo run {run_id} ({data.get('model')}, TP {data.get('tp')}, backend {data.get('backend')})"
-               + (f" finished in {took:.0f} s." if took else "."))
+               + (f" finished in {took:.0f} s." if took and took >= 1 else "."))
     shown = frame[~frame["reference"]]
     colors = _ui.scheme_colors(shown["scheme"])
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
