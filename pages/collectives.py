@@ -27,7 +27,11 @@ def bench_form(key: str) -> None:
         link = st.selectbox("Link", ["loopback", "1gbit", "100mbit"], key=f"{key}_link",
                             help="Rate-limited links emulate separate nodes (network namespaces + tc)")
     if st.button("Run the collective benchmark", icon=":material/play_arrow:", key=f"{key}_go"):
-        _ui.submit(dict(kind="collective-bench", tp=int(tp), link=link))
+        if "collective-bench" in KINDS:
+            from bench.collectives import job_spec  # the bench owns its spec's shape and defaults
+            _ui.submit(job_spec(int(tp), link, {}))
+        else:
+            _ui.submit(dict(kind="collective-bench", tp=int(tp), link=link))
 
 
 if bench.empty:
@@ -38,7 +42,8 @@ if bench.empty:
         "collectives for a range of message sizes (tokens x hidden) at a TP size, on loopback or on a "
         "rate-limited link, and writes one record per configuration: median time, speedup vs BF16 and bytes "
         "per rank. "
-        + ("Start one below." if ready else
+        + ("Start one below (rate-limited links need root for network namespaces). From a terminal: "
+           "`.venv/bin/python -m bench.collectives --tp 3 --link loopback 1gbit`." if ready else
            "This job kind is still being built; once it is registered the button below starts it (until then it "
            "shows why it cannot run)."))
     bench_form("cb_empty")
