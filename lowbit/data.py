@@ -79,11 +79,38 @@ def source_documents(source: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=8)
 def _token_stream(source: str, tokenizer_key: str, tokenizer) -> torch.Tensor:
+    """Token ids of the whole source, cached on disk too: every rank of every job would
+    otherwise tokenize the full text again (9-30 s each on a busy 2-core machine). The file
+    name hashes the documents and how this tokenizer encodes a probe, so a different text or
+    tokenizer never reads a stale stream."""
+    import hashlib
+    import os
+    import tempfile
+
+    from lowbit.models import cache_root
     eos = tokenizer.eos_token or ""
+    docs = source_documents(source)
+    digest = hashlib.sha1()
+    for part in (source, tokenizer_key, eos, str(tokenizer("lowbit probe: The quick brown fox 1234 ☃").input_ids)):
+        digest.update(part.encode("utf-8", "replace") + b"\0")
+    for doc in docs:
+        digest.update(doc.encode("utf-8", "replace") + b"\0")
+    path = cache_root() / "tokens" / f"{source}-{digest.hexdigest()[:16]}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt below
+            pass
     ids: list[int] = []
-    for doc in source_documents(source):
+    for doc in docs:
         ids.extend(tokenizer(doc + eos, add_special_tokens=False).input_ids)
-    return torch.tensor(ids, dtype=torch.long)
+    stream = torch.tensor(ids, dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(stream, tmp)
+    os.replace(tmp, path)  # atomic: concurrent ranks each write a whole file
+    return stream
 
 
 def token_stream(source: str, tokenizer) -> torch.Tensor:
