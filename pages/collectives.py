@@ -29,7 +29,9 @@ def bench_form(key: str) -> None:
     if st.button("Run the collective benchmark", icon=":material/play_arrow:", key=f"{key}_go"):
         if "collective-bench" in KINDS:
             from bench.collectives import job_spec  # the bench owns its spec's shape and defaults
-            _ui.submit(job_spec(int(tp), link, {}))
+            # A classroom-sized grid: decode, a short and a long prompt at the embedded model's width
+            # (the full default grid can take most of an hour over a 100 Mbit/s link).
+            _ui.submit(job_spec(int(tp), link, {"tokens": [1, 256, 2048], "hidden": [576]}))
         else:
             _ui.submit(dict(kind="collective-bench", tp=int(tp), link=link))
 
