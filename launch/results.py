@@ -29,6 +29,7 @@ import pandas as pd
 from launch.events import progress, read_events
 from launch.index import ACTIVE
 from launch.layout import RunPaths, run_id_problem, runs_root
+from launch.queue import _tail  # one tail reader for logs (the queue owns it)
 
 RUN_COLUMNS = ["id", "kind", "model", "tp", "status", "created", "started", "finished", "duration_s",
                "fraction", "message", "error", "problem", "schemes"]
@@ -157,15 +158,6 @@ def log_tail(run_id: str, root=None, lines: int = 40) -> dict[str, str]:
     return out
 
 
-def _tail(path: Path, lines: int) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64_000))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    return "\n".join(text.splitlines()[-lines:]) or None
 
 
 def events_frame(events: list[dict]) -> pd.DataFrame:
