@@ -248,6 +248,11 @@ SCHEME_COLUMNS = ["scheme", "reference", "bits_per_value", "leg1_bits", "leg2_bi
                   "family", "bits", "granularity", "select", "k", "algo", "second", "overrides"]
 
 
+SCHEME_NUMERIC = ["bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "kept_pct", "kept_se",
+                  "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok", "text_tokens", "clamped",
+                  "nonfinite"]
+
+
 def scheme_frame(result: dict | None) -> pd.DataFrame:
     """One row per scheme of an evaluate result (the reference first), with its parsed fields."""
     records = _records(result)
@@ -270,7 +275,12 @@ def scheme_frame(result: dict | None) -> pd.DataFrame:
         row.update({k: fields[k] for k in ("family", "bits", "granularity", "select", "k", "algo", "second",
                                            "overrides")})
         rows.append(row)
-    return pd.DataFrame(rows, columns=SCHEME_COLUMNS)
+    frame = pd.DataFrame(rows, columns=SCHEME_COLUMNS)
+    # A column that is None in every row (no tasks in the run: kept_pct, kept_se) must still be numeric,
+    # or pages calling .round() on it fail.
+    for col in SCHEME_NUMERIC:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
+    return frame
 
 
 LAYER_ERROR_COLUMNS = ["scheme", "mode", "layer", "module", "leg", "rel_error", "snr_db", "max_abs_error"]

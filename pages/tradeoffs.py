@@ -54,7 +54,9 @@ table["top1_pct"] = table["top1_agreement"] * 100
 
 c1, c2, c3 = st.columns(3)
 with c1:
-    quality = st.selectbox("Quality (y)", list(QUALITY), key="to_quality")
+    # Default to the first measure these runs have: the demo evaluates no tasks, so "% kept" would be empty.
+    present = [q for q, (col, *_) in QUALITY.items() if table[col].notna().any()] or list(QUALITY)
+    quality = st.selectbox("Quality (y)", list(QUALITY), index=list(QUALITY).index(present[0]), key="to_quality")
 with c2:
     cost = st.radio("Cost (x)", list(COST), horizontal=True, key="to_cost")
 with c3:

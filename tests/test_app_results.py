@@ -130,8 +130,11 @@ def _build_runs(root: Path) -> None:
     evaluation = ThreadWorld(TP).run(jobs.evaluate, params)[0]
     _record(root, "eval-tiny", dict(spec, run_id="eval-tiny"), "done", evaluation, seconds=41.0)
 
-    # The demo's shape: the same evaluation restricted to the demo's schemes (and the reference).
-    demo = dict(evaluation, records=[r for r in evaluation["records"] if r["scheme"] in ("fp32", *DEMO_SCHEMES)],
+    # The demo's shape: the same evaluation restricted to the demo's schemes (and the reference), and,
+    # like the real demo preset, without tasks (no "tasks", "kept_pct", "avg_primary" in its records).
+    task_keys = ("tasks", "kept_pct", "avg_primary")
+    demo = dict(evaluation, records=[{k: v for k, v in r.items() if k not in task_keys}
+                                     for r in evaluation["records"] if r["scheme"] in ("fp32", *DEMO_SCHEMES)],
                 layer_errors=[r for r in evaluation["layer_errors"] if r["scheme"] in DEMO_SCHEMES])
     with _runs_env(root):
         demo_spec = dict(spec, schemes=list(DEMO_SCHEMES), run_id="demo-tiny")
@@ -229,6 +232,17 @@ def test_scheme_frame_has_one_row_per_scheme_with_the_papers_bits(results_root):
     assert frame.loc["int4-static-top1/64", "select"] == "topk" and frame.loc["int4-static", "select"] == "none"
     assert frame.loc["int8-token", "kl"] < frame.loc["int4-static", "kl"]
     assert frame["kept_pct"].notna().all() and frame["kept_se"].notna().all()
+
+
+def test_scheme_frame_of_a_run_without_tasks_keeps_numeric_columns(results_root):
+    # The demo evaluates no tasks: its kept_pct / kept_se are missing in every row, and pages round them.
+    data, _ = results.load_result("demo-tiny", results_root)
+    frame = results.scheme_frame(data)
+    assert frame["kept_pct"].isna().all() and frame["kept_se"].isna().all()
+    for col in results.SCHEME_NUMERIC:
+        assert frame[col].dtype == float, col
+    assert frame["kept_pct"].round(1).isna().all()
+    assert frame["kl"].notna().all()
 
 
 def test_measured_bits_equal_the_payload_layout_for_every_scheme(results_root):
