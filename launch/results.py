@@ -193,7 +193,23 @@ def _num(value) -> float | None:
 
 
 def _dict_records(result: dict | None) -> list[dict]:
-    records = result.get("records") if isinstance(result, dict) else None
+    """An evaluate result's ``records``, or a sweep result's ``points`` after a reference record
+    rebuilt from what every point carries (``reference_ppl``, ``reference_tasks``), so sweeps and
+    evaluate runs read the same way."""
+    if not isinstance(result, dict):
+        return []
+    records = result.get("records")
+    if not isinstance(records, list) and isinstance(result.get("points"), list):
+        points = [r for r in result["points"] if isinstance(r, dict)]
+        if not points:
+            return []
+        first = points[0]
+        reference = dict(scheme=result.get("reference", "fp32"), bits_per_value=32.0, ppl=first.get("reference_ppl"),
+                         kl=0.0, top1_agreement=1.0)
+        if isinstance(first.get("reference_tasks"), dict):
+            reference["tasks"] = first["reference_tasks"]
+            reference["kept_pct"] = 100.0
+        return [reference, *points]
     return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
 
 
@@ -297,9 +313,13 @@ def layer_error_frame(result: dict | None) -> pd.DataFrame:
     return frame.dropna(subset=["scheme", "layer"]).astype({"layer": int})
 
 
-def evaluate_runs(frame: pd.DataFrame, root=None) -> pd.DataFrame:
-    """Done evaluate runs whose result.json holds scheme records, newest first, with a label."""
+def evaluate_runs(frame: pd.DataFrame, root=None, sweeps: bool = False) -> pd.DataFrame:
+    """Done evaluate runs whose result.json holds scheme records, newest first, with a label;
+    with ``sweeps`` also done auto-tune sweeps (their points read as records)."""
     ok = finished_ok(frame, "evaluate")
+    if sweeps:
+        ok = pd.concat([ok, finished_ok(frame, "sweep")], ignore_index=True)
+        ok = ok.sort_values("created", ascending=False, kind="stable").reset_index(drop=True)
     rows = []
     for _, run in ok.iterrows():
         data, problem = load_result(run["id"], root)
@@ -310,8 +330,32 @@ def evaluate_runs(frame: pd.DataFrame, root=None) -> pd.DataFrame:
                          created=run["created"], schemes=len(records),
                          has_layers=bool(data.get("layer_errors")),
                          label=f"{run['id']} · {data.get('model', run['model'])} TP {data.get('tp', run['tp'])} · "
-                               f"{len(records)} schemes"))
+                               f"{len(records)} schemes" + (" (auto-tune)" if run["kind"] == "sweep" else "")))
     return pd.DataFrame(rows, columns=["id", "model", "tp", "created", "schemes", "has_layers", "label"])
+
+
+def sweep_summary(result: dict | None) -> pd.DataFrame:
+    """A sweep's answer per reported budget: the lowest-KL scheme at <= that many bits, with its
+    bits, KL and % kept (empty for an evaluate result)."""
+    best_at = (result or {}).get("best_at")
+    columns = ["budget", "scheme", "bits_per_value", "kl", "kept_pct", "cheapest_meeting_floor"]
+    if not isinstance(best_at, dict):
+        return pd.DataFrame(columns=columns)
+    points = {r["scheme"]: r for r in _records(result)}
+    best = (result or {}).get("best")
+    rows = []
+    for budget, scheme in best_at.items():
+        r = points.get(scheme, {}) if isinstance(scheme, str) else {}
+        rows.append(dict(budget=str(budget), scheme=scheme, bits_per_value=_num(r.get("bits_per_value")),
+                         kl=_num(r.get("kl")), kept_pct=_num(r.get("kept_pct")),
+                         cheapest_meeting_floor=scheme is not None and scheme == best))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def sweep_grid_candidates(grid: dict, hidden: int, tp: int, budget_min: float, budget_max: float) -> list[str]:
+    """The grid schemes a sweep job would evaluate in the budget range (bit bookkeeping only)."""
+    from lowbit.sweep import grid_schemes
+    return grid_schemes(grid, hidden, tp, budget_min, budget_max)
 
 
 def pareto_front(cost: pd.Series, quality: pd.Series) -> pd.Series:
@@ -420,6 +464,51 @@ def load_calibration(folder: str | Path):
     """The artifact in ``folder`` (``lowbit.calibrate.Calibration``); raises CalibrationError."""
     from lowbit.calibrate import Calibration
     return Calibration.load(folder)
+
+
+def rotation_view(calibration, layer: int, module: str, rank: int, block: int,
+                  quant: str = "int4-token") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One stored partial (the calibration's ``sample``) before and after the block rotation.
+
+    Returns ``values`` (one row per value: stage ``original`` / ``rotated``, token, feature,
+    value) and ``tokens`` (one row per token: absmax and relative quantization error with
+    ``quant``, a dynamic scheme such as ``int4-token`` or ``int4-group64``, without and with the
+    rotation; see ``lowbit.rotation.rotation_effect``). Raises CalibrationError / ValueError with
+    the field named."""
+    from lowbit.comm import Site
+    from lowbit.rotation import check_block, rotation_effect
+    from lowbit.scheme import parse_scheme
+    x = calibration.site_sample(Site(layer, module), rank)
+    check_block(x.shape[-1], block)
+    scheme = parse_scheme(quant)
+    if scheme.is_exact or scheme.rotation is not None:
+        raise ValueError(f"quant: {quant!r} not allowed; allowed: a dynamic scheme without rotation, e.g. int4-token")
+    eff = rotation_effect(x, block, scheme.quant)
+    tokens, hidden = x.shape
+    grid = dict(token=np.repeat(np.arange(tokens), hidden), feature=np.tile(np.arange(hidden), tokens))
+    values = pd.concat([pd.DataFrame(dict(stage="original", value=x.reshape(-1).numpy(), **grid)),
+                        pd.DataFrame(dict(stage=f"rotated (R={block})", value=eff["rotated"].reshape(-1).numpy(),
+                                          **grid))], ignore_index=True)
+    per_token = pd.DataFrame(dict(token=np.arange(tokens), **{k: eff[k].numpy() for k in (
+        "absmax", "absmax_rotated", "rms", "error", "error_rotated", "rest_error", "rest_error_rotated")}))
+    return values, per_token
+
+
+def spikiest_sample(calibration) -> tuple[int, str, int]:
+    """(layer, module, rank) whose stored sample has the largest max|x| / RMS: the partial where
+    rotation has the most to show. Raises CalibrationError when the artifact has no samples."""
+    from lowbit.comm import ROW_PARALLEL_MODULES, Site
+    calibration.site_sample(Site(0, ROW_PARALLEL_MODULES[0]), 0)  # the no-sample error, named
+    x = calibration.sample.float()  # [L, M, tp, S, H]
+    rms = x.pow(2).mean(dim=(-1, -2)).sqrt()
+    crest = x.abs().amax(dim=(-1, -2)) / _safe_divisor(rms)
+    layer, module, rank = np.unravel_index(int(crest.argmax()), tuple(crest.shape))
+    return int(layer), ROW_PARALLEL_MODULES[int(module)], int(rank)
+
+
+def _safe_divisor(t):
+    """``t`` with zeros replaced by ones (a safe divisor)."""
+    return t.where(t > 0, t.new_ones(()))
 
 
 def outlier_count(hidden: int, k_frac: Fraction) -> int:

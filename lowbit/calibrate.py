@@ -6,7 +6,9 @@ feature of its *partial* sum, and keeps an exponential moving average
 ``ema = (1 - gamma) * ema + gamma * batch_value`` (initialised with the first batch; the paper
 uses gamma = 0.01). The per-rank range is ``2 * max(|min|, |max|)``. The artifact also keeps
 every batch's min/max so the app can show how consistent the outlier features are across
-batches, ranks, layers and text sources.
+batches, ranks, layers and text sources, and a small ``sample``: the first ``SAMPLE_TOKENS``
+tokens of the first batch's partial at every site and rank (fp32), so the app can show one
+real partial's distribution before and after a rotation (``lowbit.rotation.rotation_effect``).
 
 Outlier selection (same indices on every rank): ``topk`` scores each feature by its range summed
 over ranks and keeps the k = floor(k_frac * hidden) largest; ``random`` draws k features with a
@@ -31,6 +33,7 @@ from lowbit.scheme import OUTLIER_SELECTS, OutlierSpec
 
 ARTIFACT_TENSORS = "calibration.safetensors"
 ARTIFACT_META = "calibration.json"
+SAMPLE_TOKENS = 16  # smollm2-135m TP 3: 30 x 2 x 3 x 16 x 576 fp32 = 6.6 MB
 
 
 class CalibrationError(ValueError):
@@ -46,6 +49,7 @@ class Calibration:
     batch_min: torch.Tensor  # [batches, L, M, tp, H]
     batch_max: torch.Tensor
     meta: dict = field(default_factory=dict)
+    sample: torch.Tensor | None = None  # [L, M, tp, S, H]: first S tokens of the first batch (older artifacts: None)
 
     @property
     def tp(self) -> int:
@@ -88,9 +92,11 @@ class Calibration:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"ema_min": self.ema_min.contiguous(), "ema_max": self.ema_max.contiguous(),
-                   "batch_min": self.batch_min.contiguous(), "batch_max": self.batch_max.contiguous()},
-                  str(folder / ARTIFACT_TENSORS))
+        tensors = {"ema_min": self.ema_min.contiguous(), "ema_max": self.ema_max.contiguous(),
+                   "batch_min": self.batch_min.contiguous(), "batch_max": self.batch_max.contiguous()}
+        if self.sample is not None:
+            tensors["sample"] = self.sample.contiguous()
+        save_file(tensors, str(folder / ARTIFACT_TENSORS))
         (folder / ARTIFACT_META).write_text(json.dumps(self.meta, indent=2))
         return folder
 
@@ -102,7 +108,17 @@ class Calibration:
                                    f"and {ARTIFACT_META}); run `python -m lowbit calibrate` first")
         t = load_file(str(folder / ARTIFACT_TENSORS))
         return cls(t["ema_min"], t["ema_max"], t["batch_min"], t["batch_max"],
-                   json.loads((folder / ARTIFACT_META).read_text()))
+                   json.loads((folder / ARTIFACT_META).read_text()), t.get("sample"))
+
+    def site_sample(self, site: Site, rank: int) -> torch.Tensor:
+        """The stored partial of ``rank`` at ``site``: [S, H] fp32 (see ``SAMPLE_TOKENS``)."""
+        if self.sample is None:
+            raise CalibrationError("calibration: this artifact keeps no sample partials (made before they were "
+                                   "recorded); run `python -m lowbit calibrate` again to get them")
+        if not 0 <= site.layer < self.layers or not 0 <= rank < self.tp:
+            raise CalibrationError(f"calibration: no sample for layer {site.layer}, rank {rank}; allowed: "
+                                   f"layers 0..{self.layers - 1}, ranks 0..{self.tp - 1}")
+        return self.sample[site.layer, self.module_index(site.module), rank]
 
 
 def select_outliers(calibration: Calibration | None, site: Site, outliers: OutlierSpec, hidden: int) -> torch.Tensor:
@@ -129,10 +145,17 @@ class StatsCommunicator(Communicator):
         self.inner = inner
         self.cur_min = torch.full((layers, len(ROW_PARALLEL_MODULES), hidden), math.inf)
         self.cur_max = torch.full((layers, len(ROW_PARALLEL_MODULES), hidden), -math.inf)
+        self.sample: torch.Tensor | None = None  # [L, M, S, H], filled by the first batch
+        self.sampling = True
 
     def _reduce(self, partial, site):
         flat = partial.detach().reshape(-1, partial.shape[-1]).float().cpu()
         m = ROW_PARALLEL_MODULES.index(site.module)
+        if self.sampling:
+            if self.sample is None:
+                rows = min(SAMPLE_TOKENS, flat.shape[0])
+                self.sample = torch.zeros(self.cur_min.shape[0], len(ROW_PARALLEL_MODULES), rows, flat.shape[1])
+            self.sample[site.layer, m] = flat[:self.sample.shape[2]]
         self.cur_min[site.layer, m] = torch.minimum(self.cur_min[site.layer, m], flat.amin(0))
         self.cur_max[site.layer, m] = torch.maximum(self.cur_max[site.layer, m], flat.amax(0))
         return self.inner.reduce(partial, site), 0, {}
@@ -164,6 +187,7 @@ def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[to
         for step, ids in enumerate(token_batches):
             model(ids.to(device), use_cache=False)
             bmin, bmax = stats.take_batch()
+            stats.sampling = False
             mins.append(bmin)
             maxs.append(bmax)
             if progress:
@@ -175,6 +199,9 @@ def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[to
     gathered = group.all_gather(local.to(device)).cpu()  # [tp, 2, B, L, M, H]
     batch_min = gathered[:, 0].permute(1, 2, 3, 0, 4).contiguous()
     batch_max = gathered[:, 1].permute(1, 2, 3, 0, 4).contiguous()
+    sample = None
+    if stats.sample is not None:  # [L, M, S, H] per rank -> [L, M, tp, S, H]
+        sample = group.all_gather(stats.sample.to(device)).cpu().permute(1, 2, 0, 3, 4).contiguous()
     ema_min, ema_max = batch_min[0].clone(), batch_max[0].clone()
     for b in range(1, batch_min.shape[0]):
         ema_min = (1 - gamma) * ema_min + gamma * batch_min[b]
@@ -183,7 +210,7 @@ def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[to
     info = dict(meta or {}, tp=group.world_size, gamma=gamma, batches=len(token_batches), tokens=tokens,
                 hidden=hidden, layers=layers, modules=list(ROW_PARALLEL_MODULES),
                 seconds=round(time.perf_counter() - start, 3), sites=len(row_parallel_sites(model)))
-    return Calibration(ema_min, ema_max, batch_min, batch_max, info)
+    return Calibration(ema_min, ema_max, batch_min, batch_max, info, sample)
 
 
 def ema_trace(calibration: Calibration, site: Site, feature: int, gamma: float | None = None) -> torch.Tensor:

@@ -117,3 +117,40 @@ def fold_rotation(model: torch.nn.Module, schemes) -> list:
         folded.append(module.site)
     model.lowbit_folded_rotation = str(smap)
     return folded
+
+
+
+def rotation_effect(x: torch.Tensor, block: int, spec) -> dict:
+    """What rotating one partial ``x`` [T, H] does to its quantization (the app's "why it works"
+    panel). ``spec`` is a dynamic ``QuantSpec`` (per token or per group). Returns the rotated
+    values ``rotated`` [T, H] and per token [T]: ``absmax`` / ``absmax_rotated`` (the scale is
+    proportional to it), ``rms`` (rotation keeps it), and the relative L2 error of quantizing with
+    ``spec`` without / with the rotation (the rotated one measured after rotating back):
+    ``error`` / ``error_rotated`` over the whole token, ``rest_error`` / ``rest_error_rotated``
+    over every feature except the token's largest |x| (what a spike does to its neighbours).
+    """
+    from lowbit.quant import dequantize, quantize
+    if not spec.dynamic:
+        raise ValueError(f"spec: {spec} not allowed; allowed: a dynamic granularity (token, group)")
+    x = x.to(_FP32)
+    rest = torch.ones_like(x, dtype=torch.bool)
+    rest.scatter_(-1, x.abs().argmax(-1, keepdim=True), False)
+
+    def relative(err: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        norm = ref.norm(dim=-1)
+        return err.norm(dim=-1) / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+    def errors(values: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        res = quantize(values, spec)
+        back = dequantize(res.codes, spec, res.scales, res.mins)
+        if inverse:
+            back = unrotate(back, block)
+        err = back - x
+        return relative(err, x), relative(err * rest, x * rest)
+
+    rotated = rotate(x, block)
+    error, rest_error = errors(x, False)
+    error_rotated, rest_error_rotated = errors(rotated, True)
+    return dict(rotated=rotated, absmax=x.abs().amax(-1), absmax_rotated=rotated.abs().amax(-1),
+                rms=x.pow(2).mean(-1).sqrt(), error=error, error_rotated=error_rotated, rest_error=rest_error,
+                rest_error_rotated=rest_error_rotated)

@@ -205,9 +205,10 @@ def empty_state(what: str, how: str) -> None:
 
 
 def pick_evaluate_run(label: str = "Evaluation run", key: str = "eval_run", need_layers: bool = False,
-                      multi: bool = False):
-    """A select box over done evaluate runs (newest first); None (or []) when there are none."""
-    frame = results.evaluate_runs(runs(), root())
+                      multi: bool = False, sweeps: bool = False):
+    """A select box over done evaluate runs (and auto-tune sweeps with ``sweeps``), newest first;
+    None (or []) when there are none."""
+    frame = results.evaluate_runs(runs(), root(), sweeps=sweeps)
     if need_layers:
         frame = frame[frame["has_layers"]]
     if frame.empty:

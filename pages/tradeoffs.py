@@ -1,10 +1,13 @@
 """Trade-offs: accuracy kept vs bits per value vs measured communication time, one point per
-scheme, with the Pareto frontier; the table below downloads as CSV."""
+scheme, with the Pareto frontier; the table below downloads as CSV. Auto-tune sweeps show their
+points and their answer per budget, and the form at the bottom starts one."""
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from launch import results
+from lowbit.data import TASKS
+from lowbit.sensitivity import DEFAULT_CANDIDATES
 from pages import _ui
 
 QUALITY = {  # label -> (column, standard-error column, higher is better, axis title)
@@ -25,14 +28,94 @@ st.markdown(
     "**Pareto frontier** (thick line) links the schemes that no other scheme beats on both axes at once. Error bars "
     "are one standard error from the task items (paired with the exact run for % kept).")
 
-run_ids = _ui.pick_evaluate_run(label="Evaluation runs", key="to_runs", multi=True)
+BUDGETS = [2.5, 3.0, 3.5, 4.2]
+EXTRA_CANDIDATES = ["int3-group64-rot64", "int4-group64-rot64", "int8-token-rot64"]
+
+
+def autotune_form() -> None:
+    """Controls -> one ``sweep`` job (lowbit.sweep): grid, per-layer allocation, budget and floor."""
+    st.markdown(
+        "The sweep evaluates candidate schemes against exact FP32 on the same tokens and returns the Pareto "
+        "frontier of bits vs KL. Candidates come from a **grid** (bits x granularity x outliers x rotation x "
+        "rounding, kept if their bits fall in the range), from **per-layer bit allocation** (it measures every "
+        "layer/module's sensitivity once, then spends the budget where it hurts most), and the paper's scheme. "
+        "Finished points are kept: a cancelled sweep resumes where it stopped.")
+    names = _ui.model_names()
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        model = st.selectbox("Model", names, index=names.index("smollm2-135m") if "smollm2-135m" in names else 0,
+                             key="at_model")
+    sizes = _ui.valid_tp_sizes(model)
+    with c2:
+        tp = st.selectbox("TP size", sizes, index=sizes.index(3) if 3 in sizes else 0, key="at_tp")
+    with c3:
+        budget = st.slider("Bits per value range", 1.5, 8.5, (2.4, 4.3), step=0.1, key="at_range")
+    st.markdown("**Grid**")
+    g1, g2, g3, g4, g5 = st.columns(5)
+    with g1:
+        bits = st.multiselect("Bits", [2, 3, 4, 5, 6, 8], default=[3, 4], key="at_bits")
+    with g2:
+        grans = st.multiselect("Granularity", ["static", "token", "group32", "group64", "group128"],
+                               default=["token", "group64"], key="at_gran")
+    with g3:
+        outliers = st.multiselect("BF16 outliers", ["none", "top1/128", "top1/64", "top1/32"], default=["none"],
+                                  key="at_outl")
+    with g4:
+        rotations = st.multiselect("Rotation block", ["none", 16, 32, 64, 128], default=["none", 64], key="at_rot",
+                                   help="Block Walsh-Hadamard before quantizing (dynamic scales only: static "
+                                        "combinations are dropped)")
+    with g5:
+        sr = st.toggle("Also stochastic rounding", value=False, key="at_sr")
+    st.markdown("**Per-layer allocation**")
+    a1, a2 = st.columns(2)
+    with a1:
+        allocate = st.multiselect("Allocate bits per layer for budgets", BUDGETS, default=[3.0, 3.5],
+                                  key="at_alloc")
+    with a2:
+        choices = list(dict.fromkeys([*DEFAULT_CANDIDATES, *EXTRA_CANDIDATES]))
+        candidates = st.multiselect("Per-site candidates", choices, default=list(DEFAULT_CANDIDATES),
+                                    key="at_cands", disabled=not allocate)
+    st.markdown("**Accuracy floor and data**")
+    f1, f2, f3, f4 = st.columns(4)
+    with f1:
+        kl_max = st.number_input("KL at most (0 = no floor)", min_value=0.0, value=0.3, step=0.05, key="at_kl")
+    with f2:
+        tasks = st.multiselect("Tasks", TASKS, default=[], key="at_tasks",
+                               help="Task accuracy with paired SE; slow on a CPU (about 10 s per item and scheme)")
+    with f3:
+        items = st.number_input("Items per task", min_value=1, value=20, step=5, key="at_items", disabled=not tasks)
+    with f4:
+        tokens = st.number_input("Evaluation tokens", min_value=256, value=512, step=256, key="at_tokens")
+    grid = dict(bits=list(bits), granularity=list(grans),
+                outliers=[None if o == "none" else o for o in outliers] or [None],
+                rotation=[None if r == "none" else int(r) for r in rotations] or [None],
+                rounding=["nearest", "stochastic"] if sr else ["nearest"])
+    hidden = _ui.model_shape(model)["hidden"]
+    in_range = results.sweep_grid_candidates(grid, hidden, int(tp), *budget) if bits and grans else []
+    st.caption(f"{len(in_range)} grid scheme(s) in range" + (f": {', '.join(in_range)}" if in_range else "")
+               + (f"; plus {len(allocate)} allocated map(s)" if allocate else "") + "; plus the paper's scheme.")
+    if st.button("Start the auto-tune sweep", type="primary", icon=":material/tune:", key="at_go"):
+        params = dict(budget_min=float(budget[0]), budget_max=float(budget[1]), kl_max=float(kl_max) or None,
+                      grid=grid if in_range else None, allocate=[float(b) for b in allocate],
+                      report_at=[float(b) for b in BUDGETS], seq_len=256, batch_size=2)
+        if allocate:
+            params["allocate_candidates"] = list(candidates)
+        _ui.submit(dict(kind="sweep", model=model, tp=int(tp), calib_tokens=2048, eval_tokens=int(tokens),
+                        tasks=list(tasks), items_per_task=int(items) if tasks else 0, params=params))
+
+
+run_ids = _ui.pick_evaluate_run(label="Evaluation runs and auto-tune sweeps", key="to_runs", multi=True,
+                                sweeps=True)
 if not run_ids:
-    if results.evaluate_runs(_ui.runs(), _ui.root()).empty:
+    if results.evaluate_runs(_ui.runs(), _ui.root(), sweeps=True).empty:
         _ui.empty_state("No evaluation results yet.",
                         "An evaluate run measures every scheme's accuracy, bits and communication time. The "
-                        "classroom demo is one; the Runs page starts any other.")
+                        "classroom demo is one; the Runs page starts any other; the form below starts an "
+                        "auto-tune sweep.")
     else:
         st.info("Pick at least one evaluation run above.")
+    with st.expander("Find the best scheme for a bit budget (auto-tune)"):
+        autotune_form()
     st.stop()
 
 frames = []
@@ -103,9 +186,21 @@ st.dataframe(table[columns], hide_index=True, width="stretch",
                                 ppl=st.column_config.NumberColumn("ppl", format="%.2f")))
 _ui.download_csv(table[columns], "lowbit-tradeoffs.csv", key="to_csv")
 
+for run_id in run_ids:
+    answer = results.sweep_summary(_ui.result(run_id)[0])
+    if not answer.empty:
+        st.subheader(f"Auto-tune answer: {run_id}")
+        st.caption("The lowest-KL scheme at or under each budget (bits per value as sent). "
+                   "cheapest_meeting_floor marks the cheapest frontier point that meets the run's accuracy floor.")
+        st.dataframe(answer, hide_index=True, width="stretch",
+                     column_config=dict(kl=st.column_config.NumberColumn("kl", format="%.4g")))
+
 with st.expander("Per task"):
     tasks = pd.concat([results.task_frame(_ui.result(r)[0]).assign(run=r) for r in run_ids], ignore_index=True)
     if tasks.empty:
         st.caption("These runs evaluated no tasks.")
     else:
         st.dataframe(tasks, hide_index=True, width="stretch")
+
+with st.expander("Find the best scheme for a bit budget (auto-tune)"):
+    autotune_form()

@@ -3,6 +3,7 @@ AppTest: the scripts run in this process, no browser). The fixture runs are real
 (tests/test_app_results.py); clicking the demo starts a real torchrun job, which the test cancels."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -74,7 +75,7 @@ def test_every_page_opens_on_an_empty_history_and_says_how_to_start(empty_runs, 
 
 
 # -- with results --------------------------------------------------------------------------------
-EXPECTED_CHARTS = {"pages/overview.py": 2, "pages/outliers.py": 5, "pages/layer_error.py": 1, "pages/bits.py": 2,
+EXPECTED_CHARTS = {"pages/overview.py": 2, "pages/outliers.py": 5, "pages/layer_error.py": 3, "pages/bits.py": 2,
                    "pages/tradeoffs.py": 1, "pages/collectives.py": 3, "pages/runs.py": 0}
 
 
@@ -259,6 +260,50 @@ def test_tradeoffs_axes_pareto_table_and_csv(runs_with_results):
     assert len(table) == 7 + 5 and {"kept_pct", "kept_se", "comm_ms_per_ktok"} <= set(table.columns)
     assert at.get("download_button")
     at.toggle(key="to_ref").set_value(True).run()
+    assert_clean(at)
+
+
+def test_tradeoffs_shows_a_sweep_and_its_answer_per_budget(runs_with_results):
+    at = open_page("pages/tradeoffs.py")
+    at.multiselect(key="to_runs").set_value(["sweep-tiny"]).run()
+    assert_clean(at)
+    assert len(plotly_charts(at)) == 1
+    assert at.selectbox(key="to_quality").value == "top-1 agreement (%)"  # the sweep ran no tasks
+    answer = at.dataframe[1].value
+    assert list(answer["budget"]) == ["4.2", "3.5", "3.0", "2.5"] and answer["scheme"].notna().any()
+    assert "Auto-tune answer: sweep-tiny" in texts(at.subheader)
+
+
+def test_tradeoffs_autotune_form_queues_a_validated_sweep(empty_runs):
+    from launch.queue import cancel
+    at = open_page("pages/tradeoffs.py")
+    at.selectbox(key="at_model").set_value("tiny-llama").run()
+    at.selectbox(key="at_tp").set_value(2).run()
+    at.multiselect(key="at_rot").set_value(["none", 16]).run()
+    assert_clean(at)
+    assert "grid scheme(s) in range" in texts(at.caption) and "int3-token-rot16" in texts(at.caption)
+    at.button(key="at_go").click().run()
+    assert_clean(at)
+    assert not at.error, texts(at.error)
+    rows = RunIndex(empty_runs).list()
+    assert rows and rows[0]["kind"] == "sweep"
+    cancel(rows[0]["id"], empty_runs)
+    spec = json.loads((empty_runs / rows[0]["id"] / "spec.json").read_text())
+    assert spec["params"]["allocate"] == [3.0, 3.5] and spec["params"]["grid"]["rotation"] == [None, 16]
+    assert spec["params"]["kl_max"] == 0.3 and spec["model"] == "tiny-llama" and spec["tp"] == 2
+
+
+def test_layer_error_builder_offers_rotation_and_sr_and_the_rotation_panel_plots(runs_with_results):
+    at = open_page("pages/layer_error.py")
+    at.selectbox(key="le_gran").set_value("token").run()
+    at.selectbox(key="le_rot").set_value(16).run()
+    at.checkbox(key="le_sr").check().run()
+    assert_clean(at)
+    assert any(t.value == "int4-token-top1/64-rot16-sr" for t in at.text_input), [t.value for t in at.text_input]
+    assert len(plotly_charts(at)) == 3  # the per-layer error chart and the panel's two
+    metrics = at.get("metric")
+    assert len(metrics) == 3 and "->" in metrics[0].proto.body
+    at.selectbox(key="rot_block").set_value(32).run()
     assert_clean(at)
 
 

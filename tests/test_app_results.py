@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -26,6 +27,7 @@ from launch.events import EventLog
 from launch.index import RunIndex
 from launch.layout import RunPaths, write_atomic
 from launch.presets import DEMO_SCHEMES
+from lowbit.comm import Site
 from launch.spec import JobSpec
 
 MODEL, TP = "tiny-llama", 2
@@ -140,6 +142,10 @@ def _build_runs(root: Path) -> None:
         demo_spec = dict(spec, schemes=list(DEMO_SCHEMES), run_id="demo-tiny")
     _record(root, "demo-tiny", demo_spec, "done", demo, seconds=38.0)
 
+    # An auto-tune sweep over the same calibration (points read like evaluate records).
+    _record(root, "sweep-tiny", dict(kind="sweep", model=MODEL, tp=TP, calib_from="cal-wiki", schemes=["int8-token"],
+                                     run_id="sweep-tiny"), "done", _sweep_result(root), seconds=30.0)
+
     # collective-bench: the record format its kind writes (numbers shaped like a loopback run).
     records = []
     for tp in (2, 4):
@@ -164,6 +170,23 @@ def _build_runs(root: Path) -> None:
     corrupt.result.write_text('{"records": [ {"scheme": "bf16", ')  # torn write
     (root / "orphan-dir").mkdir()  # a directory without spec.json
     _record(root, "gen-lost", dict(kind="generate", model=MODEL, tp=TP, prompt="Hi", run_id="gen-lost"), "running")
+
+
+def _sweep_result(root: Path) -> dict:
+    from lowbit import jobs
+    from lowbit.calibrate import Calibration
+    from lowbit.data import token_chunks
+    from lowbit.dist import ThreadWorld
+    from lowbit.sweep import run_sweep
+    calibration = Calibration.load(RunPaths(root, "cal-wiki").dir / "calibration")
+    params = dict(schemes=["int8-token"], grid=dict(bits=[2, 4], granularity=["token"], rotation=[None, 16]),
+                  budget_min=2.0, budget_max=8.5, kl_max=1.0, batch_size=2, seq_len=SEQ_LEN)
+
+    def body(group):
+        tp = jobs.build_tp_model(MODEL, group)
+        held = token_chunks(tp.tokenizer, "wikipedia", "eval", 2, SEQ_LEN)
+        return run_sweep(tp, group, params, calibration, held, None, RunPaths(root, "sweep-tiny").dir / "points")
+    return ThreadWorld(TP).run(body)[0]
 
 
 def build_results_template(base: Path) -> Path:
@@ -245,6 +268,22 @@ def test_scheme_frame_of_a_run_without_tasks_keeps_numeric_columns(results_root)
     assert frame["kl"].notna().all()
 
 
+def test_a_sweep_reads_like_an_evaluate_run_with_its_reference_first(results_root):
+    runs = results.evaluate_runs(results.runs_frame(results_root), results_root, sweeps=True)
+    assert "sweep-tiny" in set(runs["id"]) and "auto-tune" in runs.set_index("id").loc["sweep-tiny", "label"]
+    assert "sweep-tiny" not in set(results.evaluate_runs(results.runs_frame(results_root), results_root)["id"])
+    data, _ = results.load_result("sweep-tiny", results_root)
+    frame = results.scheme_frame(data)
+    assert frame.iloc[0]["scheme"] == "fp32" and frame.iloc[0]["reference"] and frame.iloc[0]["kl"] == 0.0
+    assert frame.iloc[0]["ppl"] == pytest.approx(data["points"][0]["reference_ppl"])
+    schemes = set(frame["scheme"])
+    assert {"int8-token", "int4-token-rot16", "int2-token", "int4-static-top1/64"} <= schemes
+    assert frame["kl"].notna().all() and (frame["kl"].iloc[1:] > 0).all()
+    best = results.sweep_summary(data)
+    assert set(best["budget"]) == {"4.2", "3.5", "3.0", "2.5"}
+    assert best.set_index("budget").loc["4.2", "scheme"] == data["best_at"]["4.2"]
+
+
 def test_measured_bits_equal_the_payload_layout_for_every_scheme(results_root):
     data, _ = results.load_result("eval-tiny", results_root)
     measured = results.scheme_frame(data).set_index("scheme")["bits_per_value"]
@@ -301,6 +340,31 @@ def test_calibration_sources_find_calibrate_runs_and_the_evaluate_runs_calibrati
     assert set(sources["source"]) == {"wikipedia", SECOND_SOURCE}
     assert len(sources) == 2  # eval-tiny used cal-wiki's folder: listed once
     assert (sources["model"] == MODEL).all() and (sources["tp"] == TP).all()
+
+
+def test_rotation_view_of_a_stored_partial(results_root):
+    cal = results.load_calibration(results_root / "cal-wiki" / "calibration")
+    layer, module, rank = results.spikiest_sample(cal)
+    sample = cal.site_sample(Site(layer, module), rank)
+    crest = sample.abs().max() / sample.pow(2).mean().sqrt()
+    for m in ("o_proj", "down_proj"):  # no stored partial is spikier than the one it picked
+        for other_layer in range(cal.layers):
+            for r in range(TP):
+                s = cal.site_sample(Site(other_layer, m), r)
+                assert s.abs().max() / s.pow(2).mean().sqrt() <= crest + 1e-6
+    values, tokens = results.rotation_view(cal, layer, module, rank, 16, "int4-token")
+    tokens_n, hidden = sample.shape
+    assert len(values) == 2 * tokens_n * hidden and set(values["stage"]) == {"original", "rotated (R=16)"}
+    original = values[values["stage"] == "original"]["value"].to_numpy()
+    assert np.allclose(original, sample.reshape(-1).numpy())
+    rotated = values[values["stage"] != "original"]["value"].to_numpy().reshape(tokens_n, hidden)
+    assert np.allclose((rotated ** 2).sum(1), (sample.numpy() ** 2).sum(1), rtol=1e-4)  # orthogonal
+    assert len(tokens) == tokens_n and (tokens["absmax"] >= tokens["rms"] - 1e-6).all()
+    assert tokens[["error", "error_rotated", "rest_error", "rest_error_rotated"]].notna().all().all()
+    with pytest.raises(ValueError, match="rotation block"):
+        results.rotation_view(cal, layer, module, rank, 24, "int4-token")
+    with pytest.raises(ValueError, match="quant"):
+        results.rotation_view(cal, layer, module, rank, 16, "int4-token-rot16")
 
 
 def test_outlier_frames_from_a_real_calibration(results_root):

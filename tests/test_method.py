@@ -13,7 +13,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lowbit.calibrate import (Calibration, CalibrationError, ema_trace, jaccard, run_calibration, select_outliers,
+from lowbit.calibrate import (SAMPLE_TOKENS, Calibration, CalibrationError, ema_trace, jaccard, run_calibration, select_outliers,
                               topk_sets)
 from lowbit.comm import ROW_PARALLEL_MODULES, Site
 from lowbit.data import load_task, token_chunks
@@ -87,19 +87,34 @@ def test_per_batch_minmax_are_the_partials_true_extremes(tiny_models, batches, c
         grab = Grab(group)
         set_communicator(tp.model, grab)
         with torch.no_grad():
+            tp.model(batches[0], use_cache=False)
             tp.model(batches[1], use_cache=False)
-        return grab.seen[0]
+        return grab.seen
     partials = ThreadWorld(TP).run(body)
-    for rank, partial in enumerate(partials):
-        torch.testing.assert_close(calibration.batch_max[1, 0, 0, rank], partial.max(0).values)
-        torch.testing.assert_close(calibration.batch_min[1, 0, 0, rank], partial.min(0).values)
+    for rank, (first, second) in enumerate(partials):
+        torch.testing.assert_close(calibration.batch_max[1, 0, 0, rank], second.max(0).values)
+        torch.testing.assert_close(calibration.batch_min[1, 0, 0, rank], second.min(0).values)
+        # the stored sample: the first SAMPLE_TOKENS tokens of the first batch, as this rank made them
+        torch.testing.assert_close(calibration.site_sample(Site(0, "o_proj"), rank), first[:SAMPLE_TOKENS])
+    L, H = calibration.layers, calibration.hidden
+    assert calibration.sample.shape == (L, len(ROW_PARALLEL_MODULES), TP, SAMPLE_TOKENS, H)
 
 
 def test_artifact_round_trips_and_refuses_a_mismatch(calibration, tmp_path):
     calibration.save(tmp_path / "cal")
     again = Calibration.load(tmp_path / "cal")
     torch.testing.assert_close(again.ema_min, calibration.ema_min, rtol=0, atol=0)
+    torch.testing.assert_close(again.sample, calibration.sample, rtol=0, atol=0)
     assert again.meta == calibration.meta
+    # an artifact from before samples were kept still loads; asking it for a sample names the fix
+    old = Calibration(calibration.ema_min, calibration.ema_max, calibration.batch_min, calibration.batch_max,
+                      calibration.meta)
+    old.save(tmp_path / "old")
+    assert Calibration.load(tmp_path / "old").sample is None
+    with pytest.raises(CalibrationError, match="calibrate` again"):
+        Calibration.load(tmp_path / "old").site_sample(Site(0, "o_proj"), 0)
+    with pytest.raises(CalibrationError, match="layers 0.."):
+        again.site_sample(Site(99, "o_proj"), 0)
     again.check_matches(MODEL, TP)
     with pytest.raises(CalibrationError, match="TP size 2"):
         again.check_matches(MODEL, 4)

@@ -12,8 +12,9 @@ from lowbit.comm import Site
 from lowbit.dist import ThreadWorld
 from lowbit.engine import build_tp_model
 from lowbit.payload import decode, encode
-from lowbit.rotation import fold_rotation, fold_weight, hadamard_matrix, rotate, rotation_matrix, unrotate
-from lowbit.scheme import Scheme, SchemeError, parse_scheme, parse_scheme_map
+from lowbit.rotation import (fold_rotation, fold_weight, hadamard_matrix, rotate, rotation_effect, rotation_matrix,
+                             unrotate)
+from lowbit.scheme import QuantSpec, Scheme, SchemeError, parse_scheme, parse_scheme_map
 from tests.collective_cases import HIDDEN, TOKENS, fake_calibration, partials
 from tests.helpers import assert_close_verbose
 
@@ -44,6 +45,24 @@ def test_rotation_spreads_a_massive_feature_over_its_block():
     x[0, 5] = 1000.0
     y = rotate(x, 64)
     assert_close_verbose(y.abs(), torch.full((1, 64), 1000.0 / 8), rtol=1e-6)  # 1000 / sqrt(64)
+
+
+def test_rotation_effect_shows_the_spike_spread_and_the_neighbours_saved():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 128, generator=gen)
+    x[0, 7] = 40.0  # one large value in token 0
+    eff = rotation_effect(x, 64, QuantSpec(4, True, "token"))
+    assert eff["absmax"][0] == 40.0 and eff["absmax_rotated"][0] < 40.0 / 8 + 4  # ~ 40 / sqrt(64) + noise
+    assert_close_verbose(eff["rms"], x.pow(2).mean(-1).sqrt())
+    assert_close_verbose(eff["rotated"], rotate(x, 64))
+    # unrotated, the spike's step (40 * 2/15 = 5.3) zeroes nearly every other value of token 0;
+    # rotated, the step is ~7x smaller and the rest survives
+    assert eff["rest_error"][0] > 0.9
+    assert eff["rest_error_rotated"][0] < 0.4
+    # errors are relative L2 errors against the original token
+    assert ((eff["error"] >= 0) & (eff["error"] < 1)).all() and ((eff["rest_error_rotated"] >= 0)).all()
+    with pytest.raises(ValueError, match="dynamic granularity"):
+        rotation_effect(x, 64, QuantSpec(4, True, "static"))
 
 
 def test_rotation_is_the_dense_block_diagonal_matrix():
