@@ -83,6 +83,17 @@ def valid_tp_sizes(name: str) -> list[int]:
     return results.valid_tp_sizes(name)
 
 
+def pick_model_tp(key: str, model_col, tp_col, model: str = "smollm2-135m", tp: int = 3) -> tuple[str, int]:
+    """A model select box in ``model_col`` and a TP select box (sizes the model allows) in ``tp_col``."""
+    names = model_names()
+    with model_col:
+        chosen = st.selectbox("Model", names, index=names.index(model) if model in names else 0, key=f"{key}_model")
+    sizes = valid_tp_sizes(chosen)
+    with tp_col:
+        size = st.selectbox("TP size", sizes, index=sizes.index(tp) if tp in sizes else 0, key=f"{key}_tp")
+    return chosen, int(size)
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
 def bits_parts(scheme: str, hidden: int, tp: int) -> pd.DataFrame:
     """Bits per value by leg and part (pure bookkeeping over lowbit.payload: cached by its inputs)."""

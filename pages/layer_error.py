@@ -70,14 +70,8 @@ def run_scheme_form() -> None:
     built = scheme_builder()
     text = st.text_input("Scheme string", value=built or "", key=f"le_text_{built}",
                          help="python -m lowbit schemes prints the grammar")
-    names = _ui.model_names()
     c1, c2, c3 = st.columns(3)
-    with c1:
-        model = st.selectbox("Model", names, index=names.index("smollm2-135m") if "smollm2-135m" in names else 0,
-                             key="le_model")
-    sizes = _ui.valid_tp_sizes(model)
-    with c2:
-        tp = st.selectbox("TP size", sizes, index=sizes.index(3) if 3 in sizes else 0, key="le_tp")
+    model, tp = _ui.pick_model_tp("le", c1, c2)
     with c3:
         tokens = st.number_input("Evaluation tokens", min_value=1, value=512, step=128, key="le_tokens")
     if st.button("Evaluate this scheme", type="primary", icon=":material/play_arrow:", key="le_go"):

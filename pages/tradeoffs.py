@@ -40,14 +40,8 @@ def autotune_form() -> None:
         "rounding, kept if their bits fall in the range), from **per-layer bit allocation** (it measures every "
         "layer/module's sensitivity once, then spends the budget where it hurts most), and the paper's scheme. "
         "Finished points are kept: a cancelled sweep resumes where it stopped.")
-    names = _ui.model_names()
     c1, c2, c3 = st.columns(3)
-    with c1:
-        model = st.selectbox("Model", names, index=names.index("smollm2-135m") if "smollm2-135m" in names else 0,
-                             key="at_model")
-    sizes = _ui.valid_tp_sizes(model)
-    with c2:
-        tp = st.selectbox("TP size", sizes, index=sizes.index(3) if 3 in sizes else 0, key="at_tp")
+    model, tp = _ui.pick_model_tp("at", c1, c2)
     with c3:
         budget = st.slider("Bits per value range", 1.5, 8.5, (2.4, 4.3), step=0.1, key="at_range")
     st.markdown("**Grid**")
