@@ -198,13 +198,16 @@ def _fused_communicator_class():
             super().__init__(group, schemes, calibration, record=False)
             self.codec = codec
 
-        def _fusable(self, quant) -> bool:
-            # stochastic rounding draws its own noise in lowbit.quant: that path stays lowbit's
-            return getattr(quant, "rounding", "nearest") == "nearest"
+        def _fusable(self, quant, plan) -> bool:
+            # stochastic rounding draws its own noise in lowbit.quant, and the codebook and the
+            # per-message outliers (sp/thr) have no kernel: those paths stay lowbit's
+            scheme = plan.scheme
+            return (getattr(quant, "rounding", "nearest") == "nearest" and getattr(quant, "code", "int") == "int"
+                    and not getattr(scheme, "sparse", 0) and getattr(scheme, "threshold", None) is None)
 
         def _gather(self, x, plan, *args):
             quant = args[0] if args else plan.scheme.quant  # lowbit passes this call's first-leg spec
-            if not self._fusable(quant):
+            if not self._fusable(quant, plan):
                 return super()._gather(x, plan, *args)
             tokens, hidden = x.shape
             tp = self.group.world_size
@@ -218,7 +221,7 @@ def _fused_communicator_class():
 
         def _two_shot(self, x, plan, *args):
             quant = args[0] if args else plan.scheme.quant
-            if not self._fusable(quant) or self.keep_first_leg:
+            if not self._fusable(quant, plan) or self.keep_first_leg:
                 return super()._two_shot(x, plan, *args)
             tokens, hidden = x.shape
             rank, tp = self.group.rank, self.group.world_size

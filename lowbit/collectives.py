@@ -23,6 +23,16 @@ sum is taken in the rotated space in fp32 and rotated back once. With BF16 outli
 outlier columns are cut out in the original space first; the message is then the payload of
 all ``H`` rotated features (``lowbit.payload``, no outlier section) followed by the BF16
 outlier columns [T, k] - one more section, counted in the bits like everything else.
+Neighbouring-work schemes (``lowbit.scheme``): ``nf<B>`` only changes the quantizer. ``sp<n>``
+and ``thr<T>c<K>`` are per-message outliers inside the payload (``lowbit.payload``): with gather
+each rank picks its own set and every receiver decodes each rank's set from that rank's
+message; with two-shot every first-leg chunk is a message with its own picks (thr capacity
+floor(K * H/tp) per chunk), and the second leg is the plain ``second`` requantization. The
+message size is fixed either way (thr: fixed capacity; more candidates than slots are summed
+into the call's ``thr_overflow``), so the all-gather / all-to-all sizes never vary. ``-perm``:
+every rank permutes its partial's features with the same calibrated order
+(``channel_permutation``) before anything else and the sum is permuted back once; BF16 outlier
+indices are moved into the permuted order. Nothing per message is sent for it.
 Stochastic rounding (``-sr``): the first leg's quantizer draws its uniforms from a seed made of
 (communicator seed, site, rank, call number at that site), so reruns are bit-identical while
 ranks and calls get independent noise; the two-shot second leg rounds to nearest.
@@ -36,7 +46,7 @@ import torch
 from lowbit.calibrate import Calibration, CalibrationError, select_outliers
 from lowbit.comm import Communicator, Site
 from lowbit.dist import Group
-from lowbit.payload import decode, encode, layout
+from lowbit.payload import decode, encode, layout, scheme_layout
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import QuantSpec, Scheme, SchemeMap, parse_scheme_map
 
@@ -63,36 +73,86 @@ def rotated_message_bits(tokens: int, hidden: int, quant: QuantSpec, n_outliers:
     return bits
 
 
-def scheme_bits_per_value(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> float:
-    """Bits per value this rank hands to collectives for one site under ``scheme``, as the
-    communicator records it (gather: one message; two-shot: both legs, padding included).
-    Independent of the token count for every scheme (``tokens=8`` keeps packed codes whole bytes)."""
+def scheme_bits_breakdown(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> dict:
+    """Bits per value of one site by leg and part: {"leg 1": {...}, "leg 2": {...} or None},
+    each with the keys of ``PayloadLayout.bits_per_value``, over this rank's tokens x hidden
+    values, as the communicator counts the bytes it hands to collectives (two-shot: the tp
+    first-leg chunk messages, and its one second-leg chunk payload padded to the largest).
+
+    Independent of the token count except for ``thr<T>c<K>``, whose index list is sent once per
+    message (C uint16 per message: 16 C / (tokens H) bits per value); ``tokens=8`` keeps packed
+    codes whole bytes. Two-shot with top/rand outliers counts them spread evenly over the chunks
+    (their real positions come from calibration)."""
     from lowbit.scheme import parse_scheme
     scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    values = tokens * hidden
     if scheme.is_exact:
-        return 8.0 * layout(tokens, hidden, scheme).total_bytes / (tokens * hidden)
+        return {"leg 1": layout(tokens, hidden, scheme).bits_per_value, "leg 2": None}
     k = scheme.outliers.count(hidden)
     if scheme.algo == "gather":
         if scheme.rotation is not None:
-            return rotated_message_bits(tokens, hidden, scheme.quant, k)["total"]
-        return layout(tokens, hidden, scheme.quant, k).bits_per_value["total"]
+            return {"leg 1": rotated_message_bits(tokens, hidden, scheme.quant, k), "leg 2": None}
+        return {"leg 1": scheme_layout(scheme, tokens, hidden, k).bits_per_value, "leg 2": None}
     width = hidden // tp
-    # the chunk split of two-shot: outliers per chunk depend on which features they are; count
-    # the even split (exact for rand/top-k only on average, exact for no outliers)
     per_chunk = [k // tp + (1 if j < k % tp else 0) for j in range(tp)] if scheme.rotation is None else [0] * tp
-    leg1 = sum(layout(tokens, width, scheme.quant, c).total_bytes for c in per_chunk)
-    leg2 = max(layout(tokens, width, scheme.second, c).total_bytes for c in per_chunk)
-    return 8.0 * (leg1 + leg2) / (tokens * hidden)
+    leg1 = {}
+    for c in per_chunk:
+        for part, bits in scheme_layout(scheme, tokens, width, c).bits_per_value.items():
+            leg1[part] = leg1.get(part, 0.0) + bits * tokens * width / values
+    widest = max(per_chunk, key=lambda c: layout(tokens, width, scheme.second, c).total_bytes)
+    leg2 = {part: bits * tokens * width / values  # this rank sends one padded chunk payload
+            for part, bits in layout(tokens, width, scheme.second, widest).bits_per_value.items()}
+    return {"leg 1": leg1, "leg 2": leg2}
+
+
+def scheme_bits_per_value(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> float:
+    """Bits per value this rank hands to collectives for one site under ``scheme``, as the
+    communicator records it (gather: one message; two-shot: both legs, padding included).
+    Independent of the token count for every scheme but ``thr<T>c<K>`` (see
+    ``scheme_bits_breakdown``); ``tokens=8`` keeps packed codes whole bytes."""
+    legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
+    total = legs["leg 1"]["total"]
+    if legs["leg 2"] is not None:
+        total += legs["leg 2"]["total"]
+    return total
+
+
+def channel_permutation(calibration: Calibration, site: Site) -> torch.Tensor:
+    """The ``-perm`` order of a site: features sorted by calibrated range summed over ranks,
+    ascending (equal ranges keep index order), so each group of G neighbours in the permuted
+    order holds features of similar range. ``perm[p]`` is the original feature at position p;
+    identical on every rank (it depends on the artifact only)."""
+    score = calibration.ranges()[site.layer, Calibration.module_index(site.module)].sum(0)
+    return torch.sort(score, stable=True).indices
+
+
+def _message_kwargs(scheme: Scheme, width: int) -> tuple[dict, dict]:
+    """(encode kwargs, decode kwargs) of one first-leg message of ``width`` features."""
+    if scheme.threshold is not None:
+        cap = scheme.threshold.capacity(width)
+        return dict(threshold=scheme.threshold.value, capacity=cap), dict(capacity=cap)
+    if scheme.sparse:
+        return dict(sparse=scheme.sparse), dict(sparse=scheme.sparse)
+    return {}, {}
+
+
+def _add_message_stats(total: dict, stats: dict) -> None:
+    for key in ("thr_selected", "thr_overflow", "sparse"):
+        if key in stats:
+            total[key] = total.get(key, 0) + stats[key]
 
 
 @dataclass
 class SitePlan:
-    """Everything fixed per site: the scheme, outlier indices, static ranges of every rank."""
+    """Everything fixed per site: the scheme, outlier indices, static ranges of every rank,
+    and the -perm channel order (outlier indices are then positions in the permuted order)."""
 
     scheme: Scheme
     outlier_idx: torch.Tensor  # [k] sorted feature indices (original, unrotated space)
     static_min: torch.Tensor | None  # [tp, H] or None for dynamic granularities
     static_max: torch.Tensor | None
+    perm: torch.Tensor | None = None  # [H] original feature at each permuted position
+    inverse: torch.Tensor | None = None  # [H] permuted position of each original feature
 
 
 class QuantCommunicator(Communicator):
@@ -131,12 +191,16 @@ class QuantCommunicator(Communicator):
                 raise CalibrationError(f"calibration: scheme {scheme} at {site} needs a calibration artifact "
                                        "(static scales or top-k outliers); run `python -m lowbit calibrate`")
             idx = select_outliers(self.calibration, site, scheme.outliers, hidden)
-            smin = smax = None
+            smin = smax = perm = inverse = None
             if scheme.quant.granularity == "static":
                 m = Calibration.module_index(site.module)
                 smin = self.calibration.ema_min[site.layer, m].float()
                 smax = self.calibration.ema_max[site.layer, m].float()
-            self._plans[site] = SitePlan(scheme, idx, smin, smax)
+            if scheme.permute:
+                perm = channel_permutation(self.calibration, site)
+                inverse = torch.argsort(perm)
+                idx = inverse[idx].sort().values  # permute is group-only: no static ranges to move
+            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse)
         return self._plans[site]
 
     def _reduce(self, partial: torch.Tensor, site: Site):
@@ -150,6 +214,8 @@ class QuantCommunicator(Communicator):
             received = 2 * (self.group.world_size - 1) * nbytes // self.group.world_size
             return out, nbytes, {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
         x = partial.reshape(-1, hidden).float()
+        if plan.perm is not None:
+            x = x[:, plan.perm.to(x.device)]
         quant = self._call_quant(plan.scheme.quant, site)
         rot = plan.scheme.rotation
         if rot is not None and self.prerotated and plan.outlier_idx.numel():
@@ -167,6 +233,11 @@ class QuantCommunicator(Communicator):
                 out = _rotate(out, rot, inverse=True)
                 if self.last_first_leg is not None:
                     self.last_first_leg = _rotate(self.last_first_leg, rot, inverse=True)
+        if plan.perm is not None:
+            inverse = plan.inverse.to(out.device)
+            out = out[:, inverse]
+            if plan.scheme.algo == "two_shot" and self.last_first_leg is not None:
+                self.last_first_leg = self.last_first_leg[:, inverse]
         return out.to(partial.dtype).reshape(partial.shape), nbytes, extra
 
     def _call_quant(self, quant: QuantSpec, site: Site) -> QuantSpec:
@@ -218,12 +289,13 @@ class QuantCommunicator(Communicator):
         tokens, hidden = x.shape
         rank, tp = self.group.rank, self.group.world_size
         idx = plan.outlier_idx
-        payload, stats = encode(x, quant, idx, *self._static(plan, rank))
+        enc_kw, dec_kw = _message_kwargs(plan.scheme, hidden)
+        payload, stats = encode(x, quant, idx, *self._static(plan, rank), **enc_kw)
         gathered = self.group.all_gather(payload)
         out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
         for r in range(tp):
-            out += decode(gathered[r], tokens, hidden, quant, idx, *self._static(plan, r))
-        bits = layout(tokens, hidden, quant, idx.numel()).bits_per_value
+            out += decode(gathered[r], tokens, hidden, quant, idx, *self._static(plan, r), **dec_kw)
+        bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
         return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
                                           bytes_received=(tp - 1) * payload.numel())
 
@@ -239,19 +311,22 @@ class QuantCommunicator(Communicator):
         rank, tp = self.group.rank, self.group.world_size
         second = plan.scheme.second
         cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
-        parts, clamped, nonfinite = [], 0, 0
+        enc_kw, dec_kw = _message_kwargs(plan.scheme, width)
+        parts, clamped, nonfinite, message_stats = [], 0, 0, {}
         for j in range(tp):
-            p, st = encode(x[:, cols[j]].contiguous(), quant, local_idx[j], *self._static(plan, rank, cols[j]))
+            p, st = encode(x[:, cols[j]].contiguous(), quant, local_idx[j], *self._static(plan, rank, cols[j]),
+                           **enc_kw)
             parts.append(p)
             clamped += st["clamped"]
             nonfinite += st["nonfinite"]
+            _add_message_stats(message_stats, st)
         send_splits = [p.numel() for p in parts]
         own_bytes = send_splits[rank]
         received = self.group.all_to_all(torch.cat(parts), send_splits, [own_bytes] * tp)
         reduced = torch.zeros(tokens, width, dtype=torch.float32, device=x.device)
         for r in range(tp):
             reduced += decode(received[r * own_bytes:(r + 1) * own_bytes], tokens, width, quant,
-                              local_idx[rank], *self._static(plan, r, cols[rank]))
+                              local_idx[rank], *self._static(plan, r, cols[rank]), **dec_kw)
         if self.keep_first_leg:
             self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
         # Leg 2: requantize the reduced chunk (dynamic scales), all-gather padded payloads.
@@ -268,5 +343,5 @@ class QuantCommunicator(Communicator):
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
                      leg2_bits=8.0 * max(sizes2) * tp / values if values else 0.0,
                      leg1_bytes=sum(send_splits), leg2_bytes=max(sizes2),
-                     bytes_received=(tp - 1) * own_bytes + (tp - 1) * max(sizes2))
+                     bytes_received=(tp - 1) * own_bytes + (tp - 1) * max(sizes2), **message_stats)
         return out, sum(send_splits) + max(sizes2), extra

@@ -52,6 +52,8 @@ def _summarize_calls(comm: Communicator) -> dict:
                 leg2_bits=sum(leg2) / len(leg2) if leg2 else None,
                 clamped=int(sum(c.extra.get("clamped", 0) for c in comm.calls)),
                 nonfinite=int(sum(c.extra.get("nonfinite", 0) for c in comm.calls)),
+                # thr<T>c<K>: features over the threshold that did not fit the fixed capacity
+                thr_overflow=int(sum(c.extra.get("thr_overflow", 0) for c in comm.calls)),
                 comm_seconds=sum(c.seconds for c in comm.calls), calls=len(comm.calls), values=values)
 
 
@@ -286,7 +288,8 @@ def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks:
     """One results.json record: scheme, bits, text metrics, per-task metrics, % kept."""
     rec = dict(scheme=scheme, bits_per_value=text["bits_per_value"], leg1_bits=text["leg1_bits"],
                leg2_bits=text["leg2_bits"], ppl=text["ppl"], kl=text["kl"], top1_agreement=text["top1_agreement"],
-               clamped=text["clamped"], nonfinite=text["nonfinite"], text_tokens=text["tokens"],
+               clamped=text["clamped"], nonfinite=text["nonfinite"], thr_overflow=text.get("thr_overflow", 0),
+               text_tokens=text["tokens"],
                comm_seconds=text["comm_seconds"])
     if tasks is not None:
         rec["tasks"] = {t: r for t, r in tasks.items() if not t.startswith("_")}

@@ -3,18 +3,36 @@
 This module is the ONE owner of the payload layout; collectives encode/decode through it and
 the Bits page reads its accounting. One contiguous uint8 tensor per rank per message::
 
-    offset 0                                                                   total_bytes
-    | scales            | mins               | codes                   | outliers          |
-    | dynamic only:     | asymmetric dynamic | packed low-bit codes of | BF16 [T, k], the   |
-    | [T] or [T, H/G]   | only, same shape   | the T x (H - k) non-    | kept features in   |
-    | in scale_dtype    | and dtype          | outlier values, row-    | outlier_idx order  |
-    |                   |                    | major, pack_bits order  |                    |
+    offset 0                                                                          total_bytes
+    | scales       | mins          | codes              | outliers          | thr index | sparse    | sparse   |
+    | dynamic only:| asymmetric    | packed low-bit     | BF16 [T, k]: the  | thr only: | index     | values   |
+    | [T] or       | dynamic only, | codes, row-major,  | kept features in  | C uint16, | sp only:  | sp only: |
+    | [T, H/G] in  | same shape    | pack_bits order:   | outlier_idx order;| ascending,| [T, n]    | [T, n]   |
+    | scale_dtype  | and dtype     | T x (H - k) values | thr: [T, C], the  | unused =  | uint16    | BF16     |
+    |              |               | (thr, sp: T x H)   | columns of the    | 0xFFFF    |           |          |
+    |              |               |                    | thr index order   |           |           |          |
 
 Sections are unaligned (no padding between them, so the byte count is the bit count / 8
-rounded up once); readers copy a section before reinterpreting its dtype. Static scales and
-mins (fp32 [H] per sending rank) and the outlier index list are fixed by calibration and held
-by every receiver: they are not sent, so they cost 0 bits per value and are reported apart
-as ``static_bytes``.
+rounded up once); readers copy a section before reinterpreting its dtype. uint16 indices are
+little-endian. Static scales and mins (fp32 [H] per sending rank), the static outlier index
+list and the channel permutation (``-perm``: H uint16) are fixed by calibration and held by
+every receiver: they are not sent, so they cost 0 bits per value and are reported apart as
+``static_bytes``.
+
+The per-message outliers (the neighbouring-work schemes; see ``lowbit.scheme``):
+
+- ``sp<n>`` (sparse values): per token the ``n`` values of largest |x| (NaN ranks above +Inf,
+  which ranks above every finite value; equal magnitudes: lower column first) are taken out:
+  their (column, BF16 value) pairs travel in the two sparse sections, their positions are
+  zeroed before quantizing (so they widen no dynamic scale and count as no clamp), and the
+  receiver overwrites the dequantized value there with the BF16 value. A NaN or Inf therefore
+  travels as itself in one pair and touches nothing else.
+- ``thr<T>c<K>`` (dynamic threshold): a feature is selected when its largest |x| over the
+  message's tokens exceeds T (a NaN or Inf counts as exceeding); at most C = floor(K * H)
+  go, the largest first (equal scores: lower column first). The message size is fixed: C index
+  slots (unused ones 0xFFFF), C BF16 columns (unused ones zero), codes for all H features (the
+  selected ones hold the zero code and take no part in dynamic ranges or clamp counts).
+  Features beyond the capacity are quantized as usual and counted in ``thr_overflow``.
 
     PYTHONPATH=. python -c "from lowbit.payload import layout; from lowbit.scheme import parse_scheme as p; \\
         print(layout(8, 576, p('int4-static-top1/64'), 9).bits_per_value)"   # total 4.1875
@@ -25,12 +43,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.quant import dequantize, pack_bits, packed_nbytes, qrange, quantize, static_qparams, unpack_bits
+from lowbit.quant import dequantize, pack_bits, packed_nbytes, qrange_of, quantize, static_qparams, unpack_bits
 from lowbit.scheme import QuantSpec, Scheme
 
 _WIRE_BYTES = {"bf16": 2, "fp32": 4}
 _OUTLIER_DTYPE = torch.bfloat16
 _INDEX_BYTES = 8  # receivers hold outlier indices as int64
+_U16_BYTES = 2  # sp/thr indices on the wire; also the static bytes of one -perm entry
+UNUSED_SLOT = 0xFFFF  # a thr index slot that carries no feature
 
 
 @dataclass(frozen=True)
@@ -48,8 +68,9 @@ class PayloadLayout:
     """Byte offsets and sizes of one message's sections, and its bit accounting.
 
     bits_per_value: bits over all T*H values, split into ``payload`` (the low-bit codes, or the
-    whole tensor for an exact scheme), ``outliers`` (BF16 kept features), ``scales`` (dynamic
-    scales and mins), ``indices`` (0: outlier sets are static) and ``total`` (their sum).
+    whole tensor for an exact scheme), ``outliers`` (BF16 values: kept features, thr columns,
+    sparse values), ``scales`` (dynamic scales and mins), ``indices`` (the thr index list and
+    the sparse column indices; 0 for the static outlier sets) and ``total`` (their sum).
     For a two-shot scheme this is the first leg; lay out the second with ``scheme.second``.
     """
 
@@ -62,31 +83,48 @@ class PayloadLayout:
     codes: Section
     outliers: Section
     static_bytes: int
+    thr_index: Section | None = None
+    sparse_index: Section | None = None
+    sparse_values: Section | None = None
+    sparse: int = 0
+    capacity: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.outliers.end
+        return max(s.end for s in self._sections())
+
+    def _sections(self) -> list[Section]:
+        return [s for s in (self.scales, self.mins, self.codes, self.outliers, self.thr_index,
+                            self.sparse_index, self.sparse_values) if s is not None]
+
+    @property
+    def index_bytes(self) -> int:
+        return sum(s.nbytes for s in (self.thr_index, self.sparse_index) if s is not None)
 
     @property
     def bits_per_value(self) -> dict[str, float]:
         n = self.tokens * self.hidden
         if n == 0:
             return {"payload": 0.0, "outliers": 0.0, "scales": 0.0, "indices": 0.0, "total": 0.0}
+        values = self.outliers.nbytes + (self.sparse_values.nbytes if self.sparse_values is not None else 0)
         out = {
             "payload": self.codes.nbytes * 8 / n,
-            "outliers": self.outliers.nbytes * 8 / n,
+            "outliers": values * 8 / n,
             "scales": (self.scales.nbytes + self.mins.nbytes) * 8 / n,
-            "indices": 0.0,
+            "indices": self.index_bytes * 8 / n,
         }
         out["total"] = self.total_bytes * 8 / n
         return out
 
 
-def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int = 0) -> PayloadLayout:
+def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int = 0, *, sparse: int = 0,
+           capacity: int = 0, permuted: bool = False) -> PayloadLayout:
     """The layout of one rank's message of ``tokens`` x ``hidden`` values.
 
     ``spec`` is a QuantSpec (the quantized leg) or a Scheme (its first leg; an exact scheme is
-    one section of raw wire-dtype values). ``n_outliers`` features travel in BF16.
+    one section of raw wire-dtype values). ``n_outliers`` features travel in BF16 at static
+    indices; ``sparse`` values per token as (index, BF16) pairs; ``capacity`` thr slots
+    (see the module docstring). ``permuted`` adds the -perm permutation to ``static_bytes``.
     """
     if isinstance(spec, Scheme) and spec.is_exact:
         nbytes = tokens * hidden * _WIRE_BYTES[spec.wire_dtype]
@@ -97,6 +135,10 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     quant = spec.quant if isinstance(spec, Scheme) else spec
     if not 0 <= n_outliers <= hidden:
         raise ValueError(f"n_outliers: {n_outliers} not allowed; allowed: 0..{hidden}")
+    if (n_outliers > 0) + (sparse > 0) + (capacity > 0) > 1:
+        raise ValueError("n_outliers, sparse, capacity: at most one of them may be nonzero")
+    if not 0 <= sparse <= hidden or not 0 <= capacity <= hidden:
+        raise ValueError(f"sparse {sparse}, capacity {capacity}: allowed 0..{hidden}")
     quant.validate_for(hidden)
     n_scales = 0
     if quant.granularity == "token":
@@ -107,11 +149,25 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     scales = Section(0, scale_bytes)
     mins = Section(scales.end, 0 if quant.symmetric else scale_bytes)
     codes = Section(mins.end, packed_nbytes(tokens * (hidden - n_outliers), quant.bits))
-    outliers = Section(codes.end, tokens * n_outliers * _OUTLIER_DTYPE.itemsize)
-    static_bytes = n_outliers * _INDEX_BYTES
+    outliers = Section(codes.end, tokens * (n_outliers + capacity) * _OUTLIER_DTYPE.itemsize)
+    thr_index = Section(outliers.end, capacity * _U16_BYTES)
+    sparse_index = Section(thr_index.end, tokens * sparse * _U16_BYTES)
+    sparse_values = Section(sparse_index.end, tokens * sparse * _OUTLIER_DTYPE.itemsize)
+    static_bytes = n_outliers * _INDEX_BYTES + (hidden * _U16_BYTES if permuted else 0)
     if quant.granularity == "static":
         static_bytes += hidden * 4 * (1 if quant.symmetric else 2)  # fp32 scales (+ mins) per sender
-    return PayloadLayout(tokens, hidden, n_outliers, quant.bits, scales, mins, codes, outliers, static_bytes)
+    return PayloadLayout(tokens, hidden, n_outliers, quant.bits, scales, mins, codes, outliers, static_bytes,
+                         thr_index, sparse_index, sparse_values, sparse, capacity)
+
+
+def scheme_layout(scheme: Scheme, tokens: int, width: int, n_outliers: int = 0) -> PayloadLayout:
+    """The first-leg layout of one message of ``width`` features under ``scheme`` (a whole
+    partial for gather, one chunk for two-shot): sparse count and thr capacity from the scheme."""
+    if scheme.is_exact:
+        return layout(tokens, width, scheme)
+    capacity = scheme.threshold.capacity(width) if scheme.threshold is not None else 0
+    return layout(tokens, width, scheme.quant, n_outliers, sparse=scheme.sparse, capacity=capacity,
+                  permuted=scheme.permute)
 
 
 def _keep_mask(hidden: int, outlier_idx: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -132,19 +188,72 @@ def _from_bytes(payload: torch.Tensor, section: Section, dtype: torch.dtype) -> 
     return payload[section.offset : section.end].clone().view(dtype)
 
 
+def _u16_bytes(idx: torch.Tensor) -> torch.Tensor:
+    """Little-endian uint16 bytes of non-negative int indices (< 65536)."""
+    idx = idx.reshape(-1).to(torch.int64)
+    return torch.stack([idx & 0xFF, idx >> 8], -1).reshape(-1).to(torch.uint8)
+
+
+def _u16_from(payload: torch.Tensor, section: Section) -> torch.Tensor:
+    b = payload[section.offset : section.end].to(torch.int64).reshape(-1, 2)
+    return b[:, 0] | (b[:, 1] << 8)
+
+
+def sparse_picks(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Column indices [T, n] of each token's ``n`` largest |x| (see the module docstring)."""
+    magnitude = torch.where(torch.isnan(x), torch.inf, x.abs())
+    order = torch.sort(magnitude, dim=-1, descending=True, stable=True).indices  # ties: lower column first
+    # NaN above +Inf: a second stable sort on "is NaN" moves NaNs first and keeps the rest in order.
+    is_nan = torch.isnan(x).gather(-1, order).to(torch.int8)
+    order = order.gather(-1, torch.sort(is_nan, dim=-1, descending=True, stable=True).indices)
+    return order[:, :n]
+
+
+def threshold_select(x: torch.Tensor, threshold: float, capacity: int) -> tuple[torch.Tensor, int]:
+    """(selected feature indices, ascending; overflow count) of the thr rule on x [T, H]."""
+    score = torch.where(torch.isfinite(x), x.abs(), torch.inf).amax(0) if x.shape[0] else x.new_zeros(x.shape[1])
+    over = score > threshold
+    n_over = int(over.sum())
+    if n_over == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device), 0
+    order = torch.sort(torch.where(over, score, -1.0), descending=True, stable=True).indices
+    chosen = order[:min(n_over, capacity)].sort().values
+    return chosen, max(0, n_over - capacity)
+
+
 def encode(
     x: torch.Tensor,
     quant: QuantSpec,
     outlier_idx: torch.Tensor | None = None,
     static_min: torch.Tensor | None = None,
     static_max: torch.Tensor | None = None,
+    *,
+    sparse: int = 0,
+    threshold: float | None = None,
+    capacity: int = 0,
 ) -> tuple[torch.Tensor, dict]:
-    """Encode x [T, H] into one uint8 payload; stats = {clamped, nonfinite} over the whole x."""
+    """Encode x [T, H] into one uint8 payload; stats = {clamped, nonfinite} over the whole x,
+    plus ``thr_selected`` / ``thr_overflow`` when ``capacity`` is set (thr) and ``sparse`` the
+    pairs sent when ``sparse`` is set (sp)."""
     tokens, hidden = x.shape
     keep = _keep_mask(hidden, outlier_idx, x.device)
     n_out = 0 if keep is None else outlier_idx.numel()
-    lay = layout(tokens, hidden, quant, n_out)
-    res = quantize(x, quant, static_min, static_max, exclude=outlier_idx if keep is not None else None)
+    lay = layout(tokens, hidden, quant, n_out, sparse=sparse, capacity=capacity)
+    extra_stats = {}
+    exclude = outlier_idx if keep is not None else None
+    xq = x
+    chosen = picks = None
+    if capacity:
+        if threshold is None:
+            raise ValueError("capacity needs a threshold")
+        chosen, overflow = threshold_select(x.float(), threshold, capacity)
+        exclude = chosen if chosen.numel() else None
+        extra_stats = {"thr_selected": int(chosen.numel()), "thr_overflow": overflow}
+    if sparse:
+        picks = sparse_picks(x.float(), sparse)
+        xq = x.float().scatter(1, picks, 0.0)
+        extra_stats = {"sparse": tokens * sparse}
+    res = quantize(xq, quant, static_min, static_max, exclude=exclude)
     codes = res.codes if keep is None else res.codes[:, keep]
     parts = []
     if quant.dynamic:
@@ -154,10 +263,18 @@ def encode(
     parts.append(pack_bits(codes, quant.bits))
     if keep is not None:
         parts.append(_as_bytes(x[:, outlier_idx], _OUTLIER_DTYPE))
+    if capacity:
+        cols = torch.zeros(tokens, capacity, dtype=_OUTLIER_DTYPE, device=x.device)
+        cols[:, :chosen.numel()] = x[:, chosen].to(_OUTLIER_DTYPE)
+        slots = torch.full((capacity,), UNUSED_SLOT, dtype=torch.int64, device=x.device)
+        slots[:chosen.numel()] = chosen
+        parts += [_as_bytes(cols, _OUTLIER_DTYPE), _u16_bytes(slots)]
+    if sparse:
+        parts += [_u16_bytes(picks), _as_bytes(x.gather(1, picks), _OUTLIER_DTYPE)]
     payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=x.device)
     assert payload.numel() == lay.total_bytes, (payload.numel(), lay)
     nonfinite = int((~torch.isfinite(x)).sum())
-    return payload, {"clamped": res.clamped, "nonfinite": nonfinite}
+    return payload, {"clamped": res.clamped, "nonfinite": nonfinite, **extra_stats}
 
 
 def decode(
@@ -168,11 +285,15 @@ def decode(
     outlier_idx: torch.Tensor | None = None,
     static_min: torch.Tensor | None = None,
     static_max: torch.Tensor | None = None,
+    *,
+    sparse: int = 0,
+    capacity: int = 0,
 ) -> torch.Tensor:
-    """fp32 [T, H] from one payload: outlier columns from BF16, the rest dequantized."""
+    """fp32 [T, H] from one payload: outlier / thr columns and sparse values from BF16, the rest
+    dequantized. ``sparse`` and ``capacity`` must be the encoder's."""
     keep = _keep_mask(hidden, outlier_idx, payload.device)
     n_out = 0 if keep is None else outlier_idx.numel()
-    lay = layout(tokens, hidden, quant, n_out)
+    lay = layout(tokens, hidden, quant, n_out, sparse=sparse, capacity=capacity)
     if payload.numel() != lay.total_bytes:
         raise ValueError(f"payload has {payload.numel()} bytes; layout expects {lay.total_bytes}")
     if quant.dynamic:
@@ -187,10 +308,23 @@ def decode(
     if keep is None:
         codes = flat.reshape(tokens, hidden)
     else:
-        qmin, _ = qrange(quant.bits, quant.symmetric)
+        qmin, _ = qrange_of(quant)
         codes = torch.full((tokens, hidden), -qmin, dtype=torch.uint8, device=payload.device)
         codes[:, keep] = flat.reshape(tokens, hidden - n_out)
     out = dequantize(codes, quant, scales, mins)
     if keep is not None:
         out[:, outlier_idx] = _from_bytes(payload, lay.outliers, _OUTLIER_DTYPE).reshape(tokens, n_out).float()
+    if capacity:
+        slots = _u16_from(payload, lay.thr_index)
+        used = slots != UNUSED_SLOT
+        if (slots[used] >= hidden).any():
+            raise ValueError(f"thr index list names a feature >= hidden size {hidden}")
+        cols = _from_bytes(payload, lay.outliers, _OUTLIER_DTYPE).reshape(tokens, capacity).float()
+        out[:, slots[used]] = cols[:, used]
+    if sparse:
+        picks = _u16_from(payload, lay.sparse_index).reshape(tokens, sparse)
+        if (picks >= hidden).any():
+            raise ValueError(f"sparse index names a column >= hidden size {hidden}")
+        values = _from_bytes(payload, lay.sparse_values, _OUTLIER_DTYPE).reshape(tokens, sparse).float()
+        out.scatter_(1, picks, values)
     return out

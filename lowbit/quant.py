@@ -43,6 +43,13 @@ Zero scale (an all-zero row/group, a constant group, a feature never active in c
 no division happens; every value gets q = 0, which dequantizes to exactly 0 (symmetric) or
 exactly ``lo`` (asymmetric).
 
+Non-uniform code (``spec.code == "nf"``, scheme ``nf<B>``, ``lowbit.codebook``): symmetric,
+scale = absmax (c = 1, rounded to ``scale_dtype`` upward as above), the code is the index of the
+codebook entry nearest ``x / scale`` (ties to the lower entry) and dequantizes to
+``entry * scale``. Its signed code q = index - zero_index, so ``qrange_of`` gives
+(-zero_index, 2**b - 1 - zero_index) and the stored code q - qmin is the index itself; NaN,
++-Inf, zero scales and excluded features behave exactly as for the uniform grid.
+
 Non-finite policy: non-finite inputs never poison other values.
   * dynamic ranges are computed over finite values only;
   * NaN quantizes as if it were 0.0 (symmetric: the zero code, dequantizes to exactly 0);
@@ -62,6 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit import codebook
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
@@ -94,6 +102,19 @@ def scale_constant(bits: int, symmetric: bool) -> float:
     """c in the scale formulas, as the fp32 value the kernels must use."""
     c = 2.0 / (2**bits - 1) if symmetric else 1.0 / (2**bits - 1)
     return torch.tensor(c, dtype=_FP32).item()
+
+
+def qrange_of(spec: QuantSpec) -> tuple[int, int]:
+    """Signed code range of ``spec``: the uniform grid's, or (-zero_index, top) for a codebook."""
+    if spec.code == "nf":
+        z = codebook.zero_index(spec.bits)
+        return -z, 2**spec.bits - 1 - z
+    return qrange(spec.bits, spec.symmetric)
+
+
+def _constant(spec: QuantSpec) -> float:
+    """c for ``spec``: a codebook spans [-1, 1], so its scale is the absmax itself."""
+    return 1.0 if spec.code == "nf" else scale_constant(spec.bits, spec.symmetric)
 
 
 @dataclass
@@ -143,7 +164,7 @@ def static_qparams(
     """fp32 per-feature (scales, mins) from calibrated per-feature min/max [H] of this rank."""
     lo = static_min.to(_FP32)
     hi = static_max.to(_FP32)
-    c = scale_constant(spec.bits, spec.symmetric)
+    c = _constant(spec)
     if spec.symmetric:
         return torch.maximum(lo.abs(), hi.abs()) * c, None
     return hi * c - lo * c, lo
@@ -151,7 +172,7 @@ def static_qparams(
 
 def _dynamic_qparams(xg: torch.Tensor, valid: torch.Tensor, spec: QuantSpec):
     """Scales (and mins) per [..., n_groups] from the valid (finite, not excluded) values."""
-    c = scale_constant(spec.bits, spec.symmetric)
+    c = _constant(spec)
     any_valid = valid.any(-1)
     if spec.symmetric:
         absmax = torch.where(valid, xg.abs(), 0.0).amax(-1)
@@ -208,13 +229,17 @@ def quantize(
         xs = xg
         out_of_range = None  # ranges come from the data itself
 
-    qmin, qmax = qrange(spec.bits, spec.symmetric)
+    qmin, qmax = qrange_of(spec)
     zero_scale = scale_b == 0
     safe_scale = torch.where(zero_scale, 1.0, scale_b)
     shifted = xs if spec.symmetric else xs - min_b
     ratio = shifted / safe_scale
-    rounded = stochastic_round(ratio, spec.rounding_seed) if spec.rounding == "stochastic" else round_half_even(ratio)
-    q = torch.clamp(rounded, qmin, qmax)
+    if spec.code == "nf":
+        q = (codebook.nearest_index(ratio, spec.bits) + qmin).to(_FP32)
+    else:
+        rounded = (stochastic_round(ratio, spec.rounding_seed) if spec.rounding == "stochastic"
+                   else round_half_even(ratio))
+        q = torch.clamp(rounded, qmin, qmax)
     q = torch.where(zero_scale, 0.0, q)
     if spec.granularity != "static":
         q = q.reshape(x.shape)
@@ -236,8 +261,11 @@ def dequantize(
     codes: torch.Tensor, spec: QuantSpec, scales: torch.Tensor, mins: torch.Tensor | None = None
 ) -> torch.Tensor:
     """fp32 values from uint8 codes [..., H] and the scales (and mins) ``quantize`` returned."""
-    qmin, _ = qrange(spec.bits, spec.symmetric)
-    q = codes.to(_FP32) + qmin
+    if spec.code == "nf":
+        q = codebook.decode_values(codes, spec.bits)
+    else:
+        qmin, _ = qrange(spec.bits, spec.symmetric)
+        q = codes.to(_FP32) + qmin
     scales = scales.to(_FP32)
     if not spec.symmetric and mins is None:
         raise ValueError("asymmetric dequantization needs mins")

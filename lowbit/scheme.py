@@ -8,9 +8,15 @@ the CLI, collectives) parses and prints schemes through it.
 Grammar::
 
     exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)
-    int<B>[a]-<gran>[-<outliers>][-rot<R>][-sr][@<algo>]    B in 2,3,4,5,6,8; 'a' = asymmetric
+    <code>-<gran>[-<outliers>][-perm][-rot<R>][-sr][@<algo>]
+      code:     int<B>[a] | nf<B>           int: uniform grid, B in 2,3,4,5,6,8, 'a' = asymmetric;
+                                            nf: normal-quantile codebook, B in 3,4 (symmetric)
       gran:     static | token | group<G>
       outliers: top<K> | rand<K>[s<seed>]     K a fraction '1/64' or a decimal '0.05'
+              | sp<n>                       n largest-|x| values per token as (uint16 index, BF16)
+              | thr<T>c<K>                  per message, features with max|x| > T in BF16, at most
+                                            K*H of them (index list in the message)
+      perm:     calibrated channel grouping (group<G> only): features sorted by range
       rot<R>:   block Walsh-Hadamard rotation of size R (a power of two dividing hidden), dynamic
                 scales only; outlier columns are taken out in the original space first
       sr:       stochastic rounding of the first leg (seeded per call), else round to nearest
@@ -34,14 +40,46 @@ string                                          meaning
 ``int3-token-rot64``                            Int3 per token after a 64-wide block Hadamard
                                                 rotation (inverted after the fp32 sum)
 ``int4-token-sr``                               Int4 per token, stochastic rounding
+``nf4-static-top1/64``                          the paper with a 4-bit normal-quantile codebook
+``nf3-group64``                                 3-bit codebook, one dynamic absmax per 64 features
+``int4-static-sp3``                             the 3 largest-|x| values of each token travel as
+                                                (uint16 index, BF16 value); 4 + 3*32/H bits
+``int4-token-thr6c1/128``                       per message, features with max|x| > 6 go in BF16
+                                                (at most H/128 of them; their index list is sent)
+``int4-group64-perm``                           Int4 per group of 64 after a calibrated
+                                                permutation that groups features of similar range
 ``int4-static-top1/64;L0-3=int8-token;``        per-site overrides: layers 0..3 use Int8 per
 ``L28.down_proj=bf16``                          token, layer 28's down_proj goes exact
 ==============================================  ===================================================
 
+Neighbouring schemes (related work, compared with the paper in the README):
+
+- ``nf<B>`` (non-uniform code, as NF4 in QLoRA): the code is an index into a fixed codebook of
+  ``2**B`` values in [-1, 1] (``lowbit.codebook``: normal quantiles with an exact zero), scaled
+  by the absmax of the feature (static) / token / group. "Static per layer/module" means the
+  codebook is a constant: it never changes per message or per site; a different code at one
+  site is a per-site override (``;L28.down_proj=nf3-token``). Symmetric only; rounds to the
+  nearest entry; no stochastic rounding; never the two-shot second leg (that stays ``int``).
+- ``sp<n>`` (dense-and-sparse, SqueezeLLM; spike reserving, FlashCommunication v2): per token the
+  ``n`` values of largest magnitude are taken out, zeroed, the rest quantized; the pairs travel
+  in the message (fixed count, fixed size). ``1 <= n <= H/2`` of the message's features.
+- ``thr<T>c<K>`` (dynamic outliers, LLM.int8()): ``T`` an absolute threshold on |x| (a decimal
+  such as ``6`` or ``0.5``), ``K`` the capacity as a fraction of the message's features (as
+  ``top<K>``). Fixed-size message: C = floor(K * H) uint16 indices (unused: 0xFFFF) + C BF16
+  columns + codes for all H features; more than C exceeding T: the C largest go, the rest are
+  quantized normally and counted as ``thr_overflow``.
+- ``perm`` (channel grouping): a static permutation derived from calibration on every rank, so
+  it costs 0 bits per message (its H uint16 entries are ``static_bytes``).
+- At most one of ``top``/``rand``, ``sp``, ``thr`` per scheme; ``sp``/``thr`` and ``perm`` do not
+  combine with ``-rot<R>``. With ``@twoshot`` each first-leg chunk is one message (``sp``: n per
+  token per chunk; ``thr``: C = floor(K * H/tp) per chunk); the second leg is a plain ``int``
+  requantization.
+
 Canonical strings (what ``str()`` prints, and what ``parse`` round-trips exactly): ``exact`` is
 printed ``bf16``; ``@gather`` and a random seed of 0 are omitted; ``@twoshot`` always names its
-second leg; outlier fractions print as ``n/d`` in lowest terms; suffixes print in the order
-outliers, ``-rot<R>``, ``-sr``. The scale dtype is not part of the string: strings always mean
+second leg; outlier fractions print as ``n/d`` in lowest terms; thresholds print as the
+shortest decimal (``thr6``, ``thr0.5``); suffixes print in the order outliers (top/rand/sp/thr),
+``-perm``, ``-rot<R>``, ``-sr``. The scale dtype is not part of the string: strings always mean
 BF16 scales (FP16 scales overflowed to inf on real data).
 """
 from __future__ import annotations
@@ -62,14 +100,25 @@ WIRE_DTYPES = ("bf16", "fp32")
 MAX_K_FRAC = Fraction(1, 2)
 ROUNDINGS = ("nearest", "stochastic")
 MAX_ROTATION = 4096
+CODES = ("int", "nf")  # uniform grid, or the normal-quantile codebook of lowbit.codebook
+CODEBOOK_BITS = (3, 4)
+MAX_SPARSE = 255  # values per token taken out by -sp<n> (also at most half the message's features)
+MAX_INDEXED_HIDDEN = 65535  # sp/thr send uint16 column indices (0xFFFF is thr's unused-slot sentinel)
+MAX_THRESHOLD = 1e9
 
 GRAMMAR_HELP = """\
 Scheme strings (lowbit.scheme is the one parser):
 
   exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)
-  int<B>[a]-<gran>[-<outliers>][-rot<R>][-sr][@<algo>]    B in 2,3,4,5,6,8; 'a' = asymmetric (scale + min)
+  <code>-<gran>[-<outliers>][-perm][-rot<R>][-sr][@<algo>]
+    code:     int<B>[a]                     uniform grid, B in 2,3,4,5,6,8; 'a' = asymmetric (scale + min)
+            | nf<B>                         normal-quantile codebook (NF-style), B in 3,4; symmetric
     gran:     static | token | group<G>     static = per-feature scales from calibration
     outliers: top<K> | rand<K>[s<seed>]     K = fraction of features kept in BF16, in (0, 1/2]
+            | sp<n>                         per token, the n largest |x| as (uint16 index, BF16 value)
+            | thr<T>c<K>                    per message, features with max|x| > T in BF16, at most K*H
+                                            (fixed capacity; index list sent; overflow counted)
+    perm:     channel grouping for group<G>: calibrated permutation, features of similar range share a group
     rot<R>:   block Walsh-Hadamard of size R before quantizing (dynamic scales only)
     sr:       stochastic rounding (unbiased; seeded per call) instead of round to nearest
     algo:     gather (default) | twoshot[+int<B>[a]-token|group<G>]   second leg, default int8-token
@@ -85,6 +134,11 @@ Examples:
   int4-token@twoshot+int8-token     two-shot; reduced shard requantized to Int8 per token
   int3-token-rot64                  Int3 per token after a 64-wide block Hadamard rotation
   int4-token-sr                     Int4 per token with stochastic rounding
+  nf4-static-top1/64                the paper's scheme with the 4-bit normal-quantile codebook
+  nf3-group64                       3-bit codebook, one dynamic absmax per 64 features
+  int4-static-sp3                   3 largest-|x| values per token as (index, BF16) pairs
+  int4-token-thr6c1/128             features with max|x| > 6 in this message in BF16, at most H/128
+  int4-group64-perm                 Int4 per 64 features after the calibrated range-sorting permutation
   int4-static-top1/64;L0-3=int8-token;L28.down_proj=bf16   per-layer / per-module overrides
 """
 
@@ -114,6 +168,9 @@ class QuantSpec:
     granularity: ``static`` one fp32 scale per feature from calibration (not sent);
     ``token`` one dynamic scale per row; ``group`` one per ``group_size`` contiguous features
     of a row. Dynamic scales travel in ``scale_dtype``.
+
+    code: ``int`` a uniform grid of ``2**bits`` levels; ``nf`` an index into the fixed
+    ``2**bits``-entry codebook of ``lowbit.codebook`` (symmetric, nearest entry, bits 3 or 4).
     """
 
     bits: int
@@ -126,8 +183,21 @@ class QuantSpec:
     # the payload layout, and neither appears in ``str()`` (the scheme prints ``-sr``).
     rounding: str = "nearest"
     rounding_seed: int = 0
+    code: str = "int"
 
     def __post_init__(self):
+        if self.code not in CODES:
+            raise SchemeError("code", f"{self.code!r} not allowed; allowed: {', '.join(CODES)}")
+        if self.code == "nf":
+            if self.bits not in CODEBOOK_BITS:
+                raise SchemeError("bits", f"{self.bits!r} not allowed for the nf codebook; "
+                                          f"allowed: {', '.join(map(str, CODEBOOK_BITS))}")
+            if not self.symmetric:
+                raise SchemeError("symmetric", "the nf codebook is symmetric around an exact zero; "
+                                               "allowed: nf<B> without 'a'")
+            if self.rounding != "nearest":
+                raise SchemeError("rounding", "the nf codebook rounds to the nearest entry; allowed: 'nearest' "
+                                              "(no -sr with nf<B>)")
         if self.rounding not in ROUNDINGS:
             raise SchemeError("rounding", f"{self.rounding!r} not allowed; allowed: {', '.join(ROUNDINGS)}")
         if not isinstance(self.rounding_seed, int) or self.rounding_seed < 0:
@@ -158,7 +228,7 @@ class QuantSpec:
 
     def __str__(self) -> str:
         gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"int{self.bits}{'' if self.symmetric else 'a'}-{gran}"
+        return f"{self.code}{self.bits}{'' if self.symmetric else 'a'}-{gran}"
 
     def validate_for(self, hidden: int) -> None:
         if self.granularity == "group" and hidden % self.group_size:
@@ -213,6 +283,42 @@ class OutlierSpec:
         return f"rand{k}" + (f"s{self.seed}" if self.seed else "")
 
 
+def decimal_text(value: float) -> str:
+    """The shortest decimal text of a threshold (``6.0`` -> ``6``, ``0.5`` -> ``0.5``)."""
+    text = format(value, ".10f").rstrip("0").rstrip(".")
+    return text or "0"
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """Dynamic threshold outliers (``thr<T>c<K>``): per message, the features whose largest
+    |x| over the message's tokens exceeds ``value`` travel in BF16, at most
+    ``capacity(width) = floor(k_frac * width)`` of them (the largest first)."""
+
+    value: float
+    k_frac: Fraction = Fraction(1, 64)
+
+    def __post_init__(self):
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_THRESHOLD:
+            raise SchemeError("threshold", f"{v!r} not allowed; allowed: a number in [0, {MAX_THRESHOLD:g}]")
+        v = float(v)
+        if float(decimal_text(v)) != v:
+            raise SchemeError("threshold", f"{v!r} not allowed; allowed: at most 10 decimal places")
+        object.__setattr__(self, "value", v)
+        k = _fraction(self.k_frac)
+        object.__setattr__(self, "k_frac", k)
+        if not (0 < k <= MAX_K_FRAC):
+            raise SchemeError("k_frac", f"{k} not allowed for the threshold capacity; allowed: a fraction in (0, 1/2]")
+
+    def capacity(self, width: int) -> int:
+        """BF16 column slots in a message of ``width`` features: floor(k_frac * width)."""
+        return int(self.k_frac * width)
+
+    def __str__(self) -> str:
+        return f"thr{decimal_text(self.value)}c{self.k_frac.numerator}/{self.k_frac.denominator}"
+
+
 DEFAULT_SECOND = QuantSpec(8, True, "token")
 
 
@@ -221,7 +327,9 @@ class Scheme:
     """One site's communication scheme (see the module docstring for the string form).
 
     ``second`` is the two-shot requantization leg (dynamic only); it defaults to int8-token
-    when ``algo == "two_shot"`` and must be None otherwise.
+    when ``algo == "two_shot"`` and must be None otherwise. ``sparse`` (``-sp<n>``) values per
+    token and ``threshold`` (``-thr<T>c<K>``) are per-message outliers, exclusive with each
+    other and with ``outliers``; ``permute`` (``-perm``) is the calibrated channel grouping.
     """
 
     kind: str = "exact"
@@ -231,6 +339,9 @@ class Scheme:
     algo: str = "gather"
     second: QuantSpec | None = None
     rotation: int | None = None  # block size of the Walsh-Hadamard rotation (lowbit.rotation)
+    sparse: int = 0
+    threshold: ThresholdSpec | None = None
+    permute: bool = False
 
     def __post_init__(self):
         if self.kind not in ("exact", "quant"):
@@ -248,6 +359,8 @@ class Scheme:
                 raise SchemeError("algo", f"{self.algo!r} not allowed for an exact scheme; allowed: gather")
             if self.rotation is not None:
                 raise SchemeError("rotation", "an exact scheme is not rotated; allowed: None")
+            if self.sparse or self.threshold is not None or self.permute:
+                raise SchemeError("outliers", "an exact scheme sends every value; allowed: no sp, thr or perm")
             return
         object.__setattr__(self, "wire_dtype", None)
         if not isinstance(self.quant, QuantSpec):
@@ -265,6 +378,10 @@ class Scheme:
                 )
             if self.second.rounding != "nearest":
                 raise SchemeError("second", "the requantization leg rounds to nearest; allowed: rounding 'nearest'")
+            if self.second.code != "int":
+                raise SchemeError("second", "the requantization leg is a plain uniform grid; "
+                                            "allowed: int<B>[a]-token or int<B>[a]-group<G>")
+        self._check_new_options()
         if self.rotation is not None:
             r = self.rotation
             if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r > MAX_ROTATION or r & (r - 1):
@@ -278,6 +395,27 @@ class Scheme:
             if self.algo == "two_shot" and self.outliers.select != "none":
                 raise SchemeError("rotation", "rotation with BF16 outliers runs with the gather algo only; "
                                               "allowed: @gather, or no outliers")
+
+    def _check_new_options(self) -> None:
+        """The neighbouring-work options: their ranges and which combinations are refused."""
+        n = self.sparse
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_SPARSE:
+            raise SchemeError("sparse", f"{n!r} not allowed; allowed: an integer in 1..{MAX_SPARSE} (sp<n>)")
+        if self.threshold is not None and not isinstance(self.threshold, ThresholdSpec):
+            raise SchemeError("threshold", f"{self.threshold!r} is not a ThresholdSpec")
+        if not isinstance(self.permute, bool):
+            raise SchemeError("permute", f"{self.permute!r} not allowed; allowed: True, False")
+        mechanisms = [name for name, on in (("top/rand", self.outliers.select != "none"), ("sp", n > 0),
+                                            ("thr", self.threshold is not None)) if on]
+        if len(mechanisms) > 1:
+            raise SchemeError("outliers", f"{' and '.join(mechanisms)} together not allowed; allowed: one of "
+                                          "top<K>, rand<K>[s<seed>], sp<n>, thr<T>c<K>")
+        if self.permute and self.quant.granularity != "group":
+            raise SchemeError("permute", f"-perm groups features for group-wise scales; granularity "
+                                         f"{self.quant.granularity!r} not allowed; allowed: group<G>")
+        if self.rotation is not None and (n or self.threshold is not None or self.permute):
+            raise SchemeError("rotation", "-rot<R> does not combine with sp<n>, thr<T>c<K> or -perm; "
+                                          "allowed: rotation with top<K>/rand<K> or no outliers")
 
     @property
     def is_exact(self) -> bool:
@@ -293,7 +431,7 @@ class Scheme:
         """True when static scales or a top-k outlier set must come from a calibration run."""
         if self.is_exact:
             return False
-        return self.quant.granularity == "static" or self.outliers.select == "topk"
+        return self.quant.granularity == "static" or self.outliers.select == "topk" or self.permute
 
     def __str__(self) -> str:
         if self.is_exact:
@@ -301,6 +439,12 @@ class Scheme:
         text = str(self.quant)
         if self.outliers.select != "none":
             text += f"-{self.outliers}"
+        if self.sparse:
+            text += f"-sp{self.sparse}"
+        if self.threshold is not None:
+            text += f"-{self.threshold}"
+        if self.permute:
+            text += "-perm"
         if self.rotation is not None:
             text += f"-rot{self.rotation}"
         if self.stochastic:
@@ -347,6 +491,17 @@ class Scheme:
                     f"{self.outliers.k_frac} of hidden size {hidden} keeps no feature; "
                     f"allowed: k_frac >= 1/{hidden}",
                 )
+        width = hidden // tp if self.algo == "two_shot" else hidden
+        where = f"the two-shot chunk of {width} features" if self.algo == "two_shot" else f"hidden size {hidden}"
+        if (self.sparse or self.threshold is not None) and width > MAX_INDEXED_HIDDEN:
+            raise SchemeError("outliers", f"sp/thr send uint16 indices; {where} not allowed; "
+                                          f"allowed: at most {MAX_INDEXED_HIDDEN} features per message")
+        if self.sparse > width // 2:
+            raise SchemeError("sparse", f"sp{self.sparse} takes more than half of {where}; "
+                                        f"allowed: 1..{max(1, width // 2)}")
+        if self.threshold is not None and self.threshold.capacity(width) < 1:
+            raise SchemeError("k_frac", f"capacity {self.threshold.k_frac} of {where} holds no feature; "
+                                        f"allowed: K >= 1/{width}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,12 +509,15 @@ class Scheme:
 # ---------------------------------------------------------------------------------------------
 
 _K = r"(\d+/\d+|\d*\.\d+|\d+)"
-_RE_QUANT = re.compile(r"int(\d+)(a?)")
+_RE_QUANT = re.compile(r"(int|nf)(\d+)(a?)")
 _RE_GRAN = re.compile(r"static|token|group(\d+)")
 _RE_OUTLIERS = re.compile(r"top" + _K + r"|rand" + _K + r"(?:s(\d+))?")
 _RE_ALGO = re.compile(r"gather|twoshot(?:\+(int\d+a?-(?:token|group\d+)))?")
 _RE_ROT = re.compile(r"-rot(\d+)")
-_RE_SUFFIX = re.compile(r"-rot\d|-sr(?:@|$)")
+_RE_SPARSE = re.compile(r"-sp(\d+)")
+_RE_THR = re.compile(r"-thr(\d+(?:\.\d+)?)c" + _K)
+_RE_PERM = re.compile(r"-perm(?=[-@]|$)")
+_RE_SUFFIX = re.compile(r"-rot\d|-sr(?:@|$)|-sp\d|-thr\d|-perm(?:[-@]|$)")
 _EXACT = {"exact": "bf16", "bf16": "bf16", "fp32": "fp32"}
 
 
@@ -372,9 +530,12 @@ def _parse_quant_spec(text: str, pos: int, field_name: str) -> tuple[QuantSpec, 
     m = _RE_QUANT.match(text, pos)
     if not m:
         return None, pos
-    bits = int(m.group(1))
-    if bits not in ALLOWED_BITS:
+    code, bits, asym = m.group(1), int(m.group(2)), bool(m.group(3))
+    if code == "int" and bits not in ALLOWED_BITS:
         raise SchemeError("bits", f"{bits} not allowed; allowed: {', '.join(map(str, ALLOWED_BITS))}")
+    if code == "nf" and field_name == "second":
+        raise SchemeError("second", "the requantization leg is a plain uniform grid; "
+                                    "allowed: int<B>[a]-token or int<B>[a]-group<G>")
     pos = m.end()
     if not text.startswith("-", pos):
         raise _expected(field_name, text, pos, "'-' then a granularity: static, token, group<G>")
@@ -383,7 +544,7 @@ def _parse_quant_spec(text: str, pos: int, field_name: str) -> tuple[QuantSpec, 
         raise _expected("granularity", text, pos + 1, "a granularity: static, token, group<G>")
     gran = "group" if g.group(1) is not None else g.group(0)
     group_size = int(g.group(1)) if g.group(1) is not None else None
-    return QuantSpec(bits, symmetric=not m.group(2), granularity=gran, group_size=group_size), g.end()
+    return QuantSpec(bits, symmetric=not asym, granularity=gran, group_size=group_size, code=code), g.end()
 
 
 def _parse_k(text: str) -> Fraction:
@@ -402,17 +563,40 @@ def parse_scheme(text: str) -> Scheme:
         return Scheme("exact", wire_dtype=_EXACT[text])
     quant, pos = _parse_quant_spec(text, 0, "scheme")
     if quant is None:
-        raise _expected("scheme", text, 0, "one of: exact, bf16, fp32, int<B>[a]-<gran>[-<outliers>][@<algo>]")
+        raise _expected("scheme", text, 0, "one of: exact, bf16, fp32, int<B>[a]-<gran>[-<outliers>][@<algo>], "
+                                           "nf<B>-<gran>[...]")
     outliers = OutlierSpec()
     if text.startswith("-", pos) and not _RE_SUFFIX.match(text, pos):
         o = _RE_OUTLIERS.match(text, pos + 1)
         if not o:
-            raise _expected("outliers", text, pos + 1, "outliers: top<K> or rand<K>[s<seed>] (or rot<R>, sr)")
+            raise _expected("outliers", text, pos + 1,
+                            "outliers: top<K> or rand<K>[s<seed>] (or sp<n>, thr<T>c<K>, perm, rot<R>, sr)")
         if o.group(1) is not None:
             outliers = OutlierSpec("topk", _parse_k(o.group(1)))
         else:
             outliers = OutlierSpec("random", _parse_k(o.group(2)), int(o.group(3) or 0))
         pos = o.end()
+    sparse, threshold, permute = 0, None, False
+    m = _RE_SPARSE.match(text, pos)
+    if m:
+        sparse = int(m.group(1))
+        if sparse < 1:
+            raise SchemeError("sparse", f"{sparse} not allowed; allowed: an integer in 1..{MAX_SPARSE} (sp<n>)")
+        pos = m.end()
+    m = _RE_THR.match(text, pos)
+    if m:
+        try:
+            threshold = ThresholdSpec(float(m.group(1)), _parse_k(m.group(2)))
+        except ZeroDivisionError:
+            raise SchemeError("k_frac", f"{m.group(2)!r} not allowed; allowed: a fraction in (0, 1/2]")
+        pos = m.end()
+    elif text.startswith("-thr", pos):
+        raise _expected("threshold", text, pos + 1, "thr<T>c<K>: T a decimal such as 6 or 0.5, K a fraction "
+                                                    "such as 1/64")
+    m = _RE_PERM.match(text, pos)
+    if m:
+        permute = True
+        pos = m.end()
     rotation = None
     m = _RE_ROT.match(text, pos)
     if m:
@@ -436,8 +620,10 @@ def parse_scheme(text: str) -> Scheme:
                 second, _ = _parse_quant_spec(a.group(1), 0, "second")
         pos = a.end()
     if pos != len(text):
-        raise _expected("scheme", text, pos, "'-rot<R>', '-sr', '-<outliers>', '@<algo>' or the end of the scheme")
-    return Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second, rotation=rotation)
+        raise _expected("scheme", text, pos, "in this order '-sp<n>' or '-thr<T>c<K>', '-perm', '-rot<R>', '-sr', "
+                                             "'-<outliers>', '@<algo>' or the end of the scheme")
+    return Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second, rotation=rotation,
+                  sparse=sparse, threshold=threshold, permute=permute)
 
 
 def _row_parallel_modules() -> tuple[str, ...]:

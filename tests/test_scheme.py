@@ -17,6 +17,7 @@ from lowbit.scheme import (
     Scheme,
     SchemeError,
     SchemeMap,
+    ThresholdSpec,
     parse_scheme,
     parse_scheme_map,
 )
@@ -29,6 +30,11 @@ EXAMPLES = [
     "int4-static-rand1/64s7",
     "int4-token@twoshot+int8-token",
     "bf16",
+    "nf4-static-top1/64",
+    "nf3-group64",
+    "int4-static-sp3",
+    "int4-token-thr6c1/128",
+    "int4-group64-perm",
 ]
 
 
@@ -171,6 +177,24 @@ BAD_SCHEMES = [
     ("int4-token@ring", "algo", "gather, twoshot"),
     ("int4-token@twoshot+int4-static", "second", "int<B>[a]-token or int<B>[a]-group<G>"),
     ("int4-token@twoshot+int9-token", "bits", "2, 3, 4, 5, 6, 8"),
+    ("nf5-token", "bits", "allowed: 3, 4"),
+    ("nf4a-token", "symmetric", "nf<B> without 'a'"),
+    ("nf4-token-sr", "rounding", "'nearest'"),
+    ("int4-token@twoshot+nf4-token", "second", "int<B>[a]-token or int<B>[a]-group<G>"),
+    ("int4-token-sp0", "sparse", "1..255"),
+    ("int4-token-sp300", "sparse", "1..255"),
+    ("int4-token-thr6", "threshold", "thr<T>c<K>"),
+    ("int4-token-thr6c0.7", "k_frac", "(0, 1/2]"),
+    ("int4-token-thr6c1/0", "k_frac", "(0, 1/2]"),
+    ("int4-token-thr0.00000000001c1/64", "threshold", "at most 10 decimal places"),
+    ("int4-token-perm", "permute", "allowed: group<G>"),
+    ("int4-static-top1/64-perm", "permute", "allowed: group<G>"),
+    ("int4-static-top1/64-sp2", "outliers", "one of top<K>, rand<K>[s<seed>], sp<n>, thr<T>c<K>"),
+    ("int4-token-sp2-thr6c1/64", "outliers", "one of top<K>"),
+    ("int4-token-rand1/64-thr6c1/64", "outliers", "one of top<K>"),
+    ("int4-token-sp2-rot64", "rotation", "rotation with top<K>/rand<K> or no outliers"),
+    ("int4-group64-perm-rot64", "rotation", "rotation with top<K>/rand<K> or no outliers"),
+    ("int4-group64-perm-sp2", "scheme", "in this order '-sp<n>' or '-thr<T>c<K>', '-perm'"),
 ]
 
 
@@ -182,6 +206,82 @@ def test_bad_scheme_names_field_and_allowed_values(text, field, allowed):
     assert info.value.field == field, message
     assert message.startswith(f"{field}: "), message
     assert allowed in message, message
+
+
+NEW_FIELDS = [
+    ("nf4-static-top1/64", dict(code="nf", bits=4, sparse=0, threshold=None, permute=False)),
+    ("int4-static-sp3", dict(code="int", bits=4, sparse=3, threshold=None, permute=False)),
+    ("int4-token-thr6c1/128", dict(code="int", bits=4, sparse=0, threshold=ThresholdSpec(6.0, Fraction(1, 128)),
+                                   permute=False)),
+    ("int4-group64-perm", dict(code="int", bits=4, sparse=0, threshold=None, permute=True)),
+    ("nf3-group32-thr0.25c1/32-perm@twoshot+int4-group32",
+     dict(code="nf", bits=3, sparse=0, threshold=ThresholdSpec(0.25, Fraction(1, 32)), permute=True)),
+]
+
+
+@pytest.mark.parametrize("text, fields", NEW_FIELDS)
+def test_neighbouring_scheme_fields(text, fields):
+    s = parse_scheme(text)
+    got = dict(code=s.quant.code, bits=s.quant.bits, sparse=s.sparse, threshold=s.threshold, permute=s.permute)
+    assert got == fields
+    assert str(s) == text
+    assert s.outliers.select == ("topk" if "top" in text else "none")
+
+
+def test_neighbouring_schemes_calibration_needs_and_capacity():
+    assert parse_scheme("int4-group64-perm").needs_calibration, "the permutation comes from calibration"
+    assert not parse_scheme("int4-token-sp2").needs_calibration
+    assert not parse_scheme("nf4-token-thr6c1/64").needs_calibration
+    assert parse_scheme("int4-token-thr6c1/64").threshold.capacity(576) == 9
+    assert parse_scheme("int4-token-thr6c1/64").threshold.capacity(192) == 3  # a two-shot chunk at TP 3
+    with pytest.raises(SchemeError, match="sparse: sp97 takes more than half of the two-shot chunk of 192"):
+        parse_scheme("int4-token-sp97@twoshot").validate_for(576, 3)
+    parse_scheme("int4-token-sp96@twoshot").validate_for(576, 3)
+    with pytest.raises(SchemeError, match="k_frac: capacity 1/256 of the two-shot chunk of 192 features"):
+        parse_scheme("int4-token-thr6c1/256@twoshot").validate_for(576, 3)
+    with pytest.raises(SchemeError, match="at most 65535 features"):
+        parse_scheme("int4-token-sp2").validate_for(2**17, 1)
+
+
+@pytest.mark.parametrize("text, canonical", [
+    ("int4-token-thr6.000c2/128", "int4-token-thr6c1/64"),
+    ("int4-token-thr0.50c0.01", "int4-token-thr0.5c1/100"),
+    ("nf4-group64-perm@gather", "nf4-group64-perm"),
+])
+def test_neighbouring_schemes_normalize(text, canonical):
+    assert str(parse_scheme(text)) == canonical
+
+
+new_quant = st.builds(lambda b, gran, g: QuantSpec(b, True, gran, g if gran == "group" else None, code="nf"),
+                      st.sampled_from([3, 4]), st.sampled_from(["static", "token", "group"]),
+                      st.sampled_from([8, 32, 64])) | quant_specs
+thresholds = st.builds(ThresholdSpec, st.integers(0, 10**6).map(lambda v: v / 100), fractions_)
+
+
+@st.composite
+def neighbour_schemes(draw):
+    quant = draw(new_quant)
+    which = draw(st.sampled_from(["outliers", "sparse", "threshold", "none"]))
+    kw = {}
+    if which == "outliers":
+        kw["outliers"] = draw(outlier_specs)
+    elif which == "sparse":
+        kw["sparse"] = draw(st.integers(1, 255))
+    elif which == "threshold":
+        kw["threshold"] = draw(thresholds)
+    kw["permute"] = quant.granularity == "group" and draw(st.booleans())
+    if draw(st.booleans()):
+        kw.update(algo="two_shot", second=draw(dynamic_specs))
+    return Scheme("quant", quant=quant, **kw)
+
+
+@settings(max_examples=200, deadline=None)
+@given(neighbour_schemes())
+def test_neighbouring_schemes_round_trip(scheme):
+    text = str(scheme)
+    parsed = parse_scheme(text)
+    assert parsed == scheme, text
+    assert str(parsed) == text
 
 
 def test_bad_scheme_reports_failing_position():
