@@ -174,16 +174,25 @@ def scheme_fields(text: str) -> dict:
         smap = parse_scheme_map(text)
     except (SchemeError, TypeError, ValueError) as exc:
         return dict(family="?", bits=None, granularity=None, select=None, k=None, algo=None, second=None,
-                    overrides=0, parse_error=str(exc))
+                    options=None, overrides=0, parse_error=str(exc))
     s = smap.default
     if s.is_exact:
         return dict(family="exact", bits=16 if s.wire_dtype == "bf16" else 32, granularity="-", select="none",
-                    k="0", algo="all-reduce", second=None, overrides=len(smap.overrides), parse_error=None)
+                    k="0", algo="all-reduce", second=None, options="-", overrides=len(smap.overrides),
+                    parse_error=None)
     k = s.outliers.k_frac
-    return dict(family=f"int{s.quant.bits}", bits=s.quant.bits,
-                granularity=str(s.quant).split("-", 1)[1], select=s.outliers.select,
-                k=f"{k.numerator}/{k.denominator}" if k else "0", algo=s.algo,
-                second=str(s.second) if s.second else None, overrides=len(smap.overrides), parse_error=None)
+    select, k_text = s.outliers.select, f"{k.numerator}/{k.denominator}" if k else "0"
+    if s.sparse:
+        select, k_text = "sparse", f"{s.sparse}/token"
+    elif s.threshold is not None:
+        c = s.threshold.k_frac
+        select, k_text = "threshold", f"{c.numerator}/{c.denominator}"
+    options = [o for o, on in (("perm", s.permute), (f"rot{s.rotation}", s.rotation is not None),
+                               ("sr", s.stochastic)) if on]
+    return dict(family=f"{s.quant.code}{s.quant.bits}", bits=s.quant.bits,
+                granularity=str(s.quant).split("-", 1)[1], select=select, k=k_text, algo=s.algo,
+                second=str(s.second) if s.second else None, options=" ".join(options) or "-",
+                overrides=len(smap.overrides), parse_error=None)
 
 
 def _num(value) -> float | None:
@@ -261,7 +270,7 @@ def _kept_se(scheme_tasks: pd.DataFrame, reference_tasks: pd.DataFrame) -> float
 SCHEME_COLUMNS = ["scheme", "reference", "bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement",
                   "kept_pct", "kept_se", "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok",
                   "text_tokens", "clamped", "nonfinite",
-                  "family", "bits", "granularity", "select", "k", "algo", "second", "overrides"]
+                  "family", "bits", "granularity", "select", "k", "algo", "second", "options", "overrides"]
 
 
 SCHEME_NUMERIC = ["bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "kept_pct", "kept_se",
@@ -289,7 +298,7 @@ def scheme_frame(result: dict | None) -> pd.DataFrame:
         row["comm_ms_per_ktok"] = seconds / tokens * 1e6 if tokens and seconds is not None else None
         fields = scheme_fields(r["scheme"])
         row.update({k: fields[k] for k in ("family", "bits", "granularity", "select", "k", "algo", "second",
-                                           "overrides")})
+                                           "options", "overrides")})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=SCHEME_COLUMNS)
     # A column that is None in every row (no tasks in the run: kept_pct, kept_se) must still be numeric,
@@ -604,42 +613,16 @@ def ema_trace_frame(cal, layer: int, module: str, feature: int) -> pd.DataFrame:
 
 
 # -- bits accounting (lowbit.payload owns the layout) --------------------------------------------
-def _leg_parts(tokens: int, hidden: int, quant, n_outliers: int) -> dict[str, float]:
-    from lowbit.payload import layout
-    lay = layout(tokens, hidden, quant, n_outliers)
-    bits = lay.bits_per_value
-    return {part: bits[part] * tokens * hidden for part in SCHEME_PARTS}  # total bits of this message
-
-
 def site_bits(scheme, hidden: int, tp: int, tokens: int = DEFAULT_TOKENS) -> list[dict]:
-    """Bits per value of one site's message for a parsed ``Scheme``: rows (leg, part, bits).
-
-    gather: one payload per rank (``lowbit.payload.layout``). two-shot: leg 1 is the tp chunks
-    each rank cuts its partial into (hidden/tp features each), leg 2 the rank's requantized
-    reduced chunk, padded to the largest chunk; both over the rank's tokens x hidden values, as
-    ``lowbit.collectives`` counts the bytes it hands to the collectives (the measured
-    ``bits_per_value``). The outlier features are assumed spread evenly over the chunks (their
-    real positions come from calibration)."""
-    from lowbit.payload import layout
-    values = tokens * hidden
-    if scheme.is_exact:
-        total = layout(tokens, hidden, scheme).bits_per_value["total"]
-        return [dict(leg="leg 1", part="payload", bits=total)] + \
-            [dict(leg="leg 1", part=p, bits=0.0) for p in SCHEME_PARTS[1:]]
-    n_out = scheme.outliers.count(hidden) if scheme.outliers.select != "none" else 0
-    if scheme.algo == "gather":
-        parts = _leg_parts(tokens, hidden, scheme.quant, n_out)
-        return [dict(leg="leg 1", part=p, bits=v / values) for p, v in parts.items()]
-    width = hidden // tp
-    per_chunk = [n_out // tp + (1 if j < n_out % tp else 0) for j in range(tp)]
-    leg1 = {p: 0.0 for p in SCHEME_PARTS}
-    for k in per_chunk:
-        for p, v in _leg_parts(tokens, width, scheme.quant, k).items():
-            leg1[p] += v
-    widest = max(per_chunk)
-    leg2 = _leg_parts(tokens, width, scheme.second, widest)
-    return [dict(leg="leg 1", part=p, bits=v / values) for p, v in leg1.items()] + \
-        [dict(leg="leg 2", part=p, bits=v / values) for p, v in leg2.items()]
+    """Bits per value of one site's message for a parsed ``Scheme``: rows (leg, part, bits), as
+    ``lowbit.collectives.scheme_bits_breakdown`` counts them (the one owner of that accounting:
+    gather's one payload, two-shot's tp first-leg chunks and its padded second-leg chunk, rotated
+    messages, sparse pairs and threshold index lists). ``tokens`` matters only for ``thr``,
+    whose index list is sent once per message."""
+    from lowbit.collectives import scheme_bits_breakdown
+    legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
+    return [dict(leg=leg, part=p, bits=float(parts.get(p, 0.0)))
+            for leg, parts in legs.items() if parts is not None for p in SCHEME_PARTS]
 
 
 def bits_parts(scheme_text: str, hidden: int, tp: int, tokens: int = DEFAULT_TOKENS) -> pd.DataFrame:

@@ -12,13 +12,18 @@ from lowbit.scheme import SchemeError
 from pages import _ui
 
 PRESETS = ["bf16", "int8-token", "int4-static", "int4-static-rand1/64", "int4-static-top1/64", "int4-token",
-           "int4-group32", "int3a-group64-top1/64", "int4-token@twoshot+int8-token"]
+           "int4-group32", "int3a-group64-top1/64", "int4-token@twoshot+int8-token",
+           # neighbouring work at about the paper's 4.19 bits: sparse pairs, threshold columns (with
+           # their index list), channel grouping (free), the normal-quantile codebook
+           "int4-static-sp3", "int4-token-thr6c1/64", "int4-group64-perm", "nf4-static-top1/64"]
 
 st.title("Bits: what actually travels")
 st.markdown(
     "**What you will learn:** a low-bit message is more than its 4-bit codes. Features kept in BF16 (outliers) "
     "and dynamic scales cost bits too; static scales and the outlier index list are fixed by calibration, known "
-    "to every rank, and never sent (0 bits). Two-shot sends twice: its first leg (the partials) and its second leg "
+    "to every rank, and never sent (0 bits). Schemes that choose their outliers per message send where they are: "
+    "sparse pairs (`-sp<n>`) carry a 16-bit index with each BF16 value, threshold columns (`-thr<T>c<K>`) a "
+    "fixed-size index list. Two-shot sends twice: its first leg (the partials) and its second leg "
     "(the requantized reduced sum). Bits here are per value of one rank's partial sum (tokens x hidden).")
 
 frame = _ui.runs()

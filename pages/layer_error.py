@@ -7,7 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from launch import results
-from lowbit.scheme import ALLOWED_BITS, OutlierSpec, QuantSpec, Scheme, SchemeError
+from lowbit.scheme import ALLOWED_BITS, OutlierSpec, QuantSpec, Scheme, SchemeError, ThresholdSpec
 from pages import _ui
 
 K_CHOICES = ["1/128", "1/64", "1/32", "1/16"]
@@ -20,23 +20,43 @@ st.markdown(
     "||quantized - exact|| / ||exact|| of the reduced sum; SNR = 10 log10(||exact||² / ||error||²).")
 
 
+OUTLIER_CHOICES = {
+    "topk": "top-k features (the paper)", "random": "random features (baseline)", "none": "none",
+    "sparse": "largest values per token (sparse pairs)", "threshold": "features over a threshold (per message)",
+}
+
+
 def scheme_builder() -> str | None:
     """Controls -> one scheme string (lowbit.scheme owns the grammar); None if it cannot be built."""
     c1, c2, c3, c4, c5 = st.columns(5)
     with c1:
-        bits = st.selectbox("Bits", ALLOWED_BITS, index=ALLOWED_BITS.index(4), key="le_bits")
-        asym = st.checkbox("Asymmetric (scale + min)", key="le_asym")
+        code = st.radio("Code", ["int", "nf"], horizontal=True, key="le_code",
+                        help="int: a uniform grid; nf: a fixed normal-quantile codebook (NF4-style, 3 or 4 bits), "
+                             "finer near zero where most values are")
+        bits = st.selectbox("Bits", ALLOWED_BITS if code == "int" else [3, 4],
+                            index=ALLOWED_BITS.index(4) if code == "int" else 1, key=f"le_bits_{code}")
+        asym = st.checkbox("Asymmetric (scale + min)", key="le_asym", disabled=code == "nf")
     with c2:
         gran = st.selectbox("Granularity", ["static", "token", "group"], key="le_gran",
                             help="static: per-feature scale from calibration; token: one scale per token; "
                                  "group: one scale per G features of a token")
         group = st.number_input("Group size G", min_value=1, value=32, step=8, key="le_group",
                                 disabled=gran != "group")
+        permute = st.checkbox("Channel grouping", key="le_perm", disabled=gran != "group",
+                              help="A calibrated permutation puts features of similar range in the same group "
+                                   "before group-wise scales; undone after the sum; costs no bits")
     with c3:
-        select = st.selectbox("Outliers in BF16", ["topk", "random", "none"], key="le_select",
-                              help="topk: the widest features from calibration (the paper); random: as many, "
-                                   "chosen at random (the baseline)")
-        k = st.selectbox("k (fraction of features)", K_CHOICES, index=1, key="le_k", disabled=select == "none")
+        select = st.selectbox("Outliers in BF16", list(OUTLIER_CHOICES), format_func=OUTLIER_CHOICES.get,
+                              key="le_select")
+        if select == "sparse":
+            per_token = st.number_input("Values per token", min_value=1, max_value=64, value=3, key="le_sp",
+                                        help="Each sends a uint16 index and a BF16 value: 32 bits")
+        elif select == "threshold":
+            threshold = st.number_input("Threshold |x|", min_value=0.0, value=6.0, step=1.0, key="le_thr",
+                                        help="LLM.int8() uses 6")
+            k = st.selectbox("Capacity (fraction of features)", K_CHOICES, index=1, key="le_k")
+        else:
+            k = st.selectbox("k (fraction of features)", K_CHOICES, index=1, key="le_k", disabled=select == "none")
     with c4:
         algo = st.selectbox("Algorithm", ["gather", "two_shot"], key="le_algo",
                             help="gather: all-gather the quantized partials (the paper); two_shot: reduce-scatter "
@@ -48,17 +68,20 @@ def scheme_builder() -> str | None:
                                 help="Block Walsh-Hadamard rotation before quantizing, undone after the sum "
                                      "(spreads a spike over its block; dynamic scales only). See 'Why rotation "
                                      "works' below.")
-        stochastic = st.checkbox("Stochastic rounding", key="le_sr",
+        stochastic = st.checkbox("Stochastic rounding", key="le_sr", disabled=code == "nf",
                                  help="Unbiased rounding: floor(v + u), u uniform in [0, 1). Measured on "
                                       "smollm2-135m TP 3, it makes the error of the sum over ranks about 1.4x "
                                       "larger than round-to-nearest (README, Beyond the paper).")
     try:
-        quant = QuantSpec(int(bits), not asym, gran, int(group) if gran == "group" else None,
-                          rounding="stochastic" if stochastic else "nearest")
-        outliers = OutlierSpec(select, k) if select != "none" else OutlierSpec()
+        quant = QuantSpec(int(bits), not asym or code == "nf", gran, int(group) if gran == "group" else None,
+                          rounding="stochastic" if stochastic and code == "int" else "nearest", code=code)
+        outliers = OutlierSpec(select, k) if select in ("topk", "random") else OutlierSpec()
         second = QuantSpec(int(second_bits), True, "token") if algo == "two_shot" else None
         rot = None if rotation == "none" or gran == "static" else int(rotation)
-        return str(Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second, rotation=rot))
+        extra = dict(sparse=int(per_token)) if select == "sparse" else \
+            dict(threshold=ThresholdSpec(float(threshold), k)) if select == "threshold" else {}
+        return str(Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second, rotation=rot,
+                          permute=bool(permute and gran == "group"), **extra))
     except (SchemeError, ValueError, ZeroDivisionError) as exc:
         st.error(f"`{exc}`")
         return None
@@ -172,8 +195,8 @@ fields = pd.DataFrame([dict(scheme=s, **results.scheme_fields(s)) for s in error
 st.subheader("Pick schemes")
 c1, c2, c3, c4 = st.columns(4)
 pickers = {}
-for col, name, label in ((c1, "family", "Bits"), (c2, "granularity", "Granularity"), (c3, "k", "k (BF16 features)"),
-                         (c4, "select", "Selection")):
+for col, name, label in ((c1, "family", "Code and bits"), (c2, "granularity", "Granularity"),
+                         (c3, "k", "k (BF16 features)"), (c4, "select", "Selection")):
     with col:
         pickers[name] = _ui.filter_all(label, sorted(fields[name].dropna().astype(str).unique()), key=f"le_f_{name}")
 chosen = fields

@@ -9,6 +9,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from launch import results
 from launch.index import RunIndex
 from launch.registry import KINDS
 from launch.spec import JobSpec, SpecError
@@ -222,6 +223,33 @@ def test_layer_error_filters_metric_and_scheme_builder(runs_with_results):
     at.run()
     assert_clean(at)
     assert any(t.value == "int4-group16-rand1/64" for t in at.text_input)
+
+
+def test_layer_error_builder_offers_the_neighbouring_schemes(runs_with_results):
+    def built(at):
+        return [t.value for t in at.text_input if t.value]
+
+    at = open_page("pages/layer_error.py")
+    at.radio(key="le_code").set_value("nf").run()
+    assert_clean(at)
+    assert "nf4-static-top1/64" in built(at)  # the paper with the codebook
+    at.selectbox(key="le_select").set_value("sparse").run()
+    at.number_input(key="le_sp").set_value(2).run()
+    assert "nf4-static-sp2" in built(at)
+    at.radio(key="le_code").set_value("int").run()
+    at.selectbox(key="le_gran").set_value("token").run()
+    at.selectbox(key="le_select").set_value("threshold").run()
+    at.number_input(key="le_thr").set_value(8.0).run()
+    assert "int4-token-thr8c1/64" in built(at)
+    at.selectbox(key="le_gran").set_value("group").run()
+    at.number_input(key="le_group").set_value(64).run()
+    at.selectbox(key="le_select").set_value("none").run()
+    at.checkbox(key="le_perm").check().run()
+    assert_clean(at)
+    assert "int4-group64-perm" in built(at)
+    fields = results.scheme_fields("int4-group64-perm")
+    assert fields["options"] == "perm" and fields["family"] == "int4"
+    assert results.scheme_fields("nf4-static-sp3")["select"] == "sparse"
 
 
 def test_layer_error_submit_shows_problems_for_a_bad_group_size(runs_with_results):
