@@ -126,7 +126,7 @@ def channel_permutation(calibration: Calibration, site: Site) -> torch.Tensor:
     return torch.sort(score, stable=True).indices
 
 
-def _message_kwargs(scheme: Scheme, width: int) -> tuple[dict, dict]:
+def message_kwargs(scheme: Scheme, width: int) -> tuple[dict, dict]:
     """(encode kwargs, decode kwargs) of one first-leg message of ``width`` features."""
     if scheme.threshold is not None:
         cap = scheme.threshold.capacity(width)
@@ -289,7 +289,7 @@ class QuantCommunicator(Communicator):
         tokens, hidden = x.shape
         rank, tp = self.group.rank, self.group.world_size
         idx = plan.outlier_idx
-        enc_kw, dec_kw = _message_kwargs(plan.scheme, hidden)
+        enc_kw, dec_kw = message_kwargs(plan.scheme, hidden)
         payload, stats = encode(x, quant, idx, *self._static(plan, rank), **enc_kw)
         gathered = self.group.all_gather(payload)
         out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
@@ -311,7 +311,7 @@ class QuantCommunicator(Communicator):
         rank, tp = self.group.rank, self.group.world_size
         second = plan.scheme.second
         cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
-        enc_kw, dec_kw = _message_kwargs(plan.scheme, width)
+        enc_kw, dec_kw = message_kwargs(plan.scheme, width)
         parts, clamped, nonfinite, message_stats = [], 0, 0, {}
         for j in range(tp):
             p, st = encode(x[:, cols[j]].contiguous(), quant, local_idx[j], *self._static(plan, rank, cols[j]),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lowbit.calibrate import select_outliers
-from lowbit.collectives import QuantCommunicator, channel_permutation, scheme_bits_breakdown, scheme_bits_per_value
+from lowbit.collectives import (QuantCommunicator, message_kwargs, channel_permutation, scheme_bits_breakdown,
+                               scheme_bits_per_value)
 from lowbit.comm import Site
 from lowbit.dist import ThreadWorld
 from lowbit.payload import decode, encode
@@ -21,15 +22,6 @@ SCHEMES = ["nf4-static-top1/32", "nf3-group16", "int4-static-sp2", "int4a-token-
            "int4-group16-thr5c1/16-perm",
            "nf4-token@twoshot+int8-token", "int4-static-sp2@twoshot+int8-token", "int4-token-thr5c1/16@twoshot",
            "int4-group16-perm@twoshot+int4-group8", "int4-group16-sp1-perm@twoshot"]
-
-
-def _kwargs(scheme, width):
-    if scheme.threshold is not None:
-        cap = scheme.threshold.capacity(width)
-        return dict(threshold=scheme.threshold.value, capacity=cap), dict(capacity=cap)
-    if scheme.sparse:
-        return dict(sparse=scheme.sparse), dict(sparse=scheme.sparse)
-    return {}, {}
 
 
 def single_process(text: str, tp: int, site: Site = SITE) -> torch.Tensor:
@@ -48,7 +40,7 @@ def single_process(text: str, tp: int, site: Site = SITE) -> torch.Tensor:
     for j in range(HIDDEN // width):
         cols = slice(j * width, (j + 1) * width)
         local = idx[(idx >= cols.start) & (idx < cols.stop)] - cols.start
-        enc, dec = _kwargs(scheme, width)
+        enc, dec = message_kwargs(scheme, width)
         reduced = torch.zeros(TOKENS, width)
         for r, x in enumerate(xs):
             smin, smax = (t[cols] for t in cal.rank_range(site, r)) if static else (None, None)
