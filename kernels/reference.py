@@ -97,7 +97,16 @@ def check_input(x: torch.Tensor, quant: QuantSpec) -> None:
     if getattr(quant, "rounding", "nearest") != "nearest":
         raise ValueError(f"rounding {quant.rounding!r}: the kernels round to nearest (half to even); "
                          "stochastic rounding stays on lowbit.quant's torch path")
+    check_code(quant)
     quant.validate_for(x.shape[1])
+
+
+def check_code(quant: QuantSpec) -> None:
+    """The kernels implement the uniform grid only; the nf codebook stays on lowbit.quant's path
+    (treating its codes as a uniform grid would decode wrong values without an error)."""
+    if getattr(quant, "code", "int") != "int":
+        raise ValueError(f"code {quant.code!r}: the kernels implement the uniform int grid only; allowed: int "
+                         "(the nf codebook stays on lowbit.quant's torch path)")
 
 
 def check_out_dtype(out_dtype) -> None:
@@ -109,6 +118,7 @@ def check_second(second) -> None:
     """The two-shot leg 2 spec: dynamic only (no calibration exists for the reduced sum)."""
     if not isinstance(second, QuantSpec) or not second.dynamic:
         raise ValueError(f"second must be a dynamic QuantSpec (token or group), got {second!r}")
+    check_code(second)
 
 
 def inverse_order(feats: Features) -> torch.Tensor:
@@ -266,6 +276,7 @@ def prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, st
         raise TypeError("payloads must be a uint8 tensor [tp, nbytes] (one payload per rank)")
     if not isinstance(quant, QuantSpec):
         raise TypeError(f"quant must be a QuantSpec, got {type(quant).__name__}")
+    check_code(quant)
     quant.validate_for(hidden)
     tp = payloads.shape[0]
     feats = features(hidden, outlier_idx, payloads.device)

@@ -298,6 +298,7 @@ BAD_INPUT = [
     ("static range not finite", dict(spec=QuantSpec(4, True, "static"), lo=torch.full((H,), -float("inf"))),
      ValueError, "finite"),
     ("stochastic rounding", dict(spec=QuantSpec(4, True, "token", rounding="stochastic")), ValueError, "stochastic"),
+    ("nf codebook", dict(spec=QuantSpec(4, True, "token", code="nf")), ValueError, "code 'nf'"),
 ]
 
 
@@ -325,6 +326,8 @@ def test_bad_unpack_input_raises_a_clear_error(path):
         fn(payloads, T, H, spec, None)  # outliers change the layout
     with pytest.raises(TypeError, match="out_dtype"):
         fn(payloads, T, H, spec, OUTLIERS, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="code 'nf'"):  # nf codes read as a uniform grid would decode wrong
+        fn(payloads, T, H, QuantSpec(4, True, "token", code="nf"), OUTLIERS)
     static = QuantSpec(4, True, "static")
     sp, mins, maxs = gathered(static, 2, OUTLIERS)
     with pytest.raises(ValueError, match=r"tp=2"):
