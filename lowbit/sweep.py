@@ -5,7 +5,7 @@ them) and an accuracy floor (``kl_max`` and/or ``kept_min`` % of the exact run's
 the sweep evaluates
 
 1. explicit candidate schemes (the job spec's ``schemes``),
-2. a grid (``grid``: bits x granularity x outliers x rotation x rounding) filtered to the range,
+2. a grid (``grid``: code x bits x granularity x outliers x rotation x rounding) filtered to the range,
 3. per-site allocations (``allocate``: a list of budgets): ``lowbit.sensitivity`` measures every
    site's KL increase for each of ``allocate_candidates`` once, then allocates bits per site
    for each budget; the resulting scheme maps are candidates like the others,
@@ -27,6 +27,7 @@ skips them, and the sensitivity table is kept the same way (``points/sensitivity
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -44,12 +45,12 @@ PAPER = "int4-static-top1/64"
 SENSITIVITY_FILE = "sensitivity.json"
 SWEEP_DEFAULTS = dict(
     budget_min=2.0, budget_max=4.5, kl_max=None, kept_min=None,
-    grid=None,  # e.g. {"bits": [2, 3, 4], "granularity": ["token", "group32"], "rotation": [null, 64]}
+    grid=None,  # e.g. {"code": ["int", "nf"], "bits": [3, 4], "granularity": ["token", "group32"], "rotation": [null, 64]}
     allocate=[], allocate_candidates=list(DEFAULT_CANDIDATES), allocate_method="dp", sensitivity_chunks=1,
     include_paper=True, report_at=[4.2, 3.5, 3.0, 2.5], resume_from=None,
     seq_len=256, batch_size=2,
 )
-GRID_KEYS = ("bits", "granularity", "outliers", "rotation", "rounding")
+GRID_KEYS = ("code", "bits", "granularity", "outliers", "rotation", "rounding")
 
 
 def point_key(scheme: str) -> str:
@@ -62,20 +63,18 @@ def grid_schemes(grid: dict | None, hidden: int, tp: int, budget_min: float, bud
     if not grid:
         return []
     out = []
-    for bits in grid.get("bits", [4]):
-        for gran in grid.get("granularity", ["token"]):
-            for outl in grid.get("outliers", [None]):
-                for rot in grid.get("rotation", [None]):
-                    for rounding in grid.get("rounding", ["nearest"]):
-                        text = f"int{bits}-{gran}" + (f"-{outl}" if outl else "") + (f"-rot{rot}" if rot else "") \
-                            + ("-sr" if rounding == "stochastic" else "")
-                        try:
-                            scheme = parse_scheme(text)
-                            scheme.validate_for(hidden, tp)
-                        except SchemeError:
-                            continue  # e.g. rotation with static scales: not a candidate
-                        if budget_min - 1e-9 <= scheme_bits_per_value(scheme, hidden, tp) <= budget_max + 1e-9:
-                            out.append(str(scheme))
+    for code, bits, gran, outl, rot, rounding in itertools.product(
+            grid.get("code", ["int"]), grid.get("bits", [4]), grid.get("granularity", ["token"]),
+            grid.get("outliers", [None]), grid.get("rotation", [None]), grid.get("rounding", ["nearest"])):
+        text = f"{code}{bits}-{gran}" + (f"-{outl}" if outl else "") + (f"-rot{rot}" if rot else "") \
+            + ("-sr" if rounding == "stochastic" else "")
+        try:
+            scheme = parse_scheme(text)
+            scheme.validate_for(hidden, tp)
+        except SchemeError:
+            continue  # e.g. rotation with static scales, nf2, nf with -sr: not a candidate
+        if budget_min - 1e-9 <= scheme_bits_per_value(scheme, hidden, tp) <= budget_max + 1e-9:
+            out.append(str(scheme))
     return list(dict.fromkeys(out))
 
 

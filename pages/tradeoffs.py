@@ -29,14 +29,15 @@ st.markdown(
     "are one standard error from the task items (paired with the exact run for % kept).")
 
 BUDGETS = [2.5, 3.0, 3.5, 4.2]
-EXTRA_CANDIDATES = ["int3-group64-rot64", "int4-group64-rot64", "int8-token-rot64"]
+EXTRA_CANDIDATES = ["int3-group64-rot64", "int4-group64-rot64", "int8-token-rot64", "nf3-token-rot64",
+                    "nf3-group64-rot64", "nf4-token-rot64"]
 
 
 def autotune_form() -> None:
     """Controls -> one ``sweep`` job (lowbit.sweep): grid, per-layer allocation, budget and floor."""
     st.markdown(
         "The sweep evaluates candidate schemes against exact FP32 on the same tokens and returns the Pareto "
-        "frontier of bits vs KL. Candidates come from a **grid** (bits x granularity x outliers x rotation x "
+        "frontier of bits vs KL. Candidates come from a **grid** (code x bits x granularity x outliers x rotation x "
         "rounding, kept if their bits fall in the range), from **per-layer bit allocation** (it measures every "
         "layer/module's sensitivity once, then spends the budget where it hurts most), and the paper's scheme. "
         "Finished points are kept: a cancelled sweep resumes where it stopped.")
@@ -45,7 +46,11 @@ def autotune_form() -> None:
     with c3:
         budget = st.slider("Bits per value range", 1.5, 8.5, (2.4, 4.3), step=0.1, key="at_range")
     st.markdown("**Grid**")
-    g1, g2, g3, g4, g5 = st.columns(5)
+    g0, g1, g2, g3, g4, g5 = st.columns(6)
+    with g0:
+        codes = st.multiselect("Code", ["int", "nf"], default=["int"], key="at_code",
+                               help="int: uniform grid; nf: normal-quantile codebook (3 and 4 bits only; it "
+                                    "pairs well with rotation)")
     with g1:
         bits = st.multiselect("Bits", [2, 3, 4, 5, 6, 8], default=[3, 4], key="at_bits")
     with g2:
@@ -80,7 +85,7 @@ def autotune_form() -> None:
         items = st.number_input("Items per task", min_value=1, value=20, step=5, key="at_items", disabled=not tasks)
     with f4:
         tokens = st.number_input("Evaluation tokens", min_value=256, value=512, step=256, key="at_tokens")
-    grid = dict(bits=list(bits), granularity=list(grans),
+    grid = dict(code=list(codes) or ["int"], bits=list(bits), granularity=list(grans),
                 outliers=[None if o == "none" else o for o in outliers] or [None],
                 rotation=[None if r == "none" else int(r) for r in rotations] or [None],
                 rounding=["nearest", "stochastic"] if sr else ["nearest"])

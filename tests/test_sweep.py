@@ -25,6 +25,16 @@ def test_grid_keeps_valid_schemes_inside_the_budget_range():
     assert got == list(dict.fromkeys(got))
 
 
+def test_grid_crosses_the_code_and_drops_what_the_codebook_cannot_do():
+    grid = dict(code=["int", "nf"], bits=[2, 3, 4], granularity=["token", "group64"], rotation=[None, 64],
+                rounding=["nearest", "stochastic"])
+    got = grid_schemes(grid, 576, 3, 2.0, 4.3)
+    assert {"nf4-token-rot64", "nf3-group64-rot64", "int3-group64-rot64", "int4-token-sr"} <= set(got)
+    assert not any(s.startswith("nf2") for s in got)  # the codebook has 3 and 4 bits
+    assert not any(s.startswith("nf") and s.endswith("-sr") for s in got)  # it rounds to the nearest entry
+    assert grid_schemes(dict(bits=[4], granularity=["token"]), 576, 3, 2.0, 4.3) == ["int4-token"]  # int by default
+
+
 def test_pareto_frontier_drops_dominated_points():
     pts = [dict(scheme=s, bits_per_value=b, kl=k) for s, b, k in
            [("a", 4.0, 0.10), ("b", 3.0, 0.30), ("c", 3.5, 0.40), ("d", 2.5, 0.90), ("e", 4.0, 0.20)]]
