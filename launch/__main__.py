@@ -26,6 +26,7 @@ from pathlib import Path
 from launch.events import progress, read_events, text_bar
 from launch.index import FINISHED, RunIndex
 from launch.layout import queue_lock_path, queue_log_path, run_id_problem, run_paths, runs_root
+from launch.procs import lock_held
 from launch.queue import JobQueue, cancel, list_runs
 from launch.spec import JobSpec, SpecError
 from launch.submit import REPO_ROOT, node_commands, write_spec
@@ -36,16 +37,7 @@ def _load_spec(path: str) -> JobSpec:
 
 
 def _queue_owner_alive() -> bool:
-    import fcntl
-    lock = queue_lock_path()
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    return lock_held(queue_lock_path())
 
 
 def _start_background_queue() -> None:

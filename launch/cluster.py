@@ -50,6 +50,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.procs import lock_held
+
 PREFIX = "lowbit-"
 SUBNET = "10.213.0"          # /24, exists only inside the node namespaces of one cluster
 NODE_IFNAME = "veth0"       # the node side of each veth pair (same name in every node namespace)
@@ -166,18 +168,7 @@ def _delete_namespace(ns: str) -> None:
 
 def _lock_held(tag: str) -> bool:
     """Does a live supervisor hold the lock of cluster ``tag``?"""
-    path = lock_dir() / f"{tag}.lock"
-    try:
-        f = open(path, "a")
-    except OSError:
-        return False
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return False
+    return lock_held(lock_dir() / f"{tag}.lock")
 
 
 def _remove_tag(tag: str) -> list[str]:

@@ -10,6 +10,7 @@ so no rank is left behind. Members are read from /proc (Linux); zombies do not c
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
@@ -117,3 +118,21 @@ def kill_group(pgid: int | None, grace_s: float = 5.0, marker: str | None = None
                 return True
             time.sleep(0.05)
     return not group_members(pgid, marker)
+
+
+def lock_held(path: Path) -> bool:
+    """Does a live process hold an exclusive flock on ``path``? (A process's flock ends with it,
+    so a held lock means a live owner: the queue supervisor, a cluster's supervisor.) Creates
+    the file if it is missing; a file that cannot be opened counts as not held."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False

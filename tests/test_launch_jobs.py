@@ -176,3 +176,20 @@ def test_a_restarted_queue_reattaches_a_live_run(queue):
     assert row["status"] == "done", row["error"]
     assert json.loads(RunPaths(queue.root, run_id).result.read_text())["all_reduce_ok"]
     assert_no_processes_left(queue, run_id)
+
+
+def test_lock_held_sees_a_live_owner_and_not_a_dead_one(tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "locks" / "owner.lock"
+    assert not procs.lock_held(path) and path.exists()  # created, nobody holds it
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert procs.lock_held(path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not procs.lock_held(path)  # the lock died with its owner
