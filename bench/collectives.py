@@ -169,91 +169,11 @@ def codec_module(name: str):
 
 
 def make_communicator(group, scheme: str, calibration, codec):
-    """A QuantCommunicator for ``scheme``; with a fused ``codec`` module its gather and
-    two-shot legs go through ``codec.quantize_pack`` / ``codec.unpack_dequant_sum`` (the same
-    bytes and sums as lowbit.payload, one fused call per leg)."""
+    """A QuantCommunicator for ``scheme``; with a fused ``codec`` module its gather and two-shot
+    legs go through ``codec.quantize_pack`` / ``codec.unpack_dequant_sum`` (the same bytes and
+    sums as lowbit's torch path; schemes the kernels do not implement stay on that path)."""
     from lowbit.collectives import QuantCommunicator
-    if codec is None:
-        return QuantCommunicator(group, scheme, calibration, record=False)
-    return _fused_communicator_class()(group, scheme, calibration, codec)
-
-
-_FUSED_CLASS = None
-
-
-def _fused_communicator_class():
-    global _FUSED_CLASS
-    if _FUSED_CLASS is not None:
-        return _FUSED_CLASS
-    import torch
-
-    from lowbit.collectives import QuantCommunicator
-    from lowbit.payload import layout
-
-    class FusedCommunicator(QuantCommunicator):
-        """QuantCommunicator whose encode/decode legs are one fused call each (rotation, when a
-        scheme has one, is applied around these legs by QuantCommunicator as before)."""
-
-        def __init__(self, group, schemes, calibration, codec):
-            super().__init__(group, schemes, calibration, record=False)
-            self.codec = codec
-
-        def _fusable(self, quant, plan) -> bool:
-            # stochastic rounding draws its own noise in lowbit.quant, and the codebook and the
-            # per-message outliers (sp/thr) have no kernel: those paths stay lowbit's
-            scheme = plan.scheme
-            return (getattr(quant, "rounding", "nearest") == "nearest" and getattr(quant, "code", "int") == "int"
-                    and not getattr(scheme, "sparse", 0) and getattr(scheme, "threshold", None) is None)
-
-        def _gather(self, x, plan, *args):
-            quant = args[0] if args else plan.scheme.quant  # lowbit passes this call's first-leg spec
-            if not self._fusable(quant, plan):
-                return super()._gather(x, plan, *args)
-            tokens, hidden = x.shape
-            tp = self.group.world_size
-            idx = plan.outlier_idx
-            payload = self.codec.quantize_pack(x, quant, idx, *self._static(plan, self.group.rank))
-            gathered = self.group.all_gather(payload)
-            out = self.codec.unpack_dequant_sum(gathered, tokens, hidden, quant, idx, plan.static_min, plan.static_max)
-            bits = layout(tokens, hidden, quant, idx.numel()).bits_per_value
-            return out, payload.numel(), dict(leg1_bits=bits["total"], bits_breakdown=bits,
-                                              bytes_received=(tp - 1) * payload.numel())
-
-        def _two_shot(self, x, plan, *args):
-            quant = args[0] if args else plan.scheme.quant
-            if not self._fusable(quant, plan) or self.keep_first_leg:
-                return super()._two_shot(x, plan, *args)
-            tokens, hidden = x.shape
-            rank, tp = self.group.rank, self.group.world_size
-            second = plan.scheme.second
-            cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
-            parts = [self.codec.quantize_pack(x[:, cols[j]].contiguous(), quant, local_idx[j],
-                                              *self._static(plan, rank, cols[j])) for j in range(tp)]
-            send_splits = [p.numel() for p in parts]
-            own_bytes = send_splits[rank]
-            received = self.group.all_to_all(torch.cat(parts), send_splits, [own_bytes] * tp)
-            smin = None if plan.static_min is None else plan.static_min[:, cols[rank]]
-            smax = None if plan.static_max is None else plan.static_max[:, cols[rank]]
-            reduced = self.codec.unpack_dequant_sum(received.reshape(tp, own_bytes), tokens, width, quant,
-                                                    local_idx[rank], smin, smax)
-            p2 = self.codec.quantize_pack(reduced, second, local_idx[rank])
-            sizes2 = [layout(tokens, width, second, local_idx[j].numel()).total_bytes for j in range(tp)]
-            padded = torch.zeros(max(sizes2), dtype=torch.uint8, device=x.device)
-            padded[:p2.numel()] = p2
-            gathered = self.group.all_gather(padded)
-            out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
-            for j in range(tp):
-                out[:, cols[j]] = self.codec.unpack_dequant_sum(gathered[j:j + 1, :sizes2[j]], tokens, width,
-                                                                second, local_idx[j])
-            values = tokens * hidden
-            extra = dict(leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
-                         leg2_bits=8.0 * max(sizes2) * tp / values if values else 0.0,
-                         leg1_bytes=sum(send_splits), leg2_bytes=max(sizes2),
-                         bytes_received=(tp - 1) * own_bytes + (tp - 1) * max(sizes2))
-            return out, sum(send_splits) + max(sizes2), extra
-
-    _FUSED_CLASS = FusedCommunicator
-    return _FUSED_CLASS
+    return QuantCommunicator(group, scheme, calibration, record=False, codec=codec)
 
 
 # -- data --------------------------------------------------------------------------------------

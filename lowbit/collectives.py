@@ -47,6 +47,7 @@ from lowbit.calibrate import Calibration, CalibrationError, select_outliers
 from lowbit.comm import Communicator, Site
 from lowbit.dist import Group
 from lowbit.payload import decode, encode, layout, scheme_layout
+from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import QuantSpec, Scheme, SchemeMap, parse_scheme_map
 
@@ -159,8 +160,14 @@ class QuantCommunicator(Communicator):
     """Communicator driven by a SchemeMap; see the module docstring."""
 
     def __init__(self, group: Group, schemes: SchemeMap | str, calibration: Calibration | None = None,
-                 record: bool = True, keep_first_leg: bool = False, prerotated: bool = False, seed: int = 0):
+                 record: bool = True, keep_first_leg: bool = False, prerotated: bool = False, seed: int = 0,
+                 codec=None):
         super().__init__(group, record)
+        # codec: None (lowbit.payload's encode/decode, the reference) or a module with the
+        # kernels' API (``kernels.dispatch``, ``kernels.fused_cpu``, ``kernels.reference``):
+        # quantize_pack / unpack_dequant_sum, byte- and bit-identical to the reference, used for
+        # the uniform round-to-nearest codes it implements (see ``_fused``).
+        self.codec = codec
         self.prerotated = prerotated  # rotated sites' partials arrive rotated (folded weights)
         self.seed = seed  # stochastic rounding: base of the per-call seeds
         self._site_calls: dict[Site, int] = {}
@@ -260,15 +267,14 @@ class QuantCommunicator(Communicator):
             rest[:, idx] = 0.0
         if not self.prerotated:
             rest = _rotate(rest, rot)
-        payload, stats = encode(rest, quant)
+        fused = self._fused(quant, plan)
+        payload, stats = self._encode(rest, quant, None, None, None, {}, fused)
         n_codes = payload.numel()
         if idx.numel():
             cols = x[:, idx].to(_OUTLIER_DTYPE).contiguous().reshape(-1).view(torch.uint8)
             payload = torch.cat([payload, cols])
         gathered = self.group.all_gather(payload)
-        summed = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
-        for r in range(tp):
-            summed += decode(gathered[r, :n_codes], tokens, hidden, quant)
+        summed = self._decode_sum(gathered[:, :n_codes], tokens, hidden, quant, None, None, None, {}, fused)
         out = _rotate(summed, rot, inverse=True)
         if idx.numel():
             outl = torch.zeros(tokens, idx.numel(), dtype=torch.float32, device=x.device)
@@ -285,16 +291,41 @@ class QuantCommunicator(Communicator):
             return None, None
         return plan.static_min[rank, cols], plan.static_max[rank, cols]
 
+    def _fused(self, quant: QuantSpec, plan: SitePlan) -> bool:
+        """Does this message go through ``self.codec``? Only what the kernels implement: the
+        uniform grid, round to nearest, no per-message outliers (sp/thr)."""
+        return (self.codec is not None and quant.rounding == "nearest" and quant.code == "int"
+                and not plan.scheme.sparse and plan.scheme.threshold is None)
+
+    def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, smin, smax, enc_kw: dict, fused: bool):
+        """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.payload.encode``'s)."""
+        if not fused:
+            return encode(x, quant, idx, smin, smax, **enc_kw)
+        payload = self.codec.quantize_pack(x, quant, idx, smin, smax)
+        counts = input_counts(x, quant, smin, smax, idx)
+        return payload, {"clamped": counts["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}
+
+    def _decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant: QuantSpec, idx, smins, smaxs,
+                    dec_kw: dict, fused: bool) -> torch.Tensor:
+        """fp32 zeros + the dequantized payloads [n, nbytes] in row (rank) order; ``smins``/``smaxs``
+        [n, width] are the senders' static ranges (None for dynamic scales)."""
+        if fused:
+            return self.codec.unpack_dequant_sum(payloads, tokens, width, quant, idx, smins, smaxs)
+        out = torch.zeros(tokens, width, dtype=torch.float32, device=payloads.device)
+        for r in range(payloads.shape[0]):
+            out += decode(payloads[r], tokens, width, quant, idx, None if smins is None else smins[r],
+                          None if smaxs is None else smaxs[r], **dec_kw)
+        return out
+
     def _gather(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
         tokens, hidden = x.shape
         rank, tp = self.group.rank, self.group.world_size
         idx = plan.outlier_idx
         enc_kw, dec_kw = message_kwargs(plan.scheme, hidden)
-        payload, stats = encode(x, quant, idx, *self._static(plan, rank), **enc_kw)
+        fused = self._fused(quant, plan)
+        payload, stats = self._encode(x, quant, idx, *self._static(plan, rank), enc_kw, fused)
         gathered = self.group.all_gather(payload)
-        out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device)
-        for r in range(tp):
-            out += decode(gathered[r], tokens, hidden, quant, idx, *self._static(plan, r), **dec_kw)
+        out = self._decode_sum(gathered, tokens, hidden, quant, idx, plan.static_min, plan.static_max, dec_kw, fused)
         bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
         return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
                                           bytes_received=(tp - 1) * payload.numel())
@@ -312,10 +343,11 @@ class QuantCommunicator(Communicator):
         second = plan.scheme.second
         cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
         enc_kw, dec_kw = message_kwargs(plan.scheme, width)
+        fused = self._fused(quant, plan)
         parts, clamped, nonfinite, message_stats = [], 0, 0, {}
         for j in range(tp):
-            p, st = encode(x[:, cols[j]].contiguous(), quant, local_idx[j], *self._static(plan, rank, cols[j]),
-                           **enc_kw)
+            p, st = self._encode(x[:, cols[j]].contiguous(), quant, local_idx[j], *self._static(plan, rank, cols[j]),
+                                 enc_kw, fused)
             parts.append(p)
             clamped += st["clamped"]
             nonfinite += st["nonfinite"]
@@ -323,21 +355,23 @@ class QuantCommunicator(Communicator):
         send_splits = [p.numel() for p in parts]
         own_bytes = send_splits[rank]
         received = self.group.all_to_all(torch.cat(parts), send_splits, [own_bytes] * tp)
-        reduced = torch.zeros(tokens, width, dtype=torch.float32, device=x.device)
-        for r in range(tp):
-            reduced += decode(received[r * own_bytes:(r + 1) * own_bytes], tokens, width, quant,
-                              local_idx[rank], *self._static(plan, r, cols[rank]), **dec_kw)
+        smins = None if plan.static_min is None else plan.static_min[:, cols[rank]]
+        smaxs = None if plan.static_max is None else plan.static_max[:, cols[rank]]
+        reduced = self._decode_sum(received.reshape(tp, own_bytes), tokens, width, quant, local_idx[rank], smins,
+                                   smaxs, dec_kw, fused)
         if self.keep_first_leg:
             self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
         # Leg 2: requantize the reduced chunk (dynamic scales), all-gather padded payloads.
-        p2, st2 = encode(reduced, second, local_idx[rank])
+        fused2 = self.codec is not None and second.code == "int"
+        p2, st2 = self._encode(reduced, second, local_idx[rank], None, None, {}, fused2)
         sizes2 = [layout(tokens, width, second, local_idx[j].numel()).total_bytes for j in range(tp)]
         padded = torch.zeros(max(sizes2), dtype=torch.uint8, device=x.device)
         padded[:p2.numel()] = p2
         gathered = self.group.all_gather(padded)
         out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
         for j in range(tp):
-            out[:, cols[j]] = decode(gathered[j, :sizes2[j]], tokens, width, second, local_idx[j])
+            out[:, cols[j]] = self._decode_sum(gathered[j:j + 1, :sizes2[j]], tokens, width, second, local_idx[j],
+                                               None, None, {}, fused2)
         values = tokens * hidden
         extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"],
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,

@@ -186,6 +186,32 @@ def _dynamic_qparams(xg: torch.Tensor, valid: torch.Tensor, spec: QuantSpec):
     return scale, lo
 
 
+def _outside_static_range(x: torch.Tensor, spec: QuantSpec, static_min: torch.Tensor,
+                          static_max: torch.Tensor) -> torch.Tensor:
+    """Where fp32 ``x`` lies beyond the range static scales were built for (the clamped values)."""
+    if spec.symmetric:
+        return x.abs() > torch.maximum(static_min.abs(), static_max.abs()).to(x.device, _FP32)
+    return (x < static_min.to(x.device, _FP32)) | (x > static_max.to(x.device, _FP32))
+
+
+def input_counts(x: torch.Tensor, spec: QuantSpec, static_min: torch.Tensor | None = None,
+                 static_max: torch.Tensor | None = None, exclude: torch.Tensor | None = None) -> dict[str, int]:
+    """``quantize``'s ``clamped`` and ``nonfinite`` counts without quantizing (for paths that
+    quantize elsewhere, e.g. the fused kernels): the same definitions, excluded features left out."""
+    x = x.to(_FP32)
+    finite = torch.isfinite(x)
+    valid = finite
+    if exclude is not None and exclude.numel():
+        keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
+        keep[exclude] = False
+        valid = finite & keep
+    clamped = 0
+    if spec.granularity == "static" and static_min is not None and static_max is not None:
+        clamped = int((_outside_static_range(x, spec, static_min, static_max) & valid).sum())
+    nonfinite = int((~finite).sum()) if valid is finite else int((~finite & keep).sum())
+    return {"clamped": clamped, "nonfinite": nonfinite}
+
+
 def quantize(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -217,10 +243,7 @@ def quantize(
         scales, mins = static_qparams(spec, static_min.to(x.device), static_max.to(x.device))
         scale_b, min_b = scales, mins  # [H] broadcasts over rows
         xs = x_in
-        if spec.symmetric:
-            out_of_range = x.abs() > torch.maximum(static_min.abs(), static_max.abs()).to(x.device, _FP32)
-        else:
-            out_of_range = (x < static_min.to(x.device, _FP32)) | (x > static_max.to(x.device, _FP32))
+        out_of_range = _outside_static_range(x, spec, static_min, static_max)
     else:
         xg = _grouped(x_in, spec)
         scales, mins = _dynamic_qparams(xg, _grouped(valid, spec), spec)
