@@ -66,7 +66,8 @@ def selftest(ctx) -> dict | None:
 
 # -- the method's jobs (lowbit.jobs) -----------------------------------------------------------
 METHOD_PARAMS = dict(seq_len=(int, 1, 8192), batch_size=(int, 1, 1024), gamma=(float, 0.0, 1.0),
-                     layer_error=(bool, None, None), layer_error_chunks=(int, 0, 1024), force=(bool, None, None))
+                     layer_error=(bool, None, None), layer_error_chunks=(int, 0, 1024), force=(bool, None, None),
+                     fused_kernels=(bool, None, None))
 
 
 def _progress(ctx):
@@ -111,7 +112,8 @@ def evaluate(ctx) -> dict | None:
     from lowbit.jobs import evaluate as run
     spec = ctx.spec
     params = _calibrate_params(spec)
-    params.update({k: spec.params.get(k, EVALUATE_DEFAULTS[k]) for k in ("layer_error", "layer_error_chunks")})
+    params.update({k: spec.params.get(k, EVALUATE_DEFAULTS[k])
+                   for k in ("layer_error", "layer_error_chunks", "fused_kernels")})
     params.update(schemes=list(spec.schemes), eval_source=spec.eval_data,
                   eval_chunks=_chunks(spec.eval_tokens, params["seq_len"]), tasks=list(spec.tasks),
                   items=spec.items_per_task, seed=spec.seed)

@@ -50,7 +50,8 @@ def _check_selftest_params(params: dict) -> list[tuple[str, str]]:
 
 
 def _check_method_params(params: dict) -> list[tuple[str, str]]:
-    """params of calibrate / evaluate: seq_len, batch_size, gamma, layer_error, layer_error_chunks, force."""
+    """params of calibrate / evaluate: seq_len, batch_size, gamma, layer_error, layer_error_chunks, force,
+    fused_kernels (evaluate: run kernels.dispatch inside the communicators)."""
     from launch.kinds import METHOD_PARAMS
     problems = []
     for key, value in params.items():

@@ -38,8 +38,10 @@ PRIMARY_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "
                   "winogrande": "acc", "boolq": "acc"}
 
 
-def make_communicator(group: Group, scheme: str, calibration: Calibration | None) -> Communicator:
-    return QuantCommunicator(group, scheme, calibration)
+def make_communicator(group: Group, scheme: str, calibration: Calibration | None, codec=None) -> Communicator:
+    """The communicator of one scheme; ``codec`` (e.g. ``kernels.dispatch``) runs the fused
+    kernels inside it: the same numbers, less time (``QuantCommunicator``)."""
+    return QuantCommunicator(group, scheme, calibration, codec=codec)
 
 
 def _summarize_calls(comm: Communicator) -> dict:
@@ -59,10 +61,10 @@ def _summarize_calls(comm: Communicator) -> dict:
 
 @torch.no_grad()
 def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: list[str], calibration: Calibration | None,
-                  batch_size: int = 4, progress=None) -> dict[str, dict]:
+                  batch_size: int = 4, progress=None, codec=None) -> dict[str, dict]:
     """Perplexity, KL vs the fp32 reference and top-1 agreement for each scheme on ``chunks``."""
     device = next(model.parameters()).device
-    comms = {s: make_communicator(group, s, calibration) for s in [REFERENCE, *schemes]}
+    comms = {s: make_communicator(group, s, calibration, codec) for s in [REFERENCE, *schemes]}
     acc = {s: defaultdict(float) for s in comms}
     batches = list(chunks.split(batch_size))
     for step, ids in enumerate(batches):
@@ -135,13 +137,13 @@ def _choice_logliks(model, seqs: list[list[int]], starts: list[int], pad_id: int
 
 @torch.no_grad()
 def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list[Item]], schemes: list[str],
-                   calibration: Calibration | None, progress=None, batch_sequences: int = 32
+                   calibration: Calibration | None, progress=None, batch_sequences: int = 32, codec=None
                    ) -> dict[str, dict[str, dict]]:
     """{scheme: {task: {acc, acc_norm, acc_se, acc_norm_se, n, delta, delta_se, flipped}}} for
     the reference and ``schemes``. The choices of several items share one forward (up to
     ``batch_sequences`` sequences, right-padded): each forward costs two collectives per layer
     whatever its size, so small batches would be dominated by their latency."""
-    comms = {s: make_communicator(group, s, calibration) for s in [REFERENCE, *schemes]}
+    comms = {s: make_communicator(group, s, calibration, codec) for s in [REFERENCE, *schemes]}
     hits = {s: defaultdict(lambda: {"acc": [], "acc_norm": []}) for s in comms}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = sum(len(v) for v in items_by_task.values())

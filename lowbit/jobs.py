@@ -27,7 +27,7 @@ from lowbit.tp import text_config
 CALIBRATE_DEFAULTS = dict(source="wikipedia", chunks=16, seq_len=256, batch_size=4, gamma=0.01)
 EVALUATE_DEFAULTS = dict(schemes=["bf16", "int4-static-top1/64"], eval_source="wikipedia", eval_chunks=8,
                          seq_len=256, batch_size=4, tasks=list(TASKS), items=20, seed=0, layer_error=True,
-                         layer_error_chunks=2)
+                         layer_error_chunks=2, fused_kernels=False)
 
 
 def default_calibration_dir(model: str, tp: int, source: str, chunks: int, seq_len: int, gamma: float) -> Path:
@@ -124,12 +124,15 @@ def evaluate(group, params: dict, progress=None) -> dict | None:
         calibration.check_matches(p["model"], group.world_size)
     tok = tp_model.tokenizer
     held = token_chunks(tok, p["eval_source"], "eval", p["eval_chunks"], p["seq_len"])
+    codec = None
+    if p["fused_kernels"]:  # the kernels inside the communicators: same numbers, less codec time
+        from kernels import dispatch as codec
     start = time.perf_counter()
-    text = evaluate_text(tp_model.model, group, held, schemes, calibration, p["batch_size"], progress)
+    text = evaluate_text(tp_model.model, group, held, schemes, calibration, p["batch_size"], progress, codec)
     tasks = None
     if p["items"] and p["tasks"]:
         items = {t: load_task(t, p["items"], p["seed"]) for t in p["tasks"]}
-        tasks = evaluate_tasks(tp_model.model, group, tok, items, schemes, calibration, progress)
+        tasks = evaluate_tasks(tp_model.model, group, tok, items, schemes, calibration, progress, codec=codec)
     layers = []
     if p["layer_error"]:
         layers = layer_errors(tp_model.model, group, list(held[:p["layer_error_chunks"]].split(1)), schemes,
@@ -142,6 +145,7 @@ def evaluate(group, params: dict, progress=None) -> dict | None:
     result = dict(model=p["model"], tp=group.world_size, backend=getattr(group, "backend", "?"),
                   reference=REFERENCE, eval_source=p["eval_source"], eval_tokens=int(held.numel()),
                   items_per_task=p["items"], seed=p["seed"], calibration=calibration.meta if calibration else None,
+                  codec="kernels.dispatch" if codec else "lowbit.payload",
                   seconds=round(time.perf_counter() - start, 1), records=records)
     out = p.get("out")
     if out:

@@ -75,7 +75,8 @@ def new_run_form() -> None:
     with c3:
         limit = st.number_input("Time limit (s)", min_value=1.0, value=1800.0, step=60.0, key="new_limit")
     params_text = st.text_input("params (JSON object)", '{"seq_len": 128}', key="new_params",
-                                help="kind-specific extras, e.g. seq_len, batch_size, layer_error")
+                                help="kind-specific extras, e.g. seq_len, batch_size, layer_error; evaluate: "
+                                     "fused_kernels (true: the fused kernels inside the communicators)")
     if st.button("Queue this run", type="primary", icon=":material/play_arrow:", key="new_go"):
         try:
             params = json.loads(params_text or "{}")

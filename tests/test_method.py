@@ -190,6 +190,23 @@ def test_bits_per_value_are_measured_from_bytes(text_metrics):
     assert top == pytest.approx(4 + (16 - 4) / 16)  # static scales are not sent; 1/16 of values in bf16
 
 
+def test_fused_kernels_inside_the_evaluation_give_the_same_metrics(tiny_models, calibration, text_metrics,
+                                                                   monkeypatch):
+    """evaluate_text with codec=kernels.dispatch (here its eager reference; the compiled and
+    Triton paths are held byte-equal to it in tests/test_kernels*) gives the very same numbers."""
+    from kernels import dispatch
+    monkeypatch.setenv(dispatch.ENV, "reference")
+    held = token_chunks(tiny_models[MODEL].tokenizer, "wikipedia", "eval", 4, 32)
+
+    def body(group):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        return evaluate_text(tp.model, group, held, SCHEMES, calibration, batch_size=2, codec=dispatch)
+    fused = ThreadWorld(TP).run(body)[0]
+    for scheme in SCHEMES:
+        for key in ("ppl", "kl", "top1_agreement", "bits_per_value", "clamped", "nonfinite"):
+            assert fused[scheme][key] == text_metrics[scheme][key], (scheme, key)
+
+
 def test_task_accuracy_with_paired_deltas(tiny_models, calibration):
     items = {"arc_easy": load_task("arc_easy", 6, seed=0), "piqa": load_task("piqa", 6, seed=0)}
 
