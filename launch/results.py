@@ -269,13 +269,13 @@ def _kept_se(scheme_tasks: pd.DataFrame, reference_tasks: pd.DataFrame) -> float
 
 SCHEME_COLUMNS = ["scheme", "reference", "bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement",
                   "kept_pct", "kept_se", "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok",
-                  "text_tokens", "clamped", "nonfinite",
+                  "text_tokens", "clamped", "nonfinite", "thr_overflow",
                   "family", "bits", "granularity", "select", "k", "algo", "second", "options", "overrides"]
 
 
 SCHEME_NUMERIC = ["bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "kept_pct", "kept_se",
                   "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok", "text_tokens", "clamped",
-                  "nonfinite"]
+                  "nonfinite", "thr_overflow"]
 
 
 def scheme_frame(result: dict | None) -> pd.DataFrame:
@@ -291,7 +291,7 @@ def scheme_frame(result: dict | None) -> pd.DataFrame:
         row = dict(scheme=r["scheme"], reference=r["scheme"] == reference,
                    **{k: _num(r.get(k)) for k in ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl",
                                                   "top1_agreement", "kept_pct", "avg_primary", "comm_seconds",
-                                                  "clamped", "nonfinite", "text_tokens")},
+                                                  "clamped", "nonfinite", "thr_overflow", "text_tokens")},
                    kept_se=_kept_se(mine, ref_tasks) if len(mine) and len(ref_tasks) else None,
                    avg_primary_se=math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None)
         tokens, seconds = row["text_tokens"], row["comm_seconds"]

@@ -244,6 +244,11 @@ else:
     if not clamped.empty:
         st.caption("Values clamped by static scales during the text evaluation (outside the calibrated range): "
                    + ", ".join(f"{r.scheme}: {int(r.clamped):,}" for r in clamped.itertuples()))
+    overflow = records[records["thr_overflow"].fillna(0) > 0]
+    if not overflow.empty:
+        st.caption("Threshold schemes: features over the threshold that did not fit the message's BF16 capacity "
+                   "(quantized instead), summed over this rank's text-evaluation messages: "
+                   + ", ".join(f"{r.scheme}: {int(r.thr_overflow):,}" for r in overflow.itertuples()))
 
 with st.expander("Evaluate another scheme"):
     run_scheme_form()

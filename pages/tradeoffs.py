@@ -179,7 +179,8 @@ else:
 
 st.subheader("All schemes")
 columns = ["run", "model", "tp", "scheme", "bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement",
-           "kept_pct", "kept_se", "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok", "clamped"]
+           "kept_pct", "kept_se", "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok", "clamped",
+           "thr_overflow"]
 st.dataframe(table[columns], hide_index=True, width="stretch",
              column_config=dict(kl=st.column_config.NumberColumn("kl", format="%.4g"),
                                 ppl=st.column_config.NumberColumn("ppl", format="%.2f")))

@@ -284,6 +284,15 @@ def test_a_sweep_reads_like_an_evaluate_run_with_its_reference_first(results_roo
     assert best.set_index("budget").loc["4.2", "scheme"] == data["best_at"]["4.2"]
 
 
+def test_scheme_frame_carries_the_threshold_overflow(results_root):
+    data, _ = results.load_result("eval-tiny", results_root)
+    thr = dict(data["records"][1], scheme="int4-token-thr6c1/64", thr_overflow=42)
+    frame = results.scheme_frame(dict(data, records=[data["records"][0], thr])).set_index("scheme")
+    assert frame.loc["int4-token-thr6c1/64", "thr_overflow"] == 42.0
+    assert frame.loc["int4-token-thr6c1/64", "select"] == "threshold"
+    assert frame.loc["fp32", "thr_overflow"] == 0.0  # counted for every scheme: 0 without thr
+
+
 def test_measured_bits_equal_the_payload_layout_for_every_scheme(results_root):
     data, _ = results.load_result("eval-tiny", results_root)
     measured = results.scheme_frame(data).set_index("scheme")["bits_per_value"]
