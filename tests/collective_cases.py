@@ -72,3 +72,20 @@ def single_process_two_shot(scheme_text: str, tp: int, site: Site = Site(1, "dow
 def single_process(scheme_text: str, tp: int) -> torch.Tensor:
     scheme = parse_scheme(scheme_text)
     return single_process_two_shot(scheme_text, tp) if scheme.algo == "two_shot" else single_process_gather(scheme_text, tp)
+
+
+def reduce_on_threads(scheme: str, tp: int, xs=None, hidden: int = HIDDEN, calibration="fake",
+                      site: Site = Site(1, "down_proj"), **comm_kwargs):
+    """Every rank's (reduced output, CallRecord) of one ``QuantCommunicator`` call on threaded
+    ranks. ``xs``: the ranks' partials (default ``partials``); ``calibration``: "fake" (from the
+    partials), None, or an artifact; ``comm_kwargs`` go to the communicator (codec, prerotated...)."""
+    from lowbit.collectives import QuantCommunicator
+    from lowbit.dist import ThreadWorld
+    xs = partials(tp, hidden=hidden) if xs is None else xs
+    cal = fake_calibration(tp, hidden=hidden) if isinstance(calibration, str) and calibration == "fake" \
+        else calibration
+
+    def body(group):
+        comm = QuantCommunicator(group, scheme, cal, **comm_kwargs)
+        return comm.reduce(xs[group.rank], site), comm.calls[-1]
+    return ThreadWorld(tp).run(body)

@@ -12,21 +12,11 @@ from lowbit.collectives import QuantCommunicator
 from lowbit.comm import Site
 from lowbit.dist import ThreadWorld
 from lowbit.scheme import SchemeError
-from tests.collective_cases import HIDDEN, SCHEMES, TOKENS, fake_calibration, partials, single_process
+from tests.collective_cases import SCHEMES, fake_calibration, partials, reduce_on_threads, single_process
 from tests.conftest import REPO
 from tests.helpers import assert_close_verbose
 
 SITE = Site(1, "down_proj")
-
-
-def reduce_on_threads(scheme: str, tp: int, calibration="fake", site: Site = SITE):
-    cal = fake_calibration(tp) if calibration == "fake" else calibration
-
-    def body(group):
-        comm = QuantCommunicator(group, scheme, cal)
-        out = comm.reduce(partials(tp)[group.rank], site)
-        return out, comm.calls[-1]
-    return ThreadWorld(tp).run(body)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -13,7 +13,7 @@ from lowbit.comm import Site
 from lowbit.dist import ThreadWorld
 from lowbit.payload import decode, encode
 from lowbit.scheme import SchemeError, parse_scheme
-from tests.collective_cases import HIDDEN, TOKENS, fake_calibration, partials
+from tests.collective_cases import HIDDEN, TOKENS, fake_calibration, partials, reduce_on_threads
 from tests.helpers import assert_close_verbose
 
 SITE = Site(1, "down_proj")
@@ -52,17 +52,6 @@ def single_process(text: str, tp: int, site: Site = SITE) -> torch.Tensor:
     return out[:, inverse]
 
 
-def reduce_on_threads(scheme: str, tp: int, xs=None, hidden: int = HIDDEN, cal=None):
-    cal = fake_calibration(tp, hidden=hidden) if cal is None else cal
-    xs = partials(tp, hidden=hidden) if xs is None else xs
-
-    def body(group):
-        comm = QuantCommunicator(group, scheme, cal)
-        out = comm.reduce(xs[group.rank], SITE)
-        return out, comm.calls[-1]
-    return ThreadWorld(tp).run(body)
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("tp", [2, 3])
 def test_new_schemes_match_single_process_math(scheme, tp):
@@ -98,7 +87,7 @@ def test_matched_schemes_at_hidden_576_send_their_bits_in_gather(scheme, bits):
     hidden, tp, tokens = 576, 3, 8
     cal = fake_calibration(tp, hidden=hidden)
     xs = [torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(r)) * 3 for r in range(tp)]
-    for _, call in reduce_on_threads(scheme, tp, xs, hidden, cal):
+    for _, call in reduce_on_threads(scheme, tp, xs, hidden, calibration=cal):
         sent = call.bytes_sent * 8 / (tokens * hidden)
         assert sent == pytest.approx(bits, rel=1e-12) and call.extra["leg1_bits"] == pytest.approx(bits)
         assert sent == pytest.approx(scheme_bits_per_value(scheme, hidden, tp, tokens))
@@ -113,7 +102,7 @@ def test_two_shot_bits_at_hidden_576_cover_both_legs(scheme):
     cal = fake_calibration(tp, hidden=hidden)
     xs = [torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(r)) for r in range(tp)]
     legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
-    for _, call in reduce_on_threads(scheme, tp, xs, hidden, cal):
+    for _, call in reduce_on_threads(scheme, tp, xs, hidden, calibration=cal):
         assert call.bytes_sent * 8 / (tokens * hidden) == pytest.approx(legs["leg 1"]["total"] + legs["leg 2"]["total"])
         assert call.extra["leg1_bits"] == pytest.approx(legs["leg 1"]["total"])
     s = parse_scheme(scheme)
@@ -164,8 +153,8 @@ def test_sparse_handles_a_spike_a_static_scale_would_clamp():
     xs[1][2, 10] = 4096.0  # a single token x feature spike on one rank (exact in bf16)
     exact = torch.stack(xs).sum(0)
     cal = fake_calibration(3)
-    sp = reduce_on_threads("int4-static-sp1", 3, xs, cal=cal)
-    static = reduce_on_threads("int4-static", 3, xs, cal=cal)
+    sp = reduce_on_threads("int4-static-sp1", 3, xs, calibration=cal)
+    static = reduce_on_threads("int4-static", 3, xs, calibration=cal)
     # the other ranks' values at (2, 10) are quantized: their static step (~0.5) bounds the error
     assert abs(sp[0][0][2, 10] - exact[2, 10]) < 1.0 < abs(static[0][0][2, 10] - exact[2, 10])
     assert sp[1][1].extra["clamped"] == 0 and static[1][1].extra["clamped"] == 1, "rank 1 clamps only without sp"

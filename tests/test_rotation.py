@@ -15,7 +15,7 @@ from lowbit.payload import decode, encode
 from lowbit.rotation import (fold_rotation, fold_weight, hadamard_matrix, rotate, rotation_effect, rotation_matrix,
                              unrotate)
 from lowbit.scheme import QuantSpec, Scheme, SchemeError, parse_scheme, parse_scheme_map
-from tests.collective_cases import HIDDEN, TOKENS, fake_calibration, partials
+from tests.collective_cases import HIDDEN, TOKENS, fake_calibration, partials, reduce_on_threads
 from tests.helpers import assert_close_verbose
 
 SITE = Site(1, "down_proj")
@@ -127,16 +127,6 @@ def test_rotation_block_must_divide_hidden():
 
 
 # -- communicator ---------------------------------------------------------------------------------
-def reduce_on_threads(scheme: str, tp: int, xs=None, **kwargs):
-    xs = xs if xs is not None else partials(tp)
-    cal = fake_calibration(tp)
-
-    def body(group):
-        comm = QuantCommunicator(group, scheme, cal, **kwargs)
-        return comm.reduce(xs[group.rank], SITE), comm.calls[-1]
-    return ThreadWorld(tp).run(body)
-
-
 @pytest.mark.parametrize("scheme", ["int4-token-rot32", "int3a-group16-rot16", "int4-group16-top1/32-rot32"])
 def test_rotated_gather_matches_single_process_math(scheme):
     tp, s = 3, parse_scheme(scheme)
