@@ -26,3 +26,15 @@ def tiny_models():
 def smollm2():
     from lowbit.models import load_model
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def queue(tmp_path, monkeypatch):
+    """A started one-at-a-time job queue over a fresh runs root (LOWBIT_RUNS points at it);
+    stopped, its running job killed, after the test."""
+    from launch.queue import JobQueue
+    root = tmp_path / "runs"
+    monkeypatch.setenv("LOWBIT_RUNS", str(root))
+    q = JobQueue(root, max_parallel=1, poll_s=0.1, kill_grace_s=3.0).start()
+    yield q
+    q.stop(kill_running=True)

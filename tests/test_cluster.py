@@ -93,15 +93,6 @@ def clean_host():
     assert not added, f"interfaces left in the root namespace: {added}"
 
 
-@pytest.fixture
-def queue(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
-    monkeypatch.setenv("LOWBIT_RUNS", str(root))
-    q = JobQueue(root, max_parallel=1, poll_s=0.1, kill_grace_s=3.0).start()
-    yield q
-    q.stop(kill_running=True)
-
-
 def _assert_no_processes(queue, run_id):
     spec = str(RunPaths(queue.root, run_id).spec)
     deadline = time.monotonic() + 15

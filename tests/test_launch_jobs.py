@@ -21,15 +21,6 @@ pytestmark = pytest.mark.slow
 START_S = 90
 
 
-@pytest.fixture
-def queue(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
-    monkeypatch.setenv("LOWBIT_RUNS", str(root))
-    q = JobQueue(root, max_parallel=1, poll_s=0.1, kill_grace_s=3.0).start()
-    yield q
-    q.stop(kill_running=True)
-
-
 def selftest(tp=2, **params):
     return dict(kind="selftest", model="none", tp=tp, collective_timeout_s=30, params=params)
 
