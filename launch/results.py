@@ -273,9 +273,10 @@ SCHEME_COLUMNS = ["scheme", "reference", "bits_per_value", "leg1_bits", "leg2_bi
                   "family", "bits", "granularity", "select", "k", "algo", "second", "options", "overrides"]
 
 
-SCHEME_NUMERIC = ["bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "kept_pct", "kept_se",
-                  "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok", "text_tokens", "clamped",
-                  "nonfinite", "thr_overflow"]
+RECORD_NUMBERS = ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "kept_pct",
+                  "avg_primary", "comm_seconds", "clamped", "nonfinite", "thr_overflow", "text_tokens")
+# every numeric column: the record's numbers and those scheme_frame derives from them
+SCHEME_NUMERIC = [*RECORD_NUMBERS, "kept_se", "avg_primary_se", "comm_ms_per_ktok"]
 
 
 def scheme_frame(result: dict | None) -> pd.DataFrame:
@@ -289,9 +290,7 @@ def scheme_frame(result: dict | None) -> pd.DataFrame:
         mine = tasks[tasks["scheme"] == r["scheme"]]
         ses = [s for s in mine["se"] if s is not None and not pd.isna(s)]
         row = dict(scheme=r["scheme"], reference=r["scheme"] == reference,
-                   **{k: _num(r.get(k)) for k in ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl",
-                                                  "top1_agreement", "kept_pct", "avg_primary", "comm_seconds",
-                                                  "clamped", "nonfinite", "thr_overflow", "text_tokens")},
+                   **{k: _num(r.get(k)) for k in RECORD_NUMBERS},
                    kept_se=_kept_se(mine, ref_tasks) if len(mine) and len(ref_tasks) else None,
                    avg_primary_se=math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None)
         tokens, seconds = row["text_tokens"], row["comm_seconds"]
