@@ -291,11 +291,12 @@ class QuantCommunicator(Communicator):
             return None, None
         return plan.static_min[rank, cols], plan.static_max[rank, cols]
 
-    def _fused(self, quant: QuantSpec, plan: SitePlan) -> bool:
-        """Does this message go through ``self.codec``? Only what the kernels implement: the
-        uniform grid, round to nearest, no per-message outliers (sp/thr)."""
-        return (self.codec is not None and quant.rounding == "nearest" and quant.code == "int"
-                and not plan.scheme.sparse and plan.scheme.threshold is None)
+    def _fused(self, quant: QuantSpec, plan: SitePlan | None = None) -> bool:
+        """Does a message quantized with ``quant`` go through ``self.codec``? Only what the kernels
+        implement: the uniform grid, round to nearest, and (for a first leg, ``plan`` given) no
+        per-message outliers (sp/thr)."""
+        per_message = plan is not None and (plan.scheme.sparse or plan.scheme.threshold is not None)
+        return self.codec is not None and quant.rounding == "nearest" and quant.code == "int" and not per_message
 
     def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, smin, smax, enc_kw: dict, fused: bool):
         """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.payload.encode``'s)."""
@@ -362,7 +363,7 @@ class QuantCommunicator(Communicator):
         if self.keep_first_leg:
             self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
         # Leg 2: requantize the reduced chunk (dynamic scales), all-gather padded payloads.
-        fused2 = self.codec is not None and second.code == "int"
+        fused2 = self._fused(second)  # the second leg is a plain requantization: no sp/thr
         p2, st2 = self._encode(reduced, second, local_idx[rank], None, None, {}, fused2)
         sizes2 = [layout(tokens, width, second, local_idx[j].numel()).total_bytes for j in range(tp)]
         padded = torch.zeros(max(sizes2), dtype=torch.uint8, device=x.device)
