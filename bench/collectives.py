@@ -30,7 +30,7 @@ only checks that every path computed the sum, it is no accuracy result.
 Bytes: ``bytes_per_rank`` is what one rank receives (= sends, on average) over the wire:
 ring all_reduce 2 (tp - 1) / tp x the BF16 tensor; gather (tp - 1) payloads; two_shot
 (tp - 1) leg-1 chunks + (tp - 1) padded leg-2 chunks. ``bits_per_value`` is the first leg's
-payload bits per value (``lowbit.payload``: 4.1875 for the paper's scheme at 576 features),
+payload bits per value (``lowbit.wire.payload``: 4.1875 for the paper's scheme at 576 features),
 ``leg2_bits_per_value`` the two-shot requantization leg's.
 
 Compute: ``compute_ms`` is the same reduce through ``NoWireGroup`` (collectives that return
@@ -40,8 +40,8 @@ collective itself took.
 
 Codec: ``--codec auto`` uses a fused CPU path (``kernels.dispatch`` or ``kernels.fused_cpu``:
 ``quantize_pack`` / ``unpack_dequant_sum``, torch.compile graphs) when one exists, else the torch
-path of ``lowbit.collectives``; ``reference`` runs the same fused-path plumbing on
-``kernels.reference`` (eager torch). Both produce lowbit.payload's bytes and sums (tested). Every
+path of ``lowbit.comm.collectives``; ``reference`` runs the same fused-path plumbing on
+``kernels.reference`` (eager torch). Both produce lowbit.wire.payload's bytes and sums (tested). Every
 record names the codec it used. On CUDA (``--backend auto`` picks NCCL when every rank has a
 GPU) the data lives on each rank's GPU and timings synchronize the device.
 """
@@ -172,7 +172,7 @@ def make_communicator(group, scheme: str, calibration, codec):
     """A QuantCommunicator for ``scheme``; with a fused ``codec`` module its gather and two-shot
     legs go through ``codec.quantize_pack`` / ``codec.unpack_dequant_sum`` (the same bytes and
     sums as lowbit's torch path; schemes the kernels do not implement stay on that path)."""
-    from lowbit.collectives import QuantCommunicator
+    from lowbit.comm.collectives import QuantCommunicator
     return QuantCommunicator(group, scheme, calibration, record=False, codec=codec)
 
 
@@ -199,7 +199,7 @@ def data_calibration(group, partial):
     synthetic outlier features."""
     import torch
 
-    from lowbit.calibrate import Calibration
+    from lowbit.method.calibrate import Calibration
     x = partial.float()
     stats = group.all_gather(torch.stack([x.amin(0), x.amax(0)]))  # [tp, 2, H]
     ema_min = stats[:, 0].unsqueeze(0).unsqueeze(0).expand(1, 2, -1, -1).contiguous()  # [L=1, M=2, tp, H]
@@ -221,8 +221,8 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
     gets the same list). ``progress(step, total, message)`` is called on every rank."""
     import torch
 
-    from lowbit.comm import Site
-    from lowbit.dist import device_for
+    from lowbit.site import Site
+    from lowbit.comm.dist import device_for
     from lowbit.scheme import SchemeError, parse_scheme
 
     p = dict(DEFAULT_PARAMS, **params)

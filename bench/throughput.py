@@ -38,13 +38,13 @@ def throughput_job(ctx) -> dict | None:
 
     from launch.kinds import _calibrate_params, calibration_folder
     from launch.layout import RunPaths
-    from lowbit.calibrate import Calibration
-    from lowbit.data import token_chunks
-    from lowbit.engine import build_tp_model, greedy_generate
-    from lowbit.evaluate import make_communicator
+    from lowbit.method.calibrate import Calibration
+    from lowbit.model.data import token_chunks
+    from lowbit.model.engine import build_tp_model, greedy_generate
+    from lowbit.method.evaluate import make_communicator
     from lowbit.jobs import _calibrate_model, default_calibration_dir
     from lowbit.scheme import parse_scheme_map
-    from lowbit.tp import set_communicator
+    from lowbit.model.tp import set_communicator
 
     spec, group = ctx.spec, ctx.group
     p = dict(DEFAULTS, **spec.params)

@@ -141,7 +141,7 @@ def _run(name: str, device, bits: int, values: int, args, kwargs):
 
 def quantize_pack(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, static_min=None,
                   static_max=None) -> torch.Tensor:
-    """One rank's payload (uint8, ``lowbit.payload`` layout) of its partial sum x [T, H].
+    """One rank's payload (uint8, ``lowbit.wire.payload`` layout) of its partial sum x [T, H].
 
     ``outlier_idx``: features sent in BF16 (same on every rank); ``static_min``/``static_max``
     [H]: this rank's calibrated range (static granularity only)."""

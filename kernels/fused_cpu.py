@@ -1,6 +1,6 @@
 """The CPU production path: the torch reference restated as a few ``torch.compile`` graphs.
 
-    PYTHONPATH=. .venv/bin/python -m kernels.bench --device cpu --tokens 8192 --hidden 576 --out /tmp/b.json
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --device cpu --tokens 8192 --hidden 576 --out /tmp/b.json
 
 Same bytes and values as ``kernels.reference`` (the tests hold them bit-equal), several times
 faster than running the reference eagerly. Why the reference is not simply compiled whole:
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference as ref
-from lowbit.payload import Section
+from lowbit.wire.payload import Section
 from lowbit.quant import _dynamic_qparams, pack_bits, qrange, round_half_even, unpack_bits
 from lowbit.scheme import QuantSpec
 

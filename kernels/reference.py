@@ -3,7 +3,7 @@
     PYTHONPATH=. python -c "import torch; from kernels.reference import quantize_pack_ref; \\
         from lowbit.scheme import QuantSpec; print(quantize_pack_ref(torch.randn(3, 64), QuantSpec(4, True, 'token')))"
 
-The semantics are those of ``lowbit.payload.encode`` / ``decode`` (the one owner of the byte
+The semantics are those of ``lowbit.wire.payload.encode`` / ``decode`` (the one owner of the byte
 layout) and ``lowbit.quant`` (the one owner of the rounding rule and of the dynamic-scale
 rounding). This module re-expresses them as straight tensor programs, with no host
 synchronisation (no ``int(tensor)``, no data-dependent shapes), so that
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.payload import PayloadLayout, layout
+from lowbit.wire.payload import PayloadLayout, layout
 from lowbit.quant import _dynamic_qparams, pack_bits, qrange, round_half_even, static_qparams, unpack_bits
 from lowbit.scheme import QuantSpec
 
@@ -293,7 +293,7 @@ def prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, st
 
 
 def quantize_pack_ref(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None) -> torch.Tensor:
-    """One rank's payload of x [T, H]: the same bytes as ``lowbit.payload.encode(...)[0]``."""
+    """One rank's payload of x [T, H]: the same bytes as ``lowbit.wire.payload.encode(...)[0]``."""
     feats, gk, scales, mins, lay = prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.uint8, device=x.device)  # layout of 0 tokens: 0 bytes
@@ -303,7 +303,7 @@ def quantize_pack_ref(x, quant: QuantSpec, outlier_idx=None, static_min=None, st
 def unpack_dequant_sum_ref(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
                            static_mins=None, static_maxs=None, out_dtype=torch.float32) -> torch.Tensor:
     """[T, H] in ``out_dtype``: fp32 zeros + decode(payloads[0]) + decode(payloads[1]) + ..., in
-    rank order (``lowbit.collectives``' gather sum), then one cast. ``static_mins``/``maxs`` are
+    rank order (``lowbit.comm.collectives``' gather sum), then one cast. ``static_mins``/``maxs`` are
     [tp, H], each rank's calibrated range."""
     feats, gk, scales, mins, lay = prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins,
                                                   static_maxs)

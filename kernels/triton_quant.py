@@ -8,7 +8,7 @@ Import this module only through ``kernels.dispatch`` (or with ``TRITON_INTERPRET
 for the interpreter): Triton decides at decoration time whether a kernel is compiled or
 interpreted.
 
-What each kernel does (one payload per rank, layout owned by ``lowbit.payload``)::
+What each kernel does (one payload per rank, layout owned by ``lowbit.wire.payload``)::
 
     | scales (dynamic) | mins (asym dynamic) | codes: T x K packed, row-major | bf16 outliers T x k |
 
@@ -36,7 +36,7 @@ Bit widths: 2, 4 and 8 (a byte holds whole codes). 3, 5 and 6-bit codes straddle
 stay on the torch path (``kernels.dispatch`` routes them there) and these wrappers raise.
 
 Status: verified byte-equal under the Triton interpreter only; no GPU was available when they
-were written, so compiled-mode runs and the GB/s targets (``kernels.bench``) are still to do.
+were written, so compiled-mode runs and the GB/s targets (``bench.kernels``) are still to do.
 
 Rounding identical to the reference: IEEE division (``div_rn``), round half to even written
 with ``floor`` (no libdevice, so it runs in the interpreter), no FMA contraction

@@ -10,8 +10,8 @@ import time
 
 
 def tp_check(ctx) -> dict | None:
-    """Sharded vs unsharded logits and greedy text (lowbit.tpcheck)."""
-    from lowbit.tpcheck import DEFAULT_PROMPT, run_tp_check
+    """Sharded vs unsharded logits and greedy text (lowbit.model.tpcheck)."""
+    from lowbit.model.tpcheck import DEFAULT_PROMPT, run_tp_check
     ctx.events.step(0, 1, f"tp-check of {ctx.spec.model} at TP {ctx.group.world_size}")
     report = run_tp_check(ctx.group, ctx.spec.model, ctx.spec.prompt or DEFAULT_PROMPT, ctx.spec.max_new_tokens)
     ctx.events.step(1, 1, "compared", ok=None if report is None else report["ok"])
@@ -20,7 +20,7 @@ def tp_check(ctx) -> dict | None:
 
 def generate(ctx) -> dict | None:
     """Greedy generation with the TP-sharded model: tokens, text and timings."""
-    from lowbit.engine import build_tp_model, greedy_generate
+    from lowbit.model.engine import build_tp_model, greedy_generate
     spec = ctx.spec
     ctx.events.loading(f"loading {spec.model} sharded {ctx.group.world_size} ways")
     tp = build_tp_model(spec.model, ctx.group)

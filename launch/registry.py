@@ -7,7 +7,7 @@ Registering a kind is one entry here, pointing at a function ``fn(ctx: JobContex
 (see ``launch.worker.JobContext``); the target is imported only inside the ranks, so this module
 stays cheap to import for the app and the CLI::
 
-    KINDS["calibrate"] = Kind("lowbit.calibrate:calibrate_job", "EMA feature ranges per layer/rank")
+    KINDS["calibrate"] = Kind("lowbit.method.calibrate:calibrate_job", "EMA feature ranges per layer/rank")
 
 Kinds the product plans but nobody has registered yet are listed in ``PLANNED_KINDS`` so the
 error message can say "not implemented yet" rather than "unknown".
@@ -73,9 +73,9 @@ def _check_method_params(params: dict) -> list[tuple[str, str]]:
 def _check_method_spec(spec: dict) -> list[tuple[str, str]]:
     """Schemes against the model and TP size; token counts against seq_len; calib_from exists."""
     from launch.layout import RunPaths, runs_root
-    from lowbit.models import load_config
+    from lowbit.model.models import load_config
     from lowbit.scheme import SchemeError, parse_scheme_map
-    from lowbit.tp import text_config
+    from lowbit.model.tp import text_config
     problems = []
     hidden = text_config(load_config(spec["model"])).hidden_size
     for i, text in enumerate(spec["schemes"]):
@@ -93,7 +93,7 @@ def _check_method_spec(spec: dict) -> list[tuple[str, str]]:
         if spec.get("calib_from"):
             folder = RunPaths(runs_root(), spec["calib_from"]).dir / "calibration"
             try:
-                from lowbit.calibrate import Calibration
+                from lowbit.method.calibrate import Calibration
                 Calibration.load(folder).check_matches(spec["model"], spec["tp"])
             except Exception as exc:  # noqa: BLE001 - any unreadable artifact is this field's problem
                 problems.append(("calib_from", f"run {spec['calib_from']!r} has no usable calibration for "
@@ -107,12 +107,12 @@ def _check_throughput_params(params: dict) -> list[tuple[str, str]]:
 
 
 def _check_sweep_params(params: dict) -> list[tuple[str, str]]:
-    from lowbit.sweep import check_params
+    from lowbit.method.sweep import check_params
     return check_params(params)
 
 
 def _check_sweep_spec(spec: dict) -> list[tuple[str, str]]:
-    from lowbit.sweep import check_spec
+    from lowbit.method.sweep import check_spec
     return check_spec(spec)
 
 
@@ -123,8 +123,8 @@ KINDS: dict[str, Kind] = {
                       check_params=_check_method_params, check_spec=_check_method_spec),
     "evaluate": Kind("launch.kinds:evaluate", "perplexity, KL, top-1, task accuracy and per-layer error per scheme",
                      check_params=_check_method_params, check_spec=_check_method_spec),
-    "sweep": Kind("lowbit.sweep:sweep_job", "auto-tune: candidate schemes over a bits/value range, Pareto "
-                                            "frontier of bits vs KL, resumable (lowbit.sweep)",
+    "sweep": Kind("lowbit.method.sweep:sweep_job", "auto-tune: candidate schemes over a bits/value range, Pareto "
+                                            "frontier of bits vs KL, resumable (lowbit.method.sweep)",
                   check_params=_check_sweep_params, check_spec=_check_sweep_spec),
     "tp-check": Kind("launch.kinds:tp_check", "sharded vs unsharded logits and greedy text"),
     "generate": Kind("launch.kinds:generate", "greedy generation with the TP-sharded model"),

@@ -10,7 +10,7 @@
 
 Every reader tolerates missing, half-written or corrupt files: it returns an empty frame or a
 problem text instead of raising, so a failed run never breaks a page. The functions here are
-bookkeeping over files the jobs wrote (and over ``lowbit.payload``'s byte layout, the one owner
+bookkeeping over files the jobs wrote (and over ``lowbit.wire.payload``'s byte layout, the one owner
 of the bit accounting); the model math happens only inside the jobs.
 """
 from __future__ import annotations
@@ -362,7 +362,7 @@ def sweep_summary(result: dict | None) -> pd.DataFrame:
 
 def sweep_grid_candidates(grid: dict, hidden: int, tp: int, budget_min: float, budget_max: float) -> list[str]:
     """The grid schemes a sweep job would evaluate in the budget range (bit bookkeeping only)."""
-    from lowbit.sweep import grid_schemes
+    from lowbit.method.sweep import grid_schemes
     return grid_schemes(grid, hidden, tp, budget_min, budget_max)
 
 
@@ -469,8 +469,8 @@ def calibration_sources(frame: pd.DataFrame, root=None) -> pd.DataFrame:
 
 
 def load_calibration(folder: str | Path):
-    """The artifact in ``folder`` (``lowbit.calibrate.Calibration``); raises CalibrationError."""
-    from lowbit.calibrate import Calibration
+    """The artifact in ``folder`` (``lowbit.method.calibrate.Calibration``); raises CalibrationError."""
+    from lowbit.method.calibrate import Calibration
     return Calibration.load(folder)
 
 
@@ -483,7 +483,7 @@ def rotation_view(calibration, layer: int, module: str, rank: int, block: int,
     ``quant``, a dynamic scheme such as ``int4-token`` or ``int4-group64``, without and with the
     rotation; see ``lowbit.rotation.rotation_effect``). Raises CalibrationError / ValueError with
     the field named."""
-    from lowbit.comm import Site
+    from lowbit.site import Site
     from lowbit.rotation import check_block, rotation_effect
     from lowbit.scheme import parse_scheme
     x = calibration.site_sample(Site(layer, module), rank)
@@ -505,7 +505,7 @@ def rotation_view(calibration, layer: int, module: str, rank: int, block: int,
 def spikiest_sample(calibration) -> tuple[int, str, int]:
     """(layer, module, rank) whose stored sample has the largest max|x| / RMS: the partial where
     rotation has the most to show. Raises CalibrationError when the artifact has no samples."""
-    from lowbit.comm import ROW_PARALLEL_MODULES, Site
+    from lowbit.site import ROW_PARALLEL_MODULES, Site
     calibration.site_sample(Site(0, ROW_PARALLEL_MODULES[0]), 0)  # the no-sample error, named
     x = calibration.sample.float()  # [L, M, tp, S, H]
     rms = x.pow(2).mean(dim=(-1, -2)).sqrt()
@@ -527,8 +527,8 @@ def outlier_count(hidden: int, k_frac: Fraction) -> int:
 
 def selected_features(cal, layer: int, module: str, k_frac: Fraction) -> list[int]:
     """The features the paper keeps in BF16 at this site (top-k of the range summed over ranks)."""
-    from lowbit.calibrate import select_outliers
-    from lowbit.comm import Site
+    from lowbit.method.calibrate import select_outliers
+    from lowbit.site import Site
     from lowbit.scheme import OutlierSpec
     idx = select_outliers(cal, Site(layer, module), OutlierSpec("topk", Fraction(k_frac)), cal.hidden)
     return [int(i) for i in idx]
@@ -558,7 +558,7 @@ def random_jaccard(hidden: int, k: int) -> float:
 def overlap_between_batches(cal, module: str, k: int) -> pd.DataFrame:
     """Per layer and batch: Jaccard of that batch's top-k (range summed over ranks) with the
     top-k of the final EMA, i.e. the selected set."""
-    from lowbit.calibrate import jaccard, topk_sets
+    from lowbit.method.calibrate import jaccard, topk_sets
     m = cal.module_index(module)
     batch = cal.batch_ranges()[:, :, m].sum(2)  # [B, L, H]
     ema = topk_sets(cal.ranges()[:, m].sum(1), k)  # [L, k]
@@ -570,7 +570,7 @@ def overlap_between_batches(cal, module: str, k: int) -> pd.DataFrame:
 
 def overlap_between_ranks(cal, layer: int, module: str, k: int) -> pd.DataFrame:
     """rank x rank Jaccard of each rank's own top-k at one site."""
-    from lowbit.calibrate import jaccard, topk_sets
+    from lowbit.method.calibrate import jaccard, topk_sets
     sets = topk_sets(cal.ranges()[layer, cal.module_index(module)], k)  # [tp, k]
     tp = sets.shape[0]
     data = [[jaccard(sets[i], sets[j]) for j in range(tp)] for i in range(tp)]
@@ -579,7 +579,7 @@ def overlap_between_ranks(cal, layer: int, module: str, k: int) -> pd.DataFrame:
 
 def overlap_between_layers(cal, module: str, k: int) -> pd.DataFrame:
     """layer x layer Jaccard of the selected top-k sets (range summed over ranks)."""
-    from lowbit.calibrate import jaccard, topk_sets
+    from lowbit.method.calibrate import jaccard, topk_sets
     sets = topk_sets(cal.ranges()[:, cal.module_index(module)].sum(1), k)  # [L, k]
     n = sets.shape[0]
     data = [[jaccard(sets[i], sets[j]) for j in range(n)] for i in range(n)]
@@ -589,7 +589,7 @@ def overlap_between_layers(cal, module: str, k: int) -> pd.DataFrame:
 def overlap_between_sources(cal_a, cal_b, k: int) -> pd.DataFrame:
     """Per layer and module: Jaccard of the selected sets of two calibrations of the same model
     and TP size (e.g. Wikipedia-style text vs Shakespeare)."""
-    from lowbit.calibrate import jaccard, topk_sets
+    from lowbit.method.calibrate import jaccard, topk_sets
     if cal_a.ranges().shape != cal_b.ranges().shape:
         raise ValueError(f"calibrations differ in shape {tuple(cal_a.ranges().shape)} vs "
                          f"{tuple(cal_b.ranges().shape)}: pick two of the same model and TP size")
@@ -604,21 +604,21 @@ def overlap_between_sources(cal_a, cal_b, k: int) -> pd.DataFrame:
 def ema_trace_frame(cal, layer: int, module: str, feature: int) -> pd.DataFrame:
     """After each calibration batch: that batch's range of ``feature`` (summed over ranks) and
     the EMA the static scale comes from."""
-    from lowbit.calibrate import ema_trace
-    from lowbit.comm import Site
+    from lowbit.method.calibrate import ema_trace
+    from lowbit.site import Site
     ema = ema_trace(cal, Site(layer, module), feature).float().numpy()
     batch = cal.batch_ranges()[:, layer, cal.module_index(module), :, feature].sum(-1).float().numpy()
     return pd.DataFrame(dict(batch=np.arange(len(ema)), batch_range=batch, ema_range=ema))
 
 
-# -- bits accounting (lowbit.payload owns the layout) --------------------------------------------
+# -- bits accounting (lowbit.wire.payload owns the layout) --------------------------------------------
 def site_bits(scheme, hidden: int, tp: int, tokens: int = DEFAULT_TOKENS) -> list[dict]:
     """Bits per value of one site's message for a parsed ``Scheme``: rows (leg, part, bits), as
-    ``lowbit.collectives.scheme_bits_breakdown`` counts them (the one owner of that accounting:
+    ``lowbit.comm.collectives.scheme_bits_breakdown`` counts them (the one owner of that accounting:
     gather's one payload, two-shot's tp first-leg chunks and its padded second-leg chunk, rotated
     messages, sparse pairs and threshold index lists). ``tokens`` matters only for ``thr``,
     whose index list is sent once per message."""
-    from lowbit.collectives import scheme_bits_breakdown
+    from lowbit.comm.collectives import scheme_bits_breakdown
     legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
     return [dict(leg=leg, part=p, bits=float(parts.get(p, 0.0)))
             for leg, parts in legs.items() if parts is not None for p in SCHEME_PARTS]
@@ -635,7 +635,7 @@ def bits_parts(scheme_text: str, hidden: int, tp: int, tokens: int = DEFAULT_TOK
 
 def bits_per_site(scheme_text: str, hidden: int, layers: int, tp: int, tokens: int = DEFAULT_TOKENS) -> pd.DataFrame:
     """Bits per value at every (layer, module) of a scheme map (per-layer overrides differ)."""
-    from lowbit.comm import ROW_PARALLEL_MODULES
+    from lowbit.site import ROW_PARALLEL_MODULES
     from lowbit.scheme import parse_scheme_map
     smap = parse_scheme_map(scheme_text)
     smap.validate_for(hidden, tp)
@@ -683,8 +683,8 @@ def traffic_per_token(scheme_text: str, hidden: int, layers: int, tp: int, token
 # -- models and machine --------------------------------------------------------------------------
 def model_shape(name: str) -> dict:
     """hidden size, layers, heads, KV heads and vocabulary of a model, from its config only."""
-    from lowbit.models import load_config
-    from lowbit.tp import text_config
+    from lowbit.model.models import load_config
+    from lowbit.model.tp import text_config
     cfg = text_config(load_config(name))
     return dict(model=name, hidden=int(cfg.hidden_size), layers=int(cfg.num_hidden_layers),
                 heads=int(cfg.num_attention_heads),
@@ -693,9 +693,9 @@ def model_shape(name: str) -> dict:
 
 
 def valid_tp_sizes(name: str, largest: int = 8) -> list[int]:
-    """TP sizes from 1 to ``largest`` that can shard ``name`` (``lowbit.tp.check_tp_size``)."""
-    from lowbit.models import load_config
-    from lowbit.tp import TPSizeError, check_tp_size
+    """TP sizes from 1 to ``largest`` that can shard ``name`` (``lowbit.model.tp.check_tp_size``)."""
+    from lowbit.model.models import load_config
+    from lowbit.model.tp import TPSizeError, check_tp_size
     cfg = load_config(name)
     sizes = []
     for tp in range(1, largest + 1):

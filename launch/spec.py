@@ -56,9 +56,9 @@ def available_gpus() -> int:
 
 
 def _known_data():
-    """(text sources, tasks) from lowbit.data, or (None, None) if it cannot be imported."""
+    """(text sources, tasks) from lowbit.model.data, or (None, None) if it cannot be imported."""
     try:
-        from lowbit.data import TASKS, TEXT_SOURCES
+        from lowbit.model.data import TASKS, TEXT_SOURCES
         return tuple(TEXT_SOURCES), tuple(TASKS)
     except Exception:  # noqa: BLE001 - fall back to a name-shape check
         return None, None
@@ -185,7 +185,7 @@ def _model_problem(model) -> str | None:
     """Why ``model`` cannot be loaded here (known name, local directory or cached hub id)."""
     if not isinstance(model, str) or not model:
         return f"must be a non-empty string, got {model!r}"
-    from lowbit.models import known_names
+    from lowbit.model.models import known_names
     names = known_names()
     if model in names:
         return None
@@ -201,7 +201,7 @@ def _model_problem(model) -> str | None:
         return f"{model!r} is not an existing directory; {allowed}"
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", model):
         try:
-            from lowbit.models import load_config
+            from lowbit.model.models import load_config
             load_config(model)  # a hub id already in the local cache
             return None
         except Exception:  # noqa: BLE001 - any failure: not loadable offline
@@ -232,8 +232,8 @@ def _field_problems(d: dict, skip: set[str] = frozenset()) -> list[tuple[str, st
     tp_ok = _is_int(tp) and 1 <= tp <= MAX_TP
     if model_ok and tp_ok:
         try:
-            from lowbit.models import load_config
-            from lowbit.tp import TPSizeError, check_tp_size
+            from lowbit.model.models import load_config
+            from lowbit.model.tp import TPSizeError, check_tp_size
             check_tp_size(load_config(d["model"]), tp, d["model"])
         except TPSizeError as exc:
             p.append(("tp", str(exc).removeprefix("tp: ")))

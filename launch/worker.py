@@ -49,7 +49,7 @@ def run_job(spec_path: Path) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from lowbit.dist import init_from_env
+    from lowbit.comm.dist import init_from_env
 
     spec_path = Path(spec_path).resolve()
     paths = RunPaths(spec_path.parent.parent, spec_path.parent.name)

@@ -46,7 +46,7 @@ def run_ranks(spec: dict, nproc: int, workdir: Path) -> dict:
 
 
 def cmd_models(args) -> int:
-    from lowbit.models import describe_sources, load_model
+    from lowbit.model.models import describe_sources, load_model
     for row in describe_sources():
         print(f"{row['name']:16s} {row['kind']:22s} cached={row['cached']}  {row['path']}")
     if args.time:
@@ -57,8 +57,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_tp_check(args) -> int:
-    from lowbit.models import ModelUnavailable, load_config, prepare
-    from lowbit.tp import TPSizeError, check_tp_size
+    from lowbit.model.models import ModelUnavailable, load_config, prepare
+    from lowbit.model.tp import TPSizeError, check_tp_size
     try:
         check_tp_size(load_config(args.model), args.tp, args.model)
         prepare(args.model)

@@ -17,12 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from lowbit.calibrate import Calibration, run_calibration
-from lowbit.data import TASKS, TEXT_SOURCES, load_task, token_chunks
-from lowbit.engine import build_tp_model
-from lowbit.models import cache_root, load_config
+from lowbit.method.calibrate import Calibration, run_calibration
+from lowbit.model.data import TASKS, TEXT_SOURCES, load_task, token_chunks
+from lowbit.model.engine import build_tp_model
+from lowbit.model.models import cache_root, load_config
 from lowbit.scheme import SchemeError, parse_scheme_map
-from lowbit.tp import text_config
+from lowbit.model.tp import text_config
 
 CALIBRATE_DEFAULTS = dict(source="wikipedia", chunks=16, seq_len=256, batch_size=4, gamma=0.01)
 EVALUATE_DEFAULTS = dict(schemes=["bf16", "int4-static-top1/64"], eval_source="wikipedia", eval_chunks=8,
@@ -109,7 +109,7 @@ def _calibrate_model(tp_model, group, params: dict, out: Path, progress) -> dict
 def evaluate(group, params: dict, progress=None) -> dict | None:
     """Collective: text metrics, task accuracy and per-layer error for each scheme.
     Rank 0 writes ``results.json`` (one record per scheme) and ``layer_errors.json`` to ``out``."""
-    from lowbit.evaluate import REFERENCE, evaluate_tasks, evaluate_text, layer_errors, summary_record
+    from lowbit.method.evaluate import REFERENCE, evaluate_tasks, evaluate_text, layer_errors, summary_record
     p = dict(EVALUATE_DEFAULTS, **params)
     tp_model = build_tp_model(p["model"], group)
     schemes = list(p["schemes"])
@@ -145,7 +145,7 @@ def evaluate(group, params: dict, progress=None) -> dict | None:
     result = dict(model=p["model"], tp=group.world_size, backend=getattr(group, "backend", "?"),
                   reference=REFERENCE, eval_source=p["eval_source"], eval_tokens=int(held.numel()),
                   items_per_task=p["items"], seed=p["seed"], calibration=calibration.meta if calibration else None,
-                  codec="kernels.dispatch" if codec else "lowbit.payload",
+                  codec="kernels.dispatch" if codec else "lowbit.wire.payload",
                   seconds=round(time.perf_counter() - start, 1), records=records)
     out = p.get("out")
     if out:

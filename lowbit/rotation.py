@@ -100,7 +100,7 @@ def fold_rotation(model: torch.nn.Module, schemes) -> list:
     with BF16 outliers cannot be folded (their outlier columns are needed unrotated).
     """
     from lowbit.scheme import parse_scheme_map
-    from lowbit.tp import RowParallelLinear
+    from lowbit.model.tp import RowParallelLinear
     smap = parse_scheme_map(schemes) if isinstance(schemes, str) else schemes
     folded = []
     for module in model.modules():

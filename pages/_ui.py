@@ -96,7 +96,7 @@ def pick_model_tp(key: str, model_col, tp_col, model: str = "smollm2-135m", tp: 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def bits_parts(scheme: str, hidden: int, tp: int) -> pd.DataFrame:
-    """Bits per value by leg and part (pure bookkeeping over lowbit.payload: cached by its inputs)."""
+    """Bits per value by leg and part (pure bookkeeping over lowbit.wire.payload: cached by its inputs)."""
     return results.bits_parts(scheme, hidden, tp)
 
 
@@ -112,13 +112,13 @@ def traffic_per_token(scheme: str, hidden: int, layers: int, tp: int) -> dict:
 
 @st.cache_data(show_spinner=False)
 def model_names() -> list[str]:
-    from lowbit.models import known_names
+    from lowbit.model.models import known_names
     return known_names()
 
 
 @st.cache_data(show_spinner=False)
 def model_sources() -> pd.DataFrame:
-    from lowbit.models import describe_sources
+    from lowbit.model.models import describe_sources
     return pd.DataFrame(describe_sources())
 
 

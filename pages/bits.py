@@ -1,6 +1,6 @@
 """Bits: how many bits per value actually travel -- payload, BF16 outliers, scales, indices?
 
-The accounting is lowbit.payload's byte layout (via launch.results); measured totals come from
+The accounting is lowbit.wire.payload's byte layout (via launch.results); measured totals come from
 evaluate runs' records."""
 import pandas as pd
 import plotly.express as px
@@ -83,7 +83,7 @@ fig.add_trace(go.Scatter(x=list(totals.index), y=list(totals.values), mode="text
 fig.update_layout(title="Stacked by part; hatched = two-shot's second leg", barmode="stack")
 _ui.plot(_ui.style(fig, height=560), key="bits_stack")
 st.caption("Diamonds: bits per value measured by the latest evaluate run (bytes handed to the collectives / values); "
-           "they match the layout because lowbit.payload is the one owner of both.")
+           "they match the layout because lowbit.wire.payload is the one owner of both.")
 
 st.header("Bytes per token")
 traffic = pd.DataFrame([_ui.traffic_per_token(s, H, L, tp) for s in totals.index])

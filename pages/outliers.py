@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from launch import results
-from lowbit.data import TEXT_SOURCES
+from lowbit.model.data import TEXT_SOURCES
 from pages import _ui
 
 K_CHOICES = {"1/128": Fraction(1, 128), "1/64 (paper)": Fraction(1, 64), "1/32": Fraction(1, 32),

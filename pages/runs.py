@@ -9,7 +9,7 @@ from launch import results
 from launch.index import ACTIVE, STATUSES
 from launch.registry import available_kinds
 from launch.spec import BACKENDS, SpecError
-from lowbit.data import TASKS, TEXT_SOURCES
+from lowbit.model.data import TASKS, TEXT_SOURCES
 from pages import _ui
 
 st.title("Runs")

@@ -6,8 +6,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from launch import results
-from lowbit.data import TASKS
-from lowbit.sensitivity import DEFAULT_CANDIDATES
+from lowbit.model.data import TASKS
+from lowbit.method.sensitivity import DEFAULT_CANDIDATES
 from pages import _ui
 
 QUALITY = {  # label -> (column, standard-error column, higher is better, axis title)
@@ -34,7 +34,7 @@ EXTRA_CANDIDATES = ["int3-group64-rot64", "int4-group64-rot64", "int8-token-rot6
 
 
 def autotune_form() -> None:
-    """Controls -> one ``sweep`` job (lowbit.sweep): grid, per-layer allocation, budget and floor."""
+    """Controls -> one ``sweep`` job (lowbit.method.sweep): grid, per-layer allocation, budget and floor."""
     st.markdown(
         "The sweep evaluates candidate schemes against exact FP32 on the same tokens and returns the Pareto "
         "frontier of bits vs KL. Candidates come from a **grid** (code x bits x granularity x outliers x rotation x "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.calibrate import Calibration, select_outliers
-from lowbit.comm import Site
-from lowbit.payload import decode, encode
+from lowbit.method.calibrate import Calibration, select_outliers
+from lowbit.site import Site
+from lowbit.wire.payload import decode, encode
 from lowbit.scheme import parse_scheme
 
 TOKENS, HIDDEN, LAYERS = 5, 96, 2
@@ -79,8 +79,8 @@ def reduce_on_threads(scheme: str, tp: int, xs=None, hidden: int = HIDDEN, calib
     """Every rank's (reduced output, CallRecord) of one ``QuantCommunicator`` call on threaded
     ranks. ``xs``: the ranks' partials (default ``partials``); ``calibration``: "fake" (from the
     partials), None, or an artifact; ``comm_kwargs`` go to the communicator (codec, prerotated...)."""
-    from lowbit.collectives import QuantCommunicator
-    from lowbit.dist import ThreadWorld
+    from lowbit.comm.collectives import QuantCommunicator
+    from lowbit.comm.dist import ThreadWorld
     xs = partials(tp, hidden=hidden) if xs is None else xs
     cal = fake_calibration(tp, hidden=hidden) if isinstance(calibration, str) and calibration == "fake" \
         else calibration

@@ -18,13 +18,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_models():
     """name -> LoadedModel for the tiny random configs, loaded once."""
-    from lowbit.models import TINY_CONFIGS, load_model
+    from lowbit.model.models import TINY_CONFIGS, load_model
     return {name: load_model(name) for name in TINY_CONFIGS}
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from lowbit.models import load_model
+    from lowbit.model.models import load_model
     return load_model("smollm2-135m")
 
 

@@ -2,7 +2,7 @@
 
 ``build_results_template()`` makes, once per test session, a runs root with the files real jobs
 write: two calibrate runs (tiny-llama, TP 2, Wikipedia-style and LAMBADA text) and an
-evaluate run computed with lowbit's own job functions on threaded ranks (``lowbit.dist.ThreadWorld``),
+evaluate run computed with lowbit's own job functions on threaded ranks (``lowbit.comm.dist.ThreadWorld``),
 a demo-shaped evaluate run, a collective-bench run, a failed run with a torchrun log, a run
 whose result.json is corrupt, a directory without a spec and a run whose processes vanished.
 Tests copy it (``results_root``) so a queue started on one copy never touches the template.
@@ -27,7 +27,7 @@ from launch.events import EventLog
 from launch.index import RunIndex
 from launch.layout import RunPaths, write_atomic
 from launch.presets import DEMO_SCHEMES
-from lowbit.comm import Site
+from lowbit.site import Site
 from launch.spec import JobSpec
 
 MODEL, TP = "tiny-llama", 2
@@ -78,7 +78,7 @@ def _record(root: Path, run_id: str, spec: dict, status: str, result: dict | Non
 
 def _calibrate(root: Path, run_id: str, source: str) -> dict:
     from lowbit import jobs
-    from lowbit.dist import ThreadWorld
+    from lowbit.comm.dist import ThreadWorld
     spec = JobSpec(kind="calibrate", model=MODEL, tp=TP, calib_data=source, calib_tokens=8 * SEQ_LEN,
                    params=dict(seq_len=SEQ_LEN, batch_size=2)).to_dict()
     out = RunPaths(root, run_id).dir / "calibration"
@@ -92,14 +92,14 @@ def _calibrate(root: Path, run_id: str, source: str) -> dict:
 @contextmanager
 def _one_model_for_all_ranks():
     """Rank threads share one loaded model (deep-copied per rank by ``build_tp_model``) and so
-    one tokenizer: lowbit.data caches a source's token stream per tokenizer object, and
+    one tokenizer: lowbit.model.data caches a source's token stream per tokenizer object, and
     tokenizing a whole source once per rank would dominate the fixture's time."""
     from unittest import mock
 
     from lowbit import jobs
-    from lowbit.data import token_chunks
-    from lowbit.engine import build_tp_model
-    from lowbit.models import load_model
+    from lowbit.model.data import token_chunks
+    from lowbit.model.engine import build_tp_model
+    from lowbit.model.models import load_model
     loaded = load_model(MODEL)  # also: transformers' lazy imports happen here, not racing in the rank threads
     for source in ("wikipedia", SECOND_SOURCE):
         token_chunks(loaded.tokenizer, source, "calib", 1, 2)
@@ -118,7 +118,7 @@ def _build(root: Path) -> None:
 
 def _build_runs(root: Path) -> None:
     from lowbit import jobs
-    from lowbit.dist import ThreadWorld
+    from lowbit.comm.dist import ThreadWorld
     root.mkdir(parents=True)
     _calibrate(root, "cal-wiki", "wikipedia")
     _calibrate(root, f"cal-{SECOND_SOURCE}", SECOND_SOURCE)
@@ -174,10 +174,10 @@ def _build_runs(root: Path) -> None:
 
 def _sweep_result(root: Path) -> dict:
     from lowbit import jobs
-    from lowbit.calibrate import Calibration
-    from lowbit.data import token_chunks
-    from lowbit.dist import ThreadWorld
-    from lowbit.sweep import run_sweep
+    from lowbit.method.calibrate import Calibration
+    from lowbit.model.data import token_chunks
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.method.sweep import run_sweep
     calibration = Calibration.load(RunPaths(root, "cal-wiki").dir / "calibration")
     params = dict(schemes=["int8-token"], grid=dict(bits=[2, 4], granularity=["token"], rotation=[None, 16]),
                   budget_min=2.0, budget_max=8.5, kl_max=1.0, batch_size=2, seq_len=SEQ_LEN)

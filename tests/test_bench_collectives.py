@@ -8,8 +8,8 @@ import torch
 from bench.collectives import (DEFAULT_SCHEMES, bench_on_group, check_params, codec_module, data_calibration,
                                format_table, make_communicator, outlier_features, synthetic_partial)
 from launch.spec import JobSpec, SpecError
-from lowbit.comm import Site
-from lowbit.dist import ThreadWorld
+from lowbit.site import Site
+from lowbit.comm.dist import ThreadWorld
 from tests.helpers import assert_close_verbose
 
 # lowbit's torch path: no torch.compile in fast tests (the fused path is compared separately)
@@ -112,7 +112,7 @@ def test_bf16_baseline_is_always_measured():
                                     "int3a-group16-top1/64@twoshot+int8-token"])
 def test_fused_path_equals_lowbit_communicator(scheme):
     """The fused-path plumbing (here on kernels.reference) returns the very values of
-    lowbit.collectives.QuantCommunicator: same bytes on the wire, same fp32 sums."""
+    lowbit.comm.collectives.QuantCommunicator: same bytes on the wire, same fp32 sums."""
     label, reference = codec_module("reference")
     assert label == "kernels.reference"
     tokens, hidden, tp = 5, 96, 3
@@ -134,7 +134,7 @@ def test_calibration_from_the_data_selects_the_synthetic_outliers():
     hidden = 128
     partials = ThreadWorld(2).run(lambda g: data_calibration(g, synthetic_partial(64, hidden, g.rank, 0,
                                                                                   torch.float32)))
-    from lowbit.calibrate import select_outliers
+    from lowbit.method.calibrate import select_outliers
     from lowbit.scheme import parse_scheme
     idx = select_outliers(partials[0], Site(0, "down_proj"), parse_scheme("int4-static-top1/64").outliers, hidden)
     assert idx.tolist() == outlier_features(hidden, 0).tolist()

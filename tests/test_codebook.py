@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.codebook import boundaries, codebook, max_gap, nearest_index, zero_index
-from lowbit.payload import decode, encode, layout
+from lowbit.wire.payload import decode, encode, layout
 from lowbit.quant import dequantize, quantize
 from lowbit.scheme import QuantSpec, parse_scheme
 from tests.helpers import assert_close_verbose

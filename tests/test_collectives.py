@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from lowbit.calibrate import CalibrationError
-from lowbit.collectives import QuantCommunicator
-from lowbit.comm import Site
-from lowbit.dist import ThreadWorld
+from lowbit.method.calibrate import CalibrationError
+from lowbit.comm.collectives import QuantCommunicator
+from lowbit.site import Site
+from lowbit.comm.dist import ThreadWorld
 from lowbit.scheme import SchemeError
 from tests.collective_cases import SCHEMES, fake_calibration, partials, reduce_on_threads, single_process
 from tests.conftest import REPO
@@ -124,7 +124,7 @@ def test_gather_and_two_shot_over_real_gloo_equal_single_process_math(tmp_path):
 CODEC_SCHEMES = ["int4-static-top1/64", "int2-static", "int8-token", "int3a-group16-top1/32", "int4-token-rot16",
                  "int4-token-top1/32-rot16", "int4-group16-perm", "int4-static-top1/64@twoshot+int4-token",
                  "int4-token-rot16@twoshot+int8-token",
-                 # not in the kernels: these must fall back to lowbit.payload and still agree
+                 # not in the kernels: these must fall back to lowbit.wire.payload and still agree
                  "nf4-static-top1/64", "int4-static-sp2", "int4-token-thr5c1/16", "int4-token-sr",
                  "nf4-token@twoshot+int8-token"]
 
@@ -132,7 +132,7 @@ CODEC_SCHEMES = ["int4-static-top1/64", "int2-static", "int8-token", "int3a-grou
 @pytest.mark.parametrize("scheme", CODEC_SCHEMES)
 def test_a_kernel_codec_gives_the_same_sums_bytes_and_counts(scheme, monkeypatch):
     """QuantCommunicator(codec=kernels.dispatch) on the kernels' eager reference against the
-    lowbit.payload path, on partials with NaN, Inf and values beyond the calibrated range: the
+    lowbit.wire.payload path, on partials with NaN, Inf and values beyond the calibrated range: the
     same fp32 sums, bytes and stats."""
     from kernels import dispatch
     monkeypatch.setenv(dispatch.ENV, "reference")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.calibrate import select_outliers
-from lowbit.collectives import (QuantCommunicator, message_kwargs, channel_permutation, scheme_bits_breakdown,
+from lowbit.method.calibrate import select_outliers
+from lowbit.comm.collectives import (QuantCommunicator, message_kwargs, channel_permutation, scheme_bits_breakdown,
                                scheme_bits_per_value)
-from lowbit.comm import Site
-from lowbit.dist import ThreadWorld
-from lowbit.payload import decode, encode
+from lowbit.site import Site
+from lowbit.comm.dist import ThreadWorld
+from lowbit.wire.payload import decode, encode
 from lowbit.scheme import SchemeError, parse_scheme
 from tests.collective_cases import HIDDEN, TOKENS, fake_calibration, partials, reduce_on_threads
 from tests.helpers import assert_close_verbose

@@ -1,4 +1,4 @@
-"""Kernels held to their torch reference: the reference to lowbit.payload, the Triton kernels (under
+"""Kernels held to their torch reference: the reference to lowbit.wire.payload, the Triton kernels (under
 the Triton interpreter) to the reference, byte for byte, plus degenerate input and the dispatcher.
 
     .venv/bin/python -m pytest tests/test_kernels.py -q
@@ -15,7 +15,7 @@ import torch
 
 from kernels import dispatch
 from kernels import reference as ref
-from lowbit.payload import decode, encode, layout
+from lowbit.wire.payload import decode, encode, layout
 from lowbit.scheme import QuantSpec, SchemeError
 
 from tests.helpers import assert_close_verbose
@@ -68,7 +68,7 @@ def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor, lay=None, ms
     raise AssertionError("\n".join(lines))
 
 
-# -- the reference against lowbit.payload (the owner of the layout) --------------------------------
+# -- the reference against lowbit.wire.payload (the owner of the layout) --------------------------------
 
 REFERENCE_SPECS = [QuantSpec(b, sym, gran, {"group": 25}.get(gran)) for b in (2, 3, 4, 5, 6, 8)
                    for sym in (True, False) for gran in ("static", "token", "group")]

@@ -13,7 +13,7 @@ import torch
 
 from kernels import dispatch, fused_cpu
 from kernels import reference as ref
-from lowbit.payload import layout
+from lowbit.wire.payload import layout
 from lowbit.scheme import QuantSpec
 
 from tests.helpers import assert_close_verbose

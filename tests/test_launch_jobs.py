@@ -70,7 +70,7 @@ def test_three_rank_generate_on_a_tiny_model_completes_and_is_indexed(queue, tmp
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lowbit.models import load_tokenizer
+    from lowbit.model.models import load_tokenizer
     model_dir = tmp_path / "tiny-llama-6h"
     config = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=96, intermediate_size=192,
                                   num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, head_dim=16,

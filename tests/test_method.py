@@ -13,13 +13,13 @@ from fractions import Fraction
 import pytest
 import torch
 
-from lowbit.calibrate import (SAMPLE_TOKENS, Calibration, CalibrationError, ema_trace, jaccard, run_calibration, select_outliers,
+from lowbit.method.calibrate import (SAMPLE_TOKENS, Calibration, CalibrationError, ema_trace, jaccard, run_calibration, select_outliers,
                               topk_sets)
-from lowbit.comm import ROW_PARALLEL_MODULES, Site
-from lowbit.data import load_task, token_chunks
-from lowbit.dist import ThreadWorld
-from lowbit.engine import build_tp_model
-from lowbit.evaluate import REFERENCE, evaluate_tasks, evaluate_text, kept_pct, layer_errors
+from lowbit.site import ROW_PARALLEL_MODULES, Site
+from lowbit.model.data import load_task, token_chunks
+from lowbit.comm.dist import ThreadWorld
+from lowbit.model.engine import build_tp_model
+from lowbit.method.evaluate import REFERENCE, evaluate_tasks, evaluate_text, kept_pct, layer_errors
 from lowbit.scheme import OutlierSpec
 
 TP = 2
@@ -69,8 +69,8 @@ def test_ema_is_the_stated_recurrence(calibration):
 
 def test_per_batch_minmax_are_the_partials_true_extremes(tiny_models, batches, calibration):
     """Rank r's partial at layer 0 o_proj, recomputed by hand, has the recorded min/max."""
-    from lowbit.comm import Communicator, ExactCommunicator
-    from lowbit.tp import set_communicator
+    from lowbit.comm.communicator import Communicator, ExactCommunicator
+    from lowbit.model.tp import set_communicator
 
     class Grab(Communicator):
         def __init__(self, group):

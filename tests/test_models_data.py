@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit import data
-from lowbit.models import ModelUnavailable, load_model, load_tokenizer
+from lowbit.model import data
+from lowbit.model.models import ModelUnavailable, load_model, load_tokenizer
 
 
 def test_unknown_hub_id_fails_with_clear_message():

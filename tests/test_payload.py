@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.payload import decode, encode, layout
+from lowbit.wire.payload import decode, encode, layout
 from lowbit.quant import dequantize, quantize
 from lowbit.scheme import QuantSpec, parse_scheme
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.codebook import max_gap
-from lowbit.payload import UNUSED_SLOT, decode, encode, layout, scheme_layout, sparse_picks, threshold_select
+from lowbit.wire.payload import UNUSED_SLOT, decode, encode, layout, scheme_layout, sparse_picks, threshold_select
 from lowbit.quant import dequantize, quantize
 from lowbit.scheme import QuantSpec, parse_scheme
 from tests.helpers import assert_close_verbose

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowbit.projection import (INTERCONNECTS, SHAPES, Gpu, allreduce_s, check_against, crossover_tokens,
+from lowbit.method.projection import (INTERCONNECTS, SHAPES, Gpu, allreduce_s, check_against, crossover_tokens,
                                fit_alpha_beta, gather_s, project, table)
 
 

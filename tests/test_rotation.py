@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.collectives import QuantCommunicator, rotated_message_bits, scheme_bits_per_value
-from lowbit.comm import Site
-from lowbit.dist import ThreadWorld
-from lowbit.engine import build_tp_model
-from lowbit.payload import decode, encode
+from lowbit.comm.collectives import QuantCommunicator, rotated_message_bits, scheme_bits_per_value
+from lowbit.site import Site
+from lowbit.comm.dist import ThreadWorld
+from lowbit.model.engine import build_tp_model
+from lowbit.wire.payload import decode, encode
 from lowbit.rotation import (fold_rotation, fold_weight, hadamard_matrix, rotate, rotation_effect, rotation_matrix,
                              unrotate)
 from lowbit.scheme import QuantSpec, Scheme, SchemeError, parse_scheme, parse_scheme_map
@@ -130,7 +130,7 @@ def test_rotation_block_must_divide_hidden():
 @pytest.mark.parametrize("scheme", ["int4-token-rot32", "int3a-group16-rot16", "int4-group16-top1/32-rot32"])
 def test_rotated_gather_matches_single_process_math(scheme):
     tp, s = 3, parse_scheme(scheme)
-    from lowbit.calibrate import select_outliers
+    from lowbit.method.calibrate import select_outliers
     idx = select_outliers(fake_calibration(tp), SITE, s.outliers, HIDDEN)
     summed = torch.zeros(TOKENS, HIDDEN)
     outl = torch.zeros(TOKENS, idx.numel())
@@ -208,7 +208,7 @@ def test_folded_and_online_rotation_give_the_same_logits(tiny_models, scheme):
             sites = fold_rotation(m.model, scheme)
             assert len(sites) == (4 if "L0" not in scheme else 3)
         comm = QuantCommunicator(group, scheme, None, prerotated=fold)
-        from lowbit.tp import set_communicator
+        from lowbit.model.tp import set_communicator
         set_communicator(m.model, comm)
         with torch.no_grad():
             return m.model(ids, use_cache=False).logits

@@ -354,9 +354,10 @@ def test_grammar_help_examples_all_parse():
             assert str(parse_scheme(text)) == text
 
 
-def test_module_docstring_documents_every_example():
+def test_package_docstring_is_the_one_help_text_and_documents_every_example():
     import lowbit.scheme
 
     doc = lowbit.scheme.__doc__
+    assert GRAMMAR_HELP in doc  # one text: the package docstring carries GRAMMAR_HELP, no second copy
     for text in EXAMPLES:
-        assert re.search(re.escape(f"``{text}``"), doc), text
+        assert re.search(r"(^|\s)" + re.escape(text) + r"(\s|$)", doc, re.M), text

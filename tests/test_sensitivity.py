@@ -9,14 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.calibrate import run_calibration
-from lowbit.collectives import scheme_bits_per_value
-from lowbit.comm import ROW_PARALLEL_MODULES, Site
-from lowbit.data import token_chunks
-from lowbit.dist import ThreadWorld
-from lowbit.engine import build_tp_model
+from lowbit.method.calibrate import run_calibration
+from lowbit.comm.collectives import scheme_bits_per_value
+from lowbit.site import ROW_PARALLEL_MODULES, Site
+from lowbit.model.data import token_chunks
+from lowbit.comm.dist import ThreadWorld
+from lowbit.model.engine import build_tp_model
 from lowbit.scheme import parse_scheme_map
-from lowbit.sensitivity import BudgetError, allocate, map_bits_per_value, site_override, site_sensitivity
+from lowbit.method.sensitivity import BudgetError, allocate, map_bits_per_value, site_override, site_sensitivity
 
 HIDDEN, TP = 576, 3
 CANDS = ["int2-group32-rot64", "int3-token-rot64", "int4-token-rot64", "int8-token"]

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.collectives import QuantCommunicator
-from lowbit.comm import Site
-from lowbit.dist import ThreadWorld
-from lowbit.payload import encode, layout
+from lowbit.comm.collectives import QuantCommunicator
+from lowbit.site import Site
+from lowbit.comm.dist import ThreadWorld
+from lowbit.wire.payload import encode, layout
 from lowbit.quant import dequantize, qrange, quantize, stochastic_round
 from lowbit.scheme import QuantSpec, SchemeError, parse_scheme
 from tests.collective_cases import partials

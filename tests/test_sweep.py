@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from lowbit.calibrate import run_calibration
-from lowbit.data import token_chunks
-from lowbit.dist import ThreadWorld
-from lowbit.engine import build_tp_model
+from lowbit.method.calibrate import run_calibration
+from lowbit.model.data import token_chunks
+from lowbit.comm.dist import ThreadWorld
+from lowbit.model.engine import build_tp_model
 from lowbit.scheme import parse_scheme_map
-from lowbit.sweep import PAPER, check_params, grid_schemes, pareto_frontier, point_key, run_sweep, summarize
+from lowbit.method.sweep import PAPER, check_params, grid_schemes, pareto_frontier, point_key, run_sweep, summarize
 
 MODEL, TP = "tiny-llama", 2
 

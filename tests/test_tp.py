@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from lowbit.comm import ExactCommunicator
-from lowbit.dist import ThreadWorld
-from lowbit.engine import greedy_generate
-from lowbit.models import TINY_CONFIGS, load_config
-from lowbit.tp import RowParallelLinear, TPSizeError, check_tp_size, shard_model, valid_tp_sizes
+from lowbit.comm.communicator import ExactCommunicator
+from lowbit.comm.dist import ThreadWorld
+from lowbit.model.engine import greedy_generate
+from lowbit.model.models import TINY_CONFIGS, load_config
+from lowbit.model.tp import RowParallelLinear, TPSizeError, check_tp_size, shard_model, valid_tp_sizes
 
 from tests.conftest import REPO
 

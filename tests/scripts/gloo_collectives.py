@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from lowbit.comm import Site  # noqa: E402
-from lowbit.dist import init_from_env  # noqa: E402
+from lowbit.site import Site  # noqa: E402
+from lowbit.comm.dist import init_from_env  # noqa: E402
 from tests.collective_cases import SCHEMES, fake_calibration, partials  # noqa: E402
 
 group = init_from_env("gloo", timeout_s=60)
-from lowbit.collectives import QuantCommunicator  # noqa: E402
+from lowbit.comm.collectives import QuantCommunicator  # noqa: E402
 
 out = {}
 for scheme in SCHEMES:

@@ -8,12 +8,12 @@ alone. One short run per (site, candidate); the reference is the fp32 all-reduce
 Allocation: pick one candidate per site so that the average bits per value over all sites is
 at most ``budget`` and the summed sensitivity (an additive model of the total KL) is smallest.
 Every row-parallel site moves the same T x H values, so the average bits per value is the plain
-mean of the sites' bits (``lowbit.collectives.scheme_bits_per_value``). ``dp`` is exact for the
+mean of the sites' bits (``lowbit.comm.collectives.scheme_bits_per_value``). ``dp`` is exact for the
 additive model (a knapsack over integer bytes per 8 tokens); ``greedy`` upgrades the site with
 the best KL saved per bit until the budget is spent. Either returns a ``SchemeMap`` whose
 ``str()`` is a scheme like any other (``int3-token-rot64;L0-1=int4-token-rot64;...``).
 
-    python -m lowbit sweep ...     # runs sensitivity + allocation for each budget (lowbit.sweep)
+    python -m lowbit sweep ...     # runs sensitivity + allocation for each budget (lowbit.method.sweep)
 """
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowbit.collectives import QuantCommunicator, scheme_bits_per_value
-from lowbit.comm import ExactCommunicator, Site
+from lowbit.comm.collectives import QuantCommunicator, scheme_bits_per_value
+from lowbit.site import Site
+from lowbit.comm.communicator import ExactCommunicator
 from lowbit.scheme import SchemeMap, parse_scheme, parse_scheme_map
-from lowbit.tp import row_parallel_sites, set_communicator
+from lowbit.model.tp import row_parallel_sites, set_communicator
 
 DEFAULT_CANDIDATES = ("int2-group32-rot64", "int3-token-rot64", "int3-group32-rot64", "int4-token-rot64",
                       "int5-token-rot64", "int8-token")

@@ -26,12 +26,13 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from lowbit.calibrate import Calibration
-from lowbit.collectives import QuantCommunicator
-from lowbit.comm import Communicator, ExactCommunicator, Site
-from lowbit.data import Item
-from lowbit.dist import Group
-from lowbit.tp import set_communicator
+from lowbit.method.calibrate import Calibration
+from lowbit.comm.collectives import QuantCommunicator
+from lowbit.site import Site
+from lowbit.comm.communicator import Communicator, ExactCommunicator
+from lowbit.model.data import Item
+from lowbit.comm.dist import Group
+from lowbit.model.tp import set_communicator
 
 REFERENCE = "fp32"
 PRIMARY_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm",

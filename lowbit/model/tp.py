@@ -19,7 +19,9 @@ import re
 import torch
 from torch import nn
 
-from lowbit.comm import Communicator, Site
+from lowbit.site import Site
+
+from lowbit.comm.communicator import Communicator
 
 LLAMA_TP_PLAN = {
     "layers.*.self_attn.q_proj": "colwise",

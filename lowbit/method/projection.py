@@ -1,8 +1,8 @@
 """A cost model, not a measurement: alpha-beta times of the TP collectives on named interconnects,
 and what low-bit communication would buy there.
 
-    python -m lowbit.projection                                    # table for Llama-2-13B / Gemma-2-27B at TP 8
-    python -m lowbit.projection --check bench/results/collectives.json   # fit to gloo runs, report the model's error
+    python -m lowbit.method.projection                                    # table for Llama-2-13B / Gemma-2-27B at TP 8
+    python -m lowbit.method.projection --check bench/results/collectives.json   # fit to gloo runs, report the model's error
 
 Each collective step costs ``alpha + bytes / beta`` (latency alpha, per-direction link bandwidth
 beta, one link per rank, ring algorithms). For N ranks and a message of M bytes per rank:

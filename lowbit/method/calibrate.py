@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.comm import ROW_PARALLEL_MODULES, Communicator, ExactCommunicator, Site
-from lowbit.dist import Group
+from lowbit.site import ROW_PARALLEL_MODULES, Site
+
+from lowbit.comm.communicator import Communicator, ExactCommunicator
+from lowbit.comm.dist import Group
 from lowbit.scheme import OUTLIER_SELECTS, OutlierSpec
 
 ARTIFACT_TENSORS = "calibration.safetensors"
@@ -172,7 +174,7 @@ def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[to
                     meta: dict | None = None, progress=None) -> Calibration:
     """Collective: run ``token_batches`` through the TP ``model`` with the exact all-reduce and
     return the statistics of every rank (gathered on every rank)."""
-    from lowbit.tp import row_parallel_sites, set_communicator
+    from lowbit.model.tp import row_parallel_sites, set_communicator
     if not 0 < gamma <= 1:
         raise CalibrationError(f"gamma: {gamma} not in (0, 1]")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

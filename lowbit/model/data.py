@@ -87,7 +87,7 @@ def _token_stream(source: str, tokenizer_key: str, tokenizer) -> torch.Tensor:
     import os
     import tempfile
 
-    from lowbit.models import cache_root
+    from lowbit.model.models import cache_root
     eos = tokenizer.eos_token or ""
     docs = source_documents(source)
     digest = hashlib.sha1()

@@ -6,7 +6,7 @@ the sweep evaluates
 
 1. explicit candidate schemes (the job spec's ``schemes``),
 2. a grid (``grid``: code x bits x granularity x outliers x rotation x rounding) filtered to the range,
-3. per-site allocations (``allocate``: a list of budgets): ``lowbit.sensitivity`` measures every
+3. per-site allocations (``allocate``: a list of budgets): ``lowbit.method.sensitivity`` measures every
    site's KL increase for each of ``allocate_candidates`` once, then allocates bits per site
    for each budget; the resulting scheme maps are candidates like the others,
 4. the paper's ``int4-static-top1/64`` as the point of comparison (``include_paper``),
@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from lowbit.collectives import scheme_bits_per_value
+from lowbit.comm.collectives import scheme_bits_per_value
 from lowbit.scheme import SchemeError, parse_scheme, parse_scheme_map
-from lowbit.sensitivity import DEFAULT_CANDIDATES, BudgetError, allocate, map_bits_per_value, site_sensitivity
-from lowbit.tp import row_parallel_sites
+from lowbit.method.sensitivity import DEFAULT_CANDIDATES, BudgetError, allocate, map_bits_per_value, site_sensitivity
+from lowbit.model.tp import row_parallel_sites
 
 PAPER = "int4-static-top1/64"
 SENSITIVITY_FILE = "sensitivity.json"
@@ -145,7 +145,7 @@ def _sensitivity(model, group, p, calibration, held, points_dir: Path, progress)
 
 
 def _evaluate_point(model, group, tokenizer, scheme, calibration, held, items, p, progress) -> dict:
-    from lowbit.evaluate import REFERENCE, evaluate_tasks, evaluate_text, summary_record
+    from lowbit.method.evaluate import REFERENCE, evaluate_tasks, evaluate_text, summary_record
     text = evaluate_text(model, group, held, [scheme], calibration, p["batch_size"], progress)
     tasks = evaluate_tasks(model, group, tokenizer, items, [scheme], calibration, progress) if items else None
     rec = summary_record(scheme, text[scheme], tasks[scheme] if tasks else None, tasks[REFERENCE] if tasks else None)
@@ -267,8 +267,8 @@ def check_params(params: dict) -> list[tuple[str, str]]:
 def check_spec(spec: dict) -> list[tuple[str, str]]:
     """Candidates against the model's hidden size and the TP size; resume_from must exist."""
     from launch.layout import RunPaths, runs_root
-    from lowbit.models import load_config
-    from lowbit.tp import text_config
+    from lowbit.model.models import load_config
+    from lowbit.model.tp import text_config
     problems = []
     hidden, tp = text_config(load_config(spec["model"])).hidden_size, spec["tp"]
     for i, text in enumerate(spec["schemes"]):
@@ -286,7 +286,7 @@ def check_spec(spec: dict) -> list[tuple[str, str]]:
         problems.append(("params.resume_from", f"run {p['resume_from']!r} has no points/ folder to resume from"))
     if spec.get("calib_from"):
         try:
-            from lowbit.calibrate import Calibration
+            from lowbit.method.calibrate import Calibration
             Calibration.load(RunPaths(runs_root(), spec["calib_from"]).dir / "calibration").check_matches(
                 spec["model"], tp)
         except Exception as exc:  # noqa: BLE001 - any unreadable artifact is this field's problem
@@ -297,9 +297,9 @@ def check_spec(spec: dict) -> list[tuple[str, str]]:
 def sweep_job(ctx) -> dict | None:
     """Worker entry of kind ``sweep``: load the model and calibration, resume, sweep."""
     from launch.layout import RunPaths
-    from lowbit.calibrate import Calibration
-    from lowbit.data import load_task, token_chunks
-    from lowbit.engine import build_tp_model
+    from lowbit.method.calibrate import Calibration
+    from lowbit.model.data import load_task, token_chunks
+    from lowbit.model.engine import build_tp_model
     from lowbit.jobs import CALIBRATE_DEFAULTS, _calibrate_model, default_calibration_dir
     spec, group = ctx.spec, ctx.group
     p = dict(SWEEP_DEFAULTS, **spec.params, schemes=list(spec.schemes))
@@ -339,16 +339,16 @@ def sweep_job(ctx) -> dict | None:
 def sum_error(model_name: str, tp: int, schemes: list[str], calibration_dir: str | None, chunks: int = 1,
               seq_len: int = 256, source: str = "wikipedia") -> list[dict]:
     """Per scheme: relative error of the reduced sum vs the exact fp32 sum at every site with exact
-    inputs (``lowbit.evaluate.layer_errors`` "local"), as mean / median / max over sites, and the
-    KL of the whole run. TP ranks are threads of this process (``lowbit.dist.ThreadWorld``)."""
+    inputs (``lowbit.method.evaluate.layer_errors`` "local"), as mean / median / max over sites, and the
+    KL of the whole run. TP ranks are threads of this process (``lowbit.comm.dist.ThreadWorld``)."""
     import statistics
 
-    from lowbit.calibrate import Calibration
-    from lowbit.data import token_chunks
-    from lowbit.dist import ThreadWorld
-    from lowbit.engine import build_tp_model
-    from lowbit.evaluate import evaluate_text, layer_errors
-    from lowbit.models import load_model
+    from lowbit.method.calibrate import Calibration
+    from lowbit.model.data import token_chunks
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.model.engine import build_tp_model
+    from lowbit.method.evaluate import evaluate_text, layer_errors
+    from lowbit.model.models import load_model
     loaded = load_model(model_name)
     cal = Calibration.load(calibration_dir) if calibration_dir else None
     held = token_chunks(loaded.tokenizer, source, "eval", chunks, seq_len)
@@ -370,10 +370,10 @@ def sum_error(model_name: str, tp: int, schemes: list[str], calibration_dir: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lowbit.sweep sum-error --schemes a,a-sr,... [--calibration DIR]``: the rounding
+    """``python -m lowbit.method.sweep sum-error --schemes a,a-sr,... [--calibration DIR]``: the rounding
     comparison in one process (threads as ranks); the sweep itself runs as the job kind."""
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m lowbit.sweep")
+    parser = argparse.ArgumentParser(prog="python -m lowbit.method.sweep")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("sum-error", help="relative error of the sum over ranks per scheme (e.g. -sr vs nearest)")
     p.add_argument("--model", default="smollm2-135m")

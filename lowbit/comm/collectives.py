@@ -4,7 +4,7 @@
 
 - exact (``bf16`` / ``fp32``): all_reduce in the wire dtype.
 - ``gather`` (the paper's math): each rank encodes its partial into one payload
-  (``lowbit.payload``), all-gathers the payloads, dequantizes every rank's payload with that
+  (``lowbit.wire.payload``), all-gathers the payloads, dequantizes every rank's payload with that
   rank's static scales and sums in fp32 in rank order. Every rank computes the same sum.
 - ``two_shot``: the hidden features are cut into ``tp`` contiguous chunks; rank j owns chunk j.
   Leg 1: all-to-all of the quantized chunks; the owner dequantizes them and sums in fp32.
@@ -21,10 +21,10 @@ Rotation (``-rot<R>``, ``lowbit.rotation``): each rank rotates its partial befor
 (or its weights already did: ``prerotated=True`` after ``lowbit.rotation.fold_rotation``), the
 sum is taken in the rotated space in fp32 and rotated back once. With BF16 outliers the
 outlier columns are cut out in the original space first; the message is then the payload of
-all ``H`` rotated features (``lowbit.payload``, no outlier section) followed by the BF16
+all ``H`` rotated features (``lowbit.wire.payload``, no outlier section) followed by the BF16
 outlier columns [T, k] - one more section, counted in the bits like everything else.
 Neighbouring-work schemes (``lowbit.scheme``): ``nf<B>`` only changes the quantizer. ``sp<n>``
-and ``thr<T>c<K>`` are per-message outliers inside the payload (``lowbit.payload``): with gather
+and ``thr<T>c<K>`` are per-message outliers inside the payload (``lowbit.wire.payload``): with gather
 each rank picks its own set and every receiver decodes each rank's set from that rank's
 message; with two-shot every first-leg chunk is a message with its own picks (thr capacity
 floor(K * H/tp) per chunk), and the second leg is the plain ``second`` requantization. The
@@ -43,10 +43,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lowbit.calibrate import Calibration, CalibrationError, select_outliers
-from lowbit.comm import Communicator, Site
-from lowbit.dist import Group
-from lowbit.payload import decode, encode, layout, scheme_layout
+from lowbit.method.calibrate import Calibration, CalibrationError, select_outliers
+from lowbit.site import Site
+from lowbit.comm.communicator import Communicator
+from lowbit.comm.dist import Group
+from lowbit.wire.payload import decode, encode, layout, scheme_layout
 from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import QuantSpec, Scheme, SchemeMap, parse_scheme_map
@@ -163,7 +164,7 @@ class QuantCommunicator(Communicator):
                  record: bool = True, keep_first_leg: bool = False, prerotated: bool = False, seed: int = 0,
                  codec=None):
         super().__init__(group, record)
-        # codec: None (lowbit.payload's encode/decode, the reference) or a module with the
+        # codec: None (lowbit.wire.payload's encode/decode, the reference) or a module with the
         # kernels' API (``kernels.dispatch``, ``kernels.fused_cpu``, ``kernels.reference``):
         # quantize_pack / unpack_dequant_sum, byte- and bit-identical to the reference, used for
         # the uniform round-to-nearest codes it implements (see ``_fused``).
@@ -299,7 +300,7 @@ class QuantCommunicator(Communicator):
         return self.codec is not None and quant.rounding == "nearest" and quant.code == "int" and not per_message
 
     def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, smin, smax, enc_kw: dict, fused: bool):
-        """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.payload.encode``'s)."""
+        """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.wire.payload.encode``'s)."""
         if not fused:
             return encode(x, quant, idx, smin, smax, **enc_kw)
         payload = self.codec.quantize_pack(x, quant, idx, smin, smax)

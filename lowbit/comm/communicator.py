@@ -3,7 +3,7 @@
 In Megatron-style TP each rank's o_proj / down_proj produces a *partial* of the full hidden
 vector; a communicator turns the partials of all ranks into the reduced output. Every call is
 recorded (layer, module, shape, bytes handed to the collective) so pages can plot traffic.
-The exact all-reduce lives here; the quantized ones are in ``lowbit.collectives``.
+The exact all-reduce lives here; the quantized ones are in ``lowbit.comm.collectives``.
 """
 from __future__ import annotations
 
@@ -13,21 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lowbit.dist import Group
-
-ROW_PARALLEL_MODULES = ("o_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a partial sum is communicated: decoder layer index and row-parallel module."""
-
-    layer: int
-    module: str
-
-    def __str__(self) -> str:
-        return f"L{self.layer}.{self.module}"
-
+from lowbit.comm.dist import Group
+from lowbit.site import Site
 
 @dataclass
 class CallRecord:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.comm import Communicator, ExactCommunicator
-from lowbit.dist import Group, device_for
-from lowbit.models import LoadedModel, load_config, load_model
-from lowbit.tp import check_tp_size, shard_model
+from lowbit.comm.communicator import Communicator, ExactCommunicator
+from lowbit.comm.dist import Group, device_for
+from lowbit.model.models import LoadedModel, load_config, load_model
+from lowbit.model.tp import check_tp_size, shard_model
 
 
 @dataclass

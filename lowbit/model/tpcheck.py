@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.engine import build_tp_model, greedy_generate, prefill_logits
-from lowbit.models import load_model
+from lowbit.model.engine import build_tp_model, greedy_generate, prefill_logits
+from lowbit.model.models import load_model
 
 DEFAULT_PROMPT = ("In tensor parallel inference, every decoder layer ends with an all-reduce of the "
                   "partial sums computed on each device. The main cost of this step is")

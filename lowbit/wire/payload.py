@@ -34,7 +34,7 @@ The per-message outliers (the neighbouring-work schemes; see ``lowbit.scheme``):
   selected ones hold the zero code and take no part in dynamic ranges or clamp counts).
   Features beyond the capacity are quantized as usual and counted in ``thr_overflow``.
 
-    PYTHONPATH=. python -c "from lowbit.payload import layout; from lowbit.scheme import parse_scheme as p; \\
+    PYTHONPATH=. python -c "from lowbit.wire.payload import layout; from lowbit.scheme import parse_scheme as p; \\
         print(layout(8, 576, p('int4-static-top1/64'), 9).bits_per_value)"   # total 4.1875
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the quantize/unpack kernels cost, next to the communication they replace.
 
-    PYTHONPATH=. .venv/bin/python -m kernels.bench --out kernels/results/cpu.json     # CPU
-    PYTHONPATH=. python -m kernels.bench --out kernels/results/cuda.json                # on a GPU
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --out kernels/results/cpu.json     # CPU
+    PYTHONPATH=. python -m bench.kernels --out kernels/results/cuda.json                # on a GPU
 
 CUDA (the Triton kernels): for every scheme with 2/4/8-bit codes and every size from decode (1
 token) to prefill (8192 tokens) at hidden 576, 4096 and 5120, the median time of
@@ -198,7 +198,7 @@ def run_cpu(args) -> dict:
 # -- CUDA: Triton kernels vs device copy -------------------------------------------------------
 def run_cuda(args) -> list[dict]:
     from kernels import triton_quant
-    from lowbit.payload import layout
+    from lowbit.wire.payload import layout
     device = torch.device("cuda")
     sync = torch.cuda.synchronize
     rows = []
@@ -264,7 +264,7 @@ def markdown_cuda(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--tokens", type=int, nargs="+", default=DEFAULT_TOKENS)
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     args.tp = args.tp or (8 if device == "cuda" else 3)
-    meta = dict(command=" ".join(["python -m kernels.bench"] + list(argv if argv is not None else sys.argv[1:])),
+    meta = dict(command=" ".join(["python -m bench.kernels"] + list(argv if argv is not None else sys.argv[1:])),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device,
                 torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -1,0 +1,1 @@
+"""Models (embedded GGUF -> cached safetensors), the TP sharding, the engine, text and task data."""

@@ -1,0 +1,13 @@
+"""Communication schemes: what a row-parallel partial sum is turned into before it travels.
+
+``spec`` holds the dataclasses, ``grammar`` the one parser and help text (``GRAMMAR_HELP``,
+printed by ``python -m lowbit schemes`` and appended below), ``plan`` the parse-once-per-job
+``SchemePlan``. Import the public names from here.
+"""
+from lowbit.scheme.grammar import GRAMMAR_HELP, parse_scheme, parse_scheme_map
+from lowbit.scheme.spec import (ALGOS, ALLOWED_BITS, CODEBOOK_BITS, CODES, DEFAULT_SECOND, DYNAMIC_GRANULARITIES,
+                                GRANULARITIES, MAX_INDEXED_HIDDEN, MAX_K_FRAC, MAX_ROTATION, MAX_SPARSE,
+                                MAX_THRESHOLD, OUTLIER_SELECTS, ROUNDINGS, SCALE_DTYPES, WIRE_DTYPES, OutlierSpec,
+                                QuantSpec, Scheme, SchemeError, SchemeMap, ThresholdSpec, decimal_text)
+
+__doc__ += "\n" + GRAMMAR_HELP

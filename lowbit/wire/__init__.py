@@ -1,0 +1,1 @@
+"""What travels: the payload byte layout (``payload``) and the only bits/bytes formulas (``accounting``)."""
