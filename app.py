@@ -1,12 +1,12 @@
 """lowbit app entry point: `make run` (or `streamlit run app.py`).
 
 Pages live in pages/ and are registered here with st.navigation, grouped as Learn / Explore /
-Runs; they read run results (launch.results) and submit jobs (launch.queue), never doing model
+Runs; they read run results (launch.store) and submit jobs (launch.queue), never doing model
 math themselves. The sidebar shows the machine, the installed models and the active job.
 """
 import streamlit as st
 
-from launch import results
+from launch import store
 from pages import _ui
 
 st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon="📡")
@@ -28,7 +28,7 @@ _ui.ensure_queue()
 
 @st.fragment(run_every=_ui.POLL_S * 3)
 def active_job() -> None:
-    active = results.active_runs(_ui.root())
+    active = store.active_runs(_ui.root())
     if active.empty:
         st.caption("No job running. Start one from Overview (demo) or Runs.")
         return

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch.client import submit_and_watch
+
 # The issue's table: exact, Int8/4/3/2 on all features (static per-feature scales, as the paper's
 # baseline), random-BF16 and top-k-BF16 Int4 (the paper), and a dynamic per-group scheme.
 DEFAULT_SCHEMES = ["bf16", "int8-static", "int4-static", "int3-static", "int2-static", "int4-static-rand1/64",
@@ -27,16 +29,10 @@ DEFAULT_TASKS = ["arc_easy", "piqa", "winogrande"]
 
 def run_job(spec: dict) -> tuple[str, dict]:
     """Queue ``spec``, watch it here with a progress bar, return (run id, result)."""
-    from launch.__main__ import watch
-    from launch.layout import run_paths
-    from launch.queue import JobQueue
-    queue = JobQueue()
-    run_id = queue.submit(spec)
-    print(f"run {run_id}: {spec['kind']}", flush=True)
-    row = watch(queue, run_id)
-    if row["status"] != "done":
-        raise SystemExit(f"{run_id} {row['status']}: {row['error']}")
-    return run_id, json.loads(run_paths(run_id).result.read_text())
+    code, run_id, result = submit_and_watch(spec)
+    if result is None:
+        raise SystemExit(f"{run_id or spec['kind']} did not finish (exit {code}); see above")
+    return run_id, result
 
 
 def flat_rows(result: dict) -> list[dict]:

@@ -59,84 +59,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-DEFAULT_TOKENS = [1, 16, 256, 2048, 8192]
-DEFAULT_HIDDEN = [576, 5120]
-# bf16 baseline; gather and two_shot at int8 / int4 + 1/64 BF16 outliers / int2. The int4
-# two-shot runs twice: with an int4 second leg (~4.2 bits both legs, the speed target) and the
-# default int8 second leg (DESIGN: 4-bit requantization adds error, 8 bits almost none).
-DEFAULT_SCHEMES = [
-    "bf16",
-    "int8-static", "int4-static-top1/64", "int2-static",
-    "int8-static@twoshot+int8-token", "int4-static-top1/64@twoshot+int4-token",
-    "int4-static-top1/64@twoshot+int8-token", "int2-static@twoshot+int2-token",
-]
-CODECS = ("auto", "lowbit", "reference", "fused")
+from launch.client import submit_and_watch
+from launch.kinds.collective_bench import (CODECS, DEFAULT_HIDDEN, DEFAULT_PARAMS, DEFAULT_SCHEMES, DEFAULT_TOKENS,  # noqa: F401
+                                           DTYPES, check_params, check_spec, job_spec)
+from launch.spec import JobSpec, SpecError
+
 FUSED_MODULES = ("kernels.dispatch", "kernels.fused_cpu")  # fused CPU paths, first found wins
-DTYPES = ("bf16", "fp32")
 OUTLIER_GAIN = 20.0  # how much larger the synthetic consistent-outlier features are
-PARAM_LIMITS = dict(repeats=(1, 1000), min_repeats=(1, 1000), warmup=(0, 100), seed=(0, 2**31 - 1),
-                    compute_repeats=(0, 100))
-MAX_SIZE = 1 << 16
-DEFAULT_PARAMS = dict(tokens=DEFAULT_TOKENS, hidden=DEFAULT_HIDDEN, schemes=DEFAULT_SCHEMES, repeats=15,
-                      min_repeats=5, warmup=2, budget_s=20.0, seed=0, dtype="bf16", codec="auto",
-                      compute_repeats=3)
 SITE_LAYER, SITE_MODULE = 0, "down_proj"
-
-
-# -- spec checks (launch.registry) -------------------------------------------------------------
-def check_params(params: dict) -> list[tuple[str, str]]:
-    """Problems of a collective-bench job's ``params`` as (field, message) pairs."""
-    from lowbit.scheme import parse_scheme
-    problems = []
-    for key in sorted(set(params) - set(DEFAULT_PARAMS)):
-        problems.append((f"params.{key}", f"unknown collective-bench parameter; allowed: "
-                                          f"{', '.join(sorted(DEFAULT_PARAMS))}"))
-    for key in ("tokens", "hidden"):
-        value = params.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE for v in value):
-            problems.append((f"params.{key}", f"must be a non-empty list of integers 1..{MAX_SIZE}, got {value!r}"))
-    schemes = params.get("schemes")
-    if schemes is not None:
-        if not isinstance(schemes, list) or not schemes:
-            problems.append(("params.schemes", f"must be a non-empty list of scheme strings, got {schemes!r}"))
-        else:
-            for i, text in enumerate(schemes):
-                try:
-                    if not isinstance(text, str):
-                        raise ValueError(f"must be a string, got {type(text).__name__}")
-                    parse_scheme(text)
-                except ValueError as exc:
-                    problems.append((f"params.schemes[{i}]", f"{text!r}: {exc}"))
-    for key, (lo, hi) in PARAM_LIMITS.items():
-        value = params.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
-            problems.append((f"params.{key}", f"must be an integer {lo}..{hi}, got {value!r}"))
-    budget = params.get("budget_s")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not math.isfinite(budget) or not 0 < budget <= 3600):
-        problems.append(("params.budget_s", f"must be a number > 0 and <= 3600 (seconds per size), got {budget!r}"))
-    for key, allowed in (("dtype", DTYPES), ("codec", CODECS)):
-        value = params.get(key)
-        if value is not None and value not in allowed:
-            problems.append((f"params.{key}", f"{value!r} not allowed; allowed: {', '.join(allowed)}"))
-    return problems
-
-
-def check_spec(spec: dict) -> list[tuple[str, str]]:
-    """Whole-spec checks: an emulated link needs network namespaces (root); the bench's TP
-    size needs every scheme to be valid at some hidden size."""
-    from launch.cluster import link_problem
-    problems = []
-    problem = link_problem(spec["link"])
-    if problem:
-        problems.append(("link", problem))
-    if spec["nnodes"] != 1:
-        problems.append(("nnodes", "collective-bench runs on one machine (an emulated link makes one node per "
-                                   "rank itself); allowed: 1"))
-    return problems
 
 
 # -- the fused-path communicator ---------------------------------------------------------------
@@ -401,12 +331,6 @@ def _cpu_model() -> str:
 
 
 # -- CLI ---------------------------------------------------------------------------------------
-def job_spec(tp: int, link: str, params: dict, time_limit_s: float = 3600.0, backend: str = "auto") -> dict:
-    """The collective-bench job spec (a plain dict, validated by launch.spec.JobSpec)."""
-    return dict(kind="collective-bench", model="none", tp=tp, backend=backend, link=link, params=params,
-                collective_timeout_s=600.0, time_limit_s=time_limit_s)
-
-
 def format_table(records: list[dict]) -> str:
     """A plain-text table of the records, one line per record."""
     head = f"{'link':>9} {'tp':>2} {'tokens':>6} {'hidden':>6} {'method':>10} {'scheme':<40} " \
@@ -483,8 +407,6 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table([r for f in args.markdown for r in json.loads(f.read_text())["records"]]))
         return 0
 
-    from launch.queue import JobQueue
-    from launch.spec import JobSpec, SpecError
     params = dict(tokens=args.tokens, hidden=args.hidden, schemes=args.schemes, repeats=args.repeats,
                   min_repeats=args.min_repeats, warmup=args.warmup, budget_s=args.budget_s, seed=args.seed,
                   codec=args.codec, compute_repeats=args.compute_repeats)
@@ -500,29 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
-    queue = JobQueue()
     records, runs, failed = [], [], []
     for spec in specs:
-        run_id = queue.submit(spec)
-        print(f"[{spec.link} tp {spec.tp}] run {run_id} queued", flush=True)
-        last = {"step": None}
-
-        def show(row, run_id=run_id):
-            from launch.events import read_events
-            from launch.layout import RunPaths
-            events = read_events(RunPaths(queue.root, run_id).events)
-            if events and events[-1].get("message") != last["step"]:
-                last["step"] = events[-1].get("message")
-                print(f"  {last['step']}", flush=True)
-
-        row = queue.wait(run_id, on_poll=show, poll_s=0.5)
-        runs.append(dict(id=run_id, link=spec.link, tp=spec.tp, status=row["status"]))
-        if row["status"] != "done":
+        code, run_id, result = submit_and_watch(spec.to_dict(), label=f"[{spec.link} tp {spec.tp}] collective-bench")
+        runs.append(dict(id=run_id, link=spec.link, tp=spec.tp, status="done" if result else "failed"))
+        if result is None:
             failed.append(run_id)
-            print(f"[{spec.link} tp {spec.tp}] {row['status']}: {row.get('error')}", file=sys.stderr)
             continue
-        from launch.layout import RunPaths
-        result = json.loads(RunPaths(queue.root, run_id).result.read_text())
         records += result["records"]
         runs[-1]["meta"] = result.get("meta")
     print(format_table(records))

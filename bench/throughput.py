@@ -19,31 +19,20 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULTS = dict(prompt_tokens=512, new_tokens=32, rounds=3, batch=1)
-
-
-def check_params(params: dict) -> list[tuple[str, str]]:
-    problems = []
-    for key, value in params.items():
-        if key not in DEFAULTS:
-            problems.append((f"params.{key}", f"unknown parameter; allowed: {', '.join(sorted(DEFAULTS))}"))
-        elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
-            problems.append((f"params.{key}", f"must be an integer in 1..65536, got {value!r}"))
-    return problems
+from launch.kinds.method import plan as scheme_plan
+from lowbit.scheme.plan import SchemePlan
+from launch.kinds.throughput import DEFAULTS, check_params  # noqa: F401 - the kind owns its params
+from launch.layout import calibration_folder, calibration_params
 
 
 def throughput_job(ctx) -> dict | None:
     """Job kind body (every rank): time prefill and decode for each scheme of the spec."""
     import torch
 
-    from launch.kinds import _calibrate_params, calibration_folder
-    from launch.layout import RunPaths
-    from lowbit.method.calibrate import Calibration
+    from lowbit.method.calibrate import load_or_calibrate
+    from lowbit.method.evaluate import make_communicator
     from lowbit.model.data import token_chunks
     from lowbit.model.engine import build_tp_model, greedy_generate
-    from lowbit.method.evaluate import make_communicator
-    from lowbit.jobs import _calibrate_model, default_calibration_dir
-    from lowbit.scheme import parse_scheme_map
     from lowbit.model.tp import set_communicator
 
     spec, group = ctx.spec, ctx.group
@@ -51,17 +40,13 @@ def throughput_job(ctx) -> dict | None:
     schemes = list(spec.schemes) or ["bf16", "int4-static-top1/64"]
     ctx.events.loading(f"loading {spec.model} sharded {group.world_size} ways")
     tp = build_tp_model(spec.model, group)
+    plan = scheme_plan(ctx) if spec.schemes else SchemePlan(schemes)
     calibration = None
-    if any(s.needs_calibration for text in schemes for s in parse_scheme_map(text).schemes()):
-        cp = _calibrate_params(spec)
-        folder = (RunPaths(ctx.paths.root, spec.calib_from).dir / "calibration" if spec.calib_from else
-                  default_calibration_dir(spec.model, group.world_size, cp["source"], cp["chunks"], cp["seq_len"],
-                                          cp["gamma"]))
-        if not (folder / "calibration.json").exists():
-            _calibrate_model(tp, group, cp, folder, None)
-        calibration = Calibration.load(folder)
+    if plan.needs_calibration:
+        calibration = load_or_calibrate(tp, group, calibration_params(spec),
+                                        calibration_folder(spec, ctx.paths.run_id, ctx.paths.root))
     ids = token_chunks(tp.tokenizer, spec.eval_data, "eval", p["batch"], p["prompt_tokens"])
-    comms = {s: make_communicator(group, s, calibration) for s in schemes}
+    comms = {s: make_communicator(group, plan[s], calibration) for s in schemes}
     timings = {s: dict(prefill=[], decode=[], prefill_comm=[], decode_comm=[]) for s in schemes}
     total = p["rounds"] * len(schemes)
     step = 0

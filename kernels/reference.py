@@ -31,13 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.wire.payload import PayloadLayout, layout
+from lowbit.wire.payload import OUTLIER_DTYPE as _OUTLIER_DTYPE, PayloadLayout, layout
 from lowbit.quant import _dynamic_qparams, pack_bits, qrange, round_half_even, static_qparams, unpack_bits
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
 _FP32_MAX = torch.finfo(torch.float32).max
-_OUTLIER_DTYPE = torch.bfloat16  # the payload's outlier section (payload.py owns the choice)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = INPUT_DTYPES
 WHOLE_BYTE_BITS = (2, 4, 8)  # widths whose codes never straddle a byte

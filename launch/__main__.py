@@ -7,6 +7,7 @@
     python -m launch tail ID [--follow]          # its progress events (and, with --logs, torchrun's log)
     python -m launch commands spec.json          # multi-node: the torchrun command to run on each node
     python -m launch serve [--until-idle]        # run the queue in this process
+    python -m launch calibrate|evaluate|tp-check ...   # the method's jobs, queued and watched (launch.client)
 
 Runs live under $LOWBIT_RUNS (default ./runs). Without --wait, ``submit`` starts a background
 ``serve --until-idle`` when no other process (the app, another CLI) is running the queue.
@@ -23,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from launch import client
+from launch.client import report_end, watch
 from launch.events import progress, read_events, text_bar
 from launch.index import FINISHED, RunIndex
 from launch.layout import queue_lock_path, queue_log_path, run_id_problem, run_paths, runs_root
@@ -47,22 +50,6 @@ def _start_background_queue() -> None:
                      env=dict(os.environ, LOWBIT_RUNS=str(runs_root())))
 
 
-_last_progress = [""]
-
-
-def _print_progress(run_id: str, final: bool = False) -> None:
-    """Redraw the bar in place on a terminal; elsewhere print a line only when it changes."""
-    fraction, message = progress(read_events(run_paths(run_id).events))
-    line = text_bar(fraction, message)[:110]
-    if line == _last_progress[0] and not final:
-        return
-    _last_progress[0] = line
-    if sys.stdout.isatty():
-        print(f"\r{line:<110}", end="\n" if final else "", flush=True)
-    elif not final:
-        print(line, flush=True)
-
-
 def cmd_submit(args) -> int:
     spec = _load_spec(args.spec)
     queue = JobQueue()
@@ -73,34 +60,7 @@ def cmd_submit(args) -> int:
             _start_background_queue()
         print(f"follow it with: python -m launch tail {run_id} --follow")
         return 0
-    return _report_end(watch(queue, run_id))
-
-
-def watch(queue: JobQueue, run_id: str) -> dict:
-    """Run the queue here until ``run_id`` ends, drawing its progress bar; Ctrl-C cancels it.
-    Returns its index row."""
-    queue.start()
-    try:
-        row = queue.wait(run_id, on_poll=lambda row: _print_progress(run_id))
-    except KeyboardInterrupt:
-        print(f"\ncancelling {run_id} ...")
-        cancel(run_id)
-        row = RunIndex().get(run_id)
-    finally:
-        queue.stop()
-    _print_progress(run_id, final=True)
-    return row
-
-
-def _report_end(row: dict) -> int:
-    took = f"{row['finished'] - row['started']:.1f} s" if row["started"] and row["finished"] else "-"
-    print(f"{row['id']}: {row['status']} ({took})")
-    if row["status"] != "done":
-        print(row["error"] or "", file=sys.stderr)
-        return 1
-    for name in row["result_paths"]:
-        print(f"  {run_paths(row['id']).dir / name}")
-    return 0
+    return report_end(watch(queue, run_id))
 
 
 def _fmt_time(t) -> str:
@@ -219,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
+    client.add_commands(sub)
     p = sub.add_parser("submit", help="queue a run from a spec.json")
     p.add_argument("spec")
     p.add_argument("--wait", action="store_true", help="run the queue here and show progress until it ends")

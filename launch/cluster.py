@@ -352,7 +352,7 @@ def run_spec(spec_path: Path) -> int:
     from launch.submit import job_env
 
     spec_path = Path(spec_path).resolve()
-    spec = JobSpec.load(spec_path)
+    spec = JobSpec.load_trusted(spec_path)  # validated at submit
     paths = RunPaths(spec_path.parent.parent, spec_path.parent.name)
     stop = {"signal": None}
 

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowbit.artifacts import CALIBRATE_DEFAULTS, calibration_cache_dir
+
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Files of a run directory that are bookkeeping, not results.
@@ -147,6 +149,44 @@ def queue_lock_path(root: Path | None = None) -> Path:
 def queue_log_path(root: Path | None = None) -> Path:
     """Where a background queue server started by the CLI writes its own output."""
     return (root or runs_root()) / "queue.log"
+
+
+CALIBRATION_DIR = "calibration"  # inside a calibrate run's directory
+
+
+def calibration_params(spec, **overrides) -> dict:
+    """The calibration a job spec (``launch.spec.JobSpec``) asks for: ``CALIBRATE_DEFAULTS``
+    overridden by ``spec.params`` and then by ``overrides`` (a kind's own defaults, e.g. the
+    sweep's seq_len), text from ``calib_data``, chunks of ``calib_tokens``."""
+    p = {k: overrides.get(k, spec.params.get(k, v)) for k, v in CALIBRATE_DEFAULTS.items() if k != "chunks"}
+    p.update(model=spec.model, source=spec.calib_data, chunks=max(1, spec.calib_tokens // p["seq_len"]))
+    return p
+
+
+def calibration_folder(spec, run_id: str | None = None, root: Path | None = None, **overrides) -> Path:
+    """The one answer to "where is this run's calibration": a calibrate run's own
+    ``runs/<id>/calibration``; else the ``calib_from`` run's; else the shared cache folder named
+    by the spec's calibration parameters (``lowbit.artifacts.calibration_cache_dir``)."""
+    root = Path(root) if root else runs_root()
+    if spec.kind == "calibrate":
+        return RunPaths(root, run_id or spec.run_id).dir / CALIBRATION_DIR
+    if spec.calib_from:
+        return RunPaths(root, spec.calib_from).dir / CALIBRATION_DIR
+    p = calibration_params(spec, **overrides)
+    return calibration_cache_dir(spec.model, spec.tp, p["source"], p["chunks"], p["seq_len"], p["gamma"])
+
+
+def tail_text(path: Path, lines: int) -> str | None:
+    """The last ``lines`` lines of a text file (read from its last 64 kB), or None when it cannot
+    be read or is empty."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64_000))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return "\n".join(text.splitlines()[-lines:]) or None
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from launch import procs
 from launch.index import FINISHED, RunIndex
-from launch.layout import RunPaths, queue_lock_path, run_id_problem, runs_root, write_atomic
-from launch.spec import JobSpec
+from launch.layout import RunPaths, queue_lock_path, run_id_problem, runs_root, tail_text, write_atomic
+from launch.spec import JobSpec, SpecError, start_problems
 from launch.submit import REPO_ROOT, job_env, submit, torchrun_command
 
 ERROR_TEXT_CHARS = 4000
@@ -269,7 +269,10 @@ class JobQueue:
             paths.make()
             if not paths.spec.exists():  # e.g. a submit from another process still writing it
                 write_atomic(paths.spec, json.dumps(json.loads(row["spec_json"]), indent=2, sort_keys=True))
-            spec = JobSpec.load(paths.spec)
+            spec = JobSpec.load_trusted(paths.spec)  # validated at submit
+            problems = start_problems(spec, self.root)
+            if problems:
+                raise SpecError(problems)
             command = _job_command(spec, paths)
             with open(paths.launcher_log, "ab") as log:
                 proc = subprocess.Popen(command, cwd=REPO_ROOT,
@@ -343,7 +346,7 @@ def failure_text(paths: RunPaths, returncode: int | None) -> str:
             text += f"\n(also ended: rank {', '.join(map(str, others))}, after rank {root['rank']})"
         return _clip(text)
     message = _error_file_message(paths.error)
-    tail = _tail(paths.launcher_log, 25)
+    tail = tail_text(paths.launcher_log, 25)
     parts = [p for p in (message, tail and "log tail:\n" + tail) if p]
     return _clip("\n".join(parts) or f"torchrun exited with code {returncode} and left no error file or log")
 
@@ -371,7 +374,7 @@ def _is_echo(failure: dict) -> bool:
 def _rank_failures(paths: RunPaths) -> list[dict]:
     """torchrun's failure report (sections "Failures:" and "Root Cause") as one dict per rank:
     rank, exitcode, error_file, traceback."""
-    text = _tail(paths.launcher_log, 2000) or ""
+    text = tail_text(paths.launcher_log, 2000) or ""
     start = text.rfind("Failures:")
     root = text.rfind("Root Cause (first observed failure):")
     if start < 0 or (0 <= root < start):
@@ -488,14 +491,3 @@ def _error_file_message(path: Path) -> str | None:
             text = f"{text}\n{stack.strip()}"
         return text.strip() or None
     return str(message).strip() if message else None
-
-
-def _tail(path: Path, lines: int) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64_000))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    return "\n".join(text.splitlines()[-lines:]) or None

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.layout import run_id_problem
+from launch.layout import calibration_folder, run_id_problem
 from launch.registry import KINDS, available_kinds, kind_problem
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -139,6 +139,31 @@ class JobSpec:
         except OSError as exc:
             raise SpecError([("spec", f"cannot read {path}: {exc.strerror or exc}")]) from None
         return cls.from_json(text)
+
+    @classmethod
+    def trusted(cls, data: dict) -> "JobSpec":
+        """A spec that was validated at submit (``spec.json`` of a queued run): fields and
+        defaults only, no second validation (no config load, no scheme parse, no kind checks).
+        Unknown fields are still refused, so a spec from another version fails loudly."""
+        names = cls.field_names()
+        unknown = [k for k in data if k not in names]
+        if unknown or "kind" not in data:
+            raise SpecError([(str(k), f"unknown field; allowed: {', '.join(names)}") for k in unknown]
+                            or [("kind", "missing")])
+        values = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                  for f in dataclasses.fields(cls) if f.name != "kind"}
+        values.update(data)
+        spec = cls.__new__(cls)
+        spec.__dict__.update(values)
+        return spec
+
+    @classmethod
+    def load_trusted(cls, path: Path) -> "JobSpec":
+        """``trusted`` of the JSON file at ``path`` (the worker's view of its run's spec.json)."""
+        try:
+            return cls.trusted(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SpecError([("spec", f"cannot read {path}: {exc}")]) from None
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -326,11 +351,22 @@ def _field_problems(d: dict, skip: set[str] = frozenset()) -> list[tuple[str, st
         except (TypeError, ValueError) as exc:
             p.append(("params", f"must hold JSON values only ({exc})"))
         else:
-            if kind_info is not None and kind_info.check_params is not None and not bad_keys:
+            if kind_info is not None and not bad_keys:
                 p.extend(kind_info.check_params(params))
-    if kind_info is not None and kind_info.check_spec is not None and model_ok and tp_ok and not p:
+    if kind_info is not None and model_ok and tp_ok and not p:
         p.extend(kind_info.check_spec(d))
     return p
+
+
+def start_problems(spec: JobSpec, root: Path | None = None) -> list[tuple[str, str]]:
+    """What can change between submit and start of a validated spec: the calibration run it
+    names (``calib_from``) may have been deleted. Cheap (file existence only)."""
+    if not spec.calib_from:
+        return []
+    folder = calibration_folder(spec, root=root)
+    if not (folder / "calibration.json").exists():
+        return [("calib_from", f"run {spec.calib_from!r} has no calibration any more ({folder} is missing)")]
+    return []
 
 
 def _scheme_parser():

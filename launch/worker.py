@@ -2,7 +2,9 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 3 -m launch.worker runs/<id>/spec.json
 
-The spec is validated again here (same ``JobSpec`` rules as at submit time). The kind named by
+The spec was validated once, at submit time; the worker trusts ``spec.json`` (``JobSpec.load_trusted``)
+and what can change between submit and start (a calibration artifact that was deleted) fails
+inside the kind with the field named. The kind named by
 ``spec.kind`` is looked up in ``launch.registry.KINDS`` and called on every rank with a
 ``JobContext``; rank 0's return value is written to ``result.json``. A failing rank's traceback
 is recorded by ``@record`` into torchrun's per-rank error file, which the launcher reads.
@@ -55,7 +57,7 @@ def run_job(spec_path: Path) -> dict | None:
     paths = RunPaths(spec_path.parent.parent, spec_path.parent.name)
     rank = int(os.environ.get("RANK", "0"))
     events = EventLog(paths.events, enabled=rank == 0)
-    spec = JobSpec.load(spec_path)
+    spec = JobSpec.load_trusted(spec_path)
     fn = kind_function(spec.kind)
     events.loading(f"starting {spec.tp} rank(s), backend {spec.backend}")
     torch.manual_seed(spec.seed)

@@ -1,13 +1,13 @@
 """Bits: how many bits per value actually travel -- payload, BF16 outliers, scales, indices?
 
-The accounting is lowbit.wire.payload's byte layout (via launch.results); measured totals come from
+The accounting is lowbit.wire.payload's byte layout (via launch.store); measured totals come from
 evaluate runs' records."""
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import results
+from launch import store
 from lowbit.scheme import SchemeError
 from pages import _ui
 
@@ -27,11 +27,11 @@ st.markdown(
     "(the requantized reduced sum). Bits here are per value of one rank's partial sum (tokens x hidden).")
 
 frame = _ui.runs()
-evals = results.evaluate_runs(frame, _ui.root())
+evals = store.evaluate_runs(frame, _ui.root())
 measured = pd.DataFrame()
 if not evals.empty:
     data, _ = _ui.result(evals.iloc[0]["id"])
-    measured = results.scheme_frame(data)
+    measured = store.scheme_frame(data)
 default_model = evals.iloc[0]["model"] if not evals.empty else "smollm2-135m"
 names = _ui.model_names()
 c1, c2 = st.columns(2)
@@ -67,7 +67,7 @@ parts = pd.concat(rows, ignore_index=True)
 
 st.header(f"Bits per value, {model} (hidden {H}) at TP {tp}")
 fig = px.bar(parts, x="scheme", y="bits", color="part", pattern_shape="leg", color_discrete_map=_ui.PART_COLORS,
-             category_orders=dict(part=list(results.SCHEME_PARTS), scheme=list(dict.fromkeys(parts["scheme"]))),
+             category_orders=dict(part=list(store.SCHEME_PARTS), scheme=list(dict.fromkeys(parts["scheme"]))),
              labels=dict(bits="bits per value", scheme="scheme", part="part", leg="leg"))
 fig.add_hline(y=16, line=dict(dash="dash", color="#111"), annotation_text="BF16 all-reduce (16)",
               annotation_font_size=_ui.FONT - 2)
@@ -105,7 +105,7 @@ st.markdown("A scheme map can give layers their own bit widths (e.g. `int4-stati
 layer_scheme = st.selectbox("Scheme", list(totals.index), index=len(totals) - 1, key="bits_layer_scheme")
 per_site = _ui.bits_per_site(layer_scheme, H, L, tp)
 fig = px.bar(per_site, x="layer", y="bits", color="part", facet_col="module", pattern_shape="leg",
-             color_discrete_map=_ui.PART_COLORS, category_orders=dict(part=list(results.SCHEME_PARTS)),
+             color_discrete_map=_ui.PART_COLORS, category_orders=dict(part=list(store.SCHEME_PARTS)),
              labels=dict(layer="layer", bits="bits per value", part="part", leg="leg"))
 fig.for_each_annotation(lambda a: a.update(text=a.text.replace("module=", ""), font_size=_ui.FONT + 2))
 fig.add_hline(y=16, line=dict(dash="dash", color="#111"))

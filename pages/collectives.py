@@ -5,7 +5,8 @@ speedup_vs_bf16, bytes_per_rank, bits_per_value, link)."""
 import plotly.express as px
 import streamlit as st
 
-from launch import results
+from launch import store
+from launch.kinds.collective_bench import job_spec
 from launch.registry import KINDS
 from pages import _ui
 
@@ -16,7 +17,7 @@ st.markdown(
     "the TP size and the link: large messages over slow links win, tiny messages lose to fixed latency.")
 
 frame = _ui.runs()
-bench = results.collective_frame(frame, _ui.root())
+bench = store.collective_frame(frame, _ui.root())
 
 
 def bench_form(key: str) -> None:
@@ -28,7 +29,6 @@ def bench_form(key: str) -> None:
                             help="Rate-limited links emulate separate nodes (network namespaces + tc)")
     if st.button("Run the collective benchmark", icon=":material/play_arrow:", key=f"{key}_go"):
         if "collective-bench" in KINDS:
-            from bench.collectives import job_spec  # the bench owns its spec's shape and defaults
             # A classroom-sized grid: decode, a short and a long prompt at the embedded model's width
             # (the full default grid can take most of an hour over a 100 Mbit/s link).
             _ui.submit(job_spec(int(tp), link, {"tokens": [1, 256, 2048], "hidden": [576]}))

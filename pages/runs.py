@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from launch import results
+from launch import store
 from launch.index import ACTIVE, STATUSES
 from launch.registry import available_kinds
 from launch.spec import BACKENDS, SpecError
@@ -20,7 +20,7 @@ st.markdown("Every job is a real `torchrun` launch on this machine; its files li
 # -- queue ---------------------------------------------------------------------------------------
 @st.fragment(run_every=_ui.POLL_S)
 def queue_panel() -> None:
-    active = results.active_runs(_ui.root())
+    active = store.active_runs(_ui.root())
     if active.empty:
         st.caption("Nothing queued or running.")
         return
@@ -149,25 +149,25 @@ with tab_res:
     data, problem = _ui.result(run_id)
     if problem:
         st.caption(f"No result: {problem}.")
-    elif results.scheme_frame(data).empty:
+    elif store.scheme_frame(data).empty:
         st.json(data, expanded=1)
     else:
-        st.dataframe(results.scheme_frame(data), hide_index=True, width="stretch")
+        st.dataframe(store.scheme_frame(data), hide_index=True, width="stretch")
         st.page_link("pages/tradeoffs.py", label="Plot it (Trade-offs)", icon=":material/balance:")
 with tab_spec:
-    spec = results.load_spec(run_id, _ui.root())
+    spec = store.load_spec(run_id, _ui.root())
     if spec is None:
         st.caption("spec.json is missing or unreadable.")
     else:
         st.code(_ui.spec_json(spec), language="json")
 with tab_ev:
-    _, _, events = results.run_progress(run_id, _ui.root())
+    _, _, events = store.run_progress(run_id, _ui.root())
     if events:
-        st.dataframe(results.events_frame(events).tail(30), hide_index=True, width="stretch")
+        st.dataframe(store.events_frame(events).tail(30), hide_index=True, width="stretch")
     else:
         st.caption("No progress events.")
 with tab_logs:
-    logs = results.log_tail(run_id, _ui.root(), lines=60)
+    logs = store.log_tail(run_id, _ui.root(), lines=60)
     if not logs:
         st.caption("No logs.")
     for name, text in logs.items():
@@ -186,6 +186,6 @@ else:
     with c2:
         b = st.selectbox("Run B", all_ids, index=1, key="cmp_b")
     only_diff = st.toggle("Only fields that differ", value=True, key="cmp_diff")
-    specs = results.compare_specs(results.load_spec(a, _ui.root()), results.load_spec(b, _ui.root()))
+    specs = store.compare_specs(store.load_spec(a, _ui.root()), store.load_spec(b, _ui.root()))
     st.dataframe(specs[~specs["same"]] if only_diff else specs, hide_index=True, width="stretch")
-    st.dataframe(results.compare_results(_ui.result(a)[0], _ui.result(b)[0]), hide_index=True, width="stretch")
+    st.dataframe(store.compare_results(_ui.result(a)[0], _ui.result(b)[0]), hide_index=True, width="stretch")

@@ -9,7 +9,7 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from launch import results
+from launch import store
 from launch.index import RunIndex
 from launch.registry import KINDS
 from launch.spec import JobSpec, SpecError
@@ -247,9 +247,9 @@ def test_layer_error_builder_offers_the_neighbouring_schemes(runs_with_results):
     at.checkbox(key="le_perm").check().run()
     assert_clean(at)
     assert "int4-group64-perm" in built(at)
-    fields = results.scheme_fields("int4-group64-perm")
+    fields = store.scheme_fields("int4-group64-perm")
     assert fields["options"] == "perm" and fields["family"] == "int4"
-    assert results.scheme_fields("nf4-static-sp3")["select"] == "sparse"
+    assert store.scheme_fields("nf4-static-sp3")["select"] == "sparse"
 
 
 def test_layer_error_submit_shows_problems_for_a_bad_group_size(runs_with_results):

@@ -1,4 +1,4 @@
-"""The results store (launch.results) on real run files, and the fixture runs the app tests use.
+"""The results store (launch.store) on real run files, and the fixture runs the app tests use.
 
 ``build_results_template()`` makes, once per test session, a runs root with the files real jobs
 write: two calibrate runs (tiny-llama, TP 2, Wikipedia-style and LAMBADA text) and an
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from launch import results
+from launch import store
 from launch.events import EventLog
 from launch.index import RunIndex
 from launch.layout import RunPaths, write_atomic
@@ -77,14 +77,14 @@ def _record(root: Path, run_id: str, spec: dict, status: str, result: dict | Non
 
 
 def _calibrate(root: Path, run_id: str, source: str) -> dict:
-    from lowbit import jobs
     from lowbit.comm.dist import ThreadWorld
+    from lowbit.method.calibrate import calibrate
     spec = JobSpec(kind="calibrate", model=MODEL, tp=TP, calib_data=source, calib_tokens=8 * SEQ_LEN,
                    params=dict(seq_len=SEQ_LEN, batch_size=2)).to_dict()
     out = RunPaths(root, run_id).dir / "calibration"
     params = dict(model=MODEL, source=source, chunks=8, seq_len=SEQ_LEN, batch_size=2, gamma=0.01, out=str(out),
                   force=True)
-    result = ThreadWorld(TP).run(jobs.calibrate, params)[0]
+    result = ThreadWorld(TP).run(calibrate, params)[0]
     _record(root, run_id, dict(spec, run_id=run_id), "done", result)
     return result
 
@@ -96,7 +96,7 @@ def _one_model_for_all_ranks():
     tokenizing a whole source once per rank would dominate the fixture's time."""
     from unittest import mock
 
-    from lowbit import jobs
+    from lowbit.method import calibrate, evaluate
     from lowbit.model.data import token_chunks
     from lowbit.model.engine import build_tp_model
     from lowbit.model.models import load_model
@@ -107,7 +107,7 @@ def _one_model_for_all_ranks():
     def build(name, group, *args, **kwargs):
         return build_tp_model(name, group, *args, **dict(kwargs, loaded=loaded if name == MODEL else None))
 
-    with mock.patch.object(jobs, "build_tp_model", build):
+    with mock.patch.object(calibrate, "build_tp_model", build), mock.patch.object(evaluate, "build_tp_model", build):
         yield
 
 
@@ -117,8 +117,8 @@ def _build(root: Path) -> None:
 
 
 def _build_runs(root: Path) -> None:
-    from lowbit import jobs
     from lowbit.comm.dist import ThreadWorld
+    from lowbit.method.evaluate import evaluate
     root.mkdir(parents=True)
     _calibrate(root, "cal-wiki", "wikipedia")
     _calibrate(root, f"cal-{SECOND_SOURCE}", SECOND_SOURCE)
@@ -129,7 +129,7 @@ def _build_runs(root: Path) -> None:
     params = dict(model=MODEL, schemes=EVAL_SCHEMES, calibration=str(RunPaths(root, "cal-wiki").dir / "calibration"),
                   eval_source="wikipedia", eval_chunks=2, seq_len=SEQ_LEN, batch_size=2, tasks=["arc_easy", "piqa"],
                   items=2, seed=0, layer_error=True, layer_error_chunks=1, source="wikipedia", chunks=8, gamma=0.01)
-    evaluation = ThreadWorld(TP).run(jobs.evaluate, params)[0]
+    evaluation = ThreadWorld(TP).run(evaluate, params)[0]
     _record(root, "eval-tiny", dict(spec, run_id="eval-tiny"), "done", evaluation, seconds=41.0)
 
     # The demo's shape: the same evaluation restricted to the demo's schemes (and the reference), and,
@@ -173,7 +173,7 @@ def _build_runs(root: Path) -> None:
 
 
 def _sweep_result(root: Path) -> dict:
-    from lowbit import jobs
+    from lowbit.method import calibrate  # its build_tp_model is the one _one_model_for_all_ranks patches
     from lowbit.method.calibrate import Calibration
     from lowbit.model.data import token_chunks
     from lowbit.comm.dist import ThreadWorld
@@ -183,7 +183,7 @@ def _sweep_result(root: Path) -> dict:
                   budget_min=2.0, budget_max=8.5, kl_max=1.0, batch_size=2, seq_len=SEQ_LEN)
 
     def body(group):
-        tp = jobs.build_tp_model(MODEL, group)
+        tp = calibrate.build_tp_model(MODEL, group)
         held = token_chunks(tp.tokenizer, "wikipedia", "eval", 2, SEQ_LEN)
         return run_sweep(tp, group, params, calibration, held, None, RunPaths(root, "sweep-tiny").dir / "points")
     return ThreadWorld(TP).run(body)[0]
@@ -221,7 +221,7 @@ def results_root(results_template, tmp_path) -> Path:
 
 # -- the store -----------------------------------------------------------------------------------
 def test_runs_frame_lists_every_run_with_status_and_never_raises_on_bad_ones(results_root):
-    frame = results.runs_frame(results_root)
+    frame = store.runs_frame(results_root)
     status = dict(zip(frame["id"], frame["status"]))
     assert status["eval-tiny"] == "done" and status["cal-wiki"] == "done"
     assert status["eval-failed"] == "failed"
@@ -232,22 +232,22 @@ def test_runs_frame_lists_every_run_with_status_and_never_raises_on_bad_ones(res
 
 
 def test_runs_frame_of_an_empty_root_is_an_empty_frame_with_columns(tmp_path):
-    frame = results.runs_frame(tmp_path / "none-yet")
-    assert frame.empty and list(frame.columns) == results.RUN_COLUMNS
+    frame = store.runs_frame(tmp_path / "none-yet")
+    assert frame.empty and list(frame.columns) == store.RUN_COLUMNS
 
 
 def test_load_result_reports_problems_instead_of_raising(results_root):
-    data, problem = results.load_result("eval-corrupt", results_root)
+    data, problem = store.load_result("eval-corrupt", results_root)
     assert data is None and "not valid JSON" in problem
-    data, problem = results.load_result("no-such-run", results_root)
+    data, problem = store.load_result("no-such-run", results_root)
     assert data is None and "missing" in problem
-    data, problem = results.load_result("../etc", results_root)
+    data, problem = store.load_result("../etc", results_root)
     assert data is None and "run id" in problem
 
 
 def test_scheme_frame_has_one_row_per_scheme_with_the_papers_bits(results_root):
-    data, _ = results.load_result("eval-tiny", results_root)
-    frame = results.scheme_frame(data).set_index("scheme")
+    data, _ = store.load_result("eval-tiny", results_root)
+    frame = store.scheme_frame(data).set_index("scheme")
     assert list(frame.index) == ["fp32", *EVAL_SCHEMES]
     assert frame.loc["fp32", "reference"] and frame.loc["fp32", "kl"] == 0.0
     # tiny-llama hidden 64: 1/64 keeps one feature, 63 x 4 + 16 bits over 64 values = 4.1875
@@ -259,101 +259,101 @@ def test_scheme_frame_has_one_row_per_scheme_with_the_papers_bits(results_root):
 
 def test_scheme_frame_of_a_run_without_tasks_keeps_numeric_columns(results_root):
     # The demo evaluates no tasks: its kept_pct / kept_se are missing in every row, and pages round them.
-    data, _ = results.load_result("demo-tiny", results_root)
-    frame = results.scheme_frame(data)
+    data, _ = store.load_result("demo-tiny", results_root)
+    frame = store.scheme_frame(data)
     assert frame["kept_pct"].isna().all() and frame["kept_se"].isna().all()
-    for col in results.SCHEME_NUMERIC:
+    for col in store.SCHEME_NUMERIC:
         assert frame[col].dtype == float, col
     assert frame["kept_pct"].round(1).isna().all()
     assert frame["kl"].notna().all()
 
 
 def test_a_sweep_reads_like_an_evaluate_run_with_its_reference_first(results_root):
-    runs = results.evaluate_runs(results.runs_frame(results_root), results_root, sweeps=True)
+    runs = store.evaluate_runs(store.runs_frame(results_root), results_root, sweeps=True)
     assert "sweep-tiny" in set(runs["id"]) and "auto-tune" in runs.set_index("id").loc["sweep-tiny", "label"]
-    assert "sweep-tiny" not in set(results.evaluate_runs(results.runs_frame(results_root), results_root)["id"])
-    data, _ = results.load_result("sweep-tiny", results_root)
-    frame = results.scheme_frame(data)
+    assert "sweep-tiny" not in set(store.evaluate_runs(store.runs_frame(results_root), results_root)["id"])
+    data, _ = store.load_result("sweep-tiny", results_root)
+    frame = store.scheme_frame(data)
     assert frame.iloc[0]["scheme"] == "fp32" and frame.iloc[0]["reference"] and frame.iloc[0]["kl"] == 0.0
     assert frame.iloc[0]["ppl"] == pytest.approx(data["points"][0]["reference_ppl"])
     schemes = set(frame["scheme"])
     assert {"int8-token", "int4-token-rot16", "int2-token", "int4-static-top1/64"} <= schemes
     assert frame["kl"].notna().all() and (frame["kl"].iloc[1:] > 0).all()
-    best = results.sweep_summary(data)
+    best = store.sweep_summary(data)
     assert set(best["budget"]) == {"4.2", "3.5", "3.0", "2.5"}
     assert best.set_index("budget").loc["4.2", "scheme"] == data["best_at"]["4.2"]
 
 
 def test_scheme_frame_carries_the_threshold_overflow(results_root):
-    data, _ = results.load_result("eval-tiny", results_root)
+    data, _ = store.load_result("eval-tiny", results_root)
     thr = dict(data["records"][1], scheme="int4-token-thr6c1/64", thr_overflow=42)
-    frame = results.scheme_frame(dict(data, records=[data["records"][0], thr])).set_index("scheme")
+    frame = store.scheme_frame(dict(data, records=[data["records"][0], thr])).set_index("scheme")
     assert frame.loc["int4-token-thr6c1/64", "thr_overflow"] == 42.0
     assert frame.loc["int4-token-thr6c1/64", "select"] == "threshold"
     assert frame.loc["fp32", "thr_overflow"] == 0.0  # counted for every scheme: 0 without thr
 
 
 def test_measured_bits_equal_the_payload_layout_for_every_scheme(results_root):
-    data, _ = results.load_result("eval-tiny", results_root)
-    measured = results.scheme_frame(data).set_index("scheme")["bits_per_value"]
+    data, _ = store.load_result("eval-tiny", results_root)
+    measured = store.scheme_frame(data).set_index("scheme")["bits_per_value"]
     for scheme in EVAL_SCHEMES:
-        layout_bits = results.bits_parts(scheme, hidden=64, tp=TP)["bits"].sum()
+        layout_bits = store.bits_parts(scheme, hidden=64, tp=TP)["bits"].sum()
         # exact: payload.layout and the communicator count the same bytes (the layout is exact at
         # these sizes: no partial byte to round, outliers split evenly over two-shot's 2 chunks)
         assert layout_bits == pytest.approx(measured[scheme], abs=1e-9), scheme
 
 
 def test_bits_parts_split_payload_outliers_scales():
-    parts = results.bits_parts("int4-static-top1/64", hidden=576, tp=3).set_index("part")["bits"]
+    parts = store.bits_parts("int4-static-top1/64", hidden=576, tp=3).set_index("part")["bits"]
     assert parts["payload"] == pytest.approx(567 * 4 / 576)
     assert parts["outliers"] == pytest.approx(9 * 16 / 576)
     assert parts["scales"] == 0.0 and parts["indices"] == 0.0  # static scales and indices are not sent
-    token = results.bits_parts("int8-token", hidden=576, tp=3).set_index("part")["bits"]
+    token = store.bits_parts("int8-token", hidden=576, tp=3).set_index("part")["bits"]
     assert token["scales"] == pytest.approx(16 / 576)  # one bf16 scale per token
-    two = results.bits_parts("int4-token@twoshot+int8-token", hidden=576, tp=3)
+    two = store.bits_parts("int4-token@twoshot+int8-token", hidden=576, tp=3)
     assert set(two["leg"]) == {"leg 1", "leg 2"}
     assert two[two["leg"] == "leg 2"]["bits"].sum() == pytest.approx((192 * 8 + 16) / 576)
 
 
 def test_traffic_per_token_counts_two_all_reduces_per_layer():
-    t = results.traffic_per_token("bf16", hidden=576, layers=30, tp=3)
+    t = store.traffic_per_token("bf16", hidden=576, layers=30, tp=3)
     assert t["message_bytes_per_layer"] == 2 * 576 * 2
     assert t["sent_bytes_per_layer"] == pytest.approx(2 * (3 - 1) / 3 * 2 * 576 * 2)
-    paper = results.traffic_per_token("int4-static-top1/64", hidden=576, layers=30, tp=3)
+    paper = store.traffic_per_token("int4-static-top1/64", hidden=576, layers=30, tp=3)
     assert paper["message_bytes"] / t["message_bytes"] == pytest.approx(4.1875 / 16)
-    mixed = results.bits_per_site("int4-static-top1/64;L0-3=int8-token", hidden=576, layers=30, tp=3)
+    mixed = store.bits_per_site("int4-static-top1/64;L0-3=int8-token", hidden=576, layers=30, tp=3)
     per_layer = mixed.groupby("layer")["bits"].sum() / 2
     assert per_layer[0] == pytest.approx(8 + 16 / 576) and per_layer[4] == pytest.approx(4.1875)
 
 
 def test_layer_error_frame_has_local_and_accumulated_rows_and_twoshot_first_leg(results_root):
-    data, _ = results.load_result("eval-tiny", results_root)
-    frame = results.layer_error_frame(data)
+    data, _ = store.load_result("eval-tiny", results_root)
+    frame = store.layer_error_frame(data)
     assert set(frame["mode"]) == {"local", "accumulated"}
     assert set(frame["module"]) == {"o_proj", "down_proj"} and set(frame["layer"]) == {0, 1}
     two = frame[frame["scheme"] == "int4-token@twoshot+int8-token"]
     assert set(two["leg"]) == {"final", "leg1"}
     assert (frame["rel_error"] >= 0).all()
-    assert results.layer_error_frame({"layer_errors": "garbage"}).empty
+    assert store.layer_error_frame({"layer_errors": "garbage"}).empty
 
 
 def test_pareto_front_keeps_only_undominated_points():
     cost = pd.Series([16.0, 8.25, 4.1875, 4.1875, 4.0])
     quality = pd.Series([100.0, 99.0, 90.0, 80.0, 70.0])
-    assert results.pareto_front(cost, quality).tolist() == [True, True, True, False, True]
-    assert results.pareto_front(pd.Series([1.0, math.nan]), pd.Series([1.0, 2.0])).tolist() == [True, False]
+    assert store.pareto_front(cost, quality).tolist() == [True, True, True, False, True]
+    assert store.pareto_front(pd.Series([1.0, math.nan]), pd.Series([1.0, 2.0])).tolist() == [True, False]
 
 
 def test_calibration_sources_find_calibrate_runs_and_the_evaluate_runs_calibration(results_root):
-    sources = results.calibration_sources(results.runs_frame(results_root), results_root)
+    sources = store.calibration_sources(store.runs_frame(results_root), results_root)
     assert set(sources["source"]) == {"wikipedia", SECOND_SOURCE}
     assert len(sources) == 2  # eval-tiny used cal-wiki's folder: listed once
     assert (sources["model"] == MODEL).all() and (sources["tp"] == TP).all()
 
 
 def test_rotation_view_of_a_stored_partial(results_root):
-    cal = results.load_calibration(results_root / "cal-wiki" / "calibration")
-    layer, module, rank = results.spikiest_sample(cal)
+    cal = store.load_calibration(results_root / "cal-wiki" / "calibration")
+    layer, module, rank = store.spikiest_sample(cal)
     sample = cal.site_sample(Site(layer, module), rank)
     crest = sample.abs().max() / sample.pow(2).mean().sqrt()
     for m in ("o_proj", "down_proj"):  # no stored partial is spikier than the one it picked
@@ -361,7 +361,7 @@ def test_rotation_view_of_a_stored_partial(results_root):
             for r in range(TP):
                 s = cal.site_sample(Site(other_layer, m), r)
                 assert s.abs().max() / s.pow(2).mean().sqrt() <= crest + 1e-6
-    values, tokens = results.rotation_view(cal, layer, module, rank, 16, "int4-token")
+    values, tokens = store.rotation_view(cal, layer, module, rank, 16, "int4-token")
     tokens_n, hidden = sample.shape
     assert len(values) == 2 * tokens_n * hidden and set(values["stage"]) == {"original", "rotated (R=16)"}
     original = values[values["stage"] == "original"]["value"].to_numpy()
@@ -371,53 +371,53 @@ def test_rotation_view_of_a_stored_partial(results_root):
     assert len(tokens) == tokens_n and (tokens["absmax"] >= tokens["rms"] - 1e-6).all()
     assert tokens[["error", "error_rotated", "rest_error", "rest_error_rotated"]].notna().all().all()
     with pytest.raises(ValueError, match="rotation block"):
-        results.rotation_view(cal, layer, module, rank, 24, "int4-token")
+        store.rotation_view(cal, layer, module, rank, 24, "int4-token")
     with pytest.raises(ValueError, match="quant"):
-        results.rotation_view(cal, layer, module, rank, 16, "int4-token-rot16")
+        store.rotation_view(cal, layer, module, rank, 16, "int4-token-rot16")
 
 
 def test_outlier_frames_from_a_real_calibration(results_root):
-    cal = results.load_calibration(results_root / "cal-wiki" / "calibration")
-    ranges = results.feature_ranges(cal, 0, "down_proj")
+    cal = store.load_calibration(results_root / "cal-wiki" / "calibration")
+    ranges = store.feature_ranges(cal, 0, "down_proj")
     assert len(ranges) == TP * 64 and (ranges["range"] >= 0).all()
-    k = results.outlier_count(64, Fraction(1, 16))
+    k = store.outlier_count(64, Fraction(1, 16))
     assert k == 4
-    chosen = results.selected_features(cal, 0, "down_proj", Fraction(1, 16))
+    chosen = store.selected_features(cal, 0, "down_proj", Fraction(1, 16))
     summed = ranges.groupby("feature")["range"].sum().sort_values(ascending=False)
     assert sorted(chosen) == sorted(summed.index[:4].tolist())
-    batches = results.overlap_between_batches(cal, "down_proj", k)
+    batches = store.overlap_between_batches(cal, "down_proj", k)
     assert batches["jaccard"].between(0, 1).all() and batches["batch"].nunique() == 4
-    ranks = results.overlap_between_ranks(cal, 0, "down_proj", k)
+    ranks = store.overlap_between_ranks(cal, 0, "down_proj", k)
     assert ranks.shape == (TP, TP) and all(ranks.iloc[i, i] == 1.0 for i in range(TP))
-    assert results.overlap_between_layers(cal, "o_proj", k).shape == (2, 2)
-    other = results.load_calibration(results_root / f"cal-{SECOND_SOURCE}" / "calibration")
-    sources = results.overlap_between_sources(cal, other, k)
+    assert store.overlap_between_layers(cal, "o_proj", k).shape == (2, 2)
+    other = store.load_calibration(results_root / f"cal-{SECOND_SOURCE}" / "calibration")
+    sources = store.overlap_between_sources(cal, other, k)
     assert len(sources) == 2 * 2 and sources["jaccard"].between(0, 1).all()
-    trace = results.ema_trace_frame(cal, 1, "o_proj", chosen[0])
+    trace = store.ema_trace_frame(cal, 1, "o_proj", chosen[0])
     assert len(trace) == 4 and trace["ema_range"].iloc[0] == pytest.approx(trace["batch_range"].iloc[0], rel=1e-5)
-    assert results.random_jaccard(64, 4) == pytest.approx((16 / 64) / (8 - 16 / 64))
+    assert store.random_jaccard(64, 4) == pytest.approx((16 / 64) / (8 - 16 / 64))
 
 
 def test_collective_frame_reads_bench_records(results_root):
-    bench = results.collective_frame(results.runs_frame(results_root), results_root)
+    bench = store.collective_frame(store.runs_frame(results_root), results_root)
     assert len(bench) == 2 * 3 * 3
     assert set(bench["method"]) == {"all_reduce", "gather", "two_shot"}
     assert bench["message_mib"].iloc[0] == pytest.approx(bench["tokens"].iloc[0] * 576 * 2 / 2**20)
 
 
 def test_compare_two_runs_side_by_side(results_root):
-    a, _ = results.load_result("eval-tiny", results_root)
-    b, _ = results.load_result("demo-tiny", results_root)
-    merged = results.compare_results(a, b)
+    a, _ = store.load_result("eval-tiny", results_root)
+    b, _ = store.load_result("demo-tiny", results_root)
+    merged = store.compare_results(a, b)
     assert "kl (A)" in merged and "kl (B)" in merged
     by_scheme = merged.set_index("scheme")
     assert pd.isna(by_scheme.loc["int8-token", "kl (B)"])  # not a demo scheme: only in A
     assert by_scheme.loc["int4-static-top1/64", "kl (A)"] == by_scheme.loc["int4-static-top1/64", "kl (B)"]
-    specs = results.compare_specs(results.load_spec("eval-tiny", results_root),
-                                  results.load_spec("demo-tiny", results_root))
+    specs = store.compare_specs(store.load_spec("eval-tiny", results_root),
+                                  store.load_spec("demo-tiny", results_root))
     assert set(specs.loc[~specs["same"], "field"]) == {"run_id", "schemes"}
 
 
 def test_model_shape_and_valid_tp_sizes():
-    assert results.model_shape(MODEL)["hidden"] == 64
-    assert results.valid_tp_sizes(MODEL) == [1, 2, 4]
+    assert store.model_shape(MODEL)["hidden"] == 64
+    assert store.valid_tp_sizes(MODEL) == [1, 2, 4]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lowbit.method.calibrate import select_outliers
-from lowbit.comm.collectives import (QuantCommunicator, message_kwargs, channel_permutation, scheme_bits_breakdown,
-                               scheme_bits_per_value)
+from lowbit.comm.collectives import QuantCommunicator, channel_permutation, message_kwargs
+from lowbit.wire.accounting import scheme_bits_breakdown, scheme_bits_per_value
 from lowbit.site import Site
 from lowbit.comm.dist import ThreadWorld
 from lowbit.wire.payload import decode, encode

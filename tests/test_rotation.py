@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.comm.collectives import QuantCommunicator, rotated_message_bits, scheme_bits_per_value
+from lowbit.comm.collectives import QuantCommunicator
+from lowbit.wire.accounting import rotated_message_bits, scheme_bits_per_value
 from lowbit.site import Site
 from lowbit.comm.dist import ThreadWorld
 from lowbit.model.engine import build_tp_model

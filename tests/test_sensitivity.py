@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.method.calibrate import run_calibration
-from lowbit.comm.collectives import scheme_bits_per_value
+from lowbit.wire.accounting import scheme_bits_per_value
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.model.data import token_chunks
 from lowbit.comm.dist import ThreadWorld

@@ -47,13 +47,13 @@ from lowbit.method.calibrate import Calibration, CalibrationError, select_outlie
 from lowbit.site import Site
 from lowbit.comm.communicator import Communicator
 from lowbit.comm.dist import Group
-from lowbit.wire.payload import decode, encode, layout, scheme_layout
+from lowbit.wire.accounting import leg2_chunk_bytes, rotated_message_bits, wire_bytes
+from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import QuantSpec, Scheme, SchemeMap, parse_scheme_map
 
 _WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-_OUTLIER_DTYPE = torch.bfloat16  # the rotated message's trailing outlier columns, as in payload
 
 
 def _rotate(x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
@@ -62,61 +62,6 @@ def _rotate(x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
         from kernels.hadamard import block_hadamard
         return block_hadamard(x, block, inverse)
     return unrotate(x, block) if inverse else rotate(x, block)
-
-
-def rotated_message_bits(tokens: int, hidden: int, quant: QuantSpec, n_outliers: int) -> dict[str, float]:
-    """Bit accounting of a rotated message: the payload of all H rotated features plus the
-    BF16 outlier columns (see the module docstring); same keys as ``PayloadLayout.bits_per_value``."""
-    bits = dict(layout(tokens, hidden, quant, 0).bits_per_value)
-    n = tokens * hidden
-    extra = 8.0 * tokens * n_outliers * _OUTLIER_DTYPE.itemsize / n if n else 0.0
-    bits["outliers"] = extra
-    bits["total"] += extra
-    return bits
-
-
-def scheme_bits_breakdown(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> dict:
-    """Bits per value of one site by leg and part: {"leg 1": {...}, "leg 2": {...} or None},
-    each with the keys of ``PayloadLayout.bits_per_value``, over this rank's tokens x hidden
-    values, as the communicator counts the bytes it hands to collectives (two-shot: the tp
-    first-leg chunk messages, and its one second-leg chunk payload padded to the largest).
-
-    Independent of the token count except for ``thr<T>c<K>``, whose index list is sent once per
-    message (C uint16 per message: 16 C / (tokens H) bits per value); ``tokens=8`` keeps packed
-    codes whole bytes. Two-shot with top/rand outliers counts them spread evenly over the chunks
-    (their real positions come from calibration)."""
-    from lowbit.scheme import parse_scheme
-    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
-    values = tokens * hidden
-    if scheme.is_exact:
-        return {"leg 1": layout(tokens, hidden, scheme).bits_per_value, "leg 2": None}
-    k = scheme.outliers.count(hidden)
-    if scheme.algo == "gather":
-        if scheme.rotation is not None:
-            return {"leg 1": rotated_message_bits(tokens, hidden, scheme.quant, k), "leg 2": None}
-        return {"leg 1": scheme_layout(scheme, tokens, hidden, k).bits_per_value, "leg 2": None}
-    width = hidden // tp
-    per_chunk = [k // tp + (1 if j < k % tp else 0) for j in range(tp)] if scheme.rotation is None else [0] * tp
-    leg1 = {}
-    for c in per_chunk:
-        for part, bits in scheme_layout(scheme, tokens, width, c).bits_per_value.items():
-            leg1[part] = leg1.get(part, 0.0) + bits * tokens * width / values
-    widest = max(per_chunk, key=lambda c: layout(tokens, width, scheme.second, c).total_bytes)
-    leg2 = {part: bits * tokens * width / values  # this rank sends one padded chunk payload
-            for part, bits in layout(tokens, width, scheme.second, widest).bits_per_value.items()}
-    return {"leg 1": leg1, "leg 2": leg2}
-
-
-def scheme_bits_per_value(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> float:
-    """Bits per value this rank hands to collectives for one site under ``scheme``, as the
-    communicator records it (gather: one message; two-shot: both legs, padding included).
-    Independent of the token count for every scheme but ``thr<T>c<K>`` (see
-    ``scheme_bits_breakdown``); ``tokens=8`` keeps packed codes whole bytes."""
-    legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
-    total = legs["leg 1"]["total"]
-    if legs["leg 2"] is not None:
-        total += legs["leg 2"]["total"]
-    return total
 
 
 def channel_permutation(calibration: Calibration, site: Site) -> torch.Tensor:
@@ -218,8 +163,7 @@ class QuantCommunicator(Communicator):
             wire = partial.to(_WIRE_DTYPES[plan.scheme.wire_dtype])
             out = self.group.all_reduce(wire).to(partial.dtype)
             nbytes = wire.numel() * wire.element_size()
-            # a ring all-reduce receives 2 (tp - 1) / tp of the tensor per rank
-            received = 2 * (self.group.world_size - 1) * nbytes // self.group.world_size
+            received = int(wire_bytes("exact", self.group.world_size, nbytes))
             return out, nbytes, {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
         x = partial.reshape(-1, hidden).float()
         if plan.perm is not None:
@@ -271,21 +215,16 @@ class QuantCommunicator(Communicator):
         fused = self._fused(quant, plan)
         payload, stats = self._encode(rest, quant, None, None, None, {}, fused)
         n_codes = payload.numel()
-        if idx.numel():
-            cols = x[:, idx].to(_OUTLIER_DTYPE).contiguous().reshape(-1).view(torch.uint8)
-            payload = torch.cat([payload, cols])
+        payload = append_outlier_columns(payload, x, idx)
         gathered = self.group.all_gather(payload)
         summed = self._decode_sum(gathered[:, :n_codes], tokens, hidden, quant, None, None, None, {}, fused)
         out = _rotate(summed, rot, inverse=True)
         if idx.numel():
-            outl = torch.zeros(tokens, idx.numel(), dtype=torch.float32, device=x.device)
-            for r in range(tp):
-                outl += gathered[r, n_codes:].clone().view(_OUTLIER_DTYPE).reshape(tokens, -1).float()
-            out[:, idx] = outl
+            out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
         stats["nonfinite"] = int((~torch.isfinite(x)).sum())  # of the partial as produced
         bits = rotated_message_bits(tokens, hidden, quant, idx.numel())
         return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
-                                          bytes_received=(tp - 1) * payload.numel())
+                                          bytes_received=int(wire_bytes("gather", tp, payload.numel())))
 
     def _static(self, plan: SitePlan, rank: int, cols: slice = slice(None)):
         if plan.static_min is None:
@@ -330,7 +269,7 @@ class QuantCommunicator(Communicator):
         out = self._decode_sum(gathered, tokens, hidden, quant, idx, plan.static_min, plan.static_max, dec_kw, fused)
         bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
         return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
-                                          bytes_received=(tp - 1) * payload.numel())
+                                          bytes_received=int(wire_bytes("gather", tp, payload.numel())))
 
     def _chunks(self, hidden: int, idx: torch.Tensor):
         tp = self.group.world_size
@@ -367,7 +306,8 @@ class QuantCommunicator(Communicator):
         fused2 = self._fused(second)  # the second leg is a plain requantization: no sp/thr
         p2, st2 = self._encode(reduced, second, local_idx[rank], None, None, {}, fused2)
         sizes2 = [layout(tokens, width, second, local_idx[j].numel()).total_bytes for j in range(tp)]
-        padded = torch.zeros(max(sizes2), dtype=torch.uint8, device=x.device)
+        leg2_bytes = leg2_chunk_bytes(tokens, width, second, [local_idx[j].numel() for j in range(tp)])
+        padded = torch.zeros(leg2_bytes, dtype=torch.uint8, device=x.device)
         padded[:p2.numel()] = p2
         gathered = self.group.all_gather(padded)
         out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
@@ -377,7 +317,8 @@ class QuantCommunicator(Communicator):
         values = tokens * hidden
         extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"],
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
-                     leg2_bits=8.0 * max(sizes2) * tp / values if values else 0.0,
-                     leg1_bytes=sum(send_splits), leg2_bytes=max(sizes2),
-                     bytes_received=(tp - 1) * own_bytes + (tp - 1) * max(sizes2), **message_stats)
-        return out, sum(send_splits) + max(sizes2), extra
+                     leg2_bits=8.0 * leg2_bytes * tp / values if values else 0.0,
+                     leg1_bytes=sum(send_splits), leg2_bytes=leg2_bytes,
+                     # every peer sends this rank its chunk (own_bytes each) in leg 1
+                     bytes_received=int(wire_bytes("two_shot", tp, tp * own_bytes, leg2_bytes)), **message_stats)
+        return out, sum(send_splits) + leg2_bytes, extra

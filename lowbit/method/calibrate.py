@@ -31,7 +31,10 @@ from lowbit.site import ROW_PARALLEL_MODULES, Site
 
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
-from lowbit.scheme import OUTLIER_SELECTS, OutlierSpec
+from lowbit.artifacts import CALIBRATE_DEFAULTS, calibration_cache_dir
+from lowbit.model.data import token_chunks
+from lowbit.model.engine import build_tp_model
+from lowbit.scheme import OutlierSpec
 
 ARTIFACT_TENSORS = "calibration.safetensors"
 ARTIFACT_META = "calibration.json"
@@ -238,3 +241,46 @@ def topk_sets(ranges: torch.Tensor, k: int) -> torch.Tensor:
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     sa, sb = set(a.tolist()), set(b.tolist())
     return len(sa & sb) / max(1, len(sa | sb))
+
+
+# -- runners: a whole calibration on a group (what the calibrate job kind calls) -----------------
+def calibration_params(params: dict) -> dict:
+    """``params`` with every calibration parameter (``CALIBRATE_DEFAULTS`` where unset)."""
+    return {k: params.get(k, v) for k, v in CALIBRATE_DEFAULTS.items()}
+
+
+def calibrate_into(tp_model, group: Group, params: dict, out: Path, progress=None) -> dict | None:
+    """Collective: calibrate the loaded ``tp_model`` on ``params``' text and save the artifact
+    to ``out`` (rank 0); rank 0 returns {artifact, reused, meta}."""
+    p = calibration_params(params)
+    chunks = token_chunks(tp_model.tokenizer, p["source"], "calib", p["chunks"], p["seq_len"])
+    meta = dict(model=params["model"], source=p["source"], chunks=p["chunks"], seq_len=p["seq_len"],
+                created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    cal = run_calibration(tp_model.model, group, list(chunks.split(p["batch_size"])), p["gamma"], meta, progress)
+    if group.rank == 0:
+        cal.save(out)
+    group.barrier()
+    return dict(artifact=str(out), reused=False, meta=cal.meta) if group.rank == 0 else None
+
+
+def calibrate(group: Group, params: dict, progress=None) -> dict | None:
+    """Collective: calibrate ``params["model"]`` and save the artifact to ``params["out"]`` (default:
+    the shared cache folder, reused when present unless ``force``)."""
+    p = calibration_params(params)
+    out = Path(params.get("out") or calibration_cache_dir(params["model"], group.world_size, p["source"],
+                                                          p["chunks"], p["seq_len"], p["gamma"]))
+    if (out / ARTIFACT_META).exists() and not params.get("force"):
+        cal = Calibration.load(out)
+        cal.check_matches(params["model"], group.world_size)
+        return dict(artifact=str(out), reused=True, meta=cal.meta) if group.rank == 0 else None
+    return calibrate_into(build_tp_model(params["model"], group), group, params, out, progress)
+
+
+def load_or_calibrate(tp_model, group: Group, params: dict, folder: Path, progress=None) -> Calibration:
+    """The artifact in ``folder``, made first from ``params`` (on the loaded model) when missing;
+    checked against the model and TP size."""
+    if not (Path(folder) / ARTIFACT_META).exists():
+        calibrate_into(tp_model, group, params, Path(folder), progress)
+    cal = Calibration.load(folder)
+    cal.check_matches(params["model"], group.world_size)
+    return cal

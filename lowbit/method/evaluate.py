@@ -19,30 +19,41 @@ All functions are collective: every rank of the group calls them with the same a
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lowbit.method.calibrate import Calibration
+from lowbit.artifacts import calibration_cache_dir
 from lowbit.comm.collectives import QuantCommunicator
-from lowbit.site import Site
 from lowbit.comm.communicator import Communicator, ExactCommunicator
-from lowbit.model.data import Item
 from lowbit.comm.dist import Group
+from lowbit.method.calibrate import Calibration, calibration_params, load_or_calibrate
+from lowbit.model.data import TASKS, Item, load_task, token_chunks
+from lowbit.model.engine import build_tp_model
 from lowbit.model.tp import set_communicator
+from lowbit.scheme.plan import SchemePlan
+from lowbit.scheme.spec import SchemeMap
+from lowbit.site import Site
 
 REFERENCE = "fp32"
 PRIMARY_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm",
                   "winogrande": "acc", "boolq": "acc"}
 
 
-def make_communicator(group: Group, scheme: str, calibration: Calibration | None, codec=None) -> Communicator:
-    """The communicator of one scheme; ``codec`` (e.g. ``kernels.dispatch``) runs the fused
-    kernels inside it: the same numbers, less time (``QuantCommunicator``)."""
+def make_communicator(group: Group, scheme: SchemeMap | str, calibration: Calibration | None,
+                      codec=None) -> Communicator:
+    """The communicator of one (parsed) scheme; ``codec`` (e.g. ``kernels.dispatch``, injected by
+    the job layer) runs the fused kernels inside it: the same numbers, less time."""
     return QuantCommunicator(group, scheme, calibration, codec=codec)
+
+
+def _reference_first(plan: SchemePlan) -> list[str]:
+    return [REFERENCE, *(s for s in plan if s != REFERENCE)]
 
 
 def _summarize_calls(comm: Communicator) -> dict:
@@ -61,11 +72,12 @@ def _summarize_calls(comm: Communicator) -> dict:
 
 
 @torch.no_grad()
-def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: list[str], calibration: Calibration | None,
-                  batch_size: int = 4, progress=None, codec=None) -> dict[str, dict]:
+def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: SchemePlan | list[str],
+                  calibration: Calibration | None, batch_size: int = 4, progress=None, codec=None) -> dict[str, dict]:
     """Perplexity, KL vs the fp32 reference and top-1 agreement for each scheme on ``chunks``."""
     device = next(model.parameters()).device
-    comms = {s: make_communicator(group, s, calibration, codec) for s in [REFERENCE, *schemes]}
+    plan = SchemePlan.of(schemes, REFERENCE)
+    comms = {s: make_communicator(group, plan[s], calibration, codec) for s in _reference_first(plan)}
     acc = {s: defaultdict(float) for s in comms}
     batches = list(chunks.split(batch_size))
     for step, ids in enumerate(batches):
@@ -137,14 +149,16 @@ def _choice_logliks(model, seqs: list[list[int]], starts: list[int], pad_id: int
 
 
 @torch.no_grad()
-def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list[Item]], schemes: list[str],
+def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list[Item]],
+                   schemes: SchemePlan | list[str],
                    calibration: Calibration | None, progress=None, batch_sequences: int = 32, codec=None
                    ) -> dict[str, dict[str, dict]]:
     """{scheme: {task: {acc, acc_norm, acc_se, acc_norm_se, n, delta, delta_se, flipped}}} for
     the reference and ``schemes``. The choices of several items share one forward (up to
     ``batch_sequences`` sequences, right-padded): each forward costs two collectives per layer
     whatever its size, so small batches would be dominated by their latency."""
-    comms = {s: make_communicator(group, s, calibration, codec) for s in [REFERENCE, *schemes]}
+    plan = SchemePlan.of(schemes, REFERENCE)
+    comms = {s: make_communicator(group, plan[s], calibration, codec) for s in _reference_first(plan)}
     hits = {s: defaultdict(lambda: {"acc": [], "acc_norm": []}) for s in comms}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = sum(len(v) for v in items_by_task.values())
@@ -260,16 +274,18 @@ class ErrorProbe(Communicator):
 
 
 @torch.no_grad()
-def layer_errors(model, group: Group, batches: list[torch.Tensor], schemes: list[str],
+def layer_errors(model, group: Group, batches: list[torch.Tensor], schemes: SchemePlan | list[str],
                  calibration: Calibration | None, modes=("local", "accumulated"), progress=None) -> list[dict]:
     """Per-site relative error and SNR of each scheme, in each mode (see ``ErrorProbe``)."""
     device = next(model.parameters()).device
     previous = next(m.communicator for m in model.modules() if hasattr(m, "communicator"))
-    rows, total, step = [], len(schemes) * len(modes), 0
+    plan = SchemePlan.of(schemes)
+    measured = [s for s in plan if s != REFERENCE] if isinstance(schemes, SchemePlan) else list(plan)
+    rows, total, step = [], len(measured) * len(modes), 0
     try:
-        for scheme in schemes:
+        for scheme in measured:
             for mode in modes:
-                inner = QuantCommunicator(group, scheme, calibration, record=False, keep_first_leg=True)
+                inner = QuantCommunicator(group, plan[scheme], calibration, record=False, keep_first_leg=True)
                 probe = ErrorProbe(group, inner, mode)
                 set_communicator(model, probe)
                 for ids in batches:
@@ -300,3 +316,57 @@ def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks:
         primaries = [r[r["primary"]] for t, r in rec["tasks"].items()]
         rec["avg_primary"] = sum(primaries) / len(primaries) if primaries else None
     return rec
+
+
+# -- runner: a whole evaluation on a group (what the evaluate job kind calls) ---------------------
+EVALUATE_DEFAULTS = dict(schemes=["bf16", "int4-static-top1/64"], eval_source="wikipedia", eval_chunks=8,
+                         seq_len=256, batch_size=4, tasks=list(TASKS), items=20, seed=0, layer_error=True,
+                         layer_error_chunks=2)
+
+
+def evaluate(group: Group, params: dict, progress=None, codec=None, plan: SchemePlan | None = None) -> dict | None:
+    """Collective: text metrics, task accuracy and per-layer error for each scheme of ``params``.
+
+    ``plan``: the job's schemes already parsed (else parsed here, once). ``codec``: the kernels
+    to run inside the communicators (``kernels.dispatch``), or None for ``lowbit.wire.payload``.
+    The calibration is ``params["calibration"]`` or the shared cache folder, made on the fly on
+    the loaded model when missing. Rank 0 returns the result and, with ``out``, writes
+    ``results.json`` (one record per scheme) and ``layer_errors.json`` there."""
+    p = dict(EVALUATE_DEFAULTS, **params)
+    schemes = list(p["schemes"])
+    plan = SchemePlan.of(plan if plan is not None else schemes, REFERENCE)
+    tp_model = build_tp_model(p["model"], group)
+    calibration = None
+    if plan.needs_calibration:
+        cp = calibration_params(p)
+        folder = Path(p.get("calibration") or calibration_cache_dir(p["model"], group.world_size, cp["source"],
+                                                                   cp["chunks"], cp["seq_len"], cp["gamma"]))
+        calibration = load_or_calibrate(tp_model, group, p, folder, progress)
+    tok = tp_model.tokenizer
+    held = token_chunks(tok, p["eval_source"], "eval", p["eval_chunks"], p["seq_len"])
+    start = time.perf_counter()
+    text = evaluate_text(tp_model.model, group, held, plan, calibration, p["batch_size"], progress, codec)
+    tasks = None
+    if p["items"] and p["tasks"]:
+        items = {t: load_task(t, p["items"], p["seed"]) for t in p["tasks"]}
+        tasks = evaluate_tasks(tp_model.model, group, tok, items, plan, calibration, progress, codec=codec)
+    layers = []
+    if p["layer_error"]:
+        layers = layer_errors(tp_model.model, group, list(held[:p["layer_error_chunks"]].split(1)), plan,
+                              calibration, progress=progress)
+    if group.rank != 0:
+        return None
+    records = [summary_record(s, text[s], tasks[s] if tasks else None, tasks[REFERENCE] if tasks else None)
+               for s in [REFERENCE, *schemes]]
+    result = dict(model=p["model"], tp=group.world_size, backend=getattr(group, "backend", "?"),
+                  reference=REFERENCE, eval_source=p["eval_source"], eval_tokens=int(held.numel()),
+                  items_per_task=p["items"], seed=p["seed"], calibration=calibration.meta if calibration else None,
+                  codec=getattr(codec, "__name__", "kernels") if codec else "lowbit.wire.payload",
+                  seconds=round(time.perf_counter() - start, 1), records=records)
+    out = p.get("out")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.json").write_text(json.dumps(result, indent=2))
+        (Path(out) / "layer_errors.json").write_text(json.dumps(layers, indent=1))
+    result["layer_errors"] = layers
+    return result

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowbit.comm.collectives import QuantCommunicator, scheme_bits_per_value
+from lowbit.comm.collectives import QuantCommunicator
+from lowbit.wire.accounting import scheme_bits_per_value
 from lowbit.site import Site
 from lowbit.comm.communicator import ExactCommunicator
 from lowbit.scheme import SchemeMap, parse_scheme, parse_scheme_map

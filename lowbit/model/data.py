@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from lowbit.artifacts import cache_root
+
 TEXT_SOURCES = ("wikipedia", "lambada", "shakespeare")
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq")
 SPLITS = ("calib", "eval")
@@ -87,7 +89,7 @@ def _token_stream(source: str, tokenizer_key: str, tokenizer) -> torch.Tensor:
     import os
     import tempfile
 
-    from lowbit.model.models import cache_root
+
     eos = tokenizer.eos_token or ""
     docs = source_documents(source)
     digest = hashlib.sha1()

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lowbit.artifacts import cache_root
 
 EMBEDDED = "smollm2-135m"
 DEFAULT_MODEL = EMBEDDED
@@ -57,10 +58,6 @@ class LoadedModel:
     name: str
     source: str  # "cache", "gguf", "local", "hub-cache", "random"
     seconds: float
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
 
 
 def embedded_gguf() -> Path:

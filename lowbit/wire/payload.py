@@ -47,7 +47,8 @@ from lowbit.quant import dequantize, pack_bits, packed_nbytes, qrange_of, quanti
 from lowbit.scheme import QuantSpec, Scheme
 
 _WIRE_BYTES = {"bf16": 2, "fp32": 4}
-_OUTLIER_DTYPE = torch.bfloat16
+OUTLIER_DTYPE = torch.bfloat16  # the one declaration of the BF16 outlier dtype (static, sp, thr, rotated tail)
+BIT_PARTS = ("payload", "outliers", "scales", "indices")  # the keys of bits_per_value, besides "total"
 _INDEX_BYTES = 8  # receivers hold outlier indices as int64
 _U16_BYTES = 2  # sp/thr indices on the wire; also the static bytes of one -perm entry
 UNUSED_SLOT = 0xFFFF  # a thr index slot that carries no feature
@@ -105,7 +106,7 @@ class PayloadLayout:
     def bits_per_value(self) -> dict[str, float]:
         n = self.tokens * self.hidden
         if n == 0:
-            return {"payload": 0.0, "outliers": 0.0, "scales": 0.0, "indices": 0.0, "total": 0.0}
+            return dict.fromkeys((*BIT_PARTS, "total"), 0.0)
         values = self.outliers.nbytes + (self.sparse_values.nbytes if self.sparse_values is not None else 0)
         out = {
             "payload": self.codes.nbytes * 8 / n,
@@ -149,10 +150,10 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     scales = Section(0, scale_bytes)
     mins = Section(scales.end, 0 if quant.symmetric else scale_bytes)
     codes = Section(mins.end, packed_nbytes(tokens * (hidden - n_outliers), quant.bits))
-    outliers = Section(codes.end, tokens * (n_outliers + capacity) * _OUTLIER_DTYPE.itemsize)
+    outliers = Section(codes.end, tokens * (n_outliers + capacity) * OUTLIER_DTYPE.itemsize)
     thr_index = Section(outliers.end, capacity * _U16_BYTES)
     sparse_index = Section(thr_index.end, tokens * sparse * _U16_BYTES)
-    sparse_values = Section(sparse_index.end, tokens * sparse * _OUTLIER_DTYPE.itemsize)
+    sparse_values = Section(sparse_index.end, tokens * sparse * OUTLIER_DTYPE.itemsize)
     static_bytes = n_outliers * _INDEX_BYTES + (hidden * _U16_BYTES if permuted else 0)
     if quant.granularity == "static":
         static_bytes += hidden * 4 * (1 if quant.symmetric else 2)  # fp32 scales (+ mins) per sender
@@ -262,15 +263,15 @@ def encode(
             parts.append(_as_bytes(res.mins, quant.scale_dtype))
     parts.append(pack_bits(codes, quant.bits))
     if keep is not None:
-        parts.append(_as_bytes(x[:, outlier_idx], _OUTLIER_DTYPE))
+        parts.append(_as_bytes(x[:, outlier_idx], OUTLIER_DTYPE))
     if capacity:
-        cols = torch.zeros(tokens, capacity, dtype=_OUTLIER_DTYPE, device=x.device)
-        cols[:, :chosen.numel()] = x[:, chosen].to(_OUTLIER_DTYPE)
+        cols = torch.zeros(tokens, capacity, dtype=OUTLIER_DTYPE, device=x.device)
+        cols[:, :chosen.numel()] = x[:, chosen].to(OUTLIER_DTYPE)
         slots = torch.full((capacity,), UNUSED_SLOT, dtype=torch.int64, device=x.device)
         slots[:chosen.numel()] = chosen
-        parts += [_as_bytes(cols, _OUTLIER_DTYPE), _u16_bytes(slots)]
+        parts += [_as_bytes(cols, OUTLIER_DTYPE), _u16_bytes(slots)]
     if sparse:
-        parts += [_u16_bytes(picks), _as_bytes(x.gather(1, picks), _OUTLIER_DTYPE)]
+        parts += [_u16_bytes(picks), _as_bytes(x.gather(1, picks), OUTLIER_DTYPE)]
     payload = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=x.device)
     assert payload.numel() == lay.total_bytes, (payload.numel(), lay)
     nonfinite = int((~torch.isfinite(x)).sum())
@@ -313,18 +314,38 @@ def decode(
         codes[:, keep] = flat.reshape(tokens, hidden - n_out)
     out = dequantize(codes, quant, scales, mins)
     if keep is not None:
-        out[:, outlier_idx] = _from_bytes(payload, lay.outliers, _OUTLIER_DTYPE).reshape(tokens, n_out).float()
+        out[:, outlier_idx] = _from_bytes(payload, lay.outliers, OUTLIER_DTYPE).reshape(tokens, n_out).float()
     if capacity:
         slots = _u16_from(payload, lay.thr_index)
         used = slots != UNUSED_SLOT
         if (slots[used] >= hidden).any():
             raise ValueError(f"thr index list names a feature >= hidden size {hidden}")
-        cols = _from_bytes(payload, lay.outliers, _OUTLIER_DTYPE).reshape(tokens, capacity).float()
+        cols = _from_bytes(payload, lay.outliers, OUTLIER_DTYPE).reshape(tokens, capacity).float()
         out[:, slots[used]] = cols[:, used]
     if sparse:
         picks = _u16_from(payload, lay.sparse_index).reshape(tokens, sparse)
         if (picks >= hidden).any():
             raise ValueError(f"sparse index names a column >= hidden size {hidden}")
-        values = _from_bytes(payload, lay.sparse_values, _OUTLIER_DTYPE).reshape(tokens, sparse).float()
+        values = _from_bytes(payload, lay.sparse_values, OUTLIER_DTYPE).reshape(tokens, sparse).float()
         out.scatter_(1, picks, values)
+    return out
+
+
+# -- the rotated message's tail -------------------------------------------------------------------
+# With ``-rot<R>`` and BF16 outliers the message is the payload of all H rotated features (no
+# outlier section) followed by the outlier columns [T, k] in OUTLIER_DTYPE, cut out in the
+# original space (``lowbit.comm.collectives``). Its bits are ``lowbit.wire.accounting``'s.
+def append_outlier_columns(payload: torch.Tensor, x: torch.Tensor, outlier_idx: torch.Tensor) -> torch.Tensor:
+    """``payload`` followed by the columns ``outlier_idx`` of ``x`` [T, H] as BF16 bytes."""
+    if outlier_idx.numel() == 0:
+        return payload
+    return torch.cat([payload, _as_bytes(x[:, outlier_idx], OUTLIER_DTYPE)])
+
+
+def outlier_tail_sum(gathered: torch.Tensor, n_codes: int, tokens: int, k: int) -> torch.Tensor:
+    """fp32 sum over ranks (rows of ``gathered``, in rank order) of the [T, k] BF16 tails that
+    ``append_outlier_columns`` put after ``n_codes`` payload bytes."""
+    out = torch.zeros(tokens, k, dtype=torch.float32, device=gathered.device)
+    for r in range(gathered.shape[0]):
+        out += gathered[r, n_codes:].clone().view(OUTLIER_DTYPE).reshape(tokens, k).float()
     return out

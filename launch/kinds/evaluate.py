@@ -1,0 +1,28 @@
+"""Kind ``evaluate``: perplexity, KL, top-1, task accuracy and per-layer error per scheme.
+
+The calibration comes from the calibrate run ``spec.calib_from`` when given, else from the shared
+cache under $LOWBIT_CACHE (made on the fly from ``calib_data``/``calib_tokens``). With
+``params.fused_kernels`` the kernels (``kernels.dispatch``, the one chooser) run inside the
+communicators: the job layer injects the codec, lowbit never imports kernels.
+"""
+from __future__ import annotations
+
+from launch.kinds import method
+from lowbit.method.evaluate import EVALUATE_DEFAULTS, evaluate
+
+check_params = method.check_params
+check_spec = method.check_spec
+
+
+def run(ctx) -> dict | None:
+    spec = ctx.spec
+    params = method.lowbit_params(ctx)
+    params.update({k: spec.params.get(k, EVALUATE_DEFAULTS[k]) for k in ("layer_error", "layer_error_chunks")})
+    params.update(schemes=list(spec.schemes), eval_source=spec.eval_data,
+                  eval_chunks=max(1, spec.eval_tokens // params["seq_len"]), tasks=list(spec.tasks),
+                  items=spec.items_per_task, seed=spec.seed)
+    codec = None
+    if spec.params.get("fused_kernels", False):
+        from kernels import dispatch as codec  # optional heavy stack (Triton, torch.compile): only when asked for
+    ctx.events.loading(f"loading {spec.model} sharded {ctx.group.world_size} ways")
+    return evaluate(ctx.group, params, method.progress(ctx), codec=codec, plan=method.plan(ctx))

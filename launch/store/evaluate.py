@@ -1,0 +1,256 @@
+"""Evaluate and sweep results as frames: one row per scheme (parsed fields, text and task metrics,
+% kept with its standard error), tasks, per-layer errors, the Pareto front, a sweep's answers."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from launch.store.runs import finished_ok, load_result
+from lowbit.method.sweep import grid_schemes
+from lowbit.scheme import SchemeError, parse_scheme_map
+
+def scheme_fields(text: str) -> dict:
+    """What a scheme string means, as columns: bits, granularity, select, k, algo, second leg."""
+    try:
+        smap = parse_scheme_map(text)
+    except (SchemeError, TypeError, ValueError) as exc:
+        return dict(family="?", bits=None, granularity=None, select=None, k=None, algo=None, second=None,
+                    options=None, overrides=0, parse_error=str(exc))
+    s = smap.default
+    if s.is_exact:
+        return dict(family="exact", bits=16 if s.wire_dtype == "bf16" else 32, granularity="-", select="none",
+                    k="0", algo="all-reduce", second=None, options="-", overrides=len(smap.overrides),
+                    parse_error=None)
+    k = s.outliers.k_frac
+    select, k_text = s.outliers.select, f"{k.numerator}/{k.denominator}" if k else "0"
+    if s.sparse:
+        select, k_text = "sparse", f"{s.sparse}/token"
+    elif s.threshold is not None:
+        c = s.threshold.k_frac
+        select, k_text = "threshold", f"{c.numerator}/{c.denominator}"
+    options = [o for o, on in (("perm", s.permute), (f"rot{s.rotation}", s.rotation is not None),
+                               ("sr", s.stochastic)) if on]
+    return dict(family=f"{s.quant.code}{s.quant.bits}", bits=s.quant.bits,
+                granularity=str(s.quant).split("-", 1)[1], select=select, k=k_text, algo=s.algo,
+                second=str(s.second) if s.second else None, options=" ".join(options) or "-",
+                overrides=len(smap.overrides), parse_error=None)
+
+
+def _num(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def result_records(result: dict | None) -> list[dict]:
+    """An evaluate result's ``records``, or a sweep result's ``points`` after a reference record
+    rebuilt from what every point carries (``reference_ppl``, ``reference_tasks``), so sweeps and
+    evaluate runs read the same way."""
+    if not isinstance(result, dict):
+        return []
+    records = result.get("records")
+    if not isinstance(records, list) and isinstance(result.get("points"), list):
+        points = [r for r in result["points"] if isinstance(r, dict)]
+        if not points:
+            return []
+        first = points[0]
+        reference = dict(scheme=result.get("reference", "fp32"), bits_per_value=32.0, ppl=first.get("reference_ppl"),
+                         kl=0.0, top1_agreement=1.0)
+        if isinstance(first.get("reference_tasks"), dict):
+            reference["tasks"] = first["reference_tasks"]
+            reference["kept_pct"] = 100.0
+        return [reference, *points]
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def _records(result: dict | None) -> list[dict]:
+    """The scheme records of an evaluate result (records without a scheme name are skipped)."""
+    return [r for r in result_records(result) if isinstance(r.get("scheme"), str)]
+
+
+def _task_rows(record: dict) -> list[dict]:
+    tasks = record.get("tasks")
+    if not isinstance(tasks, dict):
+        return []
+    rows = []
+    for task, t in tasks.items():
+        if not isinstance(t, dict):
+            continue
+        primary = t.get("primary") if t.get("primary") in ("acc", "acc_norm") else "acc"
+        rows.append(dict(scheme=record["scheme"], task=task, metric=primary, value=_num(t.get(primary)),
+                         se=_num(t.get(f"{primary}_se")), acc=_num(t.get("acc")), acc_se=_num(t.get("acc_se")),
+                         acc_norm=_num(t.get("acc_norm")), acc_norm_se=_num(t.get("acc_norm_se")),
+                         delta=_num(t.get("delta")), delta_se=_num(t.get("delta_se")), n=_num(t.get("n"))))
+    return rows
+
+
+def task_frame(result: dict | None) -> pd.DataFrame:
+    """One row per (scheme, task): the primary metric, its standard error, and both accuracies."""
+    rows = [row for r in _records(result) for row in _task_rows(r)]
+    return pd.DataFrame(rows, columns=["scheme", "task", "metric", "value", "se", "acc", "acc_se", "acc_norm",
+                                       "acc_norm_se", "delta", "delta_se", "n"])
+
+
+def _kept_se(scheme_tasks: pd.DataFrame, reference_tasks: pd.DataFrame) -> float | None:
+    """Standard error of the paper's "% kept" (mean over tasks of scheme / reference score).
+    Each task's ratio has the error of the paired difference (delta_se) over the reference score;
+    without paired numbers, the scheme's own standard error is used."""
+    ref = reference_tasks.set_index("task")["value"]
+    terms = []
+    for _, row in scheme_tasks.iterrows():
+        r = ref.get(row["task"])
+        if r is None or not r or pd.isna(r):
+            continue
+        se = row["delta_se"] if row["delta_se"] is not None and not pd.isna(row["delta_se"]) else row["se"]
+        if se is None or pd.isna(se):
+            continue
+        terms.append((se / r) ** 2)
+    return 100.0 * math.sqrt(sum(terms)) / len(terms) if terms else None
+
+
+SCHEME_COLUMNS = ["scheme", "reference", "bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement",
+                  "kept_pct", "kept_se", "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok",
+                  "text_tokens", "clamped", "nonfinite", "thr_overflow",
+                  "family", "bits", "granularity", "select", "k", "algo", "second", "options", "overrides"]
+
+
+RECORD_NUMBERS = ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "kept_pct",
+                  "avg_primary", "comm_seconds", "clamped", "nonfinite", "thr_overflow", "text_tokens")
+
+
+SCHEME_NUMERIC = [*RECORD_NUMBERS, "kept_se", "avg_primary_se", "comm_ms_per_ktok"]
+
+
+def scheme_frame(result: dict | None) -> pd.DataFrame:
+    """One row per scheme of an evaluate result (the reference first), with its parsed fields."""
+    records = _records(result)
+    reference = (result or {}).get("reference", "fp32")
+    tasks = task_frame(result)
+    ref_tasks = tasks[tasks["scheme"] == reference]
+    rows = []
+    for r in records:
+        mine = tasks[tasks["scheme"] == r["scheme"]]
+        ses = [s for s in mine["se"] if s is not None and not pd.isna(s)]
+        row = dict(scheme=r["scheme"], reference=r["scheme"] == reference,
+                   **{k: _num(r.get(k)) for k in RECORD_NUMBERS},
+                   kept_se=_kept_se(mine, ref_tasks) if len(mine) and len(ref_tasks) else None,
+                   avg_primary_se=math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None)
+        tokens, seconds = row["text_tokens"], row["comm_seconds"]
+        row["comm_ms_per_ktok"] = seconds / tokens * 1e6 if tokens and seconds is not None else None
+        fields = scheme_fields(r["scheme"])
+        row.update({k: fields[k] for k in ("family", "bits", "granularity", "select", "k", "algo", "second",
+                                           "options", "overrides")})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=SCHEME_COLUMNS)
+    # A column that is None in every row (no tasks in the run: kept_pct, kept_se) must still be numeric,
+    # or pages calling .round() on it fail.
+    for col in SCHEME_NUMERIC:
+        frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
+    return frame
+
+
+LAYER_ERROR_COLUMNS = ["scheme", "mode", "layer", "module", "leg", "rel_error", "snr_db", "max_abs_error"]
+
+
+def layer_error_frame(result: dict | None) -> pd.DataFrame:
+    """Per-site error rows of an evaluate result (``layer_errors``), numbers coerced."""
+    rows = (result or {}).get("layer_errors")
+    if not isinstance(rows, list):
+        return pd.DataFrame(columns=LAYER_ERROR_COLUMNS)
+    frame = pd.DataFrame([r for r in rows if isinstance(r, dict)], columns=LAYER_ERROR_COLUMNS)
+    for col in ("layer", "rel_error", "snr_db", "max_abs_error"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame.dropna(subset=["scheme", "layer"]).astype({"layer": int})
+
+
+def evaluate_runs(frame: pd.DataFrame, root=None, sweeps: bool = False) -> pd.DataFrame:
+    """Done evaluate runs whose result.json holds scheme records, newest first, with a label;
+    with ``sweeps`` also done auto-tune sweeps (their points read as records)."""
+    ok = finished_ok(frame, "evaluate")
+    if sweeps:
+        ok = pd.concat([ok, finished_ok(frame, "sweep")], ignore_index=True)
+        ok = ok.sort_values("created", ascending=False, kind="stable").reset_index(drop=True)
+    rows = []
+    for _, run in ok.iterrows():
+        data, problem = load_result(run["id"], root)
+        records = _records(data)
+        if problem or not records:
+            continue
+        rows.append(dict(id=run["id"], model=data.get("model", run["model"]), tp=data.get("tp", run["tp"]),
+                         created=run["created"], schemes=len(records),
+                         has_layers=bool(data.get("layer_errors")),
+                         label=f"{run['id']} · {data.get('model', run['model'])} TP {data.get('tp', run['tp'])} · "
+                               f"{len(records)} schemes" + (" (auto-tune)" if run["kind"] == "sweep" else "")))
+    return pd.DataFrame(rows, columns=["id", "model", "tp", "created", "schemes", "has_layers", "label"])
+
+
+def sweep_summary(result: dict | None) -> pd.DataFrame:
+    """A sweep's answer per reported budget: the lowest-KL scheme at <= that many bits, with its
+    bits, KL and % kept (empty for an evaluate result)."""
+    best_at = (result or {}).get("best_at")
+    columns = ["budget", "scheme", "bits_per_value", "kl", "kept_pct", "cheapest_meeting_floor"]
+    if not isinstance(best_at, dict):
+        return pd.DataFrame(columns=columns)
+    points = {r["scheme"]: r for r in _records(result)}
+    best = (result or {}).get("best")
+    rows = []
+    for budget, scheme in best_at.items():
+        r = points.get(scheme, {}) if isinstance(scheme, str) else {}
+        rows.append(dict(budget=str(budget), scheme=scheme, bits_per_value=_num(r.get("bits_per_value")),
+                         kl=_num(r.get("kl")), kept_pct=_num(r.get("kept_pct")),
+                         cheapest_meeting_floor=scheme is not None and scheme == best))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def sweep_grid_candidates(grid: dict, hidden: int, tp: int, budget_min: float, budget_max: float) -> list[str]:
+    """The grid schemes a sweep job would evaluate in the budget range (bit bookkeeping only)."""
+    return grid_schemes(grid, hidden, tp, budget_min, budget_max)
+
+
+def pareto_front(cost: pd.Series, quality: pd.Series) -> pd.Series:
+    """True for points no other point beats: lower-or-equal cost and higher-or-equal quality,
+    strictly better in one."""
+    c, q = cost.to_numpy(dtype=float), quality.to_numpy(dtype=float)
+    ok = np.isfinite(c) & np.isfinite(q)
+    front = np.zeros(len(c), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok & (c <= c[i]) & (q >= q[i]) & ((c < c[i]) | (q > q[i]))
+        front[i] = not others.any()
+    return pd.Series(front, index=cost.index)
+
+
+def compare_specs(a: dict | None, b: dict | None) -> pd.DataFrame:
+    """Every spec field of two runs side by side; ``same`` False where they differ."""
+    a, b = a or {}, b or {}
+    rows = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        rows.append(dict(field=key, A=json.dumps(va, sort_keys=True), B=json.dumps(vb, sort_keys=True),
+                         same=va == vb))
+    return pd.DataFrame(rows, columns=["field", "A", "B", "same"])
+
+
+def compare_results(a: dict | None, b: dict | None) -> pd.DataFrame:
+    """Two results side by side: evaluate runs by scheme, anything else as flattened fields."""
+    if _records(a) or _records(b):
+        cols = ["scheme", "bits_per_value", "ppl", "kl", "top1_agreement", "kept_pct", "comm_seconds"]
+        fa, fb = scheme_frame(a)[cols], scheme_frame(b)[cols]
+        return fa.merge(fb, on="scheme", how="outer", suffixes=(" (A)", " (B)"))
+    flat_a, flat_b = _flatten(a or {}), _flatten(b or {})
+    rows = [dict(field=k, A=flat_a.get(k), B=flat_b.get(k)) for k in sorted(set(flat_a) | set(flat_b))]
+    return pd.DataFrame(rows, columns=["field", "A", "B"])
+
+
+def _flatten(d, prefix="") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            text = json.dumps(v, default=str)
+            out[key] = text if len(text) <= 200 else text[:197] + "..."
+    return out

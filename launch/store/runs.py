@@ -1,0 +1,145 @@
+"""Runs: the run directories and the index as frames, a run's spec/result/progress/logs, two runs compared.
+
+Every reader tolerates missing, half-written or corrupt files: it returns an empty frame or a
+problem text instead of raising, so a failed run never breaks a page.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from launch.events import progress, read_events
+from launch.index import ACTIVE, RunIndex
+from launch.layout import RunPaths, run_id_problem, runs_root, tail_text
+from launch.queue import list_runs
+
+RUN_COLUMNS = ["id", "kind", "model", "tp", "status", "created", "started", "finished", "duration_s",
+               "fraction", "message", "error", "problem", "schemes"]
+
+
+def _root(root) -> Path:
+    return Path(root).resolve() if root else runs_root()
+
+
+def read_json(path: Path) -> tuple[object | None, str | None]:
+    """(parsed JSON, None) or (None, why it could not be read)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None, f"{Path(path).name} is missing"
+    except OSError as exc:
+        return None, f"cannot read {Path(path).name}: {exc.strerror or exc}"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"{Path(path).name} is not valid JSON ({exc.msg} at line {exc.lineno})"
+
+
+def run_paths(run_id: str, root=None) -> RunPaths:
+    return RunPaths(_root(root), run_id)
+
+
+def load_spec(run_id: str, root=None) -> dict | None:
+    if run_id_problem(run_id):
+        return None
+    data, _ = read_json(run_paths(run_id, root).spec)
+    return data if isinstance(data, dict) else None
+
+
+def load_result(run_id: str, root=None) -> tuple[dict | None, str | None]:
+    """(result.json as a dict, None) or (None, what is wrong with it)."""
+    problem = run_id_problem(run_id)
+    if problem:
+        return None, f"run id {run_id!r}: {problem}"
+    data, problem = read_json(run_paths(run_id, root).result)
+    if problem:
+        return None, problem
+    if not isinstance(data, dict):
+        return None, f"result.json holds a {type(data).__name__}, not an object"
+    return data, None
+
+
+def run_progress(run_id: str, root=None) -> tuple[float, str, list[dict]]:
+    """(fraction in [0, 1], one-line message, all events) from the run's events.jsonl."""
+    try:
+        events = read_events(run_paths(run_id, root).events)
+    except Exception as exc:  # noqa: BLE001 - an unreadable events file is shown, not raised
+        return 0.0, f"events unreadable: {exc}", []
+    fraction, message = progress(events)
+    return fraction, message, events
+
+
+def runs_frame(root=None) -> pd.DataFrame:
+    """Every run (newest first): index rows checked against their directories, with progress."""
+    try:
+        rows = list_runs(_root(root))
+    except Exception as exc:  # noqa: BLE001 - the page shows the problem instead of a traceback
+        return pd.DataFrame([dict(id="(index)", kind="?", model="?", status="corrupt", problem=str(exc))],
+                            columns=RUN_COLUMNS)
+    out = []
+    now = time.time()
+    for row in rows:
+        spec = {}
+        try:
+            spec = json.loads(row.get("spec_json") or "{}")
+        except (TypeError, json.JSONDecodeError):
+            pass
+        if not spec and not run_id_problem(row["id"]):
+            spec = load_spec(row["id"], root) or {}
+        started, finished = row.get("started"), row.get("finished")
+        duration = (finished or now) - started if started else None
+        fraction, message = (1.0, "") if row["status"] == "done" else (None, "")
+        if row["status"] in ACTIVE:
+            fraction, message, _ = run_progress(row["id"], root)
+        schemes = spec.get("schemes") if isinstance(spec.get("schemes"), list) else []
+        out.append(dict(id=row["id"], kind=row.get("kind"), model=row.get("model"), tp=row.get("tp"),
+                        status=row["status"], created=_when(row.get("created")), started=_when(started),
+                        finished=_when(finished), duration_s=duration, fraction=fraction, message=message,
+                        error=row.get("error"), problem=row.get("problem"),
+                        schemes=", ".join(map(str, schemes))))
+    frame = pd.DataFrame(out, columns=RUN_COLUMNS)
+    return frame.sort_values("created", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _when(t) -> pd.Timestamp | None:
+    if not isinstance(t, (int, float)) or not math.isfinite(t):
+        return None
+    return pd.Timestamp.fromtimestamp(t).floor("s")  # local time, as the user's clock shows it
+
+
+def active_runs(root=None) -> pd.DataFrame:
+    """Queued and running runs in submission order: one index query (cheap enough to poll)."""
+    try:
+        rows = RunIndex(_root(root)).list(ACTIVE)
+    except Exception:  # noqa: BLE001 - an unreadable index shows as no active run; Runs shows why
+        rows = []
+    return pd.DataFrame([dict(id=r["id"], kind=r["kind"], model=r["model"], tp=r["tp"], status=r["status"],
+                              created=_when(r["created"])) for r in rows],
+                        columns=["id", "kind", "model", "tp", "status", "created"])
+
+
+def finished_ok(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Done runs of ``kind`` (status done or unindexed with a result), newest first."""
+    ok = frame[(frame["kind"] == kind) & frame["status"].isin(["done", "unindexed"])]
+    return ok.reset_index(drop=True)
+
+
+def logtail_text(run_id: str, root=None, lines: int = 40) -> dict[str, str]:
+    """Last ``lines`` of the launcher log and of each rank's log (name -> text)."""
+    paths = run_paths(run_id, root)
+    out = {}
+    for path in [paths.launcher_log, *paths.rank_logs()]:
+        text = tail_text(path, lines)
+        if text:
+            out[str(path.relative_to(paths.dir))] = text
+    return out
+
+
+def events_frame(events: list[dict]) -> pd.DataFrame:
+    rows = [dict(time=_when(e.get("time")), stage=e.get("stage"), step=e.get("step"), total=e.get("total"),
+                 message=e.get("message")) for e in events]
+    return pd.DataFrame(rows, columns=["time", "stage", "step", "total", "message"])

@@ -1,0 +1,128 @@
+"""Bits and bytes: the ONLY formulas for what a site's message costs and what a collective moves.
+
+    PYTHONPATH=. python -c "from lowbit.wire.accounting import scheme_bits_per_value as b; \\
+        print(b('int4-static-top1/64', 576, 3), b('int4-token@twoshot+int4-token', 576, 3))"
+
+Two questions, one owner each:
+
+- **Bits per value of one site** (``scheme_bits_breakdown`` / ``scheme_bits_per_value``): over
+  this rank's tokens x hidden values, the bytes it hands to collectives, split by part
+  (``payload.BIT_PARTS``: payload codes, BF16 outliers, scales, indices), as the layouts of
+  ``lowbit.wire.payload`` lay them out: gather's one message (rotated: all H codes plus the BF16
+  outlier tail), two-shot's tp first-leg chunk messages and its one second-leg chunk payload
+  padded to the largest.
+- **Bytes on the wire per rank per call** (``wire_bytes``): what one rank sends (= receives) with
+  the scheme's collective, in a ring model: exact all-reduce 2 (tp-1)/tp x the tensor; gather
+  (tp-1) x its payload; two-shot (tp-1) first-leg chunks + (tp-1) padded second-leg chunks.
+
+The communicators record these numbers per call (tests hold them equal to the bytes actually
+handed to the collectives); the Bits page, the results store's traffic table, the collective
+bench and the alpha-beta projection all call the functions here.
+"""
+from __future__ import annotations
+
+from lowbit.scheme import QuantSpec, Scheme, parse_scheme
+from lowbit.wire.payload import BIT_PARTS, OUTLIER_DTYPE, layout, scheme_layout
+
+METHODS = ("exact", "gather", "two_shot")  # the collectives a site's message can take
+
+
+def rotated_message_bits(tokens: int, hidden: int, quant: QuantSpec, n_outliers: int) -> dict[str, float]:
+    """Bits per value of a rotated message: the payload of all H rotated features plus the
+    BF16 outlier tail (``payload.append_outlier_columns``); keys as ``PayloadLayout.bits_per_value``."""
+    bits = dict(layout(tokens, hidden, quant, 0).bits_per_value)
+    n = tokens * hidden
+    extra = 8.0 * tokens * n_outliers * OUTLIER_DTYPE.itemsize / n if n else 0.0
+    bits["outliers"] = extra
+    bits["total"] += extra
+    return bits
+
+
+def two_shot_chunk_outliers(k: int, tp: int) -> list[int]:
+    """Static outliers per two-shot chunk when ``k`` are spread evenly (the accounting's view;
+    a real site's chunk counts come from its calibrated indices)."""
+    return [k // tp + (1 if j < k % tp else 0) for j in range(tp)]
+
+
+def leg2_chunk_bytes(tokens: int, width: int, second: QuantSpec, chunk_outliers: list[int]) -> int:
+    """Bytes of the padded second-leg chunk every owner all-gathers: the largest chunk payload."""
+    return max(layout(tokens, width, second, c).total_bytes for c in chunk_outliers)
+
+
+def scheme_bits_breakdown(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> dict:
+    """Bits per value of one site by leg and part: {"leg 1": {...}, "leg 2": {...} or None},
+    each with the keys of ``PayloadLayout.bits_per_value``.
+
+    Independent of the token count except for ``thr<T>c<K>``, whose index list is sent once per
+    message (C uint16 per message: 16 C / (tokens H) bits per value); ``tokens=8`` keeps packed
+    codes whole bytes. Two-shot with top/rand outliers counts them spread evenly over the chunks
+    (``two_shot_chunk_outliers``; their real positions come from calibration)."""
+    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    values = tokens * hidden
+    if scheme.is_exact:
+        return {"leg 1": layout(tokens, hidden, scheme).bits_per_value, "leg 2": None}
+    k = scheme.outliers.count(hidden)
+    if scheme.algo == "gather":
+        if scheme.rotation is not None:
+            return {"leg 1": rotated_message_bits(tokens, hidden, scheme.quant, k), "leg 2": None}
+        return {"leg 1": scheme_layout(scheme, tokens, hidden, k).bits_per_value, "leg 2": None}
+    width = hidden // tp
+    per_chunk = two_shot_chunk_outliers(k, tp) if scheme.rotation is None else [0] * tp
+    leg1 = {}
+    for c in per_chunk:
+        for part, bits in scheme_layout(scheme, tokens, width, c).bits_per_value.items():
+            leg1[part] = leg1.get(part, 0.0) + bits * tokens * width / values
+    widest = max(per_chunk, key=lambda c: layout(tokens, width, scheme.second, c).total_bytes)
+    leg2 = {part: bits * tokens * width / values  # this rank sends one padded chunk payload
+            for part, bits in layout(tokens, width, scheme.second, widest).bits_per_value.items()}
+    return {"leg 1": leg1, "leg 2": leg2}
+
+
+def scheme_bits_per_value(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> float:
+    """Bits per value this rank hands to collectives for one site under ``scheme`` (gather: one
+    message; two-shot: both legs, padding included); see ``scheme_bits_breakdown``."""
+    legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
+    total = legs["leg 1"]["total"]
+    if legs["leg 2"] is not None:
+        total += legs["leg 2"]["total"]
+    return total
+
+
+def bits_rows(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> list[dict]:
+    """``scheme_bits_breakdown`` as rows (leg, part, bits) over ``BIT_PARTS``: the Bits page's table."""
+    legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
+    return [dict(leg=leg, part=p, bits=float(parts.get(p, 0.0)))
+            for leg, parts in legs.items() if parts is not None for p in BIT_PARTS]
+
+
+def method_of(scheme: Scheme) -> str:
+    """Which collective a site's message takes: ``exact`` (all-reduce), ``gather`` or ``two_shot``."""
+    return "exact" if scheme.is_exact else scheme.algo
+
+
+def wire_bytes(method: str, tp: int, leg1_bytes: float, leg2_bytes: float = 0.0) -> float:
+    """Bytes one rank sends (= receives) per call in the ring model.
+
+    ``leg1_bytes``: exact, the tensor in its wire dtype; gather, this rank's payload; two-shot,
+    all tp first-leg chunk messages of this rank together. ``leg2_bytes``: two-shot's padded
+    second-leg chunk (``leg2_chunk_bytes``)."""
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} not allowed; allowed: {', '.join(METHODS)}")
+    if tp <= 1:
+        return 0.0
+    if method == "exact":
+        return 2 * (tp - 1) / tp * leg1_bytes
+    if method == "gather":
+        return (tp - 1) * leg1_bytes
+    return (tp - 1) / tp * leg1_bytes + (tp - 1) * leg2_bytes
+
+
+def site_traffic(scheme: Scheme | str, hidden: int, tp: int, tokens: int) -> dict:
+    """One site's call at ``tokens`` x ``hidden``: the message bytes each rank encodes (both legs)
+    and the bytes it sends with the scheme's collective (``wire_bytes``)."""
+    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
+    leg1 = legs["leg 1"]["total"] * tokens * hidden / 8
+    leg2 = legs["leg 2"]["total"] * tokens * hidden / 8 if legs["leg 2"] is not None else 0.0
+    return dict(message_bytes=leg1 + leg2, sent_bytes=wire_bytes(method_of(scheme), tp, leg1, leg2),
+                bits_per_value=(leg1 + leg2) * 8 / (tokens * hidden) if tokens * hidden else 0.0)
