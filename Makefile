@@ -30,6 +30,7 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
 
 test: $(STAMP) | $(CHROMIUM)
+	$(VENV)/bin/lint-imports --config .importlinter
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 clean-venv:

@@ -181,3 +181,12 @@ def _check_payloads(payloads) -> None:
     if not isinstance(payloads, torch.Tensor) or payloads.dtype != torch.uint8 or payloads.dim() != 2:
         got = f"{payloads.dtype} {tuple(payloads.shape)}" if isinstance(payloads, torch.Tensor) else type(payloads).__name__
         raise TypeError(f"payloads must be a uint8 tensor [tp, nbytes] (one payload per rank), got {got}")
+
+
+def block_hadamard(x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
+    """The block Walsh-Hadamard rotation (``kernels.hadamard``: Triton on a GPU or under the
+    interpreter, the torch reference elsewhere). Communicators given this module as their codec
+    rotate through it."""
+    from kernels.hadamard import block_hadamard as rotate  # Triton, an optional heavy import
+
+    return rotate(x, block, inverse)

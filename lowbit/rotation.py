@@ -16,7 +16,7 @@ rank builds the same ``M``, so a rotated scheme costs exactly the bits of its pa
 With BF16 outliers (``top<K>``/``rand<K>``) the outlier columns are taken out in the original
 space first (sent in BF16 and zeroed), the rest is rotated and all ``H`` rotated features are
 quantized; the receiver overwrites the outlier columns of the inverse-rotated sum with the
-exact BF16 sum. Folding (``fold_rotation``): ``x M = (a W^T) M = a (M^T W)^T``, so the forward
+exact BF16 sum. Folding (``lowbit.model.tp.fold_rotation``): ``x M = (a W^T) M = a (M^T W)^T``, so the forward
 rotation can be multiplied into each rank's row-parallel weight slice offline and the sender
 pays nothing at run time.
 
@@ -90,34 +90,6 @@ def fold_weight(weight: torch.Tensor, block: int) -> torch.Tensor:
     so that ``a @ fold_weight(W).T == rotate(a @ W.T)``."""
     m = rotation_matrix(weight.shape[0], block).to(weight.device)
     return (m.T @ weight.to(_FP32)).to(weight.dtype)
-
-
-def fold_rotation(model: torch.nn.Module, schemes) -> list:
-    """Fold the forward rotation into every row-parallel weight whose site's scheme rotates.
-
-    ``schemes`` is a SchemeMap or string. Returns the folded sites. Use the folded model with
-    ``QuantCommunicator(..., prerotated=True)``, which then skips the sender's rotation. Sites
-    with BF16 outliers cannot be folded (their outlier columns are needed unrotated).
-    """
-    from lowbit.scheme import parse_scheme_map
-    from lowbit.model.tp import RowParallelLinear
-    smap = parse_scheme_map(schemes) if isinstance(schemes, str) else schemes
-    folded = []
-    for module in model.modules():
-        if not isinstance(module, RowParallelLinear):
-            continue
-        scheme = smap.for_site(module.site.layer, module.site.module)
-        if scheme.is_exact or scheme.rotation is None:
-            continue
-        if scheme.outliers.select != "none":
-            raise ValueError(f"fold: {module.site} uses {scheme} with BF16 outliers; its outlier columns must "
-                             "travel unrotated, so rotate online (prerotated=False) instead")
-        with torch.no_grad():
-            module.weight.copy_(fold_weight(module.weight.data, scheme.rotation))
-        folded.append(module.site)
-    model.lowbit_folded_rotation = str(smap)
-    return folded
-
 
 
 def rotation_effect(x: torch.Tensor, block: int, spec) -> dict:

@@ -13,7 +13,8 @@ from lowbit.site import Site
 from lowbit.comm.dist import ThreadWorld
 from lowbit.model.engine import build_tp_model
 from lowbit.wire.payload import decode, encode
-from lowbit.rotation import (fold_rotation, fold_weight, hadamard_matrix, rotate, rotation_effect, rotation_matrix,
+from lowbit.model.tp import fold_rotation
+from lowbit.rotation import (fold_weight, hadamard_matrix, rotate, rotation_effect, rotation_matrix,
                              unrotate)
 from lowbit.scheme import QuantSpec, Scheme, SchemeError, parse_scheme, parse_scheme_map
 from tests.collective_cases import HIDDEN, TOKENS, fake_calibration, partials, reduce_on_threads

@@ -11,7 +11,8 @@ from lowbit.model.data import token_chunks
 from lowbit.comm.dist import ThreadWorld
 from lowbit.model.engine import build_tp_model
 from lowbit.scheme import parse_scheme_map
-from lowbit.method.sweep import PAPER, check_params, grid_schemes, pareto_frontier, point_key, run_sweep, summarize
+from launch.kinds.sweep import check_params
+from lowbit.method.sweep import PAPER, grid_schemes, pareto_frontier, point_key, run_sweep, summarize
 
 MODEL, TP = "tiny-llama", 2
 

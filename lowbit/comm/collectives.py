@@ -56,11 +56,11 @@ from lowbit.scheme import QuantSpec, Scheme, SchemeMap, parse_scheme_map
 _WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _rotate(x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
-    """The block rotation: the Triton kernel on a GPU, the torch reference elsewhere."""
-    if x.is_cuda:
-        from kernels.hadamard import block_hadamard
-        return block_hadamard(x, block, inverse)
+def _rotate(x: torch.Tensor, block: int, inverse: bool = False, codec=None) -> torch.Tensor:
+    """The block rotation: the codec's kernel when the injected codec has one
+    (``kernels.dispatch.block_hadamard``: Triton on a GPU), else lowbit's torch reference."""
+    if codec is not None and hasattr(codec, "block_hadamard"):
+        return codec.block_hadamard(x, block, inverse)
     return unrotate(x, block) if inverse else rotate(x, block)
 
 
@@ -179,12 +179,12 @@ class QuantCommunicator(Communicator):
                 out, nbytes, extra = self._gather_rotated(x, plan, quant)
         else:
             if rot is not None and not self.prerotated:
-                x = _rotate(x, rot)
+                x = _rotate(x, rot, codec=self.codec)
             out, nbytes, extra = self._two_shot(x, plan, quant)
             if rot is not None:
-                out = _rotate(out, rot, inverse=True)
+                out = _rotate(out, rot, inverse=True, codec=self.codec)
                 if self.last_first_leg is not None:
-                    self.last_first_leg = _rotate(self.last_first_leg, rot, inverse=True)
+                    self.last_first_leg = _rotate(self.last_first_leg, rot, inverse=True, codec=self.codec)
         if plan.perm is not None:
             inverse = plan.inverse.to(out.device)
             out = out[:, inverse]
@@ -211,14 +211,14 @@ class QuantCommunicator(Communicator):
             rest = x.clone()
             rest[:, idx] = 0.0
         if not self.prerotated:
-            rest = _rotate(rest, rot)
+            rest = _rotate(rest, rot, codec=self.codec)
         fused = self._fused(quant, plan)
         payload, stats = self._encode(rest, quant, None, None, None, {}, fused)
         n_codes = payload.numel()
         payload = append_outlier_columns(payload, x, idx)
         gathered = self.group.all_gather(payload)
         summed = self._decode_sum(gathered[:, :n_codes], tokens, hidden, quant, None, None, None, {}, fused)
-        out = _rotate(summed, rot, inverse=True)
+        out = _rotate(summed, rot, inverse=True, codec=self.codec)
         if idx.numel():
             out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
         stats["nonfinite"] = int((~torch.isfinite(x)).sum())  # of the partial as produced

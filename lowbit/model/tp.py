@@ -19,9 +19,10 @@ import re
 import torch
 from torch import nn
 
-from lowbit.site import Site
-
 from lowbit.comm.communicator import Communicator
+from lowbit.rotation import fold_weight
+from lowbit.scheme import parse_scheme_map
+from lowbit.site import Site
 
 LLAMA_TP_PLAN = {
     "layers.*.self_attn.q_proj": "colwise",
@@ -173,3 +174,28 @@ def set_communicator(model: nn.Module, communicator: Communicator) -> None:
     for m in model.modules():
         if isinstance(m, RowParallelLinear):
             m.communicator = communicator
+
+
+def fold_rotation(model: torch.nn.Module, schemes) -> list:
+    """Fold the forward rotation into every row-parallel weight whose site's scheme rotates.
+
+    ``schemes`` is a SchemeMap or string. Returns the folded sites. Use the folded model with
+    ``QuantCommunicator(..., prerotated=True)``, which then skips the sender's rotation. Sites
+    with BF16 outliers cannot be folded (their outlier columns are needed unrotated).
+    """
+    smap = parse_scheme_map(schemes) if isinstance(schemes, str) else schemes
+    folded = []
+    for module in model.modules():
+        if not isinstance(module, RowParallelLinear):
+            continue
+        scheme = smap.for_site(module.site.layer, module.site.module)
+        if scheme.is_exact or scheme.rotation is None:
+            continue
+        if scheme.outliers.select != "none":
+            raise ValueError(f"fold: {module.site} uses {scheme} with BF16 outliers; its outlier columns must "
+                             "travel unrotated, so rotate online (prerotated=False) instead")
+        with torch.no_grad():
+            module.weight.copy_(fold_weight(module.weight.data, scheme.rotation))
+        folded.append(module.site)
+    model.lowbit_folded_rotation = str(smap)
+    return folded
