@@ -59,42 +59,38 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench._data import outlier_features, synthetic_partial  # noqa: F401 - tests use them from here
 from launch.client import submit_and_watch
 from launch.kinds.collective_bench import (CODECS, DEFAULT_HIDDEN, DEFAULT_PARAMS, DEFAULT_SCHEMES, DEFAULT_TOKENS,  # noqa: F401
                                            DTYPES, check_params, check_spec, job_spec)
 from launch.spec import JobSpec, SpecError
+from lowbit.site import ROW_PARALLEL_MODULES
+from lowbit.wire import accounting
 
-FUSED_MODULES = ("kernels.dispatch", "kernels.fused_cpu")  # fused CPU paths, first found wins
-OUTLIER_GAIN = 20.0  # how much larger the synthetic consistent-outlier features are
-SITE_LAYER, SITE_MODULE = 0, "down_proj"
+SITE_LAYER, SITE_MODULE = 0, ROW_PARALLEL_MODULES[-1]  # the MLP's down_proj
 
 
 # -- the fused-path communicator ---------------------------------------------------------------
 def codec_module(name: str):
-    """(label, module with quantize_pack / unpack_dequant_sum) for a codec name, or
-    ("lowbit", None) for lowbit's own torch path. ``auto``: the first of ``FUSED_MODULES`` that
-    imports and has both functions, else lowbit; ``fused``: the same, but it must exist."""
-    if name in ("auto", "fused"):
-        for module_name in FUSED_MODULES:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            if all(callable(getattr(module, f, None)) for f in ("quantize_pack", "unpack_dequant_sum")):
-                return module_name, module
-        if name == "fused":
-            raise ValueError(f"codec: no fused CPU path here (none of {', '.join(FUSED_MODULES)} has "
-                             "quantize_pack and unpack_dequant_sum); allowed: auto, lowbit, reference")
+    """(label, codec for ``QuantCommunicator``) for a ``params.codec`` name; the choice of kernel
+    per message is ``kernels.dispatch``'s (the one chooser). ``auto``: the dispatcher as
+    configured (LOWBIT_KERNELS); ``fused``: the same, but the compiled CPU path must run here;
+    ``reference``: the kernels' eager torch reference; ``lowbit``: no codec (lowbit.wire.payload)."""
+    try:
+        dispatch = importlib.import_module("kernels.dispatch")  # Triton / torch.compile stack, optional
+    except ImportError:  # kernels not importable here: lowbit's own torch path
+        dispatch = None
+    if name == "lowbit" or (name == "auto" and dispatch is None):
         return "lowbit", None
-    if name == "reference":
-        from kernels import reference
-
-        class _Reference:
-            quantize_pack = staticmethod(reference.quantize_pack_ref)
-            unpack_dequant_sum = staticmethod(reference.unpack_dequant_sum_ref)
-        return "kernels.reference", _Reference
-    if name == "lowbit":
-        return "lowbit", None
+    if name == "auto":
+        return "kernels.dispatch", dispatch
+    if name == "fused":
+        if dispatch is None or not dispatch.compile_works():
+            raise ValueError("codec: no fused CPU path here (torch.compile cannot run); allowed: auto, lowbit, "
+                             "reference")
+        return "kernels.dispatch[compiled]", dispatch.Codec("compiled")
+    if name == "reference" and dispatch is not None:
+        return "kernels.reference", dispatch.Codec("reference")
     raise ValueError(f"codec: {name!r} not allowed; allowed: {', '.join(CODECS)}")
 
 
@@ -106,23 +102,7 @@ def make_communicator(group, scheme: str, calibration, codec):
     return QuantCommunicator(group, scheme, calibration, record=False, codec=codec)
 
 
-# -- data --------------------------------------------------------------------------------------
-def outlier_features(hidden: int, seed: int):
-    """The synthetic consistent-outlier features: 1/64 of them (at least one), same on every rank."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(hidden, generator=g)[:max(1, hidden // 64)].sort().values
-
-
-def synthetic_partial(tokens: int, hidden: int, rank: int, seed: int, dtype):
-    """Rank ``rank``'s partial sum: seeded Gaussian, the outlier features ``OUTLIER_GAIN`` x larger."""
-    import torch
-    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + tokens * 31 + hidden)
-    x = torch.randn(tokens, hidden, generator=g)
-    x[:, outlier_features(hidden, seed)] *= OUTLIER_GAIN
-    return x.to(dtype)
-
-
+# -- data (bench._data) ----------------------------------------------------------------------
 def data_calibration(group, partial):
     """A Calibration whose static ranges are every rank's exact per-feature min/max of its own
     ``partial`` (one batch: the EMA is the batch), at site (0, down_proj); top-k then picks the
@@ -140,9 +120,10 @@ def data_calibration(group, partial):
 
 # -- the measurement ---------------------------------------------------------------------------
 def wire_bytes(scheme, extra: dict, nbytes_bf16: int, tp: int) -> int:
-    """Bytes one rank receives over the wire (see the module docstring)."""
+    """Bytes one rank receives over the wire (``lowbit.wire.accounting.wire_bytes``; the quantized
+    communicators record it per call as ``bytes_received``)."""
     if scheme.is_exact:
-        return 2 * (tp - 1) * nbytes_bf16 // tp
+        return int(accounting.wire_bytes("exact", tp, nbytes_bf16))
     return int(extra.get("bytes_received", 0))
 
 
@@ -199,7 +180,7 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
                 round_s += seconds
         # One untimed call per scheme for its byte counts and the check that it computed the sum.
         for text in runnable:
-            out, _, extras[text] = comms[text]._reduce(partial, site)
+            out, _, extras[text] = comms[text].reduce_with_stats(partial, site)
             errors[text] = float((out.float() - exact).norm() / max(exact.norm().item(), 1e-30))
         if p["warmup"] == 0:
             round_s = sum(one_call(text)[0] for text in runnable)

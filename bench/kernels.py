@@ -36,31 +36,20 @@ from pathlib import Path
 
 import torch
 
+from bench._data import synthetic_partial
+
 DEFAULT_TOKENS = [1, 16, 256, 2048, 8192]
 DEFAULT_HIDDEN = [576, 4096, 5120]
 DEFAULT_SCHEMES = ["int4-static-top1/64", "int4-group32-top1/64", "int8-token", "int2-static-top1/64"]
-OUTLIER_GAIN = 20.0
 
 
-# -- data --------------------------------------------------------------------------------------
-def synthetic_partial(tokens: int, hidden: int, seed: int, dtype=torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + tokens * 31 + hidden)
-    x = torch.randn(tokens, hidden, generator=g)
-    x[:, outlier_features(hidden)] *= OUTLIER_GAIN
-    return x.to(dtype)
-
-
-def outlier_features(hidden: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(hidden)
-    return torch.randperm(hidden, generator=g)[:max(1, hidden // 64)].sort().values
-
-
+# -- data (bench._data) ----------------------------------------------------------------------
 def site_inputs(scheme_text: str, tokens: int, hidden: int, tp: int, dtype=torch.float32, device="cpu"):
     """(quant, outlier idx, [tp partials], [tp (min, max)] or Nones) for one scheme and size."""
     from lowbit.scheme import parse_scheme
     scheme = parse_scheme(scheme_text)
     quant = scheme.quant
-    xs = [synthetic_partial(tokens, hidden, r, dtype).to(device) for r in range(tp)]
+    xs = [synthetic_partial(tokens, hidden, rank=r, dtype=dtype).to(device) for r in range(tp)]
     idx = None
     k = scheme.outliers.count(hidden)
     if k:

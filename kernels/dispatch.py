@@ -15,7 +15,7 @@
                torch.compile cannot run (one warning).
 ``triton``     Triton kernels; an error off CUDA. 3/5/6 bits still go to the torch path.
 ``interpret``  Triton kernels under the Triton interpreter on CPU tensors (tests). Sets
-               ``TRITON_INTERPRET=1`` for the import of the kernels (``import_interpreted``);
+               ``TRITON_INTERPRET=1`` for the rest of the process (``import_interpreted``);
                an error if they were already imported compiled in this process.
 ``compiled``   ``kernels.fused_cpu`` (any device torch.compile supports).
 ``reference``  ``kernels.reference``, eager torch.
@@ -35,15 +35,19 @@ import warnings
 import torch
 
 from kernels import reference as ref
+from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import QuantSpec
 
 BACKENDS = ("auto", "triton", "interpret", "compiled", "reference")
 FUSED_MIN_VALUES = 1 << 16  # tokens x hidden; see the table above
 ENV = "LOWBIT_KERNELS"
 _compile_broken: str | None = None  # why torch.compile failed here, once it has
+_forced: str | None = None  # a Codec's backend while one of its calls runs (else LOWBIT_KERNELS)
 
 
 def mode() -> str:
+    if _forced is not None:
+        return _forced
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV}={value!r} not allowed; allowed: {', '.join(BACKENDS)}")
@@ -87,28 +91,26 @@ _TRITON_MODULE = "kernels.triton_quant"
 
 
 def _is_interpreted(module) -> bool:
-    return type(module._quantize_pack_kernel).__name__ == "InterpretedFunction"
+    """Were the module's Triton kernels decorated under the interpreter?"""
+    kinds = {type(v).__name__ for v in vars(module).values()}
+    return "InterpretedFunction" in kinds and "JITFunction" not in kinds
 
 
-def import_interpreted():
-    """``kernels.triton_quant`` with its kernels interpreted. Triton reads ``TRITON_INTERPRET``
-    when a kernel is decorated, so the variable is set for the import only and restored after it
-    (other Triton modules imported later are left as they would be)."""
-    module = sys.modules.get(_TRITON_MODULE)
-    if module is not None:
-        if not _is_interpreted(module):
-            raise RuntimeError(f"{_TRITON_MODULE} was already imported compiled in this process (Triton reads "
-                               f"TRITON_INTERPRET at import); run {ENV}=interpret in a new process")
+def import_interpreted(name: str = _TRITON_MODULE, reload: bool = False):
+    """The Triton kernel module ``name`` (``kernels.triton_quant``, ``kernels.hadamard``) with its
+    kernels interpreted: the one place that sets ``TRITON_INTERPRET``. Triton reads it when a
+    kernel is decorated and again while it runs (its lazily imported helpers assert it), so it
+    stays set: from here on this process runs Triton kernels in the interpreter. A module
+    already imported compiled is an error, or with ``reload`` imported again (tests only: old
+    references keep the old kernels)."""
+    module = sys.modules.get(name)
+    if module is not None and _is_interpreted(module):
         return module
-    previous = os.environ.get("TRITON_INTERPRET")
+    if module is not None and not reload:
+        raise RuntimeError(f"{name} was already imported compiled in this process (Triton reads "
+                           f"TRITON_INTERPRET at import); run {ENV}=interpret in a new process")
     os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return importlib.import_module(_TRITON_MODULE)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+    return importlib.reload(module) if module is not None else importlib.import_module(name)
 
 
 def _module(device, bits: int, values: int | None):
@@ -184,9 +186,55 @@ def _check_payloads(payloads) -> None:
 
 
 def block_hadamard(x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
-    """The block Walsh-Hadamard rotation (``kernels.hadamard``: Triton on a GPU or under the
-    interpreter, the torch reference elsewhere). Communicators given this module as their codec
+    """The block Walsh-Hadamard rotation, chosen like the codes: the Triton kernel
+    (``kernels.hadamard``) on CUDA or under ``interpret``, lowbit's torch reference elsewhere (the
+    compiled CPU path has no rotation of its own). Communicators given this module as their codec
     rotate through it."""
-    from kernels.hadamard import block_hadamard as rotate  # Triton, an optional heavy import
+    if backend(x.device, 8) in ("triton", "interpret"):
+        module = import_interpreted("kernels.hadamard") if mode() == "interpret" else \
+            importlib.import_module("kernels.hadamard")
+        return module.block_hadamard(x, block, inverse)
+    return unrotate(x, block) if inverse else rotate(x, block)
 
-    return rotate(x, block, inverse)
+
+def compile_works() -> bool:
+    """Can the compiled CPU path run here (``kernels.fused_cpu`` imports and torch.compile has
+    not failed in this process)?"""
+    if _compile_broken is not None:
+        return False
+    try:
+        from kernels import fused_cpu  # noqa: F401 - torch.compile machinery: imported only when asked
+    except ImportError:
+        return False
+    return True
+
+
+class Codec:
+    """This dispatcher with one backend forced, as a codec object for ``QuantCommunicator`` (the
+    benchmarks compare backends in one process): ``Codec("reference").quantize_pack(...)``."""
+
+    def __init__(self, backend_name: str):
+        if backend_name not in BACKENDS:
+            raise ValueError(f"codec: {backend_name!r} not allowed; allowed: {', '.join(BACKENDS)}")
+        self.name = backend_name
+        self.__name__ = f"kernels.dispatch[{backend_name}]"
+
+    def _forced(self, fn, *args, **kwargs):
+        global _forced
+        previous, _forced = _forced, self.name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _forced = previous
+
+    def quantize_pack(self, *args, **kwargs):
+        return self._forced(quantize_pack, *args, **kwargs)
+
+    def unpack_dequant_sum(self, *args, **kwargs):
+        return self._forced(unpack_dequant_sum, *args, **kwargs)
+
+    def unpack_dequant_sum_requant(self, *args, **kwargs):
+        return self._forced(unpack_dequant_sum_requant, *args, **kwargs)
+
+    def block_hadamard(self, *args, **kwargs):
+        return self._forced(block_hadamard, *args, **kwargs)

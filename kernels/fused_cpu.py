@@ -24,7 +24,7 @@ first call of a (spec, hidden, outliers, tp, dtype) combination compiles for a f
 the inductor cache keeps the result on disk for later processes.
 
 The math per element is the reference's, in the same fp32 order, taken from ``lowbit.quant``
-(``_dynamic_qparams``, ``round_half_even``, ``qrange``). Inductor keeps IEEE division,
+(``dynamic_qparams``, ``round_half_even``, ``qrange``). Inductor keeps IEEE division,
 ``nearbyint`` (round half to even) and no FMA contraction, which the tests check.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from kernels import reference as ref
 from lowbit.wire.payload import Section
-from lowbit.quant import _dynamic_qparams, pack_bits, qrange, round_half_even, unpack_bits
+from lowbit.quant import dynamic_qparams, pack_bits, qrange, round_half_even, unpack_bits
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
@@ -76,7 +76,7 @@ def _codes_and_scales(x, keep_mask, scales_static, mins_static, quant: QuantSpec
         valid = torch.isfinite(x32) & keep_mask
         width = hidden if quant.granularity == "token" else quant.group_size
         xs = x_in.reshape(tokens, -1, width)
-        scales, mins = _dynamic_qparams(xs, valid.reshape(tokens, -1, width), quant)
+        scales, mins = dynamic_qparams(xs, valid.reshape(tokens, -1, width), quant)
         parts = [scales.to(quant.scale_dtype).reshape(-1).view(torch.uint8)]
         if not quant.symmetric:
             parts.append(mins.to(quant.scale_dtype).reshape(-1).view(torch.uint8))

@@ -20,7 +20,6 @@ reference, so the library runs everywhere.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -70,10 +69,11 @@ if triton is not None:
 
 
 def triton_available(device: torch.device) -> bool:
-    """True when the kernel can run for tensors on ``device`` (a GPU, or the interpreter)."""
+    """True when the kernel can run for tensors on ``device``: a GPU, or CPU tensors when the
+    kernel was decorated under the interpreter (``kernels.dispatch.import_interpreted``)."""
     if triton is None:
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if type(_block_hadamard_kernel).__name__ == "InterpretedFunction":
         return device.type == "cpu"
     return device.type == "cuda"
 

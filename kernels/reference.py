@@ -16,7 +16,7 @@ The tests hold these functions byte-equal to ``payload.encode`` and value-equal 
 sum of ``payload.decode``. What is taken from ``lowbit`` rather than restated here: the layout
 offsets (``payload.layout``), the code range (``quant.qrange``), the static scales
 (``quant.static_qparams``), the dynamic scales with their directed bf16 rounding
-(``quant._dynamic_qparams``), the rounding rule (``quant.round_half_even``) and, for 3/5/6-bit
+(``quant.dynamic_qparams``), the rounding rule (``quant.round_half_even``) and, for 3/5/6-bit
 codes, the bit packer (``quant.pack_bits``/``unpack_bits``). For 2/4/8 bits a byte holds whole
 codes, so packing is ``sum_j code[cpb*n + j] << (bits*j)`` over the flattened code stream (cpb =
 codes per byte): the same little-endian stream as ``pack_bits``, without its 8x bit expansion.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.wire.payload import OUTLIER_DTYPE as _OUTLIER_DTYPE, PayloadLayout, layout
-from lowbit.quant import _dynamic_qparams, pack_bits, qrange, round_half_even, static_qparams, unpack_bits
+from lowbit.quant import dynamic_qparams, pack_bits, qrange, round_half_even, static_qparams, unpack_bits
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
@@ -189,7 +189,7 @@ def _quantize_pack_core(x, keep, outliers, group_of_kept, scales_static, mins_st
         keep_mask[outliers] = False
         valid = torch.isfinite(x32) & keep_mask
         width = hidden if quant.granularity == "token" else quant.group_size
-        scales, mins = _dynamic_qparams(x_in.reshape(tokens, -1, width), valid.reshape(tokens, -1, width), quant)
+        scales, mins = dynamic_qparams(x_in.reshape(tokens, -1, width), valid.reshape(tokens, -1, width), quant)
         parts.append(scales.to(quant.scale_dtype).reshape(-1).view(torch.uint8))
         if not quant.symmetric:
             parts.append(mins.to(quant.scale_dtype).reshape(-1).view(torch.uint8))

@@ -16,7 +16,7 @@ What each kernel does (one payload per rank, layout owned by ``lowbit.wire.paylo
   A. (dynamic scales) the program's rows are loaded as one [rows, n_groups, group] tile (a
      token scale is one group of width H), outlier columns and non-finite values masked out, the range reduced,
      the scale (and min) rounded toward +inf (-inf) to the scale dtype exactly as
-     ``lowbit.quant._dynamic_qparams``, and stored into the payload's scale section.
+     ``lowbit.quant.dynamic_qparams``, and stored into the payload's scale section.
   B. the program writes the code bytes whose first code lies in its rows. A byte holds
      ``8 // bits`` codes of the flat kept-column stream, so where ``K * bits`` is not a multiple
      of 8 the last byte also holds the first codes of the next row: phase A therefore also

@@ -127,7 +127,7 @@ def overlap_between_sources(cal_a, cal_b, k: int) -> pd.DataFrame:
         raise ValueError(f"calibrations differ in shape {tuple(cal_a.ranges().shape)} vs "
                          f"{tuple(cal_b.ranges().shape)}: pick two of the same model and TP size")
     rows = []
-    for m, module in enumerate(cal_a.meta.get("modules") or ("o_proj", "down_proj")):
+    for m, module in enumerate(cal_a.meta.get("modules") or ROW_PARALLEL_MODULES):
         a = topk_sets(cal_a.ranges()[:, m].sum(1), k)
         b = topk_sets(cal_b.ranges()[:, m].sum(1), k)
         rows += [dict(layer=layer, module=module, jaccard=jaccard(a[layer], b[layer])) for layer in range(a.shape[0])]

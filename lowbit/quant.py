@@ -170,7 +170,7 @@ def static_qparams(
     return hi * c - lo * c, lo
 
 
-def _dynamic_qparams(xg: torch.Tensor, valid: torch.Tensor, spec: QuantSpec):
+def dynamic_qparams(xg: torch.Tensor, valid: torch.Tensor, spec: QuantSpec):
     """Scales (and mins) per [..., n_groups] from the valid (finite, not excluded) values."""
     c = _constant(spec)
     any_valid = valid.any(-1)
@@ -246,7 +246,7 @@ def quantize(
         out_of_range = _outside_static_range(x, spec, static_min, static_max)
     else:
         xg = _grouped(x_in, spec)
-        scales, mins = _dynamic_qparams(xg, _grouped(valid, spec), spec)
+        scales, mins = dynamic_qparams(xg, _grouped(valid, spec), spec)
         scale_b = scales.unsqueeze(-1)
         min_b = mins.unsqueeze(-1) if mins is not None else None
         xs = xg

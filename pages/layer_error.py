@@ -8,6 +8,7 @@ import streamlit as st
 
 from launch import store
 from lowbit.scheme import ALLOWED_BITS, OutlierSpec, QuantSpec, Scheme, SchemeError, ThresholdSpec
+from lowbit.site import ROW_PARALLEL_MODULES
 from pages import _ui
 
 K_CHOICES = ["1/128", "1/64", "1/32", "1/16"]
@@ -133,7 +134,7 @@ def rotation_panel() -> None:
         layer = st.number_input("Layer", 0, cal.layers - 1, spiky[0], key="rot_layer",
                                 help="Starts at the stored partial with the largest max/RMS")
     with c2:
-        module = st.radio("Module", ["o_proj", "down_proj"], index=["o_proj", "down_proj"].index(spiky[1]),
+        module = st.radio("Module", list(ROW_PARALLEL_MODULES), index=ROW_PARALLEL_MODULES.index(spiky[1]),
                           key="rot_module", horizontal=True)
     with c3:
         rank = st.selectbox("Rank", list(range(cal.tp)), index=spiky[2], key="rot_rank")

@@ -11,6 +11,7 @@ import streamlit as st
 
 from launch import store
 from lowbit.model.data import TEXT_SOURCES
+from lowbit.site import ROW_PARALLEL_MODULES
 from pages import _ui
 
 K_CHOICES = {"1/128": Fraction(1, 128), "1/64 (paper)": Fraction(1, 64), "1/32": Fraction(1, 32),
@@ -61,7 +62,7 @@ except Exception as exc:  # noqa: BLE001 - a damaged artifact is reported, the p
     st.error(f"This calibration cannot be loaded: {exc}")
     st.stop()
 
-modules = list(cal.meta.get("modules") or ("o_proj", "down_proj"))
+modules = list(cal.meta.get("modules") or ROW_PARALLEL_MODULES)
 c1, c2, c3, c4 = st.columns(4)
 with c1:
     module = st.radio("Module", modules, horizontal=True, key="cal_module",

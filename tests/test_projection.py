@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from lowbit.wire.accounting import wire_bytes
+
 from lowbit.method.projection import (INTERCONNECTS, SHAPES, Gpu, allreduce_s, check_against, crossover_tokens,
                                fit_alpha_beta, gather_s, project, table)
 
@@ -30,8 +32,9 @@ def test_check_reports_zero_error_on_model_generated_records():
         recs.append(dict(link="100mbit", tp=n, method="exact", tokens=tokens, hidden=576, bytes_per_rank=m,
                          median_ms=1e3 * allreduce_s(n, m, alpha, beta)))
         p = tokens * 576 * 4.25 / 8
+        # shaped like the collective bench's records: bytes_per_rank is what one rank sends, (N-1) payloads
         recs.append(dict(link="100mbit", tp=n, method="gather", scheme="int4-token", tokens=tokens, hidden=576,
-                         bytes_per_rank=p, median_ms=1e3 * gather_s(n, p, alpha, beta)))
+                         bytes_per_rank=wire_bytes("gather", n, p), median_ms=1e3 * gather_s(n, p, alpha, beta)))
     rows = check_against(recs)
     assert len(rows) == len(recs)
     assert max(abs(r["rel_error"]) for r in rows) < 1e-6

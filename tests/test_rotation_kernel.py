@@ -2,21 +2,19 @@
 on CPU; on a GPU machine the same tests run the compiled kernel on CUDA tensors)."""
 from __future__ import annotations
 
-import importlib
-import os
+import importlib.util
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernel module is imported
+from kernels import dispatch
+from tests.helpers import assert_close_verbose
 
-hadamard = pytest.importorskip("kernels.hadamard")
-if hadamard.triton is not None and not torch.cuda.is_available() \
-        and type(hadamard._block_hadamard_kernel).__name__ != "InterpretedFunction":
-    hadamard = importlib.reload(hadamard)  # imported earlier without the interpreter switch
-
-from tests.helpers import assert_close_verbose  # noqa: E402
+if importlib.util.find_spec("triton") is None:  # not importorskip: triton must first load under the interpreter
+    pytest.skip("triton is not installed", allow_module_level=True)
+# CPU: the kernel under the Triton interpreter (reloaded if an earlier test imported it compiled)
+hadamard = (__import__("kernels.hadamard", fromlist=["_"]) if torch.cuda.is_available()
+            else dispatch.import_interpreted("kernels.hadamard", reload=True))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(hadamard.triton is None, reason="triton is not installed")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pandas as pd
 
 from launch.store.runs import finished_ok, load_result
-from lowbit.method.sweep import grid_schemes
+from lowbit.method.evaluate import RECORD_NUMBERS
+from lowbit.method.sweep import grid_schemes, undominated
 from lowbit.scheme import SchemeError, parse_scheme_map
 
 def scheme_fields(text: str) -> dict:
@@ -34,7 +34,7 @@ def scheme_fields(text: str) -> dict:
     options = [o for o, on in (("perm", s.permute), (f"rot{s.rotation}", s.rotation is not None),
                                ("sr", s.stochastic)) if on]
     return dict(family=f"{s.quant.code}{s.quant.bits}", bits=s.quant.bits,
-                granularity=str(s.quant).split("-", 1)[1], select=select, k=k_text, algo=s.algo,
+                granularity=s.quant.granularity_text, select=select, k=k_text, algo=s.algo,
                 second=str(s.second) if s.second else None, options=" ".join(options) or "-",
                 overrides=len(smap.overrides), parse_error=None)
 
@@ -111,17 +111,10 @@ def _kept_se(scheme_tasks: pd.DataFrame, reference_tasks: pd.DataFrame) -> float
     return 100.0 * math.sqrt(sum(terms)) / len(terms) if terms else None
 
 
-SCHEME_COLUMNS = ["scheme", "reference", "bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement",
-                  "kept_pct", "kept_se", "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok",
-                  "text_tokens", "clamped", "nonfinite", "thr_overflow",
-                  "family", "bits", "granularity", "select", "k", "algo", "second", "options", "overrides"]
-
-
-RECORD_NUMBERS = ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "kept_pct",
-                  "avg_primary", "comm_seconds", "clamped", "nonfinite", "thr_overflow", "text_tokens")
-
-
+SCHEME_FIELDS = ("family", "bits", "granularity", "select", "k", "algo", "second", "options", "overrides")
+# every numeric column: the record's numbers (lowbit.method.evaluate owns them) and those derived here
 SCHEME_NUMERIC = [*RECORD_NUMBERS, "kept_se", "avg_primary_se", "comm_ms_per_ktok"]
+SCHEME_COLUMNS = ["scheme", "reference", *SCHEME_NUMERIC, *SCHEME_FIELDS]
 
 
 def scheme_frame(result: dict | None) -> pd.DataFrame:
@@ -141,8 +134,7 @@ def scheme_frame(result: dict | None) -> pd.DataFrame:
         tokens, seconds = row["text_tokens"], row["comm_seconds"]
         row["comm_ms_per_ktok"] = seconds / tokens * 1e6 if tokens and seconds is not None else None
         fields = scheme_fields(r["scheme"])
-        row.update({k: fields[k] for k in ("family", "bits", "granularity", "select", "k", "algo", "second",
-                                           "options", "overrides")})
+        row.update({k: fields[k] for k in SCHEME_FIELDS})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=SCHEME_COLUMNS)
     # A column that is None in every row (no tasks in the run: kept_pct, kept_se) must still be numeric,
@@ -212,14 +204,8 @@ def sweep_grid_candidates(grid: dict, hidden: int, tp: int, budget_min: float, b
 
 def pareto_front(cost: pd.Series, quality: pd.Series) -> pd.Series:
     """True for points no other point beats: lower-or-equal cost and higher-or-equal quality,
-    strictly better in one."""
-    c, q = cost.to_numpy(dtype=float), quality.to_numpy(dtype=float)
-    ok = np.isfinite(c) & np.isfinite(q)
-    front = np.zeros(len(c), dtype=bool)
-    for i in np.flatnonzero(ok):
-        others = ok & (c <= c[i]) & (q >= q[i]) & ((c < c[i]) | (q > q[i]))
-        front[i] = not others.any()
-    return pd.Series(front, index=cost.index)
+    strictly better in one (``lowbit.method.sweep.undominated``, the one Pareto rule)."""
+    return pd.Series(undominated(cost.to_numpy(dtype=float), -quality.to_numpy(dtype=float)), index=cost.index)
 
 
 def compare_specs(a: dict | None, b: dict | None) -> pd.DataFrame:

@@ -128,7 +128,7 @@ def finished_ok(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
     return ok.reset_index(drop=True)
 
 
-def logtail_text(run_id: str, root=None, lines: int = 40) -> dict[str, str]:
+def log_tail(run_id: str, root=None, lines: int = 40) -> dict[str, str]:
     """Last ``lines`` of the launcher log and of each rank's log (name -> text)."""
     paths = run_paths(run_id, root)
     out = {}

@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowbit.method.calibrate import Calibration, CalibrationError, select_outliers
-from lowbit.site import Site
+from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.comm.communicator import Communicator
 from lowbit.comm.dist import Group
 from lowbit.wire.accounting import leg2_chunk_bytes, rotated_message_bits, wire_bytes
@@ -198,7 +198,7 @@ class QuantCommunicator(Communicator):
             return quant
         n = self._site_calls.get(site, 0)
         self._site_calls[site] = n + 1
-        module = 0 if site.module == "o_proj" else 1
+        module = ROW_PARALLEL_MODULES.index(site.module)
         seed = ((((self.seed * 1_009 + site.layer) * 2 + module) * 4_099 + self.group.rank) * 1_000_003 + n)
         return replace(quant, rounding_seed=seed % 2**62)
 

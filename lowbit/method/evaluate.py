@@ -303,13 +303,19 @@ def layer_errors(model, group: Group, batches: list[torch.Tensor], schemes: Sche
     return rows
 
 
+# The numbers one results.json record holds (besides "scheme" and the per-task "tasks" dict):
+# ``summary_record`` writes exactly these, the results store reads exactly these.
+TEXT_NUMBERS = ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "clamped", "nonfinite",
+                "thr_overflow", "text_tokens", "comm_seconds")
+TASK_NUMBERS = ("kept_pct", "avg_primary")  # only when the run evaluated tasks
+RECORD_NUMBERS = TEXT_NUMBERS + TASK_NUMBERS
+
+
 def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks: dict | None) -> dict:
-    """One results.json record: scheme, bits, text metrics, per-task metrics, % kept."""
-    rec = dict(scheme=scheme, bits_per_value=text["bits_per_value"], leg1_bits=text["leg1_bits"],
-               leg2_bits=text["leg2_bits"], ppl=text["ppl"], kl=text["kl"], top1_agreement=text["top1_agreement"],
-               clamped=text["clamped"], nonfinite=text["nonfinite"], thr_overflow=text.get("thr_overflow", 0),
-               text_tokens=text["tokens"],
-               comm_seconds=text["comm_seconds"])
+    """One results.json record: scheme, ``TEXT_NUMBERS``, and with tasks the per-task metrics,
+    % kept and the average primary score (``TASK_NUMBERS``)."""
+    values = dict(text, text_tokens=text["tokens"], thr_overflow=text.get("thr_overflow", 0))
+    rec = dict(scheme=scheme, **{k: values[k] for k in TEXT_NUMBERS})
     if tasks is not None:
         rec["tasks"] = {t: r for t, r in tasks.items() if not t.startswith("_")}
         rec["kept_pct"] = kept_pct(tasks, reference_tasks)

@@ -32,6 +32,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowbit.wire.accounting import wire_bytes
+
 
 @dataclass(frozen=True)
 class Interconnect:
@@ -81,16 +83,27 @@ class Gpu:
     launch_us: float = 5.0       # fixed cost per codec kernel (launch + tail), microseconds (assumption)
 
 
+def ring_steps(method: str, n: int) -> int:
+    """Latency terms of one call: ring all-reduce and two-shot 2 (N-1) steps, all-gather N-1."""
+    return (n - 1) if method == "gather" else 2 * (n - 1)
+
+
+def collective_s(method: str, n: int, sent_bytes: float, alpha: float, beta: float) -> float:
+    """alpha-beta time of one call that sends ``sent_bytes`` per rank (``wire_bytes``)."""
+    return ring_steps(method, n) * alpha + sent_bytes / beta
+
+
 def allreduce_s(n: int, message_bytes: float, alpha: float, beta: float) -> float:
-    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * message_bytes / beta
+    return collective_s("exact", n, wire_bytes("exact", n, message_bytes), alpha, beta)
 
 
 def gather_s(n: int, payload_bytes: float, alpha: float, beta: float) -> float:
-    return (n - 1) * alpha + (n - 1) * payload_bytes / beta
+    return collective_s("gather", n, wire_bytes("gather", n, payload_bytes), alpha, beta)
 
 
 def two_shot_s(n: int, payload_bytes: float, payload2_bytes: float, alpha: float, beta: float) -> float:
-    return 2 * (n - 1) * alpha + (n - 1) / n * (payload_bytes + payload2_bytes) / beta
+    """``payload2_bytes``: the requantized reduced tensor, all N chunks together (one per owner)."""
+    return collective_s("two_shot", n, wire_bytes("two_shot", n, payload_bytes, payload2_bytes / n), alpha, beta)
 
 
 def codec_s(n: int, values: int, bits: float, gpu: Gpu, method: str) -> float:
@@ -178,7 +191,8 @@ def check_against(records: list[dict]) -> list[dict]:
     """Fit alpha/beta per (link, tp) to the bf16 all-reduce records, then predict every
     record's *collective* time from its bytes per rank and report the relative error.
 
-    Records need tp, link, method, tokens, hidden, median_ms, bytes_per_rank and (optionally)
+    Records need tp, link, method, tokens, hidden, median_ms, bytes_per_rank (what one rank sends,
+    ``lowbit.wire.accounting.wire_bytes``, as the collective bench records it) and (optionally)
     codec_ms (quantize + dequantize time measured alone); without codec_ms the quantized
     methods are predicted from communication only and their error includes the codec time."""
     out = []
@@ -193,13 +207,10 @@ def check_against(records: list[dict]) -> list[dict]:
         a, b = fit_alpha_beta([(2 * (n - 1) / n * r["tokens"] * r["hidden"] * 2, r["median_ms"] / 1e3) for r in exact])
         alpha, beta = a / (2 * (n - 1)), 1.0 / b
         for r in rows:
-            payload = r["bytes_per_rank"]
             if r["method"] in EXACT_METHODS:
                 pred = allreduce_s(n, r["tokens"] * r["hidden"] * 2, alpha, beta)
-            elif r["method"] == "gather":
-                pred = gather_s(n, payload, alpha, beta)
-            else:  # two_shot: bytes_per_rank counts both legs
-                pred = 2 * (n - 1) * alpha + (n - 1) / n * payload / beta
+            else:  # gather / two_shot: bytes_per_rank is already what one rank sends (both legs)
+                pred = collective_s(r["method"], n, r["bytes_per_rank"], alpha, beta)
             pred += r.get("codec_ms", r.get("compute_ms") or 0.0) / 1e3
             out.append(dict(link=link, tp=n, method=r["method"], scheme=r.get("scheme"), tokens=r["tokens"],
                             hidden=r["hidden"], measured_ms=r["median_ms"], predicted_ms=pred * 1e3,

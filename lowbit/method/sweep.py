@@ -33,6 +33,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowbit.wire.accounting import scheme_bits_per_value
@@ -77,14 +78,27 @@ def grid_schemes(grid: dict | None, hidden: int, tp: int, budget_min: float, bud
     return list(dict.fromkeys(out))
 
 
+def undominated(cost, loss) -> list[bool]:
+    """The one Pareto rule: True for points no other point beats (lower-or-equal cost and
+    lower-or-equal loss, strictly lower in one). Non-finite points are never on the front."""
+    c, q = np.asarray(cost, dtype=float), np.asarray(loss, dtype=float)
+    ok = np.isfinite(c) & np.isfinite(q)
+    front = np.zeros(len(c), dtype=bool)
+    for i in np.flatnonzero(ok):
+        front[i] = not (ok & (c <= c[i]) & (q <= q[i]) & ((c < c[i]) | (q < q[i]))).any()
+    return front.tolist()
+
+
 def pareto_frontier(points: list[dict], x: str = "bits_per_value", y: str = "kl") -> list[dict]:
-    """Points not dominated on (x lower, y lower), sorted by x."""
+    """Points not dominated on (x lower, y lower) (``undominated``), sorted by x; of identical
+    (x, y) points the first is kept."""
     ordered = sorted(points, key=lambda p: (p[x], p[y]))
-    frontier, best_y = [], float("inf")
-    for p in ordered:
-        if p[y] < best_y:
+    keep = undominated([p[x] for p in ordered], [p[y] for p in ordered])
+    frontier, seen = [], set()
+    for p, on in zip(ordered, keep):
+        if on and (p[x], p[y]) not in seen:
             frontier.append(p)
-            best_y = p[y]
+            seen.add((p[x], p[y]))
     return frontier
 
 

@@ -113,9 +113,18 @@ class QuantSpec:
     def dynamic(self) -> bool:
         return self.granularity in DYNAMIC_GRANULARITIES
 
+    @property
+    def granularity_text(self) -> str:
+        """The granularity as the grammar writes it: ``static``, ``token`` or ``group<G>``."""
+        return f"group{self.group_size}" if self.granularity == "group" else self.granularity
+
+    @property
+    def code_text(self) -> str:
+        """The code as the grammar writes it, e.g. ``int4``, ``int3a``, ``nf4``."""
+        return f"{self.code}{self.bits}{'' if self.symmetric else 'a'}"
+
     def __str__(self) -> str:
-        gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"{self.code}{self.bits}{'' if self.symmetric else 'a'}-{gran}"
+        return f"{self.code_text}-{self.granularity_text}"
 
     def validate_for(self, hidden: int) -> None:
         if self.granularity == "group" and hidden % self.group_size:

@@ -44,9 +44,13 @@ def two_shot_chunk_outliers(k: int, tp: int) -> list[int]:
     return [k // tp + (1 if j < k % tp else 0) for j in range(tp)]
 
 
+def _widest(tokens: int, width: int, second: QuantSpec, chunk_outliers: list[int]) -> int:
+    return max(chunk_outliers, key=lambda c: layout(tokens, width, second, c).total_bytes)
+
+
 def leg2_chunk_bytes(tokens: int, width: int, second: QuantSpec, chunk_outliers: list[int]) -> int:
     """Bytes of the padded second-leg chunk every owner all-gathers: the largest chunk payload."""
-    return max(layout(tokens, width, second, c).total_bytes for c in chunk_outliers)
+    return layout(tokens, width, second, _widest(tokens, width, second, chunk_outliers)).total_bytes
 
 
 def scheme_bits_breakdown(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> dict:
@@ -66,16 +70,46 @@ def scheme_bits_breakdown(scheme: Scheme | str, hidden: int, tp: int, tokens: in
         if scheme.rotation is not None:
             return {"leg 1": rotated_message_bits(tokens, hidden, scheme.quant, k), "leg 2": None}
         return {"leg 1": scheme_layout(scheme, tokens, hidden, k).bits_per_value, "leg 2": None}
-    width = hidden // tp
     per_chunk = two_shot_chunk_outliers(k, tp) if scheme.rotation is None else [0] * tp
-    leg1 = {}
-    for c in per_chunk:
+    leg1, leg2 = two_shot_parts(scheme, tokens, hidden, tp, per_chunk)
+    return {"leg 1": {part: b * 8 / values for part, b in leg1.items()},
+            "leg 2": {part: b * 8 / values for part, b in leg2.items()}}
+
+
+def two_shot_parts(scheme: Scheme, tokens: int, hidden: int, tp: int, chunk_outliers: list[int]
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+    """Bytes by part of one rank's two-shot call: leg 1, its tp first-leg chunk messages (chunk j
+    with ``chunk_outliers[j]`` static BF16 features); leg 2, its one padded second-leg chunk."""
+    width = hidden // tp
+    leg1: dict[str, float] = {}
+    for c in chunk_outliers:
         for part, bits in scheme_layout(scheme, tokens, width, c).bits_per_value.items():
-            leg1[part] = leg1.get(part, 0.0) + bits * tokens * width / values
-    widest = max(per_chunk, key=lambda c: layout(tokens, width, scheme.second, c).total_bytes)
-    leg2 = {part: bits * tokens * width / values  # this rank sends one padded chunk payload
-            for part, bits in layout(tokens, width, scheme.second, widest).bits_per_value.items()}
-    return {"leg 1": leg1, "leg 2": leg2}
+            leg1[part] = leg1.get(part, 0.0) + bits * tokens * width / 8
+    widest = _widest(tokens, width, scheme.second, chunk_outliers)
+    leg2 = {part: bits * tokens * width / 8 for part, bits in layout(tokens, width, scheme.second, widest)
+            .bits_per_value.items()}
+    return leg1, leg2
+
+
+def site_bytes(scheme: Scheme | str, tokens: int, hidden: int, tp: int,
+               chunk_outliers: list[int] | None = None) -> tuple[int, int]:
+    """(first-leg bytes, second-leg bytes) one rank hands to collectives in one call: exact, the
+    tensor in its wire dtype; gather, its one message (rotated: all H codes + the BF16 tail);
+    two-shot, its tp chunk messages (``chunk_outliers`` static BF16 features per chunk; default:
+    spread evenly) and its padded second-leg chunk."""
+    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    if scheme.is_exact:
+        return layout(tokens, hidden, scheme).total_bytes, 0
+    k = scheme.outliers.count(hidden)
+    if scheme.algo == "gather":
+        if scheme.rotation is not None:
+            return layout(tokens, hidden, scheme.quant, 0).total_bytes + tokens * k * OUTLIER_DTYPE.itemsize, 0
+        return scheme_layout(scheme, tokens, hidden, k).total_bytes, 0
+    width = hidden // tp
+    if chunk_outliers is None:
+        chunk_outliers = two_shot_chunk_outliers(k, tp) if scheme.rotation is None else [0] * tp
+    leg1 = sum(scheme_layout(scheme, tokens, width, c).total_bytes for c in chunk_outliers)
+    return leg1, leg2_chunk_bytes(tokens, width, scheme.second, chunk_outliers)
 
 
 def scheme_bits_per_value(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> float:
@@ -110,19 +144,18 @@ def wire_bytes(method: str, tp: int, leg1_bytes: float, leg2_bytes: float = 0.0)
         raise ValueError(f"method: {method!r} not allowed; allowed: {', '.join(METHODS)}")
     if tp <= 1:
         return 0.0
+    # products first, one division: integer byte counts stay exact (int() of the result floors)
     if method == "exact":
-        return 2 * (tp - 1) / tp * leg1_bytes
+        return 2 * (tp - 1) * leg1_bytes / tp
     if method == "gather":
-        return (tp - 1) * leg1_bytes
-    return (tp - 1) / tp * leg1_bytes + (tp - 1) * leg2_bytes
+        return float((tp - 1) * leg1_bytes)
+    return (tp - 1) * leg1_bytes / tp + (tp - 1) * leg2_bytes
 
 
 def site_traffic(scheme: Scheme | str, hidden: int, tp: int, tokens: int) -> dict:
     """One site's call at ``tokens`` x ``hidden``: the message bytes each rank encodes (both legs)
     and the bytes it sends with the scheme's collective (``wire_bytes``)."""
     scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
-    legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
-    leg1 = legs["leg 1"]["total"] * tokens * hidden / 8
-    leg2 = legs["leg 2"]["total"] * tokens * hidden / 8 if legs["leg 2"] is not None else 0.0
+    leg1, leg2 = site_bytes(scheme, tokens, hidden, tp)
     return dict(message_bytes=leg1 + leg2, sent_bytes=wire_bytes(method_of(scheme), tp, leg1, leg2),
                 bits_per_value=(leg1 + leg2) * 8 / (tokens * hidden) if tokens * hidden else 0.0)
