@@ -708,7 +708,7 @@ def valid_tp_sizes(name: str, largest: int = 8) -> list[int]:
 
 
 def machine_info() -> dict:
-    """CPU cores, GPUs and the backend ``auto`` picks here."""
+    """CPU cores, GPUs and the backend ``auto`` picks here (by TP size: ``lowbit.placement``)."""
     from launch.spec import available_gpus
     gpus = available_gpus()
     names = []
@@ -718,7 +718,8 @@ def machine_info() -> dict:
             names = [torch.cuda.get_device_name(i) for i in range(gpus)]
         except Exception:  # noqa: BLE001 - names are decoration
             names = []
-    return dict(cpu_cores=os.cpu_count() or 1, gpus=gpus, gpu_names=names, backend="nccl" if gpus else "gloo")
+    from lowbit.placement import describe_auto
+    return dict(cpu_cores=os.cpu_count() or 1, gpus=gpus, gpu_names=names, backend=describe_auto(gpus))
 
 
 # -- collective benchmark ------------------------------------------------------------------------
