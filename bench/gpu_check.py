@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = ("shared_gpu", "kernels_equal", "kernel_speed", "tp_engine", "collectives")
 # Seconds per step on the GPU (full mode) and on the CPU (quick mode); the whole run stops
 # starting steps once TOTAL_LIMIT_S is spent, and each step gets at most what is left.
-STEP_LIMIT_S = dict(shared_gpu=45, kernels_equal=120, kernel_speed=80, tp_engine=100, collectives=110)
+STEP_LIMIT_S = dict(shared_gpu=40, kernels_equal=110, kernel_speed=70, tp_engine=120, collectives=110)
 QUICK_LIMIT_S = dict(shared_gpu=90, kernels_equal=120, kernel_speed=60, tp_engine=120, collectives=150)
 TOTAL_LIMIT_S = 470.0
 LOG_TAIL_CHARS = 3000
@@ -335,7 +335,7 @@ def run_one_step(name: str, out: Path, device: str, quick: bool, limit_s: float)
 
 
 COLLECTIVE_GRID = dict(tp=[2, 4, 3], tokens=[1, 16, 256, 2048, 8192], hidden=[576, 5120],
-                       repeats=5, min_repeats=3, warmup=1, budget_s=3.0, compute_repeats=1)
+                       repeats=5, min_repeats=3, warmup=1, budget_s=2.0, compute_repeats=1)
 COLLECTIVE_QUICK = dict(tp=[2], tokens=[1, 16], hidden=[576], schemes=["bf16", "int4-static-top1/64"],
                         repeats=2, min_repeats=1, warmup=0, budget_s=0.5, compute_repeats=1)
 
@@ -354,23 +354,39 @@ def collectives_step(rec: StepRecord, out: Path, device: str, quick: bool) -> No
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in grid.items() if k != "tp")
     rec.save()
+    from bench.gpu_check_ranks import codec_problem, seconds_left
+    rec["codec_problem"] = codec_problem(device)
+    env = dict(os.environ)
+    if rec["codec_problem"] or device == "cpu":
+        env["LOWBIT_KERNELS"] = "reference"  # CPU: no torch.compile in the test; GPU: Triton failed
     runs_root = Path(tempfile.mkdtemp(prefix="gpu-check-runs-"))
-    for tp in grid["tp"]:
+    env["LOWBIT_RUNS"] = str(runs_root / "runs")
+    rec.save()
+    for i, tp in enumerate(grid["tp"]):
+        # the queue starts each job in its own session: its time limit, not this step's kill,
+        # is what stops it, so each job gets what is left less 20 s for each later TP size
+        job_limit = seconds_left(rec, 20.0 * (len(grid["tp"]) - i - 1)) - 8.0
+        if job_limit < 15:
+            rec["jobs"] = rec["jobs"] + [dict(tp=tp, status="skipped", error="step time limit spent")]
+            continue
         target = runs_root / f"tp{tp}.json"
-        argv = ["--tp", str(tp), "--link", "loopback", "--out", str(target), "--time-limit-s", "600"]
+        argv = ["--tp", str(tp), "--link", "loopback", "--out", str(target), "--time-limit-s", f"{job_limit:.0f}"]
         for key in ("tokens", "hidden", "schemes"):
             if key in grid:
                 argv += [f"--{key}"] + [str(v) for v in grid[key]]
         for key in ("repeats", "min_repeats", "warmup", "budget_s", "compute_repeats"):
             argv += [f"--{key.replace('_', '-')}", str(grid[key])]
         start = time.perf_counter()
-        env = dict(os.environ, LOWBIT_RUNS=str(runs_root / "runs"))
-        proc = subprocess.run([sys.executable, "-m", "bench.collectives", *argv], cwd=REPO, env=env,
-                              capture_output=True, text=True)
-        sys.stdout.write(proc.stdout[-20000:])
-        sys.stderr.write(proc.stderr[-20000:])
-        job = dict(tp=tp, rc=proc.returncode, seconds=round(time.perf_counter() - start, 3),
-                   status="ok" if proc.returncode == 0 and target.exists() else "failed")
+        try:
+            proc = subprocess.run([sys.executable, "-m", "bench.collectives", *argv], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=job_limit + 30)
+            rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            rc, stdout, stderr = None, _text(exc.stdout), _text(exc.stderr) + "\n(bench.collectives timed out)"
+        sys.stdout.write(stdout[-20000:])
+        sys.stderr.write(stderr[-20000:])
+        job = dict(tp=tp, rc=rc, seconds=round(time.perf_counter() - start, 3), time_limit_s=round(job_limit),
+                   status="ok" if rc == 0 and target.exists() else "failed")
         data = read_json(target)
         if data:
             rec["records"] = rec["records"] + data.get("records", [])
@@ -378,14 +394,19 @@ def collectives_step(rec: StepRecord, out: Path, device: str, quick: bool) -> No
             job["runs"] = runs
             job["placement"] = _run_placement(runs_root / "runs", runs)
         else:
-            job["error"] = (proc.stderr or proc.stdout)[-LOG_TAIL_CHARS:]
+            job["error"] = (stderr or stdout)[-LOG_TAIL_CHARS:]
         rec["jobs"] = rec["jobs"] + [job]
         rec.save()
     bad = [j["tp"] for j in rec["jobs"] if j["status"] != "ok"]
+    rec["codec"] = "torch reference (LOWBIT_KERNELS=reference)" if "LOWBIT_KERNELS" in env else "kernels.dispatch (auto)"
     rec["checks"] = dict(all_jobs_ok=not bad,
                          every_path_computed_the_sum=all((r.get("rel_error") is None or r["rel_error"] < 0.5)
                                                          for r in rec["records"]))
     rec["error"] = f"collective-bench failed at TP {bad}" if bad else None
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
 
 
 def _run_placement(root: Path, runs: list[dict]):

@@ -330,7 +330,7 @@ def kernel_speed_step(rec, out, device: str, quick: bool) -> None:
         from kernels.hadamard import block_hadamard
     else:
         from kernels.hadamard import block_hadamard_ref as block_hadamard
-    timer = Timer(device, budget_s=0.05 if quick else 0.25, min_reps=3 if quick else 20, max_reps=10 if quick else 200)
+    timer = Timer(device, budget_s=0.05 if quick else 0.15, min_reps=3 if quick else 20, max_reps=10 if quick else 100)
     hidden = QUICK_SPEED_HIDDEN if quick else SPEED_HIDDEN
     sizes = [(t, hidden) for t in (QUICK_SPEED_TOKENS if quick else SPEED_TOKENS)] + ([] if quick else [LARGE])
     rec["impl"], rec["tp"], rec["rows"] = impl, SPEED_TP, []
