@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = ("shared_gpu", "kernels_equal", "kernel_speed", "tp_engine", "collectives")
 # Seconds per step on the GPU (full mode) and on the CPU (quick mode); the whole run stops
 # starting steps once TOTAL_LIMIT_S is spent, and each step gets at most what is left.
-STEP_LIMIT_S = dict(shared_gpu=40, kernels_equal=110, kernel_speed=70, tp_engine=120, collectives=110)
+STEP_LIMIT_S = dict(shared_gpu=40, kernels_equal=120, kernel_speed=70, tp_engine=120, collectives=110)
 QUICK_LIMIT_S = dict(shared_gpu=90, kernels_equal=120, kernel_speed=60, tp_engine=120, collectives=150)
 TOTAL_LIMIT_S = 470.0
 LOG_TAIL_CHARS = 3000

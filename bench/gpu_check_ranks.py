@@ -112,7 +112,8 @@ def shared_gpu_step(rec, out, device: str, quick: bool) -> None:
         errors = [r.get("error") for r in ranks if r.get("error")]
         text = " ".join(errors) + " " + (probe.get("output_tail") or "")
         rec["nccl_same_device"] = dict(
-            refused=bool(errors) or probe["rc"] != 0, duplicate_gpu_message="Duplicate GPU" in text,
+            refused=bool(errors), worked=bool(ranks) and all(r.get("ok") for r in ranks),
+            duplicate_gpu_message="Duplicate GPU" in text,
             errors=errors[:2], rc=probe["rc"], timed_out=probe["timed_out"], seconds=probe["seconds"],
             output_tail=probe.get("output_tail") if not errors else None)
     else:
