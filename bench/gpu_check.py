@@ -398,7 +398,8 @@ def collectives_step(rec: StepRecord, out: Path, device: str, quick: bool) -> No
         rec["jobs"] = rec["jobs"] + [job]
         rec.save()
     bad = [j["tp"] for j in rec["jobs"] if j["status"] != "ok"]
-    rec["codec"] = "torch reference (LOWBIT_KERNELS=reference)" if "LOWBIT_KERNELS" in env else "kernels.dispatch (auto)"
+    rec["codec"] = ("torch reference (LOWBIT_KERNELS=reference)" if "LOWBIT_KERNELS" in env
+                    else "kernels.dispatch (auto)")
     rec["checks"] = dict(all_jobs_ok=not bad,
                          every_path_computed_the_sum=all((r.get("rel_error") is None or r["rel_error"] < 0.5)
                                                          for r in rec["records"]))
@@ -420,32 +421,37 @@ def _run_placement(root: Path, runs: list[dict]):
 
 # -- report ----------------------------------------------------------------------------------
 def report(out: Path) -> str:
-    """A short text report of a run's files (what to paste into the README)."""
+    """A short text report of a run's files: the tables, then one line per step (last, so the
+    end of the output, which is what the device tool returns, always holds the verdicts)."""
     out = Path(out)
     s = read_json(out / SUMMARY) or {}
-    lines = [f"gpu-check {s.get('created')} on {s.get('gpu') or s.get('device')} · torch {s.get('torch')} · "
-             f"triton {s.get('triton')} · CUDA {s.get('cuda')} · driver {s.get('driver')} · "
-             f"{s.get('total_seconds')} s" + (" · QUICK (CPU-safe) mode" if s.get("quick") else "")]
-    for st in s.get("steps", []):
-        lines.append(f"- {st.get('step')}: {st.get('status')} ({st.get('seconds')} s) "
-                     f"checks {json.dumps(st.get('checks'))}" + (f" error: {st.get('error')}" if st.get("error") else ""))
+    lines = []
     ks = read_json(step_file(out, "kernel_speed"))
     if ks and ks.get("rows"):
-        lines += ["", "| kernel | scheme | MB moved | µs (median) | GB/s | copy GB/s | of copy |", "|---|---|---|---|---|---|---|"]
+        lines += ["| kernel | scheme | MB moved | µs (median) | GB/s | copy GB/s | of copy |",
+                  "|---|---|---|---|---|---|---|"]
         for r in ks["rows"]:
             lines.append(f"| {r['kernel']} | {r['scheme']} | {r['bytes_moved'] / 1e6:.2f} | {r['median_us']:.1f} | "
                          f"{r['gbps']:.0f} | {r['copy_gbps']:.0f} | {100 * r['of_copy']:.0f}% |")
-        lines.append(f"target {json.dumps(ks.get('target'))}; fixed cost µs {json.dumps(ks.get('fixed_cost_us'))}")
+        lines.append(f"target {json.dumps(ks.get('target'))}")
+        lines.append(f"fixed cost µs {json.dumps(ks.get('fixed_cost_us'))}")
     tp = read_json(step_file(out, "tp_engine"))
     if tp and tp.get("runs"):
-        lines += ["", "| TP | logits max abs diff (tol) | scheme | prefill tok/s | decode tok/s | comm share prefill / decode |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| TP | logits max abs diff (tol) | scheme | prefill tok/s | decode tok/s | "
+                      "comm share prefill / decode |", "|---|---|---|---|---|---|"]
         for r in tp["runs"]:
             for sc in r.get("schemes", []):
                 share = sc.get("comm_share") or {}
                 lines.append(f"| {r['tp']} | {r.get('max_abs_logit_diff')} ({r.get('atol')}) | {sc['scheme']} | "
                              f"{_fmt(sc.get('prefill_tokens_per_s'))} | {_fmt(sc.get('decode_tokens_per_s'))} | "
                              f"{_fmt(share.get('prefill'), 3)} / {_fmt(share.get('decode'), 3)} |")
+    lines += ["", f"gpu-check {s.get('created')} on {s.get('gpu') or s.get('device')} · torch {s.get('torch')} · "
+                  f"triton {s.get('triton')} · CUDA {s.get('cuda')} · driver {s.get('driver')} · "
+                  f"{s.get('total_seconds')} s" + (" · QUICK (CPU-safe) mode" if s.get("quick") else "")]
+    for st in s.get("steps", []):
+        error = f" error: {st.get('error')}" if st.get("error") else ""
+        lines.append(f"- {st.get('step')}: {st.get('status')} ({st.get('seconds')} s) "
+                     f"checks {json.dumps(st.get('checks'))}{error}")
     return "\n".join(lines)
 
 

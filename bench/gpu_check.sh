@@ -12,7 +12,13 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # a fresh machine has no Triton cache; keep it inside the run (not in $OUT: it does not travel)
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/lowbit-triton-cache}"
-timeout --kill-after=10 "${GPU_CHECK_TIMEOUT:-480}" "$PY" -m bench.gpu_check --out "$OUT" "$@"
+# every rank is on this machine: gloo over loopback (a sandbox's hostname may not resolve)
+export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
+if command -v timeout >/dev/null; then
+    timeout --kill-after=10 "${GPU_CHECK_TIMEOUT:-480}" "$PY" -m bench.gpu_check --out "$OUT" "$@"
+else
+    "$PY" -m bench.gpu_check --out "$OUT" "$@"
+fi
 rc=$?
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     echo "gpu-check: stopped at ${GPU_CHECK_TIMEOUT:-480} s; the files under $OUT hold what had finished" >&2

@@ -290,7 +290,7 @@ class Timer:
         self.budget_s, self.min_reps, self.max_reps = budget_s, min_reps, max_reps
 
     def __call__(self, fn, sets: int) -> dict:
-        for i in range(min(3, sets) or 1):  # warm up (compilation, allocator)
+        for i in range(3):  # warm up (compilation, allocator, first-call library set-up)
             fn(i % sets)
         self._sync()
         times = []

@@ -107,7 +107,8 @@ def shared_gpu_step(rec, out, device: str, quick: bool) -> None:
     rec["expected"] = {str(tp): choose_placement("auto", 0, tp, gpus).as_dict() for tp in (2, 4)}
     if device == "cuda":
         probe = torchrun("nccl_probe", 2, {}, timeout_s=max(5.0, min(30.0, seconds_left(rec, 2 * 12.0))),
-                         env_extra=dict(NCCL_DEBUG="WARN"))
+                         env_extra=dict(NCCL_DEBUG="WARN",
+                                        NCCL_SOCKET_IFNAME=os.environ.get("NCCL_SOCKET_IFNAME", "lo")))
         ranks = (probe["result"] or {}).get("ranks") or []
         errors = [r.get("error") for r in ranks if r.get("error")]
         text = " ".join(errors) + " " + (probe.get("output_tail") or "")

@@ -4,7 +4,8 @@ The TP model and the communicators only need four things from a group: its rank,
 and the collectives all_reduce, all_gather and all_to_all. ``TorchGroup`` forwards them to
 ``torch.distributed`` (gloo on CPU or on a GPU that ranks share, NCCL on one GPU per rank;
 ``lowbit.placement`` decides). ``ThreadWorld`` runs the same collectives between threads of one
-process, so most tests exercise real TP math without starting processes (torch ops release the GIL, so the threads really run side by side).
+process, so most tests exercise real TP math without starting processes (torch ops release the
+GIL, so the threads really run side by side).
 """
 from __future__ import annotations
 
