@@ -205,6 +205,7 @@ def run_step(name: str, out: Path, device: str, quick: bool, limit_s: float, log
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if device == "cpu" and name == "kernels_equal":
         env["TRITON_INTERPRET"] = "1"  # the kernels under the Triton interpreter (no GPU)
+    Path(out).mkdir(parents=True, exist_ok=True)
     path = step_file(out, name)
     if path.exists():
         path.unlink()
@@ -313,6 +314,8 @@ def run_all(out: Path, device: str, quick: bool, steps: list[str], total_limit_s
 
 # -- step bodies -----------------------------------------------------------------------------
 def run_one_step(name: str, out: Path, device: str, quick: bool, limit_s: float) -> int:
+    from bench.gpu_check_ranks import end_sessions
+    signal.signal(signal.SIGTERM, end_sessions)  # the parent's stop also ends this step's torchrun ranks
     rec = StepRecord(out, name, device, quick, limit_s)
     try:
         if name in ("kernels_equal", "kernel_speed"):

@@ -47,6 +47,31 @@ TP_QUICK = dict(shape=TINY, tps=[2], prompt_tokens=16, new_tokens=4, rounds=1, c
 
 
 # -- launching ---------------------------------------------------------------------------------
+SESSIONS: dict[int, subprocess.Popen] = {}  # the torchrun launches in flight, by process group
+
+
+def end_session(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """TERM the launch's process group (torchrun then stops its ranks), then KILL what is left."""
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def end_sessions(signum=None, frame=None) -> None:
+    """SIGTERM handler of a step: end the torchrun launches it started, then exit."""
+    for proc in list(SESSIONS.values()):
+        end_session(proc, grace_s=2.0)
+    raise SystemExit(128 + (signum or 0))
+
+
 def torchrun(task: str, nproc: int, args: dict, timeout_s: float, env_extra: dict | None = None) -> dict:
     """Run ``task`` on ``nproc`` torchrun ranks; rank 0's result (or why there is none)."""
     import tempfile
@@ -60,14 +85,16 @@ def torchrun(task: str, nproc: int, args: dict, timeout_s: float, env_extra: dic
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
+        SESSIONS[proc.pid] = proc  # ended by end_sessions if this step is stopped first
         try:
             output, _ = proc.communicate(timeout=timeout_s)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
-            import signal
-            os.killpg(proc.pid, signal.SIGKILL)
+            end_session(proc)
             output, _ = proc.communicate()
             rc = None
+        finally:
+            SESSIONS.pop(proc.pid, None)
         sys.stdout.write(output[-20000:])
         data = json.loads(result.read_text()) if result.exists() else None
         return dict(rc=rc, timed_out=rc is None, seconds=round(time.perf_counter() - start, 3), result=data,
