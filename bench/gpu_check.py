@@ -215,11 +215,15 @@ def run_step(name: str, out: Path, device: str, quick: bool, limit_s: float, log
         log.write(f"\n==== {name} ({now_iso()}, limit {limit_s:.0f} s) ====\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        timed_out = False
+        timed_out = stopped = False
         try:
             rc = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             timed_out = True
+            _kill_group(proc)
+            rc = proc.wait()
+        except StopRun:  # the whole run was told to stop (e.g. the shell's timeout)
+            stopped = True
             _kill_group(proc)
             rc = proc.wait()
     seconds = time.perf_counter() - start
@@ -227,8 +231,9 @@ def run_step(name: str, out: Path, device: str, quick: bool, limit_s: float, log
     if data is None:
         data = dict(step=name, status="running", device=device, quick=quick, started=now_iso(), seconds=seconds,
                     limit_s=limit_s, error=None, checks={})
-    if timed_out:
-        data.update(status="timeout", error=f"killed at its limit of {limit_s:.0f} s (partial results kept)")
+    if timed_out or stopped:
+        why = f"its limit of {limit_s:.0f} s" if timed_out else "the stop of the whole run (SIGTERM)"
+        data.update(status="timeout", error=f"killed at {why} (partial results kept)")
     elif data.get("status") != "ok" and data.get("status") != "failed":
         data.update(status="failed", error=data.get("error") or f"exit code {rc} before the step finished")
     elif rc != 0 and data.get("status") == "ok":
@@ -237,7 +242,17 @@ def run_step(name: str, out: Path, device: str, quick: bool, limit_s: float, log
         data["log_tail"] = _tail(log_path, start_offset)
     data["seconds"] = round(seconds, 3)
     write_json(path, data)
+    if stopped:
+        raise StopRun(data)
     return data
+
+
+class StopRun(Exception):
+    """SIGTERM reached the orchestrator: the step in flight is ended and recorded, no more start."""
+
+
+def _raise_stop(signum, frame):
+    raise StopRun()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -298,7 +313,16 @@ def run_all(out: Path, device: str, quick: bool, steps: list[str], total_limit_s
             continue
         limit = min(limits[name], left)
         print(f"[gpu-check] {name}: limit {limit:.0f} s", flush=True)
-        data = run_step(name, out, device, quick, limit, log_path)
+        try:
+            data = run_step(name, out, device, quick, limit, log_path)
+        except StopRun as stop:
+            data = stop.args[0] if stop.args else dict(step=name, status="timeout", error="run stopped")
+            summary["steps"][i] = dict(step=name, status=data.get("status"), seconds=data.get("seconds"),
+                                       limit_s=limit, error=data.get("error"), checks=data.get("checks"),
+                                       file=step_file(out, name).name)
+            for j in range(i + 1, len(steps)):
+                summary["steps"][j] = dict(step=steps[j], status="skipped", error="the run was stopped (SIGTERM)")
+            break
         summary["steps"][i] = dict(step=name, status=data.get("status"), seconds=data.get("seconds"),
                                    limit_s=limit, error=data.get("error"), checks=data.get("checks"),
                                    file=step_file(out, name).name, headline=headline(data))
@@ -488,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.step:
         return run_one_step(args.step, args.out, device, args.quick, args.limit_s)
+    signal.signal(signal.SIGTERM, _raise_stop)  # the shell's timeout: end the step in flight, keep the files
     summary = run_all(args.out, device, args.quick, args.steps, args.total_limit_s)
     print(report(args.out))
     return 0 if all(s.get("status") == "ok" for s in summary["steps"]) else 1

@@ -177,7 +177,9 @@ def test_quick_run_results_hold_measured_values(quick_run):
     assert kernels["pytest"]["passed"] > 0 and kernels["pytest"]["failed"] == 0
     kinds = {r["kernel"] for r in kernels["large"]}
     assert kinds == {"quantize_pack", "unpack_dequant_sum", "unpack_dequant_sum_requant", "block_hadamard"}
-    assert all(r["same_device"]["equal"] for r in kernels["large"])
+    assert all(r["same_device"]["equal"] for r in kernels["large"] if r["kernel"] != "block_hadamard")
+    # the rotation sums in another order than the reference's matmul: within the bound, not bitwise
+    assert all(r["within_bound"] for r in kernels["large"] if r["kernel"] == "block_hadamard")
     assert any("cpu_reference" in r for r in kernels["large"])
 
     speed = json.loads((out / "kernel_speed.json").read_text())
