@@ -509,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
+    if device == "cpu" and not args.quick and not args.step:
+        ap.error("the full check needs CUDA (13B-shaped layers, 64 MB messages); on the CPU add --quick")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.step:
         return run_one_step(args.step, args.out, device, args.quick, args.limit_s)
