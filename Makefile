@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup clean-venv
+.PHONY: run test setup clean-venv gpu-check
 
 $(STAMP): requirements.txt requirements-assets.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ $(CHROMIUM):
 test: $(STAMP) | $(CHROMIUM)
 	$(VENV)/bin/lint-imports --config .importlinter
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# On a GPU machine, with that machine's own python (not .venv): bench/gpu_check.py's docstring.
+OUT ?= gpu-check-out
+gpu-check:
+	bash bench/gpu_check.sh $(OUT)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -73,6 +73,7 @@ def run_job(spec_path: Path) -> dict | None:
             result = dict(result)
             result.setdefault("run", dict(id=paths.run_id, kind=spec.kind, model=spec.model, tp=group.world_size,
                                           backend=getattr(group, "backend", "?"),
+                                          placement=_placement(group),
                                           seconds=time.perf_counter() - start))
             write_atomic(paths.result, json.dumps(result, indent=2, default=str))
         group.barrier()
@@ -81,6 +82,12 @@ def run_job(spec_path: Path) -> dict | None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _placement(group) -> dict | None:
+    """The backend/device choice of this rank and why (``lowbit.comm.placement``), for result.json."""
+    placement = getattr(group, "placement", None)
+    return placement.as_dict() if placement is not None else None
 
 
 @record

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from launch.spec import available_gpus
+from lowbit.comm.placement import describe_auto
 from lowbit.model.models import load_config
 from lowbit.model.tp import TPSizeError, check_tp_size, text_config
 
@@ -31,7 +32,7 @@ def valid_tp_sizes(name: str, largest: int = 8) -> list[int]:
 
 
 def machine_info() -> dict:
-    """CPU cores, GPUs and the backend ``auto`` picks here."""
+    """CPU cores, GPUs and the backend ``auto`` picks here (by TP size: ``lowbit.comm.placement``)."""
     gpus = available_gpus()
     names = []
     if gpus:
@@ -40,4 +41,4 @@ def machine_info() -> dict:
             names = [torch.cuda.get_device_name(i) for i in range(gpus)]
         except Exception:  # noqa: BLE001 - names are decoration
             names = []
-    return dict(cpu_cores=os.cpu_count() or 1, gpus=gpus, gpu_names=names, backend="nccl" if gpus else "gloo")
+    return dict(cpu_cores=os.cpu_count() or 1, gpus=gpus, gpu_names=names, backend=describe_auto(gpus))

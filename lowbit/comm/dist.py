@@ -2,9 +2,10 @@
 
 The TP model and the communicators only need four things from a group: its rank, its size,
 and the collectives all_reduce, all_gather and all_to_all. ``TorchGroup`` forwards them to
-``torch.distributed`` (gloo on CPU, NCCL on GPU). ``ThreadWorld`` runs the same collectives
-between threads of one process, so most tests exercise real TP math without starting
-processes (torch ops release the GIL, so the threads really run side by side).
+``torch.distributed`` (gloo on CPU or on a GPU that ranks share, NCCL on one GPU per rank;
+``lowbit.comm.placement`` decides). ``ThreadWorld`` runs the same collectives between threads of one
+process, so most tests exercise real TP math without starting processes (torch ops release the
+GIL, so the threads really run side by side).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class TorchGroup:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
+        self.placement = None  # lowbit.comm.placement.Placement, set by init_from_env
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.contiguous().clone()
@@ -167,23 +169,29 @@ class ThreadGroup:
 def init_from_env(backend: str = "auto", timeout_s: float = 120.0) -> TorchGroup:
     """Initialise torch.distributed from torchrun's environment and return the group.
 
-    ``backend='auto'`` picks NCCL when CUDA has a device for every local rank, else gloo.
-    The timeout bounds every collective, so a dead peer fails the job instead of hanging it.
+    ``backend='auto'`` picks NCCL when CUDA has a device for every local rank, gloo with CUDA
+    tensors when ranks must share a GPU, else gloo on the CPU (``lowbit.comm.placement``; the choice
+    and its reason are ``group.placement``). The timeout bounds every collective, so a dead
+    peer fails the job instead of hanging it.
     """
-    if backend not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"backend must be one of auto, gloo, nccl; got {backend!r}")
+    from lowbit.comm.placement import choose_placement, visible_gpus
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    placement = choose_placement(backend, local_rank, local_world, visible_gpus() if backend != "gloo" else 0)
+    if placement.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(placement.device))
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return TorchGroup()
+        dist.init_process_group(backend=placement.backend, timeout=datetime.timedelta(seconds=timeout_s))
+    group = TorchGroup()
+    group.placement = placement
+    return group
 
 
 def device_for(group: Group) -> torch.device:
-    """The device this rank computes on: its GPU under NCCL, else the CPU."""
+    """The device this rank computes on: its GPU under NCCL or on a shared GPU, else the CPU."""
+    placement = getattr(group, "placement", None)
+    if placement is not None:
+        return torch.device(placement.device)
     if getattr(group, "backend", "") == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
