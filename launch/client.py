@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from launch.events import progress, read_events, text_bar
 from launch.index import RunIndex
 from launch.layout import run_paths
@@ -100,7 +102,6 @@ def cmd_calibrate(args) -> int:
 
 def format_results(result: dict) -> str:
     """evaluate's records as a text table (one row per scheme)."""
-    import pandas as pd
     rows = []
     for r in result["records"]:
         top1 = r.get("top1_agreement")

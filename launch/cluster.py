@@ -50,7 +50,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.layout import RunPaths
 from launch.procs import lock_held
+from launch.spec import JobSpec
+from launch.submit import job_env, torchrun_args
 
 PREFIX = "lowbit-"
 SUBNET = "10.213.0"          # /24, exists only inside the node namespaces of one cluster
@@ -329,14 +332,8 @@ def _remove_tag_namespaces_only(tag: str) -> None:
 # -- running a job on it ------------------------------------------------------------------------
 def node_torchrun(cluster: Cluster, node: int, spec_path: Path, log_dir: Path | None) -> list[str]:
     """The argument list that starts node ``node``'s torchrun inside its namespace."""
-    from launch.submit import MONITOR_INTERVAL_S
-    cmd = cluster.exec_prefix(node) + [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cluster.nodes), "--node-rank", str(node),
-        "--nproc-per-node", "1", "--master-addr", cluster.master_addr, "--master-port", str(MASTER_PORT),
-        "--monitor-interval", str(MONITOR_INTERVAL_S)]
-    if log_dir is not None:
-        cmd += ["--log-dir", str(log_dir), "--tee", "3"]
-    return cmd + ["-m", "launch.worker", str(spec_path)]
+    rendezvous = ["--master-addr", cluster.master_addr, "--master-port", str(MASTER_PORT)]
+    return cluster.exec_prefix(node) + torchrun_args(cluster.nodes, node, 1, rendezvous, spec_path, log_dir)
 
 
 def supervisor_command(spec_path: Path) -> list[str]:
@@ -347,9 +344,6 @@ def supervisor_command(spec_path: Path) -> list[str]:
 def run_spec(spec_path: Path) -> int:
     """Build the cluster for the spec at ``spec_path`` (one node per TP rank), run one torchrun
     per node, tear everything down; returns the first failing node's exit code, else 0."""
-    from launch.layout import RunPaths
-    from launch.spec import JobSpec
-    from launch.submit import job_env
 
     spec_path = Path(spec_path).resolve()
     spec = JobSpec.load_trusted(spec_path)  # validated at submit

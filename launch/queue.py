@@ -26,9 +26,16 @@ import time
 import traceback
 from pathlib import Path
 
-from launch import procs
+from launch import cluster, procs
 from launch.index import FINISHED, RunIndex
-from launch.layout import RunPaths, queue_lock_path, run_id_problem, runs_root, tail_text, write_atomic
+from launch.layout import (
+    RunPaths,
+    queue_lock_path,
+    run_id_problem,
+    runs_root,
+    tail_text,
+    write_atomic,
+)
 from launch.spec import JobSpec, SpecError, start_problems
 from launch.submit import REPO_ROOT, job_env, submit, torchrun_command
 
@@ -418,7 +425,6 @@ def _job_command(spec: JobSpec, paths: RunPaths) -> list[str]:
     Refused (field ``link``) where this process cannot create namespaces."""
     if spec.link == "loopback":
         return torchrun_command(spec, paths.spec, paths.logs)
-    from launch import cluster
     problem = cluster.link_problem(spec.link)
     if problem:
         raise cluster.ClusterError(problem)
@@ -429,7 +435,6 @@ def _teardown_cluster(run_id: str) -> None:
     """Cleanup hook where a run ends (done, failed, cancelled, timed out, lost): remove its
     emulated-cluster namespaces unless a live supervisor still owns them. Never raises."""
     try:
-        from launch import cluster
         cluster.teardown_run(run_id)
     except Exception:  # noqa: BLE001 - cleanup must not break the scheduler
         traceback.print_exc(file=sys.stderr)
@@ -438,7 +443,6 @@ def _teardown_cluster(run_id: str) -> None:
 def _remove_stale_clusters() -> None:
     """After a restart: namespaces of emulated clusters whose supervisor is gone."""
     try:
-        from launch import cluster
         cluster.remove_stale()
     except Exception:  # noqa: BLE001 - cleanup must not break the scheduler
         traceback.print_exc(file=sys.stderr)

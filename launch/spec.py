@@ -20,6 +20,10 @@ from pathlib import Path
 
 from launch.layout import calibration_folder, run_id_problem
 from launch.registry import KINDS, available_kinds, kind_problem
+from lowbit.model.data import TASKS, TEXT_SOURCES
+from lowbit.model.models import known_names, load_config
+from lowbit.model.tp import TPSizeError, check_tp_size
+from lowbit.scheme import parse_scheme_map
 
 BACKENDS = ("auto", "gloo", "nccl")
 LINK_PATTERN = re.compile(r"^(loopback|[1-9][0-9]{0,5}(\.[0-9]{1,3})?(kbit|mbit|gbit))$")
@@ -58,7 +62,6 @@ def available_gpus() -> int:
 def _known_data():
     """(text sources, tasks) from lowbit.model.data, or (None, None) if it cannot be imported."""
     try:
-        from lowbit.model.data import TASKS, TEXT_SOURCES
         return tuple(TEXT_SOURCES), tuple(TASKS)
     except Exception:  # noqa: BLE001 - fall back to a name-shape check
         return None, None
@@ -210,7 +213,6 @@ def _model_problem(model) -> str | None:
     """Why ``model`` cannot be loaded here (known name, local directory or cached hub id)."""
     if not isinstance(model, str) or not model:
         return f"must be a non-empty string, got {model!r}"
-    from lowbit.model.models import known_names
     names = known_names()
     if model in names:
         return None
@@ -226,7 +228,6 @@ def _model_problem(model) -> str | None:
         return f"{model!r} is not an existing directory; {allowed}"
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", model):
         try:
-            from lowbit.model.models import load_config
             load_config(model)  # a hub id already in the local cache
             return None
         except Exception:  # noqa: BLE001 - any failure: not loadable offline
@@ -257,8 +258,6 @@ def _field_problems(d: dict, skip: set[str] = frozenset()) -> list[tuple[str, st
     tp_ok = _is_int(tp) and 1 <= tp <= MAX_TP
     if model_ok and tp_ok:
         try:
-            from lowbit.model.models import load_config
-            from lowbit.model.tp import TPSizeError, check_tp_size
             check_tp_size(load_config(d["model"]), tp, d["model"])
         except TPSizeError as exc:
             p.append(("tp", str(exc).removeprefix("tp: ")))
@@ -371,7 +370,6 @@ def start_problems(spec: JobSpec, root: Path | None = None) -> list[tuple[str, s
 
 def _scheme_parser():
     try:
-        from lowbit.scheme import parse_scheme_map
         return parse_scheme_map
     except Exception:  # noqa: BLE001 - the non-empty-string check above still applies
         return None

@@ -27,13 +27,21 @@ def _as_spec(spec: JobSpec | dict) -> JobSpec:
     return spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
 
 
-def torchrun_command(spec: JobSpec, spec_path: Path, log_dir: Path | None = None) -> list[str]:
-    """The single-node torchrun argument list for ``spec`` (all ranks on this machine)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(spec.tp), "--monitor-interval", str(MONITOR_INTERVAL_S)]
+def torchrun_args(nnodes: int, node_rank: int, nproc: int, rendezvous: list[str], spec_path: Path,
+                 log_dir: Path | None = None) -> list[str]:
+    """The one torchrun argument list (never run through a shell): ``nproc`` ranks of node
+    ``node_rank`` of ``nnodes``, torchrun's own rendezvous options (``--standalone``, c10d, or a
+    master address), ranks tee'd to ``log_dir``, each running ``launch.worker`` on the spec."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+           "--nproc-per-node", str(nproc), "--monitor-interval", str(MONITOR_INTERVAL_S), *rendezvous]
     if log_dir is not None:
         cmd += ["--log-dir", str(log_dir), "--tee", "3"]
     return cmd + ["-m", "launch.worker", str(spec_path)]
+
+
+def torchrun_command(spec: JobSpec, spec_path: Path, log_dir: Path | None = None) -> list[str]:
+    """The single-node torchrun argument list for ``spec`` (all ranks on this machine)."""
+    return torchrun_args(1, 0, spec.tp, ["--standalone"], spec_path, log_dir)
 
 
 def node_commands(spec: JobSpec, spec_path: Path) -> list[list[str]]:
@@ -42,17 +50,10 @@ def node_commands(spec: JobSpec, spec_path: Path) -> list[list[str]]:
     if spec.nnodes > 1 and not spec.rdzv_endpoint:
         raise SpecError([("rdzv_endpoint", "required when nnodes > 1, as host:port")])
     rdzv_id = spec.run_id or "lowbit"
-    commands = []
-    for node in range(spec.nnodes):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(spec.nnodes),
-               "--node-rank", str(node), "--nproc-per-node", str(spec.nproc_per_node),
-               "--monitor-interval", str(MONITOR_INTERVAL_S)]
-        if spec.nnodes > 1:
-            cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint, "--rdzv-id", rdzv_id]
-        else:
-            cmd += ["--standalone"]
-        commands.append(cmd + ["-m", "launch.worker", str(spec_path)])
-    return commands
+    rendezvous = (["--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint, "--rdzv-id", rdzv_id]
+                  if spec.nnodes > 1 else ["--standalone"])
+    return [torchrun_args(spec.nnodes, node, spec.nproc_per_node, rendezvous, spec_path)
+            for node in range(spec.nnodes)]
 
 
 def job_env(spec: JobSpec, paths: RunPaths, parallel_jobs: int = 1) -> dict[str, str]:

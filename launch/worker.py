@@ -20,12 +20,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from launch.events import EventLog
 from launch.layout import RunPaths, write_atomic
 from launch.registry import kind_function
 from launch.spec import JobSpec
+from lowbit.comm.dist import init_from_env
 
 
 @dataclass
@@ -48,10 +51,7 @@ class JobContext:
 
 
 def run_job(spec_path: Path) -> dict | None:
-    import torch
-    import torch.distributed as dist
 
-    from lowbit.comm.dist import init_from_env
 
     spec_path = Path(spec_path).resolve()
     paths = RunPaths(spec_path.parent.parent, spec_path.parent.name)

@@ -30,6 +30,8 @@ import math
 
 import torch
 
+from lowbit.quant import dequantize, quantize
+
 _FP32 = torch.float32
 _SIGN_SEED = 0x5EED
 
@@ -101,7 +103,6 @@ def rotation_effect(x: torch.Tensor, block: int, spec) -> dict:
     ``error`` / ``error_rotated`` over the whole token, ``rest_error`` / ``rest_error_rotated``
     over every feature except the token's largest |x| (what a spike does to its neighbours).
     """
-    from lowbit.quant import dequantize, quantize
     if not spec.dynamic:
         raise ValueError(f"spec: {spec} not allowed; allowed: a dynamic granularity (token, group)")
     x = x.to(_FP32)

@@ -17,6 +17,7 @@ from launch import store
 from launch.layout import runs_root
 from launch.queue import JobQueue, cancel
 from launch.spec import JobSpec, SpecError
+from lowbit.model.models import describe_sources, known_names
 
 FONT = 18
 # Okabe-Ito: distinguishable with colour-blindness and on a washed-out projector.
@@ -112,13 +113,11 @@ def traffic_per_token(scheme: str, hidden: int, layers: int, tp: int) -> dict:
 
 @st.cache_data(show_spinner=False)
 def model_names() -> list[str]:
-    from lowbit.model.models import known_names
     return known_names()
 
 
 @st.cache_data(show_spinner=False)
 def model_sources() -> pd.DataFrame:
-    from lowbit.model.models import describe_sources
     return pd.DataFrame(describe_sources())
 
 

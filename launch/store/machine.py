@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from launch.spec import available_gpus
 from lowbit.comm.placement import describe_auto
 from lowbit.model.models import load_config
 from lowbit.model.tp import TPSizeError, check_tp_size, text_config
+
 
 def model_shape(name: str) -> dict:
     """hidden size, layers, heads, KV heads and vocabulary of a model, from its config only."""
@@ -37,7 +40,6 @@ def machine_info() -> dict:
     names = []
     if gpus:
         try:
-            import torch
             names = [torch.cuda.get_device_name(i) for i in range(gpus)]
         except Exception:  # noqa: BLE001 - names are decoration
             names = []

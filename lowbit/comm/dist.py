@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from lowbit.comm.placement import choose_placement, visible_gpus
+
 
 class Group(Protocol):
     """What a communicator needs from a process group."""
@@ -174,7 +176,6 @@ def init_from_env(backend: str = "auto", timeout_s: float = 120.0) -> TorchGroup
     and its reason are ``group.placement``). The timeout bounds every collective, so a dead
     peer fails the job instead of hanging it.
     """
-    from lowbit.comm.placement import choose_placement, visible_gpus
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     placement = choose_placement(backend, local_rank, local_world, visible_gpus() if backend != "gloo" else 0)

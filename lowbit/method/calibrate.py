@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.site import ROW_PARALLEL_MODULES, Site
-
+from lowbit.artifacts import CALIBRATE_DEFAULTS, calibration_cache_dir
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
-from lowbit.artifacts import CALIBRATE_DEFAULTS, calibration_cache_dir
 from lowbit.model.data import token_chunks
 from lowbit.model.engine import build_tp_model
+from lowbit.model.tp import row_parallel_sites, set_communicator
 from lowbit.scheme import OutlierSpec
+from lowbit.site import ROW_PARALLEL_MODULES, Site
 
 ARTIFACT_TENSORS = "calibration.safetensors"
 ARTIFACT_META = "calibration.json"
@@ -177,7 +177,6 @@ def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[to
                     meta: dict | None = None, progress=None) -> Calibration:
     """Collective: run ``token_batches`` through the TP ``model`` with the exact all-reduce and
     return the statistics of every rank (gathered on every rank)."""
-    from lowbit.model.tp import row_parallel_sites, set_communicator
     if not 0 < gamma <= 1:
         raise CalibrationError(f"gamma: {gamma} not in (0, 1]")
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -26,20 +26,40 @@ skips them, and the sensitivity table is kept the same way (``points/sensitivity
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import itertools
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lowbit.wire.accounting import scheme_bits_per_value
-from lowbit.scheme import SchemeError, parse_scheme, parse_scheme_map
-from lowbit.method.sensitivity import DEFAULT_CANDIDATES, BudgetError, allocate, map_bits_per_value, site_sensitivity
+from lowbit.comm.dist import ThreadWorld
+from lowbit.method.calibrate import Calibration
+from lowbit.method.evaluate import (
+    REFERENCE,
+    evaluate_tasks,
+    evaluate_text,
+    layer_errors,
+    summary_record,
+)
+from lowbit.method.sensitivity import (
+    DEFAULT_CANDIDATES,
+    BudgetError,
+    allocate,
+    map_bits_per_value,
+    site_sensitivity,
+)
+from lowbit.model.data import token_chunks
+from lowbit.model.engine import build_tp_model
+from lowbit.model.models import load_model
 from lowbit.model.tp import row_parallel_sites
+from lowbit.scheme import SchemeError, parse_scheme, parse_scheme_map
+from lowbit.wire.accounting import scheme_bits_per_value
 
 PAPER = "int4-static-top1/64"
 SENSITIVITY_FILE = "sensitivity.json"
@@ -158,7 +178,6 @@ def _sensitivity(model, group, p, calibration, held, points_dir: Path, progress)
 
 
 def _evaluate_point(model, group, tokenizer, scheme, calibration, held, items, p, progress) -> dict:
-    from lowbit.method.evaluate import REFERENCE, evaluate_tasks, evaluate_text, summary_record
     text = evaluate_text(model, group, held, [scheme], calibration, p["batch_size"], progress)
     tasks = evaluate_tasks(model, group, tokenizer, items, [scheme], calibration, progress) if items else None
     rec = summary_record(scheme, text[scheme], tasks[scheme] if tasks else None, tasks[REFERENCE] if tasks else None)
@@ -225,14 +244,7 @@ def sum_error(model_name: str, tp: int, schemes: list[str], calibration_dir: str
     """Per scheme: relative error of the reduced sum vs the exact fp32 sum at every site with exact
     inputs (``lowbit.method.evaluate.layer_errors`` "local"), as mean / median / max over sites, and the
     KL of the whole run. TP ranks are threads of this process (``lowbit.comm.dist.ThreadWorld``)."""
-    import statistics
 
-    from lowbit.method.calibrate import Calibration
-    from lowbit.model.data import token_chunks
-    from lowbit.comm.dist import ThreadWorld
-    from lowbit.model.engine import build_tp_model
-    from lowbit.method.evaluate import evaluate_text, layer_errors
-    from lowbit.model.models import load_model
     loaded = load_model(model_name)
     cal = Calibration.load(calibration_dir) if calibration_dir else None
     held = token_chunks(loaded.tokenizer, source, "eval", chunks, seq_len)
@@ -256,7 +268,6 @@ def sum_error(model_name: str, tp: int, schemes: list[str], calibration_dir: str
 def main(argv: list[str] | None = None) -> int:
     """``python -m lowbit.method.sweep sum-error --schemes a,a-sr,... [--calibration DIR]``: the rounding
     comparison in one process (threads as ranks); the sweep itself runs as the job kind."""
-    import argparse
     parser = argparse.ArgumentParser(prog="python -m lowbit.method.sweep")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("sum-error", help="relative error of the sum over ranks per scheme (e.g. -sr vs nearest)")

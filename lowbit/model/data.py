@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import importlib.util
 import json
+import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,9 +88,6 @@ def _token_stream(source: str, tokenizer_key: str, tokenizer) -> torch.Tensor:
     otherwise tokenize the full text again (9-30 s each on a busy 2-core machine). The file
     name hashes the documents and how this tokenizer encodes a probe, so a different text or
     tokenizer never reads a stale stream."""
-    import hashlib
-    import os
-    import tempfile
 
 
     eos = tokenizer.eos_token or ""
