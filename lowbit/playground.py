@@ -37,7 +37,8 @@ from lowbit.collectives import QuantCommunicator, scheme_bits_breakdown
 from lowbit.comm import ROW_PARALLEL_MODULES, Site
 from lowbit.dist import ThreadWorld
 from lowbit.payload import decode, encode, layout, scheme_layout
-from lowbit.projection import INTERCONNECTS, Gpu, Interconnect, allreduce_s, codec_s, gather_s, two_shot_s
+from lowbit.projection import (INTERCONNECTS, Gpu, Interconnect, allreduce_s, check_against, codec_s, gather_s,
+                               two_shot_s)
 from lowbit.quant import _outside_static_range, qrange_of, quantize, scale_constant
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import OutlierSpec, QuantSpec, Scheme, SchemeError, parse_scheme
@@ -410,13 +411,27 @@ LINKS = {**INTERCONNECTS, **EMULATED_LINKS}
 BENCH_LINK_KEYS = {"1gbit": "emu1gbit", "100mbit": "emu100mbit"}
 
 
-def link_for(key: str) -> Interconnect:
+def link_for(key) -> Interconnect:
+    if isinstance(key, Interconnect):
+        return key
     if key not in LINKS:
         raise PlaygroundError(f"link: {key!r} not allowed; allowed: {', '.join(LINKS)}")
     return LINKS[key]
 
 
-def comm_times(link_key: str, tp: int, hidden: int, schemes: list[str], tokens_list, codec_gbps: float) -> list[dict]:
+def fitted_link(records: list[dict], link: str, tp: int) -> Interconnect | None:
+    """alpha and beta fitted to measured bf16 all-reduce records of ``link`` at ``tp``
+    (``lowbit.projection.check_against``: least squares over message sizes), efficiency 1;
+    None with fewer than two bf16 sizes."""
+    mine = [r for r in records if r.get("link") == link and r.get("tp") == tp]
+    fit = check_against(mine)
+    if not fit:
+        return None
+    return Interconnect(f"{link} fitted (TP {tp})", fit[0]["beta_gbps"], 1.0, fit[0]["alpha_us"],
+                        f"fitted to {len(mine)} collective-bench record(s) in the results store")
+
+
+def comm_times(link_key, tp: int, hidden: int, schemes: list[str], tokens_list, codec_gbps: float) -> list[dict]:
     """Modelled time of one all-reduce of ``tokens`` x ``hidden`` values per rank (message
     ``tokens * hidden * 2`` BF16 bytes) on ``link_key`` at TP ``tp``: bf16 ring, and each
     quantized scheme by its own algorithm (gather / two-shot) plus the codec at ``codec_gbps``
