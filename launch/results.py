@@ -834,7 +834,7 @@ def crossovers(frame: pd.DataFrame) -> pd.DataFrame:
 def message_sizes(model: str, prompt_tokens: int = 2048, batch: int = 1) -> dict:
     """Decode- and prefill-sized messages of ``model``: tokens and MiB (BF16) per all-reduce."""
     from lowbit.playground import message_tokens
-    hidden = model_shape(model)["hidden"]
+    hidden = projection_hidden(model)
     tokens = message_tokens(int(prompt_tokens), int(batch))
     return {k: dict(tokens=v, mib=v * hidden * 2 / 2**20) for k, v in tokens.items()}
 
@@ -870,3 +870,10 @@ def playground_counterpart(scheme: str) -> str:
     """The same scheme with the other kind of scales (static <-> per token)."""
     from lowbit.playground import counterpart
     return counterpart(scheme)
+
+
+def projection_hidden(model: str) -> int:
+    """Hidden size for the projection: the paper's models from ``lowbit.projection.SHAPES``,
+    the app's models from their config."""
+    from lowbit.projection import SHAPES
+    return SHAPES[model].hidden if model in SHAPES else model_shape(model)["hidden"]
