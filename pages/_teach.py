@@ -98,7 +98,7 @@ def pick_sample(key: str):
                           key=f"{key}_cal")
     try:
         cal = _ui.calibration(folder)
-        results.spikiest_sample(cal)  # the no-sample error, named, for artifacts made before samples existed
+        spikiest(folder, calibration_stamp(folder))  # the no-sample error, named (artifacts older than samples)
     except Exception as exc:  # noqa: BLE001 - an old or damaged artifact is reported, the page goes on
         st.warning(f"{exc}")
         capture_button(key)
@@ -114,3 +114,9 @@ def calibration_stamp(folder: str) -> float:
         return os.stat(Path(folder) / "calibration.safetensors").st_mtime
     except OSError:
         return -1.0
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def spikiest(folder: str, stamp: float) -> tuple[int, str, int]:
+    """(layer, module, rank) of the stored partial with the largest max/RMS, cached per artifact."""
+    return results.spikiest_sample(_ui.calibration(folder))

@@ -22,7 +22,7 @@ picked = _teach.pick_sample("pg")
 if picked is None:
     st.stop()
 folder, cal = picked
-spiky = results.spikiest_sample(cal)
+spiky = _teach.spikiest(folder, _teach.calibration_stamp(folder))
 
 c1, c2, c3 = st.columns(3)
 with c1:
@@ -110,13 +110,14 @@ def histogram_figure(v: dict, s: str) -> go.Figure:
         part = h[h["kind"] == kind]
         fig.add_bar(x=part["center"], y=part["count"], width=(part["right"] - part["left"]), name=kind,
                     marker_color=color)
-    if grid:
-        levels = grid["levels"]
-        if len(levels) <= 64:
-            for q in levels:
-                fig.add_vline(x=q, line=dict(color="#999", width=1))
-        for e in grid["edges"]:
-            fig.add_vline(x=e, line=dict(color="#111", width=2, dash="dash"))
+    if grid:  # one line trace per kind (add_vline per level costs ~20 ms each)
+        top = max(2.0, float(h["count"].max()) * 2)
+        levels = grid["levels"] if len(grid["levels"]) <= 64 else []
+        for xs, name, line in ((levels, "grid levels", dict(color="#999", width=1)),
+                               (grid["edges"], "range of the scale", dict(color="#111", width=2, dash="dash"))):
+            if len(xs):
+                fig.add_scatter(x=[v for q in xs for v in (q, q, None)], y=[0.7, top, None] * len(xs), mode="lines",
+                                line=line, name=name, hoverinfo="skip")
     fig.update_layout(barmode="stack", bargap=0, title=f"{s}: values in steps, grid drawn",
                       xaxis_title="value / its step  (x - min) / scale", yaxis_title="count (log scale)")
     fig.update_yaxes(type="log")

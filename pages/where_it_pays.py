@@ -5,6 +5,8 @@ results store drawn over the model lines.
 
 Numbers from launch.results.projection_frame / crossovers / message_sizes / fitted_links
 (lowbit.playground -> lowbit.projection)."""
+import math
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -74,10 +76,13 @@ for i, (name, frame) in enumerate(frames.items()):
     for r in cross.dropna(subset=["tokens"]).itertuples():
         fig.add_scatter(x=[r.message_mib], y=[r.scheme_us], mode="markers", name=f"crossover: {r.scheme}",
                         marker=dict(size=16, symbol="star", color=colors[r.scheme], line=dict(color="#111", width=1)))
-    for label, size, color in (("decode", sizes["decode"], "rgba(0,158,115,0.18)"),
-                               ("prefill", sizes["prefill"], "rgba(230,159,0,0.22)")):
-        fig.add_vrect(x0=size["mib"] / 1.4, x1=size["mib"] * 1.4, fillcolor=color, line_width=0,
-                      annotation_text=f"{label}: {size['tokens']} tok", annotation_position="top left")
+    bands = [(label, size, color) for label, size, color in (
+        ("decode", sizes["decode"], "rgba(0,158,115,0.18)"), ("prefill", sizes["prefill"], "rgba(230,159,0,0.22)"))]
+    fig.update_layout(  # set at once: add_vrect per band is slow
+        shapes=[dict(type="rect", xref="x", yref="paper", x0=sz["mib"] / 1.4, x1=sz["mib"] * 1.4,
+                     y0=0, y1=1, fillcolor=color, line_width=0, layer="below") for _, sz, color in bands],
+        annotations=[dict(xref="x", yref="paper", x=math.log10(sz["mib"]), y=1.02, showarrow=False,
+                          text=f"{label}: {sz['tokens']} tok") for label, sz, _ in bands])
     key = next((k for k, v in links.items() if v == name), None)
     measured = bench[(bench["link_key"] == key) & (bench["tp"] == int(tp))] if key and len(bench) else bench.iloc[0:0]
     if name in fits:
