@@ -3,6 +3,7 @@
 Reads a calibration's stored sample partials; every number comes from launch.results
 .playground_view, which calls lowbit.playground (the payload codec, the real communicator on
 threads, scheme_bits_breakdown)."""
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -99,8 +100,7 @@ for col, v, s in zip(cols, views, schemes):
         st.caption(f"`{s}` · clamped values: **{int(row['clamped'])}** of {int(row['tokens']) * int(row['hidden'])}"
                    f" · BF16 features: {int(row['outliers'])} · message: {int(row['payload_bytes'])} bytes"
                    + (f" · two-shot first leg SQNR {row['first_leg_sqnr_db']:.2f} dB"
-                      if row["first_leg_sqnr_db"] == row["first_leg_sqnr_db"] and row["first_leg_sqnr_db"] is not None
-                      else ""))
+                      if pd.notna(row["first_leg_sqnr_db"]) else ""))
 
 
 def histogram_figure(v: dict, s: str) -> go.Figure:
