@@ -94,9 +94,11 @@ for col, v, s in zip(cols, views, schemes):
     row = v["summary"].iloc[0]
     with col:
         m1, m2, m3 = st.columns(3)
-        m1.metric(f"SQNR, rank {int(rank)}'s message", f"{row['rank_sqnr_db']:.2f} dB")
-        m2.metric(f"SQNR, sum over {int(row['tp'])} ranks", f"{row['sum_sqnr_db']:.2f} dB")
-        m3.metric("Bits per value", f"{row['bits_per_value']:.4f}")
+        m1.metric(f"SQNR rank {int(rank)}", f"{row['rank_sqnr_db']:.2f} dB",
+                  help=f"Rank {int(rank)}'s message, dequantized, against its partial")
+        m2.metric(f"SQNR sum of {int(row['tp'])}", f"{row['sum_sqnr_db']:.2f} dB",
+                  help="The sum over ranks as the communicator computes it, against the exact fp32 sum")
+        m3.metric("Bits / value", f"{row['bits_per_value']:.4f}", help="Everything this rank sends, per value")
         st.caption(f"`{s}` · clamped values: **{int(row['clamped'])}** of {int(row['tokens']) * int(row['hidden'])}"
                    f" · BF16 features: {int(row['outliers'])} · message: {int(row['payload_bytes'])} bytes"
                    + (f" · two-shot first leg SQNR {row['first_leg_sqnr_db']:.2f} dB"
@@ -120,7 +122,7 @@ def histogram_figure(v: dict, s: str) -> go.Figure:
                                 line=line, name=name, hoverinfo="skip")
     fig.update_layout(barmode="stack", bargap=0, title=f"{s}: values in steps, grid drawn",
                       xaxis_title="value / its step  (x - min) / scale", yaxis_title="count (log scale)")
-    fig.update_yaxes(type="log")
+    fig.update_yaxes(type="log", dtick=1)
     return fig
 
 
@@ -174,5 +176,5 @@ for what, color in ((f"rank {int(rank)}'s message", "#0072B2"), ("sum over ranks
 fig.update_layout(barmode="group", title="Error of one message and of the sum over ranks",
                   yaxis_title="SQNR (dB, higher is better)")
 _teach.plot(fig, key="pg_sum", height=380,
-            what="each rank's rounding errors add up in the sum while the signal adds partly, so the sum's SQNR "
-                 "is usually a little lower than one message's.")
+            what="independent ranks' rounding errors add in power, and so does the signal of uncorrelated partials: "
+                 "the sum's SQNR stays near one message's, lower where partials cancel, higher where they line up.")
