@@ -343,7 +343,7 @@ def test_playground_shows_the_sqnr_and_bits_of_the_stored_sample(playground_runs
     assert len(at.get("plotly_chart")) == 6 and what_you_see(at) == 6
 
 
-def test_playground_controls_and_a_bad_group_are_named(playground_runs):
+def test_playground_controls_build_the_scheme_shown(playground_runs):
     at = open_page("pages/playground.py")
     at.selectbox(key="pg_gran").set_value("token").run()
     at.toggle(key="pg_rot").set_value(True).run()
@@ -382,8 +382,10 @@ def test_where_it_pays_draws_fitted_links_and_measured_records(playground_runs):
     assert len(at.get("plotly_chart")) == 6  # 5 named links + the fitted loopback
     table = at.dataframe[0].value
     assert {"link", "scheme", "tokens"} <= set(table.columns)
-    at.selectbox(key="wp_model").set_value("gemma2-27b").run()
-    at.selectbox(key="wp_tp").set_value(3).run()  # two-shot needs 4608 divisible by 3: it is
+    at.selectbox(key="wp_tp").set_value(3).run()  # Llama-2-13B: 5120 features do not split 3 ways
+    assert not at.exception
+    assert "scheme: 'int4-static-top1/64@twoshot+int8-token'" in texts(at.error) and "divisible" in texts(at.error)
+    at.selectbox(key="wp_model").set_value("gemma2-27b").run()  # 4608 = 3 x 1536: it does
     assert not at.exception and not at.error, texts(at.error)
 
 
