@@ -68,6 +68,12 @@ def plot(fig: go.Figure, key: str, what: str, height: int = 460) -> None:
     st.caption(f"**What you see:** {what}")
 
 
+def show(fig: go.Figure, key: str, what: str) -> None:
+    """An already styled plot (e.g. from a cache) and its "what you see" caption."""
+    _ui.plot(fig, key=key)
+    st.caption(f"**What you see:** {what}")
+
+
 def capture_button(key: str) -> None:
     """One click: a small calibrate job that stores sample partials; its progress below."""
     st.markdown("These pages work on **real partial sums** that a calibration run stores (the first 16 tokens of "

@@ -126,30 +126,44 @@ def histogram_figure(v: dict, s: str) -> go.Figure:
     return fig
 
 
-for col, v, s, i in zip(st.columns(len(views)), views, schemes, range(len(views))):
+def feature_figure(v: dict, s: str) -> go.Figure:
+    f = v["features"]
+    fig = go.Figure()
+    fig.add_scatter(x=f["feature"], y=f["rank_rms_error"], mode="lines", name=f"rank {int(rank)}'s message",
+                    line=dict(color="#0072B2"))
+    fig.add_scatter(x=f["feature"], y=f["sum_rms_error"], mode="lines", name="sum over ranks",
+                    line=dict(color="#009E73"))
+    kept = f[f["bf16"]]
+    if len(kept):
+        fig.add_scatter(x=kept["feature"], y=kept["sum_rms_error"], mode="markers", name="kept in BF16",
+                        marker=dict(color="#D55E00", size=10, symbol="diamond"))
+    fig.update_layout(title=f"{s}: error per feature", xaxis_title="feature", yaxis_title="RMS error over tokens")
+    return fig
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def scheme_figures(folder: str, stamp: float, layer: int, module: str, rank: int, scheme: str, present: bool):
+    """(histogram or None, per-feature error) of one scheme, styled: cached, so the side-by-side
+    scheme that did not change costs nothing (plotly figures take ~0.1 s each to build here)."""
+    v = view(folder, stamp, layer, module, rank, scheme)
+    hist = _teach.style(histogram_figure(v, scheme), 420) if v["grid"] else None
+    return hist, _teach.style(feature_figure(v, scheme), 380)
+
+
+figs = [scheme_figures(folder, stamp, int(layer), module, int(rank), s, _teach.presenting()) for s in schemes]
+for col, (hist, _), i in zip(st.columns(len(views)), figs, range(len(views))):
     with col:
-        if v["grid"] is None:
+        if hist is None:
             st.info("An exact scheme has no grid.")
             continue
-        _teach.plot(histogram_figure(v, s), key=f"pg_hist_{i}", height=420,
+        _teach.show(hist, key=f"pg_hist_{i}",
                     what="every value of the message divided by the step it was quantized with; grey lines are "
                          "the levels codes decode to, dashed lines the range the scale covers; orange values lie "
                          "outside and are clamped to the end code.")
 
-for col, v, s, i in zip(st.columns(len(views)), views, schemes, range(len(views))):
+for col, (_, feat), i in zip(st.columns(len(views)), figs, range(len(views))):
     with col:
-        f = v["features"]
-        fig = go.Figure()
-        fig.add_scatter(x=f["feature"], y=f["rank_rms_error"], mode="lines", name=f"rank {int(rank)}'s message",
-                        line=dict(color="#0072B2"))
-        fig.add_scatter(x=f["feature"], y=f["sum_rms_error"], mode="lines", name="sum over ranks",
-                        line=dict(color="#009E73"))
-        kept = f[f["bf16"]]
-        if len(kept):
-            fig.add_scatter(x=kept["feature"], y=kept["sum_rms_error"], mode="markers", name="kept in BF16",
-                            marker=dict(color="#D55E00", size=10, symbol="diamond"))
-        fig.update_layout(title=f"{s}: error per feature", xaxis_title="feature", yaxis_title="RMS error over tokens")
-        _teach.plot(fig, key=f"pg_feat_{i}", height=380,
+        _teach.show(feat, key=f"pg_feat_{i}",
                     what="how far each feature's dequantized value is from the original, for this rank's message "
                          "and for the sum of all ranks; BF16 features (diamonds) are nearly exact.")
 
