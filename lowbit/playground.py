@@ -283,6 +283,8 @@ def analyze(cal: Calibration, layer: int, module: str, rank: int, scheme_text: s
     - ``sum``: the sum over ranks as the communicator computes it, against the exact fp32 sum:
       ``sqnr_db``, ``rel_error``, ``feature_rms`` [H], and ``first_leg_sqnr_db`` for two-shot;
     - ``bits``: bits per value by leg and part (``scheme_bits_breakdown``) and ``total``.
+    With ``-sr`` the rank's view draws its own uniforms (seeded by ``seed`` and the rank) while the
+    sum uses the communicator's per-call seeds: the same distribution, not the same draws.
     Raises PlaygroundError naming the field for a bad layer, module, rank or scheme."""
     site = _check_site(cal, layer, module, rank)
     scheme = _parse(scheme_text, cal.hidden, cal.tp)
