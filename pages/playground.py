@@ -141,7 +141,7 @@ def feature_figure(v: dict, s: str) -> go.Figure:
     return fig
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
+@st.cache_resource(show_spinner=False, max_entries=128)  # not cache_data: unpickling a figure re-validates it
 def scheme_figures(folder: str, stamp: float, layer: int, module: str, rank: int, scheme: str, present: bool):
     """(histogram or None, per-feature error) of one scheme, styled: cached, so the side-by-side
     scheme that did not change costs nothing (plotly figures take ~0.1 s each to build here)."""
