@@ -61,12 +61,17 @@ def time_views(cal, settings: list[str], repeats: int) -> list[dict]:
 
 
 def time_page(runs_root: Path, repeats: int) -> list[dict]:
-    """AppTest on app.py -> Playground; each control change's rerun time (``repeats`` rounds)."""
+    """AppTest on app.py -> Playground; each control change's rerun time (``repeats`` rounds, each
+    with Streamlit's caches cleared first, so every change computes its schemes afresh)."""
     from streamlit.testing.v1 import AppTest
     os.environ["LOWBIT_RUNS"] = str(runs_root)
     repo = Path(__file__).resolve().parent.parent
     times: dict[str, list[float]] = {}
+    import streamlit as st
     for _ in range(repeats):
+        # every round cold: the caches are process-wide, so a second round would only measure hits
+        st.cache_data.clear()
+        st.cache_resource.clear()
         at = AppTest.from_file(str(repo / "app.py"), default_timeout=300).run()
         at.switch_page("pages/playground.py").run()
         for kind, key, value in PAGE_STEPS:
