@@ -7,12 +7,16 @@ math themselves. The sidebar shows the machine, the installed models and the act
 import streamlit as st
 
 from launch import store
-from pages import _ui
+from pages import _teach, _ui
 
 st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon="📡")
 
 pages = {
-    "Learn": [st.Page("pages/overview.py", title="Overview", icon=":material/school:", default=True)],
+    "Learn": [st.Page("pages/overview.py", title="Overview", icon=":material/school:", default=True),
+              st.Page("pages/lesson.py", title="Lesson", icon=":material/co_present:"),
+              st.Page("pages/playground.py", title="Playground", icon=":material/tune:"),
+              st.Page("pages/two_shot.py", title="Two-shot", icon=":material/swap_horiz:"),
+              st.Page("pages/where_it_pays.py", title="Where it pays", icon=":material/speed:")],
     "Explore": [
         st.Page("pages/outliers.py", title="Outliers", icon=":material/scatter_plot:"),
         st.Page("pages/layer_error.py", title="Layer error", icon=":material/stacked_line_chart:"),
@@ -23,6 +27,7 @@ pages = {
     "Runs": [st.Page("pages/runs.py", title="Runs", icon=":material/list:")],
 }
 page = st.navigation(pages)
+_teach.apply_presentation()
 _ui.ensure_queue()
 
 

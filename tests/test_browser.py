@@ -1,5 +1,6 @@
 """The app in a real browser: `streamlit run app.py` on a free localhost port, Debian's headless
-Chromium driven by Playwright through every page (fixture runs present), then the demo button on
+Chromium driven by Playwright through every page (fixture runs present), one Playground control
+moved (its histogram must change) and presentation mode (the sidebar must go), then the demo button on
 a tiny configuration (tiny-llama, TP 2) until its result renders. Saves one PNG per page under
 test-output/screenshots/ and prints each page's first-render time and the demo's wall time
 (measured, not asserted).
@@ -27,10 +28,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOTS = REPO / "test-output" / "screenshots"
 # (nav label, h1 text, plotly charts expected once rendered with the fixture results)
-PAGES = [("Overview", "lowbit: low-bit communication", 2), ("Outliers", "Outliers", 5),
+PAGES = [("Overview", "lowbit: low-bit communication", 2), ("Lesson", "Lesson", 0), ("Playground", "Playground", 6),
+         ("Two-shot", "Two-shot", 2), ("Where it pays", "Where it pays", 5), ("Outliers", "Outliers", 5),
          ("Layer error", "Layer error", 1), ("Bits", "Bits", 2), ("Trade-offs", "Trade-offs", 1),
          ("Collectives", "Collectives", 3), ("Runs", "Runs", 0)]
 DEMO_TIMEOUT_S = 420
+# the traces' x and y of the first plotly figure on the page
+FIRST_FIGURE_JS = ("Array.from(document.querySelector('.js-plotly-plot').data).map(t => [Array.from(t.x || []), "
+                   "Array.from(t.y || [])])")
 
 pytestmark = pytest.mark.slow
 
@@ -151,6 +156,30 @@ def test_every_page_and_the_demo_in_chromium(app_server):
                 assert page.locator('[data-testid="stSidebar"]').get_by_text("CPU cores").count() == 1, label
                 snap(page, label.lower().replace(" ", "-"))
 
+            # Playground: move one control, the first figure (the histogram with its grid) must change.
+            nav_link(page, "Playground").click()
+            wait_rendered(page, "Playground", 6)
+            before = page.evaluate(f"window.__firstFigure = JSON.stringify({FIRST_FIGURE_JS})")
+            sqnr_before = page.locator('[data-testid="stMetricValue"]').first.inner_text()
+            start = time.perf_counter()
+            pick(page, "Granularity", "token")
+            page.wait_for_function(f"JSON.stringify({FIRST_FIGURE_JS}) !== window.__firstFigure", timeout=60_000)
+            wait_rendered(page, "Playground", 6)
+            timings["Playground control -> new figure"] = time.perf_counter() - start
+            assert page.evaluate(f"JSON.stringify({FIRST_FIGURE_JS})") != before
+            assert page.locator('[data-testid="stMetricValue"]').first.inner_text() != sqnr_before
+            snap(page, "playground-token")
+            # Presentation mode hides the sidebar (a projector has no room for it); off again after.
+            page.get_by_text("Presentation mode").first.click()
+            page.wait_for_function("!document.querySelector('[data-testid=\"stSidebar\"]') || "
+                                   "getComputedStyle(document.querySelector('[data-testid=\"stSidebar\"]'))"
+                                   ".display === 'none'", timeout=60_000)
+            wait_rendered(page, "Playground", 6)
+            snap(page, "playground-presentation")
+            page.get_by_text("Presentation mode").first.click()
+            page.locator('[data-testid="stSidebar"]').get_by_text("CPU cores").wait_for(state="visible",
+                                                                                       timeout=60_000)
+
             # The demo, on a configuration small enough for a test.
             nav_link(page, "Overview").click()
             wait_rendered(page, PAGES[0][1], 0)
@@ -179,7 +208,7 @@ def test_every_page_and_the_demo_in_chromium(app_server):
             browser.close()
     print(f"\ncold start (first load incl. imports): {cold:.2f} s")
     for label, seconds in timings.items():
-        print(f"first render {label:<12} {seconds:6.2f} s")
+        print(f"first render {label:<12} {seconds:6.2f} s" if "->" not in label else f"{label}: {seconds:.2f} s")
     print(f"demo wall time (click -> result rendered, tiny-llama TP 2): {demo_wall:.1f} s")
     print(f"screenshots: {SCREENSHOTS}")
     assert not errors, errors

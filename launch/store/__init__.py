@@ -35,3 +35,6 @@ from lowbit.analysis import (  # noqa: F401 - cheap artifact math, through the s
     rotation_view, spikiest_sample, outlier_count, selected_features, feature_ranges, range_heatmap,
     random_jaccard, overlap_between_batches, overlap_between_ranks, overlap_between_layers,
     overlap_between_sources, ema_trace_frame)
+from launch.store.teaching import (  # noqa: F401 - the teaching pages' frames
+    playground_view, two_shot_view, bytes_by_tp, link_choices, projection_frame, crossovers, message_sizes,
+    measured_link_records, fitted_links, playground_scheme, playground_counterpart, projection_hidden)

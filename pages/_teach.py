@@ -1,0 +1,129 @@
+"""What the teaching pages (Playground, Two-shot, Where it pays, Lesson) share: the presentation
+mode (large fonts, no sidebar, for a projector), the one-line "what you see" caption under every
+plot, the stored-sample picker and the one-click capture job.
+
+Not a page (app.py lists the pages); pages import it as ``from pages import _teach``.
+"""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from launch import store
+from pages import _ui
+
+PRESENT_KEY = "presentation"
+PRESENT_FONT = 26
+# A calibrate job small enough for a class: it keeps the first 16 tokens of every site's partial on
+# every rank, which is all these pages need. Measured from submit to done on the shared 2-core
+# machine with the model cache warm: 25 s at load 4, 43 s at load 4.5-6, 71 s at load 13.5.
+CAPTURE_SPEC = dict(kind="calibrate", model="smollm2-135m", tp=3, calib_data="wikipedia", calib_tokens=128,
+                    params=dict(seq_len=64, batch_size=2))
+CAPTURE_STATE = "capture_run"
+
+
+def presenting() -> bool:
+    return bool(st.session_state.get(PRESENT_KEY, False))
+
+
+def apply_presentation() -> None:
+    """Called by app.py on every rerun: in presentation mode, larger text and no sidebar."""
+    if not presenting():
+        return
+    st.markdown(
+        """<style>
+        section[data-testid="stSidebar"], [data-testid="stSidebarCollapsedControl"],
+        [data-testid="collapsedControl"] {display: none !important;}
+        [data-testid="stMain"] p, [data-testid="stMain"] li, [data-testid="stMain"] label,
+        [data-testid="stMarkdownContainer"] p {font-size: 1.45rem !important; line-height: 1.45;}
+        [data-testid="stCaptionContainer"] p {font-size: 1.3rem !important;}
+        [data-testid="stMetricValue"] {font-size: 2.8rem !important;}
+        h1 {font-size: 3.2rem !important;} h2, h3 {font-size: 2.3rem !important;}
+        </style>""", unsafe_allow_html=True)
+
+
+def presentation_toggle(key: str) -> None:
+    """The projector switch (shared by every teaching page through session state)."""
+    value = st.toggle("Presentation mode", value=presenting(), key=f"present_{key}",
+                      help="Large fonts and plots, sidebar hidden: readable on a projector")
+    if value != presenting():
+        st.session_state[PRESENT_KEY] = value
+        st.rerun()
+
+
+def style(fig: go.Figure, height: int = 460) -> go.Figure:
+    """The app's plot style, larger in presentation mode."""
+    fig = _ui.style(fig, height=int(height * (1.25 if presenting() else 1.0)))
+    if presenting():
+        fig.update_layout(font=dict(size=PRESENT_FONT), title_font=dict(size=PRESENT_FONT + 4),
+                          legend=dict(font=dict(size=PRESENT_FONT - 4)))
+        fig.update_xaxes(title_font=dict(size=PRESENT_FONT), tickfont=dict(size=PRESENT_FONT - 4))
+        fig.update_yaxes(title_font=dict(size=PRESENT_FONT), tickfont=dict(size=PRESENT_FONT - 4))
+    return fig
+
+
+def plot(fig: go.Figure, key: str, what: str, height: int = 460) -> None:
+    """A styled plot and its one-line "what you see" caption."""
+    _ui.plot(style(fig, height), key=key)
+    st.caption(f"**What you see:** {what}")
+
+
+def show(fig: go.Figure, key: str, what: str) -> None:
+    """An already styled plot (e.g. from a cache) and its "what you see" caption."""
+    _ui.plot(fig, key=key)
+    st.caption(f"**What you see:** {what}")
+
+
+def capture_button(key: str) -> None:
+    """One click: a small calibrate job that stores sample partials; its progress below."""
+    st.markdown("These pages work on **real partial sums** that a calibration run stores (the first 16 tokens of "
+                "every layer's o_proj and down_proj partial on every rank). None is stored yet.")
+    if st.button("Capture samples now (smollm2-135m, TP 3, 128 tokens)", type="primary",
+                 icon=":material/play_arrow:", key=f"{key}_capture"):
+        _ui.submit(dict(CAPTURE_SPEC, params=dict(CAPTURE_SPEC["params"])), state_key=CAPTURE_STATE)
+    run_id = st.session_state.get(CAPTURE_STATE)
+    if run_id:
+        status = _ui.show_progress(run_id)
+        if status in ("queued", "running"):
+            st.caption("Half a minute to a minute with the model cache warm (the first load of the model adds its "
+                       "~20 s conversion); the page fills in when it is done.")
+            st.button("Refresh", key=f"{key}_refresh", icon=":material/refresh:")
+    st.caption("From a terminal: `.venv/bin/python -m lowbit calibrate --tp 3 --tokens 128 --seq-len 64`.")
+
+
+def pick_sample(key: str):
+    """A select box over the stored calibrations with samples; (folder, calibration) or None
+    after showing the empty state with the capture button."""
+    sources = store.calibration_sources(_ui.runs(), _ui.root())
+    if sources.empty:
+        _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (about 30 s), "
+                        "or run the classroom demo, which calibrates too.")
+        capture_button(key)
+        return None
+    labels = dict(zip(sources["folder"], sources["label"]))
+    folder = st.selectbox("Stored partials (a calibration)", list(labels), format_func=labels.get,
+                          key=f"{key}_cal")
+    try:
+        cal = _ui.calibration(folder)
+        spikiest(folder, calibration_stamp(folder))  # the no-sample error, named (artifacts older than samples)
+    except Exception as exc:  # noqa: BLE001 - an old or damaged artifact is reported, the page goes on
+        st.warning(f"{exc}")
+        capture_button(key)
+        return None
+    return folder, cal
+
+
+def calibration_stamp(folder: str) -> float:
+    """The artifact's modification time: cache key of everything computed from it."""
+    import os
+    from pathlib import Path
+    try:
+        return os.stat(Path(folder) / "calibration.safetensors").st_mtime
+    except OSError:
+        return -1.0
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def spikiest(folder: str, stamp: float) -> tuple[int, str, int]:
+    """(layer, module, rank) of the stored partial with the largest max/RMS, cached per artifact."""
+    return store.spikiest_sample(_ui.calibration(folder))
