@@ -1,3 +1,4 @@
+# Size: ~520 lines: the orchestrator, its per-step time limits and the report printer; the steps live in gpu_check_kernels/_ranks.
 """One command for a GPU machine: kernels, kernel speed, shared-GPU ranks, the TP engine and the
 collective bench on CUDA, each step time-limited, every step's result a JSON file under OUT.
 

@@ -1,3 +1,4 @@
+# Size: ~450 lines: equality and speed of four kernels share their input builders and the timer.
 """gpu_check steps ``kernels_equal`` and ``kernel_speed`` (run by ``bench.gpu_check``).
 
 ``kernels_equal``: (1) ``tests/test_kernels.py`` and ``tests/test_rotation_kernel.py`` under

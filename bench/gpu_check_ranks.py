@@ -1,3 +1,4 @@
+# Size: ~450 lines: the two torchrun steps share rank setup, the random-init model and the timers.
 """gpu_check steps that need torchrun ranks: ``shared_gpu`` and ``tp_engine``.
 
 The step (in ``bench.gpu_check``'s child process) starts ``torchrun --standalone`` with this

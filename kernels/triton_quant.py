@@ -1,3 +1,4 @@
+# Size: ~450 lines: three kernels and their host wrappers share one packing scheme.
 """Triton kernels for the quantized all-reduce: quantize+pack before sending, unpack+dequantize+sum
 after receiving, and the two-shot requantization. Held byte-equal to ``kernels.reference``.
 

@@ -1,6 +1,5 @@
+# Size: ~500 lines: the three teaching pages' views share one sample, one site check and one set of links.
 """Playground math: what one scheme does to one real stored partial sum, computed at once.
-(~500 lines: the three teaching pages' views share one sample, one site check and one set of
-links, so they stay together.)
 
 The app's Playground, Two-shot and Where-it-pays pages call these (through ``launch.store``);
 nothing here knows about Streamlit or the launcher. Every number comes from the library's own
