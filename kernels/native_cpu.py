@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from kernels import reference as ref
 from lowbit.quant import qrange, scale_constant
@@ -52,21 +54,35 @@ BLOCK_ROWS = 8  # rows per packing block: 8 rows of K codes are K * bits whole b
 
 
 # -- kernels -------------------------------------------------------------------------------------
-@njit(**_OPTS)
-def _round_toward_bf16(t, up, tmp_f, tmp_i):
-    """``lowbit.quant._round_toward(t, bfloat16, up)`` for one fp32 value (tmp_i views tmp_f)."""
+@intrinsic
+def _bits(typingctx, value):
+    """The uint32 bits of a float32 (an LLVM bitcast: no memory round trip)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _float(typingctx, bits):
+    """The float32 whose bits are a uint32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline='always', **_OPTS)
+def _round_toward_bf16(t, up):
+    """``lowbit.quant._round_toward(t, bfloat16, up)`` for one fp32 value."""
     if t == 0:
         return t
-    tmp_f[0] = abs(t)
-    mag = np.int64(tmp_i[0])
+    mag = np.int64(_bits(abs(t)))
     if (t > 0) == up:
         mag = (mag + 0xFFFF) & 0x7FFF0000
     else:
         mag = mag & 0x7FFF0000
     if mag > 0x7F7F0000:
         mag = 0x7F7F0000
-    tmp_i[0] = np.int32(mag)
-    out = tmp_f[0]
+    out = _float(np.uint32(mag))
     if t < 0:
         out = -out
     return out
@@ -75,27 +91,30 @@ def _round_toward_bf16(t, up, tmp_f, tmp_i):
 @njit(**_OPTS)
 def _pack(codes, n, bits, out, pos):
     """codes[:n] (uint8, < 2**bits) -> out[pos:pos + ceil(n*bits/8)]: the ``pack_bits`` stream
-    (code i at stream bits [i*bits, (i+1)*bits), little endian, zero padded)."""
+    (code i at stream bits [i*bits, (i+1)*bits), little endian, zero padded). Indices are
+    offsets into slices (non-negative loop counters): an index like ``pos + i`` makes numba add a
+    negative-index fix-up that stops LLVM from vectorising the loop."""
+    out = out[pos:pos + (n * bits + 7) // 8]
     if bits == 8:
         for i in range(n):
-            out[pos + i] = codes[i]
+            out[i] = codes[i]
     elif bits == 4:
         half = n // 2
         for i in range(half):
-            out[pos + i] = codes[2 * i] | (codes[2 * i + 1] << 4)
+            out[i] = codes[2 * i] | (codes[2 * i + 1] << 4)
         if n & 1:
-            out[pos + half] = codes[n - 1]
+            out[half] = codes[n - 1]
     elif bits == 2:
         quarter = n // 4
         for i in range(quarter):
-            out[pos + i] = (codes[4 * i] | (codes[4 * i + 1] << 2) | (codes[4 * i + 2] << 4)
-                            | (codes[4 * i + 3] << 6))
+            out[i] = (codes[4 * i] | (codes[4 * i + 1] << 2) | (codes[4 * i + 2] << 4)
+                      | (codes[4 * i + 3] << 6))
         rem = n - 4 * quarter
         if rem:
             v = 0
             for j in range(rem):
                 v |= np.int64(codes[4 * quarter + j]) << (2 * j)
-            out[pos + quarter] = v
+            out[quarter] = v
     else:  # 3/5/6 bits: 8 codes fill `bits` whole bytes
         groups = n // 8
         for g in range(groups):
@@ -103,63 +122,63 @@ def _pack(codes, n, bits, out, pos):
             for j in range(8):
                 acc |= np.uint64(codes[8 * g + j]) << np.uint64(bits * j)
             for b in range(bits):
-                out[pos + g * bits + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
+                out[g * bits + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
         rem = n - 8 * groups
         if rem:
             acc = np.uint64(0)
             for j in range(rem):
                 acc |= np.uint64(codes[8 * groups + j]) << np.uint64(bits * j)
             for b in range((rem * bits + 7) // 8):
-                out[pos + groups * bits + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
+                out[groups * bits + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
 
 
 @njit(**_OPTS)
 def _unpack(src, pos, bits, n, codes):
     """The first n codes of the stream starting at src[pos] -> codes[:n] (reads ceil(n*bits/8) bytes)."""
+    src = src[pos:pos + (n * bits + 7) // 8]
     if bits == 8:
         for i in range(n):
-            codes[i] = src[pos + i]
+            codes[i] = src[i]
     elif bits == 4:
         half = n // 2
         for i in range(half):
-            b = src[pos + i]
+            b = src[i]
             codes[2 * i] = b & 15
             codes[2 * i + 1] = b >> 4
         if n & 1:
-            codes[n - 1] = src[pos + half] & 15
+            codes[n - 1] = src[half] & 15
     elif bits == 2:
         quarter = n // 4
         for i in range(quarter):
-            b = src[pos + i]
+            b = src[i]
             codes[4 * i] = b & 3
             codes[4 * i + 1] = (b >> 2) & 3
             codes[4 * i + 2] = (b >> 4) & 3
             codes[4 * i + 3] = b >> 6
         for j in range(n - 4 * quarter):
-            codes[4 * quarter + j] = (src[pos + quarter] >> (2 * j)) & 3
+            codes[4 * quarter + j] = (src[quarter] >> (2 * j)) & 3
     else:
         mask = np.uint64((1 << bits) - 1)
         groups = n // 8
         for g in range(groups):
             acc = np.uint64(0)
             for b in range(bits):
-                acc |= np.uint64(src[pos + g * bits + b]) << np.uint64(8 * b)
+                acc |= np.uint64(src[g * bits + b]) << np.uint64(8 * b)
             for j in range(8):
                 codes[8 * g + j] = np.uint8((acc >> np.uint64(bits * j)) & mask)
         rem = n - 8 * groups
         if rem:
             acc = np.uint64(0)
             for b in range((rem * bits + 7) // 8):
-                acc |= np.uint64(src[pos + groups * bits + b]) << np.uint64(8 * b)
+                acc |= np.uint64(src[groups * bits + b]) << np.uint64(8 * b)
             for j in range(rem):
                 codes[8 * groups + j] = np.uint8((acc >> np.uint64(bits * j)) & mask)
 
 
-@njit(**_OPTS)
-def _put_scale(out, pos, value, bf16, tmp_f, tmp_u):
+@njit(inline='always', **_OPTS)
+def _put_scale(out, pos, value, bf16):
     """The little-endian bytes of ``value`` in the scale dtype (bf16: exact, its low half is 0)."""
-    tmp_f[0] = value
-    u = tmp_u[0]
+    u = _bits(value)
     if bf16:
         out[pos] = np.uint8((u >> 16) & 0xFF)
         out[pos + 1] = np.uint8(u >> 24)
@@ -168,41 +187,42 @@ def _put_scale(out, pos, value, bf16, tmp_f, tmp_u):
             out[pos + b] = np.uint8((u >> (8 * b)) & 0xFF)
 
 
-@njit(**_OPTS)
-def _get_scale(src, pos, bf16, tmp_f, tmp_u):
+@njit(inline='always', **_OPTS)
+def _get_scale(src, pos, bf16):
     """fp32 value of a scale stored at src[pos] (bf16: 2 bytes, fp32: 4 bytes, little endian)."""
     if bf16:
-        tmp_u[0] = (np.uint32(src[pos]) << 16) | (np.uint32(src[pos + 1]) << 24)
+        u = (np.uint32(src[pos]) << 16) | (np.uint32(src[pos + 1]) << 24)
     else:
-        tmp_u[0] = (np.uint32(src[pos]) | (np.uint32(src[pos + 1]) << 8) | (np.uint32(src[pos + 2]) << 16)
+        u = (np.uint32(src[pos]) | (np.uint32(src[pos + 1]) << 8) | (np.uint32(src[pos + 2]) << 16)
                     | (np.uint32(src[pos + 3]) << 24))
-    return tmp_f[0]
+    return _float(np.uint32(u))
 
 
-@njit(**_OPTS)
-def _row_qparams(rowu, rowf, keepmask, a, width, symmetric, c, bf16, tmp_f, tmp_i):
+@njit(inline='always', **_OPTS)
+def _row_qparams(rowu, keepmask, a, width, symmetric, c, bf16):
     """``lowbit.quant._dynamic_qparams`` of features [a, a + width) of one row: (scale, lo).
 
     The range is reduced on the fp32 bits (finite and kept values only): |x| bits order like the
     values, and for signed values ``s ^ ((s >> 31) & 0x7FFFFFFF)`` does; integer max/min vectorise."""
+    ru = rowu[a:a + width]
+    km = keepmask[a:a + width]
     if symmetric:
         m = np.uint32(0)
-        for cc in range(a, a + width):
-            b = rowu[cc] & np.uint32(0x7FFFFFFF)
-            ok = keepmask[cc] & (b < np.uint32(0x7F800000))
+        for j in range(width):
+            b = ru[j] & np.uint32(0x7FFFFFFF)
+            ok = km[j] & (b < np.uint32(0x7F800000))
             m = max(m, b if ok else np.uint32(0))
-        tmp_i[0] = np.int32(m)
-        absmax = tmp_f[0]
+        absmax = _float(m)
         scale = absmax * c
         if bf16:
-            scale = _round_toward_bf16(scale, True, tmp_f, tmp_i)
+            scale = _round_toward_bf16(scale, True)
         return scale, np.float32(0.0)
     lo_k = np.int32(0x7FFFFFFF)
     hi_k = np.int32(-0x80000000)
     n_ok = 0
-    for cc in range(a, a + width):
-        u = rowu[cc]
-        ok = keepmask[cc] & ((u & np.uint32(0x7FFFFFFF)) < np.uint32(0x7F800000))
+    for j in range(width):
+        u = ru[j]
+        ok = km[j] & ((u & np.uint32(0x7FFFFFFF)) < np.uint32(0x7F800000))
         s = np.int32(u)
         key = s ^ ((s >> 31) & np.int32(0x7FFFFFFF))
         lo_k = min(lo_k, key if ok else np.int32(0x7FFFFFFF))
@@ -212,15 +232,13 @@ def _row_qparams(rowu, rowf, keepmask, a, width, symmetric, c, bf16, tmp_f, tmp_
         lo = np.float32(0.0)
         hi = np.float32(0.0)
     else:
-        tmp_i[0] = lo_k ^ ((lo_k >> 31) & np.int32(0x7FFFFFFF))
-        lo = tmp_f[0]
-        tmp_i[0] = hi_k ^ ((hi_k >> 31) & np.int32(0x7FFFFFFF))
-        hi = tmp_f[0]
+        lo = _float(np.uint32((lo_k ^ ((lo_k >> 31) & 0x7FFFFFFF)) & 0xFFFFFFFF))
+        hi = _float(np.uint32((hi_k ^ ((hi_k >> 31) & 0x7FFFFFFF)) & 0xFFFFFFFF))
     if bf16:
-        lo = _round_toward_bf16(lo, False, tmp_f, tmp_i)
+        lo = _round_toward_bf16(lo, False)
     scale = hi * c - lo * c
     if bf16:
-        scale = _round_toward_bf16(scale, True, tmp_f, tmp_i)
+        scale = _round_toward_bf16(scale, True)
     return scale, lo
 
 
@@ -240,9 +258,6 @@ def _quantize_kernel(x, shift, runs, keepmask, s_static, m_static, gran, group, 
     srow = s_static.copy()
     mrow = m_static.copy()
     blk = np.zeros(BLOCK_ROWS * max(kept, 1), np.uint8)
-    tmp_f = np.empty(1, np.float32)
-    tmp_i = tmp_f.view(np.int32)
-    tmp_u = tmp_f.view(np.uint32)
     zero = np.float32(0.0)
     one = np.float32(1.0)
     step = 2 if bf16 else 4
@@ -254,31 +269,30 @@ def _quantize_kernel(x, shift, runs, keepmask, s_static, m_static, gran, group, 
                 rowu[cc] = np.uint32(x[t, cc]) << shift
             for g in range(n_groups):
                 a = g * width
-                scale, lo = _row_qparams(rowu, rowf, keepmask, a, width, symmetric, c, bf16, tmp_f, tmp_i)
-                _put_scale(out, scales_off + step * (t * n_groups + g), scale, bf16, tmp_f, tmp_u)
+                scale, lo = _row_qparams(rowu, keepmask, a, width, symmetric, c, bf16)
+                _put_scale(out, scales_off + step * (t * n_groups + g), scale, bf16)
                 if not symmetric:
-                    _put_scale(out, mins_off + step * (t * n_groups + g), lo, bf16, tmp_f, tmp_u)
-                for cc in range(a, a + width):
-                    srow[cc] = scale
-                    mrow[cc] = lo
+                    _put_scale(out, mins_off + step * (t * n_groups + g), lo, bf16)
+                srow[a:a + width] = scale
+                mrow[a:a + width] = lo
             base = i * kept
-            for r in range(runs.shape[0]):
+            for r in range(runs.shape[0]):  # slices per run: see _pack on why no `ra + j` indices
                 ra = runs[r, 0]
                 n = runs[r, 1] - ra
+                sv, mv, xv, bv = srow[ra:ra + n], mrow[ra:ra + n], rowf[ra:ra + n], blk[base:base + n]
                 for j in range(n):
-                    cc = ra + j
-                    s = srow[cc]
+                    s = sv[j]
                     is_zero = s == zero
                     safe = one if is_zero else s
-                    v = rowf[cc]
+                    v = xv[j]
                     v = zero if v != v else v
                     if not symmetric:
-                        v = v - mrow[cc]
+                        v = v - mv[j]
                     q = np.rint(v / safe)
                     q = qmin if q < qmin else q
                     q = qmax if q > qmax else q
                     q = zero if is_zero else q
-                    blk[base + j] = np.uint8(q - qmin)
+                    bv[j] = np.uint8(q - qmin)
                 base += n
         _pack(blk, nrows * kept, bits, out, codes_off + (t0 // BLOCK_ROWS) * kept * bits)
 
@@ -299,8 +313,6 @@ def _dequant_sum_kernel(payloads, tokens, runs, out_cols, s_static, m_static, gr
     cbuf = np.empty((tp, BLOCK_ROWS * max(kept, 1)), np.uint8)
     srow = np.zeros(hidden, np.float32)
     mrow = np.zeros(hidden, np.float32)
-    tmp_f = np.empty(1, np.float32)
-    tmp_u = tmp_f.view(np.uint32)
     fmax = np.float32(3.4028234663852886e38)
     step = 2 if bf16 else 4
     for t0 in range(0, tokens, BLOCK_ROWS):
@@ -319,13 +331,12 @@ def _dequant_sum_kernel(payloads, tokens, runs, out_cols, s_static, m_static, gr
                     mr = m_static[r]
                 else:
                     for g in range(n_groups):
-                        s = _get_scale(p, scales_off + step * (t * n_groups + g), bf16, tmp_f, tmp_u)
+                        s = _get_scale(p, scales_off + step * (t * n_groups + g), bf16)
                         lo = np.float32(0.0)
                         if not symmetric:
-                            lo = _get_scale(p, mins_off + step * (t * n_groups + g), bf16, tmp_f, tmp_u)
-                        for cc in range(g * width, (g + 1) * width):
-                            srow[cc] = s
-                            mrow[cc] = lo
+                            lo = _get_scale(p, mins_off + step * (t * n_groups + g), bf16)
+                        srow[g * width:(g + 1) * width] = s
+                        mrow[g * width:(g + 1) * width] = lo
                     sr = srow
                     mr = mrow
                 codes = cbuf[r]
@@ -333,19 +344,19 @@ def _dequant_sum_kernel(payloads, tokens, runs, out_cols, s_static, m_static, gr
                 for k in range(runs.shape[0]):
                     ra = runs[k, 0]
                     n = runs[k, 1] - ra
+                    sv, mv, cv, av = sr[ra:ra + n], mr[ra:ra + n], codes[base:base + n], acc[ra:ra + n]
                     for j in range(n):
-                        cc = ra + j
-                        d = (np.float32(codes[base + j]) + qmin) * sr[cc]
+                        d = (np.float32(cv[j]) + qmin) * sv[j]
                         if not symmetric:
-                            d = d + mr[cc]
+                            d = d + mv[j]
                         d = -fmax if d < -fmax else d
                         d = fmax if d > fmax else d
-                        acc[cc] += d
+                        av[j] += d
                     base += n
                 for j in range(n_out):
                     pos = outl_off + 2 * (t * n_out + j)
-                    tmp_u[0] = (np.uint32(p[pos]) << 16) | (np.uint32(p[pos + 1]) << 24)
-                    acc[out_cols[j]] += tmp_f[0]
+                    u = (np.uint32(p[pos]) << 16) | (np.uint32(p[pos + 1]) << 24)
+                    acc[out_cols[j]] += _float(np.uint32(u))
 
 
 # -- host side -----------------------------------------------------------------------------------
