@@ -7,7 +7,10 @@
 
 =============  ====================================================================================
 ``auto``       default. CUDA: Triton kernels (``kernels.triton_quant``) for 2/4/8-bit codes, the
-               eager torch reference for 3/5/6-bit codes. CPU: the compiled torch path
+               eager torch reference for 3/5/6-bit codes. CPU: the numba kernels
+               (``kernels.native_cpu``) for every size and width: kernels/results/cpu-native.json
+               has them faster than both torch paths from 1 x 576 to 8192 x 5120. Where numba
+               does not import (one warning), the previous rule: the compiled torch path
                (``kernels.fused_cpu``) for messages of at least ``FUSED_MIN_VALUES`` values,
                the eager reference below that (a compiled call costs more fixed overhead than
                the eager ops save there: kernels/results/cpu.json has it slower up to 16 x 576
@@ -18,6 +21,7 @@
                ``TRITON_INTERPRET=1`` for the import of the kernels (``import_interpreted``);
                an error if they were already imported compiled in this process.
 ``compiled``   ``kernels.fused_cpu`` (any device torch.compile supports).
+``native``     ``kernels.native_cpu`` (numba, CPU tensors, every width); an error off CPU.
 ``reference``  ``kernels.reference``, eager torch.
 =============  ====================================================================================
 
@@ -37,10 +41,11 @@ import torch
 from kernels import reference as ref
 from lowbit.scheme import QuantSpec
 
-BACKENDS = ("auto", "triton", "interpret", "compiled", "reference")
+BACKENDS = ("auto", "triton", "interpret", "compiled", "reference", "native")
 FUSED_MIN_VALUES = 1 << 16  # tokens x hidden; see the table above
 ENV = "LOWBIT_KERNELS"
 _compile_broken: str | None = None  # why torch.compile failed here, once it has
+_native_broken: str | None = None  # why kernels.native_cpu (numba) did not import here, once it has
 
 
 def mode() -> str:
@@ -52,14 +57,16 @@ def mode() -> str:
 
 def backend(device: torch.device | str, bits: int, values: int | None = None) -> str:
     """The implementation that runs for a message of ``values`` (tokens x hidden; None: a large
-    one) on ``device`` with ``bits``-bit codes: ``triton``, ``interpret``, ``compiled`` or
-    ``reference``."""
+    one) on ``device`` with ``bits``-bit codes: ``triton``, ``interpret``, ``compiled``,
+    ``native`` or ``reference``."""
     device = torch.device(device)
     chosen = mode()
     triton_bits = bits in ref.WHOLE_BYTE_BITS
     if chosen == "auto":
         if device.type == "cuda":
             return "triton" if triton_bits else "reference"
+        if native_available():
+            return "native"
         small = values is not None and values < FUSED_MIN_VALUES
         return "reference" if _compile_broken or small else "compiled"
     if chosen == "triton":
@@ -70,7 +77,25 @@ def backend(device: torch.device | str, bits: int, values: int | None = None) ->
         if device.type != "cpu":
             raise ValueError(f"{ENV}=interpret runs the Triton interpreter on CPU tensors, got {device.type}")
         return "interpret" if triton_bits else "reference"
+    if chosen == "native" and device.type != "cpu":
+        raise ValueError(f"{ENV}=native runs on CPU tensors, got {device.type}")
     return chosen
+
+
+def native_available() -> bool:
+    """Does ``kernels.native_cpu`` import (numba installed)? Tried once; a failure warns once and
+    ``auto`` keeps the torch paths from then on."""
+    global _native_broken
+    if _native_broken is not None:
+        return False
+    try:
+        importlib.import_module("kernels.native_cpu")
+        return True
+    except ImportError as exc:
+        _native_broken = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"kernels: the numba CPU kernels do not import here ({_native_broken[:300]}); "
+                      "using the torch paths (pip install numba)", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def _triton_module(interpret: bool):
@@ -118,6 +143,8 @@ def _module(device, bits: int, values: int | None):
     if which == "compiled":
         from kernels import fused_cpu
         return which, fused_cpu
+    if which == "native":
+        return which, importlib.import_module("kernels.native_cpu")
     return which, None
 
 
