@@ -176,6 +176,21 @@ def quantize_pack(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, static_mi
     return _run("quantize_pack", x.device, quant.bits, x.numel(), (x, quant, outlier_idx, static_min, static_max), {})
 
 
+def quantize_pack_counts(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None):
+    """(payload, {"clamped", "nonfinite"}): ``quantize_pack`` plus the counts a communicator records
+    (``lowbit.quant.input_counts``' clamped, excluding the outlier features; nonfinite over all of
+    x). The native kernels count in their own pass over x; the torch paths count with lowbit."""
+    ref.check_input(x, quant)
+    if backend(x.device, quant.bits, x.numel()) == "native":
+        return importlib.import_module("kernels.native_cpu").quantize_pack_counts(x, quant, outlier_idx, static_min,
+                                                                                 static_max)
+    from lowbit.quant import input_counts
+    payload = quantize_pack(x, quant, outlier_idx, static_min, static_max)
+    idx = None if outlier_idx is None else torch.as_tensor(outlier_idx).reshape(-1).to(x.device)
+    counts = input_counts(x, quant, static_min, static_max, idx)
+    return payload, {"clamped": counts["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}
+
+
 def unpack_dequant_sum(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
                        static_mins=None, static_maxs=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The sum [T, H] (``out_dtype``) of every rank's dequantized payload, in fp32 and rank order.

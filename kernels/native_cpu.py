@@ -244,9 +244,15 @@ def _row_qparams(rowu, keepmask, a, width, symmetric, c, bf16):
 
 @njit(**_OPTS)
 def _quantize_kernel(x, shift, runs, keepmask, s_static, m_static, gran, group, symmetric, bits, qmin, qmax,
-                     c, bf16, out, scales_off, mins_off, codes_off):
+                     c, bf16, out, scales_off, mins_off, codes_off, count_clamped, clamp_lo, clamp_hi, counts):
     """x [T, H] uint32 (fp32 bits, shift 0) or uint16 (bf16 bits, shift 16) -> the header and code
-    sections of the payload ``out``. ``runs`` [R, 2]: the kept features as (start, stop) runs."""
+    sections of the payload ``out``. ``runs`` [R, 2]: the kept features as (start, stop) runs.
+
+    ``counts`` [2] int64 <- (clamped, nonfinite), ``lowbit.quant.input_counts``' definitions:
+    kept finite values below ``clamp_lo`` or above ``clamp_hi`` (when ``count_clamped``), and
+    non-finite values of all of x (the outlier columns too, as the communicator counts them)."""
+    n_clamped = 0
+    n_nonfinite = 0
     tokens, hidden = x.shape
     kept = 0
     for r in range(runs.shape[0]):
@@ -265,8 +271,11 @@ def _quantize_kernel(x, shift, runs, keepmask, s_static, m_static, gran, group, 
         nrows = min(BLOCK_ROWS, tokens - t0)
         for i in range(nrows):
             t = t0 + i
+            xr = x[t]
             for cc in range(hidden):
-                rowu[cc] = np.uint32(x[t, cc]) << shift
+                u = np.uint32(xr[cc]) << shift
+                rowu[cc] = u
+                n_nonfinite += (u & np.uint32(0x7FFFFFFF)) >= np.uint32(0x7F800000)
             for g in range(n_groups):
                 a = g * width
                 scale, lo = _row_qparams(rowu, keepmask, a, width, symmetric, c, bf16)
@@ -294,7 +303,17 @@ def _quantize_kernel(x, shift, runs, keepmask, s_static, m_static, gran, group, 
                     q = zero if is_zero else q
                     bv[j] = np.uint8(q - qmin)
                 base += n
+            if count_clamped:
+                for r in range(runs.shape[0]):
+                    ra = runs[r, 0]
+                    n = runs[r, 1] - ra
+                    uv, xv, lv, hv = rowu[ra:ra + n], rowf[ra:ra + n], clamp_lo[ra:ra + n], clamp_hi[ra:ra + n]
+                    for j in range(n):
+                        finite = (uv[j] & np.uint32(0x7FFFFFFF)) < np.uint32(0x7F800000)
+                        n_clamped += finite & ((xv[j] < lv[j]) | (xv[j] > hv[j]))
         _pack(blk, nrows * kept, bits, out, codes_off + (t0 // BLOCK_ROWS) * kept * bits)
+    counts[0] = n_clamped
+    counts[1] = n_nonfinite
 
 
 @njit(**_OPTS)
@@ -361,6 +380,7 @@ def _dequant_sum_kernel(payloads, tokens, runs, out_cols, s_static, m_static, gr
 
 # -- host side -----------------------------------------------------------------------------------
 _tables: dict = {}
+_NO_BOUND = np.zeros(1, np.float32)  # clamp bounds when nothing is counted (never read)
 
 
 def _feature_tables(feats: ref.Features, hidden: int):
@@ -396,23 +416,41 @@ def _check_cpu(t: torch.Tensor) -> None:
         raise ValueError(f"kernels.native_cpu runs on CPU tensors, got {t.device.type}")
 
 
-def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None) -> torch.Tensor:
-    """One rank's payload; the bytes of ``reference.quantize_pack_ref``."""
+def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None):
+    """(payload, {"clamped", "nonfinite"}): ``quantize_pack``'s bytes and, from the same pass over x,
+    the counts the communicator records (``lowbit.quant.input_counts``' ``clamped``: kept finite
+    values beyond the static range; ``nonfinite``: non-finite values of all of x)."""
     feats, _, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     _check_cpu(x)
     if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.uint8)
+        return torch.empty(0, dtype=torch.uint8), {"clamped": 0, "nonfinite": 0}
     tokens, hidden = x.shape
     runs, keepmask, _ = _feature_tables(feats, hidden)
     payload = torch.empty(lay.total_bytes, dtype=torch.uint8)
     bits_np, shift = _bits_view(x)
     gran, group, sym, bits, qmin, qmax, c, bf16 = _spec_args(quant)
+    count_clamped = quant.granularity == "static"
+    clamp_lo = clamp_hi = _NO_BOUND
+    if count_clamped:  # lowbit.quant._outside_static_range in fp32: |x| > max(|lo|, |hi|) is x outside +-bound
+        lo32, hi32 = (torch.as_tensor(t).to(torch.float32).reshape(-1).numpy() for t in (static_min, static_max))
+        if sym:
+            clamp_hi = np.maximum(np.abs(lo32), np.abs(hi32))
+            clamp_lo = -clamp_hi
+        else:
+            clamp_lo, clamp_hi = lo32, hi32
+    counts = np.zeros(2, np.int64)
     _quantize_kernel(bits_np, shift, runs, keepmask, scales.numpy(), mins.numpy(), gran, group, sym, bits, qmin,
-                     qmax, c, bf16, payload.numpy(), lay.scales.offset, lay.mins.offset, lay.codes.offset)
+                     qmax, c, bf16, payload.numpy(), lay.scales.offset, lay.mins.offset, lay.codes.offset,
+                     count_clamped, clamp_lo, clamp_hi, counts)
     if feats.n_outliers:  # torch's own fp32 -> bf16 (see the module docstring), as the reference writes it
         payload[lay.outliers.offset:lay.outliers.end] = x[:, feats.outliers].to(torch.bfloat16).reshape(-1).view(
             torch.uint8)
-    return payload
+    return payload, {"clamped": int(counts[0]), "nonfinite": int(counts[1])}
+
+
+def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None) -> torch.Tensor:
+    """One rank's payload; the bytes of ``reference.quantize_pack_ref``."""
+    return quantize_pack_counts(x, quant, outlier_idx, static_min, static_max)[0]
 
 
 def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None, static_mins=None,

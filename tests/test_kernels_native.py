@@ -314,3 +314,25 @@ def test_half_step_ties_and_near_ties_round_like_the_reference(spec):
         x = torch.where(ulps >= step, torch.nextafter(x, torch.tensor(torch.inf)), x)
         x = torch.where(ulps <= -step, torch.nextafter(x, torch.tensor(-torch.inf)), x)
     check_both(spec, [x], [(lo, hi)], None, spec_id(spec))
+
+
+@pytest.mark.parametrize("env", ["native", "reference"])
+@pytest.mark.parametrize("spec", [QuantSpec(4, True, "static"), QuantSpec(3, False, "static"),
+                                  QuantSpec(4, False, "group", 40)], ids=spec_id)
+def test_counts_from_the_kernel_pass_equal_lowbits_input_counts(spec, env, monkeypatch):
+    """quantize_pack_counts: clamped (kept finite values beyond the static range, outlier features
+    left out) and nonfinite (all of x) as lowbit.quant.input_counts and the communicator count them."""
+    from lowbit.quant import input_counts
+    monkeypatch.setenv(dispatch.ENV, env)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = partial(1100, dtype=dtype)
+        x[0, 7], x[1, 8], x[2, 9] = float("nan"), float("inf"), -float("inf")
+        x[3, OUTLIERS[0]], x[4, OUTLIERS[1]] = float("nan"), 1e6  # an outlier: nonfinite yes, clamped no
+        lo, hi = static_args(spec, torch.nan_to_num(x.float(), nan=0.0, posinf=1.0, neginf=-1.0))
+        want = input_counts(x, spec, lo, hi, OUTLIERS)
+        want = {"clamped": want["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}
+        assert want["nonfinite"] == 4 and (spec.granularity != "static" or want["clamped"] > 0)
+        for fn in (nc.quantize_pack_counts, dispatch.quantize_pack_counts):
+            payload, counts = fn(x, spec, OUTLIERS, lo, hi)
+            assert counts == want, (fn.__module__, dtype, counts, want)
+            assert_same_bytes(payload, ref.quantize_pack_ref(x, spec, OUTLIERS, lo, hi))
