@@ -18,6 +18,10 @@ Two measurements, one thread per process (``kernels.bench`` runs them for ``--na
   + requantize that sum with the second spec + decode the tp leg-2 chunks. A repeat's time is the
   slowest rank's (gloo all_reduce MAX of the times, outside the timed region); median over repeats.
 
+Next to every wall-clock median (``*_s``) is the median thread CPU time (``*_cpu_s``, the slowest
+rank's for the reduce): on a shared machine the wall time also counts the time the process waited
+for a core, the CPU time mostly not (caches and memory bandwidth are still shared).
+
 Every row records ``load_avg`` (``/proc/loadavg``'s 1/5/15-minute averages) before it ran.
 """
 from __future__ import annotations
@@ -84,6 +88,7 @@ def codec_rows(schemes, sizes, tp: int, paths, min_repeats: int, max_repeats: in
             src = x.to(torch.bfloat16)
             dst = torch.empty_like(src)
             times = {(p, op): [] for p in paths for op in (0, 1)}
+            cpu = {(p, op): [] for p in paths for op in (0, 1)}
             copies = []
             deadline = time.perf_counter() + budget_s
             n = 0
@@ -91,9 +96,10 @@ def codec_rows(schemes, sizes, tp: int, paths, min_repeats: int, max_repeats: in
                 order = paths if n % 2 == 0 else paths[::-1]
                 for p in order:
                     for op in (0, 1):
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.thread_time()
                         ops[p][op]()
                         times[(p, op)].append(time.perf_counter() - t0)
+                        cpu[(p, op)].append(time.thread_time() - c0)
                 t0 = time.perf_counter()
                 dst.copy_(src)
                 copies.append(time.perf_counter() - t0)
@@ -106,6 +112,8 @@ def codec_rows(schemes, sizes, tp: int, paths, min_repeats: int, max_repeats: in
                 qs, us = statistics.median(times[(p, 0)]), statistics.median(times[(p, 1)])
                 rows.append(dict(scheme=text, tokens=tokens, hidden=hidden, tp=tp, path=p, repeats=n,
                                  quantize_s=qs, unpack_sum_s=us, total_s=qs + us,
+                                 quantize_cpu_s=statistics.median(cpu[(p, 0)]),
+                                 unpack_sum_cpu_s=statistics.median(cpu[(p, 1)]),
                                  quantize_gbps=q_bytes / qs / 1e9, unpack_sum_gbps=u_bytes / us / 1e9,
                                  copy_bf16_s=copy_s, copy_gbps=copy_gbps,
                                  quantize_of_copy=q_bytes / qs / 1e9 / copy_gbps,
@@ -169,15 +177,16 @@ def _reduce_worker(rank: int, world: int, init_file: str, cases, min_repeats: in
         step = reduce_step(path, text, tokens, hidden, world, rank)
         step()  # compile / load the kernels outside timing
         setup_s = time.perf_counter() - start
-        times = []
+        times, cpu_times = [], []
         deadline = time.perf_counter() + budget_s
         while True:
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             step()
-            elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            elapsed = torch.tensor([time.perf_counter() - t0, time.thread_time() - c0], dtype=torch.float64)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank
-            times.append(elapsed.item())
+            times.append(elapsed[0].item())
+            cpu_times.append(elapsed[1].item())
             stop = torch.tensor([len(times) >= max_repeats or (len(times) >= min_repeats
                                  and time.perf_counter() > deadline)], dtype=torch.int32)
             dist.broadcast(stop, 0)
@@ -185,11 +194,12 @@ def _reduce_worker(rank: int, world: int, init_file: str, cases, min_repeats: in
                 break
         results.append(dict(path=path, scheme=text, tokens=tokens, hidden=hidden, tp=world, repeats=len(times),
                             median_s=statistics.median(times), min_s=min(times), setup_s=setup_s,
+                            cpu_median_s=statistics.median(cpu_times),
                             load_avg=load))
         if rank == 0:
             r = results[-1]
             print(f"reduce {path:9s} {text:40s} {tokens:5d} x {hidden:5d}  {1e3 * r['median_s']:8.2f} ms "
-                  f"(min {1e3 * r['min_s']:.2f}, {r['repeats']} repeats)  load {load[0]}", flush=True)
+                  f"(min {1e3 * r['min_s']:.2f}, cpu {1e3 * r['cpu_median_s']:.2f}, {r['repeats']} repeats)  load {load[0]}", flush=True)
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -224,18 +234,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| scheme | tokens x hidden | path | quantize ms (of copy) | unpack+sum ms (of copy) | identical |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| scheme | tokens x hidden | path | quantize ms (of copy) [cpu ms] | unpack+sum ms (of copy) [cpu ms] "
+             "| identical | load |", "|---|---|---|---|---|---|---|"]
     for r in result["codec"]:
         lines.append(f"| {r['scheme']} | {r['tokens']} x {r['hidden']} | {r['path']} | "
-                     f"{1e3 * r['quantize_s']:.3f} ({100 * r['quantize_of_copy']:.0f}%) | "
-                     f"{1e3 * r['unpack_sum_s']:.3f} ({100 * r['unpack_sum_of_copy']:.0f}%) | {r['bit_identical']} |")
+                     f"{1e3 * r['quantize_s']:.3f} ({100 * r['quantize_of_copy']:.0f}%) [{1e3 * r['quantize_cpu_s']:.3f}] | "
+                     f"{1e3 * r['unpack_sum_s']:.3f} ({100 * r['unpack_sum_of_copy']:.0f}%) [{1e3 * r['unpack_sum_cpu_s']:.3f}] | "
+                     f"{r['bit_identical']} | {r['load_avg'][0]} |")
     if result["reduce"]:
-        lines += ["", "| reduce (tp ranks at once, slowest) | tokens x hidden | path | median ms | load |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| reduce (tp ranks at once, slowest) | tokens x hidden | path | median ms | cpu ms | load |",
+                  "|---|---|---|---|---|---|"]
         for r in result["reduce"]:
             lines.append(f"| {r['scheme']} | {r['tokens']} x {r['hidden']} | {r['path']} | "
-                         f"{1e3 * r['median_s']:.2f} | {r['load_avg'][0]} |")
+                         f"{1e3 * r['median_s']:.2f} | {1e3 * r['cpu_median_s']:.2f} | {r['load_avg'][0]} |")
     return "\n".join(lines)
 
 
