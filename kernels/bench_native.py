@@ -228,7 +228,7 @@ def run(args) -> dict:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="codec paths to compare")
     ap.add_argument("--reduce-schemes", nargs="+", default=DEFAULT_REDUCE)
-    ap.add_argument("--reduce-sizes", nargs="+", default=["8192x576"], type=lambda s: tuple(map(int, s.split("x"))),
+    ap.add_argument("--reduce-sizes", nargs="+", default=[(8192, 576)], type=lambda s: tuple(map(int, s.split("x"))),
                     help="TOKENSxHIDDEN sizes of the tp-rank reduce")
     ap.add_argument("--reduce-paths", nargs="+", choices=PATHS, default=["native", "compiled"])
 
