@@ -37,6 +37,8 @@ the kernels stay readable Python next to the reference they restate.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from llvmlite import ir
@@ -394,6 +396,7 @@ def _feature_tables(feats: ref.Features, hidden: int):
     return _tables[key]
 
 
+@functools.lru_cache(maxsize=256)
 def _spec_args(quant: QuantSpec):
     qmin, qmax = qrange(quant.bits, quant.symmetric)
     return (_GRAN[quant.granularity], quant.group_size or 0, bool(quant.symmetric), int(quant.bits),
@@ -416,7 +419,8 @@ def _check_cpu(t: torch.Tensor) -> None:
         raise ValueError(f"kernels.native_cpu runs on CPU tensors, got {t.device.type}")
 
 
-def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None):
+def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None,
+                         _count: bool = True):
     """(payload, {"clamped", "nonfinite"}): ``quantize_pack``'s bytes and, from the same pass over x,
     the counts the communicator records (``lowbit.quant.input_counts``' ``clamped``: kept finite
     values beyond the static range; ``nonfinite``: non-finite values of all of x)."""
@@ -429,7 +433,7 @@ def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None,
     payload = torch.empty(lay.total_bytes, dtype=torch.uint8)
     bits_np, shift = _bits_view(x)
     gran, group, sym, bits, qmin, qmax, c, bf16 = _spec_args(quant)
-    count_clamped = quant.granularity == "static"
+    count_clamped = _count and quant.granularity == "static"
     clamp_lo = clamp_hi = _NO_BOUND
     if count_clamped:  # lowbit.quant._outside_static_range in fp32: |x| > max(|lo|, |hi|) is x outside +-bound
         lo32, hi32 = (torch.as_tensor(t).to(torch.float32).reshape(-1).numpy() for t in (static_min, static_max))
@@ -450,7 +454,7 @@ def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None,
 
 def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None) -> torch.Tensor:
     """One rank's payload; the bytes of ``reference.quantize_pack_ref``."""
-    return quantize_pack_counts(x, quant, outlier_idx, static_min, static_max)[0]
+    return quantize_pack_counts(x, quant, outlier_idx, static_min, static_max, _count=False)[0]
 
 
 def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None, static_mins=None,
