@@ -29,6 +29,20 @@ a zero of both signs (+0.0 and -0.0 in one group), torch's reduction returns whi
 loop meets first; here -0.0 < +0.0. Only the sign bit of that zero min/scale in the header can
 differ; codes and sums are equal (a sum starts from +0.0).
 
+Cost of the first call: numba compiles each kernel for the CPU it runs on and caches the machine
+code on disk. Measured on this 2-core machine at load ~6 (fresh cache dir): fp32 quantize 3.6 s,
+unpack 2.1 s, bf16 quantize 3.5 s; in a later process the first call loads the cache in 0.46 s and
+the others in 0.01-0.02 s. Speed (kernels/results/cpu-native.json, kernels/bench_native.py): at
+8192 x 576, int4 static + 1/64 outliers, quantize 6.4 ms and the 3-rank unpack + sum 5.7 ms of
+CPU time against 7.2 + 33 ms (compiled) and 57 + 243 ms (eager reference) at load ~14.
+
+Not here: the nf codebook, sp / thr per-message outliers and stochastic rounding are refused by
+every kernel (``reference.check_code`` / ``check_input``; the communicator keeps them on
+``lowbit.payload``), so there is no reference to hold a native version to; -perm and -rot need
+nothing from the codec (the communicator permutes / rotates in torch, the codec quantizes the
+result). The block Hadamard rotation is not routed through ``kernels.dispatch`` (CPU ranks use
+``lowbit.rotation``'s torch matmul, CUDA ranks ``kernels.hadamard``), so it has no native path.
+
 Why numba and not a torch C++ extension: the repository builds nothing today (no setup.py, no
 compiler step in ``make setup``); a C++ extension would need a compiler and torch headers on every
 machine and a build per torch version, while numba is one wheel from PyPI whose LLVM compiles the
