@@ -151,11 +151,28 @@ def _module(device, bits: int, values: int | None):
     return which, None
 
 
+def _native_failed(exc: Exception) -> None:
+    """A native kernel failed on good input (numba cannot compile for this CPU, a broken install):
+    ``auto`` takes the torch rule from now on, with one warning."""
+    global _native_broken
+    _native_broken = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"kernels: the numba CPU kernels failed here ({_native_broken[:300]}); "
+                  "using the torch paths from now on", RuntimeWarning, stacklevel=4)
+
+
 def _run(name: str, device, bits: int, values: int, args, kwargs):
     global _compile_broken
     which, module = _module(device, bits, values)
     if module is None:
         return getattr(ref, f"{name}_ref")(*args, **kwargs)
+    if which == "native" and mode() == "auto":
+        try:
+            return getattr(module, name)(*args, **kwargs)
+        except (TypeError, ValueError):
+            raise  # bad input: the reference's errors, raised before any kernel runs
+        except Exception as exc:
+            _native_failed(exc)
+            return _run(name, device, bits, values, args, kwargs)
     if which != "compiled" or mode() == "compiled":
         return getattr(module, name)(*args, **kwargs)
     try:
@@ -185,8 +202,15 @@ def quantize_pack_counts(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, st
     x). The native kernels count in their own pass over x; the torch paths count with lowbit."""
     ref.check_input(x, quant)
     if backend(x.device, quant.bits, x.numel()) == "native":
-        return importlib.import_module("kernels.native_cpu").quantize_pack_counts(x, quant, outlier_idx, static_min,
-                                                                                 static_max)
+        try:
+            return importlib.import_module("kernels.native_cpu").quantize_pack_counts(x, quant, outlier_idx,
+                                                                                     static_min, static_max)
+        except (TypeError, ValueError):
+            raise
+        except Exception as exc:
+            if mode() != "auto":
+                raise
+            _native_failed(exc)
     from lowbit.quant import input_counts
     payload = quantize_pack(x, quant, outlier_idx, static_min, static_max)
     idx = None if outlier_idx is None else torch.as_tensor(outlier_idx).reshape(-1).to(x.device)

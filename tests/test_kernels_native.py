@@ -336,3 +336,28 @@ def test_counts_from_the_kernel_pass_equal_lowbits_input_counts(spec, env, monke
             payload, counts = fn(x, spec, OUTLIERS, lo, hi)
             assert counts == want, (fn.__module__, dtype, counts, want)
             assert_same_bytes(payload, ref.quantize_pack_ref(x, spec, OUTLIERS, lo, hi))
+
+
+def test_dispatch_auto_takes_the_torch_rule_when_a_native_kernel_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("numba cannot compile for this CPU")
+
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    monkeypatch.setattr(dispatch, "_native_broken", None)
+    monkeypatch.setattr(dispatch, "_compile_broken", None)
+    monkeypatch.setattr(nc, "quantize_pack", broken)
+    monkeypatch.setattr(nc, "quantize_pack_counts", broken)
+    spec = QuantSpec(4, True, "token")
+    x = partial(1200)
+    with pytest.warns(RuntimeWarning, match="cannot compile"):
+        got = dispatch.quantize_pack(x, spec, OUTLIERS)
+    assert_same_bytes(got, ref.quantize_pack_ref(x, spec, OUTLIERS))
+    assert dispatch.backend("cpu", 4, x.numel()) == "reference"  # small message, torch rule
+    monkeypatch.setattr(dispatch, "_native_broken", None)
+    with pytest.warns(RuntimeWarning, match="cannot compile"):
+        payload, counts = dispatch.quantize_pack_counts(x, spec, OUTLIERS)
+    assert_same_bytes(payload, ref.quantize_pack_ref(x, spec, OUTLIERS))
+    assert counts == {"clamped": 0, "nonfinite": 0}
+    monkeypatch.setenv(dispatch.ENV, "native")  # an explicit mode is obeyed: the error surfaces
+    with pytest.raises(RuntimeError, match="cannot compile"):
+        dispatch.quantize_pack(x, spec, OUTLIERS)
