@@ -9,10 +9,10 @@
 ``auto``       default. CUDA: Triton kernels (``kernels.triton_quant``) for 2/4/8-bit codes, the
                eager torch reference for 3/5/6-bit codes. CPU: the numba kernels
                (``kernels.native_cpu``) for every size and width: kernels/results/cpu-native.json
-               has their CPU time below both torch paths from 16 x 576 to 8192 x 576 (2-50x the
-               reference, 1.1-15x the compiled path) and at 1 x 576 for dynamic scales; the one
-               near-tie is 1 x 576 static + outliers (native 0.42 ms, reference 0.34 ms under
-               load 14: host-side checks dominate both), not worth a size rule. Where numba
+               has quantize + unpack CPU time 1.5-47x below the reference and 2.1-13.5x below
+               the compiled path at every size measured (1 to 8192 tokens x 576, four schemes);
+               the one op alone where the reference is ahead is the 1 x 576 static quantize
+               (0.34 vs 0.42 ms, host-side checks dominate both), not worth a size rule. Where numba
                does not import (one warning), the previous rule: the compiled torch path
                (``kernels.fused_cpu``) for messages of at least ``FUSED_MIN_VALUES`` values,
                the eager reference below that (a compiled call costs more fixed overhead than
