@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python -m bench.kernels --out kernels/results/cpu.json     # CPU
     PYTHONPATH=. python -m bench.kernels --out kernels/results/cuda.json                # on a GPU
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --native --out kernels/results/cpu-native.json  # numba vs torch
 
 CUDA (the Triton kernels): for every scheme with 2/4/8-bit codes and every size from decode (1
 token) to prefill (8192 tokens) at hidden 576, 4096 and 5120, the median time of
@@ -264,7 +265,14 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per measurement before stopping repeats")
     ap.add_argument("--min-repeats", type=int, default=5)
     ap.add_argument("--max-repeats", type=int, default=50)
+    ap.add_argument("--native", action="store_true",
+                    help="CPU: numba kernels vs compiled vs reference in one run, plus the tp-rank reduce "
+                         "(bench.kernels_native), instead of the eager/fused vs gloo table")
+    from bench import kernels_native as bench_native
+    bench_native.add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.native and args.schemes == DEFAULT_SCHEMES:
+        args.schemes = bench_native.DEFAULT_SCHEMES
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -281,6 +289,9 @@ def main(argv=None) -> int:
         meta.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__)
         result = dict(meta=meta, cuda=run_cuda(args))
         table = markdown_cuda(result["cuda"])
+    elif args.native:
+        result = dict(meta=meta, native=bench_native.run(args))
+        table = bench_native.markdown(result["native"])
     else:
         result = dict(meta=meta, cpu=run_cpu(args))
         table = markdown_cpu(result["cpu"])

@@ -355,8 +355,8 @@ def test_requant_second_leg_must_be_dynamic():
 # -- the dispatcher -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("env,device,bits,expected", [
-    ("auto", "cpu", 4, "compiled"),
-    ("", "cpu", 3, "compiled"),
+    ("auto", "cpu", 4, "native"),
+    ("", "cpu", 3, "native"),
     ("auto", "cuda", 4, "triton"),
     ("auto", "cuda", 6, "reference"),
     ("triton", "cuda", 2, "triton"),
@@ -374,6 +374,7 @@ def test_dispatch_picks_the_backend_for_device_and_bits(monkeypatch, env, device
 def test_dispatch_auto_keeps_small_cpu_messages_on_the_eager_reference(monkeypatch):
     monkeypatch.setenv(dispatch.ENV, "auto")
     monkeypatch.setattr(dispatch, "_compile_broken", None)
+    monkeypatch.setattr(dispatch, "_native_broken", "no numba")  # the torch-only rule
     assert dispatch.backend("cpu", 4, values=16 * 576) == "reference"  # decode steps: overhead wins
     assert dispatch.backend("cpu", 4, values=dispatch.FUSED_MIN_VALUES) == "compiled"
     assert dispatch.backend("cuda", 4, values=1) == "triton"
@@ -411,6 +412,7 @@ def test_dispatch_falls_back_to_the_reference_when_compile_fails(monkeypatch):
 
     monkeypatch.setenv(dispatch.ENV, "auto")
     monkeypatch.setattr(dispatch, "_compile_broken", None)
+    monkeypatch.setattr(dispatch, "_native_broken", "no numba")  # the torch-only rule
     monkeypatch.setattr(fused_cpu, "quantize_pack", broken)
     spec = QuantSpec(4, True, "token")
     x = partial(12, tokens=400)  # above FUSED_MIN_VALUES: auto picks the compiled path

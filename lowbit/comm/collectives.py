@@ -242,6 +242,8 @@ class QuantCommunicator(Communicator):
         """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.wire.payload.encode``'s)."""
         if not fused:
             return encode(x, quant, idx, smin, smax, **enc_kw)
+        if hasattr(self.codec, "quantize_pack_counts"):  # the kernel counts in its own pass over x
+            return self.codec.quantize_pack_counts(x, quant, idx, smin, smax)
         payload = self.codec.quantize_pack(x, quant, idx, smin, smax)
         counts = input_counts(x, quant, smin, smax, idx)
         return payload, {"clamped": counts["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}

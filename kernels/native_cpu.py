@@ -1,0 +1,498 @@
+"""The CPU codec as numba kernels: quantize + pack, unpack + dequantize + rank-order sum, and the
+two-shot requantization, one pass over the data each, single-threaded (ranks are processes).
+
+    PYTHONPATH=. .venv/bin/python -c "import torch; from kernels import native_cpu; from lowbit.scheme import \\
+        QuantSpec; print(native_cpu.quantize_pack(torch.randn(3, 64), QuantSpec(4, True, 'token')))"
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --native --tokens 8192 --hidden 576 --out /tmp/b.json
+
+Same bytes and values as ``kernels.reference`` (``tests/test_kernels_native.py`` holds them
+equal): every uniform-grid scheme (2/3/4/5/6/8 bits, symmetric or asymmetric, static / token /
+group scales, BF16 outlier columns at fixed indices). The per-element math is the reference's, in
+fp32 and in its order: NaN -> 0.0, IEEE division by the (zero-safe) scale, ``rint`` (round half to
+even), clamp to the code range, the zero code where the scale is 0; the dynamic scales use
+``lowbit.quant._round_toward``'s bf16 bit arithmetic (lo toward -inf, then the scale toward +inf);
+dequantize is ``q * scale`` then ``+ lo`` (two roundings), saturated to the finite fp32 range, and
+summed from 0.0 in rank order. The kernels are compiled without ``fastmath`` (LLVM then never
+contracts ``a * b + c`` into an FMA nor reorders a sum) and with ``error_model="numpy"`` (no
+Python zero-division check in the inner loops, so they vectorise; no divisor is ever 0).
+
+What stays in torch on the host, because it is torch's own conversion and the bytes must be
+torch's: fp32 -> bf16 of the outlier columns (torch writes NaN as 0xFFFF in its vectorised loop
+and 0x7FC0 in its scalar one), the final cast of a sum to bf16/fp16, and the static scales
+(``reference.static_tables``, [H] values). The checks are the reference's ``prepare_*`` (same
+TypeError / ValueError). Tensors reach the kernels as numpy views (no copy): fp32 input as its
+uint32 bits, bf16 input as its uint16 bits (widened to fp32 in the kernel), fp16 input converted
+once to fp32.
+
+One divergence the reference itself leaves open: when an asymmetric dynamic range's min or max is
+a zero of both signs (+0.0 and -0.0 in one group), torch's reduction returns whichever zero its
+loop meets first; here -0.0 < +0.0. Only the sign bit of that zero min/scale in the header can
+differ; codes and sums are equal (a sum starts from +0.0).
+
+Cost of the first call: numba compiles each kernel for the CPU it runs on and caches the machine
+code on disk. Measured on this 2-core machine at load ~6 (fresh cache dir): fp32 quantize 3.6 s,
+unpack 2.1 s, bf16 quantize 3.5 s; in a later process the first call loads the cache in 0.46 s and
+the others in 0.01-0.02 s. Speed (kernels/results/cpu-native.json, bench/kernels_native.py): at
+8192 x 576, int4 static + 1/64 outliers, quantize 6.4 ms and the 3-rank unpack + sum 5.7 ms of
+CPU time against 7.2 + 33 ms (compiled) and 57 + 243 ms (eager reference) at load ~14.
+
+Not here: the nf codebook, sp / thr per-message outliers and stochastic rounding are refused by
+every kernel (``reference.check_code`` / ``check_input``; the communicator keeps them on
+``lowbit.wire.payload``), so there is no reference to hold a native version to; -perm and -rot need
+nothing from the codec (the communicator permutes / rotates in torch, the codec quantizes the
+result). The block Hadamard rotation is not routed through ``kernels.dispatch`` (CPU ranks use
+``lowbit.rotation``'s torch matmul, CUDA ranks ``kernels.hadamard``), so it has no native path.
+
+Why numba and not a torch C++ extension: the repository builds nothing today (no setup.py, no
+compiler step in ``make setup``); a C++ extension would need a compiler and torch headers on every
+machine and a build per torch version, while numba is one wheel from PyPI whose LLVM compiles the
+loops on first use and caches them on disk (``cache=True``: ``__pycache__`` next to this file), and
+the kernels stay readable Python next to the reference they restate.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from kernels import reference as ref
+from lowbit.quant import qrange, scale_constant
+from lowbit.scheme import QuantSpec
+
+_OPTS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
+STATIC, TOKEN, GROUP = 0, 1, 2
+_GRAN = {"static": STATIC, "token": TOKEN, "group": GROUP}
+BLOCK_ROWS = 8  # rows per packing block: 8 rows of K codes are K * bits whole bytes, so blocks start on a byte
+
+
+# -- kernels -------------------------------------------------------------------------------------
+@intrinsic
+def _bits(typingctx, value):
+    """The uint32 bits of a float32 (an LLVM bitcast: no memory round trip)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _float(typingctx, bits):
+    """The float32 whose bits are a uint32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline='always', **_OPTS)
+def _round_toward_bf16(t, up):
+    """``lowbit.quant._round_toward(t, bfloat16, up)`` for one fp32 value."""
+    if t == 0:
+        return t
+    mag = np.int64(_bits(abs(t)))
+    if (t > 0) == up:
+        mag = (mag + 0xFFFF) & 0x7FFF0000
+    else:
+        mag = mag & 0x7FFF0000
+    if mag > 0x7F7F0000:
+        mag = 0x7F7F0000
+    out = _float(np.uint32(mag))
+    if t < 0:
+        out = -out
+    return out
+
+
+@njit(**_OPTS)
+def _pack(codes, n, bits, out, pos):
+    """codes[:n] (uint8, < 2**bits) -> out[pos:pos + ceil(n*bits/8)]: the ``pack_bits`` stream
+    (code i at stream bits [i*bits, (i+1)*bits), little endian, zero padded). Indices are
+    offsets into slices (non-negative loop counters): an index like ``pos + i`` makes numba add a
+    negative-index fix-up that stops LLVM from vectorising the loop."""
+    out = out[pos:pos + (n * bits + 7) // 8]
+    if bits == 8:
+        for i in range(n):
+            out[i] = codes[i]
+    elif bits == 4:
+        half = n // 2
+        for i in range(half):
+            out[i] = codes[2 * i] | (codes[2 * i + 1] << 4)
+        if n & 1:
+            out[half] = codes[n - 1]
+    elif bits == 2:
+        quarter = n // 4
+        for i in range(quarter):
+            out[i] = (codes[4 * i] | (codes[4 * i + 1] << 2) | (codes[4 * i + 2] << 4)
+                      | (codes[4 * i + 3] << 6))
+        rem = n - 4 * quarter
+        if rem:
+            v = 0
+            for j in range(rem):
+                v |= np.int64(codes[4 * quarter + j]) << (2 * j)
+            out[quarter] = v
+    else:  # 3/5/6 bits: 8 codes fill `bits` whole bytes
+        groups = n // 8
+        for g in range(groups):
+            acc = np.uint64(0)
+            for j in range(8):
+                acc |= np.uint64(codes[8 * g + j]) << np.uint64(bits * j)
+            for b in range(bits):
+                out[g * bits + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
+        rem = n - 8 * groups
+        if rem:
+            acc = np.uint64(0)
+            for j in range(rem):
+                acc |= np.uint64(codes[8 * groups + j]) << np.uint64(bits * j)
+            for b in range((rem * bits + 7) // 8):
+                out[groups * bits + b] = np.uint8((acc >> np.uint64(8 * b)) & np.uint64(0xFF))
+
+
+@njit(**_OPTS)
+def _unpack(src, pos, bits, n, codes):
+    """The first n codes of the stream starting at src[pos] -> codes[:n] (reads ceil(n*bits/8) bytes)."""
+    src = src[pos:pos + (n * bits + 7) // 8]
+    if bits == 8:
+        for i in range(n):
+            codes[i] = src[i]
+    elif bits == 4:
+        half = n // 2
+        for i in range(half):
+            b = src[i]
+            codes[2 * i] = b & 15
+            codes[2 * i + 1] = b >> 4
+        if n & 1:
+            codes[n - 1] = src[half] & 15
+    elif bits == 2:
+        quarter = n // 4
+        for i in range(quarter):
+            b = src[i]
+            codes[4 * i] = b & 3
+            codes[4 * i + 1] = (b >> 2) & 3
+            codes[4 * i + 2] = (b >> 4) & 3
+            codes[4 * i + 3] = b >> 6
+        for j in range(n - 4 * quarter):
+            codes[4 * quarter + j] = (src[quarter] >> (2 * j)) & 3
+    else:
+        mask = np.uint64((1 << bits) - 1)
+        groups = n // 8
+        for g in range(groups):
+            acc = np.uint64(0)
+            for b in range(bits):
+                acc |= np.uint64(src[g * bits + b]) << np.uint64(8 * b)
+            for j in range(8):
+                codes[8 * g + j] = np.uint8((acc >> np.uint64(bits * j)) & mask)
+        rem = n - 8 * groups
+        if rem:
+            acc = np.uint64(0)
+            for b in range((rem * bits + 7) // 8):
+                acc |= np.uint64(src[groups * bits + b]) << np.uint64(8 * b)
+            for j in range(rem):
+                codes[8 * groups + j] = np.uint8((acc >> np.uint64(bits * j)) & mask)
+
+
+@njit(inline='always', **_OPTS)
+def _put_scale(out, pos, value, bf16):
+    """The little-endian bytes of ``value`` in the scale dtype (bf16: exact, its low half is 0)."""
+    u = _bits(value)
+    if bf16:
+        out[pos] = np.uint8((u >> 16) & 0xFF)
+        out[pos + 1] = np.uint8(u >> 24)
+    else:
+        for b in range(4):
+            out[pos + b] = np.uint8((u >> (8 * b)) & 0xFF)
+
+
+@njit(inline='always', **_OPTS)
+def _get_scale(src, pos, bf16):
+    """fp32 value of a scale stored at src[pos] (bf16: 2 bytes, fp32: 4 bytes, little endian)."""
+    if bf16:
+        u = (np.uint32(src[pos]) << 16) | (np.uint32(src[pos + 1]) << 24)
+    else:
+        u = (np.uint32(src[pos]) | (np.uint32(src[pos + 1]) << 8) | (np.uint32(src[pos + 2]) << 16)
+                    | (np.uint32(src[pos + 3]) << 24))
+    return _float(np.uint32(u))
+
+
+@njit(inline='always', **_OPTS)
+def _row_qparams(rowu, keepmask, a, width, symmetric, c, bf16):
+    """``lowbit.quant.dynamic_qparams`` of features [a, a + width) of one row: (scale, lo).
+
+    The range is reduced on the fp32 bits (finite and kept values only): |x| bits order like the
+    values, and for signed values ``s ^ ((s >> 31) & 0x7FFFFFFF)`` does; integer max/min vectorise."""
+    ru = rowu[a:a + width]
+    km = keepmask[a:a + width]
+    if symmetric:
+        m = np.uint32(0)
+        for j in range(width):
+            b = ru[j] & np.uint32(0x7FFFFFFF)
+            ok = km[j] & (b < np.uint32(0x7F800000))
+            m = max(m, b if ok else np.uint32(0))
+        absmax = _float(m)
+        scale = absmax * c
+        if bf16:
+            scale = _round_toward_bf16(scale, True)
+        return scale, np.float32(0.0)
+    lo_k = np.int32(0x7FFFFFFF)
+    hi_k = np.int32(-0x80000000)
+    n_ok = 0
+    for j in range(width):
+        u = ru[j]
+        ok = km[j] & ((u & np.uint32(0x7FFFFFFF)) < np.uint32(0x7F800000))
+        s = np.int32(u)
+        key = s ^ ((s >> 31) & np.int32(0x7FFFFFFF))
+        lo_k = min(lo_k, key if ok else np.int32(0x7FFFFFFF))
+        hi_k = max(hi_k, key if ok else np.int32(-0x80000000))
+        n_ok += ok
+    if n_ok == 0:
+        lo = np.float32(0.0)
+        hi = np.float32(0.0)
+    else:
+        lo = _float(np.uint32((lo_k ^ ((lo_k >> 31) & 0x7FFFFFFF)) & 0xFFFFFFFF))
+        hi = _float(np.uint32((hi_k ^ ((hi_k >> 31) & 0x7FFFFFFF)) & 0xFFFFFFFF))
+    if bf16:
+        lo = _round_toward_bf16(lo, False)
+    scale = hi * c - lo * c
+    if bf16:
+        scale = _round_toward_bf16(scale, True)
+    return scale, lo
+
+
+@njit(**_OPTS)
+def _quantize_kernel(x, shift, runs, keepmask, s_static, m_static, gran, group, symmetric, bits, qmin, qmax,
+                     c, bf16, out, scales_off, mins_off, codes_off, count_clamped, clamp_lo, clamp_hi, counts):
+    """x [T, H] uint32 (fp32 bits, shift 0) or uint16 (bf16 bits, shift 16) -> the header and code
+    sections of the payload ``out``. ``runs`` [R, 2]: the kept features as (start, stop) runs.
+
+    ``counts`` [2] int64 <- (clamped, nonfinite), ``lowbit.quant.input_counts``' definitions:
+    kept finite values below ``clamp_lo`` or above ``clamp_hi`` (when ``count_clamped``), and
+    non-finite values of all of x (the outlier columns too, as the communicator counts them)."""
+    n_clamped = 0
+    n_nonfinite = 0
+    tokens, hidden = x.shape
+    kept = 0
+    for r in range(runs.shape[0]):
+        kept += runs[r, 1] - runs[r, 0]
+    width = hidden if gran == TOKEN else group
+    n_groups = 0 if gran == STATIC else hidden // width
+    rowu = np.empty(hidden, np.uint32)
+    rowf = rowu.view(np.float32)
+    srow = s_static.copy()
+    mrow = m_static.copy()
+    blk = np.zeros(BLOCK_ROWS * max(kept, 1), np.uint8)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    step = 2 if bf16 else 4
+    for t0 in range(0, tokens, BLOCK_ROWS):
+        nrows = min(BLOCK_ROWS, tokens - t0)
+        for i in range(nrows):
+            t = t0 + i
+            xr = x[t]
+            for cc in range(hidden):
+                u = np.uint32(xr[cc]) << shift
+                rowu[cc] = u
+                n_nonfinite += (u & np.uint32(0x7FFFFFFF)) >= np.uint32(0x7F800000)
+            for g in range(n_groups):
+                a = g * width
+                scale, lo = _row_qparams(rowu, keepmask, a, width, symmetric, c, bf16)
+                _put_scale(out, scales_off + step * (t * n_groups + g), scale, bf16)
+                if not symmetric:
+                    _put_scale(out, mins_off + step * (t * n_groups + g), lo, bf16)
+                srow[a:a + width] = scale
+                mrow[a:a + width] = lo
+            base = i * kept
+            for r in range(runs.shape[0]):  # slices per run: see _pack on why no `ra + j` indices
+                ra = runs[r, 0]
+                n = runs[r, 1] - ra
+                sv, mv, xv, bv = srow[ra:ra + n], mrow[ra:ra + n], rowf[ra:ra + n], blk[base:base + n]
+                for j in range(n):
+                    s = sv[j]
+                    is_zero = s == zero
+                    safe = one if is_zero else s
+                    v = xv[j]
+                    v = zero if v != v else v
+                    if not symmetric:
+                        v = v - mv[j]
+                    q = np.rint(v / safe)
+                    q = qmin if q < qmin else q
+                    q = qmax if q > qmax else q
+                    q = zero if is_zero else q
+                    bv[j] = np.uint8(q - qmin)
+                base += n
+            if count_clamped:
+                for r in range(runs.shape[0]):
+                    ra = runs[r, 0]
+                    n = runs[r, 1] - ra
+                    uv, xv, lv, hv = rowu[ra:ra + n], rowf[ra:ra + n], clamp_lo[ra:ra + n], clamp_hi[ra:ra + n]
+                    for j in range(n):
+                        finite = (uv[j] & np.uint32(0x7FFFFFFF)) < np.uint32(0x7F800000)
+                        n_clamped += finite & ((xv[j] < lv[j]) | (xv[j] > hv[j]))
+        _pack(blk, nrows * kept, bits, out, codes_off + (t0 // BLOCK_ROWS) * kept * bits)
+    counts[0] = n_clamped
+    counts[1] = n_nonfinite
+
+
+@njit(**_OPTS)
+def _dequant_sum_kernel(payloads, tokens, runs, out_cols, s_static, m_static, gran, group, symmetric, bits,
+                        qmin, bf16, scales_off, mins_off, codes_off, outl_off, out):
+    """payloads [tp, nbytes] -> out [T, H] fp32: 0.0 + rank 0 + rank 1 + ..., per element in
+    rank order; kept features dequantized, ``out_cols`` features from their BF16 values."""
+    tp = payloads.shape[0]
+    hidden = out.shape[1]
+    kept = 0
+    for r in range(runs.shape[0]):
+        kept += runs[r, 1] - runs[r, 0]
+    n_out = out_cols.shape[0]
+    width = hidden if gran == TOKEN else group
+    n_groups = 0 if gran == STATIC else hidden // width
+    cbuf = np.empty((tp, BLOCK_ROWS * max(kept, 1)), np.uint8)
+    srow = np.zeros(hidden, np.float32)
+    mrow = np.zeros(hidden, np.float32)
+    fmax = np.float32(3.4028234663852886e38)
+    step = 2 if bf16 else 4
+    for t0 in range(0, tokens, BLOCK_ROWS):
+        nrows = min(BLOCK_ROWS, tokens - t0)
+        for r in range(tp):
+            _unpack(payloads[r], codes_off + (t0 // BLOCK_ROWS) * kept * bits, bits, nrows * kept, cbuf[r])
+        for i in range(nrows):
+            t = t0 + i
+            acc = out[t]
+            for cc in range(hidden):
+                acc[cc] = 0.0
+            for r in range(tp):
+                p = payloads[r]
+                if gran == STATIC:
+                    sr = s_static[r]
+                    mr = m_static[r]
+                else:
+                    for g in range(n_groups):
+                        s = _get_scale(p, scales_off + step * (t * n_groups + g), bf16)
+                        lo = np.float32(0.0)
+                        if not symmetric:
+                            lo = _get_scale(p, mins_off + step * (t * n_groups + g), bf16)
+                        srow[g * width:(g + 1) * width] = s
+                        mrow[g * width:(g + 1) * width] = lo
+                    sr = srow
+                    mr = mrow
+                codes = cbuf[r]
+                base = i * kept
+                for k in range(runs.shape[0]):
+                    ra = runs[k, 0]
+                    n = runs[k, 1] - ra
+                    sv, mv, cv, av = sr[ra:ra + n], mr[ra:ra + n], codes[base:base + n], acc[ra:ra + n]
+                    for j in range(n):
+                        d = (np.float32(cv[j]) + qmin) * sv[j]
+                        if not symmetric:
+                            d = d + mv[j]
+                        d = -fmax if d < -fmax else d
+                        d = fmax if d > fmax else d
+                        av[j] += d
+                    base += n
+                for j in range(n_out):
+                    pos = outl_off + 2 * (t * n_out + j)
+                    u = (np.uint32(p[pos]) << 16) | (np.uint32(p[pos + 1]) << 24)
+                    acc[out_cols[j]] += _float(np.uint32(u))
+
+
+# -- host side -----------------------------------------------------------------------------------
+_tables: dict = {}
+_NO_BOUND = np.zeros(1, np.float32)  # clamp bounds when nothing is counted (never read)
+
+
+def _feature_tables(feats: ref.Features, hidden: int):
+    """(runs [R, 2] int64, keep mask [H] bool, outlier columns [n] int64) as numpy, cached per
+    (hidden, outlier list): built from ``reference.features`` output, never changed after."""
+    key = (hidden, tuple(feats.outliers.tolist()))
+    if key not in _tables:
+        runs = np.array(feats.kept_runs, dtype=np.int64).reshape(-1, 2)
+        keepmask = (feats.colmap >= 0).numpy().copy()
+        _tables[key] = (runs, keepmask, feats.outliers.numpy().astype(np.int64))
+    return _tables[key]
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_args(quant: QuantSpec):
+    qmin, qmax = qrange(quant.bits, quant.symmetric)
+    return (_GRAN[quant.granularity], quant.group_size or 0, bool(quant.symmetric), int(quant.bits),
+            np.float32(qmin), np.float32(qmax), np.float32(scale_constant(quant.bits, quant.symmetric)),
+            quant.scale_dtype == torch.bfloat16)
+
+
+def _bits_view(x: torch.Tensor):
+    """(numpy view of x's bits, shift to fp32 bits): no copy for contiguous fp32 / bf16 input."""
+    if x.dtype == torch.float16:
+        x = x.float()
+    x = x.detach().contiguous()
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16), 16
+    return x.numpy().view(np.uint32), 0
+
+
+def _check_cpu(t: torch.Tensor) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"kernels.native_cpu runs on CPU tensors, got {t.device.type}")
+
+
+def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None,
+                         _count: bool = True):
+    """(payload, {"clamped", "nonfinite"}): ``quantize_pack``'s bytes and, from the same pass over x,
+    the counts the communicator records (``lowbit.quant.input_counts``' ``clamped``: kept finite
+    values beyond the static range; ``nonfinite``: non-finite values of all of x)."""
+    feats, _, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
+    _check_cpu(x)
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.uint8), {"clamped": 0, "nonfinite": 0}
+    tokens, hidden = x.shape
+    runs, keepmask, _ = _feature_tables(feats, hidden)
+    payload = torch.empty(lay.total_bytes, dtype=torch.uint8)
+    bits_np, shift = _bits_view(x)
+    gran, group, sym, bits, qmin, qmax, c, bf16 = _spec_args(quant)
+    count_clamped = _count and quant.granularity == "static"
+    clamp_lo = clamp_hi = _NO_BOUND
+    if count_clamped:  # lowbit.quant._outside_static_range in fp32: |x| > max(|lo|, |hi|) is x outside +-bound
+        lo32, hi32 = (torch.as_tensor(t).to(torch.float32).reshape(-1).numpy() for t in (static_min, static_max))
+        if sym:
+            clamp_hi = np.maximum(np.abs(lo32), np.abs(hi32))
+            clamp_lo = -clamp_hi
+        else:
+            clamp_lo, clamp_hi = lo32, hi32
+    counts = np.zeros(2, np.int64)
+    _quantize_kernel(bits_np, shift, runs, keepmask, scales.numpy(), mins.numpy(), gran, group, sym, bits, qmin,
+                     qmax, c, bf16, payload.numpy(), lay.scales.offset, lay.mins.offset, lay.codes.offset,
+                     count_clamped, clamp_lo, clamp_hi, counts)
+    if feats.n_outliers:  # torch's own fp32 -> bf16 (see the module docstring), as the reference writes it
+        payload[lay.outliers.offset:lay.outliers.end] = x[:, feats.outliers].to(torch.bfloat16).reshape(-1).view(
+            torch.uint8)
+    return payload, {"clamped": int(counts[0]), "nonfinite": int(counts[1])}
+
+
+def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None) -> torch.Tensor:
+    """One rank's payload; the bytes of ``reference.quantize_pack_ref``."""
+    return quantize_pack_counts(x, quant, outlier_idx, static_min, static_max, _count=False)[0]
+
+
+def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None, static_mins=None,
+                       static_maxs=None, out_dtype=torch.float32) -> torch.Tensor:
+    """[T, H] in ``out_dtype``; the values of ``reference.unpack_dequant_sum_ref``."""
+    feats, _, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins,
+                                                     static_maxs)
+    ref.check_out_dtype(out_dtype)
+    _check_cpu(payloads)
+    if tokens == 0:
+        return torch.zeros(0, hidden, dtype=out_dtype)
+    runs, _, out_cols = _feature_tables(feats, hidden)
+    out = torch.empty(tokens, hidden, dtype=torch.float32)
+    gran, group, sym, bits, qmin, _, _, bf16 = _spec_args(quant)
+    _dequant_sum_kernel(payloads.contiguous().numpy(), tokens, runs, out_cols, scales.numpy(), mins.numpy(), gran,
+                        group, sym, bits, qmin, bf16, lay.scales.offset, lay.mins.offset, lay.codes.offset,
+                        lay.outliers.offset, out.numpy())
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def unpack_dequant_sum_requant(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx, static_mins,
+                               static_maxs, second: QuantSpec) -> torch.Tensor:
+    """Two-shot leg 1 -> leg 2; the bytes of ``reference.unpack_dequant_sum_requant_ref``: the fp32
+    sum (one [T, H] buffer, in cache for a chunk) requantized with the dynamic ``second`` spec."""
+    ref.check_second(second)
+    reduced = unpack_dequant_sum(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs)
+    return quantize_pack(reduced, second, outlier_idx)
