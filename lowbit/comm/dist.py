@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from lowbit.comm.placement import choose_placement, visible_gpus
+from lowbit.comm import placement as _placement  # looked up at call time: tests stub the GPU count
 
 
 class Group(Protocol):
@@ -178,7 +178,8 @@ def init_from_env(backend: str = "auto", timeout_s: float = 120.0) -> TorchGroup
     """
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    placement = choose_placement(backend, local_rank, local_world, visible_gpus() if backend != "gloo" else 0)
+    placement = _placement.choose_placement(backend, local_rank, local_world,
+                                            _placement.visible_gpus() if backend != "gloo" else 0)
     if placement.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(placement.device))
     if not dist.is_initialized():
