@@ -128,3 +128,55 @@ def test_bits_page_traffic_table_projection_and_bench_read_the_one_accounting(sc
     extra = {"bytes_received": int(sent)}
     assert bench.wire_bytes(s, extra, tokens * hidden * 2, tp) == int(sent)
     assert bool(calls) == s.is_exact  # exact goes through the formula; quantized reads the call's record
+
+
+GATED = ["int4-static-top1/32@min4k", "int4-token@twoshot+int4-token@min4k", "int4-token-rot32@min4k"]
+
+
+@pytest.mark.parametrize("scheme", GATED)
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_the_size_gate_sends_small_messages_exact_and_counts_what_they_sent(scheme, tokens):
+    """@min4k at hidden 96: 1 and 5 tokens (192 / 960 BF16 bytes) go as the exact all-reduce,
+    64 tokens (12 KiB) are quantized; the accounting and the bytes handed over agree either way."""
+    hidden, tp = 96, 3
+    s = parse_scheme(scheme)
+    gated = tokens * hidden * 2 < 4096
+    assert s.gated(tokens, hidden) == gated
+    leg1, leg2 = accounting.site_bytes(s, tokens, hidden, tp)
+    for rank, (handed, extra) in enumerate(handed_bytes(scheme, tp, tokens, hidden)):
+        assert handed == leg1 + leg2, f"rank {rank}"
+        assert extra.get("gated", 0) == int(gated)
+        if gated:
+            assert handed == tokens * hidden * 2 and extra["leg1_bits"] == 16.0
+            assert extra["bytes_received"] == int(accounting.wire_bytes("exact", tp, handed))
+    bits = accounting.scheme_bits_per_value(s, hidden, tp, tokens)
+    assert (bits == 16.0) == gated and (4.0 < bits < 16.0 or gated)
+
+
+def test_a_gated_run_counts_bits_between_the_scheme_and_16():
+    """Over a mix of message sizes the measured bits/value fall between the scheme's and 16."""
+    hidden, tp = 96, 2
+    xs = partials(tp, tokens=64, hidden=hidden)
+    cal = fake_calibration(tp, hidden=hidden)
+
+    def body(group):
+        comm = QuantCommunicator(group, "int4-static-top1/32@min4k", cal)
+        for tokens in (1, 5, 64, 64):
+            comm.reduce(xs[group.rank][:tokens], SITE)
+        return comm.calls
+    calls = ThreadWorld(tp).run(body)[0]
+    values = sum(c.tokens * c.hidden for c in calls)
+    bits = 8 * sum(c.bytes_sent for c in calls) / values
+    assert [c.extra.get("gated", 0) for c in calls] == [1, 1, 0, 0]
+    assert accounting.scheme_bits_per_value("int4-static-top1/32", hidden, tp, 64) < bits < 16.0
+
+
+def test_an_unresolved_auto_gate_is_refused_with_the_field_named():
+    from lowbit.scheme import SchemeError
+    cal = fake_calibration(2)
+    xs = partials(2)
+
+    def body(group):
+        return QuantCommunicator(group, "int4-static@minauto", cal).reduce(xs[group.rank], SITE)
+    with pytest.raises(SchemeError, match="min_message: .*@minauto is resolved by the job"):
+        ThreadWorld(2).run(body)

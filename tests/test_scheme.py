@@ -361,3 +361,27 @@ def test_package_docstring_is_the_one_help_text_and_documents_every_example():
     assert GRAMMAR_HELP in doc  # one text: the package docstring carries GRAMMAR_HELP, no second copy
     for text in EXAMPLES:
         assert re.search(r"(^|\s)" + re.escape(text) + r"(\s|$)", doc, re.M), text
+
+
+@pytest.mark.parametrize("text,nbytes", [("int4-static-top1/64@min64k", 65536), ("int8-token@min2M", 2 << 20),
+                                         ("int4-token@twoshot+int4-token@min1000", 1000),
+                                         ("int4-static-top1/64@twoshot+int8-token@minauto", -1)])
+def test_size_gate_parses_prints_and_round_trips(text, nbytes):
+    s = parse_scheme(text)
+    assert s.min_message == nbytes and str(s) == text and parse_scheme(str(s)) == s
+    assert str(parse_scheme_map(text + ";L0=int8-token@min4k")) == text + ";L0=int8-token@min4k"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("int4-static@min-5", "min_message: '-5' is not a size; allowed: @min<bytes>"),
+    ("int4-static@min64kb", "min_message: '64kb' is not a size"),
+    ("int4-static@minfoo", "min_message: 'foo' is not a size"),
+    ("int4-static@min64k@twoshot", "min_message: '64k@twoshot' is not a size"),
+])
+def test_a_bad_size_gate_names_the_field(text, match):
+    with pytest.raises(SchemeError, match=re.escape(match)):
+        parse_scheme(text)
+    with pytest.raises(SchemeError, match="min_message: an exact scheme has no size gate"):
+        Scheme("exact", min_message=1024)
+    with pytest.raises(SchemeError, match="min_message: -7 is not a size"):
+        Scheme("quant", quant=QuantSpec(4, True, "token"), min_message=-7)

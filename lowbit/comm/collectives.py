@@ -51,7 +51,7 @@ from lowbit.wire.accounting import leg2_chunk_bytes, rotated_message_bits, wire_
 from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
-from lowbit.scheme import QuantSpec, Scheme, SchemeMap, parse_scheme_map
+from lowbit.scheme import MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme_map
 
 _WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -159,12 +159,17 @@ class QuantCommunicator(Communicator):
     def _reduce(self, partial: torch.Tensor, site: Site):
         hidden = partial.shape[-1]
         plan = self.plan(site, hidden)
-        if plan.scheme.is_exact:
-            wire = partial.to(_WIRE_DTYPES[plan.scheme.wire_dtype])
+        if plan.scheme.min_message == MIN_MESSAGE_AUTO:
+            raise SchemeError("min_message", f"{plan.scheme} at {site}: @minauto is resolved by the job from the "
+                                             "collective-bench records before any message; allowed: @min<size>")
+        gated = plan.scheme.gated(partial.numel() // max(hidden, 1), hidden)
+        if plan.scheme.is_exact or gated:  # a gated message goes as the exact BF16 all-reduce
+            wire = partial.to(_WIRE_DTYPES[plan.scheme.wire_dtype or "bf16"])
             out = self.group.all_reduce(wire).to(partial.dtype)
             nbytes = wire.numel() * wire.element_size()
             received = int(wire_bytes("exact", self.group.world_size, nbytes))
-            return out, nbytes, {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
+            extra = {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
+            return out, nbytes, dict(extra, gated=1) if gated else extra
         x = partial.reshape(-1, hidden).float()
         if plan.perm is not None:
             x = x[:, plan.perm.to(x.device)]

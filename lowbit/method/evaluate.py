@@ -68,6 +68,8 @@ def _summarize_calls(comm: Communicator) -> dict:
                 nonfinite=int(sum(c.extra.get("nonfinite", 0) for c in comm.calls)),
                 # thr<T>c<K>: features over the threshold that did not fit the fixed capacity
                 thr_overflow=int(sum(c.extra.get("thr_overflow", 0) for c in comm.calls)),
+                # @min<size>: calls whose message was small enough to go as the exact BF16 all-reduce
+                gated_calls=int(sum(c.extra.get("gated", 0) for c in comm.calls)),
                 comm_seconds=sum(c.seconds for c in comm.calls), calls=len(comm.calls), values=values)
 
 
@@ -306,7 +308,7 @@ def layer_errors(model, group: Group, batches: list[torch.Tensor], schemes: Sche
 # The numbers one results.json record holds (besides "scheme" and the per-task "tasks" dict):
 # ``summary_record`` writes exactly these, the results store reads exactly these.
 TEXT_NUMBERS = ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "clamped", "nonfinite",
-                "thr_overflow", "text_tokens", "comm_seconds")
+                "thr_overflow", "gated_calls", "text_tokens", "comm_seconds")
 TASK_NUMBERS = ("kept_pct", "avg_primary")  # only when the run evaluated tasks
 RECORD_NUMBERS = TEXT_NUMBERS + TASK_NUMBERS
 
@@ -314,7 +316,8 @@ RECORD_NUMBERS = TEXT_NUMBERS + TASK_NUMBERS
 def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks: dict | None) -> dict:
     """One results.json record: scheme, ``TEXT_NUMBERS``, and with tasks the per-task metrics,
     % kept and the average primary score (``TASK_NUMBERS``)."""
-    values = dict(text, text_tokens=text["tokens"], thr_overflow=text.get("thr_overflow", 0))
+    values = dict(text, text_tokens=text["tokens"], thr_overflow=text.get("thr_overflow", 0),
+                  gated_calls=text.get("gated_calls", 0))
     rec = dict(scheme=scheme, **{k: values[k] for k in TEXT_NUMBERS})
     if tasks is not None:
         rec["tasks"] = {t: r for t, r in tasks.items() if not t.startswith("_")}

@@ -8,7 +8,7 @@ from lowbit.scheme.grammar import GRAMMAR_HELP, parse_scheme, parse_scheme_map  
 from lowbit.scheme.spec import (  # noqa: F401 - the public names
                                 ALGOS, ALLOWED_BITS, CODEBOOK_BITS, CODES, DEFAULT_SECOND, DYNAMIC_GRANULARITIES,
                                 GRANULARITIES, MAX_INDEXED_HIDDEN, MAX_K_FRAC, MAX_ROTATION, MAX_SPARSE,
-                                MAX_THRESHOLD, OUTLIER_SELECTS, ROUNDINGS, SCALE_DTYPES, WIRE_DTYPES, OutlierSpec,
-                                QuantSpec, Scheme, SchemeError, SchemeMap, ThresholdSpec, decimal_text)
+                                MAX_THRESHOLD, MAX_MIN_MESSAGE, MIN_MESSAGE_AUTO, OUTLIER_SELECTS, ROUNDINGS, SCALE_DTYPES, WIRE_DTYPES, OutlierSpec,
+                                QuantSpec, Scheme, SchemeError, SchemeMap, ThresholdSpec, decimal_text, size_text)
 
 __doc__ += "\n" + GRAMMAR_HELP

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 from dataclasses import replace
 
-from lowbit.scheme.spec import (ALLOWED_BITS, MAX_SPARSE, OutlierSpec, QuantSpec, Scheme, SchemeError, SchemeMap,
+from lowbit.scheme.spec import (ALLOWED_BITS, MAX_SPARSE, MIN_MESSAGE_AUTO, OutlierSpec, QuantSpec, Scheme, SchemeError, SchemeMap,
                                 ThresholdSpec)
 
 GRAMMAR_HELP = """\
@@ -32,6 +32,9 @@ Scheme strings (lowbit.scheme is the one parser):
     rot<R>:   block Walsh-Hadamard of size R before quantizing (dynamic scales only)
     sr:       stochastic rounding (unbiased; seeded per call) instead of round to nearest
     algo:     gather (default) | twoshot[+int<B>[a]-token|group<G>]   second leg, default int8-token
+    min:      @min<n>[k|M] | @minauto       size gate: a message under n bytes (its BF16 size) goes as the
+                                            exact BF16 all-reduce; auto = the crossover the collective bench
+                                            measured for the job's link and TP size (counted as sent)
   scheme map: <scheme>[;L<a>[-<b>][.<module>]=<scheme>]...
 
 Neighbouring schemes (related work, compared with the paper in the README):
@@ -79,6 +82,8 @@ Examples:
   int4-static-sp3                   3 largest-|x| values per token as (index, BF16) pairs
   int4-token-thr6c1/128             features with max|x| > 6 in this message in BF16, at most H/128
   int4-group64-perm                 Int4 per 64 features after the calibrated range-sorting permutation
+  int4-static-top1/64@min64k        the paper's scheme, but messages under 64 KiB go as exact BF16
+  int4-static-top1/64@twoshot+int4-token@minauto   two-shot, gated at the measured crossover
   int4-static-top1/64;L0-3=int8-token;L28.down_proj=bf16   per-layer / per-module overrides
 """
 
@@ -92,6 +97,8 @@ _RE_QUANT = re.compile(r"(int|nf)(\d+)(a?)")
 _RE_GRAN = re.compile(r"static|token|group(\d+)")
 _RE_OUTLIERS = re.compile(r"top" + _K + r"|rand" + _K + r"(?:s(\d+))?")
 _RE_ALGO = re.compile(r"gather|twoshot(?:\+(int\d+a?-(?:token|group\d+)))?")
+_RE_GATE = re.compile(r"@min(?:(\d+)([kM]?)|(auto))(?=$)")
+_GATE_UNITS = {"": 1, "k": 1024, "M": 1 << 20}
 _RE_ROT = re.compile(r"-rot(\d+)")
 _RE_SPARSE = re.compile(r"-sp(\d+)")
 _RE_THR = re.compile(r"-thr(\d+(?:\.\d+)?)c" + _K)
@@ -184,7 +191,9 @@ def parse_scheme(text: str) -> Scheme:
     if text.startswith("-sr", pos) and (pos + 3 == len(text) or text[pos + 3] == "@"):
         quant = replace(quant, rounding="stochastic")
         pos += 3
-    algo, second = "gather", None
+    algo, second, min_message = "gather", None, None
+    if text.startswith("@min", pos):
+        min_message, pos = _parse_gate(text, pos)
     if text.startswith("@", pos):
         a = _RE_ALGO.match(text, pos + 1)
         if not a:
@@ -198,11 +207,25 @@ def parse_scheme(text: str) -> Scheme:
             if a.group(1):
                 second, _ = _parse_quant_spec(a.group(1), 0, "second")
         pos = a.end()
+        if text.startswith("@min", pos):
+            min_message, pos = _parse_gate(text, pos)
     if pos != len(text):
         raise _expected("scheme", text, pos, "in this order '-sp<n>' or '-thr<T>c<K>', '-perm', '-rot<R>', '-sr', "
-                                             "'-<outliers>', '@<algo>' or the end of the scheme")
+                                             "'-<outliers>', '@<algo>' or the end of the scheme; "
+                                             "a size gate '@min<size>' comes last")
     return Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second, rotation=rotation,
-                  sparse=sparse, threshold=threshold, permute=permute)
+                  sparse=sparse, threshold=threshold, permute=permute, min_message=min_message)
+
+
+def _parse_gate(text: str, pos: int) -> tuple[int, int]:
+    """``@min<n>[k|M]`` or ``@minauto`` at ``pos`` (the end of the scheme): (bytes, end)."""
+    g = _RE_GATE.match(text, pos)
+    if not g:
+        raise SchemeError("min_message", f"{text[pos + 4:]!r} is not a size; allowed: @min<bytes>[k|M] at the end "
+                                         f"of the scheme (e.g. @min64k, @min2M) or @minauto")
+    if g.group(3):
+        return MIN_MESSAGE_AUTO, g.end()
+    return int(g.group(1)) * _GATE_UNITS[g.group(2)], g.end()
 
 
 _RE_OVERRIDE = re.compile(r"L(\d+)(?:-(\d+))?(?:\.([A-Za-z_]\w*))?=(.*)")

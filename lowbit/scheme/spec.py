@@ -30,6 +30,8 @@ CODEBOOK_BITS = (3, 4)
 MAX_SPARSE = 255  # values per token taken out by -sp<n> (also at most half the message's features)
 MAX_INDEXED_HIDDEN = 65535  # sp/thr send uint16 column indices (0xFFFF is thr's unused-slot sentinel)
 MAX_THRESHOLD = 1e9
+MIN_MESSAGE_AUTO = -1  # ``@minauto``: the job sets the threshold from the collective-bench records
+MAX_MIN_MESSAGE = 1 << 40
 
 class SchemeError(ValueError):
     """A scheme that cannot be built; the message names the field and what is allowed."""
@@ -186,6 +188,17 @@ def decimal_text(value: float) -> str:
     return text or "0"
 
 
+def size_text(nbytes: int) -> str:
+    """A gate size as the grammar writes it: ``auto``, ``<n>M``, ``<n>k`` (1024 bytes) or bytes."""
+    if nbytes == MIN_MESSAGE_AUTO:
+        return "auto"
+    if nbytes and nbytes % (1 << 20) == 0:
+        return f"{nbytes >> 20}M"
+    if nbytes and nbytes % 1024 == 0:
+        return f"{nbytes >> 10}k"
+    return str(nbytes)
+
+
 @dataclass(frozen=True)
 class ThresholdSpec:
     """Dynamic threshold outliers (``thr<T>c<K>``): per message, the features whose largest
@@ -239,8 +252,12 @@ class Scheme:
     sparse: int = 0
     threshold: ThresholdSpec | None = None
     permute: bool = False
+    # ``@min<size>``: a message whose BF16 size is under this many bytes goes as the exact BF16
+    # all-reduce (the codec's fixed cost loses there); MIN_MESSAGE_AUTO until the job resolves it
+    min_message: int | None = None
 
     def __post_init__(self):
+        self._check_gate()
         if self.kind not in ("exact", "quant"):
             raise SchemeError("kind", f"{self.kind!r} not allowed; allowed: exact, quant")
         if self.algo not in ALGOS:
@@ -292,6 +309,23 @@ class Scheme:
             if self.algo == "two_shot" and self.outliers.select != "none":
                 raise SchemeError("rotation", "rotation with BF16 outliers runs with the gather algo only; "
                                               "allowed: @gather, or no outliers")
+
+    def _check_gate(self) -> None:
+        m = self.min_message
+        if m is None:
+            return
+        if self.kind == "exact":
+            raise SchemeError("min_message", "an exact scheme has no size gate; allowed: none")
+        if isinstance(m, bool) or not isinstance(m, int) or not (m == MIN_MESSAGE_AUTO or 0 <= m <= MAX_MIN_MESSAGE):
+            raise SchemeError("min_message", f"{m!r} is not a size; allowed: @min<bytes>[k|M] (e.g. @min64k) "
+                                             f"or @minauto")
+
+    def gated(self, tokens: int, hidden: int) -> bool:
+        """Does a message of ``tokens`` x ``hidden`` values go as the exact BF16 all-reduce
+        (``@min<size>``: its BF16 bytes are under the threshold)? An unresolved ``@minauto`` gates
+        nothing here; the communicator refuses to run it."""
+        m = self.min_message
+        return m is not None and m > 0 and tokens * hidden * 2 < m
 
     def _check_new_options(self) -> None:
         """The neighbouring-work options: their ranges and which combinations are refused."""
@@ -348,6 +382,8 @@ class Scheme:
             text += "-sr"
         if self.algo == "two_shot":
             text += f"@twoshot+{self.second}"
+        if self.min_message is not None:
+            text += f"@min{size_text(self.min_message)}"
         return text
 
     def validate_for(self, hidden: int, tp: int) -> None:

@@ -25,6 +25,13 @@ from lowbit.scheme import QuantSpec, Scheme, parse_scheme
 from lowbit.wire.payload import BIT_PARTS, OUTLIER_DTYPE, layout, scheme_layout
 
 METHODS = ("exact", "gather", "two_shot")  # the collectives a site's message can take
+EXACT_BF16 = Scheme("exact", wire_dtype="bf16")  # what a gated message (``@min<size>``) sends
+
+
+def effective(scheme: Scheme, tokens: int, hidden: int) -> Scheme:
+    """The scheme a message of ``tokens`` x ``hidden`` really travels with: the exact BF16
+    all-reduce when the scheme's size gate (``@min<size>``) holds it back, else the scheme."""
+    return EXACT_BF16 if scheme.gated(tokens, hidden) else scheme
 
 
 def rotated_message_bits(tokens: int, hidden: int, quant: QuantSpec, n_outliers: int) -> dict[str, float]:
@@ -60,8 +67,9 @@ def scheme_bits_breakdown(scheme: Scheme | str, hidden: int, tp: int, tokens: in
     Independent of the token count except for ``thr<T>c<K>``, whose index list is sent once per
     message (C uint16 per message: 16 C / (tokens H) bits per value); ``tokens=8`` keeps packed
     codes whole bytes. Two-shot with top/rand outliers counts them spread evenly over the chunks
-    (``two_shot_chunk_outliers``; their real positions come from calibration)."""
-    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    (``two_shot_chunk_outliers``; their real positions come from calibration). A message the
+    size gate holds back counts as what it sends: 16 bits per value (``effective``)."""
+    scheme = effective(parse_scheme(scheme) if isinstance(scheme, str) else scheme, tokens, hidden)
     values = tokens * hidden
     if scheme.is_exact:
         return {"leg 1": layout(tokens, hidden, scheme).bits_per_value, "leg 2": None}
@@ -96,8 +104,8 @@ def site_bytes(scheme: Scheme | str, tokens: int, hidden: int, tp: int,
     """(first-leg bytes, second-leg bytes) one rank hands to collectives in one call: exact, the
     tensor in its wire dtype; gather, its one message (rotated: all H codes + the BF16 tail);
     two-shot, its tp chunk messages (``chunk_outliers`` static BF16 features per chunk; default:
-    spread evenly) and its padded second-leg chunk."""
-    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    spread evenly) and its padded second-leg chunk. A gated message: the BF16 tensor."""
+    scheme = effective(parse_scheme(scheme) if isinstance(scheme, str) else scheme, tokens, hidden)
     if scheme.is_exact:
         return layout(tokens, hidden, scheme).total_bytes, 0
     k = scheme.outliers.count(hidden)
@@ -155,7 +163,7 @@ def wire_bytes(method: str, tp: int, leg1_bytes: float, leg2_bytes: float = 0.0)
 def site_traffic(scheme: Scheme | str, hidden: int, tp: int, tokens: int) -> dict:
     """One site's call at ``tokens`` x ``hidden``: the message bytes each rank encodes (both legs)
     and the bytes it sends with the scheme's collective (``wire_bytes``)."""
-    scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    scheme = effective(parse_scheme(scheme) if isinstance(scheme, str) else scheme, tokens, hidden)
     leg1, leg2 = site_bytes(scheme, tokens, hidden, tp)
     return dict(message_bytes=leg1 + leg2, sent_bytes=wire_bytes(method_of(scheme), tp, leg1, leg2),
                 bits_per_value=(leg1 + leg2) * 8 / (tokens * hidden) if tokens * hidden else 0.0)
