@@ -8,7 +8,8 @@ usual 16-bit wire too.
 Task metrics: zero-shot log-likelihood multiple choice (lm-eval's definitions): ``acc`` picks
 the choice with the highest summed log-probability of its continuation, ``acc_norm`` divides
 it by the continuation's length in bytes; standard error = sample std / sqrt(n). The task's
-primary metric follows OLMES (acc_norm for arc_challenge, hellaswag, piqa; acc otherwise) and
+primary metric follows the package's config (acc_norm for arc_challenge, hellaswag, piqa and
+the other length-normalized tasks; acc otherwise; ``lowbit.data.TASK_INFO``) and
 "% kept" is the paper's: scheme score / reference score, averaged over tasks.
 
 Per-layer error: relative error and SNR of each site's reduced output, ``local`` (every site
@@ -29,13 +30,14 @@ import torch.nn.functional as F
 from lowbit.calibrate import Calibration
 from lowbit.collectives import QuantCommunicator
 from lowbit.comm import Communicator, ExactCommunicator, Site
-from lowbit.data import Item
+from lowbit.data import TASK_INFO, Item
 from lowbit.dist import Group
 from lowbit.tp import set_communicator
 
 REFERENCE = "fp32"
-PRIMARY_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm",
-                  "winogrande": "acc", "boolq": "acc"}
+# From the discovered tasks (lowbit.data): acc where the package scores raw log-likelihood,
+# acc_norm where it normalizes by length (arc_challenge, hellaswag, piqa, ...: as OLMES does).
+PRIMARY_METRIC = {t: info.primary for t, info in TASK_INFO.items()}
 
 
 def make_communicator(group: Group, scheme: str, calibration: Calibration | None, codec=None) -> Communicator:
