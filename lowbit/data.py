@@ -190,22 +190,41 @@ def token_stream(source: str, tokenizer) -> torch.Tensor:
     return _token_stream(source, getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)), tokenizer)
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (Gemma: ``<bos>``; SmolLM2: none).
+    Gemma is trained with ``<bos>`` first and drifts without it, so every chunk and every
+    multiple-choice sequence starts with these."""
+    probe = "lowbit probe"
+    full = tokenizer(probe).input_ids
+    plain = tokenizer(probe, add_special_tokens=False).input_ids
+    cut = len(full) - len(plain)
+    return list(full[:cut]) if cut > 0 and list(full[cut:]) == list(plain) else []
+
+
 def token_chunks(tokenizer, source: str, split: str, n_chunks: int, seq_len: int) -> torch.Tensor:
     """``n_chunks`` x ``seq_len`` token ids. ``calib`` chunks come from the front of the
     source's stream and ``eval`` chunks from the back, so they never overlap; asking for more
-    than half the stream per split is refused."""
+    than half the stream per split is refused. A tokenizer that adds a BOS token (Gemma)
+    gets it at the start of each chunk, followed by ``seq_len - 1`` stream tokens."""
     if split not in SPLITS:
         raise DataError(f"split: {split!r} unknown; allowed: {', '.join(SPLITS)}")
     if n_chunks < 1 or seq_len < 2:
         raise DataError(f"n_chunks and seq_len must be >= 1 and >= 2; got {n_chunks}, {seq_len}")
     stream = token_stream(source, tokenizer)
     half = len(stream) // 2
-    need = n_chunks * seq_len
+    prefix = bos_prefix(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise DataError(f"seq_len: {seq_len} leaves no room after the tokenizer's {len(prefix)} BOS token(s)")
+    need = n_chunks * body
     if need > half:
         raise DataError(f"tokens: {need} requested from {source!r} but each split has {half}; "
                         f"lower n_chunks x seq_len")
     part = stream[:need] if split == "calib" else stream[len(stream) - need:]
-    return part.view(n_chunks, seq_len).clone()
+    chunks = part.view(n_chunks, body)
+    if prefix:
+        chunks = torch.cat([torch.tensor(prefix, dtype=chunks.dtype).expand(n_chunks, -1), chunks], dim=1)
+    return chunks.clone()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from lowbit.collectives import QuantCommunicator
 from lowbit.comm import Communicator, ExactCommunicator, Site
 from lowbit.data import TASK_INFO, Item
 from lowbit.dist import Group
+from lowbit import stats
 from lowbit.tp import set_communicator
 
 REFERENCE = "fp32"
@@ -81,14 +82,14 @@ def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: list[str],
             a["tokens"] += targets.numel()
             if ref_logp is None:
                 ref_logp = logp
-            a["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()
+            a["kl"] += stats.kl_per_token(ref_logp, logp).sum().item()
             a["top1"] += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         if progress:
             progress("text", step + 1, len(batches), f"held-out batch {step + 1}/{len(batches)}", {})
     out = {}
     for name, a in acc.items():
         n = a["tokens"]
-        out[name] = dict(ppl=math.exp(a["nll"] / n), kl=a["kl"] / n, top1_agreement=a["top1"] / n, tokens=int(n),
+        out[name] = dict(ppl=stats.perplexity(a["nll"], int(n)), kl=a["kl"] / n, top1_agreement=a["top1"] / n, tokens=int(n),
                          **_summarize_calls(comms[name]))
     return out
 
@@ -109,10 +110,13 @@ def _item_batches(tokenizer, items: list[Item], max_sequences: int):
 
 
 def _item_sequences(tokenizer, item: Item) -> tuple[list[list[int]], list[int]]:
-    """Token ids of context+continuation per choice, and where each continuation starts."""
+    """Token ids of context+continuation per choice, and where each continuation starts
+    (after the tokenizer's own BOS, if it adds one: ``lowbit.data.bos_prefix``)."""
+    from lowbit.data import bos_prefix
+    prefix = bos_prefix(tokenizer)
     seqs, starts = [], []
     for ctx, cont in zip(item.contexts, item.continuations):
-        c = tokenizer(ctx, add_special_tokens=False).input_ids
+        c = prefix + tokenizer(ctx, add_special_tokens=False).input_ids
         k = tokenizer(cont, add_special_tokens=False).input_ids
         seqs.append(c + k)
         starts.append(len(c))
@@ -161,9 +165,9 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
                 for item, item_seqs, _ in batch:
                     mine = ll[at:at + len(item_seqs)]
                     at += len(item_seqs)
-                    lengths = [max(1, len(c.encode("utf-8"))) for c in item.continuations]
-                    h["acc"].append(float(max(range(len(mine)), key=lambda i: mine[i]) == item.gold))
-                    h["acc_norm"].append(float(max(range(len(mine)), key=lambda i: mine[i] / lengths[i]) == item.gold))
+                    hit = stats.choice_hits(mine, item.continuations, item.gold)
+                    h["acc"].append(hit["acc"])
+                    h["acc_norm"].append(hit["acc_norm"])
             done += len(batch)
             if progress:
                 progress("tasks", done, total, f"{task}: item {len(hits[REFERENCE][task]['acc'])}/{len(items)}", {})
@@ -173,31 +177,22 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
         for task, h in by_task.items():
             row = {"n": len(h["acc"])}
             for metric in ("acc", "acc_norm"):
-                vals = torch.tensor(h[metric])
-                row[metric] = vals.mean().item()
-                row[f"{metric}_se"] = (vals.std(unbiased=True) / math.sqrt(len(vals))).item() if len(vals) > 1 else 0.0
+                row[metric], row[f"{metric}_se"] = stats.mean_se(h[metric])
             row["primary"] = PRIMARY_METRIC[task]
             # Paired with the reference on the same items: the difference's standard error is
             # far smaller than either accuracy's when the two mostly agree.
-            diff = torch.tensor(h[row["primary"]]) - torch.tensor(hits[REFERENCE][task][row["primary"]])
-            row["delta"] = diff.mean().item()
-            row["delta_se"] = (diff.std(unbiased=True) / math.sqrt(len(diff))).item() if len(diff) > 1 else 0.0
-            row["flipped"] = int((diff != 0).sum().item())
+            mine, ref = h[row["primary"]], hits[REFERENCE][task][row["primary"]]
+            row["delta"], row["delta_se"] = stats.paired_delta(mine, ref)
+            row["flipped"] = sum(a != b for a, b in zip(mine, ref))
             out[name][task] = row
         out[name]["_comm"] = _summarize_calls(comms[name])
     return out
 
 
 def kept_pct(scheme_tasks: dict[str, dict], reference_tasks: dict[str, dict]) -> float | None:
-    """The paper's "% of original performance": mean over tasks of scheme/reference primary score."""
-    ratios = []
-    for task, row in scheme_tasks.items():
-        if task.startswith("_"):
-            continue
-        ref = reference_tasks[task][row["primary"]]
-        if ref > 0:
-            ratios.append(row[row["primary"]] / ref)
-    return 100.0 * sum(ratios) / len(ratios) if ratios else None
+    """The paper's "% of original performance": mean over tasks of scheme/reference primary score
+    (``lowbit.stats.kept_pct`` also gives its standard error)."""
+    return stats.kept_pct(scheme_tasks, reference_tasks)[0]
 
 
 class ErrorProbe(Communicator):
@@ -297,7 +292,7 @@ def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks:
                comm_seconds=text["comm_seconds"])
     if tasks is not None:
         rec["tasks"] = {t: r for t, r in tasks.items() if not t.startswith("_")}
-        rec["kept_pct"] = kept_pct(tasks, reference_tasks)
+        rec["kept_pct"], rec["kept_se"] = stats.kept_pct(tasks, reference_tasks)
         primaries = [r[r["primary"]] for t, r in rec["tasks"].items()]
         rec["avg_primary"] = sum(primaries) / len(primaries) if primaries else None
     return rec
