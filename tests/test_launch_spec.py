@@ -54,6 +54,8 @@ CATALOGUE = [
     ("fractional eval tokens", dict(eval_tokens=1.5), "eval_tokens", ["must be an integer"]),
     ("negative items per task", dict(items_per_task=-5), "items_per_task", ["between 0 and"]),
     ("task path traversal", dict(tasks=["../boolq"]), "tasks[0]", ["boolq"]),
+    ("unknown task lists the discovered ones", dict(tasks=["sciq", "mmlu"]), "tasks[1]",
+     ["unknown 'mmlu'", "sciq", "openbookqa", "socialiqa"]),
     ("calibration data as a path", dict(calib_data="/etc/passwd"), "calib_data", ["allowed"]),
     ("zero new tokens", dict(max_new_tokens=0), "max_new_tokens", ["between 1 and"]),
     ("negative seed", dict(seed=-1), "seed", ["between 0 and"]),
