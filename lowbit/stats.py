@@ -109,7 +109,7 @@ def fmt_pm(value: float | None, se: float | None = None, scale: float = 1.0, dig
     return text
 
 
-def _fmt_num(value, spec: str) -> str:
+def fmt_num(value, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return format(value, spec)
@@ -130,8 +130,8 @@ def score_table(result: dict):
     rows = []
     for r in records:
         top1 = r.get("top1_agreement")
-        row = {"scheme": r.get("scheme", ""), "bits/value": _fmt_num(r.get("bits_per_value"), ".4g"),
-               "ppl": _fmt_num(r.get("ppl"), ".4g"), "KL": _fmt_num(r.get("kl"), ".4g"),
+        row = {"scheme": r.get("scheme", ""), "bits/value": fmt_num(r.get("bits_per_value"), ".4g"),
+               "ppl": fmt_num(r.get("ppl"), ".4g"), "KL": fmt_num(r.get("kl"), ".4g"),
                "top-1 %": fmt_pm(top1, None, 100.0)}
         tasks = r.get("tasks") or {}
         for task, t in tasks.items():

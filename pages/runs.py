@@ -9,6 +9,7 @@ from launch import results
 from launch.index import ACTIVE, STATUSES
 from launch.registry import available_kinds
 from launch.spec import BACKENDS, SpecError
+from lowbit import stats
 from lowbit.data import TASKS, TEXT_SOURCES
 from pages import _ui
 
@@ -153,6 +154,13 @@ with tab_res:
         st.json(data, expanded=1)
     else:
         st.dataframe(results.scheme_frame(data), hide_index=True, width="stretch")
+        scores = stats.score_table(data)
+        if not scores.empty:
+            st.markdown("**Scores** (± one standard error; Δ: paired difference to the exact run on the same "
+                        "items, percentage points)")
+            st.dataframe(scores, hide_index=True, width="stretch")
+            if any(str(v).endswith(" !") for v in scores.get("kept %", [])):
+                st.caption(stats.UNRESOLVED_NOTE)
         st.page_link("pages/tradeoffs.py", label="Plot it (Trade-offs)", icon=":material/balance:")
 with tab_spec:
     spec = results.load_spec(run_id, _ui.root())
