@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lowbit.calibrate import Calibration, run_calibration
-from lowbit.data import TASKS, TEXT_SOURCES, load_task, token_chunks
+from lowbit.data import CLASSIC_TASKS, TASKS, TEXT_SOURCES, load_task, token_chunks
 from lowbit.engine import build_tp_model
 from lowbit.models import cache_root, load_config
 from lowbit.scheme import SchemeError, parse_scheme_map
@@ -26,7 +26,7 @@ from lowbit.tp import text_config
 
 CALIBRATE_DEFAULTS = dict(source="wikipedia", chunks=16, seq_len=256, batch_size=4, gamma=0.01)
 EVALUATE_DEFAULTS = dict(schemes=["bf16", "int4-static-top1/64"], eval_source="wikipedia", eval_chunks=8,
-                         seq_len=256, batch_size=4, tasks=list(TASKS), items=20, seed=0, layer_error=True,
+                         seq_len=256, batch_size=4, tasks=list(CLASSIC_TASKS), items=20, seed=0, layer_error=True,
                          layer_error_chunks=2, fused_kernels=False)
 
 
