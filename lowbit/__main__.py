@@ -2,6 +2,7 @@
 
     python -m lowbit models                          # what can be loaded here
     python -m lowbit tp-check --model smollm2-135m --tp 3
+    python -m lowbit tp-check --model gemma3-270m --tp 2   # 1 KV head, replicated
     python -m lowbit schemes                         # the scheme grammar, with examples
     python -m lowbit tasks                           # the benchmark tasks found, with item counts
     python -m lowbit calibrate --model smollm2-135m --tp 3 --tokens 4096

@@ -127,3 +127,33 @@ def test_score_table_leaves_absent_values_blank():
     assert "None" not in text and "nan" not in text.lower()
     assert stats.fmt_pm(None, 0.1) == "" and stats.fmt_pm(float("nan")) == ""
     assert stats.fmt_pm(0.25, 0.05, 100.0) == "25.0 ± 5.0"
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3", "tiny-llama"])
+def test_choice_logliks_through_kept_positions_equal_the_full_logits(tiny_models, name):
+    """evaluate's log-likelihood of each continuation sends only the positions that predict a
+    continuation token through lm_head (Gemma 2's final softcap included): same numbers as
+    taking them from the logits of every position."""
+    import torch.nn.functional as F
+
+    from lowbit.data import load_task
+    from lowbit.evaluate import _choice_logliks, _item_sequences
+    loaded = tiny_models[name]
+    seqs, starts = [], []
+    for item in load_task("sciq", 2, seed=0):  # passages of different lengths: right padding
+        s, st = _item_sequences(loaded.tokenizer, item)
+        seqs += s
+        starts += st
+    got = _choice_logliks(loaded.model, seqs, starts, pad_id=0)
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    with torch.no_grad():
+        logp = F.log_softmax(loaded.model(ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+    want = [logp[i, torch.arange(st - 1, len(s) - 1), torch.tensor(s[st:])].sum().item()
+            for i, (s, st) in enumerate(zip(seqs, starts))]
+    assert len(got) == 8
+    assert got == pytest.approx(want, abs=1e-4)

@@ -207,3 +207,14 @@ def test_gemma3_loads_from_the_verified_cache_and_continues_sensibly():
     text = loaded.tokenizer.decode(out["tokens"][0])
     print(f"gemma3-270m ({loaded.source}, {loaded.seconds:.1f} s): {text!r}")
     assert "France" in text or "Paris" in text
+
+
+def test_tasks_cli_prints_every_task_with_its_item_count(capsys):
+    from lowbit.__main__ import main
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["task", "variant", "shots", "metric", "package_metric", "split", "items", "choices"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert list(rows) == list(data.TASKS)
+    assert rows["sciq"] == ["sciq", "rc_0shot", "0", "acc", "acc_raw", "validation", "1000", "4"]
+    assert rows["openbookqa"][3] == "acc_norm" and rows["openbookqa"][6] == "500"
