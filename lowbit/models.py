@@ -290,6 +290,11 @@ def convert_to_cache(model, tokenizer, folder: Path, source: Path) -> None:
     from transformers import AutoModelForCausalLM
     model.hf_quantizer = None
     model.is_quantized = False
+    # Inside a torchrun rank, transformers writes checkpoint files only on rank 0; the rank that
+    # wins the cache lock may be any rank, and without this it saved no config or weights (a
+    # cold-cache Gemma demo at TP 2 failed so: "Unrecognized model in ...tmp..."). The model here
+    # is whole on every rank, so this rank writes all of it.
+    model.should_save_on_this_rank = lambda is_main_process=True: True
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}

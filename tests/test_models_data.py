@@ -218,3 +218,23 @@ def test_tasks_cli_prints_every_task_with_its_item_count(capsys):
     assert list(rows) == list(data.TASKS)
     assert rows["sciq"] == ["sciq", "rc_0shot", "0", "acc", "acc_raw", "validation", "1000", "4"]
     assert rows["openbookqa"][3] == "acc_norm" and rows["openbookqa"][6] == "500"
+
+
+def test_cache_conversion_writes_everything_on_a_nonzero_rank(tmp_path):
+    """The rank that converts the embedded model's cache may be any rank of a job: transformers
+    saves checkpoints only on rank 0 once torch.distributed is initialized, which left a cache
+    without config or weights on rank 1."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from lowbit.models import convert_to_cache, load_model
+    loaded = load_model("tiny-llama")
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        convert_to_cache(loaded.model, loaded.tokenizer, tmp_path / "cache", source=tmp_path / "none.gguf")
+    finally:
+        dist.destroy_process_group()
+    assert (tmp_path / "cache" / "verified.json").exists()
+    from transformers import AutoModelForCausalLM
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "cache", dtype=torch.float32).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in loaded.model.state_dict().items())
