@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from launch.client import submit_and_watch
+from lowbit import stats
 
 # The table: exact, Int8/4/3/2 on all features (static per-feature scales, as the paper's
 # baseline), random-BF16 and top-k-BF16 Int4 (the paper), and a dynamic per-group scheme.
@@ -40,7 +41,8 @@ def flat_rows(result: dict) -> list[dict]:
     rows = []
     for r in result["records"]:
         row = dict(scheme=r["scheme"], bits_per_value=r["bits_per_value"], ppl=r["ppl"], kl=r["kl"],
-                   top1_agreement=r["top1_agreement"], kept_pct=r.get("kept_pct"), avg_primary=r.get("avg_primary"),
+                   top1_agreement=r["top1_agreement"], kept_pct=r.get("kept_pct"), kept_se=r.get("kept_se"),
+                   avg_primary=r.get("avg_primary"),
                    clamped=r.get("clamped"), comm_seconds=r.get("comm_seconds"))
         deltas, delta_vars = [], []
         for task, t in (r.get("tasks") or {}).items():
@@ -63,10 +65,12 @@ def markdown(result: dict, rows: list[dict], tasks: list[str]) -> str:
     for row in rows:
         cells = [f"`{row['scheme']}`", f"{row['bits_per_value']:.4g}", f"{row['ppl']:.3f}", f"{row['kl']:.4f}",
                  f"{100 * row['top1_agreement']:.1f}"]
-        cells += [f"{100 * row[t]:.1f} ± {100 * row[t + '_se']:.1f}" if t in row else "-" for t in tasks]
-        cells.append("-" if row.get("avg_primary") is None else f"{100 * row['avg_primary']:.1f}")
-        cells.append("-" if "avg_delta" not in row else f"{100 * row['avg_delta']:+.1f} ± {100 * row['avg_delta_se']:.1f}")
-        cells.append("-" if row.get("kept_pct") is None else f"{row['kept_pct']:.1f}")
+        cells += [f"{100 * row[t]:.1f} ± {100 * row[t + '_se']:.1f}" if t in row else "" for t in tasks]
+        cells.append("" if row.get("avg_primary") is None else f"{100 * row['avg_primary']:.1f}")
+        cells.append("" if "avg_delta" not in row else f"{100 * row['avg_delta']:+.1f} ± {100 * row['avg_delta_se']:.1f}")
+        kept_se = (row.get("kept_se") if row["scheme"] != result.get("reference", "fp32") else None)
+        cells.append(stats.fmt_pm(row.get("kept_pct"), kept_se)
+                     + (" !" if kept_se is not None and stats.kept_is_unresolved(row.get("kept_pct"), kept_se) else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="chunks per forward (default 4; 2 halves the memory of Gemma's 262k-vocab logits)")
     parser.add_argument("--calib-from", default=None, help="reuse this calibrate run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/accuracy.json")
@@ -91,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(model=args.model, tp=args.tp, backend="auto", calib_data="wikipedia", calib_tokens=args.calib_tokens,
                   time_limit_s=7 * 24 * 3600.0, params=dict(seq_len=args.seq_len))
     evaluate_params = dict(seq_len=args.seq_len, layer_error_chunks=1)
+    if args.batch_size is not None:
+        common["params"]["batch_size"] = evaluate_params["batch_size"] = args.batch_size
     calib_id = args.calib_from
     if calib_id is None:
         calib_id, _ = run_job(dict(common, kind="calibrate"))

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 
 from launch.events import progress, read_events, text_bar
 from launch.index import RunIndex
@@ -23,6 +22,7 @@ from launch.layout import run_paths
 from launch.queue import JobQueue, cancel
 from launch.spec import SpecError
 from lowbit.model.models import ModelUnavailable, load_config, prepare
+from lowbit.stats import UNRESOLVED_NOTE, score_table
 from lowbit.model.tp import TPSizeError, check_tp_size
 
 _last_progress = [""]
@@ -101,19 +101,17 @@ def cmd_calibrate(args) -> int:
 
 
 def format_results(result: dict) -> str:
-    """evaluate's records as a text table (one row per scheme)."""
-    rows = []
-    for r in result["records"]:
-        top1 = r.get("top1_agreement")
-        row = {"scheme": r["scheme"], "bits/value": r.get("bits_per_value"), "ppl": r.get("ppl"),
-               "KL": r.get("kl"), "top-1 %": None if top1 is None else 100 * top1}
-        for task, t in (r.get("tasks") or {}).items():
-            row[f"{task} %"] = 100 * t[t["primary"]]
-        if r.get("tasks"):
-            row["avg %"] = None if r.get("avg_primary") is None else 100 * r["avg_primary"]
-            row["kept %"] = r.get("kept_pct")
-        rows.append(row)
-    return pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    """evaluate's records as a text table (one row per scheme; ``lowbit.stats.score_table``):
+    every task score with its standard error, the paired difference to the reference with its
+    error, % kept with its error (``!`` when the error exceeds the gap it claims)."""
+    frame = score_table(result)
+    text = frame.to_string(index=False)
+    if any(str(v).endswith(" !") for v in frame.get("kept %", [])):
+        text += "\n" + UNRESOLVED_NOTE
+    if any(c.startswith("Δ ") for c in frame.columns):
+        text += (f"\n± one standard error over the items; Δ: paired difference to {result.get('reference', 'fp32')} "
+                 "on the same items, percentage points")
+    return text
 
 
 def cmd_evaluate(args) -> int:
@@ -194,7 +192,8 @@ def add_commands(sub) -> None:
     p.add_argument("--calib-from", default=None, help="run id of a calibrate run (else the cache)")
     p.add_argument("--eval-data", default="wikipedia")
     p.add_argument("--eval-tokens", type=int, default=2048)
-    p.add_argument("--tasks", default="", help="comma-separated, e.g. arc_easy,piqa")
+    p.add_argument("--tasks", default="", help="comma-separated, e.g. arc_easy,piqa (`python -m lowbit tasks` "
+                   "lists them all)")
     p.add_argument("--items", type=int, default=50, help="items per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-layer-error", action="store_true")

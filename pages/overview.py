@@ -7,7 +7,8 @@ from plotly.subplots import make_subplots
 
 from launch import store
 from launch.index import ACTIVE
-from launch.presets import DEMO_LONGER, DEMO_SCHEMES, demo_spec
+from launch.presets import DEMO_LONGER, DEMO_SCHEMES, demo_spec, demo_tp
+from lowbit import stats
 from pages import _ui
 
 st.title("lowbit: low-bit communication for tensor-parallel inference")
@@ -20,12 +21,15 @@ names = _ui.model_names()
 left, right = st.columns(2)
 with left:
     model = st.selectbox("Model", names, index=names.index("smollm2-135m") if "smollm2-135m" in names else 0,
-                         key="ov_model", help="smollm2-135m is the embedded real model; tiny-* are random "
-                                              "test models that run in seconds.")
+                         key="ov_model", help="smollm2-135m and gemma3-270m are the embedded real models "
+                                              "(Gemma 3: 4 query heads, 1 KV head, so TP 1, 2 or 4 with the KV "
+                                              "head replicated); tiny-* are random test models that run in seconds.")
 sizes = _ui.valid_tp_sizes(model)
 with right:
-    tp = st.selectbox("TP size (ranks)", sizes, index=sizes.index(3) if 3 in sizes else min(1, len(sizes) - 1),
-                      key="ov_tp", help="Only sizes that divide the model's attention heads are offered.")
+    default_tp = demo_tp(model, sizes)
+    tp = st.selectbox("TP size (ranks)", sizes, index=sizes.index(default_tp) if default_tp in sizes else 0,
+                      key="ov_tp", help="Only sizes that divide the model's attention heads are offered "
+                                        "(and, past the KV heads, replicate them).")
 shape = _ui.model_shape(model)
 H, L = shape["hidden"], shape["layers"]
 
@@ -176,15 +180,20 @@ def demo_result(run_id: str, row) -> None:
     _ui.style(fig, height=520)
     fig.update_annotations(font_size=_ui.FONT + 2)
     _ui.plot(fig, key="demo_chart")
+    # Display strings: a value the run did not measure (no tasks in the demo: % kept) stays blank.
     table = pd.DataFrame({
-        "scheme": frame["scheme"], "bits / value": frame["bits_per_value"].round(4),
-        "perplexity": frame["ppl"].round(2), "KL (nats/token)": frame["kl"].map(lambda v: f"{v:.4g}"),
-        "top-1 agreement (%)": (frame["top1_agreement"] * 100).round(1),
-        "task accuracy kept (%)": frame["kept_pct"].round(1), "± (s.e.)": frame["kept_se"].round(1),
+        "scheme": frame["scheme"], "bits / value": [stats.fmt_num(v, ".4g") for v in frame["bits_per_value"]],
+        "perplexity": [stats.fmt_num(v, ".2f") for v in frame["ppl"]],
+        "KL (nats/token)": [stats.fmt_num(v, ".4g") for v in frame["kl"]],
+        "top-1 agreement (%)": [stats.fmt_pm(v, None, 100.0) for v in frame["top1_agreement"]],
+        "task accuracy kept (%) ± s.e.": [
+            stats.fmt_pm(k, None if ref else se) + (" !" if not ref and stats.kept_is_unresolved(k, se) else "")
+            for k, se, ref in zip(frame["kept_pct"], frame["kept_se"], frame["reference"])],
     })
     st.dataframe(table, hide_index=True, width="stretch")
     st.caption("Top-1 agreement: how often the next-token choice equals the exact run's. KL: how far the whole "
-               "next-token distribution moved. % kept: task accuracy relative to exact (the paper's measure).")
+               "next-token distribution moved. % kept: task accuracy relative to exact (the paper's measure), "
+               "± one standard error of the paired differences; ! marks an error larger than the gap it claims.")
     st.page_link("pages/tradeoffs.py", label="Compare with more schemes (Trade-offs)", icon=":material/balance:")
 
 

@@ -153,6 +153,13 @@ with tab_res:
         st.json(data, expanded=1)
     else:
         st.dataframe(store.scheme_frame(data), hide_index=True, width="stretch")
+        scores = store.score_table(data)
+        if not scores.empty:
+            st.markdown("**Scores** (± one standard error; Δ: paired difference to the exact run on the same "
+                        "items, percentage points)")
+            st.dataframe(scores, hide_index=True, width="stretch")
+            if any(str(v).endswith(" !") for v in scores.get("kept %", [])):
+                st.caption(store.UNRESOLVED_NOTE)
         st.page_link("pages/tradeoffs.py", label="Plot it (Trade-offs)", icon=":material/balance:")
 with tab_spec:
     spec = store.load_spec(run_id, _ui.root())

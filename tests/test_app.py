@@ -355,3 +355,34 @@ def test_collectives_filters(runs_with_results):
     assert_clean(at)
     shown = at.dataframe[0].value
     assert set(shown["tp"]) == {4} and len(shown) == 9
+
+
+def test_overview_offers_gemma3_at_tp2_with_its_bytes(empty_runs):
+    at = open_page("pages/overview.py")
+    at.selectbox(key="ov_model").set_value("gemma3-270m").run()
+    assert_clean(at)
+    assert at.selectbox(key="ov_tp").value == 2 and at.selectbox(key="ov_tp").options == ["1", "2", "4"]
+    traffic = at.dataframe[0].value.set_index("scheme")
+    # Gemma 3 270M: hidden 640, 2 all-reduces per layer, 2 bytes per BF16 value, 18 layers
+    assert traffic.loc["bf16", "message bytes / token / layer"] == 2 * 640 * 2
+    assert traffic.loc["bf16", "KiB / token, all 18 layers"] == round(18 * 2 * 640 * 2 / 1024, 2)
+
+
+def test_scores_carry_standard_errors_and_absent_values_are_blank(runs_with_results):
+    at = open_page("pages/overview.py")
+    at.selectbox(key="ov_model").set_value("tiny-llama").run()
+    at.selectbox(key="ov_tp").set_value(2).run()
+    assert_clean(at)
+    demo = at.dataframe[1].value
+    assert (demo["task accuracy kept (%) ± s.e."] == "").all()  # the demo evaluates no tasks
+    assert not demo.astype(str).isin(["None", "nan", "NaN"]).any().any()
+    at = open_page("pages/runs.py")
+    at.selectbox(key="detail_run").set_value("eval-tiny").run()
+    assert_clean(at)
+    scores = next(d.value for d in at.dataframe if "kept %" in d.value.columns)
+    assert {"arc_easy (acc) %", "Δ arc_easy pp", "piqa (acc_norm) %", "avg %"} <= set(scores.columns)
+    by_scheme = scores.set_index("scheme")
+    assert by_scheme.loc["fp32", "Δ arc_easy pp"] == "" and by_scheme.loc["fp32", "kept %"] == "100.0"
+    others = by_scheme.drop(index="fp32")
+    assert others["arc_easy (acc) %"].str.contains(" ± ").all() and others["Δ arc_easy pp"].str.contains(" ± ").all()
+    assert not scores.astype(str).isin(["None", "nan"]).any().any()

@@ -134,7 +134,7 @@ def _build_runs(root: Path) -> None:
 
     # The demo's shape: the same evaluation restricted to the demo's schemes (and the reference), and,
     # like the real demo preset, without tasks (no "tasks", "kept_pct", "avg_primary" in its records).
-    task_keys = ("tasks", "kept_pct", "avg_primary")
+    task_keys = ("tasks", "kept_pct", "kept_se", "avg_primary")
     demo = dict(evaluation, records=[{k: v for k, v in r.items() if k not in task_keys}
                                      for r in evaluation["records"] if r["scheme"] in ("fp32", *DEMO_SCHEMES)],
                 layer_errors=[r for r in evaluation["layer_errors"] if r["scheme"] in DEMO_SCHEMES])

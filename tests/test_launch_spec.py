@@ -54,6 +54,8 @@ CATALOGUE = [
     ("fractional eval tokens", dict(eval_tokens=1.5), "eval_tokens", ["must be an integer"]),
     ("negative items per task", dict(items_per_task=-5), "items_per_task", ["between 0 and"]),
     ("task path traversal", dict(tasks=["../boolq"]), "tasks[0]", ["boolq"]),
+    ("unknown task lists the discovered ones", dict(tasks=["sciq", "mmlu"]), "tasks[1]",
+     ["unknown 'mmlu'", "sciq", "openbookqa", "socialiqa"]),
     ("calibration data as a path", dict(calib_data="/etc/passwd"), "calib_data", ["allowed"]),
     ("zero new tokens", dict(max_new_tokens=0), "max_new_tokens", ["between 1 and"]),
     ("negative seed", dict(seed=-1), "seed", ["between 0 and"]),
@@ -304,3 +306,15 @@ def test_cli_commands_prints_one_torchrun_line_per_node(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
     assert len(lines) == 2 and all("--rdzv-endpoint 10.0.0.1:29400" in line for line in lines)
     assert "--node-rank 0" in lines[0] and "--node-rank 1" in lines[1]
+
+
+def test_demo_is_offered_at_each_embedded_models_tp_and_validates():
+    from launch.presets import DEMO_TP, demo_spec, demo_tp
+    assert demo_tp("smollm2-135m", [1, 3]) == 3
+    assert demo_tp("gemma3-270m", [1, 2, 4]) == 2 == DEMO_TP["gemma3-270m"]
+    assert demo_tp("tiny-llama", [1, 2, 4]) == 2 and demo_tp("tiny-x", [1]) == 1
+    spec = JobSpec.from_dict(demo_spec(model="gemma3-270m", tp=demo_tp("gemma3-270m")))
+    assert (spec.model, spec.tp, spec.tasks) == ("gemma3-270m", 2, [])
+    with pytest.raises(SpecError) as err:
+        JobSpec.from_dict(demo_spec(model="gemma3-270m", tp=3))
+    assert "tp" in err.value.fields() and "valid TP sizes: 1, 2, 4" in str(err.value)

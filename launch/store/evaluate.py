@@ -8,6 +8,7 @@ import math
 import pandas as pd
 
 from launch.store.runs import finished_ok, load_result
+from lowbit import stats
 from lowbit.method.evaluate import RECORD_NUMBERS
 from lowbit.method.sweep import grid_schemes, undominated
 from lowbit.scheme import SchemeError, parse_scheme_map
@@ -94,26 +95,9 @@ def task_frame(result: dict | None) -> pd.DataFrame:
                                        "acc_norm_se", "delta", "delta_se", "n"])
 
 
-def _kept_se(scheme_tasks: pd.DataFrame, reference_tasks: pd.DataFrame) -> float | None:
-    """Standard error of the paper's "% kept" (mean over tasks of scheme / reference score).
-    Each task's ratio has the error of the paired difference (delta_se) over the reference score;
-    without paired numbers, the scheme's own standard error is used."""
-    ref = reference_tasks.set_index("task")["value"]
-    terms = []
-    for _, row in scheme_tasks.iterrows():
-        r = ref.get(row["task"])
-        if r is None or not r or pd.isna(r):
-            continue
-        se = row["delta_se"] if row["delta_se"] is not None and not pd.isna(row["delta_se"]) else row["se"]
-        if se is None or pd.isna(se):
-            continue
-        terms.append((se / r) ** 2)
-    return 100.0 * math.sqrt(sum(terms)) / len(terms) if terms else None
-
-
 SCHEME_FIELDS = ("family", "bits", "granularity", "select", "k", "algo", "second", "options", "overrides")
 # every numeric column: the record's numbers (lowbit.method.evaluate owns them) and those derived here
-SCHEME_NUMERIC = [*RECORD_NUMBERS, "kept_se", "avg_primary_se", "comm_ms_per_ktok"]
+SCHEME_NUMERIC = [*RECORD_NUMBERS, "avg_primary_se", "comm_ms_per_ktok"]
 SCHEME_COLUMNS = ["scheme", "reference", *SCHEME_NUMERIC, *SCHEME_FIELDS]
 
 
@@ -122,15 +106,16 @@ def scheme_frame(result: dict | None) -> pd.DataFrame:
     records = _records(result)
     reference = (result or {}).get("reference", "fp32")
     tasks = task_frame(result)
-    ref_tasks = tasks[tasks["scheme"] == reference]
+    ref_tasks = next((r.get("tasks") for r in records if r["scheme"] == reference), None)
     rows = []
     for r in records:
         mine = tasks[tasks["scheme"] == r["scheme"]]
         ses = [s for s in mine["se"] if s is not None and not pd.isna(s)]
         row = dict(scheme=r["scheme"], reference=r["scheme"] == reference,
                    **{k: _num(r.get(k)) for k in RECORD_NUMBERS},
-                   kept_se=_kept_se(mine, ref_tasks) if len(mine) and len(ref_tasks) else None,
                    avg_primary_se=math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else None)
+        if row["kept_se"] is None and isinstance(r.get("tasks"), dict) and isinstance(ref_tasks, dict):
+            row["kept_se"] = _num(stats.kept_pct(r["tasks"], ref_tasks)[1])  # a record from before it was stored
         tokens, seconds = row["text_tokens"], row["comm_seconds"]
         row["comm_ms_per_ktok"] = seconds / tokens * 1e6 if tokens and seconds is not None else None
         fields = scheme_fields(r["scheme"])

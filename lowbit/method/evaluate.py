@@ -8,7 +8,8 @@ usual 16-bit wire too.
 Task metrics: zero-shot log-likelihood multiple choice (lm-eval's definitions): ``acc`` picks
 the choice with the highest summed log-probability of its continuation, ``acc_norm`` divides
 it by the continuation's length in bytes; standard error = sample std / sqrt(n). The task's
-primary metric follows OLMES (acc_norm for arc_challenge, hellaswag, piqa; acc otherwise) and
+primary metric follows the package's config (acc_norm for arc_challenge, hellaswag, piqa and
+the other length-normalized tasks; acc otherwise; ``lowbit.model.data.TASK_INFO``) and
 "% kept" is the paper's: scheme score / reference score, averaged over tasks.
 
 Per-layer error: relative error and SNR of each site's reduced output, ``local`` (every site
@@ -28,12 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lowbit import stats
 from lowbit.artifacts import calibration_cache_dir
 from lowbit.comm.collectives import QuantCommunicator
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
 from lowbit.method.calibrate import Calibration, calibration_params, load_or_calibrate
-from lowbit.model.data import TASKS, Item, load_task, token_chunks
+from lowbit.model.data import CLASSIC_TASKS, TASK_INFO, Item, load_task, token_chunks
 from lowbit.model.engine import build_tp_model
 from lowbit.model.tp import set_communicator
 from lowbit.scheme.plan import SchemePlan
@@ -41,8 +43,9 @@ from lowbit.scheme.spec import SchemeMap
 from lowbit.site import Site
 
 REFERENCE = "fp32"
-PRIMARY_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc_norm",
-                  "winogrande": "acc", "boolq": "acc"}
+# From the discovered tasks (lowbit.model.data): acc where the package scores raw log-likelihood,
+# acc_norm where it normalizes by length (arc_challenge, hellaswag, piqa, ...: as OLMES does).
+PRIMARY_METRIC = {t: info.primary for t, info in TASK_INFO.items()}
 
 
 def make_communicator(group: Group, scheme: SchemeMap | str, calibration: Calibration | None,
@@ -94,14 +97,14 @@ def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: SchemePlan
             a["tokens"] += targets.numel()
             if ref_logp is None:
                 ref_logp = logp
-            a["kl"] += (ref_logp.exp() * (ref_logp - logp)).sum(-1).sum().item()
+            a["kl"] += stats.kl_per_token(ref_logp, logp).sum().item()
             a["top1"] += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         if progress:
             progress("text", step + 1, len(batches), f"held-out batch {step + 1}/{len(batches)}", {})
     out = {}
     for name, a in acc.items():
         n = a["tokens"]
-        out[name] = dict(ppl=math.exp(a["nll"] / n), kl=a["kl"] / n, top1_agreement=a["top1"] / n, tokens=int(n),
+        out[name] = dict(ppl=stats.perplexity(a["nll"], int(n)), kl=a["kl"] / n, top1_agreement=a["top1"] / n, tokens=int(n),
                          **_summarize_calls(comms[name]))
     return out
 
@@ -122,10 +125,13 @@ def _item_batches(tokenizer, items: list[Item], max_sequences: int):
 
 
 def _item_sequences(tokenizer, item: Item) -> tuple[list[list[int]], list[int]]:
-    """Token ids of context+continuation per choice, and where each continuation starts."""
+    """Token ids of context+continuation per choice, and where each continuation starts
+    (after the tokenizer's own BOS, if it adds one: ``lowbit.model.data.bos_prefix``)."""
+    from lowbit.model.data import bos_prefix
+    prefix = bos_prefix(tokenizer)
     seqs, starts = [], []
     for ctx, cont in zip(item.contexts, item.continuations):
-        c = tokenizer(ctx, add_special_tokens=False).input_ids
+        c = prefix + tokenizer(ctx, add_special_tokens=False).input_ids
         k = tokenizer(cont, add_special_tokens=False).input_ids
         seqs.append(c + k)
         starts.append(len(c))
@@ -141,12 +147,19 @@ def _choice_logliks(model, seqs: list[list[int]], starts: list[int], pad_id: int
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
-    logp = F.log_softmax(model(ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float(), -1)
+    # Only the positions that predict a continuation token go through lm_head (``logits_to_keep``):
+    # with long contexts (sciq's passages) and big vocabularies (Gemma: 262k) the full logits
+    # were most of the time and memory (32 x 377 x 49152 fp32 = 2.4 GB per rank for SmolLM2).
+    needed = sorted({p for s, start in zip(seqs, starts) for p in range(start - 1, len(s) - 1)})
+    column = {p: c for c, p in enumerate(needed)}
+    keep = torch.tensor(needed, dtype=torch.long, device=device)
+    logits = model(ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=keep).logits
+    logp = F.log_softmax(logits.float(), -1)
     out = []
     for i, (s, start) in enumerate(zip(seqs, starts)):
-        pos = torch.arange(start - 1, len(s) - 1)
-        tgt = torch.tensor(s[start:])
-        out.append(logp[i, pos.to(device), tgt.to(device)].sum().item())
+        cols = torch.tensor([column[p] for p in range(start - 1, len(s) - 1)], device=device)
+        tgt = torch.tensor(s[start:], device=device)
+        out.append(logp[i, cols, tgt].sum().item())
     return out
 
 
@@ -176,9 +189,9 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
                 for item, item_seqs, _ in batch:
                     mine = ll[at:at + len(item_seqs)]
                     at += len(item_seqs)
-                    lengths = [max(1, len(c.encode("utf-8"))) for c in item.continuations]
-                    h["acc"].append(float(max(range(len(mine)), key=lambda i: mine[i]) == item.gold))
-                    h["acc_norm"].append(float(max(range(len(mine)), key=lambda i: mine[i] / lengths[i]) == item.gold))
+                    hit = stats.choice_hits(mine, item.continuations, item.gold)
+                    h["acc"].append(hit["acc"])
+                    h["acc_norm"].append(hit["acc_norm"])
             done += len(batch)
             if progress:
                 progress("tasks", done, total, f"{task}: item {len(hits[REFERENCE][task]['acc'])}/{len(items)}", {})
@@ -188,31 +201,22 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
         for task, h in by_task.items():
             row = {"n": len(h["acc"])}
             for metric in ("acc", "acc_norm"):
-                vals = torch.tensor(h[metric])
-                row[metric] = vals.mean().item()
-                row[f"{metric}_se"] = (vals.std(unbiased=True) / math.sqrt(len(vals))).item() if len(vals) > 1 else 0.0
+                row[metric], row[f"{metric}_se"] = stats.mean_se(h[metric])
             row["primary"] = PRIMARY_METRIC[task]
             # Paired with the reference on the same items: the difference's standard error is
             # far smaller than either accuracy's when the two mostly agree.
-            diff = torch.tensor(h[row["primary"]]) - torch.tensor(hits[REFERENCE][task][row["primary"]])
-            row["delta"] = diff.mean().item()
-            row["delta_se"] = (diff.std(unbiased=True) / math.sqrt(len(diff))).item() if len(diff) > 1 else 0.0
-            row["flipped"] = int((diff != 0).sum().item())
+            mine, ref = h[row["primary"]], hits[REFERENCE][task][row["primary"]]
+            row["delta"], row["delta_se"] = stats.paired_delta(mine, ref)
+            row["flipped"] = sum(a != b for a, b in zip(mine, ref))
             out[name][task] = row
         out[name]["_comm"] = _summarize_calls(comms[name])
     return out
 
 
 def kept_pct(scheme_tasks: dict[str, dict], reference_tasks: dict[str, dict]) -> float | None:
-    """The paper's "% of original performance": mean over tasks of scheme/reference primary score."""
-    ratios = []
-    for task, row in scheme_tasks.items():
-        if task.startswith("_"):
-            continue
-        ref = reference_tasks[task][row["primary"]]
-        if ref > 0:
-            ratios.append(row[row["primary"]] / ref)
-    return 100.0 * sum(ratios) / len(ratios) if ratios else None
+    """The paper's "% of original performance": mean over tasks of scheme/reference primary score
+    (``lowbit.stats.kept_pct`` also gives its standard error)."""
+    return stats.kept_pct(scheme_tasks, reference_tasks)[0]
 
 
 class ErrorProbe(Communicator):
@@ -309,7 +313,7 @@ def layer_errors(model, group: Group, batches: list[torch.Tensor], schemes: Sche
 # ``summary_record`` writes exactly these, the results store reads exactly these.
 TEXT_NUMBERS = ("bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement", "clamped", "nonfinite",
                 "thr_overflow", "gated_calls", "text_tokens", "comm_seconds")
-TASK_NUMBERS = ("kept_pct", "avg_primary")  # only when the run evaluated tasks
+TASK_NUMBERS = ("kept_pct", "kept_se", "avg_primary")  # only when the run evaluated tasks
 RECORD_NUMBERS = TEXT_NUMBERS + TASK_NUMBERS
 
 
@@ -321,7 +325,7 @@ def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks:
     rec = dict(scheme=scheme, **{k: values[k] for k in TEXT_NUMBERS})
     if tasks is not None:
         rec["tasks"] = {t: r for t, r in tasks.items() if not t.startswith("_")}
-        rec["kept_pct"] = kept_pct(tasks, reference_tasks)
+        rec["kept_pct"], rec["kept_se"] = stats.kept_pct(tasks, reference_tasks)
         primaries = [r[r["primary"]] for t, r in rec["tasks"].items()]
         rec["avg_primary"] = sum(primaries) / len(primaries) if primaries else None
     return rec
@@ -329,7 +333,7 @@ def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks:
 
 # -- runner: a whole evaluation on a group (what the evaluate job kind calls) ---------------------
 EVALUATE_DEFAULTS = dict(schemes=["bf16", "int4-static-top1/64"], eval_source="wikipedia", eval_chunks=8,
-                         seq_len=256, batch_size=4, tasks=list(TASKS), items=20, seed=0, layer_error=True,
+                         seq_len=256, batch_size=4, tasks=list(CLASSIC_TASKS), items=20, seed=0, layer_error=True,
                          layer_error_chunks=2)
 
 

