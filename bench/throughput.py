@@ -90,7 +90,8 @@ def throughput_job(ctx) -> dict | None:
         r["prefill_speedup"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         r["decode_speedup"] = (r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                                if r["decode_tokens_per_s"] and base["decode_tokens_per_s"] else None)
-    return dict(model=spec.model, tp=group.world_size, link=spec.link, rounds=p["rounds"], records=records)
+    return dict(model=spec.model, tp=group.world_size, link=spec.link, rounds=p["rounds"], records=records,
+                gates=getattr(ctx, "gates", None))
 
 
 def markdown(result: dict) -> str:

@@ -190,3 +190,27 @@ def test_namespaces_of_a_killed_supervisor_are_removed_when_a_queue_takes_over(t
     assert len(_our_namespaces(run_id)) == 3, "SIGKILL cannot clean up: the leftovers this test is about"
     JobQueue(tmp_path / "runs").step()  # takes the queue lock -> recover -> remove_stale
     assert _our_namespaces(run_id) == []
+
+
+@pytest.mark.slow
+@needs_root
+def test_evaluate_over_an_emulated_link_gives_the_loopback_metrics_to_the_last_digit(queue, clean_host):
+    """The link changes how long communication takes, never what arrives: an evaluate job on two
+    namespaced nodes behind a 100 Mbit/s link reports the very perplexity, KL and top-1 of the
+    same job over loopback (and records the link it ran on)."""
+    base = dict(kind="evaluate", model="tiny-llama", tp=2, schemes=["int4-token", "int8-token@min32k"],
+                calib_tokens=128, eval_tokens=128, tasks=[], items_per_task=0, collective_timeout_s=120,
+                params=dict(seq_len=64, batch_size=2, layer_error=False))
+    records = {}
+    for link in ("loopback", "100mbit"):
+        run_id = queue.submit(JobSpec(**dict(base, link=link)))
+        clean_host.append(run_id)
+        row = queue.wait(run_id, timeout_s=START_S + 240)
+        assert row["status"] == "done", row["error"]
+        result = json.loads(RunPaths(queue.root, run_id).result.read_text())
+        records[link] = {r["scheme"]: r for r in result["records"]}
+    for scheme, r in records["loopback"].items():
+        other = records["100mbit"][scheme]
+        for key in ("ppl", "kl", "top1_agreement", "bits_per_value", "clamped", "gated_calls"):
+            assert other[key] == r[key], (scheme, key, r[key], other[key])  # bit-identical, not close
+    assert records["100mbit"]["int8-token@min32k"]["gated_calls"] > 0  # decode-sized messages went exact

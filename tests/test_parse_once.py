@@ -69,3 +69,45 @@ def test_worker_trusts_the_submitted_spec(tmp_path, monkeypatch):
     monkeypatch.setattr(grammar, "parse_scheme_map", lambda text: calls.append(text))
     loaded = JobSpec.load_trusted(path)
     assert loaded.to_dict() == spec.to_dict() and calls == []
+
+
+def test_minauto_is_resolved_once_per_job_from_the_newest_bench_records(tmp_path, monkeypatch):
+    """@minauto becomes the crossover of the newest collective-bench records of the spec's link
+    and TP size: the smallest measured size from which the quantized collective is at least as
+    fast at every larger size; the job keeps where the number came from."""
+    import pandas as pd
+
+    from launch.kinds import method
+    from launch.store import bench as store_bench
+    rows = []
+    for tokens, speedup in ((16, 0.5), (256, 1.2), (2048, 0.9), (8192, 1.4), (16384, 2.0)):
+        rows.append(dict(tp=2, tokens=tokens, hidden=576, method="gather", scheme="int4-static-top1/64",
+                         speedup_vs_bf16=speedup, bits_per_value=4.1875, link="100mbit", source="fixture", order=0))
+    monkeypatch.setattr(method, "gate_records", lambda root=None: pd.DataFrame(rows))
+    spec = JobSpec(kind="evaluate", model="tiny-llama", tp=2, link="loopback", calib_tokens=64, eval_tokens=64,
+                   schemes=["int8-token"], params=dict(seq_len=32))
+    ctx = SimpleNamespace(spec=SimpleNamespace(**dict(spec.to_dict(), link="100mbit",
+                                                      schemes=["int4-static-top1/64@minauto;L1=int8-token"])),
+                          group=SimpleNamespace(world_size=2), paths=RunPaths(tmp_path, "eval-gate"))
+    plan = method.plan(ctx)
+    gated = plan["int4-static-top1/64@minauto;L1=int8-token"].default
+    assert gated.min_message == 8192 * 576 * 2  # 2048 tokens lose, so the crossover is the next size up
+    assert ctx.gates == {"int4-static-top1/64@minauto": dict(bytes=8192 * 576 * 2, source="fixture: "
+                                                             "int4-static-top1/64 on 100mbit at TP 2")}
+    none_win = [dict(r, speedup_vs_bf16=0.5) for r in rows]
+    assert store_bench.gate_crossover(gated, "100mbit", 2, pd.DataFrame(none_win))[0] == store_bench.MAX_MIN_MESSAGE
+    assert store_bench.gate_crossover(gated, "1gbit", 2, pd.DataFrame(rows))[0] is None
+
+
+def test_minauto_without_records_is_refused_at_submit_with_the_field_named(monkeypatch):
+    import pandas as pd
+    import pytest
+
+    from launch.kinds import method
+    from launch.spec import SpecError
+    monkeypatch.setattr(method, "gate_records", lambda root=None: pd.DataFrame(
+        columns=["tp", "tokens", "hidden", "method", "scheme", "speedup_vs_bf16", "bits_per_value", "link",
+                 "source", "order"]))
+    with pytest.raises(SpecError, match=r"schemes\[0\].*@minauto needs a measured crossover.*bench.collectives"):
+        JobSpec(kind="evaluate", model="tiny-llama", tp=2, link="100mbit", schemes=["int4-token@minauto"],
+                calib_tokens=256, eval_tokens=256)

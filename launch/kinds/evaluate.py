@@ -24,5 +24,9 @@ def run(ctx) -> dict | None:
     codec = None
     if spec.params.get("fused_kernels", False):
         from kernels import dispatch as codec  # optional heavy stack (Triton, torch.compile): only when asked for
+    plan = method.plan(ctx)
     ctx.events.loading(f"loading {spec.model} sharded {ctx.group.world_size} ways")
-    return evaluate(ctx.group, params, method.progress(ctx), codec=codec, plan=method.plan(ctx))
+    result = evaluate(ctx.group, params, method.progress(ctx), codec=codec, plan=plan)
+    if result is not None and getattr(ctx, "gates", None):
+        result["gates"] = ctx.gates  # what each @minauto became, and from which records
+    return result

@@ -3,10 +3,11 @@ checks, the spec -> lowbit parameter mapping, the scheme plan, the progress adap
 from __future__ import annotations
 
 from launch.layout import RunPaths, calibration_folder, calibration_params, runs_root
+from launch.store.bench import gate_crossover, gate_records
 from lowbit.method.calibrate import Calibration
 from lowbit.model.models import load_config
 from lowbit.model.tp import text_config
-from lowbit.scheme import SchemeError, parse_scheme_map
+from lowbit.scheme import SchemeError
 from lowbit.scheme.plan import SchemePlan
 
 METHOD_PARAMS = dict(seq_len=(int, 1, 8192), batch_size=(int, 1, 1024), gamma=(float, 0.0, 1.0),
@@ -35,14 +36,25 @@ def check_params(params: dict) -> list[tuple[str, str]]:
 
 
 def check_schemes(spec: dict) -> list[tuple[str, str]]:
-    """Every scheme string of the spec against the model's hidden size and the TP size."""
+    """Every scheme string of the spec against the model's hidden size and the TP size; an
+    ``@minauto`` gate needs collective-bench records for the spec's link and TP size."""
     problems = []
     hidden = text_config(load_config(spec["model"])).hidden_size
+    records = None
     for i, text in enumerate(spec["schemes"]):
         try:
-            parse_scheme_map(text).validate_for(hidden, spec["tp"])
+            plan = SchemePlan([text])
+            plan.validate_for(hidden, spec["tp"])
         except SchemeError as exc:
             problems.append((f"schemes[{i}]", f"{text!r}: {exc}"))
+            continue
+        for scheme in plan.auto_gated:
+            records = gate_records() if records is None else records
+            nbytes, source = gate_crossover(scheme, spec["link"], spec["tp"], records)
+            if nbytes is None:
+                problems.append((f"schemes[{i}]", f"{text!r}: @minauto needs a measured crossover, but {source}; "
+                                                  f"run `python -m bench.collectives --tp {spec['tp']} --link "
+                                                  f"{spec['link']}` first, or give @min<size>"))
     return problems
 
 
@@ -83,8 +95,23 @@ def progress(ctx):
 
 
 def plan(ctx) -> SchemePlan:
-    """The job's scheme strings parsed once (they were validated at submit)."""
-    return SchemePlan(ctx.spec.schemes)
+    """The job's scheme strings parsed once (they were validated at submit), every ``@minauto``
+    resolved to the crossover the newest collective-bench records show for the spec's link and
+    TP size (``launch.store.bench.gate_crossover``; the same answer on every rank: the records
+    are files). ``ctx.gates`` keeps {scheme: (bytes, source)} for the run's result."""
+    p = SchemePlan(ctx.spec.schemes)
+    if p.auto_gated:
+        records, sources = gate_records(ctx.paths.root), {}
+
+        def threshold(scheme):
+            nbytes, source = gate_crossover(scheme, ctx.spec.link, ctx.group.world_size, records)
+            if nbytes is None:
+                raise SchemeError("min_message", f"{scheme}: {source}")
+            sources[str(scheme)] = source
+            return nbytes
+        resolved = p.resolve_gates(threshold)
+        ctx.gates = {text: dict(bytes=n, source=sources[text]) for text, n in resolved.items()}
+    return p
 
 
 def lowbit_params(ctx) -> dict:

@@ -170,7 +170,13 @@ class QuantCommunicator(Communicator):
             received = int(wire_bytes("exact", self.group.world_size, nbytes))
             extra = {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
             return out, nbytes, dict(extra, gated=1) if gated else extra
-        x = partial.reshape(-1, hidden).float()
+        x = partial.reshape(-1, hidden)
+        # A codec that quantizes and counts in its own pass (kernels.dispatch's native kernels) reads
+        # BF16/FP16 partials as they are, converting in its loop; everything else works on fp32.
+        native_input = (plan.perm is None and plan.scheme.rotation is None and self._fused(plan.scheme.quant, plan)
+                        and hasattr(self.codec, "quantize_pack_counts"))
+        if not native_input:
+            x = x.float()
         if plan.perm is not None:
             x = x[:, plan.perm.to(x.device)]
         quant = self._call_quant(plan.scheme.quant, site)

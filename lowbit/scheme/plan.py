@@ -9,10 +9,11 @@ string again. Passing a plain list still works (it is parsed here, once, by whoe
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 
 from lowbit.scheme import grammar
-from lowbit.scheme.spec import SchemeMap
+from lowbit.scheme.spec import MIN_MESSAGE_AUTO, Scheme, SchemeMap
 
 
 class SchemePlan(Mapping):
@@ -51,6 +52,28 @@ class SchemePlan(Mapping):
     @property
     def needs_calibration(self) -> bool:
         return any(s.needs_calibration for smap in self._maps.values() for s in smap.schemes())
+
+    @property
+    def auto_gated(self) -> list[Scheme]:
+        """The distinct schemes whose size gate is ``@minauto`` (still to be resolved)."""
+        out = []
+        for smap in self._maps.values():
+            out += [s for s in smap.schemes() if s.min_message == MIN_MESSAGE_AUTO and s not in out]
+        return out
+
+    def resolve_gates(self, threshold: Callable[[Scheme], int]) -> dict[str, int]:
+        """Replace every ``@minauto`` by ``threshold(scheme)`` bytes, in place (the texts stay the
+        keys); returns {scheme text: bytes} of what was resolved."""
+        resolved: dict[str, int] = {}
+
+        def fix(s: Scheme) -> Scheme:
+            if s.min_message != MIN_MESSAGE_AUTO:
+                return s
+            resolved.setdefault(str(s), threshold(s))
+            return replace(s, min_message=resolved[str(s)])
+        for text, smap in self._maps.items():
+            self._maps[text] = SchemeMap(fix(smap.default), {k: fix(v) for k, v in smap.overrides.items()})
+        return resolved
 
     def validate_for(self, hidden: int, tp: int) -> None:
         for smap in self._maps.values():
