@@ -95,6 +95,16 @@ fig.update_layout(title="Speedup: above the dashed line the quantized collective
 decades(fig)
 _ui.plot(_ui.style(fig, height=480), key="cb_speedup")
 
+st.markdown("**Where each scheme starts to pay** (from these measured records): the smallest message from which "
+            "the quantized collective is at least as fast as the BF16 all-reduce at every larger measured size. "
+            "A scheme ending in `@minauto` sends smaller messages as exact BF16, at this threshold.")
+pays = store.crossover_table(shown)
+st.dataframe(pays.drop(columns=["pays_from_bytes"]), hide_index=True, width="stretch",
+             column_config={"pays_from_mib": st.column_config.NumberColumn("pays from (MiB)", format="%.3g"),
+                            "best_speedup": st.column_config.NumberColumn("best speedup (x)", format="%.2f")})
+st.caption("What you see: an empty 'pays from' means the quantized collective never won at the largest measured "
+           "size on this link (the codec's cost is larger than the bytes it saves).")
+
 fig = px.line(shown, x="message_mib", y="bytes_per_rank", log_y=True, **common,
               labels=dict(message_mib="message (MiB in BF16)", bytes_per_rank="bytes sent per rank (log scale)",
                           label="", tp="TP"))

@@ -27,6 +27,8 @@ def run(ctx) -> dict | None:
     plan = method.plan(ctx)
     ctx.events.loading(f"loading {spec.model} sharded {ctx.group.world_size} ways")
     result = evaluate(ctx.group, params, method.progress(ctx), codec=codec, plan=plan)
-    if result is not None and getattr(ctx, "gates", None):
-        result["gates"] = ctx.gates  # what each @minauto became, and from which records
+    if result is not None:
+        result["link"] = spec.link  # communication times were measured over this link
+        if getattr(ctx, "gates", None):
+            result["gates"] = ctx.gates  # what each @minauto became, and from which records
     return result

@@ -30,6 +30,7 @@ from launch.store.bits import (  # noqa: F401 - the store's public names
 from launch.store.machine import (  # noqa: F401 - the store's public names
     model_shape, valid_tp_sizes, machine_info)
 from launch.store.bench import (  # noqa: F401 - the store's public names
+    crossover_table, gate_crossover, gate_records,
     COLLECTIVE_COLUMNS, collective_frame)
 from lowbit.analysis import (  # noqa: F401 - cheap artifact math, through the store
     rotation_view, spikiest_sample, outlier_count, selected_features, feature_ranges, range_heatmap,

@@ -79,11 +79,32 @@ def gate_crossover(scheme, link: str, tp: int, records: pd.DataFrame) -> tuple[i
     chosen = mine[nearest == nearest.min()]
     chosen = chosen[chosen["order"] == chosen["order"].min()]  # the newest measurement of it
     source = chosen["source"].iloc[0]
-    by_size = chosen.assign(nbytes=chosen["tokens"] * chosen["hidden"] * 2).groupby("nbytes")["speedup_vs_bf16"].min()
-    wins = by_size >= 1.0
+    return _crossover(chosen), f"{source}: {chosen['scheme'].iloc[0]} on {link} at TP {tp}"
+
+
+def _crossover(records: pd.DataFrame) -> int:
+    """The one crossover rule: the smallest BF16 message size (bytes) from which every larger
+    measured size has speedup >= 1; ``MAX_MIN_MESSAGE`` when the largest measured size loses."""
+    by_size = records.assign(nbytes=records["tokens"] * records["hidden"] * 2).groupby("nbytes")["speedup_vs_bf16"].min()
     crossover = MAX_MIN_MESSAGE
     for nbytes in sorted(by_size.index, reverse=True):
-        if not wins[nbytes]:
+        if not by_size[nbytes] >= 1.0:
             break
         crossover = int(nbytes)
-    return crossover, f"{source}: {chosen['scheme'].iloc[0]} on {link} at TP {tp}"
+    return crossover
+
+
+def crossover_table(records: pd.DataFrame) -> pd.DataFrame:
+    """Per (link, TP, method, scheme) of collective-bench records: from which message size the
+    quantized collective pays (``_crossover``, the rule ``@minauto`` uses), in bytes and MiB, and
+    the largest speedup measured; ``pays_from_mib`` is None where no measured size wins."""
+    cols = ["link", "tp", "method", "scheme", "pays_from_bytes", "pays_from_mib", "best_speedup", "sizes"]
+    rows = []
+    quantized = records[records["method"] != "all_reduce"].dropna(subset=["speedup_vs_bf16"])
+    for (link, tp, method, scheme), g in quantized.groupby(["link", "tp", "method", "scheme"], sort=True):
+        nbytes = _crossover(g)
+        won = nbytes != MAX_MIN_MESSAGE
+        rows.append(dict(link=link, tp=int(tp), method=method, scheme=scheme, pays_from_bytes=nbytes if won else None,
+                         pays_from_mib=nbytes / 2**20 if won else None, best_speedup=float(g["speedup_vs_bf16"].max()),
+                         sizes=int(g["tokens"].nunique())))
+    return pd.DataFrame(rows, columns=cols)

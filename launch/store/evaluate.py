@@ -156,12 +156,14 @@ def evaluate_runs(frame: pd.DataFrame, root=None, sweeps: bool = False) -> pd.Da
         records = _records(data)
         if problem or not records:
             continue
+        link = data.get("link") or "loopback"
         rows.append(dict(id=run["id"], model=data.get("model", run["model"]), tp=data.get("tp", run["tp"]),
-                         created=run["created"], schemes=len(records),
+                         created=run["created"], schemes=len(records), link=link,
                          has_layers=bool(data.get("layer_errors")),
                          label=f"{run['id']} · {data.get('model', run['model'])} TP {data.get('tp', run['tp'])} · "
-                               f"{len(records)} schemes" + (" (auto-tune)" if run["kind"] == "sweep" else "")))
-    return pd.DataFrame(rows, columns=["id", "model", "tp", "created", "schemes", "has_layers", "label"])
+                               f"{len(records)} schemes" + (f" · {link}" if link != "loopback" else "")
+                               + (" (auto-tune)" if run["kind"] == "sweep" else "")))
+    return pd.DataFrame(rows, columns=["id", "model", "tp", "created", "schemes", "link", "has_layers", "label"])
 
 
 def sweep_summary(result: dict | None) -> pd.DataFrame:
