@@ -331,8 +331,10 @@ def test_outlier_fraction_too_small_for_hidden():
 
 
 def test_constructor_validation_lists_allowed_values():
-    with pytest.raises(SchemeError, match="scale_dtype: float16 not allowed .*allowed: bfloat16, float32"):
-        QuantSpec(4, scale_dtype=torch.float16)
+    with pytest.raises(SchemeError, match="scale_dtype: float64 not allowed; allowed: bf16, fp32, fp16, e8m0, e4m3"):
+        QuantSpec(4, "token", scale_dtype=torch.float64)
+    with pytest.raises(SchemeError, match="scale_dtype: e8m0 not allowed with granularity 'static'"):
+        QuantSpec(4, granularity="static", scale_dtype=torch.float8_e8m0fnu)
     with pytest.raises(SchemeError, match="select: 'all' not allowed; allowed: none, topk, random"):
         OutlierSpec("all")
     with pytest.raises(SchemeError, match="second: granularity 'static' not allowed.*allowed: token, group"):

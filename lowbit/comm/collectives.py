@@ -23,7 +23,8 @@ sum is taken in the rotated space in fp32 and rotated back once. With BF16 outli
 outlier columns are cut out in the original space first; the message is then the payload of
 all ``H`` rotated features (``lowbit.wire.payload``, no outlier section) followed by the BF16
 outlier columns [T, k] - one more section, counted in the bits like everything else.
-Neighbouring-work schemes (``lowbit.scheme``): ``nf<B>`` only changes the quantizer. ``sp<n>``
+Neighbouring-work schemes (``lowbit.scheme``): ``nf<B>`` and the fp codes ``fp<B>e<E>m<M>``
+(also on the two-shot second leg) only change the quantizer; ``-s<fmt>`` only the scales section. ``sp<n>``
 and ``thr<T>c<K>`` are per-message outliers inside the payload (``lowbit.wire.payload``): with gather
 each rank picks its own set and every receiver decodes each rank's set from that rank's
 message; with two-shot every first-leg chunk is a message with its own picks (thr capacity
@@ -51,7 +52,7 @@ from lowbit.wire.accounting import leg2_chunk_bytes, rotated_message_bits, wire_
 from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
-from lowbit.scheme import QuantSpec, Scheme, SchemeMap, parse_scheme_map
+from lowbit.scheme import KERNEL_SCALE_DTYPES, QuantSpec, Scheme, SchemeMap, parse_scheme_map
 
 _WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -236,7 +237,9 @@ class QuantCommunicator(Communicator):
         implement: the uniform grid, round to nearest, and (for a first leg, ``plan`` given) no
         per-message outliers (sp/thr)."""
         per_message = plan is not None and (plan.scheme.sparse or plan.scheme.threshold is not None)
-        return self.codec is not None and quant.rounding == "nearest" and quant.code == "int" and not per_message
+        # fp codes and the fp16 / e8m0 / e4m3 scale formats stay on lowbit.wire.payload's torch path
+        return (self.codec is not None and quant.rounding == "nearest" and quant.code == "int"
+                and quant.scale_dtype in KERNEL_SCALE_DTYPES and not per_message)
 
     def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, smin, smax, enc_kw: dict, fused: bool):
         """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.wire.payload.encode``'s)."""
