@@ -168,16 +168,17 @@ def fp_round(v: torch.Tensor, bits: int, exp_bits: int) -> torch.Tensor:
     binade = torch.clamp(e - 1, min=1 - bias)  # below the smallest normal: the subnormal step
     step = torch.ldexp(torch.ones_like(a), binade - man)
     r = torch.clamp(round_half_even(a / step) * step, max=fmax)
-    return torch.where(v < 0, -r, r)
+    return torch.where(torch.signbit(v), -r, r)  # the sign survives rounding to zero, as in the casts
 
 
 
-def fp_encode(v: torch.Tensor, bits: int, exp_bits: int) -> torch.Tensor:
+def fp_encode(v: torch.Tensor, bits: int, exp_bits: int, via_torch: bool = True) -> torch.Tensor:
     """uint8 bit patterns (sign | exponent | mantissa) of fp32 ``v`` rounded to the format
-    (saturating; NaN must be mapped away first)."""
+    (saturating; NaN must be mapped away first). ``via_torch=False`` builds fp8 patterns from
+    ``fp_round`` too (the tests hold both equal)."""
     fmax = FP_MAX[(bits, exp_bits)]
     clamped = v.to(_FP32).clamp(-fmax, fmax)
-    if (bits, exp_bits) in _TORCH_FP8:  # torch's casts round to nearest even: exact here
+    if via_torch and (bits, exp_bits) in _TORCH_FP8:  # torch's casts round to nearest even: exact here
         return clamped.to(_TORCH_FP8[(bits, exp_bits)]).view(torch.uint8)
     r = fp_round(clamped, bits, exp_bits)
     man = bits - 1 - exp_bits
