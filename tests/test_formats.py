@@ -392,3 +392,31 @@ def test_nvfp4_against_torchao_with_the_same_message_scale(seed, magnitude):
     theirs_codes = theirs_data.reshape(16, 576 // 16, 8)
     agree = (ours_codes == theirs_codes).all(-1)
     assert agree[same].all()  # measured: every block with torchao's scale has torchao's 16 codes
+
+
+# -- a tiny model end to end -----------------------------------------------------------------------
+
+def test_presets_run_in_an_evaluation_and_the_kernels_fall_back_by_name(tiny_models, monkeypatch):
+    """tiny-llama at TP 2 (hidden 64): the fp presets evaluate; with the kernels as codec
+    (``kernels.dispatch``, which refuses fp codes and fp16/e8m0/e4m3 scales by name) the
+    communicator keeps them on the torch path and the metrics are the very same."""
+    from kernels import dispatch
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.method.evaluate import evaluate_text
+    from lowbit.model.data import token_chunks
+    from lowbit.model.engine import build_tp_model
+    schemes = ["bf16", "fp8e4m3-token", "mxfp4", "nvfp4", "quickreduce-int4"]
+    held = token_chunks(tiny_models["tiny-llama"].tokenizer, "wikipedia", "eval", 2, 32)
+    monkeypatch.setenv(dispatch.ENV, "reference")
+
+    def run(codec):
+        def body(group):
+            tp = build_tp_model("tiny-llama", group, loaded=tiny_models["tiny-llama"])
+            return evaluate_text(tp.model, group, held, schemes, None, batch_size=2, codec=codec)
+        return ThreadWorld(2).run(body)[0]
+    plain, fused = run(None), run(dispatch)
+    for s in schemes:
+        for key in ("ppl", "kl", "top1_agreement", "bits_per_value", "clamped", "nonfinite"):
+            assert fused[s][key] == plain[s][key], (s, key)
+        assert plain[s]["bits_per_value"] == pytest.approx(accounting.scheme_bits_per_value(s, 64, 2, 64))
+    assert plain["fp8e4m3-token"]["kl"] < plain["mxfp4"]["kl"]  # 8-bit codes beat 4-bit ones
