@@ -14,7 +14,10 @@ from pages import _ui
 
 K_CHOICES = ["1/128", "1/64", "1/32", "1/16"]
 FP_CHOICES = {fp_code_text(b, e): (b, e) for b, e in FP_FORMATS}  # fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1
-SECOND_CHOICES = ["int8", "int6", "int4", "same as the first leg"]
+SECOND_CHOICES = {"int8": QuantSpec(8, True, "token"), "int6": QuantSpec(6, True, "token"),
+                  "int4": QuantSpec(4, True, "token"),
+                  "int8 static (calibrated ranges of the sum)": QuantSpec(8, True, "static"),
+                  "same as the first leg": None}
 
 st.title("Layer error: where does quantization hurt?")
 st.markdown(
@@ -76,9 +79,10 @@ def scheme_builder() -> str | None:
         algo = st.selectbox("Algorithm", ["gather", "two_shot"], key="le_algo",
                             help="gather: all-gather the quantized partials (the paper); two_shot: reduce-scatter "
                                  "then all-gather, requantizing the reduced sum")
-        second_choice = st.selectbox("Second leg", SECOND_CHOICES, key="le_second", disabled=algo != "two_shot",
-                                     help="The owner requantizes its reduced chunk per token (int) or with the "
-                                          "first leg's own dynamic format (e.g. an fp code on both legs)")
+        second_choice = st.selectbox("Second leg", list(SECOND_CHOICES), key="le_second", disabled=algo != "two_shot",
+                                     help="The owner requantizes its reduced chunk per token (int), per feature "
+                                          "with scales from the calibrated ranges of the reduced sum (static), "
+                                          "or with the first leg's own format (e.g. an fp code on both legs)")
     with c5:
         rotation = st.selectbox("Rotation block", ["none", 16, 32, 64, 128], key="le_rot",
                                 disabled=gran == "static",
@@ -97,8 +101,7 @@ def scheme_builder() -> str | None:
         outliers = OutlierSpec(select, k) if select in ("topk", "random") else OutlierSpec()
         second = None
         if algo == "two_shot":
-            second = QuantSpec(int(second_choice[3:]), True, "token") if second_choice != SECOND_CHOICES[-1] \
-                else quant
+            second = SECOND_CHOICES[second_choice] or quant
         rot = None if rotation == "none" or gran == "static" else int(rotation)
         extra = dict(sparse=int(per_token)) if select == "sparse" else \
             dict(threshold=ThresholdSpec(float(threshold), k)) if select == "threshold" else {}

@@ -420,3 +420,42 @@ def test_presets_run_in_an_evaluation_and_the_kernels_fall_back_by_name(tiny_mod
             assert fused[s][key] == plain[s][key], (s, key)
         assert plain[s]["bits_per_value"] == pytest.approx(accounting.scheme_bits_per_value(s, 64, 2, 64))
     assert plain["fp8e4m3-token"]["kl"] < plain["mxfp4"]["kl"]  # 8-bit codes beat 4-bit ones
+
+
+# -- a static second leg (calibrated ranges of the reduced sum) -------------------------------------
+
+def test_static_second_leg_requantizes_the_reduced_sum_with_calibrated_scales():
+    from lowbit.comm.collectives import QuantCommunicator
+    from lowbit.comm.dist import ThreadWorld
+    from tests.collective_cases import fake_calibration, partials
+    tp, hidden, tokens = 3, 96, 5
+    cal, xs, site = fake_calibration(tp, hidden), partials(tp, hidden=hidden), Site(1, "down_proj")
+    scheme = parse_scheme("int4-token@twoshot+int8-static")
+    assert scheme.needs_calibration
+
+    def body(group):
+        comm = QuantCommunicator(group, str(scheme), cal, keep_first_leg=True)
+        out = comm.reduce(xs[group.rank], site)
+        return out, comm.last_first_leg, comm.calls[-1]
+    results = ThreadWorld(tp).run(body)
+    out, first, call = results[0]
+    assert all(torch.equal(r[0], out) for r in results)
+    lo, hi = cal.sum_range(site)
+    q = quantize(first, scheme.second, lo, hi)  # per-feature scales: chunking changes nothing
+    assert torch.equal(out, dequantize(q.codes, scheme.second, q.scales))
+    assert call.extra["leg2_bytes"] == tokens * hidden // tp  # int8 codes only: the scales never travel
+    beyond = first.abs() > torch.maximum(lo.abs(), hi.abs())  # leg 1's error can leave the calibrated range
+    width = hidden // tp
+    for rank, (_, _, rec) in enumerate(results):  # each owner counts the clamps of its own chunk
+        assert rec.extra["leg2_clamped"] == int(beyond[:, rank * width:(rank + 1) * width].sum())
+    exact = sum(xs)
+    assert (out - exact).norm() / exact.norm() < 0.2
+
+
+def test_static_second_leg_needs_the_reduced_sums_ranges():
+    from lowbit.method.calibrate import CalibrationError
+    from tests.collective_cases import fake_calibration, reduce_on_threads
+    cal = fake_calibration(2, 96)
+    cal.sum_min = cal.sum_max = None  # an artifact made before the sums were recorded
+    with pytest.raises(CalibrationError, match="no ranges of the reduced sum.*calibrate"):
+        reduce_on_threads("int4-token@twoshot+int8-static", 2, hidden=96, calibration=cal)

@@ -70,8 +70,9 @@ Scheme strings (lowbit.scheme is the one parser):
     perm:     channel grouping for group<G>: calibrated permutation, features of similar range share a group
     rot<R>:   block Walsh-Hadamard of size R before quantizing (dynamic scales only)
     sr:       stochastic rounding (unbiased; seeded per call) instead of round to nearest
-    algo:     gather (default) | twoshot[+<code>-token|group<G>[-s<fmt>]]   second leg (int or fp),
-                                            default int8-token
+    algo:     gather (default) | twoshot[+<code>-token|group<G>|static[-s<fmt>]]   second leg (int
+                                            or fp), default int8-token; static = per-feature scales of
+                                            the reduced sum from calibration
   preset:   mxfp4 | mxfp8 | nvfp4 | quickreduce-int4 | quickreduce-int6 | quickreduce-int8
             | flashinfer-fp8 | trtllm-fp8    an alias of its expansion (python -m lowbit schemes lists
                                             them); takes no options
@@ -139,6 +140,7 @@ Examples:
   fp8e5m2-group64-sfp32             FP8 E5M2 per 64 features, fp32 scales
   int4-group32-sfp16                Int4 per 32 features, fp16 scales (saturating)
   fp4e2m1-group16-se4m3@twoshot+fp4e2m1-group16-se4m3   NVFP4 on both two-shot legs
+  int4-static-top1/64@twoshot+int8-static   two-shot; the reduced sum requantized with calibrated scales
   int4-static-top1/64;L0-3=int8-token;L28.down_proj=bf16   per-layer / per-module overrides
 """
 
@@ -152,7 +154,7 @@ _RE_QUANT = re.compile(r"(int|nf)(\d+)(a?)|fp(\d+)e(\d+)m(\d+)(a?)")
 _RE_SCALE = re.compile(r"-s([a-z][a-z0-9]*)")
 _RE_GRAN = re.compile(r"static|token|group(\d+)")
 _RE_OUTLIERS = re.compile(r"top" + _K + r"|rand" + _K + r"(?:s(\d+))?")
-_LEG = r"(?:int\d+a?|fp\d+e\d+m\d+a?)-(?:token|group\d+)(?:-s[a-z][a-z0-9]*)?"
+_LEG = r"(?:int\d+a?|fp\d+e\d+m\d+a?)-(?:token|group\d+|static)(?:-s[a-z][a-z0-9]*)?"
 _RE_ALGO = re.compile(r"gather|twoshot(?:\+(" + _LEG + r"))?")
 _RE_ROT = re.compile(r"-rot(\d+)")
 _RE_SPARSE = re.compile(r"-sp(\d+)")

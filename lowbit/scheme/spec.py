@@ -300,7 +300,8 @@ DEFAULT_SECOND = QuantSpec(8, True, "token")
 class Scheme:
     """One site's communication scheme (see the module docstring for the string form).
 
-    ``second`` is the two-shot requantization leg (dynamic only); it defaults to int8-token
+    ``second`` is the two-shot requantization leg: dynamic, or ``static`` with per-feature scales of
+    the reduced sum from calibration (``Calibration.sum_range``); it defaults to int8-token
     when ``algo == "two_shot"`` and must be None otherwise. ``sparse`` (``-sp<n>``) values per
     token and ``threshold`` (``-thr<T>c<K>``) are per-message outliers, exclusive with each
     other and with ``outliers``; ``permute`` (``-perm``) is the calibrated channel grouping.
@@ -344,12 +345,6 @@ class Scheme:
         if self.algo == "two_shot":
             if self.second is None:
                 object.__setattr__(self, "second", DEFAULT_SECOND)
-            if self.second.granularity not in DYNAMIC_GRANULARITIES:
-                raise SchemeError(
-                    "second",
-                    f"granularity {self.second.granularity!r} not allowed for the requantization leg "
-                    f"(no calibration exists for the reduced sum); allowed: {', '.join(DYNAMIC_GRANULARITIES)}",
-                )
             if self.second.rounding != "nearest":
                 raise SchemeError("second", "the requantization leg rounds to nearest; allowed: rounding 'nearest'")
             if self.second.code == "nf":
@@ -405,7 +400,8 @@ class Scheme:
         """True when static scales or a top-k outlier set must come from a calibration run."""
         if self.is_exact:
             return False
-        return self.quant.granularity == "static" or self.outliers.select == "topk" or self.permute
+        second_static = self.algo == "two_shot" and self.second.granularity == "static"
+        return self.quant.granularity == "static" or self.outliers.select == "topk" or self.permute or second_static
 
     def __str__(self) -> str:
         if self.is_exact:
