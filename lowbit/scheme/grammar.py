@@ -55,7 +55,7 @@ GRAMMAR_HELP = """\
 Scheme strings (lowbit.scheme is the one parser):
 
   exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)
-  <code>-<gran>[-<outliers>][-perm][-rot<R>][-sr][@<algo>]
+  <code>-<gran>[-s<fmt>][-<outliers>][-perm][-rot<R>][-sr][@<algo>]   or a <preset>
     code:     int<B>[a]                     uniform grid, B in 2,3,4,5,6,8; 'a' = asymmetric (scale + min)
             | nf<B>                         normal-quantile codebook (NF-style), B in 3,4; symmetric
             | fp<B>e<E>m<M>                 saturating minifloat: fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1
@@ -85,7 +85,7 @@ Neighbouring schemes (related work, compared with the paper in the README):
   by the absmax of the feature (static) / token / group. "Static per layer/module" means the
   codebook is a constant: it never changes per message or per site; a different code at one
   site is a per-site override (;L28.down_proj=nf3-token). Symmetric only; rounds to the
-  nearest entry; no stochastic rounding; never the two-shot second leg (that stays int).
+  nearest entry; no stochastic rounding; never the two-shot second leg (that is int or fp).
 - sp<n> (dense-and-sparse, SqueezeLLM; spike reserving, FlashCommunication v2): per token the
   n values of largest magnitude are taken out, zeroed, the rest quantized; the pairs travel
   in the message (fixed count, fixed size). 1 <= n <= H/2 of the message's features.
@@ -98,7 +98,7 @@ Neighbouring schemes (related work, compared with the paper in the README):
   it costs 0 bits per message (its H uint16 entries are static_bytes).
 - At most one of top/rand, sp, thr per scheme; sp/thr and perm do not
   combine with -rot<R>. With @twoshot each first-leg chunk is one message (sp: n per
-  token per chunk; thr: C = floor(K * H/tp) per chunk); the second leg is a plain int
+  token per chunk; thr: C = floor(K * H/tp) per chunk); the second leg is a plain int or fp
   requantization.
 
 - fp<B>e<E>m<M> (floating-point codes, as FP8 / MX / NVFP4 hardware formats): sign, E exponent
