@@ -22,7 +22,7 @@ from tests.collective_cases import reduce_on_threads
 FP_CODES = ["fp8e4m3", "fp8e5m2", "fp6e2m3", "fp6e3m2", "fp4e2m1"]
 SCALE_FORMATS = ["bf16", "fp32", "fp16", "e8m0", "e4m3"]
 _FP8 = {"fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2}
-PROPERTY = settings(max_examples=40, deadline=None)
+PROPERTY = settings(max_examples=100, deadline=None)
 
 
 def spec_of(code: str, gran: str = "group32", fmt: str = "bf16") -> QuantSpec:
