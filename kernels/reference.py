@@ -34,7 +34,7 @@ import torch
 
 from lowbit.wire.payload import OUTLIER_DTYPE as _OUTLIER_DTYPE, PayloadLayout, layout
 from lowbit.quant import dynamic_qparams, pack_bits, qrange, round_half_even, static_qparams, unpack_bits
-from lowbit.scheme import QuantSpec
+from lowbit.scheme import KERNEL_SCALE_DTYPES, QuantSpec
 
 _FP32 = torch.float32
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -112,11 +112,19 @@ def check_input(x: torch.Tensor, quant: QuantSpec) -> None:
 
 
 def check_code(quant: QuantSpec) -> None:
-    """The kernels implement the uniform grid only; the nf codebook stays on lowbit.quant's path
-    (treating its codes as a uniform grid would decode wrong values without an error)."""
-    if getattr(quant, "code", "int") != "int":
-        raise ValueError(f"code {quant.code!r}: the kernels implement the uniform int grid only; allowed: int "
-                         "(the nf codebook stays on lowbit.quant's torch path)")
+    """The kernels implement the uniform grid with bf16/fp32 scales only; the nf codebook, the fp
+    codes and the fp16/e8m0/e4m3 scale formats stay on lowbit.quant's path (treating their codes
+    or scale bytes as the grid's would decode wrong values without an error)."""
+    code = getattr(quant, "code", "int")
+    if code != "int":
+        name = quant.code_text if code == "fp" else code
+        raise ValueError(f"code {name!r}: the kernels implement the uniform int grid only; allowed: int "
+                         "(the nf codebook and the fp codes fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1 stay "
+                         "on lowbit.quant's torch path)")
+    scale_dtype = getattr(quant, "scale_dtype", torch.bfloat16)
+    if scale_dtype not in KERNEL_SCALE_DTYPES:
+        raise ValueError(f"scale format {quant.scale_format!r}: the kernels write bf16 or fp32 scales only; "
+                         "allowed: bf16, fp32 (fp16, e8m0 and e4m3 scales stay on lowbit.quant's torch path)")
 
 
 def check_out_dtype(out_dtype) -> None:

@@ -36,7 +36,15 @@ def cmd_models(args) -> int:
 
 def cmd_schemes(args) -> int:
     from lowbit.scheme import GRAMMAR_HELP
+    from lowbit.wire.accounting import preset_rows
     print(GRAMMAR_HELP)
+    print("Presets (bits per value from the payload bytes at hidden 576, TP 2; format = one message):")
+    for row in preset_rows(576, 2):
+        if row["format_bits"] is None:
+            bits = "cannot run at hidden 576: " + row["note"].split(";")[0]
+        else:
+            bits = f"format {row['format_bits']:.4f}, call {row['total_bits']:.4f}"
+        print(f"  {row['preset']:<18} = {row['expansion']:<50} {bits}")
     return 0
 
 

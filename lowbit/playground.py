@@ -42,7 +42,7 @@ from lowbit.comm.dist import ThreadWorld
 from lowbit.wire.payload import decode, encode, layout, scheme_layout
 from lowbit.method.projection import (INTERCONNECTS, Gpu, Interconnect, allreduce_s, check_against, codec_s, gather_s,
                                two_shot_s)
-from lowbit.quant import _outside_static_range, qrange_of, quantize, scale_constant
+from lowbit.quant import _outside_static_range, fp_table, qrange_of, quantize, scale_constant
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import OutlierSpec, QuantSpec, Scheme, SchemeError, parse_scheme
 
@@ -152,6 +152,9 @@ def grid(spec: QuantSpec) -> dict:
     qmin, qmax = qrange_of(spec)
     if spec.code == "nf":
         return dict(levels=codebook.codebook(spec.bits).tolist(), edges=(-1.0, 1.0))
+    if spec.code == "fp":  # the minifloat's values (one zero), saturating at +-fmt_max
+        levels = sorted(set(fp_table(spec.bits, spec.exp_bits).tolist()))
+        return dict(levels=levels, edges=(-spec.fp_max, spec.fp_max))
     c = scale_constant(spec.bits, spec.symmetric)
     if spec.symmetric:
         half = 1.0 / c  # absmax / scale = 1/c: (2**b - 1) / 2

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from launch import store
-from lowbit.scheme import SchemeError
+from lowbit.scheme import PRESETS as NAMED_PRESETS, SchemeError, parse_scheme
 from pages import _ui
 
 PRESETS = ["bf16", "int8-token", "int4-static", "int4-static-rand1/64", "int4-static-top1/64", "int4-token",
@@ -111,3 +111,47 @@ fig.for_each_annotation(lambda a: a.update(text=a.text.replace("module=", ""), f
 fig.add_hline(y=16, line=dict(dash="dash", color="#111"))
 fig.update_layout(title=f"{layer_scheme}: bits per value at every site", barmode="stack")
 _ui.plot(_ui.style(fig, height=460), key="bits_layers")
+
+st.header("The formats shipping systems send")
+st.markdown(
+    "Named presets (`python -m lowbit schemes` lists them with their sources): MX and NVFP4 floating-point "
+    "formats, QuickReduce's two-shot int codes, FlashInfer's and TensorRT-LLM's FP8 all-reduces. Each is an "
+    "ordinary scheme string; its scales are counted like everything else (e8m0 = 8 bits per 32 values, NVFP4's "
+    "e4m3 = 8 per 16 plus one fp32 per message). A preset whose group does not divide this model's hidden size "
+    "(or its two-shot chunk) is shown at the next hidden size where it fits, named in its label.")
+
+
+def _fits(scheme, hidden: int) -> bool:
+    try:
+        scheme.validate_for(hidden, tp)
+        return True
+    except SchemeError:
+        return False
+
+
+preset_rows, preset_table = [], []
+for name, expansion in NAMED_PRESETS.items():
+    scheme = parse_scheme(expansion)
+    step = scheme.quant.group_size * (tp if scheme.algo == "two_shot" else 1)
+    hidden = H if _fits(scheme, H) else next(h for h in range(step, 64 * step + 1, step)
+                                              if h >= H and _fits(scheme, h))
+    label = name if hidden == H else f"{name} (hidden {hidden})"
+    bits = _ui.bits_parts(expansion, hidden, tp).assign(scheme=label)
+    preset_rows.append(bits)
+    first = bits[bits["leg"] == bits["leg"].iloc[0]]["bits"].sum()
+    preset_table.append({"preset": name, "expansion": expansion, "hidden": hidden,
+                         "bits / value, one message": round(float(first), 4),
+                         f"bits / value, the call at TP {tp}": round(float(bits["bits"].sum()), 4)})
+presets_frame = pd.concat(preset_rows, ignore_index=True)
+fig = px.bar(presets_frame, x="scheme", y="bits", color="part", pattern_shape="leg",
+             color_discrete_map=_ui.PART_COLORS,
+             category_orders=dict(part=list(store.SCHEME_PARTS), scheme=list(dict.fromkeys(presets_frame["scheme"]))),
+             labels=dict(bits="bits per value", scheme="preset", part="part", leg="leg"))
+fig.add_hline(y=16, line=dict(dash="dash", color="#111"), annotation_text="BF16 all-reduce (16)",
+              annotation_font_size=_ui.FONT - 2)
+fig.add_hline(y=4.1875, line=dict(dash="dot", color="#555"), annotation_text="the paper (4.1875)",
+              annotation_position="bottom right", annotation_font_size=_ui.FONT - 2)
+fig.update_layout(title=f"Every preset at TP {tp}, stacked by part; hatched = two-shot's second leg",
+                  barmode="stack")
+_ui.plot(_ui.style(fig, height=520), key="bits_presets")
+st.dataframe(pd.DataFrame(preset_table), hide_index=True, width="stretch")

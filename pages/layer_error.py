@@ -7,11 +7,17 @@ import plotly.express as px
 import streamlit as st
 
 from launch import store
-from lowbit.scheme import ALLOWED_BITS, OutlierSpec, QuantSpec, Scheme, SchemeError, ThresholdSpec
+from lowbit.scheme import (ALLOWED_BITS, FP_FORMATS, SCALE_FORMATS, OutlierSpec, QuantSpec, Scheme, SchemeError,
+                           ThresholdSpec, fp_code_text)
 from lowbit.site import ROW_PARALLEL_MODULES
 from pages import _ui
 
 K_CHOICES = ["1/128", "1/64", "1/32", "1/16"]
+FP_CHOICES = {fp_code_text(b, e): (b, e) for b, e in FP_FORMATS}  # fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1
+SECOND_CHOICES = {"int8": QuantSpec(8, True, "token"), "int6": QuantSpec(6, True, "token"),
+                  "int4": QuantSpec(4, True, "token"),
+                  "int8 static (calibrated ranges of the sum)": QuantSpec(8, True, "static"),
+                  "same as the first leg": None}
 
 st.title("Layer error: where does quantization hurt?")
 st.markdown(
@@ -31,18 +37,29 @@ def scheme_builder() -> str | None:
     """Controls -> one scheme string (lowbit.scheme owns the grammar); None if it cannot be built."""
     c1, c2, c3, c4, c5 = st.columns(5)
     with c1:
-        code = st.radio("Code", ["int", "nf"], horizontal=True, key="le_code",
+        code = st.radio("Code", ["int", "nf", "fp"], horizontal=True, key="le_code",
                         help="int: a uniform grid; nf: a fixed normal-quantile codebook (NF4-style, 3 or 4 bits), "
-                             "finer near zero where most values are")
-        bits = st.selectbox("Bits", ALLOWED_BITS if code == "int" else [3, 4],
-                            index=ALLOWED_BITS.index(4) if code == "int" else 1, key=f"le_bits_{code}")
-        asym = st.checkbox("Asymmetric (scale + min)", key="le_asym", disabled=code == "nf")
+                             "finer near zero where most values are; fp: a saturating minifloat (FP8 E4M3/E5M2, "
+                             "FP6, FP4 E2M1 as in MX / NVFP4), scale = absmax / the format's largest value")
+        if code == "fp":
+            fp_name = st.selectbox("Format", list(FP_CHOICES), key="le_bits_fp",
+                                   help="fp<B>e<E>m<M>: B bits, E exponent and M mantissa bits")
+            bits, exp_bits = FP_CHOICES[fp_name]
+        else:
+            bits = st.selectbox("Bits", ALLOWED_BITS if code == "int" else [3, 4],
+                                index=ALLOWED_BITS.index(4) if code == "int" else 1, key=f"le_bits_{code}")
+            exp_bits = 0
+        asym = st.checkbox("Asymmetric (scale + min)", key="le_asym", disabled=code != "int")
     with c2:
         gran = st.selectbox("Granularity", ["static", "token", "group"], key="le_gran",
                             help="static: per-feature scale from calibration; token: one scale per token; "
                                  "group: one scale per G features of a token")
         group = st.number_input("Group size G", min_value=1, value=32, step=8, key="le_group",
                                 disabled=gran != "group")
+        scale_fmt = st.selectbox("Scale format", list(SCALE_FORMATS), key="le_scale", disabled=gran == "static",
+                                 help="What each dynamic scale travels as: bf16 / fp32 / fp16 (saturates at "
+                                      "65504) / e8m0 (a power of two, as MX) / e4m3 (float8 x one fp32 scale per "
+                                      "message, as NVFP4); counted in the bits")
         permute = st.checkbox("Channel grouping", key="le_perm", disabled=gran != "group",
                               help="A calibrated permutation puts features of similar range in the same group "
                                    "before group-wise scales; undone after the sum; costs no bits")
@@ -62,22 +79,29 @@ def scheme_builder() -> str | None:
         algo = st.selectbox("Algorithm", ["gather", "two_shot"], key="le_algo",
                             help="gather: all-gather the quantized partials (the paper); two_shot: reduce-scatter "
                                  "then all-gather, requantizing the reduced sum")
-        second_bits = st.selectbox("Second-leg bits", [8, 6, 4], key="le_second", disabled=algo != "two_shot")
+        second_choice = st.selectbox("Second leg", list(SECOND_CHOICES), key="le_second", disabled=algo != "two_shot",
+                                     help="The owner requantizes its reduced chunk per token (int), per feature "
+                                          "with scales from the calibrated ranges of the reduced sum (static), "
+                                          "or with the first leg's own format (e.g. an fp code on both legs)")
     with c5:
         rotation = st.selectbox("Rotation block", ["none", 16, 32, 64, 128], key="le_rot",
                                 disabled=gran == "static",
                                 help="Block Walsh-Hadamard rotation before quantizing, undone after the sum "
                                      "(spreads a spike over its block; dynamic scales only). See 'Why rotation "
                                      "works' below.")
-        stochastic = st.checkbox("Stochastic rounding", key="le_sr", disabled=code == "nf",
+        stochastic = st.checkbox("Stochastic rounding", key="le_sr", disabled=code != "int",
                                  help="Unbiased rounding: floor(v + u), u uniform in [0, 1). Measured on "
                                       "smollm2-135m TP 3, it makes the error of the sum over ranks about 1.4x "
                                       "larger than round-to-nearest (README, Beyond the paper).")
     try:
-        quant = QuantSpec(int(bits), not asym or code == "nf", gran, int(group) if gran == "group" else None,
-                          rounding="stochastic" if stochastic and code == "int" else "nearest", code=code)
+        scale_dtype = SCALE_FORMATS[scale_fmt] if gran != "static" else SCALE_FORMATS["bf16"]
+        quant = QuantSpec(int(bits), not asym or code != "int", gran, int(group) if gran == "group" else None,
+                          rounding="stochastic" if stochastic and code == "int" else "nearest", code=code,
+                          exp_bits=exp_bits, scale_dtype=scale_dtype)
         outliers = OutlierSpec(select, k) if select in ("topk", "random") else OutlierSpec()
-        second = QuantSpec(int(second_bits), True, "token") if algo == "two_shot" else None
+        second = None
+        if algo == "two_shot":
+            second = SECOND_CHOICES[second_choice] or quant
         rot = None if rotation == "none" or gran == "static" else int(rotation)
         extra = dict(sparse=int(per_token)) if select == "sparse" else \
             dict(threshold=ThresholdSpec(float(threshold), k)) if select == "threshold" else {}

@@ -30,8 +30,11 @@ def fake_calibration(tp: int, hidden: int = HIDDEN) -> Calibration:
     mn, mx = xs.amin(1), xs.amax(1)  # [tp, H]
     ema_min = mn.expand(LAYERS, 2, tp, hidden).clone()
     ema_max = mx.expand(LAYERS, 2, tp, hidden).clone()
+    total = xs.sum(0)  # the exact reduced sum [T, H]: a static second leg's ranges
+    sum_min = total.amin(0).expand(LAYERS, 2, hidden).clone()
+    sum_max = total.amax(0).expand(LAYERS, 2, hidden).clone()
     return Calibration(ema_min, ema_max, ema_min[None].clone(), ema_max[None].clone(),
-                       dict(model="test", tp=tp))
+                       dict(model="test", tp=tp), None, sum_min, sum_max)
 
 
 def single_process_gather(scheme_text: str, tp: int, site: Site = Site(1, "down_proj")) -> torch.Tensor:

@@ -14,6 +14,13 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in the interpreter. Triton reads the switch when it is
+    # first imported (its own helpers included), so it is set before any test module imports a
+    # package that loads Triton (torchao does), whatever the collection order.
+    from kernels import dispatch
+    dispatch.import_interpreted()
+
 
 @pytest.fixture(scope="session")
 def tiny_models():

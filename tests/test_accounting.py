@@ -15,12 +15,18 @@ from lowbit.site import Site
 from lowbit.wire import accounting
 
 SITE = Site(1, "down_proj")
-# every family: exact, int static/token/group (sym + asym), nf, sparse, threshold, rotation, perm, two-shot
+# every family: exact, int static/token/group (sym + asym), nf, fp, scale formats, sparse, threshold, rotation,
+# perm, two-shot
 FAMILIES = ["bf16", "fp32", "int4-static-top1/32", "int8-token", "int3a-group16", "nf4-token", "nf3-static-top1/32",
             "int4-token-sp3", "int4-token-thr6c1/16", "int4-token-rot32", "int4-token-rand1/32-rot32",
             "int4-group16-perm", "int4-static-top1/32@twoshot+int8-token", "int4-group16@twoshot+int4-group8",
             "int4-token-sp2@twoshot+int8-token", "int4-token-thr6c1/8@twoshot+int4-token",
-            "int4-token-rot32@twoshot+int4-token", "nf4-group16-perm@twoshot+int8-token"]
+            "int4-token-rot32@twoshot+int4-token", "nf4-group16-perm@twoshot+int8-token",
+            # floating-point codes and scale formats (issue 16): e4m3's per-message fp32 scale in each chunk
+            "fp8e4m3-token", "fp8e5m2-static-top1/32", "mxfp4", "int4-group16-sfp16",
+            "fp4e2m1-group16-se4m3@twoshot+fp4e2m1-group16-se4m3", "fp8e4m3-token-sfp32@twoshot+fp8e4m3-group16-se8m0",
+            # a static second leg: per-feature scales of the reduced sum from calibration, none sent
+            "int4-token@twoshot+int8-static", "int4-static-top1/32@twoshot+fp8e4m3-static"]
 
 
 class SpyGroup:

@@ -76,7 +76,7 @@ def test_every_page_opens_on_an_empty_history_and_says_how_to_start(empty_runs, 
 
 
 # -- with results --------------------------------------------------------------------------------
-EXPECTED_CHARTS = {"pages/overview.py": 2, "pages/outliers.py": 5, "pages/layer_error.py": 3, "pages/bits.py": 2,
+EXPECTED_CHARTS = {"pages/overview.py": 2, "pages/outliers.py": 5, "pages/layer_error.py": 3, "pages/bits.py": 3,
                    "pages/tradeoffs.py": 1, "pages/collectives.py": 3, "pages/runs.py": 0}
 
 
@@ -252,6 +252,29 @@ def test_layer_error_builder_offers_the_neighbouring_schemes(runs_with_results):
     assert store.scheme_fields("nf4-static-sp3")["select"] == "sparse"
 
 
+def test_layer_error_builder_offers_fp_codes_scale_formats_and_an_fp_second_leg(runs_with_results):
+    at = open_page("pages/layer_error.py")
+    at.radio(key="le_code").set_value("fp").run()
+    at.selectbox(key="le_bits_fp").set_value("fp4e2m1").run()
+    at.selectbox(key="le_gran").set_value("group").run()
+    at.number_input(key="le_group").set_value(32).run()
+    at.selectbox(key="le_scale").set_value("e8m0").run()
+    at.selectbox(key="le_select").set_value("none").run()
+    assert_clean(at)
+    built = [t.value for t in at.text_input if t.value]
+    assert "fp4e2m1-group32-se8m0" in built  # = the mxfp4 preset
+    at.selectbox(key="le_algo").set_value("two_shot").run()
+    at.selectbox(key="le_second").set_value("same as the first leg").run()
+    assert_clean(at)
+    assert "fp4e2m1-group32-se8m0@twoshot+fp4e2m1-group32-se8m0" in [t.value for t in at.text_input if t.value]
+    at.selectbox(key="le_bits_fp").set_value("fp8e4m3").run()
+    at.selectbox(key="le_algo").set_value("gather").run()
+    at.selectbox(key="le_gran").set_value("token").run()
+    at.selectbox(key="le_scale").set_value("fp16").run()
+    assert "fp8e4m3-token-sfp16" in [t.value for t in at.text_input if t.value]
+    assert store.scheme_fields("fp8e4m3-token-sfp16")["family"] == "fp8e4m3"
+
+
 def test_layer_error_submit_shows_problems_for_a_bad_group_size(runs_with_results):
     at = open_page("pages/layer_error.py")
     at.selectbox(key="le_model").set_value("tiny-llama").run()
@@ -274,6 +297,17 @@ def test_bits_page_stacks_parts_and_rejects_a_bad_scheme(runs_with_results):
     at.text_input(key="bits_extra").input("int9-static").run()
     assert_clean(at)
     assert "int9-static" in texts(at.error)
+
+
+def test_bits_page_stacks_every_preset_by_part(runs_with_results):
+    from lowbit.scheme import PRESETS
+    at = open_page("pages/bits.py")
+    assert_clean(at)
+    presets = next(d.value for d in at.dataframe if "preset" in d.value.columns).set_index("preset")
+    assert set(presets.index) == set(PRESETS)
+    assert presets.loc["mxfp4", "bits / value, one message"] == 4.25
+    assert presets.loc["quickreduce-int4", "bits / value, one message"] == 4.5
+    assert presets.loc["flashinfer-fp8", "hidden"] > 64  # tiny-llama's 64 cannot hold a group of 256
 
 
 def test_tradeoffs_axes_pareto_table_and_csv(runs_with_results):

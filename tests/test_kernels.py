@@ -299,6 +299,12 @@ BAD_INPUT = [
      ValueError, "finite"),
     ("stochastic rounding", dict(spec=QuantSpec(4, True, "token", rounding="stochastic")), ValueError, "stochastic"),
     ("nf codebook", dict(spec=QuantSpec(4, True, "token", code="nf")), ValueError, "code 'nf'"),
+    ("fp8 code", dict(spec=QuantSpec(8, True, "token", code="fp", exp_bits=4)), ValueError, "code 'fp8e4m3'"),
+    ("fp4 code", dict(spec=QuantSpec(4, True, "group", 16, code="fp", exp_bits=2)), ValueError, "code 'fp4e2m1'"),
+    ("fp16 scales", dict(spec=QuantSpec(4, True, "token", scale_dtype=torch.float16)), ValueError,
+     "scale format 'fp16'"),
+    ("e8m0 scales", dict(spec=QuantSpec(4, True, "group", 16, scale_dtype=torch.float8_e8m0fnu)), ValueError,
+     "scale format 'e8m0'"),
 ]
 
 
@@ -328,6 +334,10 @@ def test_bad_unpack_input_raises_a_clear_error(path):
         fn(payloads, T, H, spec, OUTLIERS, out_dtype=torch.int32)
     with pytest.raises(ValueError, match="code 'nf'"):  # nf codes read as a uniform grid would decode wrong
         fn(payloads, T, H, QuantSpec(4, True, "token", code="nf"), OUTLIERS)
+    with pytest.raises(ValueError, match="code 'fp8e4m3'"):  # fp bit patterns read as a grid: wrong values
+        fn(payloads, T, H, QuantSpec(8, True, "token", code="fp", exp_bits=4), OUTLIERS)
+    with pytest.raises(ValueError, match="scale format 'e4m3'"):  # its message scale shifts every section
+        fn(payloads, T, H, QuantSpec(4, True, "token", scale_dtype=torch.float8_e4m3fn), OUTLIERS)
     static = QuantSpec(4, True, "static")
     sp, mins, maxs = gathered(static, 2, OUTLIERS)
     with pytest.raises(ValueError, match=r"tp=2"):

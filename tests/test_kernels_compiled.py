@@ -114,9 +114,11 @@ def test_compiled_path_on_degenerate_input(spec):
         fused_cpu.quantize_pack(x.double(), spec, OUTLIERS, lo, hi)
 
 
-def test_dispatch_auto_on_cpu_runs_the_compiled_path(monkeypatch):
+def test_dispatch_auto_on_cpu_runs_the_compiled_path_without_numba(monkeypatch):
+    """Where the numba kernels cannot load, auto keeps the compiled path for large CPU messages."""
     monkeypatch.setenv(dispatch.ENV, "auto")
     monkeypatch.setattr(dispatch, "_compile_broken", None)
+    monkeypatch.setattr(dispatch, "native_available", lambda: False)
     x = partial(60, tokens=400)  # 80k values: above FUSED_MIN_VALUES
     assert dispatch.backend("cpu", 4, x.numel()) == "compiled"
     lo, hi = static_args(PAPER, x)

@@ -100,6 +100,20 @@ def test_per_batch_minmax_are_the_partials_true_extremes(tiny_models, batches, c
     assert calibration.sample.shape == (L, len(ROW_PARALLEL_MODULES), TP, SAMPLE_TOKENS, H)
 
 
+def test_reduced_sum_ranges_are_recorded_and_bounded_by_the_ranks(calibration, tmp_path):
+    """The static two-shot second leg's ranges: the EMA of the reduced sum's per-batch min/max, the
+    same on every rank, never wider than the ranks' ranges added up (|sum| <= sum of |partials|)."""
+    L, M, tp, H = calibration.ema_min.shape
+    assert calibration.sum_min.shape == calibration.sum_max.shape == (L, M, H)
+    assert (calibration.sum_min <= calibration.sum_max).all()
+    tol = 1e-4 * calibration.ema_max.abs().sum(2).max()
+    assert (calibration.sum_max <= calibration.ema_max.sum(2) + tol).all()
+    assert (calibration.sum_min >= calibration.ema_min.sum(2) - tol).all()
+    back = Calibration.load(calibration.save(tmp_path / "cal"))
+    assert torch.equal(back.sum_min, calibration.sum_min) and torch.equal(back.sum_max, calibration.sum_max)
+    assert back.sum_range(Site(0, "down_proj"))[1].shape == (H,)
+
+
 def test_artifact_round_trips_and_refuses_a_mismatch(calibration, tmp_path):
     calibration.save(tmp_path / "cal")
     again = Calibration.load(tmp_path / "cal")

@@ -175,7 +175,8 @@ BAD_SCHEMES = [
     ("int4-static-bottom1/64", "outliers", "top<K> or rand<K>[s<seed>]"),
     ("int4-static-top1/64s3", "scheme", "'-<outliers>', '@<algo>' or the end"),
     ("int4-token@ring", "algo", "gather, twoshot"),
-    ("int4-token@twoshot+int4-static", "second", "int<B>[a]-token or int<B>[a]-group<G>"),
+    ("int4-token@twoshot+int4-bogus", "second", "int<B>[a]-token or int<B>[a]-group<G>"),
+    ("int4-token@twoshot+int4-static-sfp16", "scale_format", "allowed: -s<fmt> with token or group<G>"),
     ("int4-token@twoshot+int9-token", "bits", "2, 3, 4, 5, 6, 8"),
     ("nf5-token", "bits", "allowed: 3, 4"),
     ("nf4a-token", "symmetric", "nf<B> without 'a'"),
@@ -331,12 +332,15 @@ def test_outlier_fraction_too_small_for_hidden():
 
 
 def test_constructor_validation_lists_allowed_values():
-    with pytest.raises(SchemeError, match="scale_dtype: float16 not allowed .*allowed: bfloat16, float32"):
-        QuantSpec(4, scale_dtype=torch.float16)
+    with pytest.raises(SchemeError, match="scale_dtype: float64 not allowed; allowed: bf16, fp32, fp16, e8m0, e4m3"):
+        QuantSpec(4, "token", scale_dtype=torch.float64)
+    with pytest.raises(SchemeError, match="scale_dtype: e8m0 not allowed with granularity 'static'"):
+        QuantSpec(4, granularity="static", scale_dtype=torch.float8_e8m0fnu)
     with pytest.raises(SchemeError, match="select: 'all' not allowed; allowed: none, topk, random"):
         OutlierSpec("all")
-    with pytest.raises(SchemeError, match="second: granularity 'static' not allowed.*allowed: token, group"):
-        Scheme("quant", quant=QuantSpec(4), algo="two_shot", second=QuantSpec(8))
+    assert Scheme("quant", quant=QuantSpec(4), algo="two_shot", second=QuantSpec(8)).needs_calibration  # static leg 2
+    with pytest.raises(SchemeError, match="second: the requantization leg is a uniform grid or a minifloat"):
+        Scheme("quant", quant=QuantSpec(4), algo="two_shot", second=QuantSpec(4, True, "token", code="nf"))
     with pytest.raises(SchemeError, match="wire_dtype: 'fp16' not allowed; allowed: bf16, fp32"):
         Scheme("exact", "fp16")
     with pytest.raises(SchemeError, match="tp: 0 not allowed"):

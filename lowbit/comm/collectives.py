@@ -8,8 +8,8 @@
   rank's static scales and sums in fp32 in rank order. Every rank computes the same sum.
 - ``two_shot``: the hidden features are cut into ``tp`` contiguous chunks; rank j owns chunk j.
   Leg 1: all-to-all of the quantized chunks; the owner dequantizes them and sums in fp32.
-  Leg 2: the owner requantizes its reduced chunk with the scheme's dynamic ``second`` spec and
-  all-gathers it (padded to the largest chunk payload; the padding is counted as sent).
+  Leg 2: the owner requantizes its reduced chunk with the scheme's ``second`` spec (dynamic, or
+  static: per-feature scales from the calibrated ranges of the reduced sum) and all-gathers it (padded to the largest chunk payload; the padding is counted as sent).
   Each rank sends ~1 + 1/tp partials' worth instead of the all-gather's tp - 1 received, so
   it moves fewer bytes when tp >= 3. Per-token scales become per (token, chunk).
 
@@ -23,7 +23,8 @@ sum is taken in the rotated space in fp32 and rotated back once. With BF16 outli
 outlier columns are cut out in the original space first; the message is then the payload of
 all ``H`` rotated features (``lowbit.wire.payload``, no outlier section) followed by the BF16
 outlier columns [T, k] - one more section, counted in the bits like everything else.
-Neighbouring-work schemes (``lowbit.scheme``): ``nf<B>`` only changes the quantizer. ``sp<n>``
+Neighbouring-work schemes (``lowbit.scheme``): ``nf<B>`` and the fp codes ``fp<B>e<E>m<M>``
+(also on the two-shot second leg) only change the quantizer; ``-s<fmt>`` only the scales section. ``sp<n>``
 and ``thr<T>c<K>`` are per-message outliers inside the payload (``lowbit.wire.payload``): with gather
 each rank picks its own set and every receiver decodes each rank's set from that rank's
 message; with two-shot every first-leg chunk is a message with its own picks (thr capacity
@@ -51,7 +52,8 @@ from lowbit.wire.accounting import leg2_chunk_bytes, rotated_message_bits, wire_
 from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
-from lowbit.scheme import MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme_map
+from lowbit.scheme import (KERNEL_SCALE_DTYPES, MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap,
+                           parse_scheme_map)
 
 _WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -100,6 +102,8 @@ class SitePlan:
     static_max: torch.Tensor | None
     perm: torch.Tensor | None = None  # [H] original feature at each permuted position
     inverse: torch.Tensor | None = None  # [H] permuted position of each original feature
+    sum_min: torch.Tensor | None = None  # [H] the reduced sum's calibrated range (a static second leg)
+    sum_max: torch.Tensor | None = None
 
 
 class QuantCommunicator(Communicator):
@@ -153,7 +157,13 @@ class QuantCommunicator(Communicator):
                 perm = channel_permutation(self.calibration, site)
                 inverse = torch.argsort(perm)
                 idx = inverse[idx].sort().values  # permute is group-only: no static ranges to move
-            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse)
+            sum_min = sum_max = None
+            if scheme.algo == "two_shot" and scheme.second.granularity == "static":
+                sum_min, sum_max = (t.float() for t in self.calibration.sum_range(site))
+                if perm is not None:
+                    raise CalibrationError(f"{site}: -perm with a static second leg is not implemented; "
+                                           "allowed: a dynamic second leg with -perm")
+            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse, sum_min, sum_max)
         return self._plans[site]
 
     def _reduce(self, partial: torch.Tensor, site: Site):
@@ -247,7 +257,9 @@ class QuantCommunicator(Communicator):
         implement: the uniform grid, round to nearest, and (for a first leg, ``plan`` given) no
         per-message outliers (sp/thr)."""
         per_message = plan is not None and (plan.scheme.sparse or plan.scheme.threshold is not None)
-        return self.codec is not None and quant.rounding == "nearest" and quant.code == "int" and not per_message
+        # fp codes and the fp16 / e8m0 / e4m3 scale formats stay on lowbit.wire.payload's torch path
+        return (self.codec is not None and quant.rounding == "nearest" and quant.code == "int"
+                and quant.scale_dtype in KERNEL_SCALE_DTYPES and not per_message)
 
     def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, smin, smax, enc_kw: dict, fused: bool):
         """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.wire.payload.encode``'s)."""
@@ -316,8 +328,17 @@ class QuantCommunicator(Communicator):
         if self.keep_first_leg:
             self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
         # Leg 2: requantize the reduced chunk (dynamic scales), all-gather padded payloads.
-        fused2 = self._fused(second)  # the second leg is a plain requantization: no sp/thr
-        p2, st2 = self._encode(reduced, second, local_idx[rank], None, None, {}, fused2)
+        # the second leg is a plain requantization (no sp/thr); a static one (calibrated ranges of the
+        # reduced sum, plan.sum_min/max) stays on the torch path
+        fused2 = self._fused(second) and second.dynamic
+        static2 = plan.sum_min is not None
+
+        def sum_range(j: int, batch: bool = False):
+            if not static2:
+                return None, None
+            lo, hi = plan.sum_min[cols[j]], plan.sum_max[cols[j]]
+            return (lo.unsqueeze(0), hi.unsqueeze(0)) if batch else (lo, hi)
+        p2, st2 = self._encode(reduced, second, local_idx[rank], *sum_range(rank), {}, fused2)
         sizes2 = [layout(tokens, width, second, local_idx[j].numel()).total_bytes for j in range(tp)]
         leg2_bytes = leg2_chunk_bytes(tokens, width, second, [local_idx[j].numel() for j in range(tp)])
         padded = torch.zeros(leg2_bytes, dtype=torch.uint8, device=x.device)
@@ -326,7 +347,7 @@ class QuantCommunicator(Communicator):
         out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
         for j in range(tp):
             out[:, cols[j]] = self._decode_sum(gathered[j:j + 1, :sizes2[j]], tokens, width, second, local_idx[j],
-                                               None, None, {}, fused2)
+                                               *sum_range(j, batch=True), {}, fused2)
         values = tokens * hidden
         extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"],
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,

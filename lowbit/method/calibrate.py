@@ -10,6 +10,10 @@ batches, ranks, layers and text sources, and a small ``sample``: the first ``SAM
 tokens of the first batch's partial at every site and rank (fp32), so the app can show one
 real partial's distribution before and after a rotation (``lowbit.rotation.rotation_effect``).
 
+It also keeps the EMA of the per-batch min and max of every feature of the *reduced* sum
+(``sum_min`` / ``sum_max`` [L, M, H], the same on every rank): the static scales of a two-shot
+second leg that is requantized per feature (``@twoshot+int8-static``).
+
 Outlier selection (same indices on every rank): ``topk`` scores each feature by its range summed
 over ranks and keeps the k = floor(k_frac * hidden) largest; ``random`` draws k features with a
 seed; ``none`` keeps none.
@@ -55,6 +59,8 @@ class Calibration:
     batch_max: torch.Tensor
     meta: dict = field(default_factory=dict)
     sample: torch.Tensor | None = None  # [L, M, tp, S, H]: first S tokens of the first batch (older artifacts: None)
+    sum_min: torch.Tensor | None = None  # [L, M, H]: EMA of the reduced sum's per-batch min (older artifacts: None)
+    sum_max: torch.Tensor | None = None
 
     @property
     def tp(self) -> int:
@@ -76,6 +82,15 @@ class Calibration:
         """EMA (min, max) per feature of ``rank``'s partial at ``site``: the static scales."""
         m = self.module_index(site.module)
         return self.ema_min[site.layer, m, rank], self.ema_max[site.layer, m, rank]
+
+    def sum_range(self, site: Site) -> tuple[torch.Tensor, torch.Tensor]:
+        """EMA (min, max) per feature of the reduced sum at ``site``: a static second leg's scales."""
+        if self.sum_min is None or self.sum_max is None:
+            raise CalibrationError("calibration: this artifact keeps no ranges of the reduced sum (made before "
+                                   "they were recorded); run `python -m lowbit calibrate` again (force) to get "
+                                   "them for a static two-shot second leg")
+        m = self.module_index(site.module)
+        return self.sum_min[site.layer, m], self.sum_max[site.layer, m]
 
     def ranges(self) -> torch.Tensor:
         """Per-rank range 2*max(|min|,|max|): [L, M, tp, H]."""
@@ -101,6 +116,8 @@ class Calibration:
                    "batch_min": self.batch_min.contiguous(), "batch_max": self.batch_max.contiguous()}
         if self.sample is not None:
             tensors["sample"] = self.sample.contiguous()
+        if self.sum_min is not None and self.sum_max is not None:
+            tensors["sum_min"], tensors["sum_max"] = self.sum_min.contiguous(), self.sum_max.contiguous()
         save_file(tensors, str(folder / ARTIFACT_TENSORS))
         (folder / ARTIFACT_META).write_text(json.dumps(self.meta, indent=2))
         return folder
@@ -113,7 +130,8 @@ class Calibration:
                                    f"and {ARTIFACT_META}); run `python -m lowbit calibrate` first")
         t = load_file(str(folder / ARTIFACT_TENSORS))
         return cls(t["ema_min"], t["ema_max"], t["batch_min"], t["batch_max"],
-                   json.loads((folder / ARTIFACT_META).read_text()), t.get("sample"))
+                   json.loads((folder / ARTIFACT_META).read_text()), t.get("sample"), t.get("sum_min"),
+                   t.get("sum_max"))
 
     def site_sample(self, site: Site, rank: int) -> torch.Tensor:
         """The stored partial of ``rank`` at ``site``: [S, H] fp32 (see ``SAMPLE_TOKENS``)."""
@@ -143,13 +161,16 @@ def select_outliers(calibration: Calibration | None, site: Site, outliers: Outli
 
 
 class StatsCommunicator(Communicator):
-    """Wraps a communicator and records per-batch min/max of this rank's partial per feature."""
+    """Wraps a communicator and records per-batch min/max of this rank's partial per feature (and
+    of the reduced sum)."""
 
     def __init__(self, inner: Communicator, layers: int, hidden: int):
         super().__init__(inner.group, record=False)
         self.inner = inner
         self.cur_min = torch.full((layers, len(ROW_PARALLEL_MODULES), hidden), math.inf)
         self.cur_max = torch.full((layers, len(ROW_PARALLEL_MODULES), hidden), -math.inf)
+        self.sum_min = torch.full_like(self.cur_min, math.inf)
+        self.sum_max = torch.full_like(self.cur_max, -math.inf)
         self.sample: torch.Tensor | None = None  # [L, M, S, H], filled by the first batch
         self.sampling = True
 
@@ -163,12 +184,22 @@ class StatsCommunicator(Communicator):
             self.sample[site.layer, m] = flat[:self.sample.shape[2]]
         self.cur_min[site.layer, m] = torch.minimum(self.cur_min[site.layer, m], flat.amin(0))
         self.cur_max[site.layer, m] = torch.maximum(self.cur_max[site.layer, m], flat.amax(0))
-        return self.inner.reduce(partial, site), 0, {}
+        out = self.inner.reduce(partial, site)
+        summed = out.detach().reshape(-1, out.shape[-1]).float().cpu()
+        self.sum_min[site.layer, m] = torch.minimum(self.sum_min[site.layer, m], summed.amin(0))
+        self.sum_max[site.layer, m] = torch.maximum(self.sum_max[site.layer, m], summed.amax(0))
+        return out, 0, {}
 
     def take_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.cur_min.clone(), self.cur_max.clone()
         self.cur_min.fill_(math.inf)
         self.cur_max.fill_(-math.inf)
+        return out
+
+    def take_sum_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.sum_min.clone(), self.sum_max.clone()
+        self.sum_min.fill_(math.inf)
+        self.sum_max.fill_(-math.inf)
         return out
 
 
@@ -185,15 +216,18 @@ def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[to
     previous = next(m.communicator for m in model.modules() if hasattr(m, "communicator"))
     set_communicator(model, stats)
     device = next(model.parameters()).device
-    mins, maxs = [], []
+    mins, maxs, sum_mins, sum_maxs = [], [], [], []
     start = time.perf_counter()
     try:
         for step, ids in enumerate(token_batches):
             model(ids.to(device), use_cache=False)
             bmin, bmax = stats.take_batch()
+            smin, smax = stats.take_sum_batch()
             stats.sampling = False
             mins.append(bmin)
             maxs.append(bmax)
+            sum_mins.append(smin)
+            sum_maxs.append(smax)
             if progress:
                 progress("calibrate", step + 1, len(token_batches), f"batch {step + 1}/{len(token_batches)}", {})
     finally:
@@ -210,11 +244,15 @@ def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[to
     for b in range(1, batch_min.shape[0]):
         ema_min = (1 - gamma) * ema_min + gamma * batch_min[b]
         ema_max = (1 - gamma) * ema_max + gamma * batch_max[b]
+    sum_min, sum_max = sum_mins[0].clone(), sum_maxs[0].clone()  # the same on every rank: no gather
+    for b in range(1, len(sum_mins)):
+        sum_min = (1 - gamma) * sum_min + gamma * sum_mins[b]
+        sum_max = (1 - gamma) * sum_max + gamma * sum_maxs[b]
     tokens = sum(int(ids.numel()) for ids in token_batches)
     info = dict(meta or {}, tp=group.world_size, gamma=gamma, batches=len(token_batches), tokens=tokens,
                 hidden=hidden, layers=layers, modules=list(ROW_PARALLEL_MODULES),
                 seconds=round(time.perf_counter() - start, 3), sites=len(row_parallel_sites(model)))
-    return Calibration(ema_min, ema_max, batch_min, batch_max, info, sample)
+    return Calibration(ema_min, ema_max, batch_min, batch_max, info, sample, sum_min, sum_max)
 
 
 def ema_trace(calibration: Calibration, site: Site, feature: int, gamma: float | None = None) -> torch.Tensor:

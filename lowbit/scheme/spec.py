@@ -18,14 +18,27 @@ from lowbit.site import ROW_PARALLEL_MODULES
 ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
 GRANULARITIES = ("static", "token", "group")
 DYNAMIC_GRANULARITIES = ("token", "group")
-SCALE_DTYPES = (torch.bfloat16, torch.float32)
+# The scale formats (scheme suffix ``-s<fmt>``); bf16 is the default and is never printed.
+# fp16 saturates at 65504 (never inf); e8m0 is a power of two (OCP MX's shared exponent byte);
+# e4m3 is a float8_e4m3fn multiple of one power-of-two fp32 scale per message (NVFP4's two levels).
+SCALE_FORMATS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16,
+                 "e8m0": torch.float8_e8m0fnu, "e4m3": torch.float8_e4m3fn}
+SCALE_DTYPES = tuple(SCALE_FORMATS.values())
+BLOCK_SCALE_DTYPES = (torch.float8_e8m0fnu, torch.float8_e4m3fn)  # symmetric codes only
+KERNEL_SCALE_DTYPES = (torch.bfloat16, torch.float32)  # what kernels/ implements; the rest stay on the torch path
 OUTLIER_SELECTS = ("none", "topk", "random")
 ALGOS = ("gather", "two_shot")
 WIRE_DTYPES = ("bf16", "fp32")
 MAX_K_FRAC = Fraction(1, 2)
 ROUNDINGS = ("nearest", "stochastic")
 MAX_ROTATION = 4096
-CODES = ("int", "nf")  # uniform grid, or the normal-quantile codebook of lowbit.codebook
+CODES = ("int", "nf", "fp")  # uniform grid, the normal-quantile codebook of lowbit.codebook, a minifloat
+# The floating-point codes (scheme code fp<B>e<E>m<M>): (bits, exponent bits) -> largest finite value.
+# Saturating: no inf; e4m3 is float8_e4m3fn (no inf, its one NaN pattern never produced), e5m2 is
+# float8_e5m2 without its inf/NaN patterns, the 6- and 4-bit ones are OCP MX's FP6/FP4 (no inf/NaN).
+FP_FORMATS = {(8, 4): 448.0, (8, 5): 57344.0, (6, 2): 7.5, (6, 3): 28.0, (4, 2): 6.0}
+# codes per byte boundary: a group of fp4 / fp6 codes starts on a whole byte (2 per byte, 4 per 3 bytes)
+FP_GROUP_MULTIPLE = {4: 2, 6: 4, 8: 1}
 CODEBOOK_BITS = (3, 4)
 MAX_SPARSE = 255  # values per token taken out by -sp<n> (also at most half the message's features)
 MAX_INDEXED_HIDDEN = 65535  # sp/thr send uint16 column indices (0xFFFF is thr's unused-slot sentinel)
@@ -45,6 +58,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def scale_format_name(dtype: torch.dtype) -> str:
+    """The grammar's name of a scale dtype: ``fp32``, ``bf16``, ``fp16``, ``e8m0``, ``e4m3``."""
+    for name, d in SCALE_FORMATS.items():
+        if d == dtype:
+            return name
+    return _dtype_name(dtype)
+
+
+def fp_code_text(bits: int, exp_bits: int) -> str:
+    return f"fp{bits}e{exp_bits}m{bits - 1 - exp_bits}"
+
+
 def _fraction(value) -> Fraction:
     if isinstance(value, float):
         return Fraction(repr(value))  # 0.05 means 1/20, not the nearest binary fraction
@@ -60,7 +85,11 @@ class QuantSpec:
     of a row. Dynamic scales travel in ``scale_dtype``.
 
     code: ``int`` a uniform grid of ``2**bits`` levels; ``nf`` an index into the fixed
-    ``2**bits``-entry codebook of ``lowbit.codebook`` (symmetric, nearest entry, bits 3 or 4).
+    ``2**bits``-entry codebook of ``lowbit.codebook`` (symmetric, nearest entry, bits 3 or 4);
+    ``fp`` a saturating minifloat of ``bits`` bits with ``exp_bits`` exponent bits (``FP_FORMATS``:
+    fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1), scale = absmax / the format's largest value.
+
+    scale_dtype: one of ``SCALE_FORMATS`` (see there); fp16/e8m0/e4m3 for dynamic scales only.
     """
 
     bits: int
@@ -74,10 +103,15 @@ class QuantSpec:
     rounding: str = "nearest"
     rounding_seed: int = 0
     code: str = "int"
+    exp_bits: int = 0  # fp codes only: exponent bits (mantissa = bits - 1 - exp_bits)
 
     def __post_init__(self):
         if self.code not in CODES:
             raise SchemeError("code", f"{self.code!r} not allowed; allowed: {', '.join(CODES)}")
+        if self.code == "fp":
+            self._check_fp()
+        elif self.exp_bits:
+            raise SchemeError("exp_bits", f"{self.exp_bits!r} not allowed for code {self.code!r}; allowed: 0")
         if self.code == "nf":
             if self.bits not in CODEBOOK_BITS:
                 raise SchemeError("bits", f"{self.bits!r} not allowed for the nf codebook; "
@@ -108,9 +142,48 @@ class QuantSpec:
         if self.scale_dtype not in SCALE_DTYPES:
             raise SchemeError(
                 "scale_dtype",
-                f"{_dtype_name(self.scale_dtype)} not allowed (fp16 scales overflow to inf); "
-                f"allowed: {', '.join(_dtype_name(d) for d in SCALE_DTYPES)}",
+                f"{_dtype_name(self.scale_dtype)} not allowed; allowed: {', '.join(SCALE_FORMATS)}",
             )
+        fmt = scale_format_name(self.scale_dtype)
+        if self.granularity == "static" and self.scale_dtype not in KERNEL_SCALE_DTYPES:
+            raise SchemeError("scale_dtype", f"{fmt} not allowed with granularity 'static' (per-feature static "
+                                             "scales are fp32 from calibration and never travel); allowed: "
+                                             "-s<fmt> with token or group<G>")
+        if self.scale_dtype in BLOCK_SCALE_DTYPES and not self.symmetric:
+            raise SchemeError("scale_dtype", f"{fmt} not allowed with an asymmetric code (its mins need a sign "
+                                             "and a zero); allowed: fp32, bf16, fp16")
+        if self.code == "fp" and self.granularity == "group":
+            multiple = FP_GROUP_MULTIPLE[self.bits]
+            if self.group_size % multiple:
+                raise SchemeError("group_size", f"{self.group_size} not allowed for {self.code_text} (its codes pack "
+                                                f"{multiple} to a byte boundary, so a group must start on one); "
+                                                f"allowed: a multiple of {multiple}")
+
+    def _check_fp(self) -> None:
+        if (self.bits, self.exp_bits) not in FP_FORMATS:
+            allowed = ", ".join(fp_code_text(b, e) for b, e in FP_FORMATS)
+            raise SchemeError("code", f"{fp_code_text(self.bits, self.exp_bits)!r} not allowed; allowed: {allowed}")
+        if not self.symmetric:
+            raise SchemeError("symmetric", "fp codes are sign-magnitude around an exact zero; allowed: "
+                                           "fp<B>e<E>m<M> without 'a'")
+        if self.rounding != "nearest":
+            raise SchemeError("rounding", "fp codes round to nearest, ties to even; allowed: 'nearest' "
+                                          "(no -sr with fp<B>e<E>m<M>)")
+
+    @property
+    def fp_max(self) -> float:
+        """The fp code's largest finite value (its saturation point)."""
+        return FP_FORMATS[(self.bits, self.exp_bits)]
+
+    @property
+    def scale_format(self) -> str:
+        """The scale format as the grammar writes it (``-s<fmt>``): fp32, bf16, fp16, e8m0, e4m3."""
+        return scale_format_name(self.scale_dtype)
+
+    @property
+    def message_scale(self) -> bool:
+        """True when one fp32 second-level scale per message travels before the scales (e4m3)."""
+        return self.dynamic and self.scale_dtype == torch.float8_e4m3fn
 
     @property
     def dynamic(self) -> bool:
@@ -123,11 +196,16 @@ class QuantSpec:
 
     @property
     def code_text(self) -> str:
-        """The code as the grammar writes it, e.g. ``int4``, ``int3a``, ``nf4``."""
+        """The code as the grammar writes it, e.g. ``int4``, ``int3a``, ``nf4``, ``fp4e2m1``."""
+        if self.code == "fp":
+            return fp_code_text(self.bits, self.exp_bits)
         return f"{self.code}{self.bits}{'' if self.symmetric else 'a'}"
 
     def __str__(self) -> str:
-        return f"{self.code_text}-{self.granularity_text}"
+        text = f"{self.code_text}-{self.granularity_text}"
+        if self.scale_dtype != torch.bfloat16 and self.dynamic:
+            text += f"-s{self.scale_format}"
+        return text
 
     def validate_for(self, hidden: int) -> None:
         if self.granularity == "group" and hidden % self.group_size:
@@ -236,7 +314,8 @@ DEFAULT_SECOND = QuantSpec(8, True, "token")
 class Scheme:
     """One site's communication scheme (see the module docstring for the string form).
 
-    ``second`` is the two-shot requantization leg (dynamic only); it defaults to int8-token
+    ``second`` is the two-shot requantization leg: dynamic, or ``static`` with per-feature scales of
+    the reduced sum from calibration (``Calibration.sum_range``); it defaults to int8-token
     when ``algo == "two_shot"`` and must be None otherwise. ``sparse`` (``-sp<n>``) values per
     token and ``threshold`` (``-thr<T>c<K>``) are per-message outliers, exclusive with each
     other and with ``outliers``; ``permute`` (``-perm``) is the calibrated channel grouping.
@@ -284,17 +363,11 @@ class Scheme:
         if self.algo == "two_shot":
             if self.second is None:
                 object.__setattr__(self, "second", DEFAULT_SECOND)
-            if self.second.granularity not in DYNAMIC_GRANULARITIES:
-                raise SchemeError(
-                    "second",
-                    f"granularity {self.second.granularity!r} not allowed for the requantization leg "
-                    f"(no calibration exists for the reduced sum); allowed: {', '.join(DYNAMIC_GRANULARITIES)}",
-                )
             if self.second.rounding != "nearest":
                 raise SchemeError("second", "the requantization leg rounds to nearest; allowed: rounding 'nearest'")
-            if self.second.code != "int":
-                raise SchemeError("second", "the requantization leg is a plain uniform grid; "
-                                            "allowed: int<B>[a]-token or int<B>[a]-group<G>")
+            if self.second.code == "nf":
+                raise SchemeError("second", "the requantization leg is a uniform grid or a minifloat; "
+                                            "allowed: int<B>[a]-token|group<G> or fp<B>e<E>m<M>-token|group<G>")
         self._check_new_options()
         if self.rotation is not None:
             r = self.rotation
@@ -362,7 +435,8 @@ class Scheme:
         """True when static scales or a top-k outlier set must come from a calibration run."""
         if self.is_exact:
             return False
-        return self.quant.granularity == "static" or self.outliers.select == "topk" or self.permute
+        second_static = self.algo == "two_shot" and self.second.granularity == "static"
+        return self.quant.granularity == "static" or self.outliers.select == "topk" or self.permute or second_static
 
     def __str__(self) -> str:
         if self.is_exact:

@@ -21,7 +21,7 @@ bench and the alpha-beta projection all call the functions here.
 """
 from __future__ import annotations
 
-from lowbit.scheme import QuantSpec, Scheme, parse_scheme
+from lowbit.scheme import PRESETS, QuantSpec, Scheme, SchemeError, parse_scheme
 from lowbit.wire.payload import BIT_PARTS, OUTLIER_DTYPE, layout, scheme_layout
 
 METHODS = ("exact", "gather", "two_shot")  # the collectives a site's message can take
@@ -167,3 +167,26 @@ def site_traffic(scheme: Scheme | str, hidden: int, tp: int, tokens: int) -> dic
     leg1, leg2 = site_bytes(scheme, tokens, hidden, tp)
     return dict(message_bytes=leg1 + leg2, sent_bytes=wire_bytes(method_of(scheme), tp, leg1, leg2),
                 bits_per_value=(leg1 + leg2) * 8 / (tokens * hidden) if tokens * hidden else 0.0)
+
+
+def preset_rows(hidden: int = 576, tp: int = 3, tokens: int = 8) -> list[dict]:
+    """One row per named preset (``lowbit.scheme.PRESETS``): its expansion, the bits per value of
+    its format (the first leg's message: ``format_bits``) and of the whole call (``total_bits``,
+    two-shot: both legs) at ``hidden`` / ``tp``, from the payload layouts; ``note`` says why a
+    preset cannot run there (a group that does not divide the hidden size or the two-shot chunk)."""
+    rows = []
+    for name, expansion in PRESETS.items():
+        scheme = parse_scheme(expansion)
+        row = dict(preset=name, expansion=expansion, hidden=hidden, tp=tp, format_bits=None, total_bits=None,
+                   note="")
+        try:
+            scheme.validate_for(hidden, tp)
+        except SchemeError as exc:
+            row["note"] = str(exc)
+            rows.append(row)
+            continue
+        legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
+        row["format_bits"] = legs["leg 1"]["total"]
+        row["total_bits"] = scheme_bits_per_value(scheme, hidden, tp, tokens)
+        rows.append(row)
+    return rows

@@ -12,6 +12,11 @@ the Bits page reads its accounting. One contiguous uint8 tensor per rank per mes
     |              |               | (thr, sp: T x H)   | columns of the    | 0xFFFF    |           |          |
     |              |               |                    | thr index order   |           |           |          |
 
+The scales section holds ``scale_dtype`` values (``-s<fmt>``: fp32 4 bytes, bf16/fp16 2, e8m0/e4m3
+1 each); with e4m3 scales it starts with the message's fp32 second-level scale (4 bytes, NVFP4
+style, ``lowbit.quant``). fp codes are their format's bit patterns in the codes section (fp4: 2
+per byte, low nibble first; fp6: 4 per 3 bytes).
+
 Sections are unaligned (no padding between them, so the byte count is the bit count / 8
 rounded up once); readers copy a section before reinterpreting its dtype. uint16 indices are
 little-endian. Static scales and mins (fp32 [H] per sending rank), the static outlier index
@@ -52,6 +57,7 @@ BIT_PARTS = ("payload", "outliers", "scales", "indices")  # the keys of bits_per
 _INDEX_BYTES = 8  # receivers hold outlier indices as int64
 _U16_BYTES = 2  # sp/thr indices on the wire; also the static bytes of one -perm entry
 UNUSED_SLOT = 0xFFFF  # a thr index slot that carries no feature
+MESSAGE_SCALE_DTYPE = torch.float32  # e4m3 scales' second level: one per message, first in the scales section
 
 
 @dataclass(frozen=True)
@@ -147,8 +153,11 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     elif quant.granularity == "group":
         n_scales = tokens * (hidden // quant.group_size)
     scale_bytes = n_scales * quant.scale_dtype.itemsize
+    mins = 0 if quant.symmetric else scale_bytes
+    if quant.message_scale:
+        scale_bytes += MESSAGE_SCALE_DTYPE.itemsize  # e4m3's fp32 second level, once per message
     scales = Section(0, scale_bytes)
-    mins = Section(scales.end, 0 if quant.symmetric else scale_bytes)
+    mins = Section(scales.end, mins)
     codes = Section(mins.end, packed_nbytes(tokens * (hidden - n_outliers), quant.bits))
     outliers = Section(codes.end, tokens * (n_outliers + capacity) * OUTLIER_DTYPE.itemsize)
     thr_index = Section(outliers.end, capacity * _U16_BYTES)
@@ -258,7 +267,11 @@ def encode(
     codes = res.codes if keep is None else res.codes[:, keep]
     parts = []
     if quant.dynamic:
-        parts.append(_as_bytes(res.scales, quant.scale_dtype))
+        if quant.message_scale:
+            parts.append(_as_bytes(res.message_scale.reshape(1), MESSAGE_SCALE_DTYPE))
+            parts.append(_as_bytes(res.wire_scales, quant.scale_dtype))
+        else:
+            parts.append(_as_bytes(res.scales, quant.scale_dtype))
         if not quant.symmetric:
             parts.append(_as_bytes(res.mins, quant.scale_dtype))
     parts.append(pack_bits(codes, quant.bits))
@@ -299,7 +312,13 @@ def decode(
         raise ValueError(f"payload has {payload.numel()} bytes; layout expects {lay.total_bytes}")
     if quant.dynamic:
         shape = (tokens,) if quant.granularity == "token" else (tokens, hidden // quant.group_size)
-        scales = _from_bytes(payload, lay.scales, quant.scale_dtype).float().reshape(shape)
+        if quant.message_scale:
+            head = Section(lay.scales.offset, MESSAGE_SCALE_DTYPE.itemsize)
+            g = _from_bytes(payload, head, MESSAGE_SCALE_DTYPE).float()
+            wire = _from_bytes(payload, Section(head.end, lay.scales.end - head.end), quant.scale_dtype)
+            scales = (wire.float() * g).reshape(shape)  # as lowbit.quant: exact, g a power of two
+        else:
+            scales = _from_bytes(payload, lay.scales, quant.scale_dtype).float().reshape(shape)
         mins = None if quant.symmetric else _from_bytes(payload, lay.mins, quant.scale_dtype).float().reshape(shape)
     else:
         if static_min is None or static_max is None:
