@@ -30,7 +30,7 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
 
 test: $(STAMP) | $(CHROMIUM)
-	$(VENV)/bin/lint-imports --config .importlinter
+	$(VENV)/bin/lint-imports
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # On a GPU machine, with that machine's own python (not .venv): bench/gpu_check.py's docstring.

@@ -387,8 +387,14 @@ def test_collectives_filters(runs_with_results):
     at.multiselect(key="cb_tp").set_value([4])
     at.run()
     assert_clean(at)
-    shown = at.dataframe[0].value
+    shown = at.dataframe[-1].value  # the records table comes last
     assert set(shown["tp"]) == {4} and len(shown) == 9
+    # Where each scheme starts to pay, by hand from the fixture's formula at TP 4: gather (4.1875
+    # bits, tp/2 payloads) is 0.56x at 16 tokens, 1.22x at 256, 1.83x at 4096 -> from 256 x 576 x 2 B;
+    # two-shot (12.2 bits) is 0.95x at 256 and 1.27x at 4096 -> from 4096 x 576 x 2 B.
+    pays = at.dataframe[0].value.set_index("method")
+    assert pays.loc["gather", "pays_from_mib"] == 256 * 576 * 2 / 2**20
+    assert pays.loc["two_shot", "pays_from_mib"] == 4096 * 576 * 2 / 2**20
 
 
 def test_overview_offers_gemma3_at_tp2_with_its_bytes(empty_runs):
