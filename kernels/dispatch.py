@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 import warnings
 
 import torch
@@ -49,13 +50,16 @@ BACKENDS = ("auto", "triton", "interpret", "compiled", "reference", "native")
 FUSED_MIN_VALUES = 1 << 16  # tokens x hidden; see the table above
 ENV = "LOWBIT_KERNELS"
 _compile_broken: str | None = None  # why torch.compile failed here, once it has
-_forced: str | None = None  # a Codec's backend while one of its calls runs (else LOWBIT_KERNELS)
+# A Codec's backend while one of its calls runs in this thread (else LOWBIT_KERNELS). Per thread:
+# the threaded test ranks call one Codec at the same time.
+_forced = threading.local()
 _native_broken: str | None = None  # why kernels.native_cpu (numba) did not import here, once it has
 
 
 def mode() -> str:
-    if _forced is not None:
-        return _forced
+    forced = getattr(_forced, "name", None)
+    if forced is not None:
+        return forced
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV}={value!r} not allowed; allowed: {', '.join(BACKENDS)}")
@@ -289,12 +293,12 @@ class Codec:
         self.__name__ = f"kernels.dispatch[{backend_name}]"
 
     def _forced(self, fn, *args, **kwargs):
-        global _forced
-        previous, _forced = _forced, self.name
+        previous = getattr(_forced, "name", None)
+        _forced.name = self.name
         try:
             return fn(*args, **kwargs)
         finally:
-            _forced = previous
+            _forced.name = previous
 
     def quantize_pack(self, *args, **kwargs):
         return self._forced(quantize_pack, *args, **kwargs)

@@ -430,3 +430,29 @@ def test_dispatch_falls_back_to_the_reference_when_compile_fails(monkeypatch):
         got = dispatch.quantize_pack(x, spec, OUTLIERS)
     assert_same_bytes(got, ref.quantize_pack_ref(x, spec, OUTLIERS))
     assert dispatch.backend("cpu", 4) == "reference"
+
+
+def test_a_forced_codec_leaves_the_dispatcher_as_it_was_even_from_concurrent_threads(monkeypatch):
+    """dispatch.Codec forces its backend per thread: rank threads calling one Codec at once must
+    not leave another thread's (or the process's) choice behind."""
+    import threading
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    codec = dispatch.Codec("reference")
+    spec = QuantSpec(4, True, "token")
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    barrier = threading.Barrier(3)
+
+    def rank():
+        barrier.wait()
+        for _ in range(20):
+            codec.quantize_pack(x, spec)
+    threads = [threading.Thread(target=rank) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seen = []
+    inner = threading.Thread(target=lambda: seen.append(dispatch.mode()))
+    inner.start()
+    inner.join()
+    assert dispatch.mode() == "auto" and seen == ["auto"]  # neither this thread nor a new one is left forced
