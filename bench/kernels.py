@@ -105,13 +105,18 @@ def _gloo_worker(rank: int, world: int, init_file: str, sizes, budget_s: float, 
     dist.destroy_process_group()
 
 
-def gloo_allreduce_times(sizes, tp: int, budget_s: float, min_repeats: int, max_repeats: int) -> list[dict]:
+def spawn_ranks(worker, tp: int, *args):
+    """Run ``worker(rank, tp, init_file, *args, out_file)`` on ``tp`` processes (a gloo group
+    through ``init_file``); returns the JSON rank 0 wrote to ``out_file``."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
-        mp.spawn(_gloo_worker, args=(tp, init_file, list(sizes), budget_s, min_repeats, max_repeats, out_file),
-                 nprocs=tp, join=True)
+        mp.spawn(worker, args=(tp, init_file, *args, out_file), nprocs=tp, join=True)
         return json.loads(Path(out_file).read_text())
+
+
+def gloo_allreduce_times(sizes, tp: int, budget_s: float, min_repeats: int, max_repeats: int) -> list[dict]:
+    return spawn_ranks(_gloo_worker, tp, list(sizes), budget_s, min_repeats, max_repeats)
 
 
 # -- CPU: eager vs fused torch path ------------------------------------------------------------

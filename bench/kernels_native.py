@@ -31,13 +31,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.kernels import site_inputs
+from bench import kernels as bench_kernels
+from bench.kernels import site_inputs, spawn_ranks
 
 PATHS = ("native", "compiled", "reference")
 DEFAULT_SCHEMES = ["int4-static-top1/64", "int4-group32-top1/64", "int8-token", "int3a-token"]
@@ -206,12 +206,7 @@ def _reduce_worker(rank: int, world: int, init_file: str, cases, min_repeats: in
 
 
 def reduce_rows(cases, tp: int, min_repeats: int, max_repeats: int, budget_s: float) -> list[dict]:
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "out.json")
-        mp.spawn(_reduce_worker, args=(tp, init_file, list(cases), min_repeats, max_repeats, budget_s, out_file),
-                 nprocs=tp, join=True)
-        return json.loads(Path(out_file).read_text())
+    return spawn_ranks(_reduce_worker, tp, list(cases), min_repeats, max_repeats, budget_s)
 
 
 def run(args) -> dict:
@@ -251,8 +246,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from bench import kernels as bench
-    return bench.main(["--native", "--device", "cpu"] + list(argv if argv is not None else sys.argv[1:]))
+    return bench_kernels.main(["--native", "--device", "cpu"] + list(argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == "__main__":

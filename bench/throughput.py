@@ -12,6 +12,7 @@ communication share is measured per rank from the communicator's own per-call wa
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
@@ -46,7 +47,8 @@ def throughput_job(ctx) -> dict | None:
         calibration = load_or_calibrate(tp, group, calibration_params(spec),
                                         calibration_folder(spec, ctx.paths.run_id, ctx.paths.root))
     ids = token_chunks(tp.tokenizer, spec.eval_data, "eval", p["batch"], p["prompt_tokens"])
-    comms = {s: make_communicator(group, plan[s], calibration) for s in schemes}
+    codec = importlib.import_module("kernels.dispatch") if p["codec"] == "kernels" else None
+    comms = {s: make_communicator(group, plan[s], calibration, codec) for s in schemes}
     timings = {s: dict(prefill=[], decode=[], prefill_comm=[], decode_comm=[]) for s in schemes}
     total = p["rounds"] * len(schemes)
     step = 0
@@ -91,7 +93,7 @@ def throughput_job(ctx) -> dict | None:
         r["decode_speedup"] = (r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                                if r["decode_tokens_per_s"] and base["decode_tokens_per_s"] else None)
     return dict(model=spec.model, tp=group.world_size, link=spec.link, rounds=p["rounds"], records=records,
-                gates=getattr(ctx, "gates", None))
+                codec="kernels.dispatch" if codec else "lowbit.wire.payload", gates=getattr(ctx, "gates", None))
 
 
 def markdown(result: dict) -> str:
@@ -115,13 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=DEFAULTS["prompt_tokens"])
     parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"])
     parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
+    parser.add_argument("--codec", choices=["kernels", "lowbit"], default=DEFAULTS["codec"],
+                        help="kernels.dispatch inside the communicators (default) or lowbit's eager torch path")
     parser.add_argument("--calib-from", default=None)
     parser.add_argument("--out", default="bench/results/throughput.json")
     args = parser.parse_args(argv)
     spec = dict(kind="throughput", model=args.model, tp=args.tp, backend="auto", link=args.link,
                 schemes=[s for s in args.schemes.split(",") if s], calib_from=args.calib_from,
                 calib_tokens=4096, eval_data="wikipedia", time_limit_s=3 * 3600.0,
-                params=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds))
+                params=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
+                            codec=args.codec))
     run_id, result = run_job(spec)
     result.update(command="python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
                   machine=f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores", date=time.strftime("%Y-%m-%d"),
