@@ -20,21 +20,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from launch.kinds.method import plan as scheme_plan
-from lowbit.scheme.plan import SchemePlan
 from launch.kinds.throughput import DEFAULTS, check_params  # noqa: F401 - the kind owns its params
 from launch.layout import calibration_folder, calibration_params
+from lowbit.method.calibrate import load_or_calibrate
+from lowbit.method.evaluate import make_communicator
+from lowbit.model.data import token_chunks
+from lowbit.model.engine import build_tp_model, greedy_generate
+from lowbit.model.tp import set_communicator
+from lowbit.scheme.plan import SchemePlan
 
 
 def throughput_job(ctx) -> dict | None:
     """Job kind body (every rank): time prefill and decode for each scheme of the spec."""
-    import torch
 
-    from lowbit.method.calibrate import load_or_calibrate
-    from lowbit.method.evaluate import make_communicator
-    from lowbit.model.data import token_chunks
-    from lowbit.model.engine import build_tp_model, greedy_generate
-    from lowbit.model.tp import set_communicator
 
     spec, group = ctx.spec, ctx.group
     p = dict(DEFAULTS, **spec.params)
