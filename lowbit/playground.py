@@ -58,12 +58,14 @@ class PlaygroundError(ValueError):
 # -- controls -> scheme ------------------------------------------------------------------------
 def scheme_from_controls(code: str = "int", bits: int = 4, granularity: str = "static", group: int | None = 32,
                          outliers: str = "top", k: str | Fraction = "1/64", rotation: int | None = None,
-                         stochastic: bool = False, algo: str = "gather", second_bits: int = 8) -> str:
+                         stochastic: bool = False, algo: str = "gather", second_bits: int = 8,
+                         exp_bits: int = 0) -> str:
     """The canonical scheme string of the playground's controls (``lowbit.scheme`` validates).
 
     ``outliers``: ``top`` (the paper's top-k by calibrated range), ``random`` or ``none``;
     ``rotation`` None or a block size (dynamic scales only); ``algo`` gather or two_shot (second
-    leg int<second_bits>-token). Raises SchemeError naming the field."""
+    leg int<second_bits>-token); ``exp_bits`` the exponent bits of an ``fp`` code (``FP_FORMATS``).
+    Raises SchemeError naming the field."""
     if outliers not in OUTLIER_MODES:
         raise SchemeError("outliers", f"{outliers!r} not allowed; allowed: {', '.join(OUTLIER_MODES)}")
     try:
@@ -72,7 +74,8 @@ def scheme_from_controls(code: str = "int", bits: int = 4, granularity: str = "s
         raise SchemeError("k", f"{k!r} is not a fraction such as 1/64") from exc
     select = {"top": "topk", "random": "random", "none": "none"}[outliers]
     quant = QuantSpec(int(bits), True, granularity, int(group) if granularity == "group" else None,
-                      rounding="stochastic" if stochastic else "nearest", code=code)
+                      rounding="stochastic" if stochastic else "nearest", code=code,
+                      exp_bits=int(exp_bits) if code == "fp" else 0)
     second = QuantSpec(int(second_bits), True, "token") if algo == "two_shot" else None
     scheme = Scheme("quant", quant=quant, outliers=OutlierSpec(select, k_frac), algo=algo, second=second,
                     rotation=None if rotation in (None, 0, "none") else int(rotation))

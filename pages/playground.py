@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from launch import store
-from lowbit.scheme import ALLOWED_BITS
+from lowbit.scheme import ALLOWED_BITS, FP_FORMATS, fp_code_text
 from pages import _teach, _ui
 
 st.title("Playground: one real partial, any scheme")
@@ -37,10 +37,17 @@ with c3:
 
 c1, c2, c3, c4, c5 = st.columns(5)
 with c1:
-    code = st.radio("Code", ["int", "nf"], horizontal=True, key="pg_code",
-                    help="int: uniform grid; nf: normal-quantile codebook (3 or 4 bits)")
-    bits_choices = list(ALLOWED_BITS) if code == "int" else [3, 4]
-    bits = st.selectbox("Bits", bits_choices, index=bits_choices.index(4), key=f"pg_bits_{code}")
+    code = st.radio("Code", ["int", "nf", "fp"], horizontal=True, key="pg_code",
+                    help="int: uniform grid; nf: normal-quantile codebook (3 or 4 bits); fp: a saturating "
+                         "minifloat (FP8 E4M3 / E5M2, FP6, FP4 E2M1 as MXFP4 and NVFP4 send)")
+    exp_bits = 0
+    if code == "fp":
+        formats = {fp_code_text(b, e): (b, e) for b, e in FP_FORMATS}
+        fmt = st.selectbox("Format", list(formats), index=list(formats).index("fp4e2m1"), key="pg_fp")
+        bits, exp_bits = formats[fmt]
+    else:
+        bits_choices = list(ALLOWED_BITS) if code == "int" else [3, 4]
+        bits = st.selectbox("Bits", bits_choices, index=bits_choices.index(4), key=f"pg_bits_{code}")
 with c2:
     gran = st.selectbox("Granularity", ["static", "token", "group"], key="pg_gran",
                         help="static: one fp32 scale per feature from calibration (never sent); token: one BF16 "
@@ -61,7 +68,7 @@ with c4:
     block = st.selectbox("Block R", blocks, index=blocks.index(64) if 64 in blocks else len(blocks) - 1,
                          key="pg_block", disabled=not rotate or gran == "static")
 with c5:
-    stochastic = st.checkbox("Stochastic rounding", key="pg_sr", disabled=code == "nf",
+    stochastic = st.checkbox("Stochastic rounding", key="pg_sr", disabled=code != "int",
                              help="floor(v + u), u ~ U[0, 1): unbiased, but more variance per value")
     compare = st.toggle("Static vs dynamic side by side", value=True, key="pg_compare",
                         help="Also show the same scheme with the other kind of scales")
@@ -69,7 +76,7 @@ with c5:
 try:
     scheme = store.playground_scheme(code=code, bits=int(bits), granularity=gran, group=int(group),
                                        outliers=outliers, k=k, rotation=int(block) if rotate and gran != "static"
-                                       else None, stochastic=bool(stochastic and code == "int"))
+                                       else None, stochastic=bool(stochastic and code == "int"), exp_bits=exp_bits)
 except ValueError as exc:
     st.error(f"`{exc}`")
     st.stop()

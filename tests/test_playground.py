@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from lowbit.wire import accounting
 import torch
 from streamlit.testing.v1 import AppTest
 
@@ -355,6 +357,24 @@ def test_playground_controls_build_the_scheme_shown(playground_runs):
     at.radio(key="pg_code").set_value("nf").run()
     assert not at.exception and not at.error, texts(at.error)
     assert any("nf4-token-top1/64-rot64" in s.value for s in at.subheader)
+
+
+def test_playground_offers_the_floating_point_codes_with_their_bits(playground_runs):
+    """The formats shipping systems send are controls too: FP4 E2M1 per group of 32 (MXFP4's code,
+    here with the default bf16 scale) and FP8 E4M3, each with the bits its payload costs."""
+    at = open_page("pages/playground.py")
+    at.radio(key="pg_code").set_value("fp").run()
+    at.selectbox(key="pg_gran").set_value("group").run()
+    at.radio(key="pg_outliers").set_value("none").run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert any("fp4e2m1-group32" in s.value for s in at.subheader), texts(at.subheader)
+    hidden, tp = 64, 4  # the fixture's tiny-llama at TP 4
+    assert metric(at, "Bits / value") == f"{accounting.scheme_bits_per_value('fp4e2m1-group32', hidden, tp, 16):.4f}"
+    assert metric(at, "Bits / value") == f"{4 + 16 / 32:.4f}"  # 4-bit codes + a bf16 scale per 32 values
+    at.selectbox(key="pg_fp").set_value("fp8e4m3").run()
+    assert not at.exception and any("fp8e4m3-group32" in s.value for s in at.subheader)
+    assert metric(at, "Bits / value") == f"{8 + 16 / 32:.4f}"
+    assert at.checkbox(key="pg_sr").disabled  # fp codes round to nearest only
 
 
 def test_two_shot_stepper_on_the_stored_sample(playground_runs):
