@@ -119,6 +119,21 @@ def gloo_allreduce_times(sizes, tp: int, budget_s: float, min_repeats: int, max_
     return spawn_ranks(_gloo_worker, tp, list(sizes), budget_s, min_repeats, max_repeats)
 
 
+def codec_case(text: str, tokens: int, hidden: int, tp: int):
+    """One timed case of the codec benches: (quant, outlier idx, rank 0's partial, its static
+    (min, max), every rank's static ranges stacked, the tp reference payloads), or None when the
+    scheme's group does not divide ``hidden``."""
+    from kernels import reference as ref
+    quant, idx, xs, ranges = site_inputs(text, tokens, hidden, tp)
+    if quant.granularity == "group" and hidden % quant.group_size:
+        return None
+    mins = maxs = None
+    if quant.granularity == "static":
+        mins, maxs = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
+    payloads = torch.stack([ref.quantize_pack_ref(xr, quant, idx, a, b) for xr, (a, b) in zip(xs, ranges)])
+    return quant, idx, xs[0], ranges[0][0], ranges[0][1], mins, maxs, payloads
+
+
 # -- CPU: eager vs fused torch path ------------------------------------------------------------
 def cpu_codec_rows(schemes, sizes, tp: int, budget_s: float, min_repeats: int, max_repeats: int,
                    log=print) -> list[dict]:
@@ -127,14 +142,10 @@ def cpu_codec_rows(schemes, sizes, tp: int, budget_s: float, min_repeats: int, m
     rows = []
     for text in schemes:
         for tokens, hidden in sizes:
-            quant, idx, xs, ranges = site_inputs(text, tokens, hidden, tp)
-            if quant.granularity == "group" and hidden % quant.group_size:
+            case = codec_case(text, tokens, hidden, tp)
+            if case is None:
                 continue
-            mins = maxs = None
-            if quant.granularity == "static":
-                mins, maxs = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
-            x, (lo, hi) = xs[0], ranges[0]
-            payloads = torch.stack([ref.quantize_pack_ref(xr, quant, idx, a, b) for xr, (a, b) in zip(xs, ranges)])
+            quant, idx, x, lo, hi, mins, maxs, payloads = case
             paths = {
                 "eager": (lambda: ref.quantize_pack_ref(x, quant, idx, lo, hi),
                           lambda: ref.unpack_dequant_sum_ref(payloads, tokens, hidden, quant, idx, mins, maxs)),

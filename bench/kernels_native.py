@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from bench import kernels as bench_kernels
-from bench.kernels import site_inputs, spawn_ranks
+from bench.kernels import codec_case, site_inputs, spawn_ranks
 
 PATHS = ("native", "compiled", "reference")
 DEFAULT_SCHEMES = ["int4-static-top1/64", "int4-group32-top1/64", "int8-token", "int3a-token"]
@@ -67,15 +67,11 @@ def codec_rows(schemes, sizes, tp: int, paths, min_repeats: int, max_repeats: in
     rows = []
     for text in schemes:
         for tokens, hidden in sizes:
-            quant, idx, xs, ranges = site_inputs(text, tokens, hidden, tp)
-            if quant.granularity == "group" and hidden % quant.group_size:
+            case = codec_case(text, tokens, hidden, tp)
+            if case is None:
                 continue
             load = _load()
-            mins = maxs = None
-            if quant.granularity == "static":
-                mins, maxs = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
-            x, (lo, hi) = xs[0], ranges[0]
-            payloads = torch.stack([ref.quantize_pack_ref(xr, quant, idx, a, b) for xr, (a, b) in zip(xs, ranges)])
+            quant, idx, x, lo, hi, mins, maxs, payloads = case
             want_sum = ref.unpack_dequant_sum_ref(payloads, tokens, hidden, quant, idx, mins, maxs)
             ops, first_call, same = {}, {}, {}
             for p in paths:
