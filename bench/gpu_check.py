@@ -50,6 +50,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from launch import procs
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("shared_gpu", "kernels_equal", "kernel_speed", "tp_engine", "collectives")
 # Seconds per step on the GPU (full mode) and on the CPU (quick mode); the whole run stops
@@ -221,11 +223,11 @@ def run_step(name: str, out: Path, device: str, quick: bool, limit_s: float, log
             rc = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
+            end_process_group(proc)
             rc = proc.wait()
         except StopRun:  # the whole run was told to stop (e.g. the shell's timeout)
             stopped = True
-            _kill_group(proc)
+            end_process_group(proc)
             rc = proc.wait()
     seconds = time.perf_counter() - start
     data = read_json(path)
@@ -256,18 +258,14 @@ def _raise_stop(signum, frame):
     raise StopRun()
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """End the step's process group (the child and e.g. its torchrun ranks), TERM then KILL."""
-    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def end_process_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """End the step's process group (the child and e.g. its torchrun ranks): TERM, then KILL what
+    is left after ``grace_s`` (``launch.procs.kill_group``), and reap the child."""
+    procs.kill_group(proc.pid, grace_s)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def headline(data: dict) -> dict:

@@ -389,7 +389,7 @@ def kernel_speed_step(rec, out, device: str, quick: bool) -> None:
             t = timer(lambda i: codec.unpack_dequant_sum(pays[i], tokens, hid, quant, idx, mins, maxs,
                                                          out_dtype=torch.bfloat16), usets)
             add("unpack_dequant_sum", text, tokens, hid, payloads.numel(), tokens * hid * 2, t)
-            del xs, pays, payloads
+            xs = pays = payloads = None  # free the device memory before the next size (the timers' lambdas read these names)
         # two-shot leg 1 -> leg 2 on one rank's chunk of width hid / tp
         width = hid // SPEED_TP
         first, second = QuantSpec(4, True, "static"), QuantSpec(8, True, "token")
@@ -411,7 +411,7 @@ def kernel_speed_step(rec, out, device: str, quick: bool) -> None:
         hx = [torch.randn(tokens, hid, device=dev) for _ in range(hsets)]
         t = timer(lambda i: block_hadamard(hx[i], 64), hsets)
         add("block_hadamard", "rot64", tokens, hid, tokens * hid * 4, tokens * hid * 4, t)
-        del hx
+        hx = None  # free the device memory before the next size
         rec.save()
     rows = rec["rows"]
     by_kernel = {}

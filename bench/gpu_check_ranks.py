@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from bench.gpu_check import end_process_group
+
 REPO = Path(__file__).resolve().parent.parent
 LOGITS_ATOL = 1e-3  # fp32 logits; the same bound as lowbit.model.tpcheck (sum order only changes last bits)
 LLAMA2_13B = dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
@@ -51,25 +53,10 @@ TP_QUICK = dict(shape=TINY, tps=[2], prompt_tokens=16, new_tokens=4, rounds=1, c
 SESSIONS: dict[int, subprocess.Popen] = {}  # the torchrun launches in flight, by process group
 
 
-def end_session(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """TERM the launch's process group (torchrun then stops its ranks), then KILL what is left."""
-    import signal
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def end_sessions(signum=None, frame=None) -> None:
     """SIGTERM handler of a step: end the torchrun launches it started, then exit."""
     for proc in list(SESSIONS.values()):
-        end_session(proc, grace_s=2.0)
+        end_process_group(proc, grace_s=2.0)
     raise SystemExit(128 + (signum or 0))
 
 
@@ -91,7 +78,7 @@ def torchrun(task: str, nproc: int, args: dict, timeout_s: float, env_extra: dic
             output, _ = proc.communicate(timeout=timeout_s)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
-            end_session(proc)
+            end_process_group(proc)
             output, _ = proc.communicate()
             rc = None
         finally:
