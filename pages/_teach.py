@@ -6,6 +6,9 @@ Not a page (app.py lists the pages); pages import it as ``from pages import _tea
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -92,8 +95,8 @@ def capture_button(key: str) -> None:
 
 
 def pick_sample(key: str):
-    """A select box over the stored calibrations with samples; (folder, calibration) or None
-    after showing the empty state with the capture button."""
+    """A select box over the stored calibrations with samples; (folder, calibration, the spikiest
+    (layer, module, rank)) or None after showing the empty state with the capture button."""
     sources = store.calibration_sources(_ui.runs(), _ui.root())
     if sources.empty:
         _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (about 30 s), "
@@ -105,18 +108,16 @@ def pick_sample(key: str):
                           key=f"{key}_cal")
     try:
         cal = _ui.calibration(folder)
-        spikiest(folder, calibration_stamp(folder))  # the no-sample error, named (artifacts older than samples)
+        spiky = spikiest(folder, calibration_stamp(folder))  # raises the no-sample error for old artifacts
     except Exception as exc:  # noqa: BLE001 - an old or damaged artifact is reported, the page goes on
         st.warning(f"{exc}")
         capture_button(key)
         return None
-    return folder, cal
+    return folder, cal, spiky
 
 
 def calibration_stamp(folder: str) -> float:
     """The artifact's modification time: cache key of everything computed from it."""
-    import os
-    from pathlib import Path
     try:
         return os.stat(Path(folder) / "calibration.safetensors").st_mtime
     except OSError:

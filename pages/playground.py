@@ -22,8 +22,7 @@ st.markdown(
 picked = _teach.pick_sample("pg")
 if picked is None:
     st.stop()
-folder, cal = picked
-spiky = _teach.spikiest(folder, _teach.calibration_stamp(folder))
+folder, cal, spiky = picked
 
 c1, c2, c3 = st.columns(3)
 with c1:

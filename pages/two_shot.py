@@ -23,8 +23,7 @@ st.markdown(
 picked = _teach.pick_sample("ts")
 if picked is None:
     st.stop()
-folder, cal = picked
-spiky = _teach.spikiest(folder, _teach.calibration_stamp(folder))
+folder, cal, spiky = picked
 c1, c2, c3, c4, c5 = st.columns(5)
 with c1:
     layer = st.number_input("Layer", 0, cal.layers - 1, spiky[0], key="ts_layer")
