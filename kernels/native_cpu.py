@@ -1,3 +1,4 @@
+# Size: ~500 lines: numba compiles the kernels and the packing/scale helpers they call together, one module.
 """The CPU codec as numba kernels: quantize + pack, unpack + dequantize + rank-order sum, and the
 two-shot requantization, one pass over the data each, single-threaded (ranks are processes).
 

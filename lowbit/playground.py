@@ -1,4 +1,4 @@
-# Size: ~500 lines: the three teaching pages' views share one sample, one site check and one set of links.
+# Size: ~510 lines: the three teaching pages' views share one sample, one site check and one set of links.
 """Playground math: what one scheme does to one real stored partial sum, computed at once.
 
 The app's Playground, Two-shot and Where-it-pays pages call these (through ``launch.store``);

@@ -22,7 +22,8 @@ from lowbit.model.models import describe_sources, known_names
 FONT = 18
 # Okabe-Ito: distinguishable with colour-blindness and on a washed-out projector.
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
-PART_COLORS = {"payload": "#0072B2", "outliers": "#D55E00", "scales": "#009E73", "indices": "#CC79A7"}
+# one colour per bit part, in the accounting's order (payload, outliers, scales, indices)
+PART_COLORS = dict(zip(store.SCHEME_PARTS, ("#0072B2", "#D55E00", "#009E73", "#CC79A7"), strict=True))
 POLL_S = 1.0
 
 

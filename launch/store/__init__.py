@@ -26,7 +26,7 @@ from launch.store.evaluate import (  # noqa: F401 - the store's public names
 from launch.store.calibration import (  # noqa: F401 - the store's public names
     calibration_folder, CALIBRATION_COLUMNS, calibration_sources, load_calibration)
 from launch.store.bits import (  # noqa: F401 - the store's public names
-    SCHEME_PARTS, DEFAULT_TOKENS, site_bits, bits_parts, bits_per_site, traffic_per_token)
+    SCHEME_PARTS, DEFAULT_TOKENS, bits_parts, bits_per_site, traffic_per_token)
 from launch.store.machine import (  # noqa: F401 - the store's public names
     model_shape, valid_tp_sizes, machine_info)
 from launch.store.bench import (  # noqa: F401 - the store's public names

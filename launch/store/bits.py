@@ -13,18 +13,11 @@ SCHEME_PARTS = BIT_PARTS
 DEFAULT_TOKENS = 1024  # message length for layout-based accounting; bits/value barely depend on it
 
 
-def site_bits(scheme, hidden: int, tp: int, tokens: int = DEFAULT_TOKENS) -> list[dict]:
-    """Bits per value of one site's message for a parsed ``Scheme``: rows (leg, part, bits), as
-    ``lowbit.wire.accounting.scheme_bits_breakdown`` counts them. ``tokens`` matters only for
-    ``thr``, whose index list is sent once per message."""
-    return bits_rows(scheme, hidden, tp, tokens)
-
-
 def bits_parts(scheme_text: str, hidden: int, tp: int, tokens: int = DEFAULT_TOKENS) -> pd.DataFrame:
     """The default scheme's bits per value by leg and part (payload, outliers, scales, indices)."""
     smap = parse_scheme_map(scheme_text)
     smap.validate_for(hidden, tp)
-    rows = [dict(scheme=scheme_text, **r) for r in site_bits(smap.default, hidden, tp, tokens)]
+    rows = [dict(scheme=scheme_text, **r) for r in bits_rows(smap.default, hidden, tp, tokens)]
     return pd.DataFrame(rows, columns=["scheme", "leg", "part", "bits"])
 
 
@@ -38,7 +31,7 @@ def bits_per_site(scheme_text: str, hidden: int, layers: int, tp: int, tokens: i
         for module in ROW_PARALLEL_MODULES:
             s = smap.for_site(layer, module)
             if str(s) not in cache:
-                cache[str(s)] = site_bits(s, hidden, tp, tokens)
+                cache[str(s)] = bits_rows(s, hidden, tp, tokens)
             rows += [dict(layer=layer, module=module, scheme=str(s), **r) for r in cache[str(s)]]
     return pd.DataFrame(rows, columns=["layer", "module", "scheme", "leg", "part", "bits"])
 
