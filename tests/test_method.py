@@ -271,3 +271,17 @@ def test_batching_items_does_not_change_the_scores(tiny_models, calibration):
     for scheme in (REFERENCE, "int4-token"):
         for metric in ("acc", "acc_norm", "n"):
             assert one[scheme]["arc_easy"][metric] == many[scheme]["arc_easy"][metric]
+
+
+def test_forward_partials_runs_every_layer_but_the_head_on_one_position(tiny_models, batches):
+    """Calibration and layer errors skip lm_head on all but the last position; what they see (the
+    partials, and so the last logits) is the full forward's."""
+    from lowbit.model.engine import forward_partials
+
+    def body(group):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        with torch.no_grad():
+            return forward_partials(tp.model, batches[0]).logits, tp.model(batches[0], use_cache=False).logits
+    for short, full in ThreadWorld(TP).run(body):
+        assert short.shape == (full.shape[0], 1, full.shape[2])
+        torch.testing.assert_close(short[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ from lowbit.artifacts import CALIBRATE_DEFAULTS, calibration_cache_dir
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
 from lowbit.model.data import token_chunks
-from lowbit.model.engine import build_tp_model
+from lowbit.model.engine import build_tp_model, forward_partials
 from lowbit.model.tp import row_parallel_sites, set_communicator
 from lowbit.scheme import OutlierSpec
 from lowbit.site import ROW_PARALLEL_MODULES, Site
@@ -220,7 +220,7 @@ def run_calibration(model: torch.nn.Module, group: Group, token_batches: list[to
     start = time.perf_counter()
     try:
         for step, ids in enumerate(token_batches):
-            model(ids.to(device), use_cache=False)
+            forward_partials(model, ids.to(device))
             bmin, bmax = stats.take_batch()
             smin, smax = stats.take_sum_batch()
             stats.sampling = False

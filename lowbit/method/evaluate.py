@@ -36,7 +36,7 @@ from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
 from lowbit.method.calibrate import Calibration, calibration_params, load_or_calibrate
 from lowbit.model.data import CLASSIC_TASKS, TASK_INFO, Item, load_task, token_chunks
-from lowbit.model.engine import build_tp_model
+from lowbit.model.engine import build_tp_model, forward_partials
 from lowbit.model.tp import set_communicator
 from lowbit.scheme.plan import SchemePlan
 from lowbit.scheme.spec import SchemeMap
@@ -297,9 +297,9 @@ def layer_errors(model, group: Group, batches: list[torch.Tensor], schemes: Sche
                 for ids in batches:
                     if mode == "accumulated":
                         probe.start_recording()
-                        model(ids.to(device), use_cache=False)
+                        forward_partials(model, ids.to(device))
                         probe.start_comparing()
-                    model(ids.to(device), use_cache=False)
+                    forward_partials(model, ids.to(device))
                 rows += probe.rows(scheme)
                 step += 1
                 if progress:

@@ -42,6 +42,14 @@ def build_tp_model(name: str, group: Group, communicator: Communicator | None = 
     return TPModel(model, loaded.tokenizer, name, group, loaded.seconds)
 
 
+def forward_partials(model: torch.nn.Module, input_ids: torch.Tensor):
+    """Run ``input_ids`` through ``model`` for its communication only (calibration, layer errors):
+    every decoder layer and its all-reduces run, but ``lm_head`` sees just the last position
+    (``logits_to_keep=1``). Gemma 3's 262k-token head over every position cost more than the
+    decoder itself (2048 calibration tokens x 640 x 262,144 multiply-adds per rank)."""
+    return model(input_ids, use_cache=False, logits_to_keep=1)
+
+
 @torch.no_grad()
 def prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits for every position of ``input_ids`` [batch, seq] (fp32)."""
