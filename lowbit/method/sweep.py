@@ -31,8 +31,11 @@ import hashlib
 import itertools
 import json
 import os
+import shlex
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +146,7 @@ def summarize(points: list[dict], p: dict) -> dict:
 
 
 def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
@@ -277,9 +281,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default=None, help="calibration folder (runs/<id>/calibration)")
     p.add_argument("--chunks", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--out", default=None, help="also write the rows and the run's meta (command, date, load) as JSON")
     args = parser.parse_args(argv)
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    for row in sum_error(args.model, args.tp, schemes, args.calibration, args.chunks, args.seq_len):
+    started, load_start = datetime.now(timezone.utc), os.getloadavg()
+    rows = sum_error(args.model, args.tp, schemes, args.calibration, args.chunks, args.seq_len)
+    if args.out:
+        meta = dict(command="python -m lowbit.method.sweep " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                    date=started.isoformat(timespec="seconds"), seconds=round((datetime.now(timezone.utc) - started)
+                                                                              .total_seconds(), 1),
+                    load_avg_start=list(load_start), load_avg_end=list(os.getloadavg()), cpus=os.cpu_count(),
+                    model=args.model, tp=args.tp, chunks=args.chunks, seq_len=args.seq_len,
+                    calibration=args.calibration)
+        _write_json(Path(args.out), dict(meta=meta, rows=rows))
+    for row in rows:
         print(f"{row['scheme']:32s} bits {row['bits_per_value']:.3f}  sum rel. error mean {row['mean_rel_error']:.4f} "
               f"median {row['median_rel_error']:.4f} max {row['max_rel_error']:.4f} over {row['sites']} sites  "
               f"KL {row['kl']:.4f}  top-1 {100 * row['top1_agreement']:.1f}%  ppl {row['ppl']:.2f}  ({row['tokens']} tokens)")
