@@ -1,8 +1,8 @@
 """What the quantize/unpack kernels cost, next to the communication they replace.
 
-    PYTHONPATH=. .venv/bin/python -m bench.kernels --out kernels/results/cpu.json     # CPU
-    PYTHONPATH=. python -m bench.kernels --out kernels/results/cuda.json                # on a GPU
-    PYTHONPATH=. .venv/bin/python -m bench.kernels --native --out kernels/results/cpu-native.json  # numba vs torch
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --out bench/results/kernels-cpu.json     # CPU
+    PYTHONPATH=. python -m bench.kernels --out bench/results/kernels-cuda.json                # on a GPU
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --native --out bench/results/kernels-cpu-native.json  # numba vs torch
 
 CUDA (the Triton kernels): for every scheme with 2/4/8-bit codes and every size from decode (1
 token) to prefill (8192 tokens) at hidden 576, 4096 and 5120, the median time of
