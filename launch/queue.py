@@ -340,9 +340,16 @@ def list_runs(root: Path | None = None) -> list[dict]:
 
 
 def failure_text(paths: RunPaths, returncode: int | None) -> str:
-    """The failing rank's error. torchrun lists every failed rank (exit code, signal, the
-    traceback ``@record`` wrote to its error file); when one rank dies, its peers fail too with
-    "connection closed" errors, so the root cause is the first failure that is not such an echo."""
+    """The failing rank's error, after the link faults an emulated cluster's supervisor saw
+    (a link down explains a rank's collective timeout). torchrun lists every failed rank (exit
+    code, signal, the traceback ``@record`` wrote to its error file); when one rank dies, its
+    peers fail too with "connection closed" errors, so the root cause is the first failure that
+    is not such an echo."""
+    faults = "".join(f"link fault: {f}\n" for f in _link_faults(paths))
+    return _clip(faults + _rank_failure_text(paths, returncode))
+
+
+def _rank_failure_text(paths: RunPaths, returncode: int | None) -> str:
     failures = _rank_failures(paths)
     if failures:
         root = min(failures, key=lambda f: (_is_echo(f), f["rank"]))
@@ -365,6 +372,17 @@ def _clip(text: str) -> str:
         return text
     half = ERROR_TEXT_CHARS // 2
     return f"{text[:half]}\n[...]\n{text[-half:]}"
+
+
+def _link_faults(paths: RunPaths) -> list[str]:
+    """The link faults the cluster supervisor wrote to the launcher log (``cluster.FAULT_PREFIX``
+    lines), first seen first, each once."""
+    try:
+        with open(paths.launcher_log, errors="replace") as log:
+            lines = [line.rstrip("\n") for line in log if line.startswith(cluster.FAULT_PREFIX)]
+    except OSError:
+        return []
+    return list(dict.fromkeys(line[len(cluster.FAULT_PREFIX):] for line in lines))
 
 
 # Errors a rank raises because a peer died, not because of its own fault.

@@ -214,3 +214,45 @@ def test_evaluate_over_an_emulated_link_gives_the_loopback_metrics_to_the_last_d
         for key in ("ppl", "kl", "top1_agreement", "bits_per_value", "clamped", "gated_calls"):
             assert other[key] == r[key], (scheme, key, r[key], other[key])  # bit-identical, not close
     assert records["100mbit"]["int8-token@min32k"]["gated_calls"] > 0  # decode-sized messages went exact
+
+
+def _set_link(ns: str, dev: str, state: str) -> None:
+    subprocess.run(["ip", "-n", ns, "link", "set", dev, state], check=True, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@needs_root
+@pytest.mark.parametrize("where", ["node", "hub"])
+def test_a_link_taken_down_mid_run_fails_the_job_naming_the_node_and_link(queue, clean_host, where):
+    """``ip link set ... down`` on node 1's veth0 (or on its hub port p1) while the ranks
+    all-reduce in a loop: the job fails within the collective timeout (plus torchrun's and the
+    supervisor's grace), its error names node 1, its namespace and the link, and nothing is left."""
+    timeout_s = 10.0
+    run_id = queue.submit(dict(kind="selftest", model="none", tp=2, link="1gbit", collective_timeout_s=timeout_s,
+                               params=dict(sleep_s=120, step_s=0.1)))
+    clean_host.append(run_id)
+    paths = RunPaths(queue.root, run_id)
+    deadline = time.monotonic() + START_S
+    while not any((e.get("step") or 0) >= 2 for e in read_events(paths.events)):
+        assert time.monotonic() < deadline, "the cluster job never reached step 2"
+        assert queue.get(run_id)["status"] in ("queued", "running"), queue.get(run_id)
+        time.sleep(0.2)
+    tag = cluster.tag_for(run_id)
+    node_ns, hub_ns = f"{cluster.PREFIX}{tag}-n1", f"{cluster.PREFIX}{tag}-hub"
+    if where == "node":
+        _set_link(node_ns, cluster.NODE_IFNAME, "down")
+    else:
+        _set_link(hub_ns, "p1", "down")
+    down_at = time.time()
+    row = queue.wait(run_id, timeout_s=timeout_s + 60)
+    print(f"link down ({where}) -> {row['status']} after {row['finished'] - down_at:.1f} s:\n{row['error']}")
+    assert row["status"] == "failed", row
+    assert f"node 1 (namespace {node_ns})" in row["error"], row["error"]
+    assert ("link veth0 down" if where == "node" else f"hub port p1 (namespace {hub_ns}) down") in row["error"]
+    # collective timeout + torchrun's monitor + the supervisor's peer grace (10 s) + polling
+    assert row["finished"] - down_at < timeout_s + cluster.PEER_GRACE_S + 15, row
+    _assert_no_processes(queue, run_id)
+    deadline = time.monotonic() + 10
+    while _our_namespaces(run_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _our_namespaces(run_id) == []
