@@ -1,4 +1,4 @@
-# Size: ~450 lines: namespaces, links, their teardown and the per-node torchrun are one lifecycle.
+# Size: ~530 lines: namespaces, links, their state while a job runs, their teardown and the per-node torchrun are one lifecycle.
 """An emulated cluster on one machine: each TP rank is a torchrun *node* in its own network
 namespace, behind a rate-limited link, so the link is the bottleneck as between real nodes.
 

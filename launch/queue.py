@@ -1,4 +1,4 @@
-# Size: ~500 lines: one state machine — claim, start, watch, time out, cancel, recover — whose steps share the index and the process table.
+# Size: ~520 lines: one state machine — claim, start, watch, time out, cancel, recover — whose steps share the index and the process table.
 """The job queue: starts queued runs in submission order, at most ``max_parallel`` at a time,
 watches them, enforces time limits, cancels, and recovers after a restart.
 
