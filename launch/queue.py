@@ -11,8 +11,9 @@ All state is in ``runs/index.sqlite`` and the run directories, so any process ca
 and cancel. Exactly one process schedules at a time: the one holding an exclusive ``flock`` on
 ``runs/queue.lock`` (released by the kernel when that process dies, so another queue object
 takes over). When a queue takes the lock it recovers: runs marked running whose process group
-still lives are re-attached (watched and time-limited again); the others end as ``lost``, or
-``done`` when their result.json was written before the processes vanished.
+still lives are re-attached (watched and time-limited again); the others end as ``done`` when
+their result.json was written before the processes vanished, ``failed`` when torchrun's failure
+report in the launcher log says why they ended, else ``lost``.
 """
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ class JobQueue:
 
     def recover(self) -> None:
         """Runs marked running but not watched by this object: re-attach the ones whose process
-        group lives, end the others as done (result written) or lost."""
+        group lives, end the others as done (result written), failed (torchrun reported why) or lost."""
         for row in self.index.list(("running",)):
             run_id = row["id"]
             if run_id in self._procs or run_id in self._attached:
@@ -193,6 +194,11 @@ class JobQueue:
             if _valid_json(paths.result):
                 self.index.finish(run_id, "done", error="finished while no queue was watching",
                                   result_paths=paths.result_files())
+            elif _rank_failures(paths) or _link_faults(paths):
+                # torchrun (or the cluster supervisor) outlived its ranks and said why: a failure
+                # with its cause, as when a queue watches, not a run nobody can explain.
+                self.index.finish(run_id, "failed", error=failure_text(paths, None) + "\n(ended while no queue "
+                                  "was watching)", result_paths=paths.result_files())
             else:
                 self.index.finish(run_id, "lost", error="its processes vanished while no queue was watching "
                                                         "(app or machine restart)")
