@@ -343,7 +343,7 @@ class Cluster:
                 faults.append(f"{where}, link {NODE_IFNAME} down")
             if not port_up:
                 faults.append(f"{where}, hub port {port} (namespace {self.hub}) down")
-            if node_up and port_up and "UP" not in (node_state, port_state) and "UNKNOWN" not in (node_state, port_state):
+            if node_up and port_up and {node_state, port_state} - {"UP", "UNKNOWN"}:
                 faults.append(f"{where}, link {NODE_IFNAME} has no carrier (state {node_state}, hub port {port_state})")
         return faults
 
