@@ -28,9 +28,9 @@ from launch.submit import submit
 
 N_JOBS, SEED = 20, 15
 N_CANCEL_QUEUED, N_CANCEL_RUNNING = 6, 2
-# 14 jobs that start, two at a time, each 5-10 s of torchrun + torch import + tiny model on an
-# idle 2-core machine (40-75 s when three other test suites share it): the bound is for a stuck
-# run, not a target.
+# 14 jobs start, two at a time; with three other test suites sharing this 2-core machine (load
+# 11-18) each took 39-67 s (median 60 s, mostly torch + transformers import) and the soak 366 s.
+# The bound is for a stuck run, not a target.
 SOAK_S = 540
 
 
