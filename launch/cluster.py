@@ -1,4 +1,4 @@
-# Size: ~450 lines: namespaces, links, their teardown and the per-node torchrun are one lifecycle.
+# Size: ~530 lines: namespaces, links, their state while a job runs, their teardown and the per-node torchrun are one lifecycle.
 """An emulated cluster on one machine: each TP rank is a torchrun *node* in its own network
 namespace, behind a rate-limited link, so the link is the bottleneck as between real nodes.
 
@@ -69,6 +69,11 @@ _NS_PATTERN = re.compile(rf"^{re.escape(PREFIX)}([0-9a-f]{{8}})-(hub|n[0-9]+)$")
 # How long a supervisor lets the other nodes run after one node failed (they usually fail
 # themselves within torchrun's monitor interval once their peer's sockets close).
 PEER_GRACE_S = 10.0
+# How often a supervisor reads the state of its links (N + 1 `ip` calls of ~3 ms each).
+LINK_CHECK_S = 1.0
+# The launcher-log line a supervisor writes for each link fault it sees; the queue's failure
+# text puts these lines first (launch.queue.failure_text).
+FAULT_PREFIX = "[cluster] link fault: "
 
 
 class ClusterError(RuntimeError):
@@ -317,10 +322,47 @@ class Cluster:
             self._lock.close()
             self._lock = None
 
+    def link_faults(self) -> list[str]:
+        """What is wrong with this cluster's links now, one line per fault naming the node, its
+        namespace and the interface (empty when every link is up): a node's veth0 or its hub port
+        set down, a link without carrier, the bridge down, a namespace gone."""
+        hub = _link_states(self.hub)
+        if hub is None:
+            return [f"hub (namespace {self.hub}) is gone"]
+        faults = []
+        if BRIDGE in hub and not hub[BRIDGE][0]:
+            faults.append(f"hub bridge {BRIDGE} (namespace {self.hub}) down")
+        for i in range(self.nodes):
+            node, ns, port = _link_states(self.ns(i)), self.ns(i), f"p{i}"
+            where = f"node {i} (namespace {ns})"
+            if node is None or NODE_IFNAME not in node:
+                faults.append(f"{where}: namespace or link {NODE_IFNAME} is gone")
+                continue
+            (node_up, node_state), (port_up, port_state) = node[NODE_IFNAME], hub.get(port, (False, "MISSING"))
+            if not node_up:
+                faults.append(f"{where}, link {NODE_IFNAME} down")
+            if not port_up:
+                faults.append(f"{where}, hub port {port} (namespace {self.hub}) down")
+            if node_up and port_up and {node_state, port_state} - {"UP", "UNKNOWN"}:
+                faults.append(f"{where}, link {NODE_IFNAME} has no carrier (state {node_state}, hub port {port_state})")
+        return faults
+
     def describe(self) -> dict:
         return dict(nodes=self.nodes, link=self.link, bits_per_s=self.bits_per_s, hub=self.hub,
                     namespaces=[self.ns(i) for i in range(self.nodes)],
                     addresses=[self.address(i) for i in range(self.nodes)], ifname=NODE_IFNAME)
+
+
+def _link_states(ns: str) -> dict[str, tuple[bool, str]] | None:
+    """ifname -> (administratively up, operstate) of every link in ``ns``; None if ``ns`` is gone."""
+    proc = _run("ip", "-j", "-n", ns, "link", "show", check=False)
+    if proc.returncode:
+        return None
+    try:
+        links = json.loads(proc.stdout or "[]")
+    except ValueError:
+        return None
+    return {link["ifname"]: ("UP" in link.get("flags", ()), link.get("operstate", "UNKNOWN")) for link in links}
 
 
 def _remove_tag_namespaces_only(tag: str) -> None:
@@ -368,7 +410,7 @@ def run_spec(spec_path: Path) -> int:
                            LOWBIT_LINK=spec.link, LOWBIT_NODE=str(node))
                 nodes.append(subprocess.Popen(node_torchrun(cluster, node, spec_path, paths.logs),
                                               env=env, stdin=subprocess.DEVNULL))
-            code = _wait_nodes(nodes, stop)
+            code = _wait_nodes(nodes, stop, LinkWatch(cluster, spec.collective_timeout_s + PEER_GRACE_S))
             print(f"[cluster] nodes ended (exit {code}); removing {cluster.hub} and {cluster.nodes} node namespaces",
                   flush=True)
             return code
@@ -382,7 +424,38 @@ def run_spec(spec_path: Path) -> int:
             signal.signal(s, handler)
 
 
-def _wait_nodes(nodes: list[subprocess.Popen], stop: dict) -> int:
+class LinkWatch:
+    """Reads the cluster's link state every ``LINK_CHECK_S`` while its nodes run and writes each
+    new fault to the launcher log as ``FAULT_PREFIX`` + where it is (node, namespace, interface).
+    A fault that lasts ``give_up_s`` (the collective timeout plus the peer grace: by then every
+    rank should have failed on its own) ends the nodes, so a job never outlives a dead link by
+    more than that, whatever its ranks do."""
+
+    def __init__(self, cluster: Cluster, give_up_s: float):
+        self.cluster, self.give_up_s = cluster, give_up_s
+        self.seen: dict[str, float] = {}     # fault -> monotonic time first seen (while it lasts)
+        self._next = 0.0
+
+    def check(self, now: float, force: bool = False) -> bool:
+        """Read the links if due (or ``force``); True when a fault has lasted ``give_up_s``."""
+        if not force and now < self._next:
+            return False
+        self._next = now + LINK_CHECK_S
+        current = self.cluster.link_faults()
+        for fault in current:
+            if fault not in self.seen:
+                self.seen[fault] = now
+                print(f"{FAULT_PREFIX}{fault} (at {time.strftime('%H:%M:%S')})", flush=True)
+        for fault in [f for f in self.seen if f not in current]:
+            print(f"[cluster] link restored: {fault}", flush=True)
+            del self.seen[fault]
+        lasting = [f for f, t in self.seen.items() if now - t > self.give_up_s]
+        if lasting:
+            print(f"[cluster] ending the nodes: {lasting[0]} for more than {self.give_up_s:g} s", flush=True)
+        return bool(lasting)
+
+
+def _wait_nodes(nodes: list[subprocess.Popen], stop: dict, links: LinkWatch | None = None) -> int:
     failed_at = None
     while True:
         codes = [p.poll() for p in nodes]
@@ -390,9 +463,16 @@ def _wait_nodes(nodes: list[subprocess.Popen], stop: dict) -> int:
             _end(nodes)
             return 128 + stop["signal"]
         if all(c is not None for c in codes):
+            if any(codes) and links is not None:
+                links.check(time.monotonic(), force=True)  # a node failed: was a link the cause?
             return next((c for c in codes if c), 0)
         if failed_at is None and any(c for c in codes if c is not None):
             failed_at = time.monotonic()
+            if links is not None:
+                links.check(failed_at, force=True)
+        if links is not None and links.check(time.monotonic()):
+            _end(nodes)
+            return next((c for c in (p.poll() for p in nodes) if c), 1)
         if failed_at is not None and time.monotonic() - failed_at > PEER_GRACE_S:
             _end(nodes)
             return next(c for c in codes if c)

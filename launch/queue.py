@@ -1,4 +1,4 @@
-# Size: ~500 lines: one state machine — claim, start, watch, time out, cancel, recover — whose steps share the index and the process table.
+# Size: ~520 lines: one state machine — claim, start, watch, time out, cancel, recover — whose steps share the index and the process table.
 """The job queue: starts queued runs in submission order, at most ``max_parallel`` at a time,
 watches them, enforces time limits, cancels, and recovers after a restart.
 
@@ -11,8 +11,9 @@ All state is in ``runs/index.sqlite`` and the run directories, so any process ca
 and cancel. Exactly one process schedules at a time: the one holding an exclusive ``flock`` on
 ``runs/queue.lock`` (released by the kernel when that process dies, so another queue object
 takes over). When a queue takes the lock it recovers: runs marked running whose process group
-still lives are re-attached (watched and time-limited again); the others end as ``lost``, or
-``done`` when their result.json was written before the processes vanished.
+still lives are re-attached (watched and time-limited again); the others end as ``done`` when
+their result.json was written before the processes vanished, ``failed`` when torchrun's failure
+report in the launcher log says why they ended, else ``lost``.
 """
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ class JobQueue:
 
     def recover(self) -> None:
         """Runs marked running but not watched by this object: re-attach the ones whose process
-        group lives, end the others as done (result written) or lost."""
+        group lives, end the others as done (result written), failed (torchrun reported why) or lost."""
         for row in self.index.list(("running",)):
             run_id = row["id"]
             if run_id in self._procs or run_id in self._attached:
@@ -193,6 +194,11 @@ class JobQueue:
             if _valid_json(paths.result):
                 self.index.finish(run_id, "done", error="finished while no queue was watching",
                                   result_paths=paths.result_files())
+            elif _rank_failures(paths) or _link_faults(paths):
+                # torchrun (or the cluster supervisor) outlived its ranks and said why: a failure
+                # with its cause, as when a queue watches, not a run nobody can explain.
+                self.index.finish(run_id, "failed", error=failure_text(paths, None) + "\n(ended while no queue "
+                                  "was watching)", result_paths=paths.result_files())
             else:
                 self.index.finish(run_id, "lost", error="its processes vanished while no queue was watching "
                                                         "(app or machine restart)")
@@ -340,9 +346,16 @@ def list_runs(root: Path | None = None) -> list[dict]:
 
 
 def failure_text(paths: RunPaths, returncode: int | None) -> str:
-    """The failing rank's error. torchrun lists every failed rank (exit code, signal, the
-    traceback ``@record`` wrote to its error file); when one rank dies, its peers fail too with
-    "connection closed" errors, so the root cause is the first failure that is not such an echo."""
+    """The failing rank's error, after the link faults an emulated cluster's supervisor saw
+    (a link down explains a rank's collective timeout). torchrun lists every failed rank (exit
+    code, signal, the traceback ``@record`` wrote to its error file); when one rank dies, its
+    peers fail too with "connection closed" errors, so the root cause is the first failure that
+    is not such an echo."""
+    faults = "".join(f"link fault: {f}\n" for f in _link_faults(paths))
+    return _clip(faults + _rank_failure_text(paths, returncode))
+
+
+def _rank_failure_text(paths: RunPaths, returncode: int | None) -> str:
     failures = _rank_failures(paths)
     if failures:
         root = min(failures, key=lambda f: (_is_echo(f), f["rank"]))
@@ -365,6 +378,17 @@ def _clip(text: str) -> str:
         return text
     half = ERROR_TEXT_CHARS // 2
     return f"{text[:half]}\n[...]\n{text[-half:]}"
+
+
+def _link_faults(paths: RunPaths) -> list[str]:
+    """The link faults the cluster supervisor wrote to the launcher log (``cluster.FAULT_PREFIX``
+    lines), first seen first, each once."""
+    try:
+        with open(paths.launcher_log, errors="replace") as log:
+            lines = [line.rstrip("\n") for line in log if line.startswith(cluster.FAULT_PREFIX)]
+    except OSError:
+        return []
+    return list(dict.fromkeys(line[len(cluster.FAULT_PREFIX):] for line in lines))
 
 
 # Errors a rank raises because a peer died, not because of its own fault.

@@ -16,7 +16,7 @@ import pytest
 from launch import cluster, procs
 from launch.events import read_events
 from launch.layout import RunPaths
-from launch.queue import JobQueue
+from launch.queue import JobQueue, failure_text
 from launch.spec import JobSpec
 
 # Runs of torchrun on a shared 2-core machine take 5-30 s to start (see test_launch_jobs).
@@ -63,6 +63,43 @@ def test_queue_refuses_an_emulated_link_without_rights_on_field_link(tmp_path, m
     assert row["status"] == "failed"
     assert "link:" in row["error"] and "loopback" in row["error"], row["error"]
     assert procs.descendants(os.getpid()) == []
+
+
+
+class _FakeLinks:
+    """Stands in for a Cluster in LinkWatch: the faults it reports are set by the test."""
+    faults: list[str] = []
+
+    def link_faults(self):
+        return list(self.faults)
+
+
+def test_link_watch_logs_each_fault_once_and_gives_up_when_it_lasts(capsys):
+    fake = _FakeLinks()
+    watch = cluster.LinkWatch(fake, give_up_s=20.0)
+    assert watch.check(0.0) is False and capsys.readouterr().out == ""
+    fake.faults = ["node 1 (namespace lowbit-00000000-n1), link veth0 down"]
+    assert watch.check(0.5) is False          # not due yet: one read per LINK_CHECK_S
+    assert watch.check(0.5, force=True) is False
+    assert watch.check(2.0) is False
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith(cluster.FAULT_PREFIX + fake.faults[0]), out
+    assert watch.check(21.0) is True          # down for 20.5 s > give_up_s
+    assert "ending the nodes" in capsys.readouterr().out
+    fake.faults = []
+    assert watch.check(30.0) is False and "link restored" in capsys.readouterr().out
+
+
+def test_failure_text_puts_the_supervisors_link_faults_first(tmp_path):
+    paths = RunPaths(tmp_path, "r1")
+    paths.make()
+    fault = "node 1 (namespace lowbit-00000000-n1), link veth0 down (at 12:00:00)"
+    paths.launcher_log.write_text(f"[cluster] {{}}\n{cluster.FAULT_PREFIX}{fault}\n{cluster.FAULT_PREFIX}{fault}\n"
+                                  "RuntimeError: Timed out waiting 5000ms for recv operation to complete\n")
+    text = failure_text(paths, 1)
+    lines = text.splitlines()
+    assert lines[0] == f"link fault: {fault}" and not lines[1].startswith("link fault:"), text  # once
+    assert "Timed out waiting 5000ms" in text  # the log tail still follows
 
 
 # -- real clusters (root) -----------------------------------------------------------------------
@@ -214,3 +251,63 @@ def test_evaluate_over_an_emulated_link_gives_the_loopback_metrics_to_the_last_d
         for key in ("ppl", "kl", "top1_agreement", "bits_per_value", "clamped", "gated_calls"):
             assert other[key] == r[key], (scheme, key, r[key], other[key])  # bit-identical, not close
     assert records["100mbit"]["int8-token@min32k"]["gated_calls"] > 0  # decode-sized messages went exact
+
+
+def _set_link(ns: str, dev: str, state: str) -> None:
+    subprocess.run(["ip", "-n", ns, "link", "set", dev, state], check=True, capture_output=True, text=True)
+
+
+@needs_root
+def test_link_faults_name_the_node_its_namespace_and_the_interface(clean_host):
+    """What the supervisor reports for each way a link can go: a node's veth0 down, its hub port
+    down, the bridge down, a node namespace deleted; nothing when all is up again."""
+    run_id = "link-faults-test"
+    clean_host.append(run_id)
+    with cluster.Cluster(run_id, 3, "1gbit") as c:
+        assert c.link_faults() == []
+        _set_link(c.ns(2), cluster.NODE_IFNAME, "down")
+        _set_link(c.hub, "p1", "down")
+        assert c.link_faults() == [f"node 1 (namespace {c.ns(1)}), hub port p1 (namespace {c.hub}) down",
+                                   f"node 2 (namespace {c.ns(2)}), link veth0 down"]
+        _set_link(c.ns(2), cluster.NODE_IFNAME, "up")
+        _set_link(c.hub, "p1", "up")
+        _set_link(c.hub, cluster.BRIDGE, "down")
+        assert c.link_faults() == [f"hub bridge br0 (namespace {c.hub}) down"]
+        _set_link(c.hub, cluster.BRIDGE, "up")
+        assert c.link_faults() == []
+        subprocess.run(["ip", "netns", "delete", c.ns(0)], check=True)
+        assert c.link_faults() == [f"node 0 (namespace {c.ns(0)}): namespace or link veth0 is gone"]
+    assert _our_namespaces(run_id) == []
+
+
+@pytest.mark.slow
+@needs_root
+def test_a_link_taken_down_mid_run_fails_the_job_naming_the_node_and_link(queue, clean_host):
+    """``ip link set veth0 down`` in node 1's namespace while the ranks all-reduce in a loop: the
+    job fails within the collective timeout (plus torchrun's monitor and the supervisor's
+    polling), its error names node 1, its namespace and the link, and nothing is left."""
+    timeout_s = 5.0
+    run_id = queue.submit(dict(kind="selftest", model="none", tp=2, link="1gbit", collective_timeout_s=timeout_s,
+                               params=dict(sleep_s=120, step_s=0.1)))
+    clean_host.append(run_id)
+    paths = RunPaths(queue.root, run_id)
+    deadline = time.monotonic() + START_S
+    while not any((e.get("step") or 0) >= 2 for e in read_events(paths.events)):
+        assert time.monotonic() < deadline, "the cluster job never reached step 2"
+        assert queue.get(run_id)["status"] in ("queued", "running"), queue.get(run_id)
+        time.sleep(0.2)
+    node_ns = f"{cluster.PREFIX}{cluster.tag_for(run_id)}-n1"
+    _set_link(node_ns, cluster.NODE_IFNAME, "down")
+    down_at = time.time()
+    row = queue.wait(run_id, timeout_s=timeout_s + cluster.PEER_GRACE_S + 60)
+    print(f"link down -> {row['status']} after {row['finished'] - down_at:.1f} s:\n{row['error'][:300]}")
+    assert row["status"] == "failed", row
+    assert row["error"].startswith(f"link fault: node 1 (namespace {node_ns}), link veth0 down"), row["error"]
+    assert "Timed out" in row["error"]  # the rank's own error follows: what the dead link did to it
+    # collective timeout + torchrun's monitor interval + the supervisor's peer grace + polling
+    assert row["finished"] - down_at < timeout_s + cluster.PEER_GRACE_S + 10, row
+    _assert_no_processes(queue, run_id)
+    deadline = time.monotonic() + 10
+    while _our_namespaces(run_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _our_namespaces(run_id) == []
