@@ -23,6 +23,7 @@ from typing import Callable
 from bench.accuracy import markdown as accuracy_markdown
 from bench.collectives import markdown_table as collectives_markdown
 from bench.throughput import markdown as throughput_markdown
+from launch.client import format_results
 from lowbit.scheme import MAX_MIN_MESSAGE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,11 +303,21 @@ def throughput_eager() -> str:
     return throughput_markdown(data) + "\n\n" + source_line(name, data)
 
 
+def evaluate_tasks() -> str:
+    """The CLI's own evaluate table (``launch.client.format_results``) of a stored run, as printed."""
+    name = "evaluate-sciq-openbookqa.json"
+    data = load(name)
+    return f"```text\n$ .venv/bin/{data['meta']['command']}\n{format_results(data)}\n```\n\n" + \
+        source_line(name, data, f"wall time {data['meta']['wall_seconds']} s, queue wait included; the command "
+                                    "writes `<out>/results.json`, kept here as one file")
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "uniform": uniform, "codebook": codebook, "threshold": threshold, "rounding": rounding, "sweep-nf": sweep_nf,
     "presets": presets, "kernels-cpu": kernels_cpu, "kernels-native": kernels_native,
     "collectives-gate": collectives_gate, "accuracy": accuracy, "gemma-tp2": gemma_tp2, "neighbours": neighbours,
     "collectives-8192": collectives_8192, "throughput-native": throughput_native, "throughput-eager": throughput_eager,
+    "evaluate-tasks": evaluate_tasks,
 }
 
 
