@@ -32,7 +32,7 @@ def test_planted_outliers_are_consistent_and_located():
     assert s["k"] == 2
     # two random 2-subsets of 128 share 2*2/128 features on average: J = (4/128) / (4 - 4/128)
     assert s["random_jaccard"] == pytest.approx((4 / 128) / (4 - 4 / 128))
-    for key in ("jaccard_batches_mean", "jaccard_batches_min", "jaccard_ranks_mean", "jaccard_ranks_min",
+    for key in ("jaccard_batches_mean", "jaccard_batches_min", "jaccard_later_batches_mean", "jaccard_ranks_mean", "jaccard_ranks_min",
                 "jaccard_layers_mean", "jaccard_adjacent_layers_mean"):
         assert s[key] == 1.0, key  # the same two features top every batch, rank and layer
     assert s["largest_sample_value"] == 5000.0
