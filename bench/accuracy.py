@@ -1,11 +1,25 @@
 """The README accuracy table, end to end: calibrate, evaluate every scheme, write JSON/CSV/Markdown.
 
     python -m bench.accuracy --tp 3 --items 100 --out bench/results/accuracy.json
+    python -m bench.accuracy --tp 3 --target-se 0.03 --pilot-items 20 --plan-only   # size it first
 
 Both steps run as real torchrun jobs through the launch queue (so they also appear in the app's
 Runs page). Task accuracies carry their standard error over items; the paired difference to the
 exact run on the same items (``Δ``) has a much smaller one, and KL / top-1 agreement on held-out
 text are the low-noise measures. Nothing here is tuned: the table is what the run measured.
+
+Sizing to a target standard error (``--target-se``): the target is the SE of each task's *paired
+Δ* (scheme minus the fp32 reference on the same items), for every scheme, because Δ and "% kept"
+(whose SE is built from Δ's, ``lowbit.stats.kept_pct``) are what the README's conclusions rest on;
+a score's own SE (~sqrt(p(1-p)/n), 0.5/sqrt(n) at worst) mostly measures how hard the items are,
+which is the same for every scheme. A pilot evaluate (``--pilot-items`` per task, one held-out
+chunk) gives each task's per-item variance of the differences for each scheme; the task needs
+``n = var / se^2`` items for its noisiest scheme (``lowbit.stats.items_for_se``), capped by its
+size (``lowbit.model.data.task_table``, what ``python -m lowbit tasks`` prints). One evaluate runs
+every task at the same ``items_per_task``, so the full run uses the largest n of the tasks (a
+smaller task stops at its size). The plan, with the score SE those items give and a time
+estimate from the pilot's measured seconds per item per scheme, is printed (and saved next to
+``--out`` as ``*-plan.json``) before the full run starts; ``--plan-only`` stops there.
 """
 from __future__ import annotations
 
@@ -18,7 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench._meta import finish_meta, start_meta
 from launch.client import submit_and_watch
+from launch.events import read_events
+from launch.layout import run_paths
 from lowbit import stats
 
 # The issue's table: exact, Int8/4/3/2 on all features (static per-feature scales, as the paper's
@@ -75,6 +92,122 @@ def markdown(result: dict, rows: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+# -- sizing a run to a target standard error (see the module doc) ---------------------------------
+def stage_seconds(events: list[dict]) -> dict[str, float]:
+    """Seconds per stage of a run's events: each event's gap since the one before it is charged
+    to its stage, and a ``tasks`` event to ``tasks:<task>``, the task its message names
+    (``"arc_easy: item 8/20"``). The first stage after loading also carries the model load."""
+    events = sorted(events, key=lambda e: e["time"])
+    out: dict[str, float] = {}
+    for prev, event in zip(events, events[1:]):
+        key = event["stage"]
+        if key == "tasks":
+            key = "tasks:" + (event.get("message") or "").split(":", 1)[0]
+        out[key] = out.get(key, 0.0) + event["time"] - prev["time"]
+    return out
+
+
+def phase_seconds(events: list[dict]) -> tuple[float, dict[str, float]]:
+    """(seconds outside the task phase, {task: seconds}) of an evaluate run's events."""
+    stages = stage_seconds(events)
+    per_task = {k.split(":", 1)[1]: v for k, v in stages.items() if k.startswith("tasks:")}
+    return sum(v for k, v in stages.items() if not k.startswith("tasks:")), per_task
+
+
+def size_plan(pilot: dict, task_seconds: dict[str, float], other_seconds: float, target_se: float,
+              available: dict[str, int]) -> dict:
+    """The items per task for each scheme's paired Δ to reach ``target_se``, from a pilot
+    evaluate result (``pilot``), the pilot's seconds per task and outside the tasks, and each
+    task's size. The run uses the largest task's n for all (one ``items_per_task``)."""
+    reference = pilot.get("reference", "fp32")
+    records = {r["scheme"]: r for r in pilot["records"]}
+    schemes = [s for s in records if s != reference]
+    runs_per_item = len(records)  # the reference runs every item too
+    tasks = []
+    for task, ref_row in records[reference]["tasks"].items():
+        if task not in available:
+            raise ValueError(f"tasks: {task!r} has no item count; allowed: {', '.join(available)}")
+        primary, n_pilot = ref_row["primary"], ref_row["n"]
+        per_scheme = {}
+        for scheme in schemes:
+            row = records[scheme]["tasks"][task]
+            var = stats.paired_variance(row["delta_se"], row["n"])
+            per_scheme[scheme] = dict(delta=row["delta"], flipped=row["flipped"], variance=var,
+                                      items_needed=stats.items_for_se(var, target_se, available[task]))
+        driver = max(per_scheme, key=lambda s: per_scheme[s]["variance"]) if per_scheme else None
+        # never fewer than the pilot ran: a pilot without a single flip does not show a zero variance
+        needed = min(available[task], max([n_pilot] + [r["items_needed"] for r in per_scheme.values()]))
+        tasks.append(dict(task=task, primary=primary, available=available[task], pilot_items=n_pilot,
+                          pilot_reference_score=ref_row[primary], driving_scheme=driver, items_needed=needed,
+                          seconds_per_item_per_scheme=task_seconds.get(task, 0.0) / (n_pilot * runs_per_item),
+                          schemes=per_scheme))
+    items = max((t["items_needed"] for t in tasks), default=0)
+    for t in tasks:
+        n = min(items, t["available"])
+        worst = max((r["variance"] for r in t["schemes"].values()), default=0.0)
+        t.update(items_run=n, expected_delta_se=math.sqrt(worst / n),
+                 expected_reference_se=math.sqrt(stats.bernoulli_variance(t["pilot_reference_score"]) / n),
+                 reached=math.sqrt(worst / n) <= target_se,
+                 estimated_seconds=t["seconds_per_item_per_scheme"] * n * runs_per_item)
+    return dict(target="se of each task's paired delta to the reference, every scheme", target_se=target_se,
+                reference=reference, schemes=schemes, items_per_task=items, tasks=tasks,
+                estimated_seconds=other_seconds + sum(t["estimated_seconds"] for t in tasks),
+                estimated_seconds_outside_tasks=other_seconds)
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a text table (points, i.e. percent of items, for the standard errors)."""
+    head = (f"{'task':<16}{'items':>7}{'pilot':>7}{'ref %':>7}{'needed':>8}{'run':>6}{'Δ se pts':>10}"
+            f"{'score se':>10}{'s/item/scheme':>15}{'est s':>8}  driving scheme")
+    lines = [f"target: SE of each task's paired Δ <= {100 * plan['target_se']:.1f} points, every scheme",
+             head]
+    for t in plan["tasks"]:
+        lines.append(f"{t['task']:<16}{t['available']:>7}{t['pilot_items']:>7}{100 * t['pilot_reference_score']:>7.1f}"
+                     f"{t['items_needed']:>8}{t['items_run']:>6}{100 * t['expected_delta_se']:>10.2f}"
+                     f"{100 * t['expected_reference_se']:>10.2f}{t['seconds_per_item_per_scheme']:>15.3f}"
+                     f"{t['estimated_seconds']:>8.0f}  {t['driving_scheme']}" + ("" if t["reached"] else "  (capped: task too small)"))
+    lines.append(f"items_per_task {plan['items_per_task']}; estimated {plan['estimated_seconds']:.0f} s "
+                 f"({plan['estimated_seconds_outside_tasks']:.0f} s load + held-out text + layer errors, as the pilot measured)")
+    return "\n".join(lines)
+
+
+def check_sizing_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse sizing options out of range, naming the option."""
+    if args.target_se is not None and not 0 < args.target_se < 0.5:
+        parser.error(f"--target-se: must be > 0 and < 0.5 (a 0/1 score's SE is at most 0.5), got {args.target_se}")
+    if args.pilot_items < 2:
+        parser.error(f"--pilot-items: must be >= 2 (a variance needs two items), got {args.pilot_items}")
+    if args.plan_only and args.target_se is None:
+        parser.error("--plan-only: needs --target-se (the plan sizes the run to it)")
+
+
+def available_items(tasks: list[str]) -> dict[str, int]:
+    """Each task's item count, from the table ``python -m lowbit tasks`` prints."""
+    from lowbit.model.data import task_table  # reads every task's requests (~25 s): only when sizing
+    sizes = {row["task"]: row["items"] for row in task_table()}
+    unknown = [t for t in tasks if t not in sizes]
+    if unknown:
+        raise SystemExit(f"error: --tasks: {', '.join(unknown)} unknown; allowed: {', '.join(sizes)}")
+    return {t: sizes[t] for t in tasks}
+
+
+def plan_run(args, evaluate_spec: dict, tasks: list[str], meta: dict) -> dict:
+    """Run the pilot, size the run, print and save the plan (``*-plan.json`` next to ``--out``)."""
+    available = available_items(tasks)
+    pilot_id, pilot = run_job(dict(evaluate_spec, items_per_task=args.pilot_items))
+    other, per_task = phase_seconds(read_events(run_paths(pilot_id).events))
+    plan = size_plan(pilot, per_task, other, args.target_se, available)
+    plan.update(model=args.model, tp=args.tp, pilot_run=pilot_id, calibrate_run=evaluate_spec["calib_from"],
+                pilot_seconds=round(other + sum(per_task.values()), 1))
+    out = Path(args.out)
+    path = out.with_name(out.stem + "-plan.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(meta=finish_meta(dict(meta, load=dict(meta["load"]))), plan=plan), indent=2))
+    print(format_plan(plan))
+    print(f"wrote {path}")
+    return plan
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -90,7 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-from", default=None, help="reuse this calibrate run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/accuracy.json")
+    parser.add_argument("--target-se", type=float, default=None,
+                        help="size the run so each task's paired Δ has this standard error (0.03 = 3 points); "
+                             "replaces --items")
+    parser.add_argument("--pilot-items", type=int, default=20, help="items per task of the sizing pilot")
+    parser.add_argument("--plan-only", action="store_true", help="print and save the plan, run nothing more")
     args = parser.parse_args(argv)
+    check_sizing_args(parser, args)
+    run_meta = start_meta("bench.accuracy", sys.argv[1:] if argv is None else list(argv))
     schemes = [s for s in args.schemes.split(",") if s]
     tasks = [t for t in args.tasks.split(",") if t]
     start = time.time()
@@ -102,9 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     calib_id = args.calib_from
     if calib_id is None:
         calib_id, _ = run_job(dict(common, kind="calibrate"))
-    eval_id, result = run_job(dict(common, kind="evaluate", params=evaluate_params, schemes=schemes, calib_from=calib_id,
-                                   eval_data="wikipedia", eval_tokens=args.eval_tokens, tasks=tasks,
-                                   items_per_task=args.items, seed=args.seed))
+    evaluate_spec = dict(common, kind="evaluate", params=evaluate_params, schemes=schemes, calib_from=calib_id,
+                         eval_data="wikipedia", eval_tokens=args.eval_tokens, tasks=tasks,
+                         items_per_task=args.items, seed=args.seed)
+    plan = None
+    if args.target_se is not None:
+        plan = plan_run(args, evaluate_spec, tasks, run_meta)
+        if args.plan_only:
+            return 0
+        args.items = evaluate_spec["items_per_task"] = plan["items_per_task"]
+    eval_id, result = run_job(evaluate_spec)
     rows = flat_rows(result)
     table = markdown(result, rows, tasks)
     out = Path(args.out)
@@ -113,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 machine=f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.system()}",
                 date=time.strftime("%Y-%m-%d"), wall_seconds=round(time.time() - start, 1),
                 calibrate_run=calib_id, evaluate_run=eval_id)
-    out.write_text(json.dumps(dict(info, result=result, rows=rows), indent=2))
+    out.write_text(json.dumps(dict(info, meta=finish_meta(run_meta), plan=plan, result=result, rows=rows), indent=2))
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "scheme", k))
         writer = csv.DictWriter(f, fieldnames=keys)

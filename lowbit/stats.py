@@ -13,6 +13,11 @@ in tests/test_metrics.py), and the score table the CLI and the app both print.
   reference primary score) and its standard error: each task's ratio carries the paired
   difference's error over the reference score.
 - ``score_table``: one row per scheme, every value with its ± (blank when absent).
+- ``bernoulli_variance`` / ``paired_variance`` / ``items_for_se``: sizing a run to a target
+  standard error from a pilot (``bench.accuracy --target-se``): the per-item variance of a 0/1
+  score is p(1-p); that of the paired differences is recovered from the pilot's ``delta_se``
+  and n (``mean_se`` divides the sample variance by n); the items needed are
+  ``n = ceil(variance / se^2)``.
 """
 from __future__ import annotations
 
@@ -153,3 +158,30 @@ def score_table(result: dict):
         rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.fillna("") if not frame.empty else frame
+
+
+def bernoulli_variance(p: float) -> float:
+    """Per-item variance p(1-p) of a 0/1 score with mean ``p``."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: must be in [0, 1], got {p}")
+    return p * (1.0 - p)
+
+
+def paired_variance(delta_se: float, n: int) -> float:
+    """Sample variance of the per-item differences behind a ``paired_delta`` standard error
+    over ``n`` items (``mean_se``'s se = sqrt(var / n), so var = n * se^2)."""
+    if n < 1 or delta_se < 0:
+        raise ValueError(f"delta_se, n: need delta_se >= 0 and n >= 1, got {delta_se}, {n}")
+    return n * delta_se ** 2
+
+
+def items_for_se(variance: float, target_se: float, available: int | None = None) -> int:
+    """Items needed for a mean of per-item ``variance`` to have standard error ``target_se``:
+    ``ceil(variance / target_se^2)``, at least 1 and at most ``available`` (the task's size)."""
+    if not target_se > 0:
+        raise ValueError(f"target_se: must be > 0, got {target_se}")
+    if variance < 0:
+        raise ValueError(f"variance: must be >= 0, got {variance}")
+    # round first so that 0.25 / 0.05**2 = 100.00000000000001 asks for 100 items, not 101
+    n = max(1, math.ceil(round(variance / target_se ** 2, 9)))
+    return n if available is None else min(n, available)

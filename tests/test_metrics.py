@@ -60,6 +60,27 @@ def test_standard_error_and_paired_delta_on_a_small_table():
         stats.paired_delta([1.0], [1.0, 0.0])
 
 
+
+def test_items_for_a_target_se_on_a_hand_computed_pilot():
+    # a pilot of 5 items: differences [0, -1, 0, 1, 0] (the table above): delta_se = sqrt(0.1),
+    # so the sample variance of the differences is 5 * 0.1 = 0.5
+    _, delta_se = stats.paired_delta([1.0, 0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0, 0.0])
+    var = stats.paired_variance(delta_se, 5)
+    assert var == pytest.approx(0.5)
+    # SE 0.05 needs 0.5 / 0.0025 = 200 items; SE 0.03: 0.5 / 0.0009 = 555.6 -> 556
+    assert stats.items_for_se(var, 0.05) == 200
+    assert stats.items_for_se(var, 0.03) == 556
+    assert stats.items_for_se(var, 0.03, available=300) == 300  # capped by the task's size
+    # a 0/1 score at p = 0.5: variance 0.25, SE 0.05 needs exactly 100 (not 101 from float error)
+    assert stats.bernoulli_variance(0.5) == 0.25 and stats.bernoulli_variance(0.8) == pytest.approx(0.16)
+    assert stats.items_for_se(0.25, 0.05) == 100
+    assert stats.items_for_se(0.0, 0.05) == 1  # no disagreement seen: one item, never zero
+    with pytest.raises(ValueError, match="target_se"):
+        stats.items_for_se(0.25, 0.0)
+    with pytest.raises(ValueError, match="p: "):
+        stats.bernoulli_variance(1.5)
+
+
 def _task_row(primary: str, scheme_hits: list[float], ref_hits: list[float]) -> dict:
     """A task row shaped like ``evaluate_tasks`` writes it (both metrics equal here)."""
     row = {"n": len(scheme_hits), "primary": primary}
