@@ -221,6 +221,32 @@ def test_fused_kernels_inside_the_evaluation_give_the_same_metrics(tiny_models, 
             assert fused[scheme][key] == text_metrics[scheme][key], (scheme, key)
 
 
+def test_vocab_parallel_head_gives_the_full_heads_metrics(tiny_models, calibration, text_metrics, monkeypatch):
+    """Each rank scoring its vocabulary slice, completed by collectives (TextScores with a group),
+    equals every rank scoring the whole replicated head, up to the order of float sums."""
+    from lowbit.method import evaluate as ev
+    held = token_chunks(tiny_models[MODEL].tokenizer, "wikipedia", "eval", 4, 32)
+    assert ev.vocab_shardable(build_tp_model(MODEL, ThreadWorld(1).group(0), loaded=tiny_models[MODEL]).model)
+    monkeypatch.setattr(ev, "vocab_shardable", lambda model: False)
+
+    def body(group):
+        tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
+        return evaluate_text(tp.model, group, held, SCHEMES, calibration, batch_size=2)
+    full = ThreadWorld(TP).run(body)[0]
+    for scheme in [REFERENCE] + SCHEMES:
+        assert text_metrics[scheme]["top1_agreement"] == full[scheme]["top1_agreement"], scheme
+        assert text_metrics[scheme]["ppl"] == pytest.approx(full[scheme]["ppl"], rel=1e-5), scheme
+        assert text_metrics[scheme]["kl"] == pytest.approx(full[scheme]["kl"], rel=1e-4, abs=1e-6), scheme
+
+
+def test_vocab_ranges_cover_the_vocabulary_once():
+    from lowbit.model.engine import vocab_range
+    for vocab, tp in [(49152, 3), (262144, 4), (10, 3), (7, 2)]:
+        spans = [vocab_range(vocab, r, tp) for r in range(tp)]
+        assert spans[0][0] == 0 and spans[-1][1] == vocab
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
 def test_task_accuracy_with_paired_deltas(tiny_models, calibration):
     items = {"arc_easy": load_task("arc_easy", 6, seed=0), "piqa": load_task("piqa", 6, seed=0)}
 

@@ -36,7 +36,7 @@ from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
 from lowbit.method.calibrate import Calibration, calibration_params, load_or_calibrate
 from lowbit.model.data import CLASSIC_TASKS, TASK_INFO, Item, load_task, token_chunks
-from lowbit.model.engine import build_tp_model, forward_partials
+from lowbit.model.engine import build_tp_model, forward_partials, vocab_shard_logits, vocab_shardable
 from lowbit.model.tp import set_communicator
 from lowbit.scheme.plan import SchemePlan
 from lowbit.scheme.spec import SchemeMap
@@ -79,26 +79,32 @@ def _summarize_calls(comm: Communicator) -> dict:
 @torch.no_grad()
 def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: SchemePlan | list[str],
                   calibration: Calibration | None, batch_size: int = 4, progress=None, codec=None) -> dict[str, dict]:
-    """Perplexity, KL vs the fp32 reference and top-1 agreement for each scheme on ``chunks``."""
+    """Perplexity, KL vs the fp32 reference and top-1 agreement for each scheme on ``chunks``.
+
+    The head is vocabulary-parallel where the model allows (``lowbit.model.engine.vocab_shardable``):
+    each rank scores its slice of the vocabulary and the log-softmax, the target's log-probability,
+    the KL sum and the arg-max are completed over the group (``TextScores``), instead of every rank
+    computing the whole replicated head."""
     device = next(model.parameters()).device
     plan = SchemePlan.of(schemes, REFERENCE)
     comms = {s: make_communicator(group, plan[s], calibration, codec) for s in _reference_first(plan)}
     acc = {s: defaultdict(float) for s in comms}
+    scores = TextScores(group if vocab_shardable(model) else None)
     batches = list(chunks.split(batch_size))
     for step, ids in enumerate(batches):
         ids = ids.to(device)
         targets = ids[:, 1:]
-        ref_logp = None
+        ref = None
         for name, comm in comms.items():
             set_communicator(model, comm)
-            logp = F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+            logp = scores.log_probs(model, ids)
+            ref = logp if ref is None else ref
+            nll, kl, top1 = scores.metrics(logp, ref, targets)
             a = acc[name]
-            a["nll"] += -logp.gather(-1, targets[..., None]).sum().item()
+            a["nll"] += nll
             a["tokens"] += targets.numel()
-            if ref_logp is None:
-                ref_logp = logp
-            a["kl"] += stats.kl_per_token(ref_logp, logp).sum().item()
-            a["top1"] += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
+            a["kl"] += kl
+            a["top1"] += top1
         if progress:
             progress("text", step + 1, len(batches), f"held-out batch {step + 1}/{len(batches)}", {})
     out = {}
@@ -107,6 +113,44 @@ def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: SchemePlan
         out[name] = dict(ppl=stats.perplexity(a["nll"], int(n)), kl=a["kl"] / n, top1_agreement=a["top1"] / n, tokens=int(n),
                          **_summarize_calls(comms[name]))
     return out
+
+
+class TextScores:
+    """Next-token log-probabilities and their sums, over the whole vocabulary or, with a group,
+    over this rank's vocabulary slice (``vocab_shard_logits``) completed by collectives: the
+    global max and sum of exponentials (log-softmax), the target's log-probability (it lies on one
+    rank's slice), the KL terms (``stats.kl_per_token`` of each slice, summed over ranks) and the
+    arg-max (each rank's best, the first of the largest). Same values as the full head up to the
+    order of floating-point sums."""
+
+    def __init__(self, group: Group | None):
+        self.group = group
+        self.lo = 0
+
+    def log_probs(self, model, ids: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+        logits, self.lo = vocab_shard_logits(model, ids, self.group.rank, self.group.world_size)
+        peak = self.group.all_gather(logits.amax(-1).contiguous()).amax(0)
+        total = self.group.all_reduce((logits - peak[..., None]).exp().sum(-1))
+        return logits - (peak + total.log())[..., None]
+
+    def metrics(self, logp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, int]:
+        """(sum of -log p(target), sum of KL(ref || logp), positions whose arg-max agrees with ref's)."""
+        if self.group is None:
+            return (-logp.gather(-1, targets[..., None]).sum().item(), stats.kl_per_token(ref, logp).sum().item(),
+                    int((logp.argmax(-1) == ref.argmax(-1)).sum().item()))
+        local = targets - self.lo
+        mine = (local >= 0) & (local < logp.shape[-1])
+        picked = logp.gather(-1, local.clamp(0, logp.shape[-1] - 1)[..., None]).squeeze(-1)
+        sums = torch.stack([-(picked * mine).sum(), stats.kl_per_token(ref, logp).sum()])
+        nll, kl = self.group.all_reduce(sums).tolist()
+        return nll, kl, int((self._argmax(logp) == self._argmax(ref)).sum().item())
+
+    def _argmax(self, logp: torch.Tensor) -> torch.Tensor:
+        best, where = logp.max(-1)
+        best, where = self.group.all_gather(best.contiguous()), self.group.all_gather((where + self.lo).contiguous())
+        return where.gather(0, best.argmax(0, keepdim=True)).squeeze(0)
 
 
 def _item_batches(tokenizer, items: list[Item], max_sequences: int):

@@ -50,6 +50,31 @@ def forward_partials(model: torch.nn.Module, input_ids: torch.Tensor):
     return model(input_ids, use_cache=False, logits_to_keep=1)
 
 
+def vocab_shardable(model: torch.nn.Module) -> bool:
+    """Can ``vocab_shard_logits`` stand in for the model's own head? A plain ``lm_head`` (no bias)
+    over ``model.model``'s last hidden state, with no logit soft-capping or scaling after it."""
+    cfg = getattr(model, "config", None)
+    head = getattr(model, "lm_head", None)
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
+            and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) is None)
+
+
+def vocab_range(vocab: int, rank: int, tp: int) -> tuple[int, int]:
+    """[lo, hi) of the vocabulary rank ``rank`` of ``tp`` scores: contiguous, ceil(vocab / tp) each."""
+    per = -(-vocab // tp)
+    return min(vocab, rank * per), min(vocab, (rank + 1) * per)
+
+
+def vocab_shard_logits(model: torch.nn.Module, input_ids: torch.Tensor, rank: int, tp: int) -> tuple[torch.Tensor, int]:
+    """fp32 logits of this rank's vocabulary slice at every position but the last, and the slice's
+    first token id. Every rank runs the decoder (and its all-reduces) in full, but the replicated
+    ``lm_head`` only over ``vocab_range``: for Gemma 3's 262,144-token head that was most of each
+    rank's work, done ``tp`` times over. ``vocab_shardable(model)`` must hold."""
+    hidden = model.model(input_ids, use_cache=False).last_hidden_state[:, :-1]
+    lo, hi = vocab_range(model.lm_head.weight.shape[0], rank, tp)
+    return torch.nn.functional.linear(hidden, model.lm_head.weight[lo:hi]).float(), lo
+
+
 @torch.no_grad()
 def prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits for every position of ``input_ids`` [batch, seq] (fp32)."""
