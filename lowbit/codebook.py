@@ -102,20 +102,30 @@ def table_max_gap(table: torch.Tensor) -> float:
     return float(torch.cat([c[1:] - c[:-1], ends]).max())
 
 
-def lloyd_max(values: torch.Tensor, bits: int, iters: int = LLOYD_ITERS) -> torch.Tensor:
+def lloyd_max(values: torch.Tensor, bits: int, iters: int = LLOYD_ITERS, pin_ends: bool = False) -> torch.Tensor:
     """The ``2**bits`` sorted fp32 levels fitted to the finite ``values`` (any shape, in [-1, 1])
-    by Lloyd-Max (see the module docstring); an empty sample gives ``2**bits`` zeros."""
+    by Lloyd-Max (see the module docstring); an empty sample gives ``2**bits`` zeros (with
+    ``pin_ends``: -1, zeros, +1). ``pin_ends`` keeps the first and last level at -1 and +1 and
+    fits the others: the absmax of every token / group (which is +-1 after the division) then
+    decodes exactly, as with ``nf`` and the uniform grid."""
     n = 2**bits
     v = values.reshape(-1).to(torch.float64)
     v = v[torch.isfinite(v)].sort().values
+    fixed = torch.zeros(n, dtype=torch.bool)
+    if pin_ends:
+        fixed[0] = fixed[-1] = True
+    ends = torch.zeros(n, dtype=torch.float64)
+    ends[0], ends[-1] = -1.0, 1.0
     if v.numel() == 0:
-        return torch.zeros(n, dtype=torch.float32)
+        return torch.where(fixed, ends, 0.0).to(torch.float32)
     levels = torch.quantile(v, (torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    levels = torch.where(fixed, ends, levels).sort().values
     for _ in range(iters):
         cells = torch.searchsorted((levels[1:] + levels[:-1]) / 2, v, right=False)  # ties: the lower level
         sums = torch.zeros(n, dtype=torch.float64).index_add_(0, cells, v)
         counts = torch.bincount(cells, minlength=n).to(torch.float64)
-        new = torch.where(counts > 0, sums / counts.clamp(min=1), levels).sort().values
+        new = torch.where(counts > 0, sums / counts.clamp(min=1), levels)
+        new = torch.where(fixed, ends, new).sort().values
         if torch.equal(new, levels):
             break
         levels = new

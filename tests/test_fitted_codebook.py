@@ -50,6 +50,29 @@ def test_lloyd_max_is_deterministic_and_each_level_is_the_mean_of_its_cell():
     assert_close_verbose(t, means, atol=1e-6, msg="Lloyd-Max fixed point")
 
 
+def test_pinned_fit_keeps_its_ends_and_the_absmax_decodes_exactly():
+    g = torch.Generator().manual_seed(5)
+    v = (torch.randn(6000, generator=g) * 0.3).clamp(-1, 1)
+    t = lloyd_max(v, 3, pin_ends=True)
+    assert t[0] == -1.0 and t[-1] == 1.0 and torch.all(t[1:] > t[:-1])
+    free = lloyd_max(v, 3)
+    assert free[-1] < 1.0  # unpinned, the squared-error optimum pulls the ends in
+    d = t.double()
+    cells = torch.searchsorted((d[1:] + d[:-1]) / 2, v.double())
+    means = torch.stack([v.double()[cells == i].mean() for i in range(1, 7)])
+    assert_close_verbose(d[1:-1], means, atol=1e-6, msg="inner levels: a Lloyd-Max fixed point")  # as above
+    spec = QuantSpec(3, True, "token", code="lm", pin_ends=True, levels=tuple(t.tolist()))
+    x = torch.randn(4, 32, generator=g)
+    res = quantize(x, spec)
+    y = dequantize(res.codes, spec, res.scales)
+    rows = torch.arange(4)
+    top = x.abs().argmax(-1)
+    assert torch.equal(y[rows, top], x[rows, top].sign() * res.scales), "each token's absmax decodes to its scale"
+    assert str(parse_scheme("lm3sp-token-rot64")) == "lm3sp-token-rot64"
+    with pytest.raises(SchemeError, match="levels"):
+        QuantSpec(3, True, "token", code="lm", pin_ends=True, levels=tuple(free.tolist()))
+
+
 def test_lloyd_max_on_a_gaussian_beats_the_normal_quantile_codebook():
     g = torch.Generator().manual_seed(3)
     v = (torch.randn(20000, generator=g) / 3.5).clamp(-1, 1)

@@ -116,6 +116,6 @@ def fit_tables(samples: torch.Tensor, scheme: Scheme, outlier_idx: torch.Tensor,
     per_rank = [_rank_values(samples[r].float(), scheme, outlier_idx, None if static_min is None else static_min[r],
                              None if static_max is None else static_max[r], tp) for r in range(tp)]
     if quant.table_scope == "site":
-        shared = tuple(lloyd_max(torch.cat(per_rank), quant.bits).tolist())
+        shared = tuple(lloyd_max(torch.cat(per_rank), quant.bits, pin_ends=quant.pin_ends).tolist())
         return [shared] * tp
-    return [tuple(lloyd_max(v, quant.bits).tolist()) for v in per_rank]
+    return [tuple(lloyd_max(v, quant.bits, pin_ends=quant.pin_ends).tolist()) for v in per_rank]

@@ -95,6 +95,7 @@ class QuantSpec:
     ``lm`` an index into a table of ``2**bits`` levels in [-1, 1] fitted by Lloyd-Max on the
     calibration's sample at each site (scale = absmax, as ``nf``; bits 2, 3 or 4). ``table_scope``
     ``rank`` fits one table per (site, rank), ``site`` one per site shared by its ranks.
+    ``pin_ends`` (``lm<B>p``) keeps the table's ends at -1 and +1 (the absmax decodes exactly).
     ``levels`` is the fitted table itself: set by the communicator per site and sender
     (``lowbit.method.fitted_codebook``), never part of ``str()``; a parsed ``lm`` spec has None.
 
@@ -114,6 +115,7 @@ class QuantSpec:
     code: str = "int"
     exp_bits: int = 0  # fp codes only: exponent bits (mantissa = bits - 1 - exp_bits)
     table_scope: str = "rank"  # lm codes only: whose sample a table is fitted on (TABLE_SCOPES)
+    pin_ends: bool = False  # lm codes only (lm<B>p): the end levels stay at -1 and +1, the absmax decodes exactly
     levels: tuple[float, ...] | None = None  # lm codes only: the fitted fp32 table, sorted, in [-1, 1]
 
     def __post_init__(self):
@@ -173,9 +175,9 @@ class QuantSpec:
 
     def _check_fitted(self) -> None:
         if self.code != "lm":
-            if self.levels is not None or self.table_scope != "rank":
+            if self.levels is not None or self.table_scope != "rank" or self.pin_ends:
                 raise SchemeError("levels", f"a fitted table not allowed for code {self.code!r}; allowed: "
-                                            "levels=None, table_scope='rank' (lm<B> only)")
+                                            "levels=None, table_scope='rank', pin_ends=False (lm<B> only)")
             return
         if self.bits not in FITTED_BITS:
             raise SchemeError("bits", f"{self.bits!r} not allowed for the fitted lm codebook; "
@@ -193,6 +195,8 @@ class QuantSpec:
             ok = (isinstance(lv, tuple) and len(lv) == 2**self.bits
                   and all(isinstance(v, float) and -1.0 <= v <= 1.0 for v in lv)
                   and all(a <= b for a, b in zip(lv, lv[1:])))
+            if ok and self.pin_ends:
+                ok = lv[0] == -1.0 and lv[-1] == 1.0
             if not ok:
                 raise SchemeError("levels", f"{lv!r} not allowed; allowed: a sorted tuple of {2**self.bits} "
                                             "floats in [-1, 1] (the fitted table) or None")
@@ -238,7 +242,7 @@ class QuantSpec:
         if self.code == "fp":
             return fp_code_text(self.bits, self.exp_bits)
         if self.code == "lm":
-            return f"lm{self.bits}" + ("s" if self.table_scope == "site" else "")
+            return f"lm{self.bits}" + ("s" if self.table_scope == "site" else "") + ("p" if self.pin_ends else "")
         return f"{self.code}{self.bits}{'' if self.symmetric else 'a'}"
 
     def __str__(self) -> str:
