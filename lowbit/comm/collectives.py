@@ -291,9 +291,9 @@ class QuantCommunicator(Communicator):
         """fp32 zeros + the dequantized payloads [n, nbytes] in row (rank) order; ``smins``/``smaxs``
         [n, width] are the senders' static ranges (None for dynamic scales); ``quant`` one spec for
         all rows or one per row (fitted tables: each sender's own)."""
-        if fused:
-            return self.codec.unpack_dequant_sum(payloads, tokens, width, quant, idx, smins, smaxs)
         quants = quant if isinstance(quant, list) else [quant] * payloads.shape[0]
+        if fused:  # the kernels' codes (uniform grid, nearest) decode the same for every sender
+            return self.codec.unpack_dequant_sum(payloads, tokens, width, quants[0], idx, smins, smaxs)
         out = torch.zeros(tokens, width, dtype=torch.float32, device=payloads.device)
         for r in range(payloads.shape[0]):
             out += decode(payloads[r], tokens, width, quants[r], idx, None if smins is None else smins[r],
