@@ -1,4 +1,4 @@
-# Size: ~565 lines: the int, nf and fp quantizers share the scale rules, the clamp counts and the bit packer.
+# Size: ~585 lines: the int, nf, lm and fp quantizers share the scale rules, the clamp counts and the bit packer.
 """Torch reference quantizers for the communicated partial sums, and the bit packer.
 
 The Triton kernels in ``kernels/`` must match these bit for bit, so every step is spelled out

@@ -1,4 +1,4 @@
-# Size: ~575 lines: each dataclass carries its own checks against a hidden size and TP size (int, nf, fp codes, scale formats, the gate), which is most of the file.
+# Size: ~620 lines: each dataclass carries its own checks against a hidden size and TP size (int, nf, fp, fitted lm codes, scale formats, the gate), which is most of the file.
 """The scheme dataclasses: what one site's partial sum becomes before it travels.
 
 ``Scheme`` (one site), ``SchemeMap`` (a default plus per-site overrides), ``QuantSpec`` (code,
