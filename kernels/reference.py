@@ -112,14 +112,15 @@ def check_input(x: torch.Tensor, quant: QuantSpec) -> None:
 
 
 def check_code(quant: QuantSpec) -> None:
-    """The kernels implement the uniform grid with bf16/fp32 scales only; the nf codebook, the fp
+    """The kernels implement the uniform grid with bf16/fp32 scales only; the nf and fitted lm codebooks, the fp
     codes and the fp16/e8m0/e4m3 scale formats stay on lowbit.quant's path (treating their codes
     or scale bytes as the grid's would decode wrong values without an error)."""
     code = getattr(quant, "code", "int")
     if code != "int":
         name = quant.code_text if code == "fp" else code
         raise ValueError(f"code {name!r}: the kernels implement the uniform int grid only; allowed: int "
-                         "(the nf codebook and the fp codes fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1 stay "
+                         "(the nf and fitted lm codebooks and the fp codes fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, "
+                         "fp4e2m1 stay "
                          "on lowbit.quant's torch path)")
     scale_dtype = getattr(quant, "scale_dtype", torch.bfloat16)
     if scale_dtype not in KERNEL_SCALE_DTYPES:

@@ -1,4 +1,4 @@
-# Size: ~565 lines: the int, nf and fp quantizers share the scale rules, the clamp counts and the bit packer.
+# Size: ~585 lines: the int, nf, lm and fp quantizers share the scale rules, the clamp counts and the bit packer.
 """Torch reference quantizers for the communicated partial sums, and the bit packer.
 
 The Triton kernels in ``kernels/`` must match these bit for bit, so every step is spelled out
@@ -50,6 +50,13 @@ codebook entry nearest ``x / scale`` (ties to the lower entry) and dequantizes t
 ``entry * scale``. Its signed code q = index - zero_index, so ``qrange_of`` gives
 (-zero_index, 2**b - 1 - zero_index) and the stored code q - qmin is the index itself; NaN,
 +-Inf, zero scales and excluded features behave exactly as for the uniform grid.
+
+Fitted codebook (``spec.code == "lm"``, scheme ``lm<B>[s]``): as ``nf`` (scale = absmax, c = 1,
+nearest entry, ties to the lower entry) against the table ``spec.levels`` that
+``lowbit.method.fitted_codebook`` fitted for this site and sender; the stored code is the entry's
+index (``qrange_of``: 0 .. 2**b - 1). A fitted table has no exact zero, so NaN decodes to the
+entry nearest 0 times the scale (still finite, still touching nothing else); a zero scale still
+decodes to exactly 0. Quantizing or decoding an ``lm`` spec without its table is an error.
 
 Floating-point codes (``spec.code == "fp"``, scheme ``fp<B>e<E>m<M>``): symmetric, scale =
 absmax / fmt_max (fmt_max the format's largest value: 448, 57344, 7.5, 28, 6), computed in
@@ -149,7 +156,7 @@ def qrange_of(spec: QuantSpec) -> tuple[int, int]:
     if spec.code == "nf":
         z = codebook.zero_index(spec.bits)
         return -z, 2**spec.bits - 1 - z
-    if spec.code == "fp":  # stored codes are the format's bit patterns; +0 is code 0
+    if spec.code in ("fp", "lm"):  # fp: the format's bit patterns (+0 is code 0); lm: the entry's index
         return 0, 2**spec.bits - 1
     return qrange(spec.bits, spec.symmetric)
 
@@ -219,7 +226,15 @@ def fp_decode(codes: torch.Tensor, bits: int, exp_bits: int) -> torch.Tensor:
 def _constant(spec: QuantSpec) -> float:
     """c for ``spec``: a codebook spans [-1, 1], so its scale is the absmax itself (fp codes
     divide by fmt_max in float64 instead: ``_fp_needed``)."""
-    return 1.0 if spec.code == "nf" else scale_constant(spec.bits, spec.symmetric)
+    return 1.0 if spec.code in ("nf", "lm") else scale_constant(spec.bits, spec.symmetric)
+
+
+def fitted_table(spec: QuantSpec) -> torch.Tensor:
+    """The fp32 table of an ``lm`` spec; a clear error when the communicator has not set it."""
+    if spec.levels is None:
+        raise ValueError(f"levels: {spec} has no fitted table; allowed: an lm spec whose levels were fitted on a "
+                         "calibration (lowbit.method.fitted_codebook.site_tables; a QuantCommunicator does it)")
+    return torch.tensor(spec.levels, dtype=_FP32)
 
 
 def _fp_needed(absmax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -466,6 +481,8 @@ def quantize(
         q = fp_encode(ratio, spec.bits, spec.exp_bits).to(_FP32)
     elif spec.code == "nf":
         q = (codebook.nearest_index(ratio, spec.bits) + qmin).to(_FP32)
+    elif spec.code == "lm":
+        q = codebook.nearest_index(ratio, spec.bits, fitted_table(spec).to(ratio.device)).to(_FP32)
     else:
         rounded = (stochastic_round(ratio, spec.rounding_seed) if spec.rounding == "stochastic"
                    else round_half_even(ratio))
@@ -499,6 +516,8 @@ def dequantize(
     """fp32 values from uint8 codes [..., H] and the scales (and mins) ``quantize`` returned."""
     if spec.code == "nf":
         q = codebook.decode_values(codes, spec.bits)
+    elif spec.code == "lm":
+        q = codebook.decode_values(codes, spec.bits, fitted_table(spec))
     elif spec.code == "fp":
         q = fp_decode(codes, spec.bits, spec.exp_bits)
     else:

@@ -7,8 +7,8 @@ import plotly.express as px
 import streamlit as st
 
 from launch import store
-from lowbit.scheme import (ALLOWED_BITS, FP_FORMATS, SCALE_FORMATS, OutlierSpec, QuantSpec, Scheme, SchemeError,
-                           ThresholdSpec, fp_code_text)
+from lowbit.scheme import (ALLOWED_BITS, CODEBOOK_BITS, FITTED_BITS, FP_FORMATS, SCALE_FORMATS, OutlierSpec, QuantSpec,
+                           Scheme, SchemeError, ThresholdSpec, fp_code_text)
 from lowbit.site import ROW_PARALLEL_MODULES
 from pages import _ui
 
@@ -37,17 +37,18 @@ def scheme_builder() -> str | None:
     """Controls -> one scheme string (lowbit.scheme owns the grammar); None if it cannot be built."""
     c1, c2, c3, c4, c5 = st.columns(5)
     with c1:
-        code = st.radio("Code", ["int", "nf", "fp"], horizontal=True, key="le_code",
+        code = st.radio("Code", ["int", "nf", "fp", "lm"], horizontal=True, key="le_code",
                         help="int: a uniform grid; nf: a fixed normal-quantile codebook (NF4-style, 3 or 4 bits), "
                              "finer near zero where most values are; fp: a saturating minifloat (FP8 E4M3/E5M2, "
-                             "FP6, FP4 E2M1 as in MX / NVFP4), scale = absmax / the format's largest value")
+                             "FP6, FP4 E2M1 as in MX / NVFP4), scale = absmax / the format's largest value; "
+                             "lm: a Lloyd-Max codebook fitted per site and rank on the calibration (2-4 bits)")
         if code == "fp":
             fp_name = st.selectbox("Format", list(FP_CHOICES), key="le_bits_fp",
                                    help="fp<B>e<E>m<M>: B bits, E exponent and M mantissa bits")
             bits, exp_bits = FP_CHOICES[fp_name]
         else:
-            bits = st.selectbox("Bits", ALLOWED_BITS if code == "int" else [3, 4],
-                                index=ALLOWED_BITS.index(4) if code == "int" else 1, key=f"le_bits_{code}")
+            choices = {"int": list(ALLOWED_BITS), "nf": list(CODEBOOK_BITS), "lm": list(FITTED_BITS)}[code]
+            bits = st.selectbox("Bits", choices, index=choices.index(4), key=f"le_bits_{code}")
             exp_bits = 0
         asym = st.checkbox("Asymmetric (scale + min)", key="le_asym", disabled=code != "int")
     with c2:

@@ -250,6 +250,12 @@ def test_layer_error_builder_offers_the_neighbouring_schemes(runs_with_results):
     fields = store.scheme_fields("int4-group64-perm")
     assert fields["options"] == "perm" and fields["family"] == "int4"
     assert store.scheme_fields("nf4-static-sp3")["select"] == "sparse"
+    at.checkbox(key="le_perm").uncheck().run()
+    at.radio(key="le_code").set_value("lm").run()
+    at.selectbox(key="le_bits_lm").set_value(3).run()
+    assert_clean(at)
+    assert "lm3-group64" in built(at)  # the fitted codebook, 2-4 bits
+    assert store.scheme_fields("lm3-group64")["family"] == "lm3"
 
 
 def test_layer_error_builder_offers_fp_codes_scale_formats_and_an_fp_second_leg(runs_with_results):

@@ -36,6 +36,16 @@ def test_grid_crosses_the_code_and_drops_what_the_codebook_cannot_do():
     assert grid_schemes(dict(bits=[4], granularity=["token"]), 576, 3, 2.0, 4.3) == ["int4-token"]  # int by default
 
 
+def test_grid_takes_whole_codes_and_the_fitted_codebook():
+    grid = dict(code=["lm", "lm4s", "fp4e2m1", "nf"], bits=[2, 3, 4], granularity=["token", "group64"],
+                rotation=[None, 64])
+    got = grid_schemes(grid, 576, 3, 2.0, 4.3)
+    assert {"lm2-token-rot64", "lm3-group64-rot64", "lm4-token", "lm4s-group64-rot64", "fp4e2m1-token-rot64",
+            "fp4e2m1-group64", "nf3-token"} <= set(got)
+    assert len([s for s in got if s.startswith("fp4e2m1")]) == 4  # a whole code ignores the bits axis
+    assert len([s for s in got if s.startswith("lm4s")]) == 4 and not any(s.startswith("nf2") for s in got)
+
+
 def test_pareto_frontier_drops_dominated_points():
     pts = [dict(scheme=s, bits_per_value=b, kl=k) for s, b, k in
            [("a", 4.0, 0.10), ("b", 3.0, 0.30), ("c", 3.5, 0.40), ("d", 2.5, 0.90), ("e", 4.0, 0.20)]]
@@ -98,6 +108,27 @@ def test_sweep_returns_a_frontier_and_resumes_without_recomputing(tiny_models, s
     after = json.loads((tmp_path / "points" / "sensitivity.json").read_text())["rows"]
     assert after[:len(before)] == before
     assert {r["scheme"] for r in after[len(before):]} == {"int8-token"}
+
+
+def test_sweep_allocates_over_fp_nf_and_fitted_codes(tiny_models, setup, tmp_path):
+    cands = ["lm2-token-rot16", "nf3-group16-rot16", "fp4e2m1-group16-rot16", "lm4s-token", "int8-token"]
+    params = dict(grid=dict(code=["lm", "fp4e2m1"], bits=[3], granularity=["token"], rotation=[16]),
+                  budget_min=2.0, budget_max=8.5, allocate=[3.0, 4.5], include_paper=False,
+                  allocate_candidates=cands, batch_size=2)
+    out = _sweep(tiny_models, setup, tmp_path / "points", params)
+    rows = json.loads((tmp_path / "points" / "sensitivity.json").read_text())["rows"]
+    layers = tiny_models[MODEL].model.config.num_hidden_layers
+    assert {r["scheme"] for r in rows} == set(cands) and len(rows) == layers * 2 * len(cands)
+    assert all(r["kl"] >= 0 for r in rows)
+    by_name = {p["scheme"]: p for p in out["points"]}
+    assert {"lm3-token-rot16", "fp4e2m1-token-rot16"} <= set(by_name)  # the grid's code axis
+    for budget in (3.0, 4.5):
+        allocated = [p for p in out["points"] if p["allocated_for"] == budget]
+        assert len(allocated) == 1 and allocated[0]["bits_per_value"] <= budget + 1e-9
+        assert allocated[0]["kl"] >= 0
+        # every site's scheme is one of the candidates
+        smap = parse_scheme_map(allocated[0]["scheme"])
+        assert {str(s) for s in smap.schemes()} <= set(cands)
 
 
 @pytest.mark.parametrize("params, field", [

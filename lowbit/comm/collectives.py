@@ -34,6 +34,10 @@ into the call's ``thr_overflow``), so the all-gather / all-to-all sizes never va
 every rank permutes its partial's features with the same calibrated order
 (``channel_permutation``) before anything else and the sum is permuted back once; BF16 outlier
 indices are moved into the permuted order. Nothing per message is sent for it.
+Fitted codebooks (``lm<B>[s]``, ``lowbit.method.fitted_codebook``): the site's plan fits every
+rank's table from the artifact once (``SitePlan.quants``: one first-leg spec per sender, its table
+in ``levels``); each rank encodes with its own and decodes every sender's payload with that
+sender's, so nothing about the table travels.
 Stochastic rounding (``-sr``): the first leg's quantizer draws its uniforms from a seed made of
 (communicator seed, site, rank, call number at that site), so reruns are bit-identical while
 ranks and calls get independent noise; the two-shot second leg rounds to nearest.
@@ -45,6 +49,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowbit.method.calibrate import Calibration, CalibrationError, select_outliers
+from lowbit.method.fitted_codebook import site_tables
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.comm.communicator import Communicator
 from lowbit.comm.dist import Group
@@ -104,6 +109,11 @@ class SitePlan:
     inverse: torch.Tensor | None = None  # [H] permuted position of each original feature
     sum_min: torch.Tensor | None = None  # [H] the reduced sum's calibrated range (a static second leg)
     sum_max: torch.Tensor | None = None
+    quants: list[QuantSpec] | None = None  # lm codes: the first-leg spec of each sender, its fitted table set
+
+    def sender_quants(self, quant: QuantSpec, tp: int) -> list[QuantSpec]:
+        """The first-leg spec each sender encoded with (``quant`` for all, unless fitted tables)."""
+        return self.quants if self.quants is not None else [quant] * tp
 
 
 class QuantCommunicator(Communicator):
@@ -163,7 +173,11 @@ class QuantCommunicator(Communicator):
                 if perm is not None:
                     raise CalibrationError(f"{site}: -perm with a static second leg is not implemented; "
                                            "allowed: a dynamic second leg with -perm")
-            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse, sum_min, sum_max)
+            quants = None
+            if scheme.quant.code == "lm":
+                tables = site_tables(self.calibration, site, scheme, idx, perm)
+                quants = [replace(scheme.quant, levels=t) for t in tables]
+            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse, sum_min, sum_max, quants)
         return self._plans[site]
 
     def _reduce(self, partial: torch.Tensor, site: Site):
@@ -189,7 +203,7 @@ class QuantCommunicator(Communicator):
             x = x.float()
         if plan.perm is not None:
             x = x[:, plan.perm.to(x.device)]
-        quant = self._call_quant(plan.scheme.quant, site)
+        quant = self._call_quant(plan.sender_quants(plan.scheme.quant, self.group.world_size)[self.group.rank], site)
         rot = plan.scheme.rotation
         if rot is not None and self.prerotated and plan.outlier_idx.numel():
             raise ValueError(f"{site}: prerotated partials cannot give unrotated BF16 outlier columns")
@@ -238,7 +252,8 @@ class QuantCommunicator(Communicator):
         n_codes = payload.numel()
         payload = append_outlier_columns(payload, x, idx)
         gathered = self.group.all_gather(payload)
-        summed = self._decode_sum(gathered[:, :n_codes], tokens, hidden, quant, None, None, None, {}, fused)
+        summed = self._decode_sum(gathered[:, :n_codes], tokens, hidden, plan.sender_quants(quant, tp), None, None,
+                                  None, {}, fused)
         out = _rotate(summed, rot, inverse=True, codec=self.codec)
         if idx.numel():
             out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
@@ -271,15 +286,17 @@ class QuantCommunicator(Communicator):
         counts = input_counts(x, quant, smin, smax, idx)
         return payload, {"clamped": counts["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}
 
-    def _decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant: QuantSpec, idx, smins, smaxs,
-                    dec_kw: dict, fused: bool) -> torch.Tensor:
+    def _decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant: QuantSpec | list[QuantSpec], idx,
+                    smins, smaxs, dec_kw: dict, fused: bool) -> torch.Tensor:
         """fp32 zeros + the dequantized payloads [n, nbytes] in row (rank) order; ``smins``/``smaxs``
-        [n, width] are the senders' static ranges (None for dynamic scales)."""
-        if fused:
-            return self.codec.unpack_dequant_sum(payloads, tokens, width, quant, idx, smins, smaxs)
+        [n, width] are the senders' static ranges (None for dynamic scales); ``quant`` one spec for
+        all rows or one per row (fitted tables: each sender's own)."""
+        quants = quant if isinstance(quant, list) else [quant] * payloads.shape[0]
+        if fused:  # the kernels' codes (uniform grid, nearest) decode the same for every sender
+            return self.codec.unpack_dequant_sum(payloads, tokens, width, quants[0], idx, smins, smaxs)
         out = torch.zeros(tokens, width, dtype=torch.float32, device=payloads.device)
         for r in range(payloads.shape[0]):
-            out += decode(payloads[r], tokens, width, quant, idx, None if smins is None else smins[r],
+            out += decode(payloads[r], tokens, width, quants[r], idx, None if smins is None else smins[r],
                           None if smaxs is None else smaxs[r], **dec_kw)
         return out
 
@@ -291,7 +308,8 @@ class QuantCommunicator(Communicator):
         fused = self._fused(quant, plan)
         payload, stats = self._encode(x, quant, idx, *self._static(plan, rank), enc_kw, fused)
         gathered = self.group.all_gather(payload)
-        out = self._decode_sum(gathered, tokens, hidden, quant, idx, plan.static_min, plan.static_max, dec_kw, fused)
+        out = self._decode_sum(gathered, tokens, hidden, plan.sender_quants(quant, tp), idx, plan.static_min,
+                               plan.static_max, dec_kw, fused)
         bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
         return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
                                           bytes_received=int(wire_bytes("gather", tp, payload.numel())))
@@ -323,8 +341,8 @@ class QuantCommunicator(Communicator):
         received = self.group.all_to_all(torch.cat(parts), send_splits, [own_bytes] * tp)
         smins = None if plan.static_min is None else plan.static_min[:, cols[rank]]
         smaxs = None if plan.static_max is None else plan.static_max[:, cols[rank]]
-        reduced = self._decode_sum(received.reshape(tp, own_bytes), tokens, width, quant, local_idx[rank], smins,
-                                   smaxs, dec_kw, fused)
+        reduced = self._decode_sum(received.reshape(tp, own_bytes), tokens, width, plan.sender_quants(quant, tp),
+                                   local_idx[rank], smins, smaxs, dec_kw, fused)
         if self.keep_first_leg:
             self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
         # Leg 2: requantize the reduced chunk (dynamic scales), all-gather padded payloads.

@@ -61,6 +61,9 @@ class Calibration:
     sample: torch.Tensor | None = None  # [L, M, tp, S, H]: first S tokens of the first batch (older artifacts: None)
     sum_min: torch.Tensor | None = None  # [L, M, H]: EMA of the reduced sum's per-batch min (older artifacts: None)
     sum_max: torch.Tensor | None = None
+    # fitted lm codebooks already built from this artifact, keyed by (site, scheme string): a
+    # derived cache (lowbit.method.fitted_codebook.site_tables), never saved
+    fitted: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tp(self) -> int:

@@ -62,13 +62,15 @@ from lowbit.model.engine import build_tp_model
 from lowbit.model.models import load_model
 from lowbit.model.tp import row_parallel_sites
 from lowbit.scheme import SchemeError, parse_scheme, parse_scheme_map
-from lowbit.wire.accounting import scheme_bits_per_value
+from lowbit.wire.accounting import scheme_bits_per_value, table_bytes
 
 PAPER = "int4-static-top1/64"
 SENSITIVITY_FILE = "sensitivity.json"
 SWEEP_DEFAULTS = dict(
     budget_min=2.0, budget_max=4.5, kl_max=None, kept_min=None,
-    grid=None,  # e.g. {"code": ["int", "nf"], "bits": [3, 4], "granularity": ["token", "group32"], "rotation": [null, 64]}
+    # e.g. {"code": ["int", "nf", "lm", "fp4e2m1"], "bits": [3, 4], "granularity": ["token", "group32"],
+    #       "rotation": [null, 64]}: a code with its width in it (fp4e2m1, lm4s) ignores "bits"
+    grid=None,
     allocate=[], allocate_candidates=list(DEFAULT_CANDIDATES), allocate_method="dp", sensitivity_chunks=1,
     include_paper=True, report_at=[4.2, 3.5, 3.0, 2.5], resume_from=None,
     seq_len=256, batch_size=2,
@@ -82,20 +84,23 @@ def point_key(scheme: str) -> str:
 
 
 def grid_schemes(grid: dict | None, hidden: int, tp: int, budget_min: float, budget_max: float) -> list[str]:
-    """Canonical scheme strings of the grid whose bits per value lie in the range."""
+    """Canonical scheme strings of the grid whose bits per value lie in the range. A code value is
+    a family (``int``, ``nf``, ``lm``: the ``bits`` axis gives the width) or a whole code with its
+    width (``fp4e2m1``, ``fp8e4m3``, ``lm4s``, ``int3a``: ``bits`` does not apply)."""
     if not grid:
         return []
     out = []
     for code, bits, gran, outl, rot, rounding in itertools.product(
             grid.get("code", ["int"]), grid.get("bits", [4]), grid.get("granularity", ["token"]),
             grid.get("outliers", [None]), grid.get("rotation", [None]), grid.get("rounding", ["nearest"])):
-        text = f"{code}{bits}-{gran}" + (f"-{outl}" if outl else "") + (f"-rot{rot}" if rot else "") \
+        code_text = code if any(ch.isdigit() for ch in code) else f"{code}{bits}"
+        text = f"{code_text}-{gran}" + (f"-{outl}" if outl else "") + (f"-rot{rot}" if rot else "") \
             + ("-sr" if rounding == "stochastic" else "")
         try:
             scheme = parse_scheme(text)
             scheme.validate_for(hidden, tp)
         except SchemeError:
-            continue  # e.g. rotation with static scales, nf2, nf with -sr: not a candidate
+            continue  # e.g. rotation with static scales, nf2, nf/lm/fp with -sr: not a candidate
         if budget_min - 1e-9 <= scheme_bits_per_value(scheme, hidden, tp) <= budget_max + 1e-9:
             out.append(str(scheme))
     return list(dict.fromkeys(out))
@@ -257,15 +262,18 @@ def sum_error(model_name: str, tp: int, schemes: list[str], calibration_dir: str
         m = build_tp_model(model_name, group, loaded=loaded)
         rows = layer_errors(m.model, group, list(held.split(1)), schemes, cal, modes=("local",))
         text = evaluate_text(m.model, group, held, schemes, cal, batch_size=1)
-        return rows, text
-    rows, text = ThreadWorld(tp).run(body)[0]
+        sites = [(site.layer, site.module) for site in row_parallel_sites(m.model)]
+        hidden = m.model.config.get_text_config().hidden_size
+        return rows, text, {s: table_bytes(s, sites, hidden, group.world_size) for s in schemes}
+    rows, text, tables = ThreadWorld(tp).run(body)[0]
     out = []
     for s in schemes:
         errs = [r["rel_error"] for r in rows if r["scheme"] == s and r["leg"] == "final"]
         out.append(dict(scheme=s, mean_rel_error=statistics.fmean(errs), median_rel_error=statistics.median(errs),
                         max_rel_error=max(errs), sites=len(errs), kl=text[s]["kl"], ppl=text[s]["ppl"],
                         top1_agreement=text[s]["top1_agreement"],
-                        bits_per_value=text[s]["bits_per_value"], tokens=text[s]["tokens"]))
+                        bits_per_value=text[s]["bits_per_value"], tokens=text[s]["tokens"],
+                        table_bytes=tables[s]))  # fitted codebooks (lm): once per run, not per message
     return out
 
 
@@ -290,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = dict(command="python -m lowbit.method.sweep " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                     date=started.isoformat(timespec="seconds"), seconds=round((datetime.now(timezone.utc) - started)
                                                                               .total_seconds(), 1),
+                    load=dict(start=list(load_start), end=list(os.getloadavg())), machine=f"{os.cpu_count()}-core CPU",
                     load_avg_start=list(load_start), load_avg_end=list(os.getloadavg()), cpus=os.cpu_count(),
                     model=args.model, tp=args.tp, chunks=args.chunks, seq_len=args.seq_len,
                     calibration=args.calibration)

@@ -59,6 +59,9 @@ Scheme strings (lowbit.scheme is the one parser):
     code:     int<B>[a]                     uniform grid, B in 2,3,4,5,6,8; 'a' = asymmetric (scale + min)
             | nf<B>                         normal-quantile codebook (NF-style), B in 3,4; symmetric
             | fp<B>e<E>m<M>                 saturating minifloat: fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1
+            | lm<B>[s][p]                   Lloyd-Max codebook fitted per site (and rank; 's': one table per
+                                            site, shared by its ranks; 'p': ends pinned at -1 and +1) on
+                                            calibration, B in 2,3,4; symmetric scale
     gran:     static | token | group<G>     static = per-feature scales from calibration
     scale:    -s<fmt>                       dynamic scales' format: bf16 (default) | fp32 | fp16 (saturates
                                             at 65504) | e8m0 (power of two, rounded up) | e4m3 (float8
@@ -89,6 +92,18 @@ Neighbouring schemes (related work, compared with the paper in the README):
   codebook is a constant: it never changes per message or per site; a different code at one
   site is a per-site override (;L28.down_proj=nf3-token). Symmetric only; rounds to the
   nearest entry; no stochastic rounding; never the two-shot second leg (that is int or fp).
+- lm<B>[s] (fitted non-uniform code, Lloyd-Max / 1-D k-means): as nf<B>, but the 2**B levels
+  are fitted on the calibration's stored partials (the first 16 tokens of the first batch at
+  every site and rank) after the quantizer's own normalization (rotation if any, then / the
+  feature's / token's / group's absmax), so they lie in [-1, 1] and follow this site's shape.
+  lm<B>: one table per (site, rank); lm<B>s: one per site, fitted on all its ranks' samples.
+  lm<B>p / lm<B>sp: the first and last levels stay at -1 and +1 (only the others are fitted),
+  so each token's / group's absmax decodes exactly, as with nf and int; unpinned, the fit
+  puts the ends where the squared error is smallest (about +-0.65 for 3-bit per-token tables
+  on SmolLM2), clipping the largest value of every token.
+  Deterministic (quantile init, fixed iterations, float64 then fp32), so every rank builds
+  every sender's table from the shared artifact: 0 bits per message; the tables' one-time size
+  (2**B fp32 per site and rank, or per site) is reported apart. Needs a calibration.
 - sp<n> (dense-and-sparse, SqueezeLLM; spike reserving, FlashCommunication v2): per token the
   n values of largest magnitude are taken out, zeroed, the rest quantized; the pairs travel
   in the message (fixed count, fixed size). 1 <= n <= H/2 of the message's features.
@@ -135,6 +150,9 @@ Examples:
   int4-token-sr                     Int4 per token with stochastic rounding
   nf4-static-top1/64                the paper's scheme with the 4-bit normal-quantile codebook
   nf3-group64                       3-bit codebook, one dynamic absmax per 64 features
+  lm4-token-rot64                   4-bit Lloyd-Max codebook fitted per site and rank, after rotation
+  lm3s-group64-rot64                3-bit fitted codebook, one table per site shared by its ranks
+  lm3p-token-rot64                  3-bit fitted codebook with its ends kept at -1 and +1
   int4-static-sp3                   3 largest-|x| values per token as (index, BF16) pairs
   int4-token-thr6c1/128             features with max|x| > 6 in this message in BF16, at most H/128
   int4-group64-perm                 Int4 per 64 features after the calibrated range-sorting permutation
@@ -155,7 +173,7 @@ Examples:
 # ---------------------------------------------------------------------------------------------
 
 _K = r"(\d+/\d+|\d*\.\d+|\d+)"
-_RE_QUANT = re.compile(r"(int|nf)(\d+)(a?)|fp(\d+)e(\d+)m(\d+)(a?)")
+_RE_QUANT = re.compile(r"(int|nf|lm)(\d+)(a|s?p?)|fp(\d+)e(\d+)m(\d+)(a?)")
 _RE_SCALE = re.compile(r"-s([a-z][a-z0-9]*)")
 _RE_GRAN = re.compile(r"static|token|group(\d+)")
 _RE_OUTLIERS = re.compile(r"top" + _K + r"|rand" + _K + r"(?:s(\d+))?")
@@ -180,9 +198,16 @@ def _parse_quant_spec(text: str, pos: int, field_name: str) -> tuple[QuantSpec, 
     m = _RE_QUANT.match(text, pos)
     if not m:
         return None, pos
-    exp_bits = 0
+    exp_bits, scope, pinned = 0, "rank", False
     if m.group(1) is not None:
-        code, bits, asym = m.group(1), int(m.group(2)), bool(m.group(3))
+        code, bits, suffix = m.group(1), int(m.group(2)), m.group(3)
+        if suffix not in ("", "a") and code != "lm":
+            raise SchemeError("code", f"{m.group(0)!r} not allowed: the suffixes 's' (a table shared by a site's "
+                                      "ranks) and 'p' (ends pinned at +-1) belong to the fitted codebook; "
+                                      "allowed: lm<B>[s][p]")
+        asym = suffix == "a"
+        scope = "site" if "s" in suffix else "rank"
+        pinned = "p" in suffix
     else:
         code, bits, exp_bits, asym = "fp", int(m.group(4)), int(m.group(5)), bool(m.group(7))
         if int(m.group(6)) != bits - 1 - exp_bits:
@@ -191,7 +216,7 @@ def _parse_quant_spec(text: str, pos: int, field_name: str) -> tuple[QuantSpec, 
                                       "fp4e2m1")
     if code == "int" and bits not in ALLOWED_BITS:
         raise SchemeError("bits", f"{bits} not allowed; allowed: {', '.join(map(str, ALLOWED_BITS))}")
-    if code == "nf" and field_name == "second":
+    if code in ("nf", "lm") and field_name == "second":
         raise SchemeError("second", "the requantization leg is a uniform grid or a minifloat; "
                                     "allowed: int<B>[a]-token|group<G> or fp<B>e<E>m<M>-token|group<G>")
     pos = m.end()
@@ -217,7 +242,7 @@ def _parse_quant_spec(text: str, pos: int, field_name: str) -> tuple[QuantSpec, 
         scale_dtype = SCALE_FORMATS[fmt]
         pos = s.end()
     spec = QuantSpec(bits, symmetric=not asym, granularity=gran, group_size=group_size, code=code,
-                     exp_bits=exp_bits, scale_dtype=scale_dtype)
+                     exp_bits=exp_bits, scale_dtype=scale_dtype, table_scope=scope, pin_ends=pinned)
     return spec, pos
 
 

@@ -1,4 +1,4 @@
-# Size: ~575 lines: each dataclass carries its own checks against a hidden size and TP size (int, nf, fp codes, scale formats, the gate), which is most of the file.
+# Size: ~620 lines: each dataclass carries its own checks against a hidden size and TP size (int, nf, fp, fitted lm codes, scale formats, the gate), which is most of the file.
 """The scheme dataclasses: what one site's partial sum becomes before it travels.
 
 ``Scheme`` (one site), ``SchemeMap`` (a default plus per-site overrides), ``QuantSpec`` (code,
@@ -32,7 +32,9 @@ WIRE_DTYPES = ("bf16", "fp32")
 MAX_K_FRAC = Fraction(1, 2)
 ROUNDINGS = ("nearest", "stochastic")
 MAX_ROTATION = 4096
-CODES = ("int", "nf", "fp")  # uniform grid, the normal-quantile codebook of lowbit.codebook, a minifloat
+# uniform grid, the normal-quantile codebook of lowbit.codebook, a minifloat, a Lloyd-Max codebook fitted
+# per site on calibration (lowbit.method.fitted_codebook)
+CODES = ("int", "nf", "fp", "lm")
 # The floating-point codes (scheme code fp<B>e<E>m<M>): (bits, exponent bits) -> largest finite value.
 # Saturating: no inf; e4m3 is float8_e4m3fn (no inf, its one NaN pattern never produced), e5m2 is
 # float8_e5m2 without its inf/NaN patterns, the 6- and 4-bit ones are OCP MX's FP6/FP4 (no inf/NaN).
@@ -40,6 +42,8 @@ FP_FORMATS = {(8, 4): 448.0, (8, 5): 57344.0, (6, 2): 7.5, (6, 3): 28.0, (4, 2):
 # codes per byte boundary: a group of fp4 / fp6 codes starts on a whole byte (2 per byte, 4 per 3 bytes)
 FP_GROUP_MULTIPLE = {4: 2, 6: 4, 8: 1}
 CODEBOOK_BITS = (3, 4)
+FITTED_BITS = (2, 3, 4)  # lm<B>: 2**B levels fitted per site (and rank) on the calibration's sample
+TABLE_SCOPES = ("rank", "site")  # lm<B>: one table per (site, rank); lm<B>s: one per site, shared by the ranks
 MAX_SPARSE = 255  # values per token taken out by -sp<n> (also at most half the message's features)
 MAX_INDEXED_HIDDEN = 65535  # sp/thr send uint16 column indices (0xFFFF is thr's unused-slot sentinel)
 MAX_THRESHOLD = 1e9
@@ -87,7 +91,13 @@ class QuantSpec:
     code: ``int`` a uniform grid of ``2**bits`` levels; ``nf`` an index into the fixed
     ``2**bits``-entry codebook of ``lowbit.codebook`` (symmetric, nearest entry, bits 3 or 4);
     ``fp`` a saturating minifloat of ``bits`` bits with ``exp_bits`` exponent bits (``FP_FORMATS``:
-    fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1), scale = absmax / the format's largest value.
+    fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1), scale = absmax / the format's largest value;
+    ``lm`` an index into a table of ``2**bits`` levels in [-1, 1] fitted by Lloyd-Max on the
+    calibration's sample at each site (scale = absmax, as ``nf``; bits 2, 3 or 4). ``table_scope``
+    ``rank`` fits one table per (site, rank), ``site`` one per site shared by its ranks.
+    ``pin_ends`` (``lm<B>p``) keeps the table's ends at -1 and +1 (the absmax decodes exactly).
+    ``levels`` is the fitted table itself: set by the communicator per site and sender
+    (``lowbit.method.fitted_codebook``), never part of ``str()``; a parsed ``lm`` spec has None.
 
     scale_dtype: one of ``SCALE_FORMATS`` (see there); fp16/e8m0/e4m3 for dynamic scales only.
     """
@@ -104,6 +114,9 @@ class QuantSpec:
     rounding_seed: int = 0
     code: str = "int"
     exp_bits: int = 0  # fp codes only: exponent bits (mantissa = bits - 1 - exp_bits)
+    table_scope: str = "rank"  # lm codes only: whose sample a table is fitted on (TABLE_SCOPES)
+    pin_ends: bool = False  # lm codes only (lm<B>p): the end levels stay at -1 and +1, the absmax decodes exactly
+    levels: tuple[float, ...] | None = None  # lm codes only: the fitted fp32 table, sorted, in [-1, 1]
 
     def __post_init__(self):
         if self.code not in CODES:
@@ -112,6 +125,7 @@ class QuantSpec:
             self._check_fp()
         elif self.exp_bits:
             raise SchemeError("exp_bits", f"{self.exp_bits!r} not allowed for code {self.code!r}; allowed: 0")
+        self._check_fitted()
         if self.code == "nf":
             if self.bits not in CODEBOOK_BITS:
                 raise SchemeError("bits", f"{self.bits!r} not allowed for the nf codebook; "
@@ -159,6 +173,34 @@ class QuantSpec:
                                                 f"{multiple} to a byte boundary, so a group must start on one); "
                                                 f"allowed: a multiple of {multiple}")
 
+    def _check_fitted(self) -> None:
+        if self.code != "lm":
+            if self.levels is not None or self.table_scope != "rank" or self.pin_ends:
+                raise SchemeError("levels", f"a fitted table not allowed for code {self.code!r}; allowed: "
+                                            "levels=None, table_scope='rank', pin_ends=False (lm<B> only)")
+            return
+        if self.bits not in FITTED_BITS:
+            raise SchemeError("bits", f"{self.bits!r} not allowed for the fitted lm codebook; "
+                                      f"allowed: {', '.join(map(str, FITTED_BITS))}")
+        if not self.symmetric:
+            raise SchemeError("symmetric", "the lm codebook is scaled by the absmax like nf; allowed: lm<B>[s] "
+                                           "without 'a' (its fitted levels need not be symmetric)")
+        if self.rounding != "nearest":
+            raise SchemeError("rounding", "the lm codebook rounds to the nearest entry; allowed: 'nearest' "
+                                          "(no -sr with lm<B>)")
+        if self.table_scope not in TABLE_SCOPES:
+            raise SchemeError("table_scope", f"{self.table_scope!r} not allowed; allowed: {', '.join(TABLE_SCOPES)}")
+        if self.levels is not None:
+            lv = self.levels
+            ok = (isinstance(lv, tuple) and len(lv) == 2**self.bits
+                  and all(isinstance(v, float) and -1.0 <= v <= 1.0 for v in lv)
+                  and all(a <= b for a, b in zip(lv, lv[1:])))
+            if ok and self.pin_ends:
+                ok = lv[0] == -1.0 and lv[-1] == 1.0
+            if not ok:
+                raise SchemeError("levels", f"{lv!r} not allowed; allowed: a sorted tuple of {2**self.bits} "
+                                            "floats in [-1, 1] (the fitted table) or None")
+
     def _check_fp(self) -> None:
         if (self.bits, self.exp_bits) not in FP_FORMATS:
             allowed = ", ".join(fp_code_text(b, e) for b, e in FP_FORMATS)
@@ -196,9 +238,11 @@ class QuantSpec:
 
     @property
     def code_text(self) -> str:
-        """The code as the grammar writes it, e.g. ``int4``, ``int3a``, ``nf4``, ``fp4e2m1``."""
+        """The code as the grammar writes it, e.g. ``int4``, ``int3a``, ``nf4``, ``fp4e2m1``, ``lm4``, ``lm4s``."""
         if self.code == "fp":
             return fp_code_text(self.bits, self.exp_bits)
+        if self.code == "lm":
+            return f"lm{self.bits}" + ("s" if self.table_scope == "site" else "") + ("p" if self.pin_ends else "")
         return f"{self.code}{self.bits}{'' if self.symmetric else 'a'}"
 
     def __str__(self) -> str:
@@ -365,7 +409,7 @@ class Scheme:
                 object.__setattr__(self, "second", DEFAULT_SECOND)
             if self.second.rounding != "nearest":
                 raise SchemeError("second", "the requantization leg rounds to nearest; allowed: rounding 'nearest'")
-            if self.second.code == "nf":
+            if self.second.code in ("nf", "lm"):
                 raise SchemeError("second", "the requantization leg is a uniform grid or a minifloat; "
                                             "allowed: int<B>[a]-token|group<G> or fp<B>e<E>m<M>-token|group<G>")
         self._check_new_options()
@@ -432,11 +476,13 @@ class Scheme:
 
     @property
     def needs_calibration(self) -> bool:
-        """True when static scales or a top-k outlier set must come from a calibration run."""
+        """True when static scales, a top-k outlier set or a fitted codebook (lm) must come from a
+        calibration run."""
         if self.is_exact:
             return False
         second_static = self.algo == "two_shot" and self.second.granularity == "static"
-        return self.quant.granularity == "static" or self.outliers.select == "topk" or self.permute or second_static
+        return (self.quant.granularity == "static" or self.outliers.select == "topk" or self.permute or second_static
+                or self.quant.code == "lm")
 
     def __str__(self) -> str:
         if self.is_exact:

@@ -15,13 +15,17 @@ Two questions, one owner each:
   the scheme's collective, in a ring model: exact all-reduce 2 (tp-1)/tp x the tensor; gather
   (tp-1) x its payload; two-shot (tp-1) first-leg chunks + (tp-1) padded second-leg chunks.
 
+- **Fitted codebook tables** (``table_bytes``): an ``lm<B>[s]`` site's tables are built once per
+  run from the calibration artifact on every rank, so they cost 0 bits per message; their size
+  (2**B fp32 per site and sender, or per site when shared) is reported as its own number.
+
 The communicators record these numbers per call (tests hold them equal to the bytes actually
 handed to the collectives); the Bits page, the results store's traffic table, the collective
 bench and the alpha-beta projection all call the functions here.
 """
 from __future__ import annotations
 
-from lowbit.scheme import PRESETS, QuantSpec, Scheme, SchemeError, parse_scheme
+from lowbit.scheme import PRESETS, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme, parse_scheme_map
 from lowbit.wire.payload import BIT_PARTS, OUTLIER_DTYPE, layout, scheme_layout
 
 METHODS = ("exact", "gather", "two_shot")  # the collectives a site's message can take
@@ -190,3 +194,20 @@ def preset_rows(hidden: int = 576, tp: int = 3, tokens: int = 8) -> list[dict]:
         row["total_bits"] = scheme_bits_per_value(scheme, hidden, tp, tokens)
         rows.append(row)
     return rows
+
+
+def table_bytes(scheme: Scheme | SchemeMap | str, sites: list[tuple[int, str]], hidden: int, tp: int) -> int:
+    """One-time bytes of the fitted codebook tables a run with ``scheme`` (a scheme or a map) holds
+    over ``sites`` (layer, module): per ``lm`` site, the sender's table (``PayloadLayout.table_bytes``)
+    for each of the tp ranks, or once when the ranks share it (``lm<B>s``). Never sent per message."""
+    smap = parse_scheme_map(scheme) if isinstance(scheme, str) else scheme
+    if isinstance(smap, Scheme):
+        smap = SchemeMap(smap)
+    total = 0
+    for layer, module in sites:
+        s = smap.for_site(layer, module)
+        if s.is_exact or s.quant.code != "lm":
+            continue
+        per_sender = layout(1, hidden, s.quant).table_bytes
+        total += per_sender * (tp if s.quant.table_scope == "rank" else 1)
+    return total

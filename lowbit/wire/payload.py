@@ -22,7 +22,9 @@ rounded up once); readers copy a section before reinterpreting its dtype. uint16
 little-endian. Static scales and mins (fp32 [H] per sending rank), the static outlier index
 list and the channel permutation (``-perm``: H uint16) are fixed by calibration and held by
 every receiver: they are not sent, so they cost 0 bits per value and are reported apart as
-``static_bytes``.
+``static_bytes``. A fitted codebook (``lm<B>[s]``) is the same kind of cost, but once per run
+rather than per site's message: each sender's table is 2**B fp32 entries (``table_bytes``, kept
+apart from ``static_bytes``; ``lowbit.wire.accounting.table_bytes`` sums it over sites and ranks).
 
 The per-message outliers (the neighbouring-work schemes; see ``lowbit.scheme``):
 
@@ -58,6 +60,7 @@ _INDEX_BYTES = 8  # receivers hold outlier indices as int64
 _U16_BYTES = 2  # sp/thr indices on the wire; also the static bytes of one -perm entry
 UNUSED_SLOT = 0xFFFF  # a thr index slot that carries no feature
 MESSAGE_SCALE_DTYPE = torch.float32  # e4m3 scales' second level: one per message, first in the scales section
+TABLE_DTYPE = torch.float32  # a fitted codebook's entries (lm<B>), built once per run from the artifact
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class PayloadLayout:
     sparse_values: Section | None = None
     sparse: int = 0
     capacity: int = 0
+    table_bytes: int = 0  # lm codes: the sender's fitted table (2**B fp32), held by receivers, never sent per message
 
     @property
     def total_bytes(self) -> int:
@@ -166,8 +170,9 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     static_bytes = n_outliers * _INDEX_BYTES + (hidden * _U16_BYTES if permuted else 0)
     if quant.granularity == "static":
         static_bytes += hidden * 4 * (1 if quant.symmetric else 2)  # fp32 scales (+ mins) per sender
+    table = 2**quant.bits * TABLE_DTYPE.itemsize if quant.code == "lm" else 0
     return PayloadLayout(tokens, hidden, n_outliers, quant.bits, scales, mins, codes, outliers, static_bytes,
-                         thr_index, sparse_index, sparse_values, sparse, capacity)
+                         thr_index, sparse_index, sparse_values, sparse, capacity, table)
 
 
 def scheme_layout(scheme: Scheme, tokens: int, width: int, n_outliers: int = 0) -> PayloadLayout:
