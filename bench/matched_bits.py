@@ -1,6 +1,5 @@
-"""The README's matched-bits table, rendered from ``sum-error`` result files (no model runs here).
-
-    .venv/bin/python -m bench.matched_bits bench/results/matched-bits-*.json
+"""Rows of several ``sum-error`` result files as one table (the README's matched-bits table, which
+``python -m bench.report`` renders through ``load_rows``; no model runs here).
 
 Each file is what ``python -m lowbit.method.sweep sum-error ... --out FILE`` wrote: a ``meta``
 block (command, date, load, machine) and one row per scheme. Rows print sorted by bits per value
@@ -10,7 +9,6 @@ have the same KL in both (the runs are deterministic), else this refuses.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -36,16 +34,3 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| `{r['scheme']}` | {r['bits_per_value']:.4g} | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% "
                      f"| {r['ppl']:.2f} | {r['mean_rel_error']:.4f} | {r.get('table_bytes', 0)} | {r['source']} |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
-    if not paths:
-        print("usage: python -m bench.matched_bits FILE.json [...]", file=sys.stderr)
-        return 2
-    print(markdown(load_rows(paths)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

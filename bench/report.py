@@ -22,6 +22,7 @@ from typing import Callable
 
 from bench.accuracy import markdown as accuracy_markdown
 from bench.collectives import markdown_table as collectives_markdown
+from bench.matched_bits import load_rows as matched_rows
 from bench.throughput import markdown as throughput_markdown
 from launch.client import format_results
 from lowbit.scheme import MAX_MIN_MESSAGE
@@ -58,8 +59,9 @@ def source_line(name: str, data: dict, note: str = "") -> str:
     if command:
         parts.append(f"`{command}`")
     when = [str(meta["date"])[:19].replace("T", " ")] if meta.get("date") else []
-    start = meta.get("load_avg_start") or meta.get("load_avg") or meta.get("load_avg_before")
-    end = meta.get("load_avg_end") or meta.get("load_avg_after")
+    load = meta.get("load") if isinstance(meta.get("load"), dict) else {}  # bench._meta's block
+    start = load.get("start") or meta.get("load_avg_start") or meta.get("load_avg") or meta.get("load_avg_before")
+    end = load.get("end") or meta.get("load_avg_end") or meta.get("load_avg_after")
     if start:
         when.append(f"load {_load_text(start)}" + (f" -> {_load_text(end)}" if end else ""))
     run = data.get("run") if isinstance(data.get("run"), (str, dict)) else None
@@ -312,12 +314,127 @@ def evaluate_tasks() -> str:
                                     "writes `<out>/results.json`, kept here as one file")
 
 
+OUTLIERS = "outliers-smollm2-135m-tp3-gemma3-270m-tp2.json"
+
+
+def _at(where: dict) -> str:
+    return f"L{where['layer']} {where['module']}" + (f" r{where['rank']}" if "rank" in where else "")
+
+
+def outliers() -> str:
+    """bench.outliers: consistency (Jaccard) and size of two calibrations' outliers, side by side."""
+    data = load(OUTLIERS)
+    models = list(data["models"].values())
+    lines = [
+        ("calibration tokens (batches)", lambda m: f"{m['tokens']} ({m['batches']})"),
+        ("k of hidden; Jaccard of two random k-sets", lambda m: f"{m['k']} of {m['hidden']}; {m['random_jaccard']:.3f}"),
+        ("Jaccard batch vs EMA set, mean / min", lambda m: f"{m['jaccard_batches_mean']:.3f} / {m['jaccard_batches_min']:.3f}"),
+        ("the same, batches after the first", lambda m: f"{m['jaccard_later_batches_mean']:.3f}"),
+        ("Jaccard rank vs rank, mean / min", lambda m: f"{m['jaccard_ranks_mean']:.3f} / {m['jaccard_ranks_min']:.3f}"),
+        ("Jaccard between layers, all pairs / adjacent",
+         lambda m: f"{m['jaccard_layers_mean']:.3f} / {m['jaccard_adjacent_layers_mean']:.3f}"),
+        ("largest stored partial value, where", lambda m: f"{m['largest_sample_value']:.3g} ({_at(m['largest_sample_at'])})"),
+        ("its ratio to that partial's median magnitude", lambda m: f"{m['largest_sample_ratio_to_median']:.3g}"),
+        ("largest per-batch extreme, where",
+         lambda m: f"{m['largest_batch_extreme']:.3g} ({_at(m['largest_batch_extreme_at'])})"),
+        (f"sites with a feature range > {models[0]['ratio']:g}x the site's median (site-ranks)",
+         lambda m: f"{m['sites_over_ratio']} of {m['sites']} ({m['site_ranks_over_ratio']} of {m['site_ranks']})"),
+        ("largest range / median range, where",
+         lambda m: f"{m['largest_range_ratio']:.3g} ({_at(m['largest_range_ratio_at'])})"),
+    ]
+    head = [""] + [f"{m['model']} TP {m['tp']}" for m in models]
+    return table(head, [[label] + [fmt(m) for m in models] for label, fmt in lines]) + "\n\n" + \
+        source_line(OUTLIERS, data)
+
+
+PLAN = "accuracy-smollm2-135m-tp3-se0.03-plan.json"
+
+
+def accuracy_plan() -> str:
+    """bench.accuracy --target-se --plan-only: items per task from the pilot, and the time it predicts."""
+    data = load(PLAN)
+    plan = data["plan"]
+    rows = [[t["task"], t["primary"], str(t["available"]), f"`{t['driving_scheme']}`", str(t["items_needed"]),
+             str(t["items_run"]), f"{100 * t['expected_delta_se']:.2f}", f"{t['seconds_per_item_per_scheme']:.2f}",
+             f"{t['estimated_seconds']:.0f}"] for t in plan["tasks"]]
+    head = ["task", "metric", "items", "noisiest scheme", "items needed", "items run", "expected Δ SE (pts)",
+            "s / item / scheme (pilot)", "estimated s"]
+    note = (f"target SE {100 * plan['target_se']:g} points ({plan['target']}); {len(plan['schemes'])} schemes; "
+            f"pilot run `{plan['pilot_run']}` ({plan['pilot_items'] if 'pilot_items' in plan else plan['tasks'][0]['pilot_items']} "
+            f"items, {plan['pilot_seconds']:.0f} s); whole run estimated {plan['estimated_seconds']:.0f} s")
+    return table(head, rows) + "\n\n" + source_line(PLAN, data, note)
+
+
+DEMO_FILES = ["demo-gemma3-270m-tp2.json"]
+
+
+def demo_gemma() -> str:
+    """bench.demo_timing: the Gemma demo from submit to result, per submit, with the load around it."""
+    rows, sources = [], []
+    for name in DEMO_FILES:
+        data = load(name)
+        for sub in data["submits"]:
+            cache = "model warm, calibration " + ("cached" if sub["calibration_cached"] else "cold") \
+                if sub["model_cached"] else "model cold"
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in sub["stages"].items() if v >= 0.5)
+            cpu = sub.get("cpu_seconds")
+            rows.append([cache, f"`{sub['run']}`", f"{sub['wall_seconds']:.0f}", "" if cpu is None else f"{cpu:.0f}",
+                         f"{sub['load_before'][0]:.1f} -> {sub['load_after'][0]:.1f}", stages])
+        sources.append(source_line(name, data))
+    head = ["cache", "run", "wall s", "CPU s (all ranks)", "load before -> after", "stages (s)"]
+    return table(head, rows) + "\n\n" + "\n".join(f"- {s}" for s in sources)
+
+
+MATCHED_FILES = ["matched-bits-presets.json", "matched-bits-new.json", "matched-bits-pinned.json",
+                 "matched-bits-scales.json"]
+# the README's rows: the paper, every preset that runs at 576, and the best new schemes near 4.25 bits
+MATCHED = ["int4-static-top1/64", "mxfp4", "nvfp4", "quickreduce-int4", "mxfp8", "quickreduce-int6", "quickreduce-int8",
+           "lm4-group64-rot64", "nf4-group64-rot64", "fp4e2m1-group32-se8m0-rot64", "lm4-group32-se8m0-rot64",
+           "lm4p-static-top1/64", "lm4-static-top1/64", "lm4p-token-rot64", "lm4-token-rot64", "lm4s-token-rot64",
+           "nf4-token-rot64", "fp4e2m1-token-rot64"]
+
+
+def matched_bits() -> str:
+    """The paper against the presets and the new codes, rows of several sum-error files (one run each)."""
+    by = {r["scheme"]: r for r in matched_rows([str(ROOT / RESULTS / n) for n in MATCHED_FILES])}
+    missing = [s for s in MATCHED if s not in by]
+    if missing:
+        raise ReportError(f"no rows for {', '.join(missing)}")
+    rows = [[f"`{r['scheme']}`", f"{r['bits_per_value']:.4g}", f"{r['kl']:.4f}", _pct(r["top1_agreement"]),
+             f"{r['ppl']:.2f}", f"{r.get('table_bytes', 0):,}", r["source"]] for r in (by[s] for s in MATCHED)]
+    head = ["scheme", "bits/value (both legs)", "KL", "top-1 agree", "ppl", "table bytes (once per run)", "file"]
+    return table(head, rows) + "\n\n" + "\n".join(f"- {source_line(n, load(n))}" for n in MATCHED_FILES)
+
+
+SWEEPS_LM = ["sweep-lm-allocation.json", "sweep-lm-pinned-allocation.json", "sweep-lm-group32-allocation.json"]
+
+
+def sweep_lm() -> str:
+    """Per-site allocations with the fitted codebooks among the candidates: the best point per budget."""
+    rows, notes = [], []
+    for name in SWEEPS_LM:
+        data = load(name)
+        points = {p["scheme"]: p for p in data["points"]}
+        cands = ", ".join(f"`{c}`" for c in data["params"]["allocate_candidates"])
+        for budget, scheme in sorted(data["best_at"].items(), key=lambda kv: -float(kv[0])):
+            p = points[scheme]
+            rows.append([f"`{data['run']['id']}`", budget, f"{p['bits_per_value']:.3f}", f"{p['kl']:.4f}",
+                         _pct(p["top1_agreement"]), f"{p['ppl']:.2f}"])
+        spec = name.replace(".json", ".spec.json")
+        resumed = load(spec)["params"].get("resume_from")
+        notes.append(f"- `{data['run']['id']}` ({data['run']['seconds']:.0f} s"
+                     + (f", resumed from `{resumed}`" if resumed else "") + f"): candidates {cands}; "
+                     f"`{RESULTS / name}`, its spec `{RESULTS / spec}`")
+    return table(["sweep", "budget", "bits/value", "KL", "top-1", "ppl"], rows) + "\n\n" + "\n".join(notes)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "uniform": uniform, "codebook": codebook, "threshold": threshold, "rounding": rounding, "sweep-nf": sweep_nf,
     "presets": presets, "kernels-cpu": kernels_cpu, "kernels-native": kernels_native,
     "collectives-gate": collectives_gate, "accuracy": accuracy, "gemma-tp2": gemma_tp2, "neighbours": neighbours,
     "collectives-8192": collectives_8192, "throughput-native": throughput_native, "throughput-eager": throughput_eager,
-    "evaluate-tasks": evaluate_tasks,
+    "evaluate-tasks": evaluate_tasks, "outliers": outliers, "accuracy-plan": accuracy_plan, "demo-gemma": demo_gemma,
+    "matched-bits": matched_bits, "sweep-lm": sweep_lm,
 }
 
 

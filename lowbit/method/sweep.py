@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                     date=started.isoformat(timespec="seconds"), seconds=round((datetime.now(timezone.utc) - started)
                                                                               .total_seconds(), 1),
                     load=dict(start=list(load_start), end=list(os.getloadavg())), machine=f"{os.cpu_count()}-core CPU",
-                    load_avg_start=list(load_start), load_avg_end=list(os.getloadavg()), cpus=os.cpu_count(),
+                    cpus=os.cpu_count(),
                     model=args.model, tp=args.tp, chunks=args.chunks, seq_len=args.seq_len,
                     calibration=args.calibration)
         _write_json(Path(args.out), dict(meta=meta, rows=rows))
