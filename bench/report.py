@@ -365,7 +365,7 @@ def accuracy_plan() -> str:
     return table(head, rows) + "\n\n" + source_line(PLAN, data, note)
 
 
-DEMO_FILES = ["demo-gemma3-270m-tp2.json"]
+DEMO_FILES = ["demo-gemma3-270m-tp2-cold.json", "demo-gemma3-270m-tp2-warm.json", "demo-gemma3-270m-tp2.json"]
 
 
 def demo_gemma() -> str:
