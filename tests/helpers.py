@@ -31,3 +31,12 @@ def assert_close_verbose(actual, expected, atol=0.0, rtol=0.0, msg: str = "", ma
             f"diff={(a[i] - e[i]).abs().item():.3g} bound={bound[i].item():.3g}"
         )
     raise AssertionError("\n".join(lines))
+
+
+def scale_per_element(res, spec, shape):
+    """A quantizer result's scales broadcast to every element (static / token / group granularity)."""
+    if spec.granularity == "static":
+        return res.scales.expand(shape)
+    if spec.granularity == "token":
+        return res.scales.unsqueeze(-1).expand(shape)
+    return res.scales.repeat_interleave(spec.group_size, -1)

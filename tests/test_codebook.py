@@ -12,7 +12,7 @@ from lowbit.codebook import boundaries, codebook, max_gap, nearest_index, zero_i
 from lowbit.wire.payload import decode, encode, layout
 from lowbit.quant import dequantize, quantize
 from lowbit.scheme import QuantSpec, parse_scheme
-from tests.helpers import assert_close_verbose
+from tests.helpers import assert_close_verbose, scale_per_element
 
 FP32_EPS = 2.0**-23
 NF_SPECS = [QuantSpec(b, True, gran, 16 if gran == "group" else None, code="nf")
@@ -48,14 +48,6 @@ def test_nearest_index_is_the_argmin_and_ties_go_to_the_lower_entry(bits):
     assert nearest_index(inf, bits).tolist() == [0, 2**bits - 1, 0, 2**bits - 1]
 
 
-def _scale_per_element(res, spec, shape):
-    if spec.granularity == "static":
-        return res.scales.expand(shape)
-    if spec.granularity == "token":
-        return res.scales.unsqueeze(-1).expand(shape)
-    return res.scales.repeat_interleave(spec.group_size, -1)
-
-
 @pytest.mark.parametrize("spec", NF_SPECS, ids=str)
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31), tokens=st.integers(1, 6), spread=st.sampled_from([1e-3, 1.0, 300.0]))
@@ -65,7 +57,7 @@ def test_nf_error_is_within_half_the_largest_gap_times_scale(spec, seed, tokens,
     lo, hi = x.amin(0) - 0.01, x.amax(0) + 0.01
     res = quantize(x, spec, lo, hi)
     y = dequantize(res.codes, spec, res.scales)
-    scale = _scale_per_element(res, spec, x.shape)
+    scale = scale_per_element(res, spec, x.shape)
     # half the largest gap times the scale, plus fp32 rounding of x/scale and entry*scale
     bound = scale * max_gap(spec.bits) / 2 + 4 * FP32_EPS * (x.abs() + scale)
     assert_close_verbose(y, x, atol=bound, msg=str(spec))
@@ -84,7 +76,7 @@ def test_nf_nan_and_inf_do_not_poison_other_values(spec):
     assert res.nonfinite == 3
     assert torch.isfinite(y).all()
     assert y[0, 1] == 0.0, "NaN decodes to the exact zero entry"
-    scale = _scale_per_element(res, spec, x.shape)
+    scale = scale_per_element(res, spec, x.shape)
     assert y[1, 2] == scale[1, 2] and y[2, 3] == -scale[2, 3], "+-Inf take the end entries"
     mask = torch.isfinite(x)
     ref = quantize(torch.where(mask, x, 0.0), spec, lo, hi)

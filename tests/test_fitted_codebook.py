@@ -21,7 +21,7 @@ from lowbit.scheme import QuantSpec, SchemeError, parse_scheme
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.wire.accounting import scheme_bits_per_value, table_bytes
 from lowbit.wire.payload import decode, encode, layout
-from tests.helpers import assert_close_verbose
+from tests.helpers import assert_close_verbose, scale_per_element
 
 FP32_EPS = 2.0**-23
 HIDDEN, TP, LAYERS, SAMPLE = 64, 2, 2, 16
@@ -89,14 +89,6 @@ def test_table_max_gap_counts_the_ends_and_matches_nf():
     assert table_max_gap(torch.tensor([-0.5, 0.0, 0.5, 0.6])) == pytest.approx(1.0)  # twice the first entry's distance to -1
 
 
-def _scale_per_element(res, spec, shape):
-    if spec.granularity == "static":
-        return res.scales.expand(shape)
-    if spec.granularity == "token":
-        return res.scales.unsqueeze(-1).expand(shape)
-    return res.scales.repeat_interleave(spec.group_size, -1)
-
-
 @pytest.mark.parametrize("spec", LM_SPECS, ids=lambda s: f"{s}-{len(s.levels)}")
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), tokens=st.integers(1, 6), spread=st.sampled_from([1e-3, 1.0, 300.0]))
@@ -106,7 +98,7 @@ def test_lm_error_is_within_half_the_largest_gap_of_its_table_times_scale(spec, 
     lo, hi = x.amin(0) - 0.01, x.amax(0) + 0.01
     res = quantize(x, spec, lo, hi)
     y = dequantize(res.codes, spec, res.scales)
-    scale = _scale_per_element(res, spec, x.shape)
+    scale = scale_per_element(res, spec, x.shape)
     # half the table's largest gap (ends to +-1 counted twice) times the scale, plus fp32 rounding
     bound = scale * table_max_gap(torch.tensor(spec.levels)) / 2 + 4 * FP32_EPS * (x.abs() + scale)
     assert_close_verbose(y, x, atol=bound, msg=str(spec))
@@ -125,7 +117,7 @@ def test_lm_nan_and_inf_do_not_poison_other_values(spec, seed):
     res = quantize(x, spec, lo, hi)
     y = dequantize(res.codes, spec, res.scales)
     assert res.nonfinite == 3 and torch.isfinite(y).all()
-    scale = _scale_per_element(res, spec, x.shape)
+    scale = scale_per_element(res, spec, x.shape)
     table = torch.tensor(spec.levels)
     assert y[1, 2] == table[-1] * scale[1, 2] and y[2, 3] == table[0] * scale[2, 3], "+-Inf take the end entries"
     assert y[0, 1] == table[table.abs().argmin()] * scale[0, 1], "NaN codes as 0: the entry nearest zero"
