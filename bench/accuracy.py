@@ -37,6 +37,7 @@ from launch.client import submit_and_watch
 from launch.events import read_events
 from launch.layout import run_paths
 from lowbit import stats
+from lowbit.model.data import TASK_INFO, task_table
 
 # The issue's table: exact, Int8/4/3/2 on all features (static per-feature scales, as the paper's
 # baseline), random-BF16 and top-k-BF16 Int4 (the paper), and a dynamic per-group scheme.
@@ -183,11 +184,10 @@ def check_sizing_args(parser: argparse.ArgumentParser, args) -> None:
 
 def available_items(tasks: list[str]) -> dict[str, int]:
     """Each task's item count, from the table ``python -m lowbit tasks`` prints."""
-    from lowbit.model.data import task_table  # reads every task's requests (~25 s): only when sizing
-    sizes = {row["task"]: row["items"] for row in task_table()}
-    unknown = [t for t in tasks if t not in sizes]
+    unknown = [t for t in tasks if t not in TASK_INFO]
     if unknown:
-        raise SystemExit(f"error: --tasks: {', '.join(unknown)} unknown; allowed: {', '.join(sizes)}")
+        raise SystemExit(f"error: --tasks: {', '.join(unknown)} unknown; allowed: {', '.join(TASK_INFO)}")
+    sizes = {row["task"]: row["items"] for row in task_table(tasks)}
     return {t: sizes[t] for t in tasks}
 
 
