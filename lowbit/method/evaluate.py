@@ -94,12 +94,13 @@ def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: SchemePlan
     for step, ids in enumerate(batches):
         ids = ids.to(device)
         targets = ids[:, 1:]
-        ref = None
+        ref = ref_top = None
         for name, comm in comms.items():
             set_communicator(model, comm)
             logp = scores.log_probs(model, ids)
-            ref = logp if ref is None else ref
-            nll, kl, top1 = scores.metrics(logp, ref, targets)
+            if ref is None:  # the fp32 reference comes first: its arg-max serves every scheme of the batch
+                ref, ref_top = logp, scores.argmax(logp)
+            nll, kl, top1 = scores.metrics(logp, ref, ref_top, targets)
             a = acc[name]
             a["nll"] += nll
             a["tokens"] += targets.numel()
@@ -135,19 +136,24 @@ class TextScores:
         total = self.group.all_reduce((logits - peak[..., None]).exp().sum(-1))
         return logits - (peak + total.log())[..., None]
 
-    def metrics(self, logp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, int]:
-        """(sum of -log p(target), sum of KL(ref || logp), positions whose arg-max agrees with ref's)."""
+    def metrics(self, logp: torch.Tensor, ref: torch.Tensor, ref_top: torch.Tensor,
+                targets: torch.Tensor) -> tuple[float, float, int]:
+        """(sum of -log p(target), sum of KL(ref || logp), positions whose arg-max is ``ref_top``,
+        the reference's ``argmax``)."""
+        top1 = int((self.argmax(logp) == ref_top).sum().item())
         if self.group is None:
-            return (-logp.gather(-1, targets[..., None]).sum().item(), stats.kl_per_token(ref, logp).sum().item(),
-                    int((logp.argmax(-1) == ref.argmax(-1)).sum().item()))
+            return -logp.gather(-1, targets[..., None]).sum().item(), stats.kl_per_token(ref, logp).sum().item(), top1
         local = targets - self.lo
         mine = (local >= 0) & (local < logp.shape[-1])
         picked = logp.gather(-1, local.clamp(0, logp.shape[-1] - 1)[..., None]).squeeze(-1)
         sums = torch.stack([-(picked * mine).sum(), stats.kl_per_token(ref, logp).sum()])
         nll, kl = self.group.all_reduce(sums).tolist()
-        return nll, kl, int((self._argmax(logp) == self._argmax(ref)).sum().item())
+        return nll, kl, top1
 
-    def _argmax(self, logp: torch.Tensor) -> torch.Tensor:
+    def argmax(self, logp: torch.Tensor) -> torch.Tensor:
+        """Token id of the largest log-probability at each position (ties: the lowest id)."""
+        if self.group is None:
+            return logp.argmax(-1)
         best, where = logp.max(-1)
         best, where = self.group.all_gather(best.contiguous()), self.group.all_gather((where + self.lo).contiguous())
         return where.gather(0, best.argmax(0, keepdim=True)).squeeze(0)
