@@ -104,21 +104,22 @@ def outlier_summary(cal: Calibration, ratio: float = 100.0) -> dict:
     return out
 
 
+# one (label, format) per summary number: the printed table here and the README block (bench.report)
 ROWS = [("tokens x batches", lambda s: f"{s['tokens']} x {s['batches']}"),
         ("k (hidden/64) of hidden", lambda s: f"{s['k']} of {s['hidden']}"),
         ("Jaccard random sets", lambda s: f"{s['random_jaccard']:.3f}"),
         ("Jaccard batch vs EMA mean/min", lambda s: f"{s['jaccard_batches_mean']:.3f} / {s['jaccard_batches_min']:.3f}"),
-        ("  batches after the first, mean", lambda s: "-" if s["jaccard_later_batches_mean"] is None else
+        ("Jaccard later batches vs EMA, mean", lambda s: "-" if s["jaccard_later_batches_mean"] is None else
          f"{s['jaccard_later_batches_mean']:.3f}"),
         ("Jaccard rank vs rank mean/min", lambda s: "-" if s["jaccard_ranks_mean"] is None else
          f"{s['jaccard_ranks_mean']:.3f} / {s['jaccard_ranks_min']:.3f}"),
         ("Jaccard layers all/adjacent", lambda s: f"{s['jaccard_layers_mean']:.3f} / {s['jaccard_adjacent_layers_mean']:.3f}"),
         ("largest stored partial |x|", lambda s: f"{s.get('largest_sample_value', float('nan')):.3g}"),
-        ("  at layer/module/rank", lambda s: "{layer} {module} r{rank}".format(**s["largest_sample_at"])
+        ("largest stored partial: layer/module/rank", lambda s: "{layer} {module} r{rank}".format(**s["largest_sample_at"])
          if "largest_sample_at" in s else "-"),
-        ("  / median |x| there", lambda s: f"{s.get('largest_sample_ratio_to_median') or float('nan'):.3g}"),
+        ("largest stored partial / median |x| there", lambda s: f"{s.get('largest_sample_ratio_to_median') or float('nan'):.3g}"),
         ("largest batch extreme |x|", lambda s: f"{s['largest_batch_extreme']:.3g}"),
-        ("  at layer/module/rank", lambda s: "{layer} {module} r{rank}".format(**s["largest_batch_extreme_at"])),
+        ("largest batch extreme: layer/module/rank", lambda s: "{layer} {module} r{rank}".format(**s["largest_batch_extreme_at"])),
         ("sites with range > ratio x median", lambda s: f"{s['sites_over_ratio']} of {s['sites']}"),
         ("site-ranks, same", lambda s: f"{s['site_ranks_over_ratio']} of {s['site_ranks']}"),
         ("largest range / median range", lambda s: f"{s['largest_range_ratio']:.3g}")]

@@ -1,3 +1,4 @@
+# Size: ~490 lines: one short renderer per README table (21 of them) after the shared reading and checking.
 """README tables rendered from the result files under bench/results/, through one renderer.
 
     .venv/bin/python -m bench.report            # rewrite every table block of README.md from its files
@@ -23,6 +24,7 @@ from typing import Callable
 from bench.accuracy import markdown as accuracy_markdown
 from bench.collectives import markdown_table as collectives_markdown
 from bench.matched_bits import load_rows as matched_rows
+from bench.outliers import ROWS as OUTLIER_ROWS
 from bench.throughput import markdown as throughput_markdown
 from launch.client import format_results
 from lowbit.scheme import MAX_MIN_MESSAGE
@@ -45,10 +47,9 @@ def load(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _load_text(values) -> str:
-    if not values:
-        return ""
-    return " / ".join(f"{v:.1f}" for v in values[:1]) if isinstance(values, list) else str(values)
+def _load_text(values: list[float]) -> str:
+    """The 1-minute load average of a ``getloadavg()``-style list."""
+    return f"{values[0]:.1f}"
 
 
 def source_line(name: str, data: dict, note: str = "") -> str:
@@ -80,9 +81,10 @@ def rows_by_scheme(data: dict, schemes: list[str]) -> list[dict]:
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    """A Markdown table; a ``|`` inside a cell (e.g. ``|x|``) is escaped so it does not split the cell."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(head), "|" + "---|" * len(head)] + [line(r) for r in rows])
 
 
 def _pct(v) -> str:
@@ -217,8 +219,8 @@ def kernels_native() -> str:
         cells = [str(tokens)]
         for path in ("native", "compiled", "reference"):
             r = by[(path, tokens)]
-            cells.append(f"{1e3 * r['quantize_cpu_s']:.3g} / {1e3 * r['unpack_sum_cpu_s']:.3g}")
-        cells.append(f"{1e3 * by[('native', tokens)]['copy_bf16_s']:.3g}")
+            cells.append(f"{_ms(r['quantize_cpu_s'])} / {_ms(r['unpack_sum_cpu_s'])}")
+        cells.append(_ms(by[("native", tokens)]["copy_bf16_s"]))
         rows.append(cells)
     head = ["tokens x 576", "native q / u ms", "compiled q / u ms", "reference q / u ms", "bf16 copy ms"]
     return table(head, rows) + "\n\n" + source_line(name, data, _moved(data))
@@ -317,34 +319,14 @@ def evaluate_tasks() -> str:
 OUTLIERS = "outliers-smollm2-135m-tp3-gemma3-270m-tp2.json"
 
 
-def _at(where: dict) -> str:
-    return f"L{where['layer']} {where['module']}" + (f" r{where['rank']}" if "rank" in where else "")
-
-
 def outliers() -> str:
-    """bench.outliers: consistency (Jaccard) and size of two calibrations' outliers, side by side."""
+    """bench.outliers: consistency (Jaccard) and size of two calibrations' outliers, side by side,
+    with that script's own rows (``bench.outliers.ROWS``)."""
     data = load(OUTLIERS)
     models = list(data["models"].values())
-    lines = [
-        ("calibration tokens (batches)", lambda m: f"{m['tokens']} ({m['batches']})"),
-        ("k of hidden; Jaccard of two random k-sets", lambda m: f"{m['k']} of {m['hidden']}; {m['random_jaccard']:.3f}"),
-        ("Jaccard batch vs EMA set, mean / min", lambda m: f"{m['jaccard_batches_mean']:.3f} / {m['jaccard_batches_min']:.3f}"),
-        ("the same, batches after the first", lambda m: f"{m['jaccard_later_batches_mean']:.3f}"),
-        ("Jaccard rank vs rank, mean / min", lambda m: f"{m['jaccard_ranks_mean']:.3f} / {m['jaccard_ranks_min']:.3f}"),
-        ("Jaccard between layers, all pairs / adjacent",
-         lambda m: f"{m['jaccard_layers_mean']:.3f} / {m['jaccard_adjacent_layers_mean']:.3f}"),
-        ("largest stored partial value, where", lambda m: f"{m['largest_sample_value']:.3g} ({_at(m['largest_sample_at'])})"),
-        ("its ratio to that partial's median magnitude", lambda m: f"{m['largest_sample_ratio_to_median']:.3g}"),
-        ("largest per-batch extreme, where",
-         lambda m: f"{m['largest_batch_extreme']:.3g} ({_at(m['largest_batch_extreme_at'])})"),
-        (f"sites with a feature range > {models[0]['ratio']:g}x the site's median (site-ranks)",
-         lambda m: f"{m['sites_over_ratio']} of {m['sites']} ({m['site_ranks_over_ratio']} of {m['site_ranks']})"),
-        ("largest range / median range, where",
-         lambda m: f"{m['largest_range_ratio']:.3g} ({_at(m['largest_range_ratio_at'])})"),
-    ]
     head = [""] + [f"{m['model']} TP {m['tp']}" for m in models]
-    return table(head, [[label] + [fmt(m) for m in models] for label, fmt in lines]) + "\n\n" + \
-        source_line(OUTLIERS, data)
+    return table(head, [[label] + [fmt(m) for m in models] for label, fmt in OUTLIER_ROWS]) + "\n\n" + \
+        source_line(OUTLIERS, data, f"ratio {models[0]['ratio']:g}")
 
 
 PLAN = "accuracy-smollm2-135m-tp3-se0.03-plan.json"
@@ -360,8 +342,7 @@ def accuracy_plan() -> str:
     head = ["task", "metric", "items", "noisiest scheme", "items needed", "items run", "expected Δ SE (pts)",
             "s / item / scheme (pilot)", "estimated s"]
     note = (f"target SE {100 * plan['target_se']:g} points ({plan['target']}); {len(plan['schemes'])} schemes; "
-            f"pilot run `{plan['pilot_run']}` ({plan['pilot_items'] if 'pilot_items' in plan else plan['tasks'][0]['pilot_items']} "
-            f"items, {plan['pilot_seconds']:.0f} s); whole run estimated {plan['estimated_seconds']:.0f} s")
+            f"pilot run `{plan['pilot_run']}` ({plan['tasks'][0]['pilot_items']} items, {plan['pilot_seconds']:.0f} s); whole run estimated {plan['estimated_seconds']:.0f} s")
     return table(head, rows) + "\n\n" + source_line(PLAN, data, note)
 
 
