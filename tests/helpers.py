@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.quant import dequantize, quantize
+
+FP32_EPS = 2.0**-23
+
 
 def assert_close_verbose(actual, expected, atol=0.0, rtol=0.0, msg: str = "", max_print: int = 5) -> None:
     """Assert |actual - expected| <= atol + rtol * |expected| elementwise (NaN == NaN).
@@ -40,3 +44,14 @@ def scale_per_element(res, spec, shape):
     if spec.granularity == "token":
         return res.scales.unsqueeze(-1).expand(shape)
     return res.scales.repeat_interleave(spec.group_size, -1)
+
+
+def assert_codebook_error_bound(x, spec, lo, hi, max_gap: float):
+    """Quantize and dequantize ``x`` with a codebook spec (nf, lm): every value lies within half the
+    table's largest gap (``max_gap``, in units of the scale) times its scale, plus fp32 rounding of
+    x / scale and of entry * scale (4 ulp of each). Returns the quantizer's result."""
+    res = quantize(x, spec, lo, hi)
+    y = dequantize(res.codes, spec, res.scales)
+    scale = scale_per_element(res, spec, x.shape)
+    assert_close_verbose(y, x, atol=scale * max_gap / 2 + 4 * FP32_EPS * (x.abs() + scale), msg=str(spec))
+    return res

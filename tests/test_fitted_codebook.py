@@ -21,9 +21,8 @@ from lowbit.scheme import QuantSpec, SchemeError, parse_scheme
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.wire.accounting import scheme_bits_per_value, table_bytes
 from lowbit.wire.payload import decode, encode, layout
-from tests.helpers import assert_close_verbose, scale_per_element
+from tests.helpers import assert_close_verbose, assert_codebook_error_bound, scale_per_element
 
-FP32_EPS = 2.0**-23
 HIDDEN, TP, LAYERS, SAMPLE = 64, 2, 2, 16
 
 
@@ -95,13 +94,8 @@ def test_table_max_gap_counts_the_ends_and_matches_nf():
 def test_lm_error_is_within_half_the_largest_gap_of_its_table_times_scale(spec, seed, tokens, spread):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, 64, generator=g) * spread
-    lo, hi = x.amin(0) - 0.01, x.amax(0) + 0.01
-    res = quantize(x, spec, lo, hi)
-    y = dequantize(res.codes, spec, res.scales)
-    scale = scale_per_element(res, spec, x.shape)
-    # half the table's largest gap (ends to +-1 counted twice) times the scale, plus fp32 rounding
-    bound = scale * table_max_gap(torch.tensor(spec.levels)) / 2 + 4 * FP32_EPS * (x.abs() + scale)
-    assert_close_verbose(y, x, atol=bound, msg=str(spec))
+    # the table's largest gap counts each end's distance to +-1 twice (table_max_gap)
+    res = assert_codebook_error_bound(x, spec, x.amin(0) - 0.01, x.amax(0) + 0.01, table_max_gap(torch.tensor(spec.levels)))
     assert res.clamped == 0 and res.nonfinite == 0 and int(res.codes.max()) < 2**spec.bits
 
 

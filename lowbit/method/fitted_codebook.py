@@ -33,6 +33,7 @@ from lowbit.scheme import QuantSpec, Scheme
 from lowbit.site import Site
 from lowbit.wire.payload import sparse_picks, threshold_select
 
+
 def site_tables(calibration: Calibration, site: Site, scheme: Scheme, outlier_idx: torch.Tensor,
                 perm: torch.Tensor | None = None) -> list[tuple[float, ...]]:
     """``fit_tables`` on the artifact's sample at ``site`` (in the ``perm`` order when given, with
