@@ -127,15 +127,8 @@ class QuantSpec:
             raise SchemeError("exp_bits", f"{self.exp_bits!r} not allowed for code {self.code!r}; allowed: 0")
         self._check_fitted()
         if self.code == "nf":
-            if self.bits not in CODEBOOK_BITS:
-                raise SchemeError("bits", f"{self.bits!r} not allowed for the nf codebook; "
-                                          f"allowed: {', '.join(map(str, CODEBOOK_BITS))}")
-            if not self.symmetric:
-                raise SchemeError("symmetric", "the nf codebook is symmetric around an exact zero; "
-                                               "allowed: nf<B> without 'a'")
-            if self.rounding != "nearest":
-                raise SchemeError("rounding", "the nf codebook rounds to the nearest entry; allowed: 'nearest' "
-                                              "(no -sr with nf<B>)")
+            self._check_codebook("nf", CODEBOOK_BITS, "the nf codebook is symmetric around an exact zero; "
+                                                      "allowed: nf<B> without 'a'")
         if self.rounding not in ROUNDINGS:
             raise SchemeError("rounding", f"{self.rounding!r} not allowed; allowed: {', '.join(ROUNDINGS)}")
         if not isinstance(self.rounding_seed, int) or self.rounding_seed < 0:
@@ -173,21 +166,27 @@ class QuantSpec:
                                                 f"{multiple} to a byte boundary, so a group must start on one); "
                                                 f"allowed: a multiple of {multiple}")
 
+    def _check_codebook(self, name: str, allowed_bits: tuple[int, ...], symmetric_error: str) -> None:
+        """What the nf and lm codebooks both need: a width they have, symmetric codes (an absmax
+        scale), nearest-entry rounding; ``name`` as the messages call the codebook."""
+        if self.bits not in allowed_bits:
+            raise SchemeError("bits", f"{self.bits!r} not allowed for the {name} codebook; "
+                                      f"allowed: {', '.join(map(str, allowed_bits))}")
+        if not self.symmetric:
+            raise SchemeError("symmetric", symmetric_error)
+        if self.rounding != "nearest":
+            code = self.code
+            raise SchemeError("rounding", f"the {code} codebook rounds to the nearest entry; allowed: 'nearest' "
+                                          f"(no -sr with {code}<B>)")
+
     def _check_fitted(self) -> None:
         if self.code != "lm":
             if self.levels is not None or self.table_scope != "rank" or self.pin_ends:
                 raise SchemeError("levels", f"a fitted table not allowed for code {self.code!r}; allowed: "
                                             "levels=None, table_scope='rank', pin_ends=False (lm<B> only)")
             return
-        if self.bits not in FITTED_BITS:
-            raise SchemeError("bits", f"{self.bits!r} not allowed for the fitted lm codebook; "
-                                      f"allowed: {', '.join(map(str, FITTED_BITS))}")
-        if not self.symmetric:
-            raise SchemeError("symmetric", "the lm codebook is scaled by the absmax like nf; allowed: lm<B>[s] "
-                                           "without 'a' (its fitted levels need not be symmetric)")
-        if self.rounding != "nearest":
-            raise SchemeError("rounding", "the lm codebook rounds to the nearest entry; allowed: 'nearest' "
-                                          "(no -sr with lm<B>)")
+        self._check_codebook("fitted lm", FITTED_BITS, "the lm codebook is scaled by the absmax like nf; allowed: "
+                                                       "lm<B>[s] without 'a' (its fitted levels need not be symmetric)")
         if self.table_scope not in TABLE_SCOPES:
             raise SchemeError("table_scope", f"{self.table_scope!r} not allowed; allowed: {', '.join(TABLE_SCOPES)}")
         if self.levels is not None:
