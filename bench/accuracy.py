@@ -146,9 +146,10 @@ def size_plan(pilot: dict, task_seconds: dict[str, float], other_seconds: float,
     for t in tasks:
         n = min(items, t["available"])
         worst = max((r["variance"] for r in t["schemes"].values()), default=0.0)
-        t.update(items_run=n, expected_delta_se=math.sqrt(worst / n),
+        delta_se = math.sqrt(worst / n)
+        t.update(items_run=n, expected_delta_se=delta_se,
                  expected_reference_se=math.sqrt(stats.bernoulli_variance(t["pilot_reference_score"]) / n),
-                 reached=math.sqrt(worst / n) <= target_se,
+                 reached=delta_se <= target_se,
                  estimated_seconds=t["seconds_per_item_per_scheme"] * n * runs_per_item)
     return dict(target="se of each task's paired delta to the reference, every scheme", target_se=target_se,
                 reference=reference, schemes=schemes, items_per_task=items, tasks=tasks,
