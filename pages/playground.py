@@ -26,8 +26,9 @@ folder, cal, spiky = picked
 
 c1, c2, c3 = st.columns(3)
 with c1:
-    layer = st.number_input("Layer", 0, cal.layers - 1, spiky[0], key="pg_layer",
-                            help="Starts at the stored partial with the largest max/RMS (the spikiest)")
+    bad: list = []
+    layer = _ui.number_field("Layer", "pg_layer", spiky[0], bad, lo=0, hi=cal.layers - 1, step=1,
+                             help="Starts at the stored partial with the largest max/RMS (the spikiest)")
 with c2:
     module = st.radio("Module", ["o_proj", "down_proj"], index=["o_proj", "down_proj"].index(spiky[1]),
                       horizontal=True, key="pg_module")
@@ -72,6 +73,8 @@ with c5:
     compare = st.toggle("Static vs dynamic side by side", value=True, key="pg_compare",
                         help="Also show the same scheme with the other kind of scales")
 
+if bad:
+    st.stop()
 try:
     scheme = store.playground_scheme(code=code, bits=int(bits), granularity=gran, group=int(group),
                                        outliers=outliers, k=k, rotation=int(block) if rotate and gran != "static"
@@ -99,12 +102,12 @@ cols = st.columns(len(views))
 for col, v, s in zip(cols, views, schemes):
     row = v["summary"].iloc[0]
     with col:
-        m1, m2, m3 = st.columns(3)
-        m1.metric(f"SQNR rank {int(rank)}", f"{row['rank_sqnr_db']:.2f} dB",
+        m1, m2, m3 = st.columns(3)  # units in the labels: at 1280 px three values share half the page
+        m1.metric(f"rank {int(rank)} SQNR (dB)", f"{row['rank_sqnr_db']:.2f}",
                   help=f"Rank {int(rank)}'s message, dequantized, against its partial")
-        m2.metric(f"SQNR sum of {int(row['tp'])}", f"{row['sum_sqnr_db']:.2f} dB",
+        m2.metric(f"sum of {int(row['tp'])} SQNR (dB)", f"{row['sum_sqnr_db']:.2f}",
                   help="The sum over ranks as the communicator computes it, against the exact fp32 sum")
-        m3.metric("Bits / value", f"{row['bits_per_value']:.4f}", help="Everything this rank sends, per value")
+        m3.metric("bits / value", f"{row['bits_per_value']:.4f}", help="Everything this rank sends, per value")
         st.caption(f"`{s}` · clamped values: **{int(row['clamped'])}** of {int(row['tokens']) * int(row['hidden'])}"
                    f" · BF16 features: {int(row['outliers'])} · message: {int(row['payload_bytes'])} bytes"
                    + (f" · two-shot first leg SQNR {row['first_leg_sqnr_db']:.2f} dB"
@@ -135,10 +138,11 @@ def histogram_figure(v: dict, s: str) -> go.Figure:
 def feature_figure(v: dict, s: str) -> go.Figure:
     f = v["features"]
     fig = go.Figure()
+    # the two errors often coincide: a wide pale line under a thin dashed one keeps both visible
     fig.add_scatter(x=f["feature"], y=f["rank_rms_error"], mode="lines", name=f"rank {int(rank)}'s message",
-                    line=dict(color="#0072B2"))
+                    line=dict(color="#0072B2", width=6), opacity=0.45)
     fig.add_scatter(x=f["feature"], y=f["sum_rms_error"], mode="lines", name="sum over ranks",
-                    line=dict(color="#009E73"))
+                    line=dict(color="#009E73", width=2, dash="dot"))
     kept = f[f["bf16"]]
     if len(kept):
         fig.add_scatter(x=kept["feature"], y=kept["sum_rms_error"], mode="markers", name="kept in BF16",
@@ -152,8 +156,9 @@ def scheme_figures(folder: str, stamp: float, layer: int, module: str, rank: int
     """(histogram or None, per-feature error) of one scheme, styled: cached, so the side-by-side
     scheme that did not change costs nothing (plotly figures take ~0.1 s each to build here)."""
     v = view(folder, stamp, layer, module, rank, scheme)
-    hist = _teach.style(histogram_figure(v, scheme), 420) if v["grid"] else None
-    return hist, _teach.style(feature_figure(v, scheme), 380)
+    narrow = _ui.NARROW_TITLE_CHARS  # drawn in a column of half the page when two schemes are compared
+    hist = _teach.style(histogram_figure(v, scheme), 420, title_chars=narrow) if v["grid"] else None
+    return hist, _teach.style(feature_figure(v, scheme), 380, title_chars=narrow)
 
 
 figs = [scheme_figures(folder, stamp, int(layer), module, int(rank), s, _teach.presenting()) for s in schemes]

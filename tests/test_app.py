@@ -115,7 +115,8 @@ def test_demo_button_queues_a_real_run_shows_progress_and_cancels(empty_runs):
     at.button(key="demo_cancel").click().run()
     assert_clean(at)
     assert RunIndex(empty_runs).get(run_id)["status"] == "cancelled"
-    assert "cancelled" in texts(at.error)
+    # a user's cancel is news, not an error (issue 29): an info box says so, no error box
+    assert "was cancelled (cancelled by user)" in texts(at.info) and not at.error, texts(at.error)
     deadline = time.time() + 30
     while time.time() < deadline and not (empty_runs / run_id / "logs").exists():
         time.sleep(0.2)

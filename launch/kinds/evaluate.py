@@ -25,6 +25,9 @@ def run(ctx) -> dict | None:
     if spec.params.get("fused_kernels", False):
         from kernels import dispatch as codec  # optional heavy stack (Triton, torch.compile): only when asked for
     plan = method.plan(ctx)
+    ctx.events.plan([*(["calibrate"] if plan.needs_calibration else []), "text",
+                     *(["tasks"] if spec.tasks and spec.items_per_task else []),
+                     *(["layer-error"] if params["layer_error"] else [])])
     ctx.events.loading(f"loading {spec.model} sharded {ctx.group.world_size} ways")
     result = evaluate(ctx.group, params, method.progress(ctx), codec=codec, plan=plan)
     if result is not None:

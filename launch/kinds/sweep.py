@@ -111,6 +111,7 @@ def run(ctx) -> dict | None:
                 if not (points_dir / f.name).exists():
                     shutil.copy2(f, points_dir / f.name)
     group.barrier()
+    ctx.events.plan([*(["sensitivity"] if p["allocate"] else []), "sweep"])
     ctx.events.loading(f"loading {spec.model} sharded {group.world_size} ways")
     tp_model = build_tp_model(spec.model, group)
     own = dict(seq_len=p["seq_len"], gamma=CALIBRATE_DEFAULTS["gamma"], batch_size=CALIBRATE_DEFAULTS["batch_size"])
