@@ -98,7 +98,7 @@ def capture_button(key: str) -> None:
 def pick_sample(key: str):
     """A select box over the stored calibrations with samples; (folder, calibration, the spikiest
     (layer, module, rank)) or None after showing the empty state with the capture button."""
-    sources = store.calibration_sources(_ui.runs(), _ui.root())
+    sources = _ui.calibration_sources()
     if sources.empty:
         _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (about 30 s), "
                         "or run the classroom demo, which calibrates too.")

@@ -103,9 +103,36 @@ def live_active_runs(draw: Callable[[pd.DataFrame], None], every_s: float) -> No
 
 
 # -- cached reads --------------------------------------------------------------------------------
+# Frames derived from the run files, cached once for every session and keyed by the files' stamp
+# (store.runs_stamp: stat calls only), so 30 open pages do not each re-read every result.json.
 def runs() -> pd.DataFrame:
-    """Every run; read on each rerun (cheap: the index plus small files), never cached stale."""
-    return store.runs_frame(root())
+    """Every run, as the index and the run directories say now."""
+    return _runs(root(), store.runs_stamp(root()))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _runs(root_dir: str, stamp: tuple) -> pd.DataFrame:
+    return store.runs_frame(root_dir)
+
+
+def calibration_sources() -> pd.DataFrame:
+    """Every stored calibration artifact (store.calibration_sources of ``runs()``)."""
+    return _calibration_sources(root(), store.runs_stamp(root()))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _calibration_sources(root_dir: str, stamp: tuple) -> pd.DataFrame:
+    return store.calibration_sources(_runs(root_dir, stamp), root_dir)
+
+
+def evaluate_runs(sweeps: bool = False) -> pd.DataFrame:
+    """Done evaluate runs (and sweeps) with scheme records (store.evaluate_runs of ``runs()``)."""
+    return _evaluate_runs(root(), store.runs_stamp(root()), sweeps)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _evaluate_runs(root_dir: str, stamp: tuple, sweeps: bool) -> pd.DataFrame:
+    return store.evaluate_runs(_runs(root_dir, stamp), root_dir, sweeps=sweeps)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -368,7 +395,7 @@ def pick_evaluate_run(label: str = "Evaluation run", key: str = "eval_run", need
                       multi: bool = False, sweeps: bool = False):
     """A select box over done evaluate runs (and auto-tune sweeps with ``sweeps``), newest first;
     None (or []) when there are none."""
-    frame = store.evaluate_runs(runs(), root(), sweeps=sweeps)
+    frame = evaluate_runs(sweeps=sweeps)
     if need_layers:
         frame = frame[frame["has_layers"]]
     if frame.empty:

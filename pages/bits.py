@@ -26,8 +26,7 @@ st.markdown(
     "fixed-size index list. Two-shot sends twice: its first leg (the partials) and its second leg "
     "(the requantized reduced sum). Bits here are per value of one rank's partial sum (tokens x hidden).")
 
-frame = _ui.runs()
-evals = store.evaluate_runs(frame, _ui.root())
+evals = _ui.evaluate_runs()
 measured = pd.DataFrame()
 if not evals.empty:
     data, _ = _ui.result(evals.iloc[0]["id"])

@@ -145,7 +145,7 @@ def rotation_panel() -> None:
         "rotation mixes each block of R features with +-1/sqrt(R) weights: a spike is spread over its block, the "
         "token's largest value shrinks towards its RMS, and the step with it. It is orthogonal and linear, so "
         "ranks rotate, quantize and send; the fp32 sum is rotated back once.")
-    sources = store.calibration_sources(_ui.runs(), _ui.root())
+    sources = _ui.calibration_sources()
     if sources.empty:
         st.info("No calibration yet: its stored sample partials feed this panel. The classroom demo makes one.")
         return

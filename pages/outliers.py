@@ -48,7 +48,7 @@ def new_calibration_form(key: str, model: str | None = None, tp: int | None = No
                         params=dict(seq_len=int(seq_len))), problems=problems)
 
 
-sources = store.calibration_sources(_ui.runs(), _ui.root())
+sources = _ui.calibration_sources()
 if sources.empty:
     _ui.empty_state("No calibration yet.",
                     "A calibration records every feature's range on each rank. The classroom demo makes one; or "

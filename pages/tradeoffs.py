@@ -112,7 +112,7 @@ def autotune_form() -> None:
 run_ids = _ui.pick_evaluate_run(label="Evaluation runs and auto-tune sweeps", key="to_runs", multi=True,
                                 sweeps=True)
 if not run_ids:
-    if store.evaluate_runs(_ui.runs(), _ui.root(), sweeps=True).empty:
+    if _ui.evaluate_runs(sweeps=True).empty:
         _ui.empty_state("No evaluation results yet.",
                         "An evaluate run measures every scheme's accuracy, bits and communication time. The "
                         "classroom demo is one; the Runs page starts any other; the form below starts an "

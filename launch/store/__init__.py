@@ -16,8 +16,8 @@ overlaps, the rotation panel) is ``lowbit.analysis``, re-exported here so the pa
 door. Every reader tolerates missing, half-written or corrupt files.
 """
 from launch.store.runs import (  # noqa: F401 - the store's public names
-    RUN_COLUMNS, read_json, run_paths, load_spec, load_result, run_progress, runs_frame, active_runs, finished_ok,
-    log_tail,
+    RUN_COLUMNS, read_json, run_paths, load_spec, load_result, run_progress, runs_frame, runs_stamp, active_runs,
+    finished_ok, log_tail,
     events_frame)
 from launch.store.evaluate import (  # noqa: F401 - the store's public names
     scheme_fields, result_records, task_frame, SCHEME_COLUMNS, RECORD_NUMBERS, SCHEME_NUMERIC, scheme_frame,
