@@ -265,6 +265,13 @@ def _runs_summary(runs: list[dict], seconds: float | None = None) -> dict:
     return out
 
 
+def _partials_label(folder: str, root: Path) -> str:
+    """The calibration the Playground shows, without this machine's paths: its model, TP, text and
+    tokens (calibration.json)."""
+    meta = json.loads((Path(folder) / "calibration.json").read_text())
+    return f"{meta.get('model')} TP {meta.get('tp')}, {meta.get('tokens')} {meta.get('source')} tokens"
+
+
 # -- main ----------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.classroom_load", description=__doc__.split("\n\n")[0])
@@ -284,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = start_meta("bench.classroom_load", sys.argv[1:] if argv is None else argv)
     work = Path(tempfile.mkdtemp(prefix="classroom-load-"))
     source = Path(args.runs or os.environ.get("LOWBIT_RUNS", "runs")).resolve()
-    root = work / "runs"  # a copy: the load must not write into the user's runs
-    if source.is_dir():
-        shutil.copytree(source, root, ignore=shutil.ignore_patterns("queue.lock"))
-    root.mkdir(parents=True, exist_ok=True)
-    folder = ensure_partials(root)
+    source.mkdir(parents=True, exist_ok=True)
+    folder = ensure_partials(source)  # the Playground's own capture job, once, when none is stored
+    root = work / "runs"  # a copy: the load (and --profile's job) must not write into the user's runs
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("queue.lock"))
+    folder = folder.replace(str(source), str(root), 1)
     out = dict(meta=meta, app=args.label or "this checkout",
-               page=PAGE, control=f"{CONTROL} -> {VALUE}", partials=os.path.relpath(folder, root), targets=TARGETS)
+               page=PAGE, control=f"{CONTROL} -> {VALUE}", partials=_partials_label(folder, root), targets=TARGETS)
     phases = [] if args.profile else [p for p in ("headless", "chromium") if p not in args.skip]
     if args.profile:
         phases = ["profile"]

@@ -105,8 +105,9 @@ for col, v, s in zip(cols, views, schemes):
         m1, m2, m3 = st.columns(3)  # units in the labels: at 1280 px three values share half the page
         m1.metric(f"rank {int(rank)} SQNR (dB)", f"{row['rank_sqnr_db']:.2f}",
                   help=f"Rank {int(rank)}'s message, dequantized, against its partial")
-        m2.metric(f"sum of {int(row['tp'])} SQNR (dB)", f"{row['sum_sqnr_db']:.2f}",
-                  help="The sum over ranks as the communicator computes it, against the exact fp32 sum")
+        m2.metric("sum SQNR (dB)", f"{row['sum_sqnr_db']:.2f}",
+                  help=f"The sum over the {int(row['tp'])} ranks as the communicator computes it, against the exact "
+                       "fp32 sum")
         m3.metric("bits / value", f"{row['bits_per_value']:.4f}", help="Everything this rank sends, per value")
         st.caption(f"`{s}` · clamped values: **{int(row['clamped'])}** of {int(row['tokens']) * int(row['hidden'])}"
                    f" · BF16 features: {int(row['outliers'])} · message: {int(row['payload_bytes'])} bytes"
@@ -157,8 +158,8 @@ def scheme_figures(folder: str, stamp: float, layer: int, module: str, rank: int
     scheme that did not change costs nothing (plotly figures take ~0.1 s each to build here)."""
     v = view(folder, stamp, layer, module, rank, scheme)
     narrow = _ui.NARROW_TITLE_CHARS  # drawn in a column of half the page when two schemes are compared
-    hist = _teach.style(histogram_figure(v, scheme), 420, title_chars=narrow) if v["grid"] else None
-    return hist, _teach.style(feature_figure(v, scheme), 380, title_chars=narrow)
+    hist = _ui.legend_below(_teach.style(histogram_figure(v, scheme), 480, title_chars=narrow)) if v["grid"] else None
+    return hist, _ui.legend_below(_teach.style(feature_figure(v, scheme), 440, title_chars=narrow))
 
 
 figs = [scheme_figures(folder, stamp, int(layer), module, int(rank), s, _teach.presenting()) for s in schemes]
