@@ -42,14 +42,19 @@ def bucket(filename: str, function: str) -> str:
     return "python stdlib"
 
 
-def _split(profile: cProfile.Profile) -> dict[str, float]:
-    """Own time (tottime) of every profiled function, summed by ``bucket``."""
+def _split(profile: cProfile.Profile) -> tuple[dict[str, float], dict[str, float]]:
+    """Own time (tottime) of every profiled function summed by ``bucket``, and the 8 functions
+    with the most own time."""
     stats = pstats.Stats(profile)
     parts: dict[str, float] = {}
-    for (filename, _, function), (_, _, tottime, _, _) in stats.stats.items():
+    functions = []
+    for (filename, line, function), (_, _, tottime, _, _) in stats.stats.items():
         name = bucket(filename, function)
         parts[name] = parts.get(name, 0.0) + tottime
-    return {k: round(v, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.0005}
+        where = filename.split("site-packages/")[-1] if "site-packages/" in filename else os.path.basename(filename)
+        functions.append((tottime, f"{where}:{line}({function})"))
+    top = {name: round(t, 4) for t, name in sorted(functions, reverse=True)[:8]}
+    return {k: round(v, 4) for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v >= 0.0005}, top
 
 
 def _probed(self, rerun_data) -> None:
@@ -67,7 +72,7 @@ def _probed(self, rerun_data) -> None:
                       thread_cpu_s=round(time.thread_time() - cpu, 4), wall_s=round(time.perf_counter() - wall, 4),
                       time=time.time())
         if profile:
-            record["split_s"] = _split(profile)
+            record["split_s"], record["top_functions_s"] = _split(profile)
         with _LOCK, open(OUT, "a") as f:
             f.write(json.dumps(record) + "\n")
 

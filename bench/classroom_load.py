@@ -70,6 +70,20 @@ def load_avg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def browser_cpu_s() -> float:
+    """CPU seconds of every Chromium process this benchmark started (they share the cores with the
+    server, as a class's browsers would not: each student has a machine)."""
+    total = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "chrom" in proc.name():
+                t = proc.cpu_times()
+                total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
 def summary(seconds: list[float]) -> dict:
     return dict(median_s=round(statistics.median(seconds), 3), worst_s=round(max(seconds), 3), n=len(seconds),
                 all_s=[round(s, 3) for s in sorted(seconds)])
@@ -129,6 +143,13 @@ class Server:
             return []
         return [json.loads(line) for line in self.runs_log.read_text().splitlines() if line.strip()]
 
+    async def runs_recorded(self, count: int, timeout_s: float = 30.0) -> None:
+        """Wait until the probe has written ``count`` runs (it writes just after the run's last
+        message to the browser, so a client can see the end of a run before its record)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.script_runs()) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -159,22 +180,33 @@ async def headless_phase(server: Server, sessions: int, spread_s: float, seed: i
     await one.close()
 
     clients = [HeadlessSession(server.url, page=PAGE) for _ in range(sessions)]
-    load0, cpu0 = load_avg(), server.cpu_s()
+    load0, cpu0, runs0 = load_avg(), server.cpu_s(), len(server.script_runs())
     await asyncio.gather(*(c.__aenter__() for c in clients))
     loaded = await asyncio.gather(*(c.load() for c in clients))
-    rss_many = server.rss_mb()
+    await server.runs_recorded(runs0 + sessions)
+    rss_many, runs1 = server.rss_mb(), len(server.script_runs())
     rng = random.Random(seed)
 
     async def change(client: HeadlessSession) -> float:
         await asyncio.sleep(rng.uniform(0, spread_s))
         return await client.set_widget(CONTROL, VALUE)
     changed = await asyncio.gather(*(change(c) for c in clients))
-    cpu1, load1 = server.cpu_s(), load_avg()
+    await server.runs_recorded(runs1 + sessions)
+    cpu1, load1, runs = server.cpu_s(), load_avg(), server.script_runs()
     await asyncio.gather(*(c.close() for c in clients))
     return dict(sessions=sessions, page_loaded=summary(loaded), control_change=summary(changed),
                 spread_s=spread_s, rss_one_session_mb=rss_one, rss_sessions_mb=rss_many,
                 rss_ratio=round(rss_many / rss_one, 3), server_cpu_s=round(cpu1 - cpu0, 1),
+                script_cpu=dict(page_load=cpu_of(runs[runs0:runs1]), control_change=cpu_of(runs[runs1:])),
                 load=dict(start=load0, end=load1))
+
+
+def cpu_of(runs: list[dict]) -> dict:
+    """The script thread's CPU seconds per run (the probe's record): what one page load or one
+    control change costs the server whatever the machine's load (wall times stretch with it)."""
+    cpu = [r["thread_cpu_s"] for r in runs]
+    return dict(runs=len(cpu), median_s=round(statistics.median(cpu), 4) if cpu else None,
+                total_s=round(sum(cpu), 2))
 
 
 # -- phase 2: Chromium tabs --------------------------------------------------------------------------
@@ -186,7 +218,7 @@ async def chromium_phase(server: Server, tabs: int, spread_s: float, idle_s: flo
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         try:
             pages = [await browser.new_page(viewport=dict(width=1280, height=720)) for _ in range(tabs)]
-            load0, cpu0 = load_avg(), server.cpu_s()
+            load0, cpu0, runs0, browser0 = load_avg(), server.cpu_s(), len(server.script_runs()), browser_cpu_s()
 
             async def open_tab(page) -> float:
                 start = time.perf_counter()
@@ -194,6 +226,8 @@ async def chromium_phase(server: Server, tabs: int, spread_s: float, idle_s: flo
                 await page.wait_for_function(RENDERED_JS, timeout=600_000, polling=250)
                 return time.perf_counter() - start
             loaded = await asyncio.gather(*(open_tab(p) for p in pages))
+            await server.runs_recorded(runs0 + tabs)
+            runs1 = len(server.script_runs())
 
             async def change(page) -> float:
                 await asyncio.sleep(rng.uniform(0, spread_s))
@@ -206,7 +240,9 @@ async def chromium_phase(server: Server, tabs: int, spread_s: float, idle_s: flo
                                              timeout=600_000, polling=100)
                 return time.perf_counter() - start
             changed = await asyncio.gather(*(change(p) for p in pages))
-            busy_cpu, busy_load = server.cpu_s() - cpu0, load_avg()
+            await server.runs_recorded(runs1 + tabs)
+            busy_cpu, busy_load, runs = server.cpu_s() - cpu0, load_avg(), server.script_runs()
+            busy_browser = browser_cpu_s() - browser0
             await asyncio.sleep(10)  # let the last reruns and websocket traffic settle
             runs_before, idle_load0, idle_cpu0 = len(server.script_runs()), load_avg(), server.cpu_s()
             await asyncio.sleep(idle_s)
@@ -216,7 +252,8 @@ async def chromium_phase(server: Server, tabs: int, spread_s: float, idle_s: flo
             await browser.close()
     per_tab_pct = 100 * idle_cpu / idle_s / tabs
     return dict(tabs=tabs, viewport="1280x720", page_loaded=summary(loaded), control_change=summary(changed),
-                spread_s=spread_s, server_cpu_s=round(busy_cpu, 1), load=dict(start=load0, end=busy_load),
+                spread_s=spread_s, server_cpu_s=round(busy_cpu, 1), browsers_cpu_s=round(busy_browser, 1),
+                load=dict(start=load0, end=busy_load), script_cpu=dict(page_load=cpu_of(runs[runs0:runs1]), control_change=cpu_of(runs[runs1:])),
                 idle=dict(seconds=idle_s, server_cpu_s=round(idle_cpu, 2), core_pct_per_tab=round(per_tab_pct, 3),
                           script_runs=idle_runs, load=dict(start=idle_load0, end=idle_load1)))
 
@@ -230,6 +267,7 @@ async def profile_phase(server: Server, root: Path, job_s: float, idle_s: float)
     async with HeadlessSession(server.url, page=PAGE) as s:
         await s.load()
         await s.set_widget(CONTROL, VALUE)
+        await server.runs_recorded(seen + 2)
         measured = server.script_runs()[seen:]
         idle_from = len(server.script_runs())
         await asyncio.sleep(idle_s)
@@ -323,3 +361,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from bench import classroom_rows
 from bench.accuracy import markdown as accuracy_markdown
 from bench.collectives import markdown_table as collectives_markdown
 from bench.matched_bits import load_rows as matched_rows
@@ -409,13 +410,32 @@ def sweep_lm() -> str:
     return table(["sweep", "budget", "bits/value", "KL", "top-1", "ppl"], rows) + "\n\n" + "\n".join(notes)
 
 
+CLASSROOM = "classroom-load.json"
+CLASSROOM_PROFILE = ["classroom-profile-before.json", "classroom-profile-after.json"]
+
+
+def classroom_load() -> str:
+    """bench.classroom_load: a class's sessions and tabs on one server, against issue 29's targets."""
+    data = load(CLASSROOM)
+    head, rows, note = classroom_rows.load_rows(data)
+    return table(head, rows) + "\n\n" + note + "\n\n" + source_line(CLASSROOM, data)
+
+
+def classroom_profile() -> str:
+    """bench.classroom_load --profile on main and on this code: where one rerun's CPU goes."""
+    before, after = (load(n) for n in CLASSROOM_PROFILE)
+    return table(*classroom_rows.profile_rows(before, after)) + "\n\n" + \
+        "\n".join(f"- {source_line(n, load(n))}" for n in CLASSROOM_PROFILE)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "uniform": uniform, "codebook": codebook, "threshold": threshold, "rounding": rounding, "sweep-nf": sweep_nf,
     "presets": presets, "kernels-cpu": kernels_cpu, "kernels-native": kernels_native,
     "collectives-gate": collectives_gate, "accuracy": accuracy, "gemma-tp2": gemma_tp2, "neighbours": neighbours,
     "collectives-8192": collectives_8192, "throughput-native": throughput_native, "throughput-eager": throughput_eager,
     "evaluate-tasks": evaluate_tasks, "outliers": outliers, "accuracy-plan": accuracy_plan, "demo-gemma": demo_gemma,
-    "matched-bits": matched_bits, "sweep-lm": sweep_lm,
+    "matched-bits": matched_bits, "sweep-lm": sweep_lm, "classroom-load": classroom_load,
+    "classroom-profile": classroom_profile,
 }
 
 

@@ -179,28 +179,43 @@ for col, (_, feat), i in zip(st.columns(len(views)), figs, range(len(views))):
                     what="how far each feature's dequantized value is from the original, for this rank's message "
                          "and for the sum of all ranks; BF16 features (diamonds) are nearly exact.")
 
-bits = [v["bits"].assign(scheme=s) for v, s in zip(views, schemes)]
-fig = go.Figure()
-for part in ("payload", "outliers", "scales", "indices"):
-    for b in bits:
-        rows = b[b["part"] == part]
-        fig.add_bar(x=[f"{r.scheme} · {r.leg}" for r in rows.itertuples()], y=rows["bits"], name=part,
-                    marker_color=_ui.PART_COLORS[part], legendgroup=part,
-                    showlegend=b is bits[0])
-fig.update_layout(barmode="stack", title="Bits per value by part", yaxis_title="bits per value", xaxis_title="")
-_teach.plot(fig, key="pg_bits", height=400,
+def bits_figure(views: list[dict], schemes: list[str]) -> go.Figure:
+    bits = [v["bits"].assign(scheme=s) for v, s in zip(views, schemes)]
+    fig = go.Figure()
+    for part in ("payload", "outliers", "scales", "indices"):
+        for b in bits:
+            rows = b[b["part"] == part]
+            fig.add_bar(x=[f"{r.scheme} · {r.leg}" for r in rows.itertuples()], y=rows["bits"], name=part,
+                        marker_color=_ui.PART_COLORS[part], legendgroup=part, showlegend=b is bits[0])
+    fig.update_layout(barmode="stack", title="Bits per value by part", yaxis_title="bits per value", xaxis_title="")
+    return fig
+
+
+def sqnr_figure(views: list[dict], schemes: list[str], rank: int) -> go.Figure:
+    sq = [dict(scheme=s, what=w, sqnr=v["summary"].iloc[0][c]) for v, s in zip(views, schemes)
+          for w, c in ((f"rank {rank}'s message", "rank_sqnr_db"), ("sum over ranks", "sum_sqnr_db"))]
+    fig = go.Figure()
+    for what, color in ((f"rank {rank}'s message", "#0072B2"), ("sum over ranks", "#009E73")):
+        rows = [r for r in sq if r["what"] == what]
+        fig.add_bar(x=[r["scheme"] for r in rows], y=[r["sqnr"] for r in rows], name=what, marker_color=color,
+                    text=[f"{r['sqnr']:.1f}" for r in rows], textposition="outside")
+    fig.update_layout(barmode="group", title="Error of one message and of the sum over ranks",
+                      yaxis_title="SQNR (dB, higher is better)")
+    return fig
+
+
+@st.cache_resource(show_spinner=False, max_entries=128)  # shared by every session: a class moves the same controls
+def summary_figures(folder: str, stamp: float, layer: int, module: str, rank: int, schemes: tuple, present: bool):
+    """(bits by part, SQNR of one message and of the sum) for the shown schemes, styled."""
+    views = [view(folder, stamp, layer, module, rank, s) for s in schemes]
+    return (_teach.style(bits_figure(views, list(schemes)), 400),
+            _teach.style(sqnr_figure(views, list(schemes), rank), 380))
+
+
+bits_fig, sqnr_fig = summary_figures(folder, stamp, int(layer), module, int(rank), tuple(schemes), _teach.presenting())
+_teach.show(bits_fig, key="pg_bits",
             what="what each value costs on the wire, from the payload layout: the codes, the BF16 outlier "
                  "features, the dynamic scales and any index lists (two-shot: both legs).")
-
-sq = [dict(scheme=s, what=w, sqnr=v["summary"].iloc[0][c]) for v, s in zip(views, schemes)
-      for w, c in ((f"rank {int(rank)}'s message", "rank_sqnr_db"), ("sum over ranks", "sum_sqnr_db"))]
-fig = go.Figure()
-for what, color in ((f"rank {int(rank)}'s message", "#0072B2"), ("sum over ranks", "#009E73")):
-    rows = [r for r in sq if r["what"] == what]
-    fig.add_bar(x=[r["scheme"] for r in rows], y=[r["sqnr"] for r in rows], name=what, marker_color=color,
-                text=[f"{r['sqnr']:.1f}" for r in rows], textposition="outside")
-fig.update_layout(barmode="group", title="Error of one message and of the sum over ranks",
-                  yaxis_title="SQNR (dB, higher is better)")
-_teach.plot(fig, key="pg_sum", height=380,
+_teach.show(sqnr_fig, key="pg_sum",
             what="independent ranks' rounding errors add in power, and so does the signal of uncorrelated partials: "
                  "the sum's SQNR stays near one message's, lower where partials cancel, higher where they line up.")

@@ -30,7 +30,7 @@ from launch.presets import capture_spec, demo_spec
 from launch.spec import JobSpec
 from launch.submit import write_spec
 from tests.conftest import REPO
-from tests.test_app import TIMEOUT, assert_clean, open_page, texts
+from tests.test_app import TIMEOUT, assert_clean, empty_runs, open_page, runs_with_results, texts  # noqa: F401
 from tests.test_app_results import results_root, results_template  # noqa: F401 - fixtures
 
 TOKEN = "class-token-29"
@@ -39,13 +39,6 @@ JOB_BUTTON = re.compile(r"^(demo_button|demo_cancel|new_go|cancel_.+|le_go|cal_.
 ALL_PAGES = ["pages/overview.py", "pages/lesson.py", "pages/playground.py", "pages/two_shot.py",
              "pages/where_it_pays.py", "pages/outliers.py", "pages/layer_error.py", "pages/bits.py",
              "pages/tradeoffs.py", "pages/collectives.py", "pages/runs.py"]
-
-
-@pytest.fixture
-def empty_runs(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
-    monkeypatch.setenv("LOWBIT_RUNS", str(root))
-    return root
 
 
 @pytest.fixture
@@ -291,12 +284,6 @@ def test_tables_have_no_none_cells_and_random_weights_are_named(runs_with_result
     assert not crossing.isna().any().any() and (crossing["tokens"] == "").any(), crossing
     at = open_page("pages/runs.py")
     assert not at.dataframe[0].value["problem"].isna().any()
-
-
-@pytest.fixture
-def runs_with_results(results_root, monkeypatch):  # noqa: F811 - the fixture imported above
-    monkeypatch.setenv("LOWBIT_RUNS", str(results_root))
-    return results_root
 
 
 # -- progress and the CLI ----------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""The rows of docs/classroom.md's two tables, from bench.classroom_load's result files; bench.report
+(the one renderer) writes them as Markdown.
+
+    .venv/bin/python -m bench.report --readme docs/classroom.md
+"""
+from __future__ import annotations
+
+
+def _load_text(load: dict) -> str:
+    return f"{load['start'][0]:.1f} -> {load['end'][0]:.1f}"
+
+
+def _timing(t: dict, target_median: float, target_worst: float) -> str:
+    ok = t["median_s"] <= target_median and t["worst_s"] <= target_worst
+    return f"{t['median_s']:.2f} s / {t['worst_s']:.2f} s" + ("" if ok else " (missed)")
+
+
+def load_rows(data: dict) -> tuple[list[str], list[list[str]], str]:
+    """(head, rows, a note): the load benchmark's figures against issue 29's targets, with the load
+    beside each phase."""
+    h, c, tg = data.get("headless"), data.get("chromium"), data["targets"]
+    head = ["", "target", f"{h['sessions']} headless sessions" if h else "headless",
+            f"{c['tabs']} Chromium tabs ({c['viewport']})" if c else "Chromium"]
+
+    def both(fn) -> list[str]:
+        return [fn(h) if h else "", fn(c) if c else ""]
+    rows = [
+        ["Playground loaded, median / worst", f"<= {tg['page_loaded_median_s']:g} s / {tg['page_loaded_worst_s']:g} s",
+         *both(lambda p: _timing(p["page_loaded"], tg["page_loaded_median_s"], tg["page_loaded_worst_s"]))],
+        ["control changed, median / worst", f"<= {tg['control_change_median_s']:g} s / {tg['control_change_worst_s']:g} s",
+         *both(lambda p: _timing(p["control_change"], tg["control_change_median_s"], tg["control_change_worst_s"]))],
+        ["server CPU per page load / per change (median script run)", "",
+         *both(lambda p: f"{p['script_cpu']['page_load']['median_s']:.3f} s / "
+                         f"{p['script_cpu']['control_change']['median_s']:.3f} s")],
+        ["server CPU, whole phase" + (" (browsers' CPU)" if c else ""), "",
+         *both(lambda p: f"{p['server_cpu_s']:.1f} s" + (f" ({p['browsers_cpu_s']:.0f} s)" if "browsers_cpu_s" in p
+                                                          else ""))],
+        ["load average (1 min) over the phase", "", *both(lambda p: _load_text(p["load"]))],
+    ]
+    if c:
+        idle = c["idle"]
+        rows.append([f"idle: server CPU over {idle['seconds']:g} s, {c['tabs']} tabs",
+                     f"<= {tg['idle_core_pct_per_tab']:g} % of a core per tab", "",
+                     f"{idle['server_cpu_s']:.2f} s = {idle['core_pct_per_tab']:.3f} % per tab, "
+                     f"{idle['script_runs']} script runs (load {_load_text(idle['load'])})"])
+    if h:
+        rows.append([f"server RSS, {h['sessions']} sessions vs 1", f"<= {tg['rss_ratio']:g}x",
+                     f"{h['rss_sessions_mb']:.0f} MB / {h['rss_one_session_mb']:.0f} MB = {h['rss_ratio']:.2f}x", ""])
+    note = (f"Page: {data['page']}, control: {data['control']} (each client at a random moment within "
+            f"{(h or c)['spread_s']:g} s), stored partials: {data['partials']}.")
+    return head, rows, note
+
+
+def _split(record: dict | None, parts: int = 3) -> str:
+    if not record:
+        return ""
+    split = record.get("split_s") or {}
+    top = ", ".join(f"{k} {v:.2f}" for k, v in list(split.items())[:parts])
+    return f"{record['thread_cpu_s']:.3f} s" + (f" ({top})" if top else "")
+
+
+def profile_rows(before: dict, after: dict) -> tuple[list[str], list[list[str]]]:
+    """(head, rows): one rerun profiled, main against this branch: script-thread CPU and its biggest
+    parts."""
+    b, a = before["profile"], after["profile"]
+
+    def idle(p: dict) -> str:
+        i = p["idle"]
+        return f"{i['script_runs']} runs in {i['seconds']:g} s, {i['cpu_s']:.2f} s CPU"
+
+    def job(p: dict) -> str:
+        r = p["job"]["runs"]
+        return f"{r['fragment_reruns']} fragment reruns, median {r['median_thread_cpu_s']:.3f} s" + \
+            (f" ({_split(r['example']).split('(', 1)[1]}" if r["example"] and "(" in _split(r["example"]) else "")
+    rows = [["one page load (Playground)", _split(b["page_load"]), _split(a["page_load"])],
+            ["one control change", _split(b["control_change"]), _split(a["control_change"])],
+            ["an idle tab (no job running)", idle(b), idle(a)],
+            ["the sidebar while a job runs", job(b), job(a)]]
+    return ["script-thread CPU (cProfile, largest parts in s)", before["app"], after["app"]], rows
