@@ -15,37 +15,40 @@ def _timing(t: dict, target_median: float, target_worst: float) -> str:
     return f"{t['median_s']:.2f} s / {t['worst_s']:.2f} s" + ("" if ok else " (missed)")
 
 
-def load_rows(data: dict) -> tuple[list[str], list[list[str]], str]:
+def load_rows(data: dict, before: dict | None = None) -> tuple[list[str], list[list[str]], str]:
     """(head, rows, a note): the load benchmark's figures against issue 29's targets, with the load
-    beside each phase."""
+    beside each phase; ``before``: the same headless phase on the code before (another file)."""
     h, c, tg = data.get("headless"), data.get("chromium"), data["targets"]
-    head = ["", "target", f"{h['sessions']} headless sessions" if h else "headless",
-            f"{c['tabs']} Chromium tabs ({c['viewport']})" if c else "Chromium"]
+    b = before.get("headless") if before else None
+    phases = [p for p in (b, h, c) if p]
+    head = ["", "target"] + [f"{p['sessions']} headless sessions, {before['app']}" if p is b else
+                             f"{p['sessions']} headless sessions" if "sessions" in p else
+                             f"{p['tabs']} Chromium tabs ({p['viewport']})" for p in phases]
 
-    def both(fn) -> list[str]:
-        return [fn(h) if h else "", fn(c) if c else ""]
+    def each(fn) -> list[str]:
+        return [fn(p) for p in phases]
     rows = [
         ["Playground loaded, median / worst", f"<= {tg['page_loaded_median_s']:g} s / {tg['page_loaded_worst_s']:g} s",
-         *both(lambda p: _timing(p["page_loaded"], tg["page_loaded_median_s"], tg["page_loaded_worst_s"]))],
+         *each(lambda p: _timing(p["page_loaded"], tg["page_loaded_median_s"], tg["page_loaded_worst_s"]))],
         ["control changed, median / worst", f"<= {tg['control_change_median_s']:g} s / {tg['control_change_worst_s']:g} s",
-         *both(lambda p: _timing(p["control_change"], tg["control_change_median_s"], tg["control_change_worst_s"]))],
+         *each(lambda p: _timing(p["control_change"], tg["control_change_median_s"], tg["control_change_worst_s"]))],
         ["server CPU per page load / per change (median script run)", "",
-         *both(lambda p: f"{p['script_cpu']['page_load']['median_s']:.3f} s / "
+         *each(lambda p: f"{p['script_cpu']['page_load']['median_s']:.3f} s / "
                          f"{p['script_cpu']['control_change']['median_s']:.3f} s")],
-        ["server CPU, whole phase" + (" (browsers' CPU)" if c else ""), "",
-         *both(lambda p: f"{p['server_cpu_s']:.1f} s" + (f" ({p['browsers_cpu_s']:.0f} s)" if "browsers_cpu_s" in p
+        ["server CPU, whole phase (browsers' CPU)", "",
+         *each(lambda p: f"{p['server_cpu_s']:.1f} s" + (f" ({p['browsers_cpu_s']:.0f} s)" if "browsers_cpu_s" in p
                                                           else ""))],
-        ["load average (1 min) over the phase", "", *both(lambda p: _load_text(p["load"]))],
+        ["server RSS, all sessions / one session", f"<= {tg['rss_ratio']:g}x",
+         *each(lambda p: f"{p['rss_sessions_mb']:.0f} / {p['rss_one_session_mb']:.0f} MB = {p['rss_ratio']:.2f}x"
+               if "rss_ratio" in p else "")],
+        ["load average (1 min) over the phase", "", *each(lambda p: _load_text(p["load"]))],
     ]
     if c:
         idle = c["idle"]
-        rows.append([f"idle: server CPU over {idle['seconds']:g} s, {c['tabs']} tabs",
-                     f"<= {tg['idle_core_pct_per_tab']:g} % of a core per tab", "",
+        rows.append([f"idle: server CPU over {idle['seconds']:g} s", f"<= {tg['idle_core_pct_per_tab']:g} % of a core "
+                     "per tab", *["" for p in phases if p is not c],
                      f"{idle['server_cpu_s']:.2f} s = {idle['core_pct_per_tab']:.3f} % per tab, "
                      f"{idle['script_runs']} script runs (load {_load_text(idle['load'])})"])
-    if h:
-        rows.append([f"server RSS, {h['sessions']} sessions vs 1", f"<= {tg['rss_ratio']:g}x",
-                     f"{h['rss_sessions_mb']:.0f} MB / {h['rss_one_session_mb']:.0f} MB = {h['rss_ratio']:.2f}x", ""])
     note = (f"Page: {data['page']}, control: {data['control']} (each client at a random moment within "
             f"{(h or c)['spread_s']:g} s), stored partials: {data['partials']}.")
     return head, rows, note

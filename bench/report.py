@@ -410,15 +410,16 @@ def sweep_lm() -> str:
     return table(["sweep", "budget", "bits/value", "KL", "top-1", "ppl"], rows) + "\n\n" + "\n".join(notes)
 
 
-CLASSROOM = "classroom-load.json"
+CLASSROOM, CLASSROOM_MAIN = "classroom-load.json", "classroom-load-main.json"
 CLASSROOM_PROFILE = ["classroom-profile-before.json", "classroom-profile-after.json"]
 
 
 def classroom_load() -> str:
     """bench.classroom_load: a class's sessions and tabs on one server, against issue 29's targets."""
-    data = load(CLASSROOM)
-    head, rows, note = classroom_rows.load_rows(data)
-    return table(head, rows) + "\n\n" + note + "\n\n" + source_line(CLASSROOM, data)
+    data, before = load(CLASSROOM), load(CLASSROOM_MAIN)
+    head, rows, note = classroom_rows.load_rows(data, before)
+    return table(head, rows) + "\n\n" + note + "\n\n" + "\n".join(
+        f"- {source_line(n, d)}" for n, d in ((CLASSROOM_MAIN, before), (CLASSROOM, data)))
 
 
 def classroom_profile() -> str:
