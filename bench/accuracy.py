@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(result, rows, tasks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    info = dict(command="python -m bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv),
+    info = dict(command=run_meta["command"],
                 machine=f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.system()}",
                 date=time.strftime("%Y-%m-%d"), wall_seconds=round(time.time() - start, 1),
                 calibrate_run=calib_id, evaluate_run=eval_id)

@@ -60,6 +60,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench._data import outlier_features, synthetic_partial  # noqa: F401 - tests use them from here
+from bench._meta import command as meta_command
 from launch.client import submit_and_watch
 from launch.kinds.collective_bench import (CODECS, DEFAULT_HIDDEN, DEFAULT_PARAMS, DEFAULT_SCHEMES, DEFAULT_TOKENS,  # noqa: F401
                                            DTYPES, check_params, check_spec, job_spec)
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[-1]["meta"] = result.get("meta")
     print(format_table(records))
     if args.out:
-        command = "python -m bench.collectives " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = meta_command("bench.collectives", sys.argv[1:] if argv is None else list(argv))
         out = dict(meta=machine_meta(dict(command=command, runs=runs)), records=records)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))

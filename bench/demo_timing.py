@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._meta import finish_meta, start_meta
+from bench._meta import finish_meta, start_meta, path as meta_path
 from bench.accuracy import stage_seconds
 from launch.events import read_events
 from launch.layout import calibration_folder, run_paths
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"bench/results/demo-{args.model}-tp{args.tp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=finish_meta(meta), model=args.model, tp=args.tp, spec=spec,
-                                   cache_root=str(cache_root()), calibration_folder=str(calib), submits=submits),
+                                   cache_root=meta_path(cache_root()), calibration_folder=meta_path(calib), submits=submits),
                               indent=2))
     print(f"wrote {out}")
     return 0

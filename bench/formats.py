@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from bench._meta import command as meta_command
 from lowbit.scheme import PRESETS, SchemeError, parse_scheme
 from lowbit.wire import accounting
 from lowbit.wire.payload import encode
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         bits = f"{r['measured_bits']:.4f}" if where is None else \
             f"refused; {where['measured_bits']:.4f} at hidden {where['hidden']}, TP {where['tp']}"
         print(f"{r['preset']:18s} {r['expansion']:58s} {bits}")
-    meta = dict(command="python -m bench.formats " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+    meta = dict(command=meta_command("bench.formats", list(argv or sys.argv[1:])),
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"), load_avg=list(os.getloadavg()),
                 cpus=os.cpu_count(), tokens=args.tokens)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

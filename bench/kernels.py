@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench._data import synthetic_partial
+from bench._meta import command as meta_command
 
 DEFAULT_TOKENS = [1, 16, 256, 2048, 8192]
 DEFAULT_HIDDEN = [576, 4096, 5120]
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     args.tp = args.tp or (8 if device == "cuda" else 3)
-    meta = dict(command=" ".join(["python -m bench.kernels"] + list(argv if argv is not None else sys.argv[1:])),
+    meta = dict(command=meta_command("bench.kernels", list(argv if argv is not None else sys.argv[1:])),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device,
                 torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -1,7 +1,7 @@
 """CPU codec benchmark of the numba kernels against both torch paths, in one run.
 
     PYTHONPATH=. .venv/bin/python -m bench.kernels --native --out bench/results/kernels-cpu-native.json
-    PYTHONPATH=. .venv/bin/python -m bench.kernels_native --tokens 8192 --hidden 576 --out /tmp/n.json
+    PYTHONPATH=. .venv/bin/python -m bench.kernels_native --tokens 8192 --hidden 576 --out test-output/n.json
 
 Two measurements, one thread per process (``bench.kernels`` runs them for ``--native``):
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench._meta import command as meta_command, path as meta_path
+
 SETTINGS = ["int4-static-top1/64", "int4-static", "int4-token", "int4-token-rot64", "int4-group32",
             "int4-group32-top1/64-rot64", "nf4-static-top1/64", "int4-token-sr", "int2-static-rand1/64",
             "int8-token", "int4-static-top1/64@twoshot+int8-token", "bf16"]
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from launch import store
     cal = store.load_calibration(args.calibration)
-    info = dict(calibration=str(args.calibration), model=cal.meta.get("model"), tp=cal.tp, hidden=cal.hidden,
+    info = dict(command=meta_command("bench.playground", sys.argv[1:] if argv is None else list(argv)),
+                calibration=meta_path(args.calibration), model=cal.meta.get("model"), tp=cal.tp, hidden=cal.hidden,
                 sample_tokens=int(cal.sample.shape[3]) if cal.sample is not None else None,
                 machine=dict(python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
                              torch_threads=torch.get_num_threads(), platform=platform.platform()),

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench._meta import command as meta_command
 from launch.kinds.method import plan as scheme_plan
 from launch.kinds.throughput import DEFAULTS, check_params  # noqa: F401 - the kind owns its params
 from launch.layout import calibration_folder, calibration_params
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 params=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                             codec=args.codec))
     run_id, result = run_job(spec)
-    result.update(command="python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
+    result.update(command=meta_command("bench.throughput", sys.argv[1:] if argv is None else list(argv)),
                   machine=f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores", date=time.strftime("%Y-%m-%d"),
                   run=run_id)
     out = Path(args.out)

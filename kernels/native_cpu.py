@@ -4,7 +4,7 @@ two-shot requantization, one pass over the data each, single-threaded (ranks are
 
     PYTHONPATH=. .venv/bin/python -c "import torch; from kernels import native_cpu; from lowbit.scheme import \\
         QuantSpec; print(native_cpu.quantize_pack(torch.randn(3, 64), QuantSpec(4, True, 'token')))"
-    PYTHONPATH=. .venv/bin/python -m bench.kernels --native --tokens 8192 --hidden 576 --out /tmp/b.json
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --native --tokens 8192 --hidden 576 --out test-output/b.json
 
 Same bytes and values as ``kernels.reference`` (``tests/test_kernels_native.py`` holds them
 equal): every uniform-grid scheme (2/3/4/5/6/8 bits, symmetric or asymmetric, static / token /

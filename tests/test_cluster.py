@@ -39,7 +39,7 @@ def test_names_and_addresses_stay_in_the_private_subnet_and_prefix():
     assert all(cluster._NS_PATTERN.match(n) for n in names), names
     assert [c.address(i) for i in range(4)] == ["10.213.0.1", "10.213.0.2", "10.213.0.3", "10.213.0.4"]
     assert c.master_addr == "10.213.0.1"
-    cmd = cluster.node_torchrun(c, 2, RunPaths("/tmp/x", "r1").spec, None)
+    cmd = cluster.node_torchrun(c, 2, RunPaths("runs", "r1").spec, None)
     assert cmd[:4] == ["ip", "netns", "exec", c.ns(2)]
     assert cmd[cmd.index("--nnodes") + 1] == "4" and cmd[cmd.index("--node-rank") + 1] == "2"
     assert cmd[cmd.index("--master-addr") + 1] == "10.213.0.1"
