@@ -1,16 +1,22 @@
-# Size: ~490 lines: one short renderer per README table (21 of them) after the shared reading and checking.
-"""README tables rendered from the result files under bench/results/, through one renderer.
+# Size: ~600 lines: one short renderer per table block (about 30) after the shared reading, registry and checking.
+"""Every measured table of README.md and docs/*.md, rendered from the result files under
+bench/results/ through one renderer.
 
-    .venv/bin/python -m bench.report            # rewrite every table block of README.md from its files
-    .venv/bin/python -m bench.report --check    # exit 1 naming each block README disagrees with
-    .venv/bin/python -m bench.report --list     # the tables and the files they read
+    .venv/bin/python -m bench.report            # rewrite every table block of README.md and docs/*.md
+    .venv/bin/python -m bench.report --check    # exit 1 naming each block that differs, stray table, unknown name
+    .venv/bin/python -m bench.report --list     # every table, the document holding it and its source files
 
-A measured table in README.md sits between ``<!-- table: NAME -->`` and ``<!-- /table -->``;
-``TABLES[NAME]`` renders it from its files: the table, then one line naming each file with the
-command that made it, its date and the machine's load where the file has them. Prose around a
-block is written by hand and quotes the block's numbers. ``check`` also fails on a Markdown table
-outside every block (a table nobody can trace to a file) and on a block with an unknown name.
-``tests/test_readme_tables.py`` runs the check, so README cannot drift from its files.
+A measured table sits between ``<!-- table: NAME -->`` and ``<!-- /table -->`` in README.md or in
+any docs/*.md (found by glob: a new page needs no registration); ``TABLES[NAME]`` renders it
+from its files: the table, then one line naming each file with the command that made it, its
+date and the machine's load where the file has them. Prose around a block is written by hand and
+quotes the block's numbers. ``check`` also fails on a Markdown table outside every block (a table
+nobody can trace to a file), on a block with an unknown name, on a table placed twice and on a
+registered table no document places. ``tests/test_readme_tables.py`` runs the check.
+
+A new table: write its renderer here, ``@block("my-table")`` above a function that returns the
+Markdown (``table(...)`` and ``source_line(...)`` do most of it), put ``<!-- table: my-table -->``
+and ``<!-- /table -->`` on two lines of the page, and run ``python -m bench.report``.
 """
 from __future__ import annotations
 
@@ -27,16 +33,30 @@ from bench.matched_bits import load_rows as matched_rows
 from bench.outliers import ROWS as OUTLIER_ROWS
 from bench.throughput import markdown as throughput_markdown
 from launch.client import format_results
+from launch.cluster import rate_bits
+from lowbit.method import projection
 from lowbit.scheme import MAX_MIN_MESSAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path("bench/results")
-README = ROOT / "README.md"
 BLOCK = re.compile(r"<!-- table: (?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
 
 
 class ReportError(ValueError):
     """A table cannot be rendered from its files (missing file, missing row)."""
+
+
+TABLES: dict[str, Callable[[], str]] = {}
+
+
+def block(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+    """Register the decorated function as the renderer of ``<!-- table: name -->`` blocks."""
+    def register(render_table: Callable[[], str]) -> Callable[[], str]:
+        if name in TABLES:
+            raise ValueError(f"table '{name}' is registered twice")
+        TABLES[name] = render_table
+        return render_table
+    return register
 
 
 # -- reading files -----------------------------------------------------------------------------
@@ -118,18 +138,22 @@ def _text_rows(name: str, schemes: list[str], rel_error: bool, source: str | Non
 SAME_RUN = f"Source: `{RESULTS / SUM_ERROR}`, the uniform table's run"
 
 
+@block("uniform")
 def uniform() -> str:
     return _text_rows(SUM_ERROR, UNIFORM, rel_error=False)
 
 
+@block("codebook")
 def codebook() -> str:
     return _text_rows(SUM_ERROR, CODEBOOK, rel_error=True, source=SAME_RUN)
 
 
+@block("threshold")
 def threshold() -> str:
     return _text_rows(SUM_ERROR, THRESHOLD, rel_error=False, source=SAME_RUN)
 
 
+@block("rounding")
 def rounding() -> str:
     data = load("sum-error-rounding.json")
     rows = []
@@ -141,6 +165,7 @@ def rounding() -> str:
     return table(head, rows) + "\n\n" + source_line("sum-error-rounding.json", data)
 
 
+@block("sweep-nf")
 def sweep_nf() -> str:
     name = "sweep-nf-allocation.json"
     data = load(name)
@@ -156,6 +181,7 @@ def sweep_nf() -> str:
     return table(["budget", "bits/value", "KL", "top-1", "ppl"], rows) + "\n\n" + source_line(name, data, note)
 
 
+@block("presets")
 def presets() -> str:
     name = "formats-bits.json"
     data = load(name)
@@ -191,6 +217,7 @@ KERNEL_CPU_ROWS = {"int4-static-top1/64": [(1, 576), (256, 576), (2048, 576), (8
                    "int4-group32-top1/64": [(2048, 576), (8192, 576), (8192, 5120)]}
 
 
+@block("kernels-cpu")
 def kernels_cpu() -> str:
     name = "kernels-cpu.json"
     data = load(name)
@@ -210,6 +237,7 @@ def kernels_cpu() -> str:
     return table(head, rows) + "\n\n" + source_line(name, data, _moved(data))
 
 
+@block("kernels-native")
 def kernels_native() -> str:
     name = "kernels-cpu-native.json"
     data = load(name)
@@ -230,6 +258,7 @@ def _label(method: str, scheme: str) -> str:
     return {"gather": "gather", "two_shot": "two-shot"}.get(method, method) + f" `{scheme}`"
 
 
+@block("collectives-gate")
 def collectives_gate() -> str:
     name = "collectives-gate-native.json"
     data = load(name)
@@ -248,38 +277,53 @@ def collectives_gate() -> str:
     return table(["tokens x 576", "scheme"] + links, rows) + "\n\n" + source_line(name, data, note)
 
 
+@block("collectives-8192")
 def collectives_8192() -> str:
     name = "collectives-tp3-8192x576.json"
     data = load(name)
     return collectives_markdown(data["records"]) + "\n\n" + source_line(name, data)
 
 
-def _accuracy(name: str, tasks: list[str]) -> str:
+def _runs_note(data: dict) -> str:
+    """bench.accuracy's own record of its runs: the calibrate and evaluate run ids and times."""
+    return f"calibrate run `{data['calibrate_run']}`, evaluate run `{data['evaluate_run']}` " \
+        f"({data['result']['run']['seconds']:.0f} s); {data['wall_seconds']:.0f} s in all, queue waits included"
+
+
+def _accuracy(name: str, tasks: list[str], note: str = "") -> str:
     data = load(name)
-    return accuracy_markdown(data["result"], data["rows"], tasks) + "\n\n" + source_line(name, data)
+    return accuracy_markdown(data["result"], data["rows"], tasks) + "\n\n" + \
+        source_line(name, data, _runs_note(data) + note)
 
 
+@block("accuracy")
 def accuracy() -> str:
     return _accuracy("accuracy.json", ["arc_easy", "piqa", "winogrande"])
 
 
+@block("neighbours")
 def neighbours() -> str:
-    return _accuracy("neighbours.json", ["arc_easy", "piqa"])
+    """With each threshold scheme's overflow: features over T that found no BF16 slot (rank 0)."""
+    over = [(r["scheme"], r["thr_overflow"]) for r in load("neighbours.json")["result"]["records"] if r.get("thr_overflow")]
+    note = "".join(f"; `thr_overflow` of `{s}`: {n:,} features over rank 0's text-metric messages" for s, n in over)
+    return _accuracy("neighbours.json", ["arc_easy", "piqa"], note)
 
 
+@block("gemma-tp2")
 def gemma_tp2() -> str:
     name = "gemma3-270m-tp2.json"
     data = load(name)
     rows = [[f"`{r['scheme']}`", f"{r['bits_per_value']:.4g}", f"{r['ppl']:.3f}", f"{r['kl']:.4f}",
              f"{100 * r['top1_agreement']:.1f}", f"{r['clamped']:,}"] for r in data["rows"]]
     return table(["scheme", "bits/value", "ppl", "KL", "top-1 %", "clamped values"], rows) + "\n\n" + \
-        source_line(name, data)
+        source_line(name, data, _runs_note(data))
 
 
 THROUGHPUT_LINKS = [("loopback", "throughput-loopback-native.json"), ("1 Gbit/s", "throughput-1gbit-native.json"),
                     ("100 Mbit/s", "throughput-100mbit-native.json")]
 
 
+@block("throughput-native")
 def throughput_native() -> str:
     rows, sources = [], []
     for label, name in THROUGHPUT_LINKS:
@@ -292,7 +336,9 @@ def throughput_native() -> str:
             scheme = f"`{r['scheme']}`" + (f" (gate: {_gate_text(gate)})" if gate else "")
             rows.append([label, scheme, f"{r['bits_per_value']:.4g}", f"{r['prefill_speedup']:.2f}",
                          f"{r['decode_speedup']:.2f}"])
-        sources.append(source_line(name, data))
+        bf16 = next(r for r in data["records"] if r["scheme"] == "bf16")
+        share = " / ".join(f"{100 * s:.0f}%" for s in bf16["prefill_comm_share"])
+        sources.append(source_line(name, data, f"bf16 spends {share} of its prefill in the communicator (ranks)"))
     head = ["link", "scheme", "bits/value", "prefill × bf16", "decode × bf16"]
     return table(head, rows) + "\n\n" + "\n".join(f"- {s}" for s in sources)
 
@@ -301,12 +347,14 @@ def _gate_text(gate: dict) -> str:
     return "never quantize" if gate["bytes"] >= MAX_MIN_MESSAGE else f"{gate['bytes'] / 1024:.0f} KiB"
 
 
+@block("throughput-eager")
 def throughput_eager() -> str:
     name = "throughput.json"
     data = load(name)
     return throughput_markdown(data) + "\n\n" + source_line(name, data)
 
 
+@block("evaluate-tasks")
 def evaluate_tasks() -> str:
     """The CLI's own evaluate table (``launch.client.format_results``) of a stored run, as printed."""
     name = "evaluate-sciq-openbookqa.json"
@@ -319,6 +367,7 @@ def evaluate_tasks() -> str:
 OUTLIERS = "outliers-smollm2-135m-tp3-gemma3-270m-tp2.json"
 
 
+@block("outliers")
 def outliers() -> str:
     """bench.outliers: consistency (Jaccard) and size of two calibrations' outliers, side by side,
     with that script's own rows (``bench.outliers.ROWS``)."""
@@ -332,6 +381,7 @@ def outliers() -> str:
 PLAN = "accuracy-smollm2-135m-tp3-se0.03-plan.json"
 
 
+@block("accuracy-plan")
 def accuracy_plan() -> str:
     """bench.accuracy --target-se --plan-only: items per task from the pilot, and the time it predicts."""
     data = load(PLAN)
@@ -346,13 +396,14 @@ def accuracy_plan() -> str:
     return table(head, rows) + "\n\n" + source_line(PLAN, data, note)
 
 
-DEMO_FILES = ["demo-gemma3-270m-tp2-cold.json", "demo-gemma3-270m-tp2-warm.json", "demo-gemma3-270m-tp2.json"]
+DEMO_FILES = ["demo-gemma3-270m-tp2-cold.json", "demo-gemma3-270m-tp2-warm.json"]
+DEMO_BEFORE = ["demo-gemma3-270m-tp2.json"]  # before the vocabulary-parallel held-out metrics
 
 
-def demo_gemma() -> str:
+def _demo_rows(names: list[str]) -> str:
     """bench.demo_timing: the Gemma demo from submit to result, per submit, with the load around it."""
     rows, sources = [], []
-    for name in DEMO_FILES:
+    for name in names:
         data = load(name)
         for sub in data["submits"]:
             cache = "model warm, calibration " + ("cached" if sub["calibration_cached"] else "cold") \
@@ -366,6 +417,33 @@ def demo_gemma() -> str:
     return table(head, rows) + "\n\n" + "\n".join(f"- {s}" for s in sources)
 
 
+@block("demo-gemma")
+def demo_gemma() -> str:
+    return _demo_rows(DEMO_FILES)
+
+
+@block("demo-gemma-before")
+def demo_gemma_before() -> str:
+    return _demo_rows(DEMO_BEFORE)
+
+
+@block("demo-metrics")
+def demo_metrics() -> str:
+    """What the Gemma demo measured: one row per scheme, the same at the printed digits in every
+    submit of every file (float sums differ in the last bits with the order; a difference at the
+    printed digits is refused, not averaged)."""
+    def rows_of(metrics: dict) -> list[list[str]]:
+        return [[f"`{s}`", _pct(m["top1_agreement"]), f"{m['kl']:.4f}", f"{m['ppl']:.2f}"] for s, m in metrics.items()]
+    submits = [(name, sub) for name in DEMO_FILES + DEMO_BEFORE for sub in load(name)["submits"]]
+    rows = rows_of(submits[0][1]["metrics"])
+    for name, sub in submits:
+        if rows_of(sub["metrics"]) != rows:
+            raise ReportError(f"{name}: run {sub['run']} measured other metrics than {submits[0][1]['run']}")
+    note = f"the same in all {len(submits)} submits (the runs of the timing tables here and in docs/history.md)"
+    return table(["scheme", "top-1 agree", "KL", "ppl"], rows) + "\n\n" + \
+        "\n".join(f"- {source_line(n, load(n))}" for n in DEMO_FILES + DEMO_BEFORE) + f"\n- {note}"
+
+
 MATCHED_FILES = ["matched-bits-presets.json", "matched-bits-new.json", "matched-bits-pinned.json",
                  "matched-bits-scales.json"]
 # the README's rows: the paper, every preset that runs at 576, and the best new schemes near 4.25 bits
@@ -375,6 +453,7 @@ MATCHED = ["int4-static-top1/64", "mxfp4", "nvfp4", "quickreduce-int4", "mxfp8",
            "nf4-token-rot64", "fp4e2m1-token-rot64"]
 
 
+@block("matched-bits")
 def matched_bits() -> str:
     """The paper against the presets and the new codes, rows of several sum-error files (one run each)."""
     by = {r["scheme"]: r for r in matched_rows([str(ROOT / RESULTS / n) for n in MATCHED_FILES])}
@@ -390,6 +469,7 @@ def matched_bits() -> str:
 SWEEPS_LM = ["sweep-lm-allocation.json", "sweep-lm-pinned-allocation.json", "sweep-lm-group32-allocation.json"]
 
 
+@block("sweep-lm")
 def sweep_lm() -> str:
     """Per-site allocations with the fitted codebooks among the candidates: the best point per budget."""
     rows, notes = [], []
@@ -409,27 +489,202 @@ def sweep_lm() -> str:
     return table(["sweep", "budget", "bits/value", "KL", "top-1", "ppl"], rows) + "\n\n" + "\n".join(notes)
 
 
-TABLES: dict[str, Callable[[], str]] = {
-    "uniform": uniform, "codebook": codebook, "threshold": threshold, "rounding": rounding, "sweep-nf": sweep_nf,
-    "presets": presets, "kernels-cpu": kernels_cpu, "kernels-native": kernels_native,
-    "collectives-gate": collectives_gate, "accuracy": accuracy, "gemma-tp2": gemma_tp2, "neighbours": neighbours,
-    "collectives-8192": collectives_8192, "throughput-native": throughput_native, "throughput-eager": throughput_eager,
-    "evaluate-tasks": evaluate_tasks, "outliers": outliers, "accuracy-plan": accuracy_plan, "demo-gemma": demo_gemma,
-    "matched-bits": matched_bits, "sweep-lm": sweep_lm,
-}
 
 
-# -- README ------------------------------------------------------------------------------------
-def render(text: str) -> str:
-    """``text`` with every table block re-rendered from its files."""
+# -- the teaching pages, the links, the model ------------------------------------------------------
+PLAYGROUND = "playground.json"
+
+
+@block("playground")
+def playground() -> str:
+    """bench.playground: SQNR of one stored partial per scheme, and the page's rerun time per control change."""
+    data = load(PLAYGROUND)
+    rows = [[f"`{v['scheme']}`", f"{v['bits_per_value']:.4g}", f"{v['rank_sqnr_db']:.2f}", f"{v['sum_sqnr_db']:.2f}",
+             f"{v['median_ms']:.0f}"] for v in data["views"]]
+    at = data["views"][0]
+    page = [r["median_ms"] for r in data["page"]]
+    note = (f"{data['model']} TP {data['tp']}, layer {at['layer']} {at['module']}, rank {at['rank']}, the first "
+            f"{data['sample_tokens']} tokens stored by calibration `{data['calibration']}`; {data['date']}, load "
+            f"{data['loadavg_before'].split()[0]} -> {data['loadavg_after'].split()[0]}; the Playground page reruns "
+            f"after a control change in {min(page):.0f}-{max(page):.0f} ms (median of {data['page'][0]['repeats']} "
+            f"per change, {len(page)} changes, AppTest); made by `python -m bench.playground --calibration "
+            "runs/<calibrate id>/calibration --page` (the file predates recorded commands)")
+    head = ["scheme", "bits/value", "SQNR of the rank's message dB", "SQNR of the sum dB", "compute ms (median)"]
+    return table(head, rows) + "\n\nSource: `" + str(RESULTS / PLAYGROUND) + "`; " + note
+
+
+GATE = "collectives-gate-native.json"
+
+
+@block("link-model")
+def link_model() -> str:
+    """The emulated links against the ring all-reduce's ideal time, 2 (N-1)/N x bytes x 8 / rate."""
+    data = load(GATE)
+    rows = []
+    for r in data["records"]:
+        if r["method"] != "all_reduce" or r["link"] == "loopback" or r["tokens"] < 256:
+            continue
+        ideal_ms = 1e3 * projection.allreduce_s(r["tp"], r["tokens"] * r["hidden"] * 2, 0.0, rate_bits(r["link"]) / 8)
+        rows.append([r["link"], f"{r['tokens']} x {r['hidden']}", f"{r['bytes_per_rank'] / 1e6:.2f}",
+                     f"{ideal_ms:.0f}", f"{r['median_ms']:.0f}", f"{r['median_ms'] / ideal_ms:.2f}"])
+    head = ["link", "tokens x hidden", "bf16 MB", "ring ideal ms", "measured ms", "measured / ideal"]
+    return table(head, rows) + "\n\n" + source_line(GATE, data, "the bf16 all-reduce rows, TP 3")
+
+
+LINKS_SMALL = "collectives-tp3-576-links.json"
+
+
+@block("projection")
+def projection_table() -> str:
+    """lowbit.method.projection (a model, not a measurement) for Llama-2-13B at TP 8 and the paper's
+    bits, and how far the same model lands from the measured gloo collectives."""
+    shape, bits = projection.SHAPES["llama2-13b"], 4.1875
+    rows = []
+    for link in projection.INTERCONNECTS.values():
+        r = projection.project(shape, link, 8, 8192, bits)
+        cross = projection.crossover_tokens(shape, link, 8, bits)
+        rows.append([link.name, f"{r['exact_us'] / 1e3:.2f}", f"{min(r['gather_us'], r['two_shot_us']) / 1e3:.2f}",
+                     f"{r['comm_speedup']:.2f}", f"{r['e2e_speedup']:.2f}", "> 65536" if cross is None else str(cross)])
+    head = ["link (model)", "bf16 all-reduce ms", "quantized ms", "communication ×", "end to end ×",
+            "quantized wins from (tokens)"]
+    data = load(LINKS_SMALL)
+    checked = projection.check_against(data["records"])
+    big = sorted(abs(r["rel_error"]) for r in checked if r["tokens"] * r["hidden"] >= 2048 * 576)
+    small = [abs(r["rel_error"]) for r in checked if r["tokens"] <= 16 and r["method"] != "all_reduce"]
+    note = (f"{shape.name}, TP 8, {bits} bits/value, 8192 tokens: `python -m lowbit.method.projection --check "
+            f"{RESULTS / LINKS_SMALL}` (inputs and formulas in `lowbit/method/projection.py`). Checked against the "
+            f"measured gloo collectives (alpha and beta fitted per link to the bf16 all-reduce, codec time from the "
+            f"measured compute-only runs): median |error| {100 * big[len(big) // 2]:.0f}% at >= 2048 x 576 values, "
+            f"{100 * min(small):.0f}-{100 * max(small):.0f}% for the quantized methods at 1-16 tokens")
+    return table(head, rows) + "\n\n" + note + "\n\n" + source_line(LINKS_SMALL, data)
+
+
+@block("collectives-small")
+def collectives_small() -> str:
+    data = load(LINKS_SMALL)
+    return collectives_markdown(data["records"]) + "\n\n" + source_line(LINKS_SMALL, data)
+
+
+GRID = "collectives-loopback-grid.json"
+
+
+@block("collectives-grid")
+def collectives_grid() -> str:
+    """The loopback grid (TP 2/3/4, several sizes) in one line per TP: how the quantized records compare with bf16."""
+    data = load(GRID)
+    rows = []
+    for tp in sorted({r["tp"] for r in data["records"]}):
+        quant = [r["speedup_vs_bf16"] for r in data["records"]
+                 if r["tp"] == tp and r["method"] != "all_reduce" and r.get("speedup_vs_bf16") is not None]
+        quant.sort()
+        rows.append([str(tp), str(len(quant)), str(sum(s > 1 for s in quant)), f"{quant[len(quant) // 2]:.2f}",
+                     f"{quant[0]:.2f} - {quant[-1]:.2f}"])
+    head = ["TP", "quantized records", "faster than bf16", "median × bf16", "range × bf16"]
+    return table(head, rows) + "\n\n" + source_line(GRID, data)
+
+
+# -- the README's headline results: a few rows of the files the docs render in full --------------
+HEADLINE_SCHEMES = [("int4-token", "Int4, one scale per token"), ("int4-static-top1/64", "the paper"),
+                    ("mxfp4", "MXFP4 preset"), ("nvfp4", "NVFP4 preset"),
+                    ("lm4-group64-rot64", "fitted 4-bit codebook, rotated, scale per 64")]
+
+
+@block("headline-schemes")
+def headline_schemes() -> str:
+    by = {r["scheme"]: r for r in matched_rows([str(ROOT / RESULTS / n) for n in [SUM_ERROR] + MATCHED_FILES])}
+    rows = [[f"`{s}`", what, f"{by[s]['bits_per_value']:.4g}", f"{by[s]['kl']:.3f}", _pct(by[s]["top1_agreement"])]
+            for s, what in HEADLINE_SCHEMES]
+    files = dict.fromkeys(by[s]["source"] for s, _ in HEADLINE_SCHEMES)
+    return table(["scheme", "what", "bits/value", "KL", "top-1 agree"], rows) + "\n\n" + \
+        "\n".join(f"- {source_line(n, load(n))}" for n in files)
+
+
+@block("headline-allocation")
+def headline_allocation() -> str:
+    """The lowest KL any per-site allocation sweep reached at each budget, next to the paper's point."""
+    best, paper = {}, None
+    for name in SWEEPS_LM:
+        data = load(name)
+        points = {p["scheme"]: p for p in data["points"]}
+        paper = paper or points.get("int4-static-top1/64")
+        for budget, scheme in data["best_at"].items():
+            if budget not in best or points[scheme]["kl"] < best[budget][0]["kl"]:
+                best[budget] = (points[scheme], data["run"]["id"], name)
+    if paper is None:
+        raise ReportError("no sweep holds the paper's point int4-static-top1/64")
+    rows = [["paper `int4-static-top1/64`", "", f"{paper['bits_per_value']:.4f}", f"{paper['kl']:.4f}",
+             _pct(paper["top1_agreement"])]]
+    for budget, (p, run, _) in sorted(best.items(), key=lambda kv: -float(kv[0])):
+        rows.append([f"per-site map, budget {budget}", f"`{run}`", f"{p['bits_per_value']:.3f}", f"{p['kl']:.4f}",
+                     _pct(p["top1_agreement"])])
+    files = dict.fromkeys(n for _, _, n in best.values())
+    return table(["scheme", "sweep", "bits/value", "KL", "top-1 agree"], rows) + "\n\n" + \
+        "\n".join(f"- `{RESULTS / n}` (spec `{RESULTS / n.replace('.json', '.spec.json')}`)" for n in files)
+
+
+@block("headline-collectives")
+def headline_collectives() -> str:
+    data = load(GATE)
+    by = {(r["link"], r["method"]): r for r in data["records"] if r["tokens"] == 8192}
+    links = list(dict.fromkeys(r["link"] for r in data["records"]))
+    rows = [[link, f"{by[(link, 'all_reduce')]['median_ms']:.0f}", f"{by[(link, 'gather')]['speedup_vs_bf16']:.2f}x",
+             f"{by[(link, 'two_shot')]['speedup_vs_bf16']:.2f}x"] for link in links]
+    schemes = ", ".join(f"{m} `{by[(links[0], m)]['scheme']}`" for m in ("gather", "two_shot"))
+    return table(["link", "bf16 all-reduce ms", "gather × bf16", "two-shot × bf16"], rows) + "\n\n" + \
+        source_line(GATE, data, f"TP 3, 8192 x 576; {schemes}")
+
+
+@block("headline-throughput")
+def headline_throughput() -> str:
+    rows, sources = [], []
+    for label, name in THROUGHPUT_LINKS:
+        data = load(name)
+        paper, gated = rows_by_scheme(dict(rows=data["records"]), ["int4-static-top1/64", "int4-static-top1/64@minauto"])
+        rows.append([label, f"{paper['prefill_speedup']:.2f}", f"{paper['decode_speedup']:.2f}",
+                     f"{gated['decode_speedup']:.2f}"])
+        sources.append(source_line(name, data))
+    head = ["link", "prefill × bf16", "decode × bf16", "decode × bf16, size gate `@minauto`"]
+    return table(head, rows) + "\n\n" + "\n".join(f"- {s}" for s in sources)
+
+
+HEADLINE_OUTLIERS = ["Jaccard random sets", "Jaccard later batches vs EMA, mean", "largest stored partial |x|",
+                     "largest stored partial / median |x| there", "sites with range > ratio x median"]
+
+
+@block("headline-outliers")
+def headline_outliers() -> str:
+    data = load(OUTLIERS)
+    models = list(data["models"].values())
+    fmt = dict(OUTLIER_ROWS)
+    head = [""] + [f"{m['model']} TP {m['tp']}" for m in models]
+    return table(head, [[label] + [fmt[label](m) for m in models] for label in HEADLINE_OUTLIERS]) + "\n\n" + \
+        source_line(OUTLIERS, data, f"ratio {models[0]['ratio']:g}")
+
+
+# -- documents ---------------------------------------------------------------------------------
+def documents(root: Path | None = None) -> list[Path]:
+    """README.md and every docs/*.md (sorted): the pages whose blocks this module renders."""
+    root = ROOT if root is None else root
+    return [root / "README.md"] + sorted((root / "docs").glob("*.md"))
+
+
+def _name(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(ROOT.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def render(text: str, where: str = "README.md") -> str:
+    """``text`` with every table block re-rendered from its files; ``where`` names the page in errors."""
     def one(m: re.Match) -> str:
         name = m.group("name")
         if name not in TABLES:
-            raise ReportError(f"README block '{name}': unknown table; allowed: {', '.join(TABLES)}")
+            raise ReportError(f"{where} block '{name}': unknown table; allowed: {', '.join(TABLES)}")
         try:
             body = TABLES[name]()
         except (ReportError, KeyError, StopIteration) as exc:
-            raise ReportError(f"README block '{name}': {exc}") from exc
+            raise ReportError(f"{where} block '{name}': {exc}") from exc
         return f"<!-- table: {name} -->\n{body}\n<!-- /table -->"
     return BLOCK.sub(one, text)
 
@@ -449,40 +704,64 @@ def stray_tables(text: str) -> list[int]:
     return out
 
 
-def check(path: Path = README) -> list[str]:
-    """Problems: blocks whose text differs from their files, tables outside blocks."""
-    text = path.read_text()
-    problems = []
-    rendered = render(text)
-    old = {m.group("name"): m.group("body") for m in BLOCK.finditer(text)}
-    new = {m.group("name"): m.group("body") for m in BLOCK.finditer(rendered)}
-    problems += [f"{path.name}: table '{n}' differs from its files (run python -m bench.report)"
-                 for n in old if old[n] != new[n]]
-    problems += [f"{path.name}:{line}: a table outside every <!-- table: NAME --> block" for line in stray_tables(text)]
+def check(paths: list[Path] | None = None) -> list[str]:
+    """Problems of ``paths`` (default: every document): a block whose text differs from its files,
+    a block with an unknown name, a table outside every block, a table placed twice; with the
+    default, also a registered table that no document places."""
+    problems, placed = [], {}
+    for path in documents() if paths is None else paths:
+        text, where = path.read_text(), _name(path)
+        for m in BLOCK.finditer(text):
+            name = m.group("name")
+            line = text.count("\n", 0, m.start()) + 1
+            if name in placed:
+                problems.append(f"{where}:{line}: table '{name}' is placed twice (also {placed[name]}); "
+                                "place it once and link to it")
+            placed.setdefault(name, f"{where}:{line}")
+            if name not in TABLES:
+                problems.append(f"{where}:{line}: block '{name}': unknown table; allowed: {', '.join(TABLES)}")
+                continue
+            try:
+                body = render(m.group(0), where)
+            except ReportError as exc:
+                problems.append(f"{where}:{line}: {exc}")
+                continue
+            if body != m.group(0):
+                problems.append(f"{where}:{line}: table '{name}' differs from its files (run python -m bench.report)")
+        problems += [f"{where}:{n}: a table outside every <!-- table: NAME --> block" for n in stray_tables(text)]
+    if paths is None:
+        problems += [f"table '{n}' is registered but no page places it (README.md or docs/*.md)"
+                     for n in TABLES if n not in placed]
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare, do not write; exit 1 on any difference")
-    parser.add_argument("--list", action="store_true", help="print the table names")
-    parser.add_argument("--readme", default=str(README))
+    parser.add_argument("--check", action="store_true", help="compare, do not write; exit 1 on any problem")
+    parser.add_argument("--list", action="store_true", help="print every table with its page")
+    parser.add_argument("pages", nargs="*", type=Path, help="only these pages (default: README.md and docs/*.md)")
     args = parser.parse_args(argv)
-    path = Path(args.readme)
+    pages = args.pages or None
     if args.list:
-        print("\n".join(TABLES))
+        where = {m.group("name"): _name(p) for p in documents() for m in BLOCK.finditer(p.read_text())}
+        print("\n".join(f"{n:24s} {where.get(n, '(no page)')}" for n in TABLES))
         return 0
+    if args.check:
+        problems = check(pages)
+        print("\n".join(problems) or f"{len(pages or documents())} pages: every table matches its files")
+        return 1 if problems else 0
     try:
-        if args.check:
-            problems = check(path)
-            print("\n".join(problems) or f"{path.name}: every table matches its files")
-            return 1 if problems else 0
-        text = path.read_text()
-        path.write_text(render(text))
+        count = 0
+        for path in pages or documents():
+            text = path.read_text()
+            rendered = render(text, _name(path))
+            if rendered != text:
+                path.write_text(rendered)
+            count += len(BLOCK.findall(rendered))
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{path.name}: {len(BLOCK.findall(path.read_text()))} tables rendered")
+    print(f"{len(pages or documents())} pages: {count} tables rendered")
     return 0
 
 
