@@ -165,6 +165,9 @@ def rounding() -> str:
     return table(head, rows) + "\n\n" + source_line("sum-error-rounding.json", data)
 
 
+SWEEP_NF_MAP = 3.2  # the budget whose per-site map the table prints in full (the others are in the file)
+
+
 @block("sweep-nf")
 def sweep_nf() -> str:
     name = "sweep-nf-allocation.json"
@@ -177,8 +180,16 @@ def sweep_nf() -> str:
         p = points[scheme]
         label = budget if ";" in scheme else f"{budget} (`{scheme}` everywhere)"
         rows.append([label, f"{p['bits_per_value']:.3f}", f"{p['kl']:.3f}", _pct(p["top1_agreement"]), _ppl(p["ppl"])])
-    note = "its spec: `bench/results/sweep-nf-allocation.spec.json` (`python -m launch submit <spec> --wait`)"
-    return table(["budget", "bits/value", "KL", "top-1", "ppl"], rows) + "\n\n" + source_line(name, data, note)
+    refs = {round(p["reference_ppl"], 2) for p in data["points"]}
+    if len(refs) != 1:
+        raise ReportError(f"{name}: points against different references: {sorted(refs)}")
+    note = f"{data['run']['seconds']:.0f} s; fp32 reference perplexity {refs.pop():.2f} on " \
+        f"{paper['text_tokens']} targets; its spec: `bench/results/sweep-nf-allocation.spec.json` " \
+        "(`python -m launch submit <spec> --wait`)"
+    maps = "\n".join(f"- {budget}-bit map: `{scheme}`" for budget, scheme in data["best_at"].items()
+                      if ";" in scheme and float(budget) == SWEEP_NF_MAP)
+    return table(["budget", "bits/value", "KL", "top-1", "ppl"], rows) + "\n\n" + source_line(name, data, note) + \
+        "\n\n" + maps
 
 
 @block("presets")
@@ -213,7 +224,7 @@ def _ms(seconds: float) -> str:
 
 
 # the sizes the README shows (the file has every tokens x hidden of the run)
-KERNEL_CPU_ROWS = {"int4-static-top1/64": [(1, 576), (256, 576), (2048, 576), (8192, 576), (8192, 4096), (8192, 5120)],
+KERNEL_CPU_ROWS = {"int4-static-top1/64": [(1, 576), (16, 576), (16, 4096), (256, 576), (2048, 576), (8192, 576), (8192, 4096), (8192, 5120)],
                    "int4-group32-top1/64": [(2048, 576), (8192, 576), (8192, 5120)]}
 
 
@@ -235,6 +246,36 @@ def kernels_cpu() -> str:
     head = ["scheme", "tokens x hidden", "all_reduce ms", "eager q + u ms", "compiled q + u ms", "speedup q / u",
             "eager / all_reduce", "compiled / all_reduce"]
     return table(head, rows) + "\n\n" + source_line(name, data, _moved(data))
+
+
+@block("kernels-native-summary")
+def kernels_native_summary() -> str:
+    """Per scheme, over every size of the native run: how much less CPU time (quantize + unpack) the
+    numba kernels take than the reference and the compiled path, and the single ops where one of
+    them is ahead (what ``kernels.dispatch``'s CPU rule rests on)."""
+    name = "kernels-cpu-native.json"
+    data = load(name)
+    by = {(r["scheme"], r["tokens"], r["hidden"], r["path"]): r for r in data["native"]["codec"]}
+    total = lambda r: r["quantize_cpu_s"] + r["unpack_sum_cpu_s"]  # noqa: E731
+    rows, ahead = [], []
+    for scheme in dict.fromkeys(r["scheme"] for r in data["native"]["codec"]):
+        sizes = sorted({(t_, h) for s, t_, h, p in by if s == scheme})
+        ratios = {other: [total(by[(scheme, *size, other)]) / total(by[(scheme, *size, "native")]) for size in sizes]
+                  for other in ("reference", "compiled")}
+        rows.append([f"`{scheme}`", f"{sizes[0][0]}-{sizes[-1][0]} x {sizes[0][1]}"] +
+                    [f"{min(v):.1f}-{max(v):.1f}x" for v in ratios.values()] +
+                    ["yes" if all(by[(scheme, *size, p)]["bit_identical"] for size in sizes
+                                  for p in ("native", "compiled")) else "**no**"])
+        for size in sizes:
+            for op in ("quantize_cpu_s", "unpack_sum_cpu_s"):
+                n = by[(scheme, *size, "native")][op]
+                for other in ("reference", "compiled"):
+                    if by[(scheme, *size, other)][op] < n:
+                        ahead.append(f"`{scheme}` {size[0]} x {size[1]} {op.split('_cpu')[0]}: {other} "
+                                     f"{_ms(by[(scheme, *size, other)][op])} ms vs native {_ms(n)} ms")
+    head = ["scheme", "tokens x hidden", "reference / native (CPU time)", "compiled / native", "bit-identical"]
+    note = "single ops where a torch path is ahead: " + ("; ".join(ahead) or "none")
+    return table(head, rows) + "\n\n" + source_line(name, data, _moved(data)) + "\n\n" + note
 
 
 @block("kernels-native")
@@ -648,7 +689,8 @@ def headline_throughput() -> str:
 
 
 HEADLINE_OUTLIERS = ["Jaccard random sets", "Jaccard later batches vs EMA, mean", "largest stored partial |x|",
-                     "largest stored partial / median |x| there", "sites with range > ratio x median"]
+                     "largest stored partial: layer/module/rank", "largest stored partial / median |x| there",
+                     "sites with range > ratio x median"]
 
 
 @block("headline-outliers")
