@@ -5,10 +5,11 @@ source line reads the same on every clone and says nothing about one machine.
     .venv/bin/python -m pytest tests/test_no_machine_paths.py -q
 
 What is scanned: the content of every file ``git ls-files`` lists, text files only (a file with a
-NUL byte in its first 8 KiB is binary, e.g. the README's screenshot). What counts: a literal path
-under a home folder (/root, /home, /Users), a temp folder (/tmp, /var/tmp, /dev/shm, macOS'
-/private/var/folders) or a work folder (/work, /workspace, /scratch, /mnt), written where a path
-starts (not a relative path's inner component such as ``runs/tmp/``). No file is excluded:
+NUL byte in its first 8 KiB is binary, e.g. the README's screenshot). What counts: a literal
+absolute path under a home folder, a temp folder or a work folder (``MACHINE_FOLDERS``: root,
+home, Users; tmp, var/tmp, dev/shm, macOS' private/var/folders; work, workspace, scratch, mnt),
+written where a path starts (not a relative path's inner part such as ``runs/tmp/``). This
+docstring names them without their leading slash, as any text about them must. No file is excluded:
 tests build their temp paths at run time (``tmp_path``, ``tempfile``), never as literals, and
 this file writes its patterns so that they do not match themselves. System paths a tool really
 uses (``/usr/bin/chromium``, ``/run/lowbit-cluster/``, ``/proc``) are not machine-specific and
