@@ -331,7 +331,7 @@ def format_table(records: list[dict]) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """README table: one row per (tp, tokens, hidden, scheme), one column per link:
+    """The docs' table: one row per (tp, tokens, hidden, scheme), one column per link:
     ``median ms (speedup vs bf16) [compute ms]``."""
     links = list(dict.fromkeys(r["link"] for r in records))
     rows: dict[tuple, dict] = {}
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write {meta, records} JSON here")
     parser.add_argument("--time-limit-s", type=float, default=3600.0, help="per job")
     parser.add_argument("--markdown", type=Path, nargs="+", metavar="F.json",
-                        help="print the README table of earlier --out files and exit (runs nothing)")
+                        help="print the docs' table of earlier --out files and exit (runs nothing)")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown_table([r for f in args.markdown for r in json.loads(f.read_text())["records"]]))

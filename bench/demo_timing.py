@@ -1,4 +1,4 @@
-"""How long the classroom demo takes from submit to result, the way the README times it.
+"""How long the classroom demo takes from submit to result, the way docs/teaching.md times it.
 
     LOWBIT_RUNS=runs python -m bench.demo_timing --model gemma3-270m --tp 2
 

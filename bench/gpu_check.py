@@ -63,7 +63,7 @@ LOG_TAIL_CHARS = 3000
 SUMMARY = "summary.json"
 LOG = "gpu_check.log"
 
-# The fields the README's reading guide relies on, per file (tests/test_gpu_check.py holds
+# The fields a reader of the step files relies on (docs/gpu-check.md), per file (tests/test_gpu_check.py holds
 # the quick run's files to them).
 COMMON_FIELDS = ("step", "status", "device", "quick", "started", "seconds", "limit_s", "error", "checks")
 STEP_FIELDS = {

@@ -104,7 +104,7 @@ def outlier_summary(cal: Calibration, ratio: float = 100.0) -> dict:
     return out
 
 
-# one (label, format) per summary number: the printed table here and the README block (bench.report)
+# one (label, format) per summary number: the printed table here and the docs' block (bench.report)
 ROWS = [("tokens x batches", lambda s: f"{s['tokens']} x {s['batches']}"),
         ("k (hidden/64) of hidden", lambda s: f"{s['k']} of {s['hidden']}"),
         ("Jaccard random sets", lambda s: f"{s['random_jaccard']:.3f}"),

@@ -31,11 +31,8 @@ loop meets first; here -0.0 < +0.0. Only the sign bit of that zero min/scale in 
 differ; codes and sums are equal (a sum starts from +0.0).
 
 Cost of the first call: numba compiles each kernel for the CPU it runs on and caches the machine
-code on disk. Measured on this 2-core machine at load ~6 (fresh cache dir): fp32 quantize 3.6 s,
-unpack 2.1 s, bf16 quantize 3.5 s; in a later process the first call loads the cache in 0.46 s and
-the others in 0.01-0.02 s. Speed (bench/results/kernels-cpu-native.json, bench/kernels_native.py): at
-8192 x 576, int4 static + 1/64 outliers, quantize 6.4 ms and the 3-rank unpack + sum 5.7 ms of
-CPU time against 7.2 + 33 ms (compiled) and 57 + 243 ms (eager reference) at load ~14.
+code on disk; a later process only loads it. Speed against both torch paths: docs/kernels.md
+(rendered from bench/results/kernels-cpu-native.json, made by bench/kernels.py --native).
 
 Not here: the nf codebook, sp / thr per-message outliers and stochastic rounding are refused by
 every kernel (``reference.check_code`` / ``check_input``; the communicator keeps them on

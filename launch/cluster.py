@@ -69,7 +69,7 @@ _NS_PATTERN = re.compile(rf"^{re.escape(PREFIX)}([0-9a-f]{{8}})-(hub|n[0-9]+)$")
 # How long a supervisor lets the other nodes run after one node failed (they usually fail
 # themselves within torchrun's monitor interval once their peer's sockets close).
 PEER_GRACE_S = 10.0
-# How often a supervisor reads the state of its links (N + 1 `ip` calls of ~3 ms each).
+# How often a supervisor reads the state of its links (N + 1 short `ip` calls each time).
 LINK_CHECK_S = 1.0
 # The launcher-log line a supervisor writes for each link fault it sees; the queue's failure
 # text puts these lines first (launch.queue.failure_text).

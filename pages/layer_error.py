@@ -91,9 +91,9 @@ def scheme_builder() -> str | None:
                                      "(spreads a spike over its block; dynamic scales only). See 'Why rotation "
                                      "works' below.")
         stochastic = st.checkbox("Stochastic rounding", key="le_sr", disabled=code != "int",
-                                 help="Unbiased rounding: floor(v + u), u uniform in [0, 1). Measured on "
-                                      "smollm2-135m TP 3, it makes the error of the sum over ranks about 1.4x "
-                                      "larger than round-to-nearest (README, Beyond the paper).")
+                                 help="Unbiased rounding: floor(v + u), u uniform in [0, 1). On smollm2-135m TP 3 "
+                                      "it makes the error of the sum over ranks larger than round-to-nearest "
+                                      "(docs/results.md, 'Stochastic rounding').")
     try:
         scale_dtype = SCALE_FORMATS[scale_fmt] if gran != "static" else SCALE_FORMATS["bf16"]
         quant = QuantSpec(int(bits), not asym or code != "int", gran, int(group) if gran == "group" else None,

