@@ -11,9 +11,10 @@ import shutil
 
 import pytest
 
-from bench import report
+from bench import blocks, report
+from bench.blocks.results import _text_rows
 
-README = report.ROOT / "README.md"
+README = blocks.ROOT / "README.md"
 README_MAX_LINES = 250  # issue 24: the front page, not the manual
 
 
@@ -41,10 +42,10 @@ def test_readme_is_short_starts_with_the_two_commands_and_links_every_docs_page(
     first_code = re.search(r"```bash\n(.*?)```", text, re.S)
     assert first_code and first_code.start() < text.index("\n## ", text.index("## Two commands") + 1)
     assert [line.split()[:2] for line in first_code.group(1).splitlines()] == [["make", "run"], ["make", "test"]]
-    pages = [p.relative_to(report.ROOT).as_posix() for p in report.documents()[1:]]
+    pages = [p.relative_to(blocks.ROOT).as_posix() for p in report.documents()[1:]]
     assert [p for p in pages if f"]({p})" not in text] == [], "a docs page the README does not link"
     image = re.search(r"!\[[^]]*\]\(([^)]+)\)", text)
-    assert image and (report.ROOT / image.group(1)).stat().st_size < 200_000  # a screenshot, kept small in git
+    assert image and (blocks.ROOT / image.group(1)).stat().st_size < 200_000  # a screenshot, kept small in git
 
 
 def test_check_names_a_table_whose_numbers_drifted_and_a_table_outside_blocks(tmp_path):
@@ -64,12 +65,12 @@ def test_check_covers_every_docs_page_found_by_glob(tmp_path, monkeypatch, capsy
     """A new docs page needs no registration: its drifted block, an unknown block, a table placed
     twice and a stray table are each named with page and line, and --check exits 1."""
     (tmp_path / "bench").mkdir()
-    shutil.copytree(report.ROOT / "bench" / "results", tmp_path / "bench" / "results")
+    shutil.copytree(blocks.ROOT / "bench" / "results", tmp_path / "bench" / "results")
     (tmp_path / "docs").mkdir()
     shutil.copy(README, tmp_path / "README.md")
     for page in report.documents()[1:]:
         shutil.copy(page, tmp_path / "docs" / page.name)
-    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(blocks, "ROOT", tmp_path)
     assert report.check() == []
     name, body = next((m.group("name"), m.group("body")) for p in report.documents()[1:]
                       for m in report.BLOCK.finditer(p.read_text()) if "\n|---" in m.group("body"))
@@ -88,11 +89,11 @@ def test_check_covers_every_docs_page_found_by_glob(tmp_path, monkeypatch, capsy
 
 def test_rendering_fills_an_empty_block_of_a_new_page_and_a_registered_table_must_be_placed(tmp_path, monkeypatch):
     (tmp_path / "bench").mkdir()
-    shutil.copytree(report.ROOT / "bench" / "results", tmp_path / "bench" / "results")
+    shutil.copytree(blocks.ROOT / "bench" / "results", tmp_path / "bench" / "results")
     (tmp_path / "docs").mkdir()
     (tmp_path / "README.md").write_text("# x\n")
     (tmp_path / "docs" / "p.md").write_text("<!-- table: presets -->\n<!-- /table -->\n")
-    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(blocks, "ROOT", tmp_path)
     assert report.main([]) == 0
     text = (tmp_path / "docs" / "p.md").read_text()
     assert "| `mxfp4` | `fp4e2m1-group32-se8m0` | 4.2500 |" in text and "Source: `bench/results/formats-bits.json`" in text
@@ -107,15 +108,15 @@ def test_a_table_name_registered_twice_is_refused():
 
 
 def test_unknown_block_and_missing_file_are_named(tmp_path, monkeypatch):
-    with pytest.raises(report.ReportError, match="'nope': unknown table; allowed: uniform"):
+    with pytest.raises(report.ReportError, match="'nope': unknown table; allowed: accuracy, accuracy-plan, "):
         report.render("<!-- table: nope -->\nx\n<!-- /table -->")
-    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(blocks, "ROOT", tmp_path)
     with pytest.raises(report.ReportError, match="accuracy.json: no such result file"):
         report.render("<!-- table: accuracy -->\nx\n<!-- /table -->")
 
 
 def test_source_line_names_file_command_date_and_load():
-    line = report.source_line("x.json", dict(meta=dict(command="python -m bench.x --out x.json",
+    line = blocks.source_line("x.json", dict(meta=dict(command="python -m bench.x --out x.json",
                                                        date="2026-12-02T10:00:00+00:00",
                                                        load_avg_start=[2.25, 1, 1], load_avg_end=[3.0, 1, 1])))
     assert line == ("Source: `bench/results/x.json`: `python -m bench.x --out x.json` "
@@ -127,6 +128,6 @@ def test_rendered_sum_error_row_is_the_files_numbers(tmp_path, monkeypatch):
                  mean_rel_error=0.1, median_rel_error=0.1, max_rel_error=0.2, sites=60, tokens=510)]
     (tmp_path / "bench" / "results").mkdir(parents=True)
     (tmp_path / "bench" / "results" / "t.json").write_text(json.dumps(dict(meta=dict(command="c"), rows=rows)))
-    monkeypatch.setattr(report, "ROOT", tmp_path)
-    out = report._text_rows("t.json", ["int4-token"], rel_error=True)
+    monkeypatch.setattr(blocks, "ROOT", tmp_path)
+    out = _text_rows("t.json", ["int4-token"], rel_error=True)
     assert "| `int4-token` | 4.028 | 0.312 | 72.5% | 33.5 | 0.100 |" in out
