@@ -131,3 +131,16 @@ def test_rendered_sum_error_row_is_the_files_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(blocks, "ROOT", tmp_path)
     out = _text_rows("t.json", ["int4-token"], rel_error=True)
     assert "| `int4-token` | 4.028 | 0.312 | 72.5% | 33.5 | 0.100 |" in out
+
+
+def test_each_table_is_rendered_by_the_module_of_its_page():
+    """bench/blocks/<page>.py renders the tables of docs/<page>.md (readme.py: README.md), so the
+    renderer of a table is found from the page that shows it."""
+    placed = {m.group("name"): page for page in report.documents() for m in report.BLOCK.finditer(page.read_text())}
+    wrong = []
+    for name, render in report.TABLES.items():
+        module = render.__module__.rsplit(".", 1)[-1]
+        page = placed[name].relative_to(blocks.ROOT).as_posix()
+        if page != ("README.md" if module == "readme" else f"docs/{module}.md"):
+            wrong.append(f"{name}: rendered by bench/blocks/{module}.py, placed in {page}")
+    assert wrong == []
