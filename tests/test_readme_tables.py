@@ -144,3 +144,26 @@ def test_each_table_is_rendered_by_the_module_of_its_page():
         if page != ("README.md" if module == "readme" else f"docs/{module}.md"):
             wrong.append(f"{name}: rendered by bench/blocks/{module}.py, placed in {page}")
     assert wrong == []
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_pages_reaches_a_file_and_a_heading():
+    broken = []
+    for page in report.documents():
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target}: no such file")
+            elif anchor and file.suffix == ".md":
+                headings = [_slug(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), re.M)]
+                if anchor not in headings:
+                    broken.append(f"{page.name}: {target}: no heading with that anchor")
+    assert broken == []
