@@ -14,7 +14,9 @@ first-leg spec, and its two-shot ``QuantCommunicator`` on a threaded TP-2 group.
    groups, QuickReduce's rule on lowbit's contiguous groups), so grouping and scale rule are
    measured apart;
 3. the edge inputs of the issue (70144, 1e30 in an otherwise N(0,1) row, randn * 1e-5);
-4. the TP-2 all-reduce of two seeded partials (randn, and randn * 1e-5), against the exact sum.
+4. the TP-2 all-reduce of two seeded partials (randn, and randn * 1e-5), against the exact sum;
+5. the re-derived QuickReduce alone on those edge inputs, per hardware path (gfx950's IEEE fp16
+   overflow, gfx942's FP16_OVFL saturation, the native bf16 kernels).
 """
 from __future__ import annotations
 
@@ -98,7 +100,8 @@ def edge_cases() -> dict:
                           quickreduce_nonfinite=int((~np.isfinite(qr)).sum()))
     x = seeded_bf16(2, scale=1e-5).numpy().astype(np.float64)
     low, qr = lowbit_roundtrip(x), quickreduce_roundtrip(x)
-    out["randn_1e-5"] = compare(low, qr, x)
+    out["randn_1e-5"] = dict(compare(low, qr, x), lowbit_nonfinite=int((~np.isfinite(low)).sum()),
+                             quickreduce_nonfinite=int((~np.isfinite(qr)).sum()))
     return out
 
 
@@ -117,6 +120,34 @@ def two_shot(seeds=(3, 4), scale: float = 1.0) -> dict:
                 rel_l2_quickreduce=float(np.linalg.norm(qr_out - exact) / np.linalg.norm(exact[finite])))
 
 
+QR_PATHS = {"gfx950, fp16 cast": dict(cast_bf16_to_fp16=True, overflow="inf"),
+            "gfx942, fp16 cast (FP16_OVFL)": dict(cast_bf16_to_fp16=True, overflow="saturate"),
+            "native bf16": dict(cast_bf16_to_fp16=False, overflow="inf")}
+
+
+def quickreduce_paths(seeds=(5, 6)) -> list[dict]:
+    """The re-derived QuickReduce TP-2 all-reduce on the issue's edge inputs, per hardware path."""
+    rows = []
+    for label, scale, big in (("randn, one 70144", 1.0, 70144.0), ("randn x 1e-5", 1e-5, None)):
+        partials = [seeded_bf16(s, scale).numpy().astype(np.float64) for s in seeds]
+        if big is not None:
+            partials[0][3, 10] = big
+        exact = partials[0] + partials[1]
+        keep = np.ones(exact.shape, dtype=bool)
+        if big is not None:
+            keep[3, 10] = False                              # the planted value is reported apart
+        for code in ("int4", "int8"):
+            for path, kw in QR_PATHS.items():
+                out = reference.quickreduce(partials, code, **kw)[0][0]
+                counted = keep & np.isfinite(out)            # errors and norms over the other finite outputs
+                ref = np.linalg.norm(exact[counted])
+                rows.append(dict(input=label, code=code, path=path, nonfinite=int((~np.isfinite(out)).sum()),
+                                 planted_output=None if big is None else float(out[3, 10]),
+                                 rel_l2=float(np.linalg.norm((out - exact)[counted]) / ref),
+                                 norm_kept=float(np.linalg.norm(out[counted]) / ref)))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/shipping-agreement.json")
@@ -125,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     x = seeded_bf16(0).numpy().astype(np.float64)
     result = dict(preset=PRESET, expansion=str(parse_scheme(PRESET)), shape=list(SHAPE),
                   codec=attribution(x), edge_cases=edge_cases(),
-                  all_reduce=dict(randn=two_shot(), randn_1e_5=two_shot(scale=1e-5)))
+                  all_reduce=dict(randn=two_shot(), randn_1e_5=two_shot(scale=1e-5)),
+                  quickreduce_paths=quickreduce_paths())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=finish_meta(meta), **result), indent=2))
@@ -135,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
               f"quickreduce {row['rel_l2_quickreduce']:.4f}")
     for name, row in result["edge_cases"].items():
         print(name, row)
+    for row in result["quickreduce_paths"]:
+        print("quickreduce", row)
     for name, row in result["all_reduce"].items():
         print("all-reduce", name, row)
     print(f"wrote {out}")

@@ -8,7 +8,7 @@ must not share code with them. Each function takes the per-rank partials (numpy 
 bf16 values held in float32/float64, all the same shape) and returns ``(outputs, wire)``:
 ``outputs[r]`` is what rank r ends up with (bf16 values as float64), ``wire`` the bytes each
 rank sends, per leg (``wire["sent"][r]`` is the total). The sources, versions and every
-assumption are in docs/shipping-codecs.md; the comments here only name the step.
+assumption are in docs/shipping.md; the comments here only name the step.
 
 Arithmetic of a narrow type is emulated as "exact result in float64, then one rounding"
 (``round_to``): exact for every fp16 / fp8 / fp4 operation used here; fp32 steps use numpy

@@ -1,7 +1,7 @@
 """The numpy re-derivations of shipping quantized all-reduces (tests/shipping_reference.py) hold
 the rules their sources state: hand-worked examples, torch's and torchao's own casts and
 quantizers, and the edge inputs users reported (values above 65504, tiny blocks, NaN/Inf,
-mixed signs, buffer tails). Sources and versions: docs/shipping-codecs.md.
+mixed signs, buffer tails). Sources and versions: docs/shipping.md.
 
     .venv/bin/python -m pytest tests/test_shipping_reference.py -q
 """
@@ -138,10 +138,27 @@ def test_quickreduce_tiny_blocks_cross_the_reciprocal_cliff():
     inflated, _ = R.quickreduce(partials, "int4", overflow="inf")
     assert 2.0 < rel_l2(inflated[0], exact) < 3.5          # measured 2.65; the issue's port: 2.6
     attenuated, _ = R.quickreduce(partials, "int8", overflow="saturate")
-    # attenuated: the output keeps under a tenth of the input's norm (see docs/shipping-codecs.md)
+    # attenuated: the output keeps under a tenth of the input's norm (see docs/shipping.md)
     assert np.linalg.norm(attenuated[0]) < 0.1 * np.linalg.norm(exact)   # measured 0.016
     native, _ = R.quickreduce(partials, "int4", cast_bf16_to_fp16=False)
     assert rel_l2(native[0], exact) < 0.2                  # measured 0.129: no cliff in bf16
+
+
+def test_quickreduce_bf16_epsilon_flips_small_groups_with_a_positive_extreme():
+    # Native bf16 INT8 (no cast): the epsilon 0x33D7 (1.0e-7) is added to the SIGNED decoding
+    # scale. Group 1.0014e-5, 3.9935e-6, -2.9951e-6 (bf16 of 1e-5, 4e-6, -3e-6): extreme
+    # +1.0014e-5, d = -1.0014e-5 / 128 = -7.823e-8, d + eps = +2.19e-8: the sign flips, the
+    # encoding scale is +4.57e7, every value clamps to an end code (127 or -128) and decodes to
+    # bf16(127 * d) = -9.954e-6 or -128 * d = +1.0014e-5: each value comes back with the other sign.
+    # With a negative extreme, d + eps only shrinks: the group is attenuated instead (to ~44 %).
+    x = np.zeros(64)
+    x[0:6:2] = bf16([1e-5, 4e-6, -3e-6])
+    out = R.qr_roundtrip(x, "int8", cast_bf16_to_fp16=False)[0:6:2]
+    assert np.all(np.sign(out) == -np.sign(x[0:6:2]))
+    assert out[0] == out[1] == -bf16(127 * x[0] / 128) and out[2] == x[0]
+    x[0:6:2] = bf16([-1e-5, 4e-6, -3e-6])
+    out = R.qr_roundtrip(x, "int8", cast_bf16_to_fp16=False)[0:6:2]
+    assert np.all(np.sign(out) == np.sign(x[0:6:2])) and np.linalg.norm(out) < 0.5 * np.linalg.norm(x[0:6:2])
 
 
 def test_quickreduce_nan_becomes_its_groups_extreme_and_inf_poisons_the_group():
