@@ -24,7 +24,7 @@ from launch.store.evaluate import (  # noqa: F401 - the store's public names
     LAYER_ERROR_COLUMNS, layer_error_frame, evaluate_runs, sweep_summary, sweep_grid_candidates, pareto_front,
     compare_specs, compare_results)
 from launch.store.calibration import (  # noqa: F401 - the store's public names
-    calibration_folder, CALIBRATION_COLUMNS, calibration_sources, load_calibration)
+    run_calibration_folder, CALIBRATION_COLUMNS, calibration_sources, load_calibration)
 from launch.store.bits import (  # noqa: F401 - the store's public names
     SCHEME_PARTS, DEFAULT_TOKENS, bits_parts, bits_per_site, traffic_per_token)
 from launch.store.machine import (  # noqa: F401 - the store's public names
