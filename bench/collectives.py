@@ -198,7 +198,7 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
         nbytes_bf16 = tokens * hidden * 2
         for text in schemes:
             scheme = parse_scheme(text)
-            method = "all_reduce" if scheme.is_exact else scheme.algo
+            method = accounting.method_of(scheme)
             rec = dict(tp=tp, tokens=tokens, hidden=hidden, method=method, scheme=text, link=link,
                        backend=getattr(group, "backend", "?"), codec="torch" if scheme.is_exact else codec_label,
                        dtype=p["dtype"])

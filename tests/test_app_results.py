@@ -151,10 +151,10 @@ def _build_runs(root: Path) -> None:
     for tp in (2, 4):
         for tokens in (16, 256, 4096):
             base_ms = 0.05 + tokens * 576 * 2 * 2 * (tp - 1) / tp / 2e9 * 1e3
-            for method, scheme, bits in (("all_reduce", "bf16", 16.0), ("gather", "int4-static-top1/64", 4.1875),
+            for method, scheme, bits in (("exact", "bf16", 16.0), ("gather", "int4-static-top1/64", 4.1875),
                                          ("two_shot", "int4-token@twoshot+int8-token", 12.2)):
                 scale = tp / 2 if method == "gather" else 1  # all-gather sends TP-1 payloads
-                ms = base_ms if method == "all_reduce" else 0.08 + base_ms * bits / 16 * scale
+                ms = base_ms if method == "exact" else 0.08 + base_ms * bits / 16 * scale
                 records.append(dict(tp=tp, tokens=tokens, hidden=576, method=method, scheme=scheme,
                                     median_ms=ms, speedup_vs_bf16=base_ms / ms,
                                     bytes_per_rank=tokens * 576 * bits / 8 * (tp - 1), bits_per_value=bits,
@@ -401,7 +401,7 @@ def test_outlier_frames_from_a_real_calibration(results_root):
 def test_collective_frame_reads_bench_records(results_root):
     bench = store.collective_frame(store.runs_frame(results_root), results_root)
     assert len(bench) == 2 * 3 * 3
-    assert set(bench["method"]) == {"all_reduce", "gather", "two_shot"}
+    assert set(bench["method"]) == {"exact", "gather", "two_shot"}
     assert bench["message_mib"].iloc[0] == pytest.approx(bench["tokens"].iloc[0] * 576 * 2 / 2**20)
 
 

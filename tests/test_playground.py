@@ -171,7 +171,7 @@ def test_comm_times_follow_the_alpha_beta_formulas_and_crossovers():
 
 def test_fitted_link_recovers_alpha_and_beta_from_records():
     alpha, beta = 300e-6, 0.5e9
-    records = [dict(tp=4, link="loopback", method="all_reduce", scheme="bf16", tokens=t, hidden=576,
+    records = [dict(tp=4, link="loopback", method="exact", scheme="bf16", tokens=t, hidden=576,
                     bytes_per_rank=t * 576 * 2, median_ms=1e3 * allreduce_s(4, t * 576 * 2, alpha, beta))
                for t in (16, 256, 4096)]
     fit = pg.fitted_link(records, "loopback", 4)
@@ -245,7 +245,7 @@ def _fixture_root(base: Path) -> Path:
         for tokens in (16, 256, 4096):
             values = tokens * 576
             bf16 = allreduce_s(tp, values * 2, alpha, beta)
-            records.append(dict(tp=tp, tokens=tokens, hidden=576, method="all_reduce", scheme="bf16",
+            records.append(dict(tp=tp, tokens=tokens, hidden=576, method="exact", scheme="bf16",
                                 median_ms=1e3 * bf16, speedup_vs_bf16=1.0, bytes_per_rank=values * 2 * 2 * (tp - 1) / tp,
                                 bits_per_value=16.0, link="loopback"))
             records.append(dict(tp=tp, tokens=tokens, hidden=576, method="gather", scheme="int4-static-top1/64",

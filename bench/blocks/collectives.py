@@ -15,7 +15,7 @@ def _label(method: str, scheme: str) -> str:
 def collectives_gate() -> str:
     name = "collectives-gate-native.json"
     data = load(name)
-    recs = [r for r in data["records"] if r["tokens"] >= 256 and r["method"] != "all_reduce"]
+    recs = [r for r in data["records"] if r["tokens"] >= 256 and r["method"] != "exact"]
     links = list(dict.fromkeys(r["link"] for r in data["records"]))
     by = {(r["tokens"], r["method"], r["scheme"], r["link"]): r for r in recs}
     rows = []
@@ -39,7 +39,7 @@ def link_model() -> str:
     data = load(GATE)
     rows = []
     for r in data["records"]:
-        if r["method"] != "all_reduce" or r["link"] == "loopback" or r["tokens"] < 256:
+        if r["method"] != "exact" or r["link"] == "loopback" or r["tokens"] < 256:
             continue
         ideal_ms = 1e3 * projection.allreduce_s(r["tp"], r["tokens"] * r["hidden"] * 2, 0.0, rate_bits(r["link"]) / 8)
         rows.append([r["link"], f"{r['tokens']} x {r['hidden']}", f"{r['bytes_per_rank'] / 1e6:.2f}",
@@ -67,7 +67,7 @@ def projection_table() -> str:
     data = load(LINKS_SMALL)
     checked = projection.check_against(data["records"])
     big = sorted(abs(r["rel_error"]) for r in checked if r["tokens"] * r["hidden"] >= 2048 * 576)
-    small = [abs(r["rel_error"]) for r in checked if r["tokens"] <= 16 and r["method"] != "all_reduce"]
+    small = [abs(r["rel_error"]) for r in checked if r["tokens"] <= 16 and r["method"] != "exact"]
     note = (f"{shape.name}, TP 8, {bits} bits/value, 8192 tokens: `python -m lowbit.method.projection --check "
             f"{RESULTS / LINKS_SMALL}` (inputs and formulas in `lowbit/method/projection.py`). Checked against the "
             f"measured gloo collectives (alpha and beta fitted per link to the bf16 all-reduce, codec time from the "

@@ -63,7 +63,7 @@ def collectives_grid() -> str:
     rows = []
     for tp in sorted({r["tp"] for r in data["records"]}):
         quant = [r["speedup_vs_bf16"] for r in data["records"]
-                 if r["tp"] == tp and r["method"] != "all_reduce" and r.get("speedup_vs_bf16") is not None]
+                 if r["tp"] == tp and r["method"] != "exact" and r.get("speedup_vs_bf16") is not None]
         quant.sort()
         rows.append([str(tp), str(len(quant)), str(sum(s > 1 for s in quant)), f"{quant[len(quant) // 2]:.2f}",
                      f"{quant[0]:.2f} - {quant[-1]:.2f}"])
