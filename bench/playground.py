@@ -9,7 +9,7 @@ ranks through the real communicator on threads, the bit accounting -- plus the f
 of control settings at the spikiest stored site, ``--repeats`` times each after one warm-up, and
 reports medians. With ``--page`` it also drives the real page with Streamlit's AppTest and times
 the rerun after each control change (the whole script, both side-by-side schemes). The load
-average (``/proc/loadavg``) is recorded before and after: the machine is shared.
+averages are recorded before and after (``load``, ``bench._meta``'s block): the machine is shared.
 Target (issue 18): <= 1 s per control change for a 16-token sample at hidden 576.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench._meta import command as meta_command, path as meta_path
+from bench._meta import command as meta_command, end_load, path as meta_path, start_load
 
 SETTINGS = ["int4-static-top1/64", "int4-static", "int4-token", "int4-token-rot64", "int4-group32",
             "int4-group32-top1/64-rot64", "nf4-static-top1/64", "int4-token-sr", "int2-static-rand1/64",
@@ -33,13 +33,6 @@ PAGE_STEPS = [("selectbox", "pg_gran", "token"), ("toggle", "pg_rot", True), ("r
               ("checkbox", "pg_sr", True), ("selectbox", "pg_gran", "group"), ("radio", "pg_code", "nf"),
               ("selectbox", "pg_gran", "static"), ("radio", "pg_outliers", "random"), ("radio", "pg_code", "int"),
               ("selectbox", "pg_bits_int", 3)]
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def time_views(cal, settings: list[str], repeats: int) -> list[dict]:
@@ -112,17 +105,17 @@ def main(argv: list[str] | None = None) -> int:
                 sample_tokens=int(cal.sample.shape[3]) if cal.sample is not None else None,
                 machine=dict(python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
                              torch_threads=torch.get_num_threads(), platform=platform.platform()),
-                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), loadavg_before=loadavg())
+                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), load=start_load())
     info["views"] = time_views(cal, SETTINGS, args.repeats)
     if args.page:
         # the runs root holding this calibration: <root>/<run id>/calibration
         info["page"] = time_page(args.calibration.resolve().parent.parent, args.page_repeats)
-    info["loadavg_after"] = loadavg()
+    end_load(info["load"])
     worst = max(r["median_ms"] for r in info["views"] + info.get("page", []))
     info["target_ms"], info["worst_median_ms"] = 1000.0, worst
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(info, indent=2))
-    print(f"worst median {worst:.1f} ms (target 1000 ms); load {info['loadavg_before']} -> {info['loadavg_after']}; "
+    print(f"worst median {worst:.1f} ms (target 1000 ms); load {info['load']['start']} -> {info['load']['end']}; "
           f"wrote {args.out}")
     return 0 if worst <= 1000.0 else 1
 

@@ -25,8 +25,8 @@ def collectives_gate() -> str:
             r = by.get(key + (link,))
             cells.append("" if r is None else f"{r['speedup_vs_bf16']:.2f}x [{r['compute_ms']:.3g}]")
         rows.append(cells)
-    loads = [run["meta"].get("load_avg_before", [None])[0] for run in data["meta"].get("runs", [])]
-    note = "load at the start of each link's job: " + ", ".join(f"{v:.1f}" for v in loads if v is not None)
+    loads = [run["meta"]["load"]["start"][0] for run in data["meta"]["runs"]]
+    note = "load at the start of each link's job: " + ", ".join(f"{v:.1f}" for v in loads)
     return table(["tokens x 576", "scheme"] + links, rows) + "\n\n" + source_line(name, data, note)
 
 
