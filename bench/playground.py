@@ -3,7 +3,7 @@
     python -m bench.playground --calibration runs/<calibrate id>/calibration \\
         --out bench/results/playground.json
 
-Times ``launch.store.playground_view`` (what the page calls: ``lowbit.playground.analyze``
+Times ``launch.store.teaching.playground_view`` (what the page calls: ``lowbit.playground.analyze``
 on the stored 16-token sample -- the rank's message through the payload codec, the sum over
 ranks through the real communicator on threads, the bit accounting -- plus the frames) for a set
 of control settings at the spikiest stored site, ``--repeats`` times each after one warm-up, and
@@ -36,15 +36,16 @@ PAGE_STEPS = [("selectbox", "pg_gran", "token"), ("toggle", "pg_rot", True), ("r
 
 
 def time_views(cal, settings: list[str], repeats: int) -> list[dict]:
-    from launch import store
-    layer, module, rank = store.spikiest_sample(cal)
+    from launch.store.teaching import playground_view
+    from lowbit.analysis import spikiest_sample
+    layer, module, rank = spikiest_sample(cal)
     rows = []
     for scheme in settings:
-        store.playground_view(cal, layer, module, rank, scheme)  # warm-up
+        playground_view(cal, layer, module, rank, scheme)  # warm-up
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            view = store.playground_view(cal, layer, module, rank, scheme)
+            view = playground_view(cal, layer, module, rank, scheme)
             times.append(time.perf_counter() - start)
         row = view["summary"].iloc[0]
         rows.append(dict(scheme=scheme, layer=layer, module=module, rank=rank, repeats=repeats,
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats and --page-repeats: must be >= 1")
     import torch
 
-    from launch import store
-    cal = store.load_calibration(args.calibration)
+    from launch.store.calibration import load_calibration
+    cal = load_calibration(args.calibration)
     info = dict(command=meta_command("bench.playground", sys.argv[1:] if argv is None else list(argv)),
                 calibration=meta_path(args.calibration), model=cal.meta.get("model"), tp=cal.tp, hidden=cal.hidden,
                 sample_tokens=int(cal.sample.shape[3]) if cal.sample is not None else None,
