@@ -3,7 +3,7 @@ links against the ring's ideal time, and the alpha-beta model of real interconne
 from __future__ import annotations
 
 from bench.blocks import RESULTS, block, load, source_line, table
-from launch.cluster import rate_bits
+from launch.spec import rate_bits
 from lowbit.method import projection
 
 

@@ -8,7 +8,7 @@ DEMO_FILES = ["demo-gemma3-270m-tp2-cold.json", "demo-gemma3-270m-tp2-warm.json"
 DEMO_BEFORE = ["demo-gemma3-270m-tp2.json"]  # before the vocabulary-parallel held-out metrics
 
 
-def _demo_rows(names: list[str]) -> str:
+def demo_rows(names: list[str]) -> str:
     """bench.demo_timing: the Gemma demo from submit to result, per submit, with the load around it."""
     rows, sources = [], []
     for name in names:
@@ -27,7 +27,7 @@ def _demo_rows(names: list[str]) -> str:
 
 @block("demo-gemma")
 def demo_gemma() -> str:
-    return _demo_rows(DEMO_FILES)
+    return demo_rows(DEMO_FILES)
 
 
 @block("demo-metrics")
