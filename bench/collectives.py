@@ -60,7 +60,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench._data import outlier_features, synthetic_partial  # noqa: F401 - tests use them from here
-from bench._meta import command as meta_command
+from bench._meta import command as meta_command, end_load, start_load
 from launch.client import submit_and_watch
 from launch.kinds.collective_bench import (CODECS, DEFAULT_HIDDEN, DEFAULT_PARAMS, DEFAULT_SCHEMES, DEFAULT_TOKENS,  # noqa: F401
                                            DTYPES, check_params, check_spec, job_spec)
@@ -198,7 +198,7 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
         nbytes_bf16 = tokens * hidden * 2
         for text in schemes:
             scheme = parse_scheme(text)
-            method = "all_reduce" if scheme.is_exact else scheme.algo
+            method = accounting.method_of(scheme)
             rec = dict(tp=tp, tokens=tokens, hidden=hidden, method=method, scheme=text, link=link,
                        backend=getattr(group, "backend", "?"), codec="torch" if scheme.is_exact else codec_label,
                        dtype=p["dtype"])
@@ -282,7 +282,7 @@ def _compute_medians(group, runnable, calibration, codec, partial, site, repeats
 def collective_bench(ctx) -> dict | None:
     """The ``collective-bench`` job kind (launch.registry): rank 0 returns the records."""
     spec = ctx.spec
-    load_before = os.getloadavg()
+    load = start_load()
 
     def progress(step, total, message):
         ctx.events.step(step, total, message)
@@ -290,7 +290,7 @@ def collective_bench(ctx) -> dict | None:
     records = bench_on_group(ctx.group, dict(spec.params), spec.link, progress)
     if ctx.rank != 0:
         return None
-    return dict(records=records, meta=machine_meta(dict(load_avg_before=load_before, load_avg_after=os.getloadavg(),
+    return dict(records=records, meta=machine_meta(dict(load=end_load(load),
                                                         link=spec.link, tp=ctx.group.world_size,
                                                         params=dict(DEFAULT_PARAMS, **spec.params))))
 
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     records, runs, failed = [], [], []
+    load = start_load()
     for spec in specs:
         code, run_id, result = submit_and_watch(spec.to_dict(), label=f"[{spec.link} tp {spec.tp}] collective-bench")
         runs.append(dict(id=run_id, link=spec.link, tp=spec.tp, status="done" if result else "failed"))
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(records))
     if args.out:
         command = meta_command("bench.collectives", sys.argv[1:] if argv is None else list(argv))
-        out = dict(meta=machine_meta(dict(command=command, runs=runs)), records=records)
+        out = dict(meta=machine_meta(dict(command=command, load=end_load(load), runs=runs)), records=records)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
         print(f"wrote {len(records)} records to {args.out}")

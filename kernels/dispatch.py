@@ -107,7 +107,10 @@ def native_available() -> bool:
         return False
 
 
-def _triton_module(interpret: bool):
+def triton_module(interpret: bool):
+    """The Triton kernel module, interpreted (``import_interpreted``) or compiled for the GPU; the
+    compiled one refuses a module this process already imported interpreted (Triton reads
+    ``TRITON_INTERPRET`` at import). The GPU checks (bench.gpu_check_*) take the compiled one."""
     if interpret:
         return import_interpreted()
     module = importlib.import_module(_TRITON_MODULE)
@@ -146,7 +149,7 @@ def import_interpreted(name: str = _TRITON_MODULE, reload: bool = False):
 def _module(device, bits: int, values: int | None):
     which = backend(device, bits, values)
     if which in ("triton", "interpret"):
-        return which, _triton_module(which == "interpret")
+        return which, triton_module(which == "interpret")
     if which == "compiled":
         from kernels import fused_cpu
         return which, fused_cpu

@@ -12,7 +12,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.calibration import calibration_sources
+from lowbit.analysis import spikiest_sample
 from pages import _ui
 
 PRESENT_KEY = "presentation"
@@ -96,7 +97,7 @@ def capture_button(key: str) -> None:
 def pick_sample(key: str):
     """A select box over the stored calibrations with samples; (folder, calibration, the spikiest
     (layer, module, rank)) or None after showing the empty state with the capture button."""
-    sources = store.calibration_sources(_ui.runs(), _ui.root())
+    sources = calibration_sources(_ui.runs(), _ui.root())
     if sources.empty:
         _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (a short job), "
                         "or run the classroom demo, which calibrates too.")
@@ -126,4 +127,4 @@ def calibration_stamp(folder: str) -> float:
 @st.cache_data(show_spinner=False, max_entries=16)
 def spikiest(folder: str, stamp: float) -> tuple[int, str, int]:
     """(layer, module, rank) of the stored partial with the largest max/RMS, cached per artifact."""
-    return store.spikiest_sample(_ui.calibration(folder))
+    return spikiest_sample(_ui.calibration(folder))

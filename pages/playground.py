@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.teaching import playground_counterpart, playground_scheme, playground_view
 from lowbit.scheme import ALLOWED_BITS, FP_FORMATS, fp_code_text
 from pages import _teach, _ui
 
@@ -73,18 +73,18 @@ with c5:
                         help="Also show the same scheme with the other kind of scales")
 
 try:
-    scheme = store.playground_scheme(code=code, bits=int(bits), granularity=gran, group=int(group),
-                                       outliers=outliers, k=k, rotation=int(block) if rotate and gran != "static"
-                                       else None, stochastic=bool(stochastic and code == "int"), exp_bits=exp_bits)
+    scheme = playground_scheme(code=code, bits=int(bits), granularity=gran, group=int(group),
+                               outliers=outliers, k=k, rotation=int(block) if rotate and gran != "static"
+                               else None, stochastic=bool(stochastic and code == "int"), exp_bits=exp_bits)
 except ValueError as exc:
     st.error(f"`{exc}`")
     st.stop()
-schemes = [scheme] + ([store.playground_counterpart(scheme)] if compare else [])
+schemes = [scheme] + ([playground_counterpart(scheme)] if compare else [])
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def view(folder: str, stamp: float, layer: int, module: str, rank: int, scheme: str) -> dict:
-    return store.playground_view(cal, layer, module, rank, scheme)
+    return playground_view(cal, layer, module, rank, scheme)
 
 
 stamp = _teach.calibration_stamp(folder)

@@ -118,7 +118,7 @@ def test_unknown_block_and_missing_file_are_named(tmp_path, monkeypatch):
 def test_source_line_names_file_command_date_and_load():
     line = blocks.source_line("x.json", dict(meta=dict(command="python -m bench.x --out x.json",
                                                        date="2026-12-02T10:00:00+00:00",
-                                                       load_avg_start=[2.25, 1, 1], load_avg_end=[3.0, 1, 1])))
+                                                       load=dict(start=[2.25, 1, 1], end=[3.0, 1, 1]))))
     assert line == ("Source: `bench/results/x.json`: `python -m bench.x --out x.json` "
                     "(2026-12-02 10:00:00, load 2.2 -> 3.0)")
 
@@ -167,3 +167,40 @@ def test_every_link_between_the_pages_reaches_a_file_and_a_heading():
                 if anchor not in headings:
                     broken.append(f"{page.name}: {target}: no heading with that anchor")
     assert broken == []
+
+
+def test_meta_records_the_load_as_one_block_with_start_and_end(monkeypatch):
+    from bench import _meta
+    averages = iter([(2.254, 1.0, 0.5), (3.126, 1.5, 0.75)])
+    monkeypatch.setattr(_meta.os, "getloadavg", lambda: next(averages))
+    meta = _meta.start_meta("bench.x", ["--out", "x.json"])
+    assert meta["command"] == "python -m bench.x --out x.json"
+    assert meta["load"] == {"start": [2.25, 1.0, 0.5]}
+    assert _meta.finish_meta(meta)["load"] == {"start": [2.25, 1.0, 0.5], "end": [3.13, 1.5, 0.75]}
+
+
+def _load_keys(node, where: str = ""):
+    """(path, key, value) of every key that names a load, anywhere in a parsed JSON file."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if "load" in key.lower() and key != "load_note":
+                yield f"{where}/{key}", key, value
+            yield from _load_keys(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for value in node:
+            yield from _load_keys(value, f"{where}[]")
+
+
+def test_every_result_file_spells_the_load_one_way():
+    """bench._meta's block ({"start": [3 averages], "end": [...]}) under the key "load" is the only
+    way a stored result records the machine's load (the blocks read only that)."""
+    seen = 0
+    for path in sorted((blocks.ROOT / blocks.RESULTS).glob("*.json")):
+        for where, key, value in _load_keys(json.loads(path.read_text())):
+            if where.endswith("/stages/loading"):  # bench.demo_timing: the seconds of the run's loading stage
+                continue
+            assert key == "load", f"{path.name}: {where} spells the load another way"
+            assert isinstance(value, dict) and set(value) <= {"start", "end"} and "start" in value, (path.name, where)
+            assert all(isinstance(v, list) and 1 <= len(v) <= 3 for v in value.values()), (path.name, where, value)
+            seen += 1
+    assert seen >= 20, seen  # the files that record a load (collectives, kernels, demo, sweeps, ...)

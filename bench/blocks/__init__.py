@@ -59,11 +59,9 @@ def source_line(name: str, data: dict, note: str = "") -> str:
     if command:
         parts.append(f"`{command}`")
     when = [str(meta["date"])[:19].replace("T", " ")] if meta.get("date") else []
-    load = meta.get("load") if isinstance(meta.get("load"), dict) else {}  # bench._meta's block
-    start = load.get("start") or meta.get("load_avg_start") or meta.get("load_avg") or meta.get("load_avg_before")
-    end = load.get("end") or meta.get("load_avg_end") or meta.get("load_avg_after")
-    if start:
-        when.append(f"load {_load_text(start)}" + (f" -> {_load_text(end)}" if end else ""))
+    load = meta.get("load") or {}  # bench._meta's load block: {"start": [...], "end": [...]}
+    if "start" in load:
+        when.append(f"load {_load_text(load['start'])}" + (f" -> {_load_text(load['end'])}" if "end" in load else ""))
     run = data.get("run") if isinstance(data.get("run"), (str, dict)) else None
     if run:
         when.append(f"run `{run['id'] if isinstance(run, dict) else run}`")

@@ -3,7 +3,7 @@ links against the ring's ideal time, and the alpha-beta model of real interconne
 from __future__ import annotations
 
 from bench.blocks import RESULTS, block, load, source_line, table
-from launch.cluster import rate_bits
+from launch.spec import rate_bits
 from lowbit.method import projection
 
 
@@ -15,7 +15,7 @@ def _label(method: str, scheme: str) -> str:
 def collectives_gate() -> str:
     name = "collectives-gate-native.json"
     data = load(name)
-    recs = [r for r in data["records"] if r["tokens"] >= 256 and r["method"] != "all_reduce"]
+    recs = [r for r in data["records"] if r["tokens"] >= 256 and r["method"] != "exact"]
     links = list(dict.fromkeys(r["link"] for r in data["records"]))
     by = {(r["tokens"], r["method"], r["scheme"], r["link"]): r for r in recs}
     rows = []
@@ -25,8 +25,8 @@ def collectives_gate() -> str:
             r = by.get(key + (link,))
             cells.append("" if r is None else f"{r['speedup_vs_bf16']:.2f}x [{r['compute_ms']:.3g}]")
         rows.append(cells)
-    loads = [run["meta"].get("load_avg_before", [None])[0] for run in data["meta"].get("runs", [])]
-    note = "load at the start of each link's job: " + ", ".join(f"{v:.1f}" for v in loads if v is not None)
+    loads = [run["meta"]["load"]["start"][0] for run in data["meta"]["runs"]]
+    note = "load at the start of each link's job: " + ", ".join(f"{v:.1f}" for v in loads)
     return table(["tokens x 576", "scheme"] + links, rows) + "\n\n" + source_line(name, data, note)
 
 
@@ -39,7 +39,7 @@ def link_model() -> str:
     data = load(GATE)
     rows = []
     for r in data["records"]:
-        if r["method"] != "all_reduce" or r["link"] == "loopback" or r["tokens"] < 256:
+        if r["method"] != "exact" or r["link"] == "loopback" or r["tokens"] < 256:
             continue
         ideal_ms = 1e3 * projection.allreduce_s(r["tp"], r["tokens"] * r["hidden"] * 2, 0.0, rate_bits(r["link"]) / 8)
         rows.append([r["link"], f"{r['tokens']} x {r['hidden']}", f"{r['bytes_per_rank'] / 1e6:.2f}",
@@ -67,7 +67,7 @@ def projection_table() -> str:
     data = load(LINKS_SMALL)
     checked = projection.check_against(data["records"])
     big = sorted(abs(r["rel_error"]) for r in checked if r["tokens"] * r["hidden"] >= 2048 * 576)
-    small = [abs(r["rel_error"]) for r in checked if r["tokens"] <= 16 and r["method"] != "all_reduce"]
+    small = [abs(r["rel_error"]) for r in checked if r["tokens"] <= 16 and r["method"] != "exact"]
     note = (f"{shape.name}, TP 8, {bits} bits/value, 8192 tokens: `python -m lowbit.method.projection --check "
             f"{RESULTS / LINKS_SMALL}` (inputs and formulas in `lowbit/method/projection.py`). Checked against the "
             f"measured gloo collectives (alpha and beta fitted per link to the bf16 all-reduce, codec time from the "

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from bench.blocks.collectives import LINKS_SMALL
-from bench.blocks.kernels import _moved
-from bench.blocks.teaching import DEMO_BEFORE, _demo_rows
+from bench.blocks.kernels import moved_note
+from bench.blocks.teaching import DEMO_BEFORE, demo_rows
 from bench.collectives import markdown_table as collectives_markdown
 from bench.blocks import block, load, ms, source_line, table
 from bench.throughput import markdown as throughput_markdown
@@ -30,7 +30,7 @@ def kernels_cpu() -> str:
                      f"{e['fraction_of_allreduce']:.1f}", f"{f['fraction_of_allreduce']:.1f}"])
     head = ["scheme", "tokens x hidden", "all_reduce ms", "eager q + u ms", "compiled q + u ms", "speedup q / u",
             "eager / all_reduce", "compiled / all_reduce"]
-    return table(head, rows) + "\n\n" + source_line(name, data, _moved(data))
+    return table(head, rows) + "\n\n" + source_line(name, data, moved_note(data))
 
 
 @block("collectives-8192")
@@ -63,7 +63,7 @@ def collectives_grid() -> str:
     rows = []
     for tp in sorted({r["tp"] for r in data["records"]}):
         quant = [r["speedup_vs_bf16"] for r in data["records"]
-                 if r["tp"] == tp and r["method"] != "all_reduce" and r.get("speedup_vs_bf16") is not None]
+                 if r["tp"] == tp and r["method"] != "exact" and r.get("speedup_vs_bf16") is not None]
         quant.sort()
         rows.append([str(tp), str(len(quant)), str(sum(s > 1 for s in quant)), f"{quant[len(quant) // 2]:.2f}",
                      f"{quant[0]:.2f} - {quant[-1]:.2f}"])
@@ -73,4 +73,4 @@ def collectives_grid() -> str:
 
 @block("demo-gemma-before")
 def demo_gemma_before() -> str:
-    return _demo_rows(DEMO_BEFORE)
+    return demo_rows(DEMO_BEFORE)

@@ -4,8 +4,10 @@ from __future__ import annotations
 from bench.blocks import block, load, ms, source_line, table
 
 
-def _moved(data: dict) -> str:
-    """Files made before the kernel benches moved to ``bench/`` say ``kernels.bench`` and ``kernels/results``."""
+def moved_note(data: dict) -> str:
+    """The source-line note of a kernel-bench file (this page's and the history's): files made before
+    the kernel benches moved to ``bench/`` say ``kernels.bench`` and ``kernels/results``, so the note
+    names where it was made; "" for newer files."""
     command = data["meta"].get("command", "")
     if "--out kernels/" not in command:
         return ""
@@ -40,7 +42,7 @@ def kernels_native_summary() -> str:
                                      f"{ms(by[(scheme, *size, other)][op])} ms vs native {ms(n)} ms")
     head = ["scheme", "tokens x hidden", "reference / native (CPU time)", "compiled / native", "bit-identical"]
     note = "single ops where a torch path is ahead: " + ("; ".join(ahead) or "none")
-    return table(head, rows) + "\n\n" + source_line(name, data, _moved(data)) + "\n\n" + note
+    return table(head, rows) + "\n\n" + source_line(name, data, moved_note(data)) + "\n\n" + note
 
 
 @block("kernels-native")
@@ -57,4 +59,4 @@ def kernels_native() -> str:
         cells.append(ms(by[("native", tokens)]["copy_bf16_s"]))
         rows.append(cells)
     head = ["tokens x 576", "native q / u ms", "compiled q / u ms", "reference q / u ms", "bf16 copy ms"]
-    return table(head, rows) + "\n\n" + source_line(name, data, _moved(data))
+    return table(head, rows) + "\n\n" + source_line(name, data, moved_note(data))

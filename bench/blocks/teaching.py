@@ -8,7 +8,7 @@ DEMO_FILES = ["demo-gemma3-270m-tp2-cold.json", "demo-gemma3-270m-tp2-warm.json"
 DEMO_BEFORE = ["demo-gemma3-270m-tp2.json"]  # before the vocabulary-parallel held-out metrics
 
 
-def _demo_rows(names: list[str]) -> str:
+def demo_rows(names: list[str]) -> str:
     """bench.demo_timing: the Gemma demo from submit to result, per submit, with the load around it."""
     rows, sources = [], []
     for name in names:
@@ -19,7 +19,7 @@ def _demo_rows(names: list[str]) -> str:
             stages = ", ".join(f"{k} {v:.0f}" for k, v in sub["stages"].items() if v >= 0.5)
             cpu = sub.get("cpu_seconds")
             rows.append([cache, f"`{sub['run']}`", f"{sub['wall_seconds']:.0f}", "" if cpu is None else f"{cpu:.0f}",
-                         f"{sub['load_before'][0]:.1f} -> {sub['load_after'][0]:.1f}", stages])
+                         f"{sub['load']['start'][0]:.1f} -> {sub['load']['end'][0]:.1f}", stages])
         sources.append(source_line(name, data))
     head = ["cache", "run", "wall s", "CPU s (all ranks)", "load before -> after", "stages (s)"]
     return table(head, rows) + "\n\n" + "\n".join(f"- {s}" for s in sources)
@@ -27,7 +27,7 @@ def _demo_rows(names: list[str]) -> str:
 
 @block("demo-gemma")
 def demo_gemma() -> str:
-    return _demo_rows(DEMO_FILES)
+    return demo_rows(DEMO_FILES)
 
 
 @block("demo-metrics")
@@ -60,7 +60,7 @@ def playground() -> str:
     page = [r["median_ms"] for r in data["page"]]
     note = (f"{data['model']} TP {data['tp']}, layer {at['layer']} {at['module']}, rank {at['rank']}, the first "
             f"{data['sample_tokens']} tokens stored by calibration `{data['calibration']}`; {data['date']}, load "
-            f"{data['loadavg_before'].split()[0]} -> {data['loadavg_after'].split()[0]}; the Playground page reruns "
+            f"{data['load']['start'][0]:.2f} -> {data['load']['end'][0]:.2f}; the Playground page reruns "
             f"after a control change in {min(page):.0f}-{max(page):.0f} ms (median of {data['page'][0]['repeats']} "
             f"per change, {len(page)} changes, AppTest); made by `python -m bench.playground --calibration "
             "runs/<calibrate id>/calibration --page` (the file predates recorded commands)")
