@@ -7,7 +7,6 @@ only while one runs). In class mode (pages/_access.py) only the teacher's browse
 """
 import streamlit as st
 
-from launch import store
 from pages import _access, _server, _teach, _ui
 
 st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon="📡")

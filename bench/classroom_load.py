@@ -44,9 +44,10 @@ import psutil
 
 from bench._meta import finish_meta, start_meta
 from bench._st_client import HeadlessSession
-from launch import store
 from launch.presets import capture_spec
 from launch.queue import JobQueue
+from launch.store.calibration import calibration_sources
+from launch.store.runs import runs_frame
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = Path(__file__).resolve().parent / "_rerun_probe.py"
@@ -93,7 +94,7 @@ def summary(seconds: list[float]) -> dict:
 def ensure_partials(root: Path) -> str:
     """A calibration with stored sample partials in ``root`` (the Playground needs one): the newest
     one there, else the capture job the Playground's button starts, run now."""
-    sources = store.calibration_sources(store.runs_frame(root), root)
+    sources = calibration_sources(runs_frame(root), root)
     if not sources.empty:
         return str(sources.iloc[0]["folder"])
     queue = JobQueue(root)

@@ -12,8 +12,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
 from launch.presets import CAPTURE, capture_spec
+from lowbit.analysis import spikiest_sample
 from pages import _ui
 
 PRESENT_KEY = "presentation"
@@ -89,8 +89,8 @@ def capture_button(key: str) -> None:
     if run_id:
         status = _ui.show_progress(run_id)
         if status in ("queued", "running"):
-            st.caption("Half a minute to a minute with the model cache warm (the first load of the model adds its "
-                       "~20 s conversion); the page fills in when it is done.")
+            st.caption("A short job with the model cache warm (the first load of the model also converts it); "
+                       "the page fills in when it is done.")
             st.button("Refresh", key=f"{key}_refresh", icon=":material/refresh:")
     st.caption("From a terminal: `.venv/bin/python -m lowbit calibrate --tp 3 --tokens 128 --seq-len 64`.")
 
@@ -100,7 +100,7 @@ def pick_sample(key: str):
     (layer, module, rank)) or None after showing the empty state with the capture button."""
     sources = _ui.calibration_sources()
     if sources.empty:
-        _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (about 30 s), "
+        _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (a short job), "
                         "or run the classroom demo, which calibrates too.")
         capture_button(key)
         return None
@@ -128,4 +128,4 @@ def calibration_stamp(folder: str) -> float:
 @st.cache_data(show_spinner=False, max_entries=16)
 def spikiest(folder: str, stamp: float) -> tuple[int, str, int]:
     """(layer, module, rank) of the stored partial with the largest max/RMS, cached per artifact."""
-    return store.spikiest_sample(_ui.calibration(folder))
+    return spikiest_sample(_ui.calibration(folder))

@@ -16,10 +16,15 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+import launch.store.bits
+import launch.store.calibration
+import launch.store.evaluate
+import launch.store.machine
 from launch.layout import runs_root
 from launch.queue import JobQueue, cancel
 from launch.spec import JobSpec, SpecError
+from launch.store.calibration import load_calibration
+from launch.store.runs import active_runs, load_result, run_paths, run_progress, runs_frame, runs_stamp
 from lowbit.model.models import TINY_CONFIGS, describe_sources, known_names
 from lowbit.stats import fmt_num
 from pages import _access, _server  # noqa: F401 - importing _server makes app.py draw every page
@@ -28,7 +33,7 @@ FONT = 18
 # Okabe-Ito: distinguishable with colour-blindness and on a washed-out projector.
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 # one colour per bit part, in the accounting's order (payload, outliers, scales, indices)
-PART_COLORS = dict(zip(store.SCHEME_PARTS, ("#0072B2", "#D55E00", "#009E73", "#CC79A7"), strict=True))
+PART_COLORS = dict(zip(launch.store.bits.SCHEME_PARTS, ("#0072B2", "#D55E00", "#009E73", "#CC79A7"), strict=True))
 POLL_S = 1.0
 
 
@@ -51,7 +56,7 @@ def cancel_run(run_id: str) -> str | None:
 
 def start_refusal() -> str | None:
     """Why this session may not start a job now (viewer mode), in one line; None if it may."""
-    return _access.start_refusal(list(store.active_runs(root())["id"]))
+    return _access.start_refusal(list(active_runs(root())["id"]))
 
 
 def job_button(label: str, key: str, refusal: str | None, **kwargs) -> bool:
@@ -88,13 +93,13 @@ def live_active_runs(draw: Callable[[pd.DataFrame], None], every_s: float) -> No
     in a fragment (only the fragment reruns). An idle page has no timer at all: the index is read
     once per full rerun (about a millisecond). When the last job ends the fragment asks for one full
     rerun, which draws the page without the timer (the browser drops it) and with the new results."""
-    active = store.active_runs(root())
+    active = active_runs(root())
     if active.empty:
         draw(active)
         return
 
     def poll() -> None:
-        now = store.active_runs(root())
+        now = active_runs(root())
         if now.empty:
             st.rerun()
         draw(now)
@@ -104,45 +109,45 @@ def live_active_runs(draw: Callable[[pd.DataFrame], None], every_s: float) -> No
 
 # -- cached reads --------------------------------------------------------------------------------
 # Frames derived from the run files, cached once for every session and keyed by the files' stamp
-# (store.runs_stamp: stat calls only), so 30 open pages do not each re-read every result.json.
+# (launch.store.runs.runs_stamp: stat calls only), so 30 open pages do not each re-read every result.json.
 def runs() -> pd.DataFrame:
     """Every run, as the index and the run directories say now."""
-    return _runs(root(), store.runs_stamp(root()))
+    return _runs(root(), runs_stamp(root()))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _runs(root_dir: str, stamp: tuple) -> pd.DataFrame:
-    return store.runs_frame(root_dir)
+    return runs_frame(root_dir)
 
 
 def calibration_sources() -> pd.DataFrame:
-    """Every stored calibration artifact (store.calibration_sources of ``runs()``)."""
-    return _calibration_sources(root(), store.runs_stamp(root()))
+    """Every stored calibration artifact (launch.store.calibration.calibration_sources of ``runs()``)."""
+    return _calibration_sources(root(), runs_stamp(root()))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def _calibration_sources(root_dir: str, stamp: tuple) -> pd.DataFrame:
-    return store.calibration_sources(_runs(root_dir, stamp), root_dir)
+    return launch.store.calibration.calibration_sources(_runs(root_dir, stamp), root_dir)
 
 
 def evaluate_runs(sweeps: bool = False) -> pd.DataFrame:
-    """Done evaluate runs (and sweeps) with scheme records (store.evaluate_runs of ``runs()``)."""
-    return _evaluate_runs(root(), store.runs_stamp(root()), sweeps)
+    """Done evaluate runs (and sweeps) with scheme records (launch.store.evaluate.evaluate_runs)."""
+    return _evaluate_runs(root(), runs_stamp(root()), sweeps)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _evaluate_runs(root_dir: str, stamp: tuple, sweeps: bool) -> pd.DataFrame:
-    return store.evaluate_runs(_runs(root_dir, stamp), root_dir, sweeps=sweeps)
+    return launch.store.evaluate.evaluate_runs(_runs(root_dir, stamp), root_dir, sweeps=sweeps)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _result_cached(root_dir: str, run_id: str, stamp: float) -> tuple[dict | None, str | None]:
-    return store.load_result(run_id, root_dir)
+    return load_result(run_id, root_dir)
 
 
 def result(run_id: str) -> tuple[dict | None, str | None]:
     """result.json of a run, cached until the file changes."""
-    path = store.run_paths(run_id, root()).result
+    path = run_paths(run_id, root()).result
     try:
         stamp = path.stat().st_mtime
     except OSError:
@@ -152,12 +157,12 @@ def result(run_id: str) -> tuple[dict | None, str | None]:
 
 @st.cache_data(show_spinner=False)
 def model_shape(name: str) -> dict:
-    return store.model_shape(name)
+    return launch.store.machine.model_shape(name)
 
 
 @st.cache_data(show_spinner=False)
 def valid_tp_sizes(name: str) -> list[int]:
-    return store.valid_tp_sizes(name)
+    return launch.store.machine.valid_tp_sizes(name)
 
 
 def pick_model_tp(key: str, model_col, tp_col, model: str = "smollm2-135m", tp: int = 3) -> tuple[str, int]:
@@ -174,17 +179,17 @@ def pick_model_tp(key: str, model_col, tp_col, model: str = "smollm2-135m", tp: 
 @st.cache_data(show_spinner=False, max_entries=256)
 def bits_parts(scheme: str, hidden: int, tp: int) -> pd.DataFrame:
     """Bits per value by leg and part (pure bookkeeping over lowbit.wire.payload: cached by its inputs)."""
-    return store.bits_parts(scheme, hidden, tp)
+    return launch.store.bits.bits_parts(scheme, hidden, tp)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def bits_per_site(scheme: str, hidden: int, layers: int, tp: int) -> pd.DataFrame:
-    return store.bits_per_site(scheme, hidden, layers, tp)
+    return launch.store.bits.bits_per_site(scheme, hidden, layers, tp)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def traffic_per_token(scheme: str, hidden: int, layers: int, tp: int) -> dict:
-    return store.traffic_per_token(scheme, hidden, layers, tp)
+    return launch.store.bits.traffic_per_token(scheme, hidden, layers, tp)
 
 
 @st.cache_data(show_spinner=False)
@@ -199,12 +204,12 @@ def model_sources() -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def machine() -> dict:
-    return store.machine_info()
+    return launch.store.machine.machine_info()
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _calibration_cached(folder: str, stamp: float):
-    return store.load_calibration(folder)
+    return load_calibration(folder)
 
 
 def calibration(folder: str):
@@ -289,7 +294,7 @@ def show_progress(run_id: str, show_end: bool = True) -> str:
     has just ended shows one caption line (the sidebar), not its error."""
     row = ensure_queue().get(run_id)
     status = row["status"] if row else "unknown"
-    fraction, message, _ = store.run_progress(run_id, root())
+    fraction, message, _ = run_progress(run_id, root())
     if status == "queued":
         order = [r["id"] for r in ensure_queue().index.list(("queued", "running"))]
         ahead = order.index(run_id) if run_id in order else 0

@@ -1,9 +1,30 @@
-"""The rows of docs/classroom.md's two tables, from bench.classroom_load's result files; bench.report
-(the one renderer) writes them as Markdown.
+"""docs/classroom.md's tables: bench.classroom_load's figures against issue 29's targets (the code
+before next to this code), and one rerun profiled before and after.
 
-    .venv/bin/python -m bench.report --readme docs/classroom.md
+    .venv/bin/python -m bench.report docs/classroom.md
 """
 from __future__ import annotations
+
+from bench.blocks import block, load, source_line, table
+
+LOAD, LOAD_MAIN = "classroom-load.json", "classroom-load-main.json"
+PROFILE = ["classroom-profile-before.json", "classroom-profile-after.json"]
+
+
+@block("classroom-load")
+def classroom_load() -> str:
+    """A class's sessions and tabs on one server, the code before next to this code."""
+    data, before = load(LOAD), load(LOAD_MAIN)
+    head, rows, note = load_rows(data, before)
+    return table(head, rows) + "\n\n" + note + "\n\n" + "\n".join(
+        f"- {source_line(n, d)}" for n, d in ((LOAD_MAIN, before), (LOAD, data)))
+
+
+@block("classroom-profile")
+def classroom_profile() -> str:
+    """Where one rerun's CPU goes, on the code before and on this code."""
+    before, after = (load(n) for n in PROFILE)
+    return table(*profile_rows(before, after)) + "\n\n" + "\n".join(f"- {source_line(n, load(n))}" for n in PROFILE)
 
 
 def _load_text(load: dict) -> str:
