@@ -113,7 +113,7 @@ def runs_stamp(root=None) -> tuple:
     """A cheap fingerprint of what the store reads under ``root``: (name, mtime, size) of the index
     files and of every run directory's spec, result and events. Equal stamps, equal frames: the
     app keys the frames it caches for every session by it (a few stat calls per run, no JSON)."""
-    root = _root(root)
+    root = resolve_root(root)
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError:
