@@ -21,7 +21,7 @@ from launch.spec import JobSpec
 _DEMO = demo_spec()
 # field -> the largest value a viewer's job may ask for
 CEILING = {
-    "time_limit_s": float(_DEMO["time_limit_s"]),   # the demo's own limit (900 s)
+    "time_limit_s": float(_DEMO["time_limit_s"]),   # the demo's own limit
     "calib_tokens": 4096,                            # 2x the demo's calibration
     "eval_tokens": 4096,                             # 4x the demo's evaluation text
     "items_per_task": 50,                            # the spec's default item count

@@ -91,7 +91,7 @@ def ensure_queue() -> JobQueue:
 def live_active_runs(draw: Callable[[pd.DataFrame], None], every_s: float) -> None:
     """``draw(active runs)`` now; while a job is queued or running, again every ``every_s`` seconds
     in a fragment (only the fragment reruns). An idle page has no timer at all: the index is read
-    once per full rerun (about a millisecond). When the last job ends the fragment asks for one full
+    once per full rerun (one query). When the last job ends the fragment asks for one full
     rerun, which draws the page without the timer (the browser drops it) and with the new results."""
     active = active_runs(root())
     if active.empty:
