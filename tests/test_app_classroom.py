@@ -311,3 +311,16 @@ def test_cli_submit_of_a_spec_that_is_not_utf8_exits_2_with_a_message(tmp_path, 
     err = capsys.readouterr().err
     assert "spec:" in err and "not UTF-8" in err and "0xe9" in err and "Traceback" not in err
 
+
+
+def test_collectives_with_one_message_size_draws_bars_not_lone_dots(runs_with_results):
+    result = runs_with_results / "bench-loopback" / "result.json"
+    data = json.loads(result.read_text())
+    data["records"] = [r for r in data["records"] if r["tokens"] == 256]
+    result.write_text(json.dumps(data))
+    at = open_page("pages/collectives.py")
+    assert_clean(at)
+    assert "one message size" in texts(at.info)
+    for chart in at.get("plotly_chart")[:3]:  # time, speedup, bytes
+        traces = json.loads(chart.proto.spec)["data"]
+        assert traces and all(t["type"] == "bar" for t in traces if t.get("x") != [None]), traces
