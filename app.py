@@ -52,6 +52,8 @@ with st.sidebar:
     info = _ui.machine()
     gpus = f"{info['gpus']} ({', '.join(info['gpu_names'])})" if info["gpu_names"] else str(info["gpus"])
     st.markdown(f"CPU cores: **{info['cpu_cores']}**  \nGPUs: **{gpus}**  \nBackend: **{info['backend']}**")
+    if not (cluster := store.cluster_frame()).empty:  # the Slurm cluster runs go to (executor slurm)
+        st.dataframe(cluster, hide_index=True, width="stretch", key="sidebar_cluster")
     st.subheader("Installed models")
     models = _ui.model_sources()
     st.dataframe(models[["name", "kind", "cached"]], hide_index=True, width="stretch")

@@ -11,9 +11,9 @@
 One module per kind of answer: ``runs`` (listing, spec, result, progress, logs), ``evaluate``
 (scheme / task / layer-error frames, sweeps, Pareto front, comparisons), ``calibration``
 (artifacts), ``bits`` (accounting rows from ``lowbit.wire.accounting``), ``machine`` (cores, GPUs,
-model shapes), ``bench`` (collective-bench records). Cheap math on stored artifacts (ranges,
-overlaps, the rotation panel) is ``lowbit.analysis``, re-exported here so the pages have one
-door. Every reader tolerates missing, half-written or corrupt files.
+the Slurm cluster's partitions, model shapes), ``bench`` (collective-bench records). Cheap math on
+stored artifacts (ranges, overlaps, the rotation panel) is ``lowbit.analysis``, re-exported here
+so the pages have one door. Every reader tolerates missing, half-written or corrupt files.
 """
 from launch.store.runs import (  # noqa: F401 - the store's public names
     RUN_COLUMNS, read_json, run_paths, load_spec, load_result, run_progress, runs_frame, active_runs, finished_ok,
@@ -28,7 +28,7 @@ from launch.store.calibration import (  # noqa: F401 - the store's public names
 from launch.store.bits import (  # noqa: F401 - the store's public names
     SCHEME_PARTS, DEFAULT_TOKENS, bits_parts, bits_per_site, traffic_per_token)
 from launch.store.machine import (  # noqa: F401 - the store's public names
-    model_shape, valid_tp_sizes, machine_info)
+    model_shape, valid_tp_sizes, machine_info, cluster_frame)
 from launch.store.bench import (  # noqa: F401 - the store's public names
     crossover_table, gate_crossover, gate_records,
     COLLECTIVE_COLUMNS, collective_frame)
