@@ -113,6 +113,8 @@ def _calibrate(root: Path) -> None:
     """The shared calibration both executors' runs read (``calib_from``), made in this process."""
     from lowbit.comm.dist import ThreadWorld
     from lowbit.method.calibrate import calibrate
+    from lowbit.model.models import load_model
+    load_model(MODEL)  # transformers' lazy imports happen here, not racing in the rank threads
     paths = RunPaths(root, CALIBRATION_RUN)
     paths.make()
     spec = dict(kind="calibrate", model=MODEL, tp=TP, calib_tokens=8 * SEQ_LEN, run_id=CALIBRATION_RUN,
@@ -185,6 +187,7 @@ def test_evaluate_through_slurm_matches_the_local_executor_to_the_last_digit(bat
     record = json.loads(RunPaths(batch["root"], runs["eval_slurm"]).slurm_record.read_text())
     assert record["command"] == f"sbatch {RunPaths(batch['root'], runs['eval_slurm']).slurm_script()}"
     assert rows["eval_slurm"]["result_paths"] == rows["eval_local"]["result_paths"] == ["result.json"]
+    assert "logs/launcher.log" in store.log_tail(runs["eval_slurm"], batch["root"]), "Slurm's output file is its log"
 
 
 def test_sweep_runs_four_array_jobs_two_at_once_with_the_local_best_per_budget_table(batch):
@@ -204,6 +207,9 @@ def test_sweep_runs_four_array_jobs_two_at_once_with_the_local_best_per_budget_t
         [(p["scheme"], p["kl"], p["bits_per_value"]) for p in local["points"]]
     assert (slurm["frontier"], slurm["best_at"], slurm["evaluated"]) == (local["frontier"], local["best_at"], 4)
     assert store.runs_frame(root).set_index("id").loc[runs["sweep_slurm"], "status"] == "done"
+    assert {f"logs/task-{i}.log" for i in range(4)} <= set(store.log_tail(runs["sweep_slurm"], root))
+    messages = [e["message"] for e in read_events(RunPaths(root, runs["sweep_slurm"]).events) if e["stage"] == "running"]
+    assert any("waiting (JobArrayTaskLimit)" in m for m in messages), messages
 
 
 def test_a_job_over_its_time_limit_ends_as_timeout(batch):
@@ -243,11 +249,30 @@ def test_a_node_set_down_mid_run_fails_the_run_naming_the_node_and_reason(batch)
     cluster.command("scontrol", "update", "nodename=n2", "state=down", f"reason={reason}")
     try:
         row = batch["queue"].wait(run_id, timeout_s=60)
+        # the partition's only node is down: a new run waits, and says why in Slurm's words
+        waiting = batch["queue"].submit(dict(selftest(), executor="slurm", partition="spare"))
+        message = wait_for(lambda: [e["message"] for e in read_events(RunPaths(root, waiting).events)
+                                    if e["stage"] == "pending" and "reason" in e["message"]], 60, "a pending reason")
+        assert RunIndex(root).get(waiting)["status"] == "pending"
+        assert "ReqNodeNotAvail" in message[-1] or "NodeDown" in message[-1], message
+        assert batch["queue"].cancel(waiting) == "cancelled"
+        assert_nothing_left(cluster, root, waiting)
     finally:
         cluster.command("scontrol", "update", "nodename=n2", "state=resume")
     assert row["status"] == "failed"
     assert "NODE_FAIL" in row["error"] and "n2" in row["error"] and reason in row["error"], row["error"]
     assert_nothing_left(cluster, root, run_id)
+
+
+def test_a_crashing_rank_fails_the_run_with_slurms_state_exit_code_and_the_ranks_error(batch):
+    root = batch["root"]
+    run_id = batch["queue"].submit(dict(selftest(tp=2, sleep_s=60, crash_rank=1, crash_step=2), **SLURM))
+    row = batch["queue"].wait(run_id, timeout_s=START_S)
+    assert row["status"] == "failed" and row["returncode"] == 1, row
+    assert "ended FAILED with exit code 1" in row["error"], row["error"]
+    assert "deliberate crash on rank 1 at step 2" in row["error"] and "rank 1" in row["error"], row["error"]
+    assert "logs/launcher.log" in store.log_tail(run_id, root), "the Runs page tails Slurm's output file"
+    assert_nothing_left(batch["cluster"], root, run_id)
 
 
 def test_a_restarted_queue_reattaches_and_the_run_finishes_indexed_once(slurm_cluster, tmp_path, monkeypatch):

@@ -119,7 +119,7 @@ def cluster_problems(spec: JobSpec, parts: list[Partition]) -> list[tuple[str, s
 def _field_of(message: str) -> str:
     """The spec field an sbatch refusal is about (its own words), else ``executor``."""
     text = message.lower()
-    for field, words in (("partition", ("partition",)), ("qos", ("qos",)), ("account", ("account", "association")),
+    for field, words in (("account", ("account", "association")), ("qos", ("qos",)), ("partition", ("partition",)),
                          ("gpus_per_node", ("gres", "gpu")), ("time_limit_s", ("time limit", "time_limit")),
                          ("nnodes", ("node",))):
         if any(w in text for w in words):
@@ -352,8 +352,8 @@ class SlurmExecutor:
         """One events line per change: Slurm's pending reason, or how many pieces are done."""
         waiting = [s for s in states if s.state in WAITING]
         if not started and waiting:
-            self._say(paths, "pending", f"waiting in Slurm's queue: job {waiting[0].job_id}, reason "
-                                        f"{waiting[0].reason}")
+            why = "not scheduled yet" if waiting[0].reason in ("None", "") else f"reason: {waiting[0].reason}"
+            self._say(paths, "pending", f"waiting in Slurm's queue as job {waiting[0].job_id}, {why}")
         elif record.get("pieces"):
             tasks = [s for s in states if s.task is not None]
             done = sum(s.state == "COMPLETED" for s in tasks)
