@@ -136,7 +136,9 @@ class LocalSlurm:
             "SchedulerType=sched/builtin", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
             # a node set down stays down, with its reason, until it is resumed
-            "ReturnToService=1", "KillWait=2", "InactiveLimit=0", "MinJobAge=300", "SlurmdTimeout=30",
+            "ReturnToService=1", "KillWait=2", "InactiveLimit=0", "SlurmdTimeout=30",
+            # ended jobs stay in squeue for the whole test session (a queue re-attaches them later)
+            "MinJobAge=65533",
         ]
         lines += [f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus_per_node} "
                   "State=UNKNOWN" for n, port in zip(self.nodes, node_ports)]

@@ -9,9 +9,11 @@ mid-run fails the run naming the node and the reason; a restarted queue re-attac
 finishes, indexed, once; bad fields submit nothing; a two-node torchrun spans n1 and n2; a runs
 folder the nodes cannot see is refused at submit; the sidebar's Machine panel lists the cluster.
 
-Slurm counts time limits in whole minutes, so the over-limit job runs ~60 s: it and the runs
-that are compared with the local executor are submitted when the module starts and run while
-the other cases do, so the module costs about the longest of them, whatever the test order.
+Slurm counts time limits in whole minutes and checks them every 30 s, so the over-limit job ends
+60-90 s after it starts. The cluster and that job start as soon as collection shows these tests
+will run (``start_early``, called by tests/conftest.py), so in ``make test`` it ends during the
+tests before this module. The runs compared with the local executor are submitted when the
+module starts and run while the other cases do.
 
 Where the cluster cannot run (not root, Slurm not installed) the module is skipped with the
 reason, except under CI (``$CI`` set, as CI services do), where that is a failure.
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +41,7 @@ from launch.queue import JobQueue
 from launch.spec import SpecError
 from tests.conftest import REPO
 from tests.slurm_cluster import PARTITIONS, LocalSlurm, why_not
+from tests.test_launch_jobs import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +64,6 @@ def selftest(tp=1, **params):
     return dict(kind="selftest", model="none", tp=tp, collective_timeout_s=60, time_limit_s=600, params=params)
 
 
-def wait_for(predicate, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def wait_running_step(root, run_id, step=1):
     wait_for(lambda: any((e.get("step") or 0) >= step and e["stage"] == "running"
                          for e in read_events(RunPaths(root, run_id).events)), START_S, f"{run_id} to reach step {step}")
@@ -88,25 +83,69 @@ def assert_nothing_left(cluster, root, run_id):
 
 
 # -- the cluster and the long runs ---------------------------------------------------------------
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    problem = why_not()
-    if problem:
-        if os.environ.get("CI"):
-            pytest.fail(f"Slurm tests cannot run under CI: {problem}")
-        pytest.skip(problem)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), partitions=PARTITIONS)
-    cluster.start()
+EARLY: dict = {}   # the cluster, its folder, the over-limit run: from start_early to stop_early
+
+
+@contextmanager
+def slurm_conf(cluster):
+    """$SLURM_CONF of ``cluster`` for this process while inside (Slurm's commands read it)."""
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster.conf)
     try:
-        yield cluster
+        yield
     finally:
         if old is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
-        cluster.stop()  # raises when a daemon outlives SIGKILL
+
+
+def start_early() -> None:
+    """Start the test cluster and submit the over-limit run (a TP 1 selftest, ``--time=1``),
+    once; an error is kept for the ``slurm_cluster`` fixture to raise."""
+    if EARLY or why_not():
+        return
+    EARLY["base"] = Path(tempfile.mkdtemp(prefix="lowbit-slurm-"))
+    try:
+        EARLY["cluster"] = LocalSlurm(EARLY["base"] / "cluster", partitions=PARTITIONS)
+        EARLY["cluster"].start()
+        EARLY["root"] = EARLY["base"] / "runs"
+        with slurm_conf(EARLY["cluster"]):
+            queue = JobQueue(EARLY["root"])
+            EARLY["over_limit"] = queue.submit(dict(selftest(sleep_s=600), **SLURM, time_limit_s=60))
+            queue.step()  # claims it and sbatches it; the test's queue re-attaches it
+            queue.stop()
+    except Exception as exc:  # noqa: BLE001 - raised by the fixture, in a test, not at collection
+        EARLY["error"] = exc
+
+
+def stop_early() -> None:
+    """Stop the cluster (every job cancelled, daemons stopped by PID) and remove its folder."""
+    cluster, base = EARLY.pop("cluster", None), EARLY.pop("base", None)
+    EARLY.clear()
+    try:
+        if cluster is not None:
+            cluster.stop()  # raises when a daemon outlives SIGKILL
+    finally:
+        if base is not None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    problem = why_not()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"Slurm tests cannot run under CI: {problem}")
+        pytest.skip(problem)
+    start_early()  # already done at collection in a normal run
+    if "error" in EARLY:
+        raise EARLY["error"]
+    try:
+        with slurm_conf(EARLY["cluster"]):
+            yield EARLY["cluster"]
+    finally:
+        stop_early()
 
 
 def _calibrate(root: Path) -> None:
@@ -149,16 +188,15 @@ class ArrayWatch(threading.Thread):
 
 @pytest.fixture(scope="module", autouse=True)
 def batch(slurm_cluster, tmp_path_factory):
-    """One runs root and queue for the module; the long runs submitted at once: the over-limit
-    job, the evaluate and the sweep on Slurm and on the local executor."""
+    """One runs root and queue for the module; the long runs submitted at once: the evaluate and
+    the sweep, on Slurm and on the local executor."""
     root = tmp_path_factory.mktemp("slurm-runs") / "runs"
     root.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOWBIT_RUNS", str(root))
         _calibrate(root)
         queue = JobQueue(root, max_parallel=2, poll_s=0.2, kill_grace_s=3.0).start()
-        runs = dict(over_limit=queue.submit(dict(selftest(sleep_s=600), **SLURM, time_limit_s=60)),
-                    eval_slurm=queue.submit(dict(EVAL, **SLURM)), eval_local=queue.submit(EVAL),
+        runs = dict(eval_slurm=queue.submit(dict(EVAL, **SLURM)), eval_local=queue.submit(EVAL),
                     sweep_slurm=queue.submit(dict(SWEEP, **SLURM, max_concurrent=2)),
                     sweep_local=queue.submit(SWEEP))
         watch = ArrayWatch(slurm_cluster, runs["sweep_slurm"])
@@ -212,19 +250,24 @@ def test_sweep_runs_four_array_jobs_two_at_once_with_the_local_best_per_budget_t
     assert any("waiting (JobArrayTaskLimit)" in m for m in messages), messages
 
 
-def test_a_job_over_its_time_limit_ends_as_timeout(batch):
-    run_id = batch["runs"]["over_limit"]
-    row = batch["queue"].wait(run_id, timeout_s=START_S + 120)  # Slurm's limit is 1 min, checked every ~30 s
+def test_a_job_over_its_time_limit_ends_as_timeout(slurm_cluster):
+    root, run_id = EARLY["root"], EARLY["over_limit"]
+    queue = JobQueue(root, poll_s=0.2).start()  # re-attaches the run submitted by start_early
+    try:
+        row = queue.wait(run_id, timeout_s=START_S + 120)  # Slurm's limit is 1 min, checked every 30 s
+    finally:
+        queue.stop(kill_running=True)
     assert row["status"] == "timeout", row["error"]
     assert "TIMEOUT" in row["error"] and "--time=1 min" in row["error"]
-    assert not RunPaths(batch["root"], run_id).result.exists()
-    assert_nothing_left(batch["cluster"], batch["root"], run_id)
+    assert row["finished"] - row["started"] >= 60, "Slurm stopped it at its limit, not before"
+    assert not RunPaths(root, run_id).result.exists()
+    assert_nothing_left(slurm_cluster, root, run_id)
 
 
 def test_cancel_from_the_runs_page_calls_scancel_and_leaves_nothing(batch):
     from streamlit.testing.v1 import AppTest
     root, cluster = batch["root"], batch["cluster"]
-    run_id = batch["queue"].submit(dict(selftest(tp=2, sleep_s=300), **SLURM))
+    run_id = batch["queue"].submit(dict(selftest(sleep_s=300), **SLURM))
     wait_running_step(root, run_id)
     assert run_processes(root, run_id), "the ranks run on this machine (the node is this host)"
     store.cluster_frame(max_age_s=0)  # the sidebar reads the cluster now, not a cached empty answer

@@ -83,19 +83,20 @@ def sbatch_options(spec: JobSpec) -> list[str]:
     return opts
 
 
+def _partition(spec: JobSpec, parts: list[Partition]) -> Partition | None:
+    """The partition the job goes to: the spec's, else the cluster's default."""
+    return next((p for p in parts if (p.name == spec.partition if spec.partition else p.default)), None)
+
+
 def cluster_problems(spec: JobSpec, parts: list[Partition]) -> list[tuple[str, str]]:
     """The spec's Slurm fields against the cluster's partitions (``sinfo``), each problem with
     the allowed values."""
-    names = [p.name for p in parts]
-    allowed = ", ".join(names) or "(none)"
-    if spec.partition is None:
-        part = next((p for p in parts if p.default), None)
-        if part is None:
-            return [("partition", f"the cluster has no default partition; name one; allowed: {allowed}")]
-    else:
-        part = next((p for p in parts if p.name == spec.partition), None)
-        if part is None:
-            return [("partition", f"unknown partition {spec.partition!r}; allowed: {allowed}")]
+    allowed = ", ".join(p.name for p in parts) or "(none)"
+    part = _partition(spec, parts)
+    if part is None and spec.partition is None:
+        return [("partition", f"the cluster has no default partition; name one; allowed: {allowed}")]
+    if part is None:
+        return [("partition", f"unknown partition {spec.partition!r}; allowed: {allowed}")]
     problems = []
     if part.available != "up":
         up = ", ".join(p.name for p in parts if p.available == "up") or "(none)"
@@ -236,7 +237,11 @@ class SlurmExecutor:
         try:
             run(["sbatch", "--test-only", *sbatch_options(spec), "--wrap", "true"])
         except SlurmError as exc:
-            return [(_field_of(str(exc)), f"Slurm refuses the job: {exc}")]
+            # Nodes out of service (down, drained) make --test-only say the configuration is not
+            # available; sbatch itself queues the job until they return (the sinfo checks above
+            # already hold the request to what the partition's nodes have).
+            if not ("node configuration is not available" in str(exc) and _partition(spec, parts).other):
+                return [(_field_of(str(exc)), f"Slurm refuses the job: {exc}")]
         problem = shared_folder_problem(root, spec)
         return [("executor", problem)] if problem else []
 
