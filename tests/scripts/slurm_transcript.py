@@ -53,7 +53,7 @@ def main(out: str) -> int:
 
             def write(name: str, spec: dict) -> str:
                 (tmp / name).write_text(json.dumps(spec, indent=1))
-                lines.append(f"$ cat {name}")
+                lines.append(f"$ cat <tmp>/{name}")
                 lines.extend(json.dumps(spec, indent=1).splitlines())
                 lines.append("")
                 return str(tmp / name)
@@ -85,7 +85,7 @@ def main(out: str) -> int:
             show(["squeue", "--array", "-o", "%.8i %.9P %.40j %.10T %.18r %N"])
             show([PY, "-m", "launch", "tail", sweep_id, "--follow"], keep=ends)
             show([PY, "-c", "from launch import store; from launch.layout import run_paths; import json; "
-                  f"print(store.sweep_summary(json.loads(run_paths('{sweep_id}').result.read_text()))"
+                  f'print(store.sweep_summary(json.loads(run_paths("{sweep_id}").result.read_text()))'
                   ".to_string(index=False))"])
     Path(out).write_text("\n".join(lines))
     print(f"wrote {out} ({len(lines)} lines)")
