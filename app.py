@@ -6,7 +6,8 @@ math themselves. The sidebar shows the machine, the installed models and the act
 """
 import streamlit as st
 
-from launch import store
+from launch.store.machine import cluster_frame
+from launch.store.runs import active_runs
 from pages import _teach, _ui
 
 st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon="📡")
@@ -33,7 +34,7 @@ _ui.ensure_queue()
 
 @st.fragment(run_every=_ui.POLL_S * 3)
 def active_job() -> None:
-    active = store.active_runs(_ui.root())
+    active = active_runs(_ui.root())
     if active.empty:
         st.caption("No job running. Start one from Overview (demo) or Runs.")
         return
@@ -52,7 +53,7 @@ with st.sidebar:
     info = _ui.machine()
     gpus = f"{info['gpus']} ({', '.join(info['gpu_names'])})" if info["gpu_names"] else str(info["gpus"])
     st.markdown(f"CPU cores: **{info['cpu_cores']}**  \nGPUs: **{gpus}**  \nBackend: **{info['backend']}**")
-    if not (cluster := store.cluster_frame()).empty:  # the Slurm cluster runs go to (executor slurm)
+    if not (cluster := cluster_frame()).empty:  # the Slurm cluster runs go to (executor slurm)
         st.dataframe(cluster, hide_index=True, width="stretch", key="sidebar_cluster")
     st.subheader("Installed models")
     models = _ui.model_sources()

@@ -8,16 +8,14 @@
 =============  ====================================================================================
 ``auto``       default. CUDA: Triton kernels (``kernels.triton_quant``) for 2/4/8-bit codes, the
                eager torch reference for 3/5/6-bit codes. CPU: the numba kernels
-               (``kernels.native_cpu``) for every size and width: bench/results/kernels-cpu-native.json
-               has quantize + unpack CPU time 1.5-47x below the reference and 2.1-13.5x below
-               the compiled path at every size measured (1 to 8192 tokens x 576, four schemes);
-               the one op alone where the reference is ahead is the 1 x 576 static quantize
-               (0.34 vs 0.42 ms, host-side checks dominate both), not worth a size rule. Where numba
-               does not import (one warning), the previous rule: the compiled torch path
-               (``kernels.fused_cpu``) for messages of at least ``FUSED_MIN_VALUES`` values,
-               the eager reference below that (a compiled call costs more fixed overhead than
-               the eager ops save there: bench/results/kernels-cpu.json has it slower up to 16 x 576
-               and about even at 16 x 4096), and the eager reference for good where
+               (``kernels.native_cpu``) for every size and width: they take less CPU time than
+               both torch paths at every size measured (docs/kernels.md, "kernels-native-summary",
+               with the one small op where the reference is ahead: host-side checks dominate
+               both, not worth a size rule). Where numba does not import (one warning), the
+               previous rule: the compiled torch path (``kernels.fused_cpu``) for messages of at
+               least ``FUSED_MIN_VALUES`` values, the eager reference below that (a compiled call
+               costs more fixed overhead than the eager ops save on small messages:
+               docs/history.md, "kernels-cpu"), and the eager reference for good where
                torch.compile cannot run (one warning).
 ``triton``     Triton kernels; an error off CUDA. 3/5/6 bits still go to the torch path.
 ``interpret``  Triton kernels under the Triton interpreter on CPU tensors (tests). Sets
@@ -109,7 +107,10 @@ def native_available() -> bool:
         return False
 
 
-def _triton_module(interpret: bool):
+def triton_module(interpret: bool):
+    """The Triton kernel module, interpreted (``import_interpreted``) or compiled for the GPU; the
+    compiled one refuses a module this process already imported interpreted (Triton reads
+    ``TRITON_INTERPRET`` at import). The GPU checks (bench.gpu_check_*) take the compiled one."""
     if interpret:
         return import_interpreted()
     module = importlib.import_module(_TRITON_MODULE)
@@ -148,7 +149,7 @@ def import_interpreted(name: str = _TRITON_MODULE, reload: bool = False):
 def _module(device, bits: int, values: int | None):
     which = backend(device, bits, values)
     if which in ("triton", "interpret"):
-        return which, _triton_module(which == "interpret")
+        return which, triton_module(which == "interpret")
     if which == "compiled":
         from kernels import fused_cpu
         return which, fused_cpu

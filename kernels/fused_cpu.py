@@ -1,6 +1,6 @@
 """The CPU production path: the torch reference restated as a few ``torch.compile`` graphs.
 
-    PYTHONPATH=. .venv/bin/python -m bench.kernels --device cpu --tokens 8192 --hidden 576 --out /tmp/b.json
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --device cpu --tokens 8192 --hidden 576 --out test-output/b.json
 
 Same bytes and values as ``kernels.reference`` (the tests hold them bit-equal), several times
 faster than running the reference eagerly. Why the reference is not simply compiled whole:

@@ -32,7 +32,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from launch import procs, store
+from launch import procs
+from launch.store.evaluate import sweep_summary
+from launch.store.machine import cluster_frame
+from launch.store.runs import log_tail, runs_frame
 from launch.events import read_events
 from launch.index import RunIndex
 from launch.layout import RunPaths
@@ -214,7 +217,7 @@ def test_evaluate_through_slurm_matches_the_local_executor_to_the_last_digit(bat
     record = json.loads(RunPaths(batch["root"], runs["eval_slurm"]).slurm_record.read_text())
     assert record["command"] == f"sbatch {RunPaths(batch['root'], runs['eval_slurm']).slurm_script()}"
     assert rows["eval_slurm"]["result_paths"] == rows["eval_local"]["result_paths"] == ["result.json"]
-    assert "logs/launcher.log" in store.log_tail(runs["eval_slurm"], batch["root"]), "Slurm's output file is its log"
+    assert "logs/launcher.log" in log_tail(runs["eval_slurm"], batch["root"]), "Slurm's output file is its log"
 
 
 def test_sweep_runs_four_array_jobs_two_at_once_with_the_local_best_per_budget_table(batch):
@@ -229,12 +232,12 @@ def test_sweep_runs_four_array_jobs_two_at_once_with_the_local_best_per_budget_t
     # Slurm's own start and end times: the array limit %2 held the points to 2 at once, and 2 did run at once
     assert most_at_once([tuple(t.split("|")[2:]) for t in tasks]) == 2, tasks
     slurm, local = (json.loads(RunPaths(root, runs[k]).result.read_text()) for k in ("sweep_slurm", "sweep_local"))
-    pd.testing.assert_frame_equal(store.sweep_summary(slurm), store.sweep_summary(local))
+    pd.testing.assert_frame_equal(sweep_summary(slurm), sweep_summary(local))
     assert [(p["scheme"], p["kl"], p["bits_per_value"]) for p in slurm["points"]] == \
         [(p["scheme"], p["kl"], p["bits_per_value"]) for p in local["points"]]
     assert (slurm["frontier"], slurm["best_at"], slurm["evaluated"]) == (local["frontier"], local["best_at"], 4)
-    assert store.runs_frame(root).set_index("id").loc[runs["sweep_slurm"], "status"] == "done"
-    assert {f"logs/task-{i}.log" for i in range(4)} <= set(store.log_tail(runs["sweep_slurm"], root))
+    assert runs_frame(root).set_index("id").loc[runs["sweep_slurm"], "status"] == "done"
+    assert {f"logs/task-{i}.log" for i in range(4)} <= set(log_tail(runs["sweep_slurm"], root))
     messages = [e["message"] for e in read_events(RunPaths(root, runs["sweep_slurm"]).events) if e["stage"] == "running"]
     assert any("2 running, 2 waiting (JobArrayTaskLimit)" in m for m in messages), messages  # Slurm's reason
 
@@ -259,7 +262,7 @@ def test_cancel_from_the_runs_page_calls_scancel_and_leaves_nothing(batch):
     run_id = batch["queue"].submit(dict(selftest(sleep_s=300), **SLURM))
     wait_running_step(root, run_id)
     assert run_processes(root, run_id), "the ranks run on this machine (the node is this host)"
-    store.cluster_frame(max_age_s=0)  # the sidebar reads the cluster now, not a cached empty answer
+    cluster_frame(max_age_s=0)  # the sidebar reads the cluster now, not a cached empty answer
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=180).run()
     sidebar = [d.value for d in at.sidebar.dataframe if "partition" in d.value.columns]
     assert sidebar and sorted(sidebar[0]["partition"]) == sorted(PARTITIONS), "the Machine panel lists the cluster"
@@ -303,7 +306,7 @@ def test_a_crashing_rank_fails_the_run_with_slurms_state_exit_code_and_the_ranks
     assert row["status"] == "failed" and row["returncode"] == 1, row
     assert "ended FAILED with exit code 1" in row["error"], row["error"]
     assert "rank 0 failed" in row["error"] and "deliberate crash on rank 0 at step 2" in row["error"], row["error"]
-    assert "logs/launcher.log" in store.log_tail(run_id, root), "the Runs page tails Slurm's output file"
+    assert "logs/launcher.log" in log_tail(run_id, root), "the Runs page tails Slurm's output file"
     assert_nothing_left(batch["cluster"], root, run_id)
 
 

@@ -84,7 +84,7 @@ Scheme strings (lowbit.scheme is the one parser):
                                             them); takes no options
   scheme map: <scheme>[;L<a>[-<b>][.<module>]=<scheme>]...
 
-Neighbouring schemes (related work, compared with the paper in the README):
+Neighbouring schemes (related work, compared with the paper in docs/results.md):
 
 - nf<B> (non-uniform code, as NF4 in QLoRA): the code is an index into a fixed codebook of
   2**B values in [-1, 1] (lowbit.codebook: normal quantiles with an exact zero), scaled

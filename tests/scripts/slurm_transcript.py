@@ -84,8 +84,8 @@ def main(out: str) -> int:
                 time.sleep(0.3)
             show(["squeue", "--array", "-o", "%.8i %.9P %.40j %.10T %.18r %N"])
             show([PY, "-m", "launch", "tail", sweep_id, "--follow"], keep=ends)
-            show([PY, "-c", "from launch import store; from launch.layout import run_paths; import json; "
-                  f'print(store.sweep_summary(json.loads(run_paths("{sweep_id}").result.read_text()))'
+            show([PY, "-c", "from launch.store.evaluate import sweep_summary; from launch.layout import run_paths; "
+                  f'import json; print(sweep_summary(json.loads(run_paths("{sweep_id}").result.read_text()))'
                   ".to_string(index=False))"])
     Path(out).write_text("\n".join(lines))
     print(f"wrote {out} ({len(lines)} lines)")
