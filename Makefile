@@ -9,6 +9,8 @@ PYTEST_ARGS ?=
 
 # The browser test drives Debian's chromium (never a downloaded browser build).
 CHROMIUM := /usr/bin/chromium
+# The Slurm tests start a throwaway cluster (munged, slurmctld, two slurmd) from Debian's packages.
+SLURMCTLD := /usr/sbin/slurmctld
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test setup clean-venv gpu-check
@@ -47,7 +49,11 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
 
-test: $(STAMP) | $(CHROMIUM)
+$(SLURMCTLD):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q slurm-wlm munge
+
+test: $(STAMP) | $(CHROMIUM) $(SLURMCTLD)
 	$(VENV)/bin/lint-imports
 	$(VPY) -m pytest $(PYTEST_ARGS)
 

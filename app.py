@@ -7,6 +7,7 @@ only while one runs). In class mode (pages/_access.py) only the teacher's browse
 """
 import streamlit as st
 
+from launch.store.machine import cluster_frame
 from pages import _access, _server, _teach, _ui
 
 st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon="📡")
@@ -54,6 +55,8 @@ with st.sidebar:
     info = _ui.machine()
     gpus = f"{info['gpus']} ({', '.join(info['gpu_names'])})" if info["gpu_names"] else str(info["gpus"])
     st.markdown(f"CPU cores: **{info['cpu_cores']}**  \nGPUs: **{gpus}**  \nBackend: **{info['backend']}**")
+    if not (cluster := cluster_frame()).empty:  # the Slurm cluster runs go to (executor slurm)
+        st.dataframe(cluster, hide_index=True, width="stretch", key="sidebar_cluster")
     st.subheader("Installed models")
     models = _ui.model_sources()
     st.dataframe(models[["name", "kind", "cached"]], hide_index=True, width="stretch")

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu_check import end_process_group
+from launch.torchrun import torchrun_args
 
 REPO = Path(__file__).resolve().parent.parent
 LOGITS_ATOL = 1e-3  # fp32 logits; the same bound as lowbit.model.tpcheck (sum order only changes last bits)
@@ -67,8 +68,7 @@ def torchrun(task: str, nproc: int, args: dict, timeout_s: float, env_extra: dic
         result = Path(tmp) / "result.json"
         args_path = Path(tmp) / "args.json"
         args_path.write_text(json.dumps(dict(args, result=str(result))))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "bench.gpu_check_ranks", task, str(args_path)]
+        cmd = torchrun_args(["-m", "bench.gpu_check_ranks", task, str(args_path)], nproc)
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env_extra or {}))
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -45,3 +45,20 @@ def queue(tmp_path, monkeypatch):
     q = JobQueue(root, max_parallel=1, poll_s=0.1, kill_grace_s=3.0).start()
     yield q
     q.stop(kill_running=True)
+
+
+def pytest_collection_finish(session):
+    """Slurm counts time limits in whole minutes and checks them every 30 s: when the Slurm tests
+    will run, their cluster and over-limit job start now, so that case runs during the tests
+    before them (tests/test_slurm.py: ``start_early``)."""
+    if not session.config.option.collectonly and \
+            any(item.nodeid.startswith("tests/test_slurm.py") for item in session.items):
+        from tests.test_slurm import start_early  # already collected; only a run with Slurm tests needs it
+        start_early()
+
+
+def pytest_sessionfinish(session):
+    """The Slurm test cluster is stopped even when its tests never ran (e.g. the session stopped)."""
+    module = sys.modules.get("tests.test_slurm")
+    if module is not None and module.EARLY:
+        module.stop_early()
