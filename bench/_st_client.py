@@ -2,7 +2,7 @@
 benchmark measures the server alone (bench.classroom_load).
 
     async with HeadlessSession("http://127.0.0.1:8501", page="playground") as s:
-        seconds = await s.load()                         # first script run of the page, to its end
+        seconds = await s.load()                         # first script run of the page, to its end (None: timed out)
         seconds = await s.set_widget("Granularity", "token")   # one control change, to the rerun's end
 
 It speaks what the browser speaks: a ``rerun_script`` BackMsg with the page's name and the
@@ -62,12 +62,14 @@ class HeadlessSession:
             self._reader.cancel()
 
     # -- what a user does ------------------------------------------------------------------------
-    async def load(self) -> float:
-        """Open the page (a full script run); seconds until the run finished."""
+    async def load(self) -> float | None:
+        """Open the page (a full script run); seconds until the run finished (None: not within the
+        session's ``timeout_s``)."""
         return await self._rerun()
 
-    async def set_widget(self, label: str, value) -> float:
-        """Change the control labelled ``label`` to ``value``; seconds until the rerun finished."""
+    async def set_widget(self, label: str, value) -> float | None:
+        """Change the control labelled ``label`` to ``value``; seconds until the rerun finished (None:
+        not within ``timeout_s``)."""
         widget = self.widgets.get(label)
         if widget is None:
             raise KeyError(f"no widget labelled {label!r}; have {sorted(self.widgets)}")
@@ -77,13 +79,19 @@ class HeadlessSession:
         return await self._rerun()
 
     # -- protocol ----------------------------------------------------------------------------------
-    async def _rerun(self, fragment_id: str = "") -> float:
+    async def _rerun(self, fragment_id: str = "") -> float | None:
+        """Seconds from the request to the end of the full run it causes; None when that run has
+        not ended after ``timeout_s`` (an overloaded server queues it behind other sessions' runs)."""
         while not self._finished.empty():
             self._finished.get_nowait()
         start = time.perf_counter()
         await self._send_rerun(fragment_id)
         while True:
-            status = await asyncio.wait_for(self._finished.get(), self.timeout_s)
+            left = self.timeout_s - (time.perf_counter() - start)
+            try:
+                status = await asyncio.wait_for(self._finished.get(), max(left, 0.001))
+            except asyncio.TimeoutError:
+                return None
             if status == ForwardMsg.FINISHED_WITH_COMPILE_ERROR:
                 raise ScriptError(f"{self.page}: script did not compile")
             if status == ForwardMsg.FINISHED_SUCCESSFULLY:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -85,9 +86,18 @@ def browser_cpu_s() -> float:
     return total
 
 
-def summary(seconds: list[float]) -> dict:
-    return dict(median_s=round(statistics.median(seconds), 3), worst_s=round(max(seconds), 3), n=len(seconds),
-                all_s=[round(s, 3) for s in sorted(seconds)])
+def summary(seconds: list[float | None], timeout_s: float) -> dict:
+    """Median and worst of the clients' times; a client that timed out (None) counts as slower than
+    every finished one, and a median or worst that is such a client is None, with ``timed_out``."""
+    ranked = sorted(seconds, key=lambda s: math.inf if s is None else s)
+    median = ranked[(len(ranked) - 1) // 2] if len(ranked) % 2 else None
+    if len(ranked) % 2 == 0:
+        low, high = ranked[len(ranked) // 2 - 1], ranked[len(ranked) // 2]
+        median = None if high is None else (low + high) / 2
+    return dict(median_s=None if median is None else round(median, 3),
+                worst_s=None if ranked[-1] is None else round(ranked[-1], 3), n=len(ranked),
+                timed_out=sum(s is None for s in ranked), timeout_s=timeout_s,
+                all_s=[None if s is None else round(s, 3) for s in ranked])
 
 
 # -- the app server ----------------------------------------------------------------------------------
@@ -144,11 +154,15 @@ class Server:
             return []
         return [json.loads(line) for line in self.runs_log.read_text().splitlines() if line.strip()]
 
-    async def runs_recorded(self, count: int, timeout_s: float = 30.0) -> None:
-        """Wait until the probe has written ``count`` runs (it writes just after the run's last
-        message to the browser, so a client can see the end of a run before its record)."""
+    async def runs_recorded(self, count: int, timeout_s: float = 30.0, since: int = 0,
+                            kind: str | None = None) -> None:
+        """Wait until the probe has written ``count`` runs (of ``kind``, after the first ``since``): it
+        writes just after a run's last message to the browser, so a client sees the end first."""
         deadline = time.monotonic() + timeout_s
-        while len(self.script_runs()) < count and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            runs = self.script_runs()[since:]
+            if len([r for r in runs if kind is None or r["kind"] == kind]) >= count:
+                return
             await asyncio.sleep(0.1)
 
     def stop(self) -> None:
@@ -171,7 +185,7 @@ async def warm_up(url: str) -> None:
 
 
 # -- phase 1: headless sessions ----------------------------------------------------------------------
-async def headless_phase(server: Server, sessions: int, spread_s: float, seed: int) -> dict:
+async def headless_phase(server: Server, sessions: int, spread_s: float, seed: int, timeout_s: float) -> dict:
     await warm_up(server.url)
     one = HeadlessSession(server.url, page=PAGE)
     await one.__aenter__()
@@ -180,7 +194,7 @@ async def headless_phase(server: Server, sessions: int, spread_s: float, seed: i
     rss_one = server.rss_mb()
     await one.close()
 
-    clients = [HeadlessSession(server.url, page=PAGE) for _ in range(sessions)]
+    clients = [HeadlessSession(server.url, page=PAGE, timeout_s=timeout_s) for _ in range(sessions)]
     load0, cpu0, runs0 = load_avg(), server.cpu_s(), len(server.script_runs())
     await asyncio.gather(*(c.__aenter__() for c in clients))
     loaded = await asyncio.gather(*(c.load() for c in clients))
@@ -188,14 +202,14 @@ async def headless_phase(server: Server, sessions: int, spread_s: float, seed: i
     rss_many, runs1 = server.rss_mb(), len(server.script_runs())
     rng = random.Random(seed)
 
-    async def change(client: HeadlessSession) -> float:
+    async def change(client: HeadlessSession, was_loaded: bool) -> float | None:
         await asyncio.sleep(rng.uniform(0, spread_s))
-        return await client.set_widget(CONTROL, VALUE)
-    changed = await asyncio.gather(*(change(c) for c in clients))
+        return await client.set_widget(CONTROL, VALUE) if was_loaded else None  # no page, no control
+    changed = await asyncio.gather(*(change(c, t is not None) for c, t in zip(clients, loaded)))
     await server.runs_recorded(runs1 + sessions)
     cpu1, load1, runs = server.cpu_s(), load_avg(), server.script_runs()
     await asyncio.gather(*(c.close() for c in clients))
-    return dict(sessions=sessions, page_loaded=summary(loaded), control_change=summary(changed),
+    return dict(sessions=sessions, page_loaded=summary(loaded, timeout_s), control_change=summary(changed, timeout_s),
                 spread_s=spread_s, rss_one_session_mb=rss_one, rss_sessions_mb=rss_many,
                 rss_ratio=round(rss_many / rss_one, 3), server_cpu_s=round(cpu1 - cpu0, 1),
                 script_cpu=dict(page_load=cpu_of(runs[runs0:runs1]), control_change=cpu_of(runs[runs1:])),
@@ -211,8 +225,10 @@ def cpu_of(runs: list[dict]) -> dict:
 
 
 # -- phase 2: Chromium tabs --------------------------------------------------------------------------
-async def chromium_phase(server: Server, tabs: int, spread_s: float, idle_s: float, seed: int) -> dict:
-    from playwright.async_api import async_playwright  # heavy optional dependency: only this phase uses it
+async def chromium_phase(server: Server, tabs: int, spread_s: float, idle_s: float, seed: int,
+                         timeout_s: float) -> dict:
+    from playwright.async_api import TimeoutError as PlaywrightTimeout  # heavy optional dependency: this phase only
+    from playwright.async_api import async_playwright
     await warm_up(server.url)
     rng = random.Random(seed)
     async with async_playwright() as pw:
@@ -221,26 +237,34 @@ async def chromium_phase(server: Server, tabs: int, spread_s: float, idle_s: flo
             pages = [await browser.new_page(viewport=dict(width=1280, height=720)) for _ in range(tabs)]
             load0, cpu0, runs0, browser0 = load_avg(), server.cpu_s(), len(server.script_runs()), browser_cpu_s()
 
-            async def open_tab(page) -> float:
+            async def open_tab(page) -> float | None:
                 start = time.perf_counter()
-                await page.goto(f"{server.url}/{PAGE}")
-                await page.wait_for_function(RENDERED_JS, timeout=600_000, polling=250)
+                try:  # not the "load" event: tabs starting at once on 2 cores take longer than its default
+                    await page.goto(f"{server.url}/{PAGE}", wait_until="commit", timeout=timeout_s * 1000)
+                    await page.wait_for_function(RENDERED_JS, timeout=timeout_s * 1000, polling=250)
+                except PlaywrightTimeout:
+                    return None
                 return time.perf_counter() - start
             loaded = await asyncio.gather(*(open_tab(p) for p in pages))
             await server.runs_recorded(runs0 + tabs)
             runs1 = len(server.script_runs())
 
-            async def change(page) -> float:
+            async def change(page, was_loaded: bool) -> float | None:
                 await asyncio.sleep(rng.uniform(0, spread_s))
+                if not was_loaded:
+                    return None
                 before = await page.evaluate(FIRST_FIGURE_JS)
                 box = page.get_by_role("combobox", name=CONTROL, exact=True).first
                 start = time.perf_counter()
-                await box.click()
-                await page.get_by_role("option", name=VALUE, exact=True).click()
-                await page.wait_for_function(f"{FIRST_FIGURE_JS} !== {json.dumps(before)} && ({RENDERED_JS})",
-                                             timeout=600_000, polling=100)
+                try:
+                    await box.click(timeout=timeout_s * 1000)
+                    await page.get_by_role("option", name=VALUE, exact=True).click(timeout=timeout_s * 1000)
+                    await page.wait_for_function(f"{FIRST_FIGURE_JS} !== {json.dumps(before)} && ({RENDERED_JS})",
+                                                 timeout=timeout_s * 1000, polling=100)
+                except PlaywrightTimeout:
+                    return None
                 return time.perf_counter() - start
-            changed = await asyncio.gather(*(change(p) for p in pages))
+            changed = await asyncio.gather(*(change(p, t is not None) for p, t in zip(pages, loaded)))
             await server.runs_recorded(runs1 + tabs)
             busy_cpu, busy_load, runs = server.cpu_s() - cpu0, load_avg(), server.script_runs()
             busy_browser = browser_cpu_s() - browser0
@@ -252,7 +276,8 @@ async def chromium_phase(server: Server, tabs: int, spread_s: float, idle_s: flo
         finally:
             await browser.close()
     per_tab_pct = 100 * idle_cpu / idle_s / tabs
-    return dict(tabs=tabs, viewport="1280x720", page_loaded=summary(loaded), control_change=summary(changed),
+    return dict(tabs=tabs, viewport="1280x720", page_loaded=summary(loaded, timeout_s),
+                control_change=summary(changed, timeout_s),
                 spread_s=spread_s, server_cpu_s=round(busy_cpu, 1), browsers_cpu_s=round(busy_browser, 1),
                 load=dict(start=load0, end=busy_load), script_cpu=dict(page_load=cpu_of(runs[runs0:runs1]), control_change=cpu_of(runs[runs1:])),
                 idle=dict(seconds=idle_s, server_cpu_s=round(idle_cpu, 2), core_pct_per_tab=round(per_tab_pct, 3),
@@ -264,11 +289,12 @@ async def profile_phase(server: Server, root: Path, job_s: float, idle_s: float)
     """One page load and one control change in one session, then the sidebar while a small job
     runs (its fragment reruns every few seconds then) and after it, idle."""
     await warm_up(server.url)
+    await server.runs_recorded(2, kind="full")  # the warm-up's two page loads, written after they ended
     seen = len(server.script_runs())
     async with HeadlessSession(server.url, page=PAGE) as s:
         await s.load()
         await s.set_widget(CONTROL, VALUE)
-        await server.runs_recorded(seen + 2)
+        await server.runs_recorded(2, since=seen, kind="full")  # an old app's poller may rerun in between
         measured = server.script_runs()[seen:]
         idle_from = len(server.script_runs())
         await asyncio.sleep(idle_s)
@@ -323,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="each client changes its control at a random moment within this many seconds")
     parser.add_argument("--idle-s", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-s", type=float, default=120.0,
+                        help="a page load or control change not done after this long counts as timed out")
     parser.add_argument("--skip", choices=["headless", "chromium"], action="append", default=[])
     parser.add_argument("--profile", action="store_true", help="profile single reruns instead (cProfile)")
     parser.add_argument("--out", default=None)
@@ -344,14 +372,19 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(Path(args.app_dir), root, work, profile=phase == "profile")
         try:
             if phase == "headless":
-                out[phase] = asyncio.run(headless_phase(server, args.sessions, args.spread_s, args.seed))
+                out[phase] = asyncio.run(headless_phase(server, args.sessions, args.spread_s, args.seed,
+                                                        args.timeout_s))
             elif phase == "chromium":
-                out[phase] = asyncio.run(chromium_phase(server, args.tabs, args.spread_s, args.idle_s, args.seed))
+                out[phase] = asyncio.run(chromium_phase(server, args.tabs, args.spread_s, args.idle_s, args.seed,
+                                                        args.timeout_s))
             else:
                 out[phase] = asyncio.run(profile_phase(server, root, job_s=120, idle_s=args.idle_s / 2))
         finally:
             server.stop()
         print(f"{phase}: {json.dumps(out[phase], indent=1)[:3000]}", flush=True)
+        if args.out:  # after every phase: a later phase that fails loses nothing measured before it
+            finish_meta(meta)
+            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     finish_meta(meta)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
