@@ -55,3 +55,13 @@ def assert_codebook_error_bound(x, spec, lo, hi, max_gap: float):
     scale = scale_per_element(res, spec, x.shape)
     assert_close_verbose(y, x, atol=scale * max_gap / 2 + 4 * FP32_EPS * (x.abs() + scale), msg=str(spec))
     return res
+
+
+def assert_page_clean(at, errors=(), warnings=()) -> None:
+    """A page run (streamlit AppTest) raised nothing, and every error or warning element it shows
+    is one the test expects (``errors`` / ``warnings``: substrings of the element's text). A
+    store that turned a bug into a message, or a page that swallowed one, fails here."""
+    assert not at.exception, [e.value for e in at.exception]
+    for kind, shown, expected in (("error", at.error, errors), ("warning", at.warning, warnings)):
+        unexpected = [str(e.value) for e in shown if not any(text in str(e.value) for text in expected)]
+        assert not unexpected, f"unexpected {kind} element(s): {unexpected}"

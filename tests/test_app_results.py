@@ -28,10 +28,11 @@ from launch.layout import RunPaths, write_atomic
 from launch.presets import DEMO_SCHEMES
 from launch.store.bench import collective_frame
 from launch.store.bits import bits_parts, bits_per_site, traffic_per_token
-from launch.store.calibration import calibration_sources, load_calibration
+from launch.store.calibration import calibration_sources, load_calibration, spikiest_stored_sample
 from launch.store.evaluate import (SCHEME_NUMERIC, compare_results, compare_specs, evaluate_runs, layer_error_frame,
                                    pareto_front, scheme_frame, sweep_summary)
 from launch.store.machine import model_shape, valid_tp_sizes
+from launch.store.problems import ArtifactDamaged, ArtifactMissing, ArtifactOutdated, StoreProblem
 from launch.store.runs import RUN_COLUMNS, load_result, load_spec, runs_frame
 from lowbit.analysis import (ema_trace_frame, feature_ranges, outlier_count, overlap_between_batches,
                              overlap_between_layers, overlap_between_ranks, overlap_between_sources, random_jaccard,
@@ -252,6 +253,47 @@ def test_load_result_reports_problems_instead_of_raising(results_root):
     assert data is None and "missing" in problem
     data, problem = load_result("../etc", results_root)
     assert data is None and "run id" in problem
+
+
+def _strip_samples(folder: Path) -> None:
+    """Rewrite the artifact in ``folder`` as an older version saved it: no sample partials."""
+    from lowbit.method.calibrate import Calibration
+    cal = Calibration.load(folder)
+    cal.sample = None
+    cal.save(folder)
+
+
+def test_load_calibration_names_a_missing_a_damaged_and_an_outdated_artifact(results_root):
+    from safetensors.torch import load_file, save_file
+    folder = results_root / "cal-wiki" / "calibration"
+    cal = load_calibration(folder)
+    assert spikiest_stored_sample(cal) == spikiest_sample(cal)  # lowbit.analysis's answer where samples exist
+
+    tensors = folder / "calibration.safetensors"
+    saved = tensors.read_bytes()
+    tensors.write_bytes(saved[:100])  # a torn write
+    with pytest.raises(ArtifactDamaged, match="cannot be read"):
+        load_calibration(folder)
+    every = load_file(str(_write(tensors, saved)))
+    save_file({k: v for k, v in every.items() if k != "batch_min"}, str(tensors))  # another version's layout
+    with pytest.raises(ArtifactOutdated, match="no tensor 'batch_min'"):
+        load_calibration(folder)
+    _write(tensors, saved)
+    (folder / "calibration.json").unlink()
+    with pytest.raises(ArtifactMissing, match="calibration.json missing"):
+        load_calibration(folder)
+
+    other = results_root / f"cal-{SECOND_SOURCE}" / "calibration"
+    _strip_samples(other)
+    with pytest.raises(ArtifactOutdated, match="stores no sample partials"):
+        spikiest_stored_sample(load_calibration(other))
+    assert all(issubclass(c, StoreProblem) for c in (ArtifactMissing, ArtifactDamaged,
+                                                           ArtifactOutdated))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_scheme_frame_has_one_row_per_scheme_with_the_papers_bits(results_root):
