@@ -219,43 +219,23 @@ FIXTURE: dict[str, Path] = {}
 
 
 def _fixture_root(base: Path) -> Path:
-    """A runs root like real jobs leave it: a tiny-llama calibrate run at TP 4 (lowbit.method.calibrate.calibrate
-    on threaded ranks, 4 batches of 64 tokens: the real artifact with its 16-token sample) and a
-    collective-bench run (its record format, loopback numbers from an alpha-beta line)."""
+    """A runs root like real jobs leave it: a tiny-llama calibrate run at TP 4 (the kind's body on
+    threaded ranks, 4 batches of 64 tokens: the real artifact with its 16-token sample) and the
+    real collective-bench runs at TP 2 and 4 over loopback (tests/fixtures/runs)."""
     if "root" in FIXTURE:
         return FIXTURE["root"]
-    from launch.layout import RunPaths
-    from launch.spec import JobSpec
-    from lowbit.method.calibrate import calibrate
-    from lowbit.comm.dist import ThreadWorld
-    from tests.test_app_results import _record
+    from tests.scripts.make_fixtures import FIXTURES, fixture_result, fixture_spec
+    from tests.test_app_results import BENCH_RUNS, _record, _run_kind
     root = base / "playground-runs"
     root.mkdir(parents=True)
-    spec = JobSpec(kind="calibrate", model="tiny-llama", tp=4, calib_data="wikipedia", calib_tokens=256,
-                   params=dict(seq_len=64, batch_size=2)).to_dict()
-    out = RunPaths(root, "cal-tp4").dir / "calibration"
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = ThreadWorld(4).run(calibrate, dict(model="tiny-llama", source="wikipedia", chunks=4, seq_len=64,
-                                                         batch_size=2, gamma=0.01, out=str(out), force=True))[0]
+    torch.set_num_threads(1)  # one thread per rank thread: the ranks already fill the cores
+    try:  # the calibrate kind's own body, as the worker runs it, on 4 threaded ranks
+        _run_kind(root, "cal-tp4", dict(FIXTURES["calibrate"], tp=4, calib_tokens=256))
     finally:
         torch.set_num_threads(threads)
-    _record(root, "cal-tp4", dict(spec, run_id="cal-tp4"), "done", result)
-    alpha, beta = 400e-6, 0.3e9
-    records = []
-    for tp in (2, 4):
-        for tokens in (16, 256, 4096):
-            values = tokens * 576
-            bf16 = allreduce_s(tp, values * 2, alpha, beta)
-            records.append(dict(tp=tp, tokens=tokens, hidden=576, method="exact", scheme="bf16",
-                                median_ms=1e3 * bf16, speedup_vs_bf16=1.0, bytes_per_rank=values * 2 * 2 * (tp - 1) / tp,
-                                bits_per_value=16.0, link="loopback"))
-            records.append(dict(tp=tp, tokens=tokens, hidden=576, method="gather", scheme="int4-static-top1/64",
-                                median_ms=1e3 * (bf16 + 0.002), speedup_vs_bf16=bf16 / (bf16 + 0.002),
-                                bytes_per_rank=values * 4.1875 / 8 * (tp - 1), bits_per_value=4.1875, link="loopback"))
-    _record(root, "bench-loopback", dict(kind="collective-bench", model="tiny-llama", tp=4, link="loopback",
-                                         run_id="bench-loopback"), "done", dict(records=records))
+    for run_id, name in BENCH_RUNS.items():  # real torchrun runs at TP 2 and 4 over loopback
+        _record(root, run_id, fixture_spec(name), "done", fixture_result(name))
     FIXTURE["root"] = root
     return root
 
