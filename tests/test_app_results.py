@@ -3,7 +3,7 @@
 ``build_results_template()`` makes, once per test session, a runs root with the files real jobs
 write, by construction: the calibrate, evaluate (the demo's preset too) and sweep runs are the job
 kinds' own bodies (``launch.registry.kind_function``, as the worker calls them) on threaded ranks
-(``lowbit.comm.dist.ThreadWorld``), with their specs taken from tests/fixtures/runs (every JobSpec
+(``lowbit.comm.dist.ThreadWorld``), with their specs taken from tests/fixtures/jobs (every JobSpec
 field) and their run blocks written by the worker's ``run_block``; the collective-bench runs are
 the checked-in results of real torchrun runs (timings need real processes). Beside them: a failed
 run with a torchrun log, a run whose result.json is corrupt, a directory without a spec and a run
@@ -274,7 +274,7 @@ def _analysis_spikiest(cal):
                                              ("sweep-tiny", "sweep")])
 def test_fixture_runs_have_the_keys_and_types_of_real_runs(results_template, run_id, fixture):
     """The runs computed on threaded ranks for the app tests against the same kind's real torchrun
-    run (tests/fixtures/runs, made by tests/scripts/make_fixtures.py with the same specs): the same
+    run (tests/fixtures/jobs, made by tests/scripts/make_fixtures.py with the same specs): the same
     keys and value types everywhere, the run block included. A kind whose output changes fails
     here until the fixtures are made again."""
     ours = json.loads(RunPaths(results_template, run_id).result.read_text())

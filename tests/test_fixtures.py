@@ -1,4 +1,4 @@
-"""The checked-in fixtures (tests/fixtures/runs, made by tests/scripts/make_fixtures.py from real
+"""The checked-in fixtures (tests/fixtures/jobs, made by tests/scripts/make_fixtures.py from real
 runs of every job kind) still have the shape real runs have today: one is made afresh through the
 launcher (torchrun ranks, gloo) and must have the same keys and value types.
 
@@ -25,7 +25,7 @@ def test_a_fresh_collective_bench_run_has_the_keys_and_types_of_the_checked_in_f
     fresh_spec = json.loads((folder / "spec.json").read_text())
     for fresh, kept in ((fresh_result, fixture_result(name)), (fresh_spec, fixture_spec(name))):
         drift = sorted(json_shape(fresh) ^ json_shape(kept))
-        assert not drift, f"{name} drifted from tests/fixtures/runs/{name} (path, type): {drift}"
+        assert not drift, f"{name} drifted from tests/fixtures/jobs/{name} (path, type): {drift}"
     assert fresh_spec == fixture_spec(name)  # the same spec, every field
     assert [(r["tokens"], r["scheme"]) for r in fresh_result["records"]] == \
         [(r["tokens"], r["scheme"]) for r in fixture_result(name)["records"]]

@@ -221,7 +221,7 @@ FIXTURE: dict[str, Path] = {}
 def _fixture_root(base: Path) -> Path:
     """A runs root like real jobs leave it: a tiny-llama calibrate run at TP 4 (the kind's body on
     threaded ranks, 4 batches of 64 tokens: the real artifact with its 16-token sample) and the
-    real collective-bench runs at TP 2 and 4 over loopback (tests/fixtures/runs)."""
+    real collective-bench runs at TP 2 and 4 over loopback (tests/fixtures/jobs)."""
     if "root" in FIXTURE:
         return FIXTURE["root"]
     from tests.scripts.make_fixtures import FIXTURES, fixture_result, fixture_spec

@@ -1,7 +1,7 @@
 """Fixtures with the shape of real outputs, by construction: one small real run of every job kind
 (``launch.registry.KINDS``, bodies in launch/kinds/) through the launcher -- the job queue,
 torchrun ranks, gloo on the CPU -- on the tiny random models. Each run's spec.json and result.json
-are kept under tests/fixtures/runs/<name>/.
+are kept under tests/fixtures/jobs/<name>/.
 
     .venv/bin/python tests/scripts/make_fixtures.py                        # all (a few minutes on 2 cores)
     .venv/bin/python tests/scripts/make_fixtures.py --only collective-bench-tp2 --out /tmp/fixtures
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES_DIR = REPO / "tests" / "fixtures" / "runs"
+FIXTURES_DIR = REPO / "tests" / "fixtures" / "jobs"
 SEQ_LEN = 64
 MODEL, TP = "tiny-llama", 2
 EVAL_SCHEMES = ["bf16", "int4-static", "int4-static-rand1/64", "int4-static-top1/64",
