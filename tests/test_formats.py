@@ -331,7 +331,10 @@ def test_preset_through_the_communicator_hands_the_accounted_bytes(name):
     for y, call in out:
         assert call.bytes_sent == leg1 + leg2
         assert torch.isfinite(y).all()
-        assert (y - exact).norm() / exact.norm() < 0.25  # a 4-bit format, not noise
+        # 4-bit codes with an absmax scale per group of 16-32 Gaussian values: about absmax/7/sqrt(12)
+        # ~ 0.1 of the RMS per leg; measured 0.10 (nvfp4), 0.12 (mxfp4), 0.13 (quickreduce-int4, two
+        # legs) on these seeded partials. 0.25 is about twice the largest; a lost signal reads ~1.
+        assert (y - exact).norm() / exact.norm() < 0.25
 
 
 def test_schemes_command_lists_every_preset(capsys):
@@ -398,7 +401,10 @@ def test_nvfp4_against_torchao_with_the_same_message_scale(seed, magnitude):
     ours = res.wire_scales
     theirs = theirs_scale.float().reshape(ours.shape)
     same = ours == theirs
-    assert same.float().mean() > 0.05
+    # Nearest and round-up agree when the exact block scale lies in the upper half of its e4m3
+    # interval: about half of the 576 blocks (measured 0.47-0.50 for these seeds; a binomial s.d.
+    # of 0.02). 0.25 makes sure the agreeing branch below is tested on a real share of them.
+    assert same.float().mean() > 0.25
     up = ours[~same]
     assert (up > theirs[~same]).all()
     e4m3 = torch.arange(127, dtype=torch.int64).to(torch.uint8).view(torch.float8_e4m3fn).float()  # positives
@@ -467,6 +473,8 @@ def test_static_second_leg_requantizes_the_reduced_sum_with_calibrated_scales():
     for rank, (_, _, rec) in enumerate(results):  # each owner counts the clamps of its own chunk
         assert rec.extra["leg2_clamped"] == int(beyond[:, rank * width:(rank + 1) * width].sum())
     exact = sum(xs)
+    # int4 per-token first leg on partials whose outlier features set each token's scale, then an
+    # int8 static second leg that adds little: measured 0.126 on these seeded partials; 0.2 is 1.6x.
     assert (out - exact).norm() / exact.norm() < 0.2
 
 
