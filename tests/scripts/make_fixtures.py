@@ -4,7 +4,7 @@ torchrun ranks, gloo on the CPU -- on the tiny random models. Each run's spec.js
 are kept under tests/fixtures/jobs/<name>/.
 
     .venv/bin/python tests/scripts/make_fixtures.py                        # all (a few minutes on 2 cores)
-    .venv/bin/python tests/scripts/make_fixtures.py --only collective-bench-tp2 --out /tmp/fixtures
+    .venv/bin/python tests/scripts/make_fixtures.py --only collective-bench-tp2 --out "$TMPDIR/fixtures"
 
 Who reads them: tests/test_app_results.py builds the app's fixture runs from the specs here (every
 JobSpec field), writes their run blocks with the worker's own ``run_block``, takes the
