@@ -6,9 +6,10 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from launch.store.calibration import calibration_sources
+from launch.store.calibration import calibration_sources, spikiest_stored_sample
 from launch.store.evaluate import layer_error_frame, scheme_fields, scheme_frame
-from lowbit.analysis import rotation_view, spikiest_sample
+from launch.store.problems import StoreProblem
+from lowbit.analysis import rotation_view
 from lowbit.scheme import (ALLOWED_BITS, CODEBOOK_BITS, FITTED_BITS, FP_FORMATS, SCALE_FORMATS, OutlierSpec, QuantSpec,
                            Scheme, SchemeError, ThresholdSpec, fp_code_text)
 from lowbit.site import ROW_PARALLEL_MODULES
@@ -150,9 +151,9 @@ def rotation_panel() -> None:
     folder = st.selectbox("Calibration (its stored partials)", list(labels), format_func=labels.get, key="rot_cal")
     try:
         cal = _ui.calibration(folder)
-        spiky = spikiest_sample(cal)
-    except Exception as exc:  # noqa: BLE001 - an old or damaged artifact is reported, the page goes on
-        st.warning(f"{exc}")
+        spiky = spikiest_stored_sample(cal)
+    except StoreProblem as problem:  # missing, older or unreadable artifact: said, the page goes on
+        st.warning(f"This calibration cannot be shown: {problem}")
         return
     hidden = cal.hidden
     blocks = [b for b in (8, 16, 32, 64, 128, 256) if hidden % b == 0]
@@ -170,11 +171,8 @@ def rotation_panel() -> None:
                              key="rot_block")
     with c5:
         quant = st.selectbox("Quantizer", ROTATION_QUANTS, key="rot_quant")
-    try:
-        values, tokens = rotation_view(cal, int(layer), module, int(rank), int(block), quant)
-    except Exception as exc:  # noqa: BLE001 - named field errors from the store
-        st.error(f"{exc}")
-        return
+    # the controls offer only valid layers, ranks, blocks (divisors of hidden) and dynamic quantizers
+    values, tokens = rotation_view(cal, int(layer), module, int(rank), int(block), quant)
     m1, m2, m3 = st.columns(3)
     m1.metric("Largest |value|, original -> rotated", f"{tokens['absmax'].max():.3g} -> "
               f"{tokens['absmax_rotated'].max():.3g}")

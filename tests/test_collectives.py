@@ -48,7 +48,7 @@ def test_paper_scheme_sends_4_1875_bits_per_value():
 
     def body(group):
         comm = QuantCommunicator(group, "int4-static-top1/64", cal)
-        x = torch.randn(tokens, hidden)
+        x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(group.rank))
         comm.reduce(x, SITE)
         return comm.calls[-1]
     call = ThreadWorld(tp).run(body)[0]

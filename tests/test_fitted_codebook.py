@@ -215,7 +215,10 @@ def test_communicator_decodes_each_sender_with_that_senders_table(text):
         q.levels for q in results[1][1].quants], "every rank holds the same tables"
     exact = partials.sum(0)
     err = float((out0 - exact).norm() / exact.norm())
-    assert err < 0.35, (text, err)  # 2-4 bit codes on Gaussian partials: a relative error well below 1
+    # 2-4 bit tables on Gaussian partials (one feature 30x): measured 0.03 (lm4s-token-top1/32) to
+    # 0.125 (lm2-static-top1/32, 4 levels); 0.35 leaves ~3x for the 2-bit case. Which table decoded
+    # which sender is checked exactly below (the manual decode), so this bound only says "a sum".
+    assert err < 0.35, (text, err)
     if plan.scheme.algo == "gather" and plan.scheme.rotation is None:
         idx = plan.outlier_idx
         manual = torch.zeros(5, HIDDEN)

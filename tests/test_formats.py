@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.artifacts import cache_root
 from lowbit.quant import dequantize, fp_decode, fp_encode, fp_round, fp_table, quantize
 from lowbit.scheme import FP_FORMATS, PRESETS, QuantSpec, SchemeError, parse_scheme
 from lowbit.site import Site
@@ -195,12 +194,26 @@ def test_fp16_scales_saturate_on_a_massive_activation_instead_of_overflowing():
         assert torch.equal(back[0], dequantize(res.codes, spec, res.scales, res.mins)[0])
 
 
-def test_fp16_scales_on_the_real_stored_calibration_sample():
-    folder = cache_root() / "calib" / "smollm2-135m-tp3-wikipedia-8x256-g0.01"
-    if not (folder / "calibration.safetensors").exists():
-        pytest.skip(f"no stored calibration sample in {folder} (made by `python -m lowbit calibrate`)")
-    from lowbit.method.calibrate import Calibration
-    cal = Calibration.load(folder)
+@pytest.mark.slow
+def test_fp16_scales_on_a_real_smollm2_partial(smollm2):
+    """SmolLM2-135M's TP-3 partials hold a massive activation (DESIGN: over 2e4). The sample is made
+    here as calibration stores it -- the first 16 tokens of the first 256-token Wikipedia chunk on
+    each rank, from ``run_calibration`` on threaded ranks -- so the test runs on a fresh clone."""
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.method.calibrate import run_calibration
+    from lowbit.model.data import token_chunks
+    from lowbit.model.engine import build_tp_model
+    first_chunk = [token_chunks(smollm2.tokenizer, "wikipedia", "calib", 1, 256)]
+
+    def rank(group):
+        tp = build_tp_model("smollm2-135m", group, loaded=smollm2)
+        return run_calibration(tp.model, group, first_chunk, meta=dict(model="smollm2-135m"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per rank thread: the ranks already fill the cores
+    try:
+        cal = ThreadWorld(3).run(rank)[0]
+    finally:
+        torch.set_num_threads(threads)
     peak = cal.sample.abs().amax(dim=(-1, -2, -3))  # [layers, modules]
     layer, module = divmod(int(peak.argmax()), peak.shape[1])
     site = Site(layer, ("o_proj", "down_proj")[module])
@@ -318,7 +331,10 @@ def test_preset_through_the_communicator_hands_the_accounted_bytes(name):
     for y, call in out:
         assert call.bytes_sent == leg1 + leg2
         assert torch.isfinite(y).all()
-        assert (y - exact).norm() / exact.norm() < 0.25  # a 4-bit format, not noise
+        # 4-bit codes with an absmax scale per group of 16-32 Gaussian values: about absmax/7/sqrt(12)
+        # ~ 0.1 of the RMS per leg; measured 0.10 (nvfp4), 0.12 (mxfp4), 0.13 (quickreduce-int4, two
+        # legs) on these seeded partials. 0.25 is about twice the largest; a lost signal reads ~1.
+        assert (y - exact).norm() / exact.norm() < 0.25
 
 
 def test_schemes_command_lists_every_preset(capsys):
@@ -385,7 +401,10 @@ def test_nvfp4_against_torchao_with_the_same_message_scale(seed, magnitude):
     ours = res.wire_scales
     theirs = theirs_scale.float().reshape(ours.shape)
     same = ours == theirs
-    assert same.float().mean() > 0.05
+    # Nearest and round-up agree when the exact block scale lies in the upper half of its e4m3
+    # interval: about half of the 576 blocks (measured 0.47-0.50 for these seeds; a binomial s.d.
+    # of 0.02). 0.25 makes sure the agreeing branch below is tested on a real share of them.
+    assert same.float().mean() > 0.25
     up = ours[~same]
     assert (up > theirs[~same]).all()
     e4m3 = torch.arange(127, dtype=torch.int64).to(torch.uint8).view(torch.float8_e4m3fn).float()  # positives
@@ -454,6 +473,8 @@ def test_static_second_leg_requantizes_the_reduced_sum_with_calibrated_scales():
     for rank, (_, _, rec) in enumerate(results):  # each owner counts the clamps of its own chunk
         assert rec.extra["leg2_clamped"] == int(beyond[:, rank * width:(rank + 1) * width].sum())
     exact = sum(xs)
+    # int4 per-token first leg on partials whose outlier features set each token's scale, then an
+    # int8 static second leg that adds little: measured 0.126 on these seeded partials; 0.2 is 1.6x.
     assert (out - exact).norm() / exact.norm() < 0.2
 
 
