@@ -109,7 +109,7 @@ def data_calibration(group, partial):
     synthetic outlier features."""
     import torch
 
-    from lowbit.method.calibrate import Calibration
+    from lowbit.calibration import Calibration
     x = partial.float()
     stats = group.all_gather(torch.stack([x.amin(0), x.amax(0)]))  # [tp, 2, H]
     ema_min = stats[:, 0].unsqueeze(0).unsqueeze(0).expand(1, 2, -1, -1).contiguous()  # [L=1, M=2, tp, H]

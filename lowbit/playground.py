@@ -17,7 +17,7 @@ code paths, never restated:
 The input is a calibration artifact's ``sample``: the first ``SAMPLE_TOKENS`` tokens of each
 site's partial on every rank (``lowbit.method.calibrate``).
 
-    from lowbit.method.calibrate import Calibration
+    from lowbit.calibration import Calibration
     from lowbit import playground
     cal = Calibration.load("runs/<id>/calibration")
     out = playground.analyze(cal, 11, "down_proj", 2, "int4-token-rot64")
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lowbit import codebook
-from lowbit.method.calibrate import Calibration, select_outliers
+from lowbit.calibration import Calibration, select_outliers
 from lowbit.comm.collectives import QuantCommunicator
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.wire.accounting import scheme_bits_breakdown, site_bytes, wire_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from launch.layout import RunPaths, calibration_folder, calibration_params, runs_root
 from launch.store.bench import gate_crossover, gate_records
-from lowbit.method.calibrate import Calibration
+from lowbit.calibration import Calibration
 from lowbit.model.models import load_config
 from lowbit.model.tp import text_config
 from lowbit.scheme import SchemeError

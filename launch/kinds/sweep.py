@@ -7,7 +7,8 @@ import shutil
 from launch.kinds import method
 from launch.layout import RunPaths, calibration_folder, calibration_params, run_id_problem, runs_root
 from lowbit.artifacts import CALIBRATE_DEFAULTS
-from lowbit.method.calibrate import Calibration, load_or_calibrate
+from lowbit.calibration import Calibration
+from lowbit.method.calibrate import load_or_calibrate
 from lowbit.method.sweep import GRID_KEYS, SWEEP_DEFAULTS, run_sweep
 from lowbit.model.data import load_task, token_chunks
 from lowbit.model.engine import build_tp_model

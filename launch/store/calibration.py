@@ -9,7 +9,7 @@ import pandas as pd
 from launch.layout import calibration_folder as run_calibration_folder
 from launch.spec import JobSpec
 from launch.store.runs import _root, load_spec, read_json
-from lowbit.method.calibrate import Calibration
+from lowbit.calibration import Calibration
 
 def calibration_folder(run_id: str, spec: dict | None, root=None) -> Path | None:
     """Where the calibration a run made (calibrate) or used (evaluate) lives: the run layout's
@@ -51,5 +51,5 @@ def calibration_sources(frame: pd.DataFrame, root=None) -> pd.DataFrame:
 
 
 def load_calibration(folder: str | Path):
-    """The artifact in ``folder`` (``lowbit.method.calibrate.Calibration``); raises CalibrationError."""
+    """The artifact in ``folder`` (``lowbit.calibration.Calibration``); raises CalibrationError."""
     return Calibration.load(folder)

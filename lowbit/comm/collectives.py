@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lowbit.method.calibrate import Calibration, CalibrationError, select_outliers
+from lowbit.calibration import Calibration, CalibrationError, select_outliers
 from lowbit.method.fitted_codebook import site_tables
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.comm.communicator import Communicator

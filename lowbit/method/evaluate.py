@@ -34,7 +34,8 @@ from lowbit.artifacts import calibration_cache_dir
 from lowbit.comm.collectives import QuantCommunicator
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
-from lowbit.method.calibrate import Calibration, calibration_params, load_or_calibrate
+from lowbit.calibration import Calibration
+from lowbit.method.calibrate import calibration_params, load_or_calibrate
 from lowbit.model.data import CLASSIC_TASKS, TASK_INFO, Item, load_task, token_chunks
 from lowbit.model.engine import build_tp_model, forward_partials, vocab_shard_logits, vocab_shardable
 from lowbit.model.tp import set_communicator

@@ -26,12 +26,12 @@ from __future__ import annotations
 import torch
 
 from lowbit.codebook import lloyd_max
-from lowbit.method.calibrate import Calibration
+from lowbit.calibration import Calibration
 from lowbit.quant import dynamic_qparams, static_qparams
 from lowbit.rotation import rotate
 from lowbit.scheme import QuantSpec, Scheme
 from lowbit.site import Site
-from lowbit.wire.payload import sparse_picks, threshold_select
+from lowbit.outliers import sparse_picks, threshold_select
 
 
 def site_tables(calibration: Calibration, site: Site, scheme: Scheme, outlier_idx: torch.Tensor,

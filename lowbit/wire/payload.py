@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.quant import dequantize, pack_bits, packed_nbytes, qrange_of, quantize, static_qparams, unpack_bits
+from lowbit.outliers import sparse_picks, threshold_select
 from lowbit.scheme import QuantSpec, Scheme
 
 _WIRE_BYTES = {"bf16": 2, "fp32": 4}
@@ -212,28 +213,6 @@ def _u16_bytes(idx: torch.Tensor) -> torch.Tensor:
 def _u16_from(payload: torch.Tensor, section: Section) -> torch.Tensor:
     b = payload[section.offset : section.end].to(torch.int64).reshape(-1, 2)
     return b[:, 0] | (b[:, 1] << 8)
-
-
-def sparse_picks(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Column indices [T, n] of each token's ``n`` largest |x| (see the module docstring)."""
-    magnitude = torch.where(torch.isnan(x), torch.inf, x.abs())
-    order = torch.sort(magnitude, dim=-1, descending=True, stable=True).indices  # ties: lower column first
-    # NaN above +Inf: a second stable sort on "is NaN" moves NaNs first and keeps the rest in order.
-    is_nan = torch.isnan(x).gather(-1, order).to(torch.int8)
-    order = order.gather(-1, torch.sort(is_nan, dim=-1, descending=True, stable=True).indices)
-    return order[:, :n]
-
-
-def threshold_select(x: torch.Tensor, threshold: float, capacity: int) -> tuple[torch.Tensor, int]:
-    """(selected feature indices, ascending; overflow count) of the thr rule on x [T, H]."""
-    score = torch.where(torch.isfinite(x), x.abs(), torch.inf).amax(0) if x.shape[0] else x.new_zeros(x.shape[1])
-    over = score > threshold
-    n_over = int(over.sum())
-    if n_over == 0:
-        return torch.empty(0, dtype=torch.long, device=x.device), 0
-    order = torch.sort(torch.where(over, score, -1.0), descending=True, stable=True).indices
-    chosen = order[:min(n_over, capacity)].sort().values
-    return chosen, max(0, n_over - capacity)
 
 
 def encode(
