@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from kernels import reference as ref
 from lowbit.wire.payload import Section
-from lowbit.quant import dynamic_qparams, pack_bits, qrange, round_half_even, unpack_bits
+from lowbit.quant import dynamic_qparams, pack_bits, round_half_even, unpack_bits
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
@@ -66,7 +66,7 @@ def _codes_and_scales(x, keep_mask, scales_static, mins_static, quant: QuantSpec
     outlier columns get codes too, which the caller drops, and are masked out of the dynamic
     ranges as in the reference."""
     tokens, hidden = x.shape
-    qmin, qmax = qrange(quant.bits, quant.symmetric)
+    qmin, qmax = quant.code.qrange
     x32 = x.to(_FP32)
     x_in = torch.where(x32 != x32, 0.0, x32)  # NaN quantizes as 0.0 (x != x vectorises, isnan does not)
     if quant.granularity == "static":
@@ -127,7 +127,7 @@ def _dequant_sum_kept(codes_bytes, token_ref, scales, mins, group_of_kept, scale
     outliers [tp, T, n_out] fp32 or None."""
     tp = codes_bytes.shape[0]
     tokens = token_ref.shape[0]
-    qmin, _ = qrange(quant.bits, quant.symmetric)
+    qmin, _ = quant.code.qrange
     # One spare byte keeps the stream strictly longer than T*K codes for every T, so the slice
     # below guards on one inequality instead of specialising on whether T*K*bits fills the
     # last byte (a second graph for every other token count).

@@ -11,7 +11,7 @@ equal): every uniform-grid scheme (2/3/4/5/6/8 bits, symmetric or asymmetric, st
 group scales, BF16 outlier columns at fixed indices). The per-element math is the reference's, in
 fp32 and in its order: NaN -> 0.0, IEEE division by the (zero-safe) scale, ``rint`` (round half to
 even), clamp to the code range, the zero code where the scale is 0; the dynamic scales use
-``lowbit.quant._round_toward``'s bf16 bit arithmetic (lo toward -inf, then the scale toward +inf);
+``lowbit.scales.formats.BF16``'s bf16 bit arithmetic (lo toward -inf, then the scale toward +inf);
 dequantize is ``q * scale`` then ``+ lo`` (two roundings), saturated to the finite fp32 range, and
 summed from 0.0 in rank order. The kernels are compiled without ``fastmath`` (LLVM then never
 contracts ``a * b + c`` into an FMA nor reorders a sum) and with ``error_model="numpy"`` (no
@@ -61,7 +61,6 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from kernels import reference as ref
-from lowbit.quant import qrange, scale_constant
 from lowbit.scheme import QuantSpec
 
 _OPTS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
@@ -89,7 +88,7 @@ def _float(typingctx, bits):
 
 @njit(inline='always', **_OPTS)
 def _round_toward_bf16(t, up):
-    """``lowbit.quant._round_toward(t, bfloat16, up)`` for one fp32 value."""
+    """``lowbit.scales.formats.BF16().round(t, up)`` for one fp32 value."""
     if t == 0:
         return t
     mag = np.int64(_bits(abs(t)))
@@ -413,9 +412,9 @@ def _feature_tables(feats: ref.Features, hidden: int):
 
 @functools.lru_cache(maxsize=256)
 def _spec_args(quant: QuantSpec):
-    qmin, qmax = qrange(quant.bits, quant.symmetric)
+    qmin, qmax = quant.code.qrange
     return (_GRAN[quant.granularity], quant.group_size or 0, bool(quant.symmetric), int(quant.bits),
-            np.float32(qmin), np.float32(qmax), np.float32(scale_constant(quant.bits, quant.symmetric)),
+            np.float32(qmin), np.float32(qmax), np.float32(quant.code.scale_constant),
             quant.scale_dtype == torch.bfloat16)
 
 

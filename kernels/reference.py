@@ -14,7 +14,7 @@ synchronisation (no ``int(tensor)``, no data-dependent shapes), so that
 
 The tests hold these functions byte-equal to ``payload.encode`` and value-equal to the rank-order
 sum of ``payload.decode``. What is taken from ``lowbit`` rather than restated here: the layout
-offsets (``payload.layout``), the code range (``quant.qrange``), the static scales
+offsets (``payload.layout``), the code range (``quant.code.qrange``), the static scales
 (``quant.static_qparams``), the dynamic scales with their directed bf16 rounding
 (``quant.dynamic_qparams``), the rounding rule (``quant.round_half_even``) and, for 3/5/6-bit
 codes, the bit packer (``quant.pack_bits``/``unpack_bits``). For 2/4/8 bits a byte holds whole
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.wire.payload import OUTLIER_DTYPE as _OUTLIER_DTYPE, PayloadLayout, layout
-from lowbit.quant import dynamic_qparams, pack_bits, qrange, round_half_even, static_qparams, unpack_bits
-from lowbit.scheme import KERNEL_SCALE_DTYPES, QuantSpec
+from lowbit.quant import dynamic_qparams, pack_bits, round_half_even, static_qparams, unpack_bits
+from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -115,15 +115,12 @@ def check_code(quant: QuantSpec) -> None:
     """The kernels implement the uniform grid with bf16/fp32 scales only; the nf and fitted lm codebooks, the fp
     codes and the fp16/e8m0/e4m3 scale formats stay on lowbit.quant's path (treating their codes
     or scale bytes as the grid's would decode wrong values without an error)."""
-    code = getattr(quant, "code", "int")
-    if code != "int":
-        name = quant.code_text if code == "fp" else code
-        raise ValueError(f"code {name!r}: the kernels implement the uniform int grid only; allowed: int "
+    if quant.code.kernel_key != "int":
+        raise ValueError(f"code {quant.code.kind!r}: the kernels implement the uniform int grid only; allowed: int "
                          "(the nf and fitted lm codebooks and the fp codes fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, "
                          "fp4e2m1 stay "
                          "on lowbit.quant's torch path)")
-    scale_dtype = getattr(quant, "scale_dtype", torch.bfloat16)
-    if scale_dtype not in KERNEL_SCALE_DTYPES:
+    if quant.scale.name not in ("bf16", "fp32"):
         raise ValueError(f"scale format {quant.scale_format!r}: the kernels write bf16 or fp32 scales only; "
                          "allowed: bf16, fp32 (fp16, e8m0 and e4m3 scales stay on lowbit.quant's torch path)")
 
@@ -200,7 +197,7 @@ def _quantize_pack_core(x, keep, outliers, group_of_kept, scales_static, mins_st
     tokens, hidden = x.shape
     x32 = x.to(_FP32)
     x_in = torch.where(torch.isnan(x32), 0.0, x32)  # NaN quantizes as 0.0; +-Inf clamp
-    qmin, qmax = qrange(quant.bits, quant.symmetric)
+    qmin, qmax = quant.code.qrange
     parts = []
     if quant.granularity == "static":
         scale_k, min_k = scales_static[keep], mins_static[keep]  # [K], broadcast over rows
@@ -241,7 +238,7 @@ def _dequant_sum_core(payloads, keep, outliers, group_of_kept, scales_static, mi
     tp = payloads.shape[0]
     tokens, hidden, n_out = lay.tokens, lay.hidden, lay.n_outliers
     kept = hidden - n_out
-    qmin, _ = qrange(quant.bits, quant.symmetric)
+    qmin, _ = quant.code.qrange
     packed = payloads[:, lay.codes.offset:lay.codes.end]
     if quant.bits in WHOLE_BYTE_BITS:
         codes = _unpack_whole_bytes(packed, quant.bits, tokens * kept)

@@ -53,7 +53,6 @@ import triton
 import triton.language as tl
 
 from kernels import reference as ref
-from lowbit.quant import qrange, scale_constant
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
@@ -77,7 +76,7 @@ def _round_half_even(v):
 
 @triton.jit
 def _round_toward_bf16(t, UP: tl.constexpr):
-    """lowbit.quant._round_toward(t, bfloat16, up): bf16 rounding toward +inf (UP) or -inf,
+    """lowbit.scales.formats.BF16().round(t, up): bf16 rounding toward +inf (UP) or -inf,
     never to inf, as fp32; zero (either sign) stays as it is."""
     mag = (tl.abs(t).to(tl.int32, bitcast=True)).to(tl.int64)
     if UP:
@@ -363,7 +362,7 @@ def _geometry(quant: QuantSpec, hidden: int):
 def _launch_quantize(x, quant, feats, scales, mins, lay, payload, rows_per_program=None):
     tokens, hidden = x.shape
     kept = hidden - feats.n_outliers
-    qmin, qmax = qrange(quant.bits, quant.symmetric)
+    qmin, qmax = quant.code.qrange
     g, ng, ng_pad, g_pad = _geometry(quant, hidden)
     if rows_per_program is None:
         # interpreter: one program for the small test shapes; GPU: a tile of <= 8192 values
@@ -376,7 +375,7 @@ def _launch_quantize(x, quant, feats, scales, mins, lay, payload, rows_per_progr
         _quantize_pack_kernel[grid](
             x_arg, x.stride(0), x.stride(1), feats.colmap, feats.keep, feats.outliers, scales, mins, payload,
             tokens, hidden, kept, feats.n_outliers, lay.mins.offset, lay.codes.offset, lay.outliers.offset,
-            lay.codes.nbytes, scale_constant(quant.bits, quant.symmetric),
+            lay.codes.nbytes, quant.code.scale_constant,
             BITS=quant.bits, QMIN=qmin, QMAX=qmax, SYMMETRIC=quant.symmetric, GRAN=_GRAN[quant.granularity],
             G=g, NG=ng, NG_PAD=ng_pad, G_PAD=g_pad, SCALE_BYTES=quant.scale_dtype.itemsize,
             ROWS=rows_per_program, HALO=halo, BLOCK_B=1024,
@@ -402,7 +401,7 @@ def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static
 def _launch_dequant(payloads, quant, feats, scales, mins, lay, out, block_t=None, block_h=None):
     tp = payloads.shape[0]
     tokens, hidden = out.shape
-    qmin, _ = qrange(quant.bits, quant.symmetric)
+    qmin, _ = quant.code.qrange
     g, ng, _, _ = _geometry(quant, hidden)
     cpu = payloads.device.type == "cpu"
     block_t = block_t or (8 if cpu else 16)

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from fractions import Fraction
 
 import numpy as np
 import torch
 
-from lowbit import codebook
 from lowbit.calibration import Calibration, select_outliers
 from lowbit.comm.collectives import QuantCommunicator
 from lowbit.site import ROW_PARALLEL_MODULES, Site
@@ -42,12 +40,12 @@ from lowbit.comm.dist import ThreadWorld
 from lowbit.wire.payload import decode, encode, layout, scheme_layout
 from lowbit.method.projection import (INTERCONNECTS, Gpu, Interconnect, allreduce_s, check_against, codec_s, gather_s,
                                two_shot_s)
-from lowbit.quant import _outside_static_range, fp_table, qrange_of, quantize, scale_constant
+from lowbit.groups.rows import PerToken, Static
+from lowbit.quant import outside_static_range, quantize
 from lowbit.rotation import rotate, unrotate
-from lowbit.scheme import OutlierSpec, QuantSpec, Scheme, SchemeError, parse_scheme
+from lowbit.scheme import QuantSpec, Scheme, SchemeError, parse_scheme
 
 PARTS = BIT_PARTS
-OUTLIER_MODES = ("top", "random", "none")
 HIST_BINS = 81
 
 
@@ -55,33 +53,7 @@ class PlaygroundError(ValueError):
     """Bad input to the playground; the message starts with the field's name."""
 
 
-# -- controls -> scheme ------------------------------------------------------------------------
-def scheme_from_controls(code: str = "int", bits: int = 4, granularity: str = "static", group: int | None = 32,
-                         outliers: str = "top", k: str | Fraction = "1/64", rotation: int | None = None,
-                         stochastic: bool = False, algo: str = "gather", second_bits: int = 8,
-                         exp_bits: int = 0) -> str:
-    """The canonical scheme string of the playground's controls (``lowbit.scheme`` validates).
-
-    ``outliers``: ``top`` (the paper's top-k by calibrated range), ``random`` or ``none``;
-    ``rotation`` None or a block size (dynamic scales only); ``algo`` gather or two_shot (second
-    leg int<second_bits>-token); ``exp_bits`` the exponent bits of an ``fp`` code (``FP_FORMATS``).
-    Raises SchemeError naming the field."""
-    if outliers not in OUTLIER_MODES:
-        raise SchemeError("outliers", f"{outliers!r} not allowed; allowed: {', '.join(OUTLIER_MODES)}")
-    try:
-        k_frac = Fraction(k)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise SchemeError("k", f"{k!r} is not a fraction such as 1/64") from exc
-    select = {"top": "topk", "random": "random", "none": "none"}[outliers]
-    quant = QuantSpec(int(bits), True, granularity, int(group) if granularity == "group" else None,
-                      rounding="stochastic" if stochastic else "nearest", code=code,
-                      exp_bits=int(exp_bits) if code == "fp" else 0)
-    second = QuantSpec(int(second_bits), True, "token") if algo == "two_shot" else None
-    scheme = Scheme("quant", quant=quant, outliers=OutlierSpec(select, k_frac), algo=algo, second=second,
-                    rotation=None if rotation in (None, 0, "none") else int(rotation))
-    return str(scheme)
-
-
+# -- the other kind of scales -----------------------------------------------------------------
 def counterpart(scheme_text: str) -> str:
     """The same scheme with the other kind of scales: static <-> per token (rotation and
     stochastic rounding dropped for static, which cannot rotate). Used for "static vs dynamic
@@ -89,10 +61,10 @@ def counterpart(scheme_text: str) -> str:
     s = parse_scheme(scheme_text)
     if s.is_exact:
         raise PlaygroundError(f"scheme: {scheme_text!r} is exact; allowed: a quantized scheme")
-    if s.quant.granularity == "static":
-        quant = replace(s.quant, granularity="token", group_size=None)
+    if not s.quant.dynamic:
+        quant = replace(s.quant, grouping=PerToken())
         return str(replace(s, quant=quant))
-    quant = replace(s.quant, granularity="static", group_size=None, rounding="nearest")
+    quant = replace(s.quant, grouping=Static(), rounding="nearest")
     return str(replace(s, quant=quant, rotation=None))
 
 
@@ -129,7 +101,7 @@ def site_partials(cal: Calibration, site: Site) -> torch.Tensor:
 
 # -- one rank ----------------------------------------------------------------------------------
 def _static(cal: Calibration, site: Site, rank: int, scheme: Scheme, cols=slice(None)):
-    if scheme.quant.granularity != "static":
+    if scheme.quant.dynamic:
         return None, None
     lo, hi = cal.rank_range(site, rank)
     return lo[cols].float(), hi[cols].float()
@@ -137,34 +109,16 @@ def _static(cal: Calibration, site: Site, rank: int, scheme: Scheme, cols=slice(
 
 def _steps(res, spec: QuantSpec, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """Per value: the step (scale) and offset (min, asymmetric) it was quantized with."""
-    tokens, hidden = shape
     scales = res.scales.float()
     mins = res.mins.float() if res.mins is not None else torch.zeros_like(scales)
-    if spec.granularity == "static":
-        return scales.expand(tokens, hidden), mins.expand(tokens, hidden)
-    if spec.granularity == "token":
-        return scales[:, None].expand(tokens, hidden), mins[:, None].expand(tokens, hidden)
-    g = spec.group_size
-    return scales.repeat_interleave(g, 1), mins.repeat_interleave(g, 1)
+    return spec.grouping.expand(scales, shape), spec.grouping.expand(mins, shape)
 
 
-def grid(spec: QuantSpec) -> dict:
+def grid(spec: QuantSpec, levels=None) -> dict:
     """The quantization grid in units of the step: ``levels`` (the values codes dequantize to,
     divided by their scale) and ``edges`` (the range the scale was built for; beyond it values
-    clamp to the end codes)."""
-    qmin, qmax = qrange_of(spec)
-    if spec.code == "nf":
-        return dict(levels=codebook.codebook(spec.bits).tolist(), edges=(-1.0, 1.0))
-    if spec.code == "fp":  # the minifloat's values (one zero), saturating at +-fmt_max
-        levels = sorted(set(fp_table(spec.bits, spec.exp_bits).tolist()))
-        return dict(levels=levels, edges=(-spec.fp_max, spec.fp_max))
-    c = scale_constant(spec.bits, spec.symmetric)
-    if spec.symmetric:
-        half = 1.0 / c  # absmax / scale = 1/c: (2**b - 1) / 2
-        edges = (-half, half)
-    else:
-        edges = (0.0, 1.0 / c)
-    return dict(levels=[float(q) for q in range(qmin, qmax + 1)], edges=edges)
+    clamp to the end codes); ``levels`` is a fitted table (lm)."""
+    return spec.code.grid(levels)
 
 
 def rank_message(cal: Calibration, site: Site, rank: int, scheme: Scheme, x: torch.Tensor, seed: int = 0) -> dict:
@@ -178,8 +132,7 @@ def rank_message(cal: Calibration, site: Site, rank: int, scheme: Scheme, x: tor
     ``outliers`` (BF16 feature indices), ``payload_bytes``."""
     tokens, hidden = x.shape
     quant = scheme.quant
-    if quant.rounding == "stochastic":
-        quant = replace(quant, rounding_seed=(seed * 4_099 + rank) % 2**62)
+    call_seed = (seed * 4_099 + rank) % 2**62 if quant.rounding == "stochastic" else 0
     idx = select_outliers(cal, site, scheme.outliers, hidden)
     rot = scheme.rotation
     seen = x
@@ -197,15 +150,15 @@ def rank_message(cal: Calibration, site: Site, rank: int, scheme: Scheme, x: tor
             idx[(idx >= cols.start) & (idx < cols.stop)] - cols.start
         smin, smax = _static(cal, site, rank, scheme, cols)
         part = seen[:, cols].contiguous()
-        payload, st = encode(part, quant, local, smin, smax)
+        payload, st = encode(part, quant, local, smin, smax, seed=call_seed)
         nbytes += payload.numel()
         n_clamped += st["clamped"]
         decoded[:, cols] = decode(payload, tokens, width, quant, local, smin, smax)
-        chunks.append((cols, part, quantize(part, quant, smin, smax, exclude=local)))
+        chunks.append((cols, part, quantize(part, quant, smin, smax, exclude=local, seed=call_seed)))
         if smin is not None:
             keep = torch.ones(width, dtype=torch.bool)
             keep[local] = False
-            clamped[:, cols] = _outside_static_range(part.float(), quant, smin, smax) & keep
+            clamped[:, cols] = outside_static_range(part.float(), quant, smin, smax) & keep
     recon = decoded
     if rot is not None:
         recon = unrotate(decoded, rot)

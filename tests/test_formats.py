@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.artifacts import cache_root
-from lowbit.quant import dequantize, fp_decode, fp_encode, fp_round, fp_table, quantize
-from lowbit.scheme import FP_FORMATS, PRESETS, QuantSpec, SchemeError, parse_scheme
+from lowbit.codes.fp import FP_FORMATS, fp_decode, fp_encode, fp_round, fp_table
+from lowbit.quant import dequantize, quantize
+from lowbit.scheme import PRESETS, QuantSpec, SchemeError, parse_scheme
 from lowbit.site import Site
 from lowbit.wire import accounting
 from lowbit.wire.payload import decode, encode, layout
@@ -52,11 +53,11 @@ def tensor_of(rows: list[list[float]]) -> torch.Tensor:
 def test_fp8_rounding_equals_torchs_saturated_cast(values, code):
     spec = spec_of(code, "token")
     v = torch.tensor(values, dtype=torch.float32)
-    cast = v.clamp(-spec.fp_max, spec.fp_max).to(_FP8[code])
-    assert torch.equal(fp_round(v, spec.bits, spec.exp_bits), cast.float())
-    generic = fp_encode(v, spec.bits, spec.exp_bits, via_torch=False)
+    cast = v.clamp(-spec.code.fp_max, spec.code.fp_max).to(_FP8[code])
+    assert torch.equal(fp_round(v, spec.bits, spec.code.exp_bits), cast.float())
+    generic = fp_encode(v, spec.bits, spec.code.exp_bits, via_torch=False)
     assert torch.equal(generic, cast.view(torch.uint8))  # the hand-built bit patterns are torch's
-    assert torch.equal(fp_decode(generic, spec.bits, spec.exp_bits), cast.float())
+    assert torch.equal(fp_decode(generic, spec.bits, spec.code.exp_bits), cast.float())
 
 
 @pytest.mark.parametrize("code", list(_FP8))
@@ -65,8 +66,8 @@ def test_fp8_table_decodes_every_finite_pattern_as_torch_does(code):
     patterns = torch.arange(256, dtype=torch.int64).to(torch.uint8)
     theirs = patterns.view(_FP8[code]).float()
     finite = torch.isfinite(theirs)
-    assert torch.equal(fp_table(spec.bits, spec.exp_bits)[finite], theirs[finite])
-    assert fp_table(spec.bits, spec.exp_bits).abs().max() == spec.fp_max  # NaN/inf patterns decode finite
+    assert torch.equal(fp_table(spec.bits, spec.code.exp_bits)[finite], theirs[finite])
+    assert fp_table(spec.bits, spec.code.exp_bits).abs().max() == spec.code.fp_max  # NaN/inf patterns decode finite
 
 
 E2M1_BY_HAND = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX v1.0, FP4 E2M1 magnitudes, codes 0..7
@@ -112,7 +113,7 @@ def test_error_is_within_half_a_step_of_the_format_at_that_magnitude(rows, code,
         if si == 0:  # an all-zero token / group: no division, exact zeros
             assert xi == 0 and di == 0
             continue
-        bound = half_step(xi / si, spec.bits, spec.exp_bits) * si * (1 + 2**-20) + abs(xi) * 2**-22
+        bound = half_step(xi / si, spec.bits, spec.code.exp_bits) * si * (1 + 2**-20) + abs(xi) * 2**-22
         assert abs(xi - di) <= bound, (xi, di, si)
 
 
@@ -127,7 +128,7 @@ def test_static_scales_saturate_at_the_formats_max_and_count_the_clamped(code):
     deq = dequantize(res.codes, spec, res.scales)
     beyond = x.abs() > 2.5
     assert res.clamped == int(beyond.sum()) > 0
-    top = spec.fp_max * res.scales  # the format's largest value times the feature's scale
+    top = spec.code.fp_max * res.scales  # the format's largest value times the feature's scale
     assert torch.equal(deq[beyond], (torch.sign(x) * top.expand_as(x))[beyond])
     assert torch.isfinite(deq).all()
 
@@ -154,7 +155,7 @@ def test_nan_and_inf_poison_no_neighbour(seed, code, fmt, gran):
     scale = rb.scales.unsqueeze(-1).expand(-1, 64) if gran == "token" else rb.scales.repeat_interleave(16, -1)
     assert torch.equal(db[torch.isnan(bad)], torch.zeros(int(torch.isnan(bad).sum())))
     pos, neg = bad == float("inf"), bad == -float("inf")
-    assert torch.equal(db[pos], (spec.fp_max * scale)[pos]) and torch.equal(db[neg], -(spec.fp_max * scale)[neg])
+    assert torch.equal(db[pos], (spec.code.fp_max * scale)[pos]) and torch.equal(db[neg], -(spec.code.fp_max * scale)[neg])
 
 
 @PROPERTY
@@ -331,7 +332,7 @@ def test_schemes_command_lists_every_preset(capsys):
 
 def test_second_leg_takes_an_fp_format():
     s = parse_scheme("fp8e4m3-group32-sfp32@twoshot+fp8e4m3-group32-sfp32")
-    assert s.second.code == "fp" and s.second.scale_format == "fp32"
+    assert s.second.code.name == "fp" and s.second.scale_format == "fp32"
     out = reduce_on_threads(str(s), 3, hidden=96, calibration=None)
     for y, call in out:
         assert call.extra["leg2_bytes"] == layout(5, 32, s.second).total_bytes

@@ -38,5 +38,5 @@ from lowbit.analysis import (  # noqa: F401 - cheap artifact math, through the s
     overlap_between_sources, ema_trace_frame)
 from launch.store.teaching import (  # noqa: F401 - the teaching pages' frames
     playground_view, two_shot_view, bytes_by_tp, link_choices, projection_frame, crossovers, message_sizes,
-    measured_link_records, fitted_links, playground_scheme, playground_counterpart, projection_hidden)
+    measured_link_records, fitted_links, playground_counterpart, projection_hidden)
 from lowbit.stats import UNRESOLVED_NOTE, score_table  # noqa: F401 - scores with their standard errors

@@ -34,22 +34,21 @@ into the call's ``thr_overflow``), so the all-gather / all-to-all sizes never va
 every rank permutes its partial's features with the same calibrated order
 (``channel_permutation``) before anything else and the sum is permuted back once; BF16 outlier
 indices are moved into the permuted order. Nothing per message is sent for it.
-Fitted codebooks (``lm<B>[s]``, ``lowbit.method.fitted_codebook``): the site's plan fits every
-rank's table from the artifact once (``SitePlan.quants``: one first-leg spec per sender, its table
-in ``levels``); each rank encodes with its own and decodes every sender's payload with that
-sender's, so nothing about the table travels.
+Fitted codebooks (``lm<B>[s]``, ``lowbit.codes.lm``): the site's plan asks the code for every
+sender's table, fitted from the artifact once (``SitePlan.levels``); each rank encodes with its own
+and decodes every sender's payload with that sender's (a per-call argument, never a spec field),
+so nothing about the table travels.
 Stochastic rounding (``-sr``): the first leg's quantizer draws its uniforms from a seed made of
 (communicator seed, site, rank, call number at that site), so reruns are bit-identical while
 ranks and calls get independent noise; the two-shot second leg rounds to nearest.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from lowbit.calibration import Calibration, CalibrationError, select_outliers
-from lowbit.method.fitted_codebook import site_tables
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.comm.communicator import Communicator
 from lowbit.comm.dist import Group
@@ -57,8 +56,7 @@ from lowbit.wire.accounting import leg2_chunk_bytes, rotated_message_bits, wire_
 from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
-from lowbit.scheme import (KERNEL_SCALE_DTYPES, MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap,
-                           parse_scheme_map)
+from lowbit.scheme import MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme_map
 
 _WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -71,6 +69,14 @@ def _rotate(x: torch.Tensor, block: int, inverse: bool = False, codec=None) -> t
     return unrotate(x, block) if inverse else rotate(x, block)
 
 
+def rounding_seed(base: int, site: Site, rank: int, call: int) -> int:
+    """The stochastic rounding seed of ``rank``'s first-leg message in its ``call``-th call at
+    ``site`` under the communicator seed ``base`` (the one derivation: the playground's view of a
+    rank uses it too)."""
+    module = ROW_PARALLEL_MODULES.index(site.module)
+    return ((((base * 1_009 + site.layer) * 2 + module) * 4_099 + rank) * 1_000_003 + call) % 2**62
+
+
 def channel_permutation(calibration: Calibration, site: Site) -> torch.Tensor:
     """The ``-perm`` order of a site: features sorted by calibrated range summed over ranks,
     ascending (equal ranges keep index order), so each group of G neighbours in the permuted
@@ -78,16 +84,6 @@ def channel_permutation(calibration: Calibration, site: Site) -> torch.Tensor:
     identical on every rank (it depends on the artifact only)."""
     score = calibration.ranges()[site.layer, Calibration.module_index(site.module)].sum(0)
     return torch.sort(score, stable=True).indices
-
-
-def message_kwargs(scheme: Scheme, width: int) -> tuple[dict, dict]:
-    """(encode kwargs, decode kwargs) of one first-leg message of ``width`` features."""
-    if scheme.threshold is not None:
-        cap = scheme.threshold.capacity(width)
-        return dict(threshold=scheme.threshold.value, capacity=cap), dict(capacity=cap)
-    if scheme.sparse:
-        return dict(sparse=scheme.sparse), dict(sparse=scheme.sparse)
-    return {}, {}
 
 
 def _add_message_stats(total: dict, stats: dict) -> None:
@@ -109,11 +105,11 @@ class SitePlan:
     inverse: torch.Tensor | None = None  # [H] permuted position of each original feature
     sum_min: torch.Tensor | None = None  # [H] the reduced sum's calibrated range (a static second leg)
     sum_max: torch.Tensor | None = None
-    quants: list[QuantSpec] | None = None  # lm codes: the first-leg spec of each sender, its fitted table set
+    levels: list | None = None  # a code with per-site tables (lm): each sender's fitted table
 
-    def sender_quants(self, quant: QuantSpec, tp: int) -> list[QuantSpec]:
-        """The first-leg spec each sender encoded with (``quant`` for all, unless fitted tables)."""
-        return self.quants if self.quants is not None else [quant] * tp
+    def sender_levels(self, rank: int):
+        """The table sender ``rank`` encodes its first leg with (None: the code has none)."""
+        return None if self.levels is None else self.levels[rank]
 
 
 class QuantCommunicator(Communicator):
@@ -159,7 +155,7 @@ class QuantCommunicator(Communicator):
                                        "(static scales or top-k outliers); run `python -m lowbit calibrate`")
             idx = select_outliers(self.calibration, site, scheme.outliers, hidden)
             smin = smax = perm = inverse = None
-            if scheme.quant.granularity == "static":
+            if not scheme.quant.dynamic:
                 m = Calibration.module_index(site.module)
                 smin = self.calibration.ema_min[site.layer, m].float()
                 smax = self.calibration.ema_max[site.layer, m].float()
@@ -168,16 +164,13 @@ class QuantCommunicator(Communicator):
                 inverse = torch.argsort(perm)
                 idx = inverse[idx].sort().values  # permute is group-only: no static ranges to move
             sum_min = sum_max = None
-            if scheme.algo == "two_shot" and scheme.second.granularity == "static":
+            if scheme.algo == "two_shot" and not scheme.second.dynamic:
                 sum_min, sum_max = (t.float() for t in self.calibration.sum_range(site))
                 if perm is not None:
                     raise CalibrationError(f"{site}: -perm with a static second leg is not implemented; "
                                            "allowed: a dynamic second leg with -perm")
-            quants = None
-            if scheme.quant.code == "lm":
-                tables = site_tables(self.calibration, site, scheme, idx, perm)
-                quants = [replace(scheme.quant, levels=t) for t in tables]
-            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse, sum_min, sum_max, quants)
+            levels = scheme.quant.code.site_levels(self.calibration, site, scheme, idx, perm)
+            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse, sum_min, sum_max, levels)
         return self._plans[site]
 
     def _reduce(self, partial: torch.Tensor, site: Site):
@@ -203,19 +196,19 @@ class QuantCommunicator(Communicator):
             x = x.float()
         if plan.perm is not None:
             x = x[:, plan.perm.to(x.device)]
-        quant = self._call_quant(plan.sender_quants(plan.scheme.quant, self.group.world_size)[self.group.rank], site)
+        quant, seed = plan.scheme.quant, self.call_seed(site, plan.scheme)
         rot = plan.scheme.rotation
         if rot is not None and self.prerotated and plan.outlier_idx.numel():
             raise ValueError(f"{site}: prerotated partials cannot give unrotated BF16 outlier columns")
         if plan.scheme.algo == "gather":
             if rot is None:
-                out, nbytes, extra = self._gather(x, plan, quant)
+                out, nbytes, extra = self._gather(x, plan, quant, seed)
             else:
-                out, nbytes, extra = self._gather_rotated(x, plan, quant)
+                out, nbytes, extra = self._gather_rotated(x, plan, quant, seed)
         else:
             if rot is not None and not self.prerotated:
                 x = _rotate(x, rot, codec=self.codec)
-            out, nbytes, extra = self._two_shot(x, plan, quant)
+            out, nbytes, extra = self._two_shot(x, plan, quant, seed)
             if rot is not None:
                 out = _rotate(out, rot, inverse=True, codec=self.codec)
                 if self.last_first_leg is not None:
@@ -227,17 +220,17 @@ class QuantCommunicator(Communicator):
                 self.last_first_leg = self.last_first_leg[:, inverse]
         return out.to(partial.dtype).reshape(partial.shape), nbytes, extra
 
-    def _call_quant(self, quant: QuantSpec, site: Site) -> QuantSpec:
-        """The first leg's spec for this call: stochastic rounding gets this call's own seed."""
-        if quant.rounding != "stochastic":
-            return quant
+    def call_seed(self, site: Site, scheme: Scheme) -> int:
+        """This call's stochastic rounding seed (0 when the first leg rounds to nearest): made of the
+        communicator's seed, the site, this rank and the call number at that site, so reruns are
+        bit-identical while ranks and calls draw independent noise."""
+        if not scheme.stochastic:
+            return 0
         n = self._site_calls.get(site, 0)
         self._site_calls[site] = n + 1
-        module = ROW_PARALLEL_MODULES.index(site.module)
-        seed = ((((self.seed * 1_009 + site.layer) * 2 + module) * 4_099 + self.group.rank) * 1_000_003 + n)
-        return replace(quant, rounding_seed=seed % 2**62)
+        return rounding_seed(self.seed, site, self.group.rank, n)
 
-    def _gather_rotated(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
+    def _gather_rotated(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec, seed: int):
         """Gather with rotation: outliers out in the original space, rotate, quantize all H."""
         tokens, hidden = x.shape
         tp, rot, idx = self.group.world_size, plan.scheme.rotation, plan.outlier_idx
@@ -248,12 +241,12 @@ class QuantCommunicator(Communicator):
         if not self.prerotated:
             rest = _rotate(rest, rot, codec=self.codec)
         fused = self._fused(quant, plan)
-        payload, stats = self._encode(rest, quant, None, None, None, {}, fused)
+        payload, stats = self._encode(rest, quant, None, None, None, {}, fused, seed, plan.sender_levels(self.group.rank))
         n_codes = payload.numel()
         payload = append_outlier_columns(payload, x, idx)
         gathered = self.group.all_gather(payload)
-        summed = self._decode_sum(gathered[:, :n_codes], tokens, hidden, plan.sender_quants(quant, tp), None, None,
-                                  None, {}, fused)
+        summed = self._decode_sum(gathered[:, :n_codes], tokens, hidden, quant, None, None, None, {}, fused,
+                                  plan.levels)
         out = _rotate(summed, rot, inverse=True, codec=self.codec)
         if idx.numel():
             out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
@@ -273,43 +266,44 @@ class QuantCommunicator(Communicator):
         per-message outliers (sp/thr)."""
         per_message = plan is not None and (plan.scheme.sparse or plan.scheme.threshold is not None)
         # fp codes and the fp16 / e8m0 / e4m3 scale formats stay on lowbit.wire.payload's torch path
-        return (self.codec is not None and quant.rounding == "nearest" and quant.code == "int"
-                and quant.scale_dtype in KERNEL_SCALE_DTYPES and not per_message)
+        return (self.codec is not None and quant.rounding == "nearest" and quant.code.kernel_key == "int"
+                and quant.scale.name in ("bf16", "fp32") and not per_message)
 
-    def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, smin, smax, enc_kw: dict, fused: bool):
+    def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, smin, smax, enc_kw: dict, fused: bool, seed: int = 0,
+                levels=None):
         """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.wire.payload.encode``'s)."""
         if not fused:
-            return encode(x, quant, idx, smin, smax, **enc_kw)
+            return encode(x, quant, idx, smin, smax, **enc_kw, seed=seed, levels=levels)
         if hasattr(self.codec, "quantize_pack_counts"):  # the kernel counts in its own pass over x
             return self.codec.quantize_pack_counts(x, quant, idx, smin, smax)
         payload = self.codec.quantize_pack(x, quant, idx, smin, smax)
         counts = input_counts(x, quant, smin, smax, idx)
         return payload, {"clamped": counts["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}
 
-    def _decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant: QuantSpec | list[QuantSpec], idx,
-                    smins, smaxs, dec_kw: dict, fused: bool) -> torch.Tensor:
+    def _decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant: QuantSpec, idx,
+                    smins, smaxs, dec_kw: dict, fused: bool, levels: list | None = None) -> torch.Tensor:
         """fp32 zeros + the dequantized payloads [n, nbytes] in row (rank) order; ``smins``/``smaxs``
-        [n, width] are the senders' static ranges (None for dynamic scales); ``quant`` one spec for
-        all rows or one per row (fitted tables: each sender's own)."""
-        quants = quant if isinstance(quant, list) else [quant] * payloads.shape[0]
+        [n, width] are the senders' static ranges (None for dynamic scales); ``levels`` one fitted
+        table per row (each sender's own) or None."""
         if fused:  # the kernels' codes (uniform grid, nearest) decode the same for every sender
-            return self.codec.unpack_dequant_sum(payloads, tokens, width, quants[0], idx, smins, smaxs)
+            return self.codec.unpack_dequant_sum(payloads, tokens, width, quant, idx, smins, smaxs)
         out = torch.zeros(tokens, width, dtype=torch.float32, device=payloads.device)
         for r in range(payloads.shape[0]):
-            out += decode(payloads[r], tokens, width, quants[r], idx, None if smins is None else smins[r],
-                          None if smaxs is None else smaxs[r], **dec_kw)
+            out += decode(payloads[r], tokens, width, quant, idx, None if smins is None else smins[r],
+                          None if smaxs is None else smaxs[r], **dec_kw, levels=None if levels is None else levels[r])
         return out
 
-    def _gather(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
+    def _gather(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec, seed: int):
         tokens, hidden = x.shape
         rank, tp = self.group.rank, self.group.world_size
         idx = plan.outlier_idx
-        enc_kw, dec_kw = message_kwargs(plan.scheme, hidden)
+        enc_kw, dec_kw = plan.scheme.message_kwargs(hidden)
         fused = self._fused(quant, plan)
-        payload, stats = self._encode(x, quant, idx, *self._static(plan, rank), enc_kw, fused)
+        payload, stats = self._encode(x, quant, idx, *self._static(plan, rank), enc_kw, fused, seed,
+                                      plan.sender_levels(rank))
         gathered = self.group.all_gather(payload)
-        out = self._decode_sum(gathered, tokens, hidden, plan.sender_quants(quant, tp), idx, plan.static_min,
-                               plan.static_max, dec_kw, fused)
+        out = self._decode_sum(gathered, tokens, hidden, quant, idx, plan.static_min, plan.static_max, dec_kw, fused,
+                               plan.levels)
         bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
         return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
                                           bytes_received=int(wire_bytes("gather", tp, payload.numel())))
@@ -321,17 +315,17 @@ class QuantCommunicator(Communicator):
         local_idx = [idx[(idx >= c.start) & (idx < c.stop)] - c.start for c in cols]
         return cols, local_idx, width
 
-    def _two_shot(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
+    def _two_shot(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec, seed: int):
         tokens, hidden = x.shape
         rank, tp = self.group.rank, self.group.world_size
         second = plan.scheme.second
         cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
-        enc_kw, dec_kw = message_kwargs(plan.scheme, width)
+        enc_kw, dec_kw = plan.scheme.message_kwargs(width)
         fused = self._fused(quant, plan)
         parts, clamped, nonfinite, message_stats = [], 0, 0, {}
         for j in range(tp):
             p, st = self._encode(x[:, cols[j]].contiguous(), quant, local_idx[j], *self._static(plan, rank, cols[j]),
-                                 enc_kw, fused)
+                                 enc_kw, fused, seed, plan.sender_levels(rank))
             parts.append(p)
             clamped += st["clamped"]
             nonfinite += st["nonfinite"]
@@ -341,8 +335,8 @@ class QuantCommunicator(Communicator):
         received = self.group.all_to_all(torch.cat(parts), send_splits, [own_bytes] * tp)
         smins = None if plan.static_min is None else plan.static_min[:, cols[rank]]
         smaxs = None if plan.static_max is None else plan.static_max[:, cols[rank]]
-        reduced = self._decode_sum(received.reshape(tp, own_bytes), tokens, width, plan.sender_quants(quant, tp),
-                                   local_idx[rank], smins, smaxs, dec_kw, fused)
+        reduced = self._decode_sum(received.reshape(tp, own_bytes), tokens, width, quant, local_idx[rank], smins,
+                                   smaxs, dec_kw, fused, plan.levels)
         if self.keep_first_leg:
             self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
         # Leg 2: requantize the reduced chunk (dynamic scales), all-gather padded payloads.

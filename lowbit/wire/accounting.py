@@ -206,8 +206,7 @@ def table_bytes(scheme: Scheme | SchemeMap | str, sites: list[tuple[int, str]], 
     total = 0
     for layer, module in sites:
         s = smap.for_site(layer, module)
-        if s.is_exact or s.quant.code != "lm":
+        if s.is_exact:
             continue
-        per_sender = layout(1, hidden, s.quant).table_bytes
-        total += per_sender * (tp if s.quant.table_scope == "rank" else 1)
+        total += layout(1, hidden, s.quant).table_bytes * s.quant.code.tables_per_site(tp)
     return total

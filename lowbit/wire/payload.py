@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.quant import dequantize, pack_bits, packed_nbytes, qrange_of, quantize, static_qparams, unpack_bits
+from lowbit.quant import dequantize, pack_bits, quantize, static_qparams, unpack_bits
 from lowbit.outliers import sparse_picks, threshold_select
 from lowbit.scheme import QuantSpec, Scheme
 
@@ -60,8 +60,6 @@ BIT_PARTS = ("payload", "outliers", "scales", "indices")  # the keys of bits_per
 _INDEX_BYTES = 8  # receivers hold outlier indices as int64
 _U16_BYTES = 2  # sp/thr indices on the wire; also the static bytes of one -perm entry
 UNUSED_SLOT = 0xFFFF  # a thr index slot that carries no feature
-MESSAGE_SCALE_DTYPE = torch.float32  # e4m3 scales' second level: one per message, first in the scales section
-TABLE_DTYPE = torch.float32  # a fitted codebook's entries (lm<B>), built once per run from the artifact
 
 
 @dataclass(frozen=True)
@@ -152,28 +150,18 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     if not 0 <= sparse <= hidden or not 0 <= capacity <= hidden:
         raise ValueError(f"sparse {sparse}, capacity {capacity}: allowed 0..{hidden}")
     quant.validate_for(hidden)
-    n_scales = 0
-    if quant.granularity == "token":
-        n_scales = tokens
-    elif quant.granularity == "group":
-        n_scales = tokens * (hidden // quant.group_size)
-    scale_bytes = n_scales * quant.scale_dtype.itemsize
-    mins = 0 if quant.symmetric else scale_bytes
-    if quant.message_scale:
-        scale_bytes += MESSAGE_SCALE_DTYPE.itemsize  # e4m3's fp32 second level, once per message
-    scales = Section(0, scale_bytes)
-    mins = Section(scales.end, mins)
-    codes = Section(mins.end, packed_nbytes(tokens * (hidden - n_outliers), quant.bits))
+    n_scales = quant.grouping.n_scales(tokens, hidden)  # each part contributes its own sections
+    scales = Section(0, quant.scale.section_bytes(n_scales))
+    mins = Section(scales.end, 0 if quant.symmetric else quant.scale.mins_bytes(n_scales))
+    codes = Section(mins.end, quant.code.code_bytes(tokens * (hidden - n_outliers)))
     outliers = Section(codes.end, tokens * (n_outliers + capacity) * OUTLIER_DTYPE.itemsize)
     thr_index = Section(outliers.end, capacity * _U16_BYTES)
     sparse_index = Section(thr_index.end, tokens * sparse * _U16_BYTES)
     sparse_values = Section(sparse_index.end, tokens * sparse * OUTLIER_DTYPE.itemsize)
-    static_bytes = n_outliers * _INDEX_BYTES + (hidden * _U16_BYTES if permuted else 0)
-    if quant.granularity == "static":
-        static_bytes += hidden * 4 * (1 if quant.symmetric else 2)  # fp32 scales (+ mins) per sender
-    table = 2**quant.bits * TABLE_DTYPE.itemsize if quant.code == "lm" else 0
+    static_bytes = (n_outliers * _INDEX_BYTES + (hidden * _U16_BYTES if permuted else 0)
+                    + quant.grouping.static_bytes(hidden, quant.symmetric))
     return PayloadLayout(tokens, hidden, n_outliers, quant.bits, scales, mins, codes, outliers, static_bytes,
-                         thr_index, sparse_index, sparse_values, sparse, capacity, table)
+                         thr_index, sparse_index, sparse_values, sparse, capacity, quant.code.table_bytes)
 
 
 def scheme_layout(scheme: Scheme, tokens: int, width: int, n_outliers: int = 0) -> PayloadLayout:
@@ -225,10 +213,13 @@ def encode(
     sparse: int = 0,
     threshold: float | None = None,
     capacity: int = 0,
+    seed: int = 0,
+    levels=None,
 ) -> tuple[torch.Tensor, dict]:
     """Encode x [T, H] into one uint8 payload; stats = {clamped, nonfinite} over the whole x,
     plus ``thr_selected`` / ``thr_overflow`` when ``capacity`` is set (thr) and ``sparse`` the
-    pairs sent when ``sparse`` is set (sp)."""
+    pairs sent when ``sparse`` is set (sp). ``seed`` and ``levels`` are this call's stochastic
+    rounding seed and fitted table (``lowbit.quant.quantize``)."""
     tokens, hidden = x.shape
     keep = _keep_mask(hidden, outlier_idx, x.device)
     n_out = 0 if keep is None else outlier_idx.numel()
@@ -247,15 +238,11 @@ def encode(
         picks = sparse_picks(x.float(), sparse)
         xq = x.float().scatter(1, picks, 0.0)
         extra_stats = {"sparse": tokens * sparse}
-    res = quantize(xq, quant, static_min, static_max, exclude=exclude)
+    res = quantize(xq, quant, static_min, static_max, exclude=exclude, seed=seed, levels=levels)
     codes = res.codes if keep is None else res.codes[:, keep]
     parts = []
     if quant.dynamic:
-        if quant.message_scale:
-            parts.append(_as_bytes(res.message_scale.reshape(1), MESSAGE_SCALE_DTYPE))
-            parts.append(_as_bytes(res.wire_scales, quant.scale_dtype))
-        else:
-            parts.append(_as_bytes(res.scales, quant.scale_dtype))
+        parts += quant.scale.write(res.scales, res.wire_scales, res.message_scale)
         if not quant.symmetric:
             parts.append(_as_bytes(res.mins, quant.scale_dtype))
     parts.append(pack_bits(codes, quant.bits))
@@ -286,23 +273,19 @@ def decode(
     *,
     sparse: int = 0,
     capacity: int = 0,
+    levels=None,
 ) -> torch.Tensor:
     """fp32 [T, H] from one payload: outlier / thr columns and sparse values from BF16, the rest
-    dequantized. ``sparse`` and ``capacity`` must be the encoder's."""
+    dequantized. ``sparse``, ``capacity`` and ``levels`` (the sender's fitted table) must be the
+    encoder's."""
     keep = _keep_mask(hidden, outlier_idx, payload.device)
     n_out = 0 if keep is None else outlier_idx.numel()
     lay = layout(tokens, hidden, quant, n_out, sparse=sparse, capacity=capacity)
     if payload.numel() != lay.total_bytes:
         raise ValueError(f"payload has {payload.numel()} bytes; layout expects {lay.total_bytes}")
     if quant.dynamic:
-        shape = (tokens,) if quant.granularity == "token" else (tokens, hidden // quant.group_size)
-        if quant.message_scale:
-            head = Section(lay.scales.offset, MESSAGE_SCALE_DTYPE.itemsize)
-            g = _from_bytes(payload, head, MESSAGE_SCALE_DTYPE).float()
-            wire = _from_bytes(payload, Section(head.end, lay.scales.end - head.end), quant.scale_dtype)
-            scales = (wire.float() * g).reshape(shape)  # as lowbit.quant: exact, g a power of two
-        else:
-            scales = _from_bytes(payload, lay.scales, quant.scale_dtype).float().reshape(shape)
+        shape = quant.grouping.scale_shape(tokens, hidden)
+        scales = quant.scale.read(payload[lay.scales.offset:lay.scales.end], shape)
         mins = None if quant.symmetric else _from_bytes(payload, lay.mins, quant.scale_dtype).float().reshape(shape)
     else:
         if static_min is None or static_max is None:
@@ -312,10 +295,10 @@ def decode(
     if keep is None:
         codes = flat.reshape(tokens, hidden)
     else:
-        qmin, _ = qrange_of(quant)
+        qmin, _ = quant.code.qrange
         codes = torch.full((tokens, hidden), -qmin, dtype=torch.uint8, device=payload.device)
         codes[:, keep] = flat.reshape(tokens, hidden - n_out)
-    out = dequantize(codes, quant, scales, mins)
+    out = dequantize(codes, quant, scales, mins, levels=levels)
     if keep is not None:
         out[:, outlier_idx] = _from_bytes(payload, lay.outliers, OUTLIER_DTYPE).reshape(tokens, n_out).float()
     if capacity:
