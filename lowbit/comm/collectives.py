@@ -52,13 +52,12 @@ from lowbit.calibration import Calibration, CalibrationError, select_outliers
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.comm.communicator import Communicator
 from lowbit.comm.dist import Group
-from lowbit.wire.accounting import leg2_chunk_bytes, rotated_message_bits, wire_bytes
+from lowbit.wire.accounting import leg2_chunk_bytes, wire_bytes
 from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
-from lowbit.scheme import MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme_map
+from lowbit.scheme import MIN_MESSAGE_AUTO, WIRE_DTYPES, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme_map
 
-_WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _rotate(x: torch.Tensor, block: int, inverse: bool = False, codec=None) -> torch.Tensor:
@@ -181,7 +180,7 @@ class QuantCommunicator(Communicator):
                                              "collective-bench records before any message; allowed: @min<size>")
         gated = plan.scheme.gated(partial.numel() // max(hidden, 1), hidden)
         if plan.scheme.is_exact or gated:  # a gated message goes as the exact BF16 all-reduce
-            wire = partial.to(_WIRE_DTYPES[plan.scheme.wire_dtype or "bf16"])
+            wire = partial.to(WIRE_DTYPES[plan.scheme.wire_dtype or "bf16"])
             out = self.group.all_reduce(wire).to(partial.dtype)
             nbytes = wire.numel() * wire.element_size()
             received = int(wire_bytes("exact", self.group.world_size, nbytes))
@@ -251,7 +250,7 @@ class QuantCommunicator(Communicator):
         if idx.numel():
             out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
         stats["nonfinite"] = int((~torch.isfinite(x)).sum())  # of the partial as produced
-        bits = rotated_message_bits(tokens, hidden, quant, idx.numel())
+        bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
         return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
                                           bytes_received=int(wire_bytes("gather", tp, payload.numel())))
 

@@ -25,7 +25,7 @@ from lowbit.site import ROW_PARALLEL_MODULES
 
 OUTLIER_SELECTS = ("none", "topk", "random")
 ALGOS = ("gather", "two_shot")
-WIRE_DTYPES = ("bf16", "fp32")
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # an exact scheme's wire dtype, by name
 MAX_K_FRAC = Fraction(1, 2)
 ROUNDINGS = ("nearest", "stochastic")
 MAX_ROTATION = 4096

@@ -52,9 +52,8 @@ import torch
 
 from lowbit.quant import dequantize, pack_bits, quantize, static_qparams, unpack_bits
 from lowbit.outliers import sparse_picks, threshold_select
-from lowbit.scheme import QuantSpec, Scheme
+from lowbit.scheme import WIRE_DTYPES, QuantSpec, Scheme
 
-_WIRE_BYTES = {"bf16": 2, "fp32": 4}
 OUTLIER_DTYPE = torch.bfloat16  # the one declaration of the BF16 outlier dtype (static, sp, thr, rotated tail)
 BIT_PARTS = ("payload", "outliers", "scales", "indices")  # the keys of bits_per_value, besides "total"
 _INDEX_BYTES = 8  # receivers hold outlier indices as int64
@@ -128,20 +127,23 @@ class PayloadLayout:
 
 
 def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int = 0, *, sparse: int = 0,
-           capacity: int = 0, permuted: bool = False) -> PayloadLayout:
+           capacity: int = 0, permuted: bool = False, coded_outliers: bool = False) -> PayloadLayout:
     """The layout of one rank's message of ``tokens`` x ``hidden`` values.
 
     ``spec`` is a QuantSpec (the quantized leg) or a Scheme (its first leg; an exact scheme is
     one section of raw wire-dtype values). ``n_outliers`` features travel in BF16 at static
     indices; ``sparse`` values per token as (index, BF16) pairs; ``capacity`` thr slots
     (see the module docstring). ``permuted`` adds the -perm permutation to ``static_bytes``.
+    ``coded_outliers``: the BF16 features are coded as well (a rotated message: all H rotated
+    features are coded, the outlier columns follow as a BF16 tail: ``append_outlier_columns``).
+    Each part of the spec contributes its own sections (the grouping the number of scales, the
+    scale format their bytes, the code its packed bytes and its table).
     """
     if isinstance(spec, Scheme) and spec.is_exact:
-        nbytes = tokens * hidden * _WIRE_BYTES[spec.wire_dtype]
+        itemsize = WIRE_DTYPES[spec.wire_dtype].itemsize
+        nbytes = tokens * hidden * itemsize
         empty = Section(0, 0)
-        return PayloadLayout(
-            tokens, hidden, 0, 8 * _WIRE_BYTES[spec.wire_dtype], empty, empty, Section(0, nbytes), Section(nbytes, 0), 0
-        )
+        return PayloadLayout(tokens, hidden, 0, 8 * itemsize, empty, empty, Section(0, nbytes), Section(nbytes, 0), 0)
     quant = spec.quant if isinstance(spec, Scheme) else spec
     if not 0 <= n_outliers <= hidden:
         raise ValueError(f"n_outliers: {n_outliers} not allowed; allowed: 0..{hidden}")
@@ -153,7 +155,7 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     n_scales = quant.grouping.n_scales(tokens, hidden)  # each part contributes its own sections
     scales = Section(0, quant.scale.section_bytes(n_scales))
     mins = Section(scales.end, 0 if quant.symmetric else quant.scale.mins_bytes(n_scales))
-    codes = Section(mins.end, quant.code.code_bytes(tokens * (hidden - n_outliers)))
+    codes = Section(mins.end, quant.code.code_bytes(tokens * (hidden - (0 if coded_outliers else n_outliers))))
     outliers = Section(codes.end, tokens * (n_outliers + capacity) * OUTLIER_DTYPE.itemsize)
     thr_index = Section(outliers.end, capacity * _U16_BYTES)
     sparse_index = Section(thr_index.end, tokens * sparse * _U16_BYTES)
@@ -166,12 +168,13 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
 
 def scheme_layout(scheme: Scheme, tokens: int, width: int, n_outliers: int = 0) -> PayloadLayout:
     """The first-leg layout of one message of ``width`` features under ``scheme`` (a whole
-    partial for gather, one chunk for two-shot): sparse count and thr capacity from the scheme."""
+    partial for gather, one chunk for two-shot): sparse count, thr capacity and the rotated BF16
+    tail from the scheme."""
     if scheme.is_exact:
         return layout(tokens, width, scheme)
     capacity = scheme.threshold.capacity(width) if scheme.threshold is not None else 0
     return layout(tokens, width, scheme.quant, n_outliers, sparse=scheme.sparse, capacity=capacity,
-                  permuted=scheme.permute)
+                  permuted=scheme.permute, coded_outliers=scheme.rotation is not None)
 
 
 def _keep_mask(hidden: int, outlier_idx: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -320,7 +323,7 @@ def decode(
 # -- the rotated message's tail -------------------------------------------------------------------
 # With ``-rot<R>`` and BF16 outliers the message is the payload of all H rotated features (no
 # outlier section) followed by the outlier columns [T, k] in OUTLIER_DTYPE, cut out in the
-# original space (``lowbit.comm.collectives``). Its bits are ``lowbit.wire.accounting``'s.
+# original space (``lowbit.comm.collectives``): ``layout(..., coded_outliers=True)`` lays it out.
 def append_outlier_columns(payload: torch.Tensor, x: torch.Tensor, outlier_idx: torch.Tensor) -> torch.Tensor:
     """``payload`` followed by the columns ``outlier_idx`` of ``x`` [T, H] as BF16 bytes."""
     if outlier_idx.numel() == 0:
