@@ -438,7 +438,7 @@ def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None,
     """(payload, {"clamped", "nonfinite"}): ``quantize_pack``'s bytes and, from the same pass over x,
     the counts the communicator records (``lowbit.quant.input_counts``' ``clamped``: kept finite
     values beyond the static range; ``nonfinite``: non-finite values of all of x)."""
-    feats, _, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
+    feats, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     _check_cpu(x)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.uint8), {"clamped": 0, "nonfinite": 0}
@@ -474,7 +474,7 @@ def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static
 def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None, static_mins=None,
                        static_maxs=None, out_dtype=torch.float32) -> torch.Tensor:
     """[T, H] in ``out_dtype``; the values of ``reference.unpack_dequant_sum_ref``."""
-    feats, _, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins,
+    feats, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins,
                                                      static_maxs)
     ref.check_out_dtype(out_dtype)
     _check_cpu(payloads)

@@ -33,8 +33,9 @@ What each kernel does (one payload per rank, layout owned by ``lowbit.wire.paylo
 Two-shot requantization: ``_dequant_sum_kernel`` into an fp32 chunk, then
 ``_quantize_pack_kernel`` with the second leg's dynamic spec.
 
-Bit widths: 2, 4 and 8 (a byte holds whole codes). 3, 5 and 6-bit codes straddle bytes; they
-stay on the torch path (``kernels.dispatch`` routes them there) and these wrappers raise.
+Bit widths: 2, 4 and 8 (a byte holds whole codes; ``kernels.registry``). 3, 5 and 6-bit codes
+straddle bytes; they stay on the torch path (``kernels.dispatch`` asks the registry) and these
+wrappers raise.
 
 Status: verified byte-equal under the Triton interpreter only; no GPU was available when they
 were written, so compiled-mode runs and the GB/s targets (``bench.kernels``) are still to do.
@@ -53,6 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference as ref
+from kernels import registry
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
@@ -310,9 +312,10 @@ def _dequant_sum_kernel(
 # ---------------------------------------------------------------------------------------------
 
 def _check_bits(quant: QuantSpec) -> None:
-    if quant.bits not in ref.WHOLE_BYTE_BITS:
-        raise ValueError(f"the Triton kernels pack 2, 4 and 8-bit codes; {quant.bits}-bit codes straddle "
-                         "bytes and stay on the torch path (kernels.dispatch routes them there)")
+    """The widths the registry lists for these kernels (``kernels.registry``: a byte holds whole codes)."""
+    reason = registry.implementation(quant, "triton") is None and registry.refusal(quant, "triton")
+    if reason:
+        raise ValueError(reason)
 
 
 def _launch_options(device: torch.device) -> dict:
@@ -388,7 +391,7 @@ def _launch_quantize(x, quant, feats, scales, mins, lay, payload, rows_per_progr
 def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None,
                   rows_per_program: int | None = None) -> torch.Tensor:
     """One rank's payload (uint8 [total_bytes]); the bytes of ``reference.quantize_pack_ref``."""
-    feats, _, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
+    feats, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     _check_bits(quant)
     if rows_per_program is not None and (rows_per_program < 1 or rows_per_program & (rows_per_program - 1)):
         raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
@@ -426,7 +429,7 @@ def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, out
                        block_t: int | None = None, block_h: int | None = None) -> torch.Tensor:
     """[T, H] in ``out_dtype``: the values of ``reference.unpack_dequant_sum_ref``.
     ``block_t`` x ``block_h`` (powers of two): the output tile of one program."""
-    feats, _, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx,
+    feats, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx,
                                                      static_mins, static_maxs)
     ref.check_out_dtype(out_dtype)
     _check_bits(quant)

@@ -251,6 +251,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must be < 2**{bits}; max is {int(flat.max())}")
     if bits == 8:
         return flat.clone()
+    if 8 % bits == 0:  # 1, 2, 4 bits: a byte holds whole codes, the same stream without the bit expansion
+        per_byte = 8 // bits
+        pad = (-flat.numel()) % per_byte
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=flat.device)
+        return (flat.reshape(-1, per_byte).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
     shifts = torch.arange(bits, dtype=torch.uint8, device=flat.device)
     stream = ((flat.unsqueeze(-1) >> shifts) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
@@ -270,6 +277,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     packed = packed.reshape(-1)[:need]
     if bits == 8:
         return packed.clone()
+    if 8 % bits == 0:  # whole codes per byte (see pack_bits)
+        shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
+        codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
+        return codes.reshape(-1)[:count].to(torch.uint8)
     byte_shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed.unsqueeze(-1) >> byte_shifts) & 1).reshape(-1)[: count * bits]
     shifts = torch.arange(bits, dtype=torch.uint8, device=packed.device)

@@ -76,7 +76,7 @@ def new_run_form() -> None:
         limit = st.number_input("Time limit (s)", min_value=1.0, value=1800.0, step=60.0, key="new_limit")
     params_text = st.text_input("params (JSON object)", '{"seq_len": 128}', key="new_params",
                                 help="kind-specific extras, e.g. seq_len, batch_size, layer_error; evaluate: "
-                                     "fused_kernels (true: the fused kernels inside the communicators)")
+                                     "codec (kernels: the kernels inside the communicators; reference)")
     if st.button("Queue this run", type="primary", icon=":material/play_arrow:", key="new_go"):
         try:
             params = json.loads(params_text or "{}")
@@ -169,6 +169,8 @@ with tab_spec:
         st.code(_ui.spec_json(spec), language="json")
 with tab_ev:
     _, _, events = store.run_progress(run_id, _ui.root())
+    for line in store.codec_changes(events):  # a codec that changed path is never buried in the table
+        st.warning(line, icon=":material/swap_horiz:")
     if events:
         st.dataframe(store.events_frame(events).tail(30), hide_index=True, width="stretch")
     else:

@@ -413,14 +413,14 @@ def test_presets_run_in_an_evaluation_and_the_kernels_fall_back_by_name(tiny_mod
     from lowbit.model.engine import build_tp_model
     schemes = ["bf16", "fp8e4m3-token", "mxfp4", "nvfp4", "quickreduce-int4"]
     held = token_chunks(tiny_models["tiny-llama"].tokenizer, "wikipedia", "eval", 2, 32)
-    monkeypatch.setenv(dispatch.ENV, "reference")
+    monkeypatch.setenv(dispatch.ENV, "native")
 
     def run(codec):
         def body(group):
             tp = build_tp_model("tiny-llama", group, loaded=tiny_models["tiny-llama"])
             return evaluate_text(tp.model, group, held, schemes, None, batch_size=2, codec=codec)
         return ThreadWorld(2).run(body)[0]
-    plain, fused = run(None), run(dispatch)
+    plain, fused = run(None), run(dispatch.Codec())
     for s in schemes:
         for key in ("ppl", "kl", "top1_agreement", "bits_per_value", "clamped", "nonfinite"):
             assert fused[s][key] == plain[s][key], (s, key)

@@ -18,7 +18,7 @@ door. Every reader tolerates missing, half-written or corrupt files.
 from launch.store.runs import (  # noqa: F401 - the store's public names
     RUN_COLUMNS, read_json, run_paths, load_spec, load_result, run_progress, runs_frame, active_runs, finished_ok,
     log_tail,
-    events_frame)
+    events_frame, codec_changes)
 from launch.store.evaluate import (  # noqa: F401 - the store's public names
     scheme_fields, result_records, task_frame, SCHEME_COLUMNS, RECORD_NUMBERS, SCHEME_NUMERIC, scheme_frame,
     LAYER_ERROR_COLUMNS, layer_error_frame, evaluate_runs, sweep_summary, sweep_grid_candidates, pareto_front,

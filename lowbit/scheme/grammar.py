@@ -18,8 +18,8 @@ from fractions import Fraction
 
 from lowbit import codes, groups, scales
 from lowbit.casts import CASTS
-from lowbit.scheme.spec import (MIN_MESSAGE_AUTO, OutlierSpec, QuantSpec, Scheme, SchemeError, SchemeMap, ThresholdSpec,
-                                sparse_refusal)
+from lowbit.scheme.outliers import OutlierSpec, ThresholdSpec
+from lowbit.scheme.spec import MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap, sparse_refusal
 
 # Named presets: the formats shipping systems send, as aliases of ordinary scheme strings (the
 # parser expands them; str() of the result prints the expansion). Each line: name -> expansion,
