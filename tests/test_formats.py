@@ -267,15 +267,15 @@ def test_refusals_name_the_field_and_the_allowed_values(text, field, allowed):
 
 # -- presets -----------------------------------------------------------------------------------------
 
-# bits per value of the preset's message, from the payload bytes (tokens x hidden at hidden 576)
+# bits per value of the preset's message, from the payload bytes (tokens x hidden at hidden 576); the
+# flat groups cover the 8 x 576 = 4608 values of the message: 18 of 256, and 10 of 496 (the last one short)
 PRESET_BITS_576 = {"mxfp4": 4.25, "mxfp8": 8.25, "nvfp4": 4.5 + 32 / (8 * 576), "quickreduce-int4": 4.5,
-                   "quickreduce-int6": 6.5, "quickreduce-int8": 8.5}
-# groups of 256 / 496 do not divide 576: measured where they divide the (two-shot chunk of the) hidden size
-PRESET_BITS_ELSEWHERE = {"flashinfer-fp8": (4096, 2, 8.125), "trtllm-fp8": (3968, 1, 8 + 32 / 496)}
+                   "quickreduce-int6": 6.5, "quickreduce-int8": 8.5, "flashinfer-fp8": 8.125,
+                   "trtllm-fp8": 8 + 10 * 32 / (8 * 576)}
 
 
 def test_every_preset_is_measured_here():
-    assert set(PRESET_BITS_576) | set(PRESET_BITS_ELSEWHERE) == set(PRESETS)
+    assert set(PRESET_BITS_576) == set(PRESETS)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -295,17 +295,6 @@ def test_preset_bits_at_hidden_576_from_bytes(name):
     assert 8 * payload.numel() / (tokens * hidden) == pytest.approx(PRESET_BITS_576[name], abs=1e-12)
     row = next(r for r in accounting.preset_rows(hidden, 2, tokens) if r["preset"] == name)
     assert row["format_bits"] == pytest.approx(PRESET_BITS_576[name], abs=1e-12)
-
-
-@pytest.mark.parametrize("name", list(PRESET_BITS_ELSEWHERE))
-def test_flat_group_presets_are_refused_at_576_and_measured_where_they_fit(name):
-    with pytest.raises(SchemeError, match="group_size: .* does not divide"):
-        parse_scheme(name).validate_for(576, 2)
-    hidden, tp, bits = PRESET_BITS_ELSEWHERE[name]
-    s = parse_scheme(name)
-    width = hidden // tp if s.algo == "two_shot" else hidden
-    payload, _ = encode(torch.randn(4, width, generator=torch.Generator().manual_seed(1)), s.quant)
-    assert 8 * payload.numel() / (4 * width) == pytest.approx(bits, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", ["quickreduce-int4", "nvfp4", "mxfp4"])

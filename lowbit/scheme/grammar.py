@@ -24,7 +24,7 @@ from lowbit.scheme.spec import MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError,
 # Named presets: the formats shipping systems send, as aliases of ordinary scheme strings (the
 # parser expands them; str() of the result prints the expansion). Each line: name -> expansion,
 # then where it comes from and what could be checked about it. Bits per value are measured from
-# the payload bytes in tests/test_formats.py (hidden 576 unless the group does not divide it).
+# the payload bytes in tests/test_formats.py (hidden 576).
 PRESETS = {
     # OCP Microscaling (MX) v1.0: FP4 E2M1 elements, one E8M0 shared exponent per block of 32.
     # lowbit rounds the shared exponent UP (2**ceil(log2(absmax / 6))), as torchao's RCEIL mode /
@@ -43,17 +43,18 @@ PRESETS = {
     "quickreduce-int6": "int6-group32-sfp16@twoshot+int6-group32-sfp16",
     "quickreduce-int8": "int8-group32-sfp16@twoshot+int8-group32-sfp16",
     # FlashInfer flashinfer.comm.quantized_all_reduce (docs.flashinfer.ai): "FP8 quantized two-shot
-    # AllReduce with per-block scaling", FP8 E4M3, scale_group=256 elements per scale (fp32 scales:
-    # 8 + 32/256 = 8.125 bits). FlashInfer groups the flat tensor; lowbit's groups are per row, so
-    # the preset needs 256 to divide the (two-shot chunk of the) hidden size: not 576.
-    "flashinfer-fp8": "fp8e4m3-group256-sfp32@twoshot+fp8e4m3-group256-sfp32",
+    # AllReduce with per-block scaling", FP8 E4M3, scale_group=256 elements of the flat tensor per
+    # scale (fp32 scales: 8 + 32/256 = 8.125 bits). lowbit's two-shot chunks are column blocks, so a
+    # group is 256 consecutive values of a chunk's row-major buffer (flat<G>, lowbit.groups.flat).
+    "flashinfer-fp8": "fp8e4m3-flat256-sfp32@twoshot+fp8e4m3-flat256-sfp32",
     # TensorRT-LLM AllReduceStrategy.LOWPRECISION (docs/source/advanced/lowprecision-pcie-allreduce.md):
     # FP16/BF16 quantized to FP8 E4M3 "per warp": 31 threads x 16 bytes = 496 values plus one scalar
     # sent by the 32nd thread; quantize, transmit, dequantize, reduce (for PCIe topologies). Not
     # verified: the scalar's dtype (taken as the fp32 scale here; its 16-byte slot is not modelled)
-    # and the exchange pattern (taken as one gather here). 8 + 32/496 = 8.0645 bits; 496 must divide
-    # the hidden size (3968 does; 576 does not).
-    "trtllm-fp8": "fp8e4m3-group496-sfp32",
+    # and the exchange pattern (taken as one gather here). 496 values of the flat message per scale
+    # (flat<G>): 8 + 32/496 = 8.0645 bits where 496 divides T x H, a little more where the last group
+    # is shorter.
+    "trtllm-fp8": "fp8e4m3-flat496-sfp32",
 }
 
 _HELP_COLUMN = 44  # where the description column starts
