@@ -3,7 +3,8 @@
 The choices come from the registries (``lowbit.codes``, ``lowbit.groups``, ``lowbit.scales``), so
 a new code, grouping or scale format appears in every picker without a page edit; the string is
 built from ``lowbit.scheme``'s dataclasses, which check it (a ``SchemeError`` names the field).
-Not a page itself (app.py lists the pages).
+``scheme_text`` is plain Python (tests call it); ``pick_code`` draws the code pickers both the
+Layer error and the Playground page show. Not a page itself (app.py lists the pages).
 
     PYTHONPATH=. python -c "from pages._controls import scheme_text; print(scheme_text('nf4', granularity='group', group=64))"
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 from fractions import Fraction
+
+import streamlit as st
 
 from lowbit import codes, groups
 from lowbit.codes import CODES, Code
@@ -49,6 +52,17 @@ def width_families() -> list[str]:
     """Families whose token is the family and a width (``int4``, ``nf3``): what a sweep grid's
     ``bits`` axis combines with (the others, such as ``fp8e4m3``, are whole codes)."""
     return [c.name for c in CODES.classes() if all(isinstance(label, int) for label in code_choices(c.name))]
+
+
+def pick_code(prefix: str, help: str) -> Code:
+    """The code pickers of a page (Streamlit): a radio of the families (key ``<prefix>_code``) and a
+    selectbox of the family's widths or formats (key ``<prefix>_bits_<family>``); the chosen Code."""
+    family = st.radio("Code", code_names(), horizontal=True, key=f"{prefix}_code", help=help)
+    choices = code_choices(family)
+    labels = list(choices)
+    label = st.selectbox("Bits" if isinstance(labels[0], int) else "Format", labels, index=default_index(choices),
+                         key=f"{prefix}_bits_{family}")
+    return choices[label]
 
 
 def allows_asymmetric(code: Code) -> bool:

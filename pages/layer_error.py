@@ -29,15 +29,11 @@ def scheme_builder() -> str | None:
     it cannot be built."""
     c1, c2, c3, c4, c5 = st.columns(5)
     with c1:
-        family = st.radio("Code", _controls.code_names(), horizontal=True, key="le_code",
-                          help="int: a uniform grid; nf: a fixed normal-quantile codebook (NF4-style, 3 or 4 bits), "
-                               "finer near zero where most values are; fp: a saturating minifloat (FP8 E4M3/E5M2, "
-                               "FP6, FP4 E2M1 as in MX / NVFP4), scale = absmax / the format's largest value; "
-                               "lm: a Lloyd-Max codebook fitted per site and rank on the calibration (2-4 bits)")
-        choices = _controls.code_choices(family)
-        labels = list(choices)
-        code = choices[st.selectbox("Bits" if isinstance(labels[0], int) else "Format", labels,
-                                    index=_controls.default_index(choices), key=f"le_bits_{family}")]
+        code = _controls.pick_code("le", help="int: a uniform grid; nf: a fixed normal-quantile codebook (NF4-style, "
+                                              "3 or 4 bits), finer near zero where most values are; fp: a saturating "
+                                              "minifloat (FP8 E4M3/E5M2, FP6, FP4 E2M1 as in MX / NVFP4), scale = "
+                                              "absmax / the format's largest value; lm: a Lloyd-Max codebook fitted "
+                                              "per site and rank on the calibration (2-4 bits)")
         asym = st.checkbox("Asymmetric (scale + min)", key="le_asym", disabled=not _controls.allows_asymmetric(code))
     with c2:
         gran = st.selectbox("Granularity", _controls.granularity_names(), key="le_gran",

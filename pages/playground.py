@@ -35,14 +35,9 @@ with c3:
 
 c1, c2, c3, c4, c5 = st.columns(5)
 with c1:
-    family = st.radio("Code", _controls.code_names(), horizontal=True, key="pg_code",
-                      help="int: uniform grid; nf: normal-quantile codebook (3 or 4 bits); fp: a saturating "
-                           "minifloat (FP8 E4M3 / E5M2, FP6, FP4 E2M1 as MXFP4 and NVFP4 send); lm: a Lloyd-Max "
-                           "codebook fitted on this calibration")
-    choices = _controls.code_choices(family)
-    labels = list(choices)
-    code = choices[st.selectbox("Bits" if isinstance(labels[0], int) else "Format", labels,
-                                index=_controls.default_index(choices), key=f"pg_bits_{family}")]
+    code = _controls.pick_code("pg", help="int: uniform grid; nf: normal-quantile codebook (3 or 4 bits); fp: a "
+                                          "saturating minifloat (FP8 E4M3 / E5M2, FP6, FP4 E2M1 as MXFP4 and NVFP4 "
+                                          "send); lm: a Lloyd-Max codebook fitted on this calibration")
 with c2:
     gran = st.selectbox("Granularity", _controls.granularity_names(), key="pg_gran",
                         help="static: one fp32 scale per feature from calibration (never sent); token: one BF16 "

@@ -23,6 +23,7 @@ A new grouping is one class in one new module of this package, registered with
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -106,3 +107,34 @@ class Grouping:
     def static_bytes(self, width: int, symmetric: bool) -> int:
         """Bytes every receiver holds per sender and never receives (static scales and mins)."""
         return 0
+
+
+@dataclass(frozen=True)
+class SizedGrouping(Grouping):
+    """A grouping whose token is a prefix and a group size (``group32``, ``flat256``): the parsing,
+    printing and size check they share. Subclasses set ``prefix`` (and ``name``, ``syntax``...)."""
+
+    prefix: ClassVar[str]
+    sized = True
+    group_size: int = 32
+
+    @classmethod
+    def parse(cls, text: str, pos: int):
+        m = re.compile(re.escape(cls.prefix) + r"(\d+)").match(text, pos)
+        return (cls(int(m.group(1))), m.end()) if m else None
+
+    @classmethod
+    def from_fields(cls, group_size: int | None) -> "SizedGrouping":
+        return cls(group_size)
+
+    def __post_init__(self):
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise SchemeError("group_size", f"{g!r} not allowed; allowed: a positive integer")
+
+    def __str__(self) -> str:
+        return f"{self.prefix}{self.group_size}"
+
+    @property
+    def size(self) -> int:
+        return self.group_size

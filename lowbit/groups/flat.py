@@ -19,47 +19,22 @@ outliers    BF16 columns keep their places in the buffer and take no part in the
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 
-from lowbit.groups.base import GROUPS, Grouping
-from lowbit.plugins import SchemeError
-
-_RE = re.compile(r"flat(\d+)")
+from lowbit.groups.base import GROUPS, SizedGrouping
 
 
 @GROUPS.register
 @dataclass(frozen=True)
-class Flat(Grouping):
+class Flat(SizedGrouping):
     name = "flat"
+    prefix = "flat"
     order = 3
     syntax = "flat<G>"
     help = "one dynamic scale per G values of the flattened message (any width; the last group may be shorter)"
-    sized = True
     group_size: int = 256
-
-    @classmethod
-    def parse(cls, text: str, pos: int):
-        m = _RE.match(text, pos)
-        return (cls(int(m.group(1))), m.end()) if m else None
-
-    @classmethod
-    def from_fields(cls, group_size: int | None) -> "Flat":
-        return cls(group_size)
-
-    def __post_init__(self):
-        g = self.group_size
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise SchemeError("group_size", f"{g!r} not allowed; allowed: a positive integer")
-
-    def __str__(self) -> str:
-        return f"flat{self.group_size}"
-
-    @property
-    def size(self) -> int:
-        return self.group_size
 
     def n_scales(self, tokens: int, width: int) -> int:
         return math.ceil(tokens * width / self.group_size)

@@ -13,12 +13,11 @@ group<G>    G contiguous features of a row; G divides H     [T, H // G], in the 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
-from lowbit.groups.base import GROUPS, Grouping
+from lowbit.groups.base import GROUPS, Grouping, SizedGrouping
 from lowbit.plugins import SchemeError
 
 STATIC_SCALE_FORMATS = ("bf16", "fp32")  # static scales are fp32 from calibration; bf16 is the default that prints nothing
@@ -87,40 +86,15 @@ class PerToken(Grouping):
         return scales.unsqueeze(-1).expand(shape)
 
 
-_RE_GROUP = re.compile(r"group(\d+)")
-
-
 @GROUPS.register
 @dataclass(frozen=True)
-class PerGroup(Grouping):
+class PerGroup(SizedGrouping):
     name = "group"
+    prefix = "group"
     order = 2
     syntax = "group<G>"
-    sized = True
     help = "one dynamic scale per G contiguous features of a token; G divides the message's width"
     groups_features = True
-    group_size: int = 32
-
-    @classmethod
-    def parse(cls, text: str, pos: int):
-        m = _RE_GROUP.match(text, pos)
-        return (cls(int(m.group(1))), m.end()) if m else None
-
-    @classmethod
-    def from_fields(cls, group_size: int | None) -> "PerGroup":
-        return cls(group_size)
-
-    def __post_init__(self):
-        g = self.group_size
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
-            raise SchemeError("group_size", f"{g!r} not allowed; allowed: a positive integer")
-
-    def __str__(self) -> str:
-        return f"group{self.group_size}"
-
-    @property
-    def size(self) -> int:
-        return self.group_size
 
     def check_width(self, width: int, where: str | None = None) -> None:
         if width % self.group_size:

@@ -118,7 +118,8 @@ class ScaleFormat:
         return self._round(t.to(_FP32).contiguous(), up)
 
     def _round(self, t: torch.Tensor, up: bool) -> torch.Tensor:
-        raise NotImplementedError
+        """fp32 ``t`` to this format's ``dtype`` (a small float: fp16, float8) toward +-inf, saturating."""
+        return float_toward(t, self.dtype, up)
 
     def scales(self, needed: torch.Tensor):
         """(scales the receiver uses, wire values or None, message header or None) from the

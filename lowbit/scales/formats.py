@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.scales.base import SCALES, ScaleFormat, as_bytes, float_toward, from_bytes, power_of_two_up
+from lowbit.scales.base import SCALES, ScaleFormat, as_bytes, from_bytes, power_of_two_up
 
 _FP32 = torch.float32
 _FP64 = torch.float64
@@ -76,9 +76,6 @@ class FP16(ScaleFormat):
     dtype = torch.float16
     saturates = True
 
-    def _round(self, t: torch.Tensor, up: bool) -> torch.Tensor:
-        return float_toward(t, self.dtype, up)
-
 
 @SCALES.register
 @dataclass(frozen=True)
@@ -114,9 +111,6 @@ class E4M3(ScaleFormat):
     symmetric_only = True
     saturates = True
     header = torch.float32  # the message scale g, first in the scales section
-
-    def _round(self, t: torch.Tensor, up: bool) -> torch.Tensor:
-        return float_toward(t, self.dtype, up)
 
     def scales(self, needed: torch.Tensor):
         g = message_scale(needed.to(_FP64))
