@@ -57,7 +57,7 @@ def site_inputs(scheme_text: str, tokens: int, hidden: int, tp: int, dtype=torch
     if k:
         ranges = torch.stack([x.float().amax(0) - x.float().amin(0) for x in xs]).sum(0)
         idx = ranges.topk(k).indices.sort().values
-    ranges = [(x.float().amin(0), x.float().amax(0)) if quant.granularity == "static" else (None, None) for x in xs]
+    ranges = [(x.float().amin(0), x.float().amax(0)) if not quant.dynamic else (None, None) for x in xs]
     return quant, idx, xs, ranges
 
 
@@ -126,10 +126,10 @@ def codec_case(text: str, tokens: int, hidden: int, tp: int):
     scheme's group does not divide ``hidden``."""
     from kernels import reference as ref
     quant, idx, xs, ranges = site_inputs(text, tokens, hidden, tp)
-    if quant.granularity == "group" and hidden % quant.group_size:
+    if quant.group_size and hidden % quant.group_size:
         return None
     mins = maxs = None
-    if quant.granularity == "static":
+    if not quant.dynamic:
         mins, maxs = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
     payloads = torch.stack([ref.quantize_pack_ref(xr, quant, idx, a, b) for xr, (a, b) in zip(xs, ranges)])
     return quant, idx, xs[0], ranges[0][0], ranges[0][1], mins, maxs, payloads
@@ -217,7 +217,7 @@ def run_cuda(args) -> list[dict]:
                     continue  # what the Triton kernels do not implement (kernels.registry) runs no kernel here
                 x, (lo, hi) = xs[0], ranges[0]
                 mins = maxs = None
-                if quant.granularity == "static":
+                if not quant.dynamic:
                     mins, maxs = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
                 payloads = torch.stack([triton_quant.quantize_pack(xr, quant, idx, a, b) for xr, (a, b) in zip(xs, ranges)])
                 lay = layout(tokens, hidden, quant, 0 if idx is None else idx.numel())

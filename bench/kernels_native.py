@@ -127,7 +127,7 @@ def reduce_step(path: str, text: str, tokens: int, hidden: int, tp: int, rank: i
     scheme = parse_scheme(text)
     quant, idx, xs, ranges = site_inputs(text, tokens, hidden, tp)
     idx = torch.empty(0, dtype=torch.long) if idx is None else idx
-    static = quant.granularity == "static"
+    static = not quant.dynamic
     mins = torch.stack([r[0] for r in ranges]) if static else None
     maxs = torch.stack([r[1] for r in ranges]) if static else None
     if scheme.algo == "gather":

@@ -447,7 +447,7 @@ def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None,
     payload = torch.empty(lay.total_bytes, dtype=torch.uint8)
     bits_np, shift = _bits_view(x)
     gran, group, sym, bits, qmin, qmax, c, bf16 = _spec_args(quant)
-    count_clamped = _count and quant.granularity == "static"
+    count_clamped = _count and not quant.dynamic
     clamp_lo = clamp_hi = _NO_BOUND
     if count_clamped:  # lowbit.quant._outside_static_range in fp32: |x| > max(|lo|, |hi|) is x outside +-bound
         lo32, hi32 = (torch.as_tensor(t).to(torch.float32).reshape(-1).numpy() for t in (static_min, static_max))

@@ -146,7 +146,7 @@ def prepare_quantize(x, quant, outlier_idx, static_min, static_max):
     tokens, hidden = x.shape
     feats = features(hidden, outlier_idx, x.device)
     lay = layout(tokens, hidden, quant, feats.n_outliers)
-    if quant.granularity == "static":
+    if not quant.dynamic:
         scales, mins = static_tables(quant, static_min, static_max, hidden, x.device)
         if scales.dim() != 1:
             raise ValueError(f"static_min/static_max of one rank must be [{hidden}], got {tuple(scales.shape)}")
@@ -168,7 +168,7 @@ def prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, st
     lay = layout(tokens, hidden, quant, feats.n_outliers)
     if payloads.shape[1] != lay.total_bytes:
         raise ValueError(f"payloads have {payloads.shape[1]} bytes per rank; layout expects {lay.total_bytes}")
-    if quant.granularity == "static":
+    if not quant.dynamic:
         scales, mins = static_tables(quant, static_mins, static_maxs, hidden, payloads.device)
         if scales.shape != (tp, hidden):
             raise ValueError(f"static_mins/static_maxs must be [tp={tp}, {hidden}], got {tuple(scales.shape)}")

@@ -86,7 +86,7 @@ def _parse(scheme_text: str, hidden: int, tp: int) -> Scheme:
         scheme.validate_for(hidden, tp)
     except SchemeError as exc:
         raise PlaygroundError(f"scheme: {exc}") from exc
-    if not scheme.is_exact and (scheme.sparse or scheme.threshold is not None or scheme.permute):
+    if scheme.per_message_outliers or (not scheme.is_exact and scheme.permute):
         raise PlaygroundError(f"scheme: {scheme_text!r} not allowed here; allowed: top/rand/no BF16 outliers "
                               "(sp, thr and perm are on the Layer error page)")
     return scheme
