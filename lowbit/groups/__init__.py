@@ -1,6 +1,20 @@
-"""Groupings (granularities): which values of a message share a scale. ``lowbit.groups.base`` has
-the interface, ``lowbit.groups.rows`` static / token / group<G>; every other module here is one
-more grouping, found by the registry."""
+"""Groupings (granularities): which values of a message share a scale (torchao's granularity objects).
+
+==========  ==========  =============================================================================
+token       module      one scale per
+==========  ==========  =============================================================================
+static      rows        feature, from calibration (fp32 per sender, held by every receiver, never sent)
+token       rows        row (token) of the message
+group<G>    rows        G contiguous features of a row (G divides the message's width)
+flat<G>     flat        G consecutive values of the message's row-major buffer (any width; the last
+                        group may be shorter, and its scale is sent and counted)
+==========  ==========  =============================================================================
+
+``lowbit.groups.base`` has the interface (and ``SizedGrouping`` for the ``<name><G>`` ones); every
+module here is found by the registry, so a new grouping is one new module.
+
+    PYTHONPATH=. python -c "from lowbit.groups import GROUPS; print([g.syntax for g in GROUPS.classes()])"
+"""
 from lowbit.groups.base import GROUPS, Grouping  # noqa: F401 - the public names
 
 
