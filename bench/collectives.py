@@ -203,7 +203,9 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
                        leg2_bits_per_value=float(extra["leg2_bits"]) if "leg2_bits" in extra else None,
                        effective_gbps=bytes_rank * 8 / median_s / 1e9 if median_s > 0 else None,
                        compute_ms=None if compute is None else 1e3 * compute[text],
-                       rel_error=errors[text])
+                       rel_error=errors[text],
+                       # the path the messages took (lowbit.comm.codec; exact schemes have none)
+                       codec_path=None if scheme.is_exact else comms[text].paths.by_site().get(str(site)))
             records.append(rec)
     if progress:
         progress(len(sizes), len(sizes), f"done: {len(records)} records")

@@ -128,3 +128,18 @@ def test_a_run_names_the_codec_path_of_each_site_and_records_the_change_as_an_ev
     assert {e["metrics"]["site"] for e in codec_events} <= set(paths)
     from launch.store.runs import codec_changes
     assert codec_changes(read_events(events_path)) == [e["message"] for e in codec_events]  # what the Runs page shows
+
+
+def test_collective_bench_records_name_the_path_their_messages_took(monkeypatch):
+    """The collective bench with ``codec = kernels`` (native on this CPU) and ``reference``: each
+    quantized record names the path its site's messages took; nf (no kernel) stays on the reference."""
+    from bench.collectives import bench_on_group
+    from lowbit.comm.dist import ThreadWorld
+    monkeypatch.setenv(dispatch.ENV, "auto")
+    monkeypatch.setattr(dispatch, "_native_broken", None)
+    params = dict(repeats=1, min_repeats=1, warmup=0, budget_s=0.1, tokens=[4], hidden=[96], compute_repeats=0,
+                  schemes=["int4-static-top1/64", "nf4-token"])
+    for codec, int_path in (("kernels", "native"), ("reference", "reference")):
+        records = ThreadWorld(2).run(lambda g: bench_on_group(g, dict(params, codec=codec)))[0]
+        paths = {r["scheme"]: r["codec_path"] for r in records}
+        assert paths == {"bf16": None, "int4-static-top1/64": int_path, "nf4-token": "reference"}, (codec, paths)
