@@ -32,20 +32,28 @@ asked                      what it answers
 How to add a part (each is ONE new module; nothing else changes):
 
 - **A code** (e.g. QuickReduce's own INT rule): ``lowbit/codes/<name>.py`` with a frozen dataclass
-  subclassing ``Code``, decorated ``@CODES.register``; set ``name``, ``order``, ``syntax``, write
-  ``parse`` (a regex at ``pos``), ``__str__``, ``validate`` and the numeric methods. Give it a
-  ``kernel_key`` only if an existing kernel computes exactly its bytes. Its own test file holds
-  its error bound and its NaN/Inf policy (hypothesis), and its bits from bytes.
-- **A grouping** (e.g. ``flat<G>``): ``lowbit/groups/<name>.py``, a ``lowbit.groups.base.Grouping``
-  registered with ``@GROUPS.register`` (``parse``, ``n_scales``, ``group``/``ungroup``, ``expand``,
-  ``check_width``).
+  subclassing ``Code``, decorated ``@CODES.register``; set ``name``, ``order``, ``syntax`` and
+  ``help`` (the grammar's help lists it), write ``parse`` (a regex at ``pos``), ``__str__``,
+  ``choices`` (what the pages' pickers offer), ``validate`` and the numeric methods above. Give it
+  a ``kernel_key`` only if an existing kernel computes exactly its bytes (``kernels.registry``
+  lists what each kernel implements). Its own test file holds its error bound and its NaN/Inf
+  policy (hypothesis), and its bits from bytes.
+- **A grouping** (e.g. ``flat<G>``, ``lowbit/groups/flat.py``): ``lowbit/groups/<name>.py``, a
+  ``lowbit.groups.base.Grouping`` (or ``SizedGrouping`` for a ``<prefix><G>`` token) registered
+  with ``@GROUPS.register``: ``n_scales``, ``scale_shape``, ``group`` / ``ungroup``, ``expand`` and,
+  when it cannot cut every width, ``check_width``.
 - **A scale format** (e.g. MX's floor rounding): ``lowbit/scales/<name>.py``, a
-  ``lowbit.scales.base.ScaleFormat`` registered with ``@SCALES.register`` (``name``, ``dtype``,
-  ``_round``; ``scales`` / ``write`` / ``read`` when it has a per-message header).
+  ``lowbit.scales.base.ScaleFormat`` registered with ``@SCALES.register``: ``name``, ``dtype``,
+  ``help`` and ``_round`` (a small float's ulp-step rounding is the default); ``scales`` /
+  ``write`` / ``read`` when it has a per-message header (``header``, as e4m3).
 - **An input cast** (e.g. vLLM's bf16 -> fp16 that overflows to inf): ``lowbit/casts/<name>.py``,
-  a ``lowbit.casts.base.Cast`` registered with ``@CASTS.register`` (``parse`` reads its
-  ``-<token>`` after the scale format, ``apply`` maps the fp32 partial).
-- **A preset** naming a shipping system: one line in ``lowbit.scheme.grammar.PRESETS``.
+  a ``lowbit.casts.base.Cast`` registered with ``@CASTS.register``: ``parse`` reads its ``-<token>``
+  after the scale format, ``token`` prints it, ``apply`` maps the fp32 partial.
+- **A preset** naming a shipping system: one line in ``lowbit.scheme.grammar.PRESETS``, with its
+  sources and assumptions in the comment above it.
+
+``tests/test_plugins.py`` does each of the first four in a test (a ternary code, e5m2 scales, the
+fp16 cast) and ``tests/test_flat_groups.py`` tests the real ``flat<G>``.
 
 Each registry imports every module of its package on first use (``lowbit.plugins.Registry``),
 so the grammar, the quantizer, the payload layout and the accounting see the new part at once.
