@@ -6,7 +6,7 @@ math themselves. The sidebar shows the machine, the installed models and the act
 """
 import streamlit as st
 
-from launch import store
+from launch.store.runs import active_runs
 from pages import _teach, _ui
 
 st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon="📡")
@@ -33,7 +33,7 @@ _ui.ensure_queue()
 
 @st.fragment(run_every=_ui.POLL_S * 3)
 def active_job() -> None:
-    active = store.active_runs(_ui.root())
+    active = active_runs(_ui.root())
     if active.empty:
         st.caption("No job running. Start one from Overview (demo) or Runs.")
         return

@@ -1,1 +1,1 @@
-"""Benchmarks that publish the README's numbers; each module says the command that runs it."""
+"""Benchmarks that publish the numbers of README.md and docs/ (bench.report renders them); each module says the command that runs it."""

@@ -1,4 +1,4 @@
-"""The README accuracy table, end to end: calibrate, evaluate every scheme, write JSON/CSV/Markdown.
+"""The accuracy table of docs/results.md, end to end: calibrate, evaluate every scheme, write JSON/CSV/Markdown.
 
     python -m bench.accuracy --tp 3 --items 100 --out bench/results/accuracy.json
     python -m bench.accuracy --tp 3 --target-se 0.03 --pilot-items 20 --plan-only   # size it first
@@ -10,7 +10,7 @@ text are the low-noise measures. Nothing here is tuned: the table is what the ru
 
 Sizing to a target standard error (``--target-se``): the target is the SE of each task's *paired
 Δ* (scheme minus the fp32 reference on the same items), for every scheme, because Δ and "% kept"
-(whose SE is built from Δ's, ``lowbit.stats.kept_pct``) are what the README's conclusions rest on;
+(whose SE is built from Δ's, ``lowbit.stats.kept_pct``) are what the docs' conclusions rest on;
 a score's own SE (~sqrt(p(1-p)/n), 0.5/sqrt(n) at worst) mostly measures how hard the items are,
 which is the same for every scheme. A pilot evaluate (``--pilot-items`` per task, one held-out
 chunk) gives each task's per-item variance of the differences for each scheme; the task needs
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(result, rows, tasks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    info = dict(command="python -m bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv),
+    info = dict(command=run_meta["command"],
                 machine=f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.system()}",
                 date=time.strftime("%Y-%m-%d"), wall_seconds=round(time.time() - start, 1),
                 calibrate_run=calib_id, evaluate_run=eval_id)

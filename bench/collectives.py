@@ -58,6 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench._data import outlier_features, synthetic_partial  # noqa: F401 - tests use them from here
+from bench._meta import command as meta_command, end_load, start_load
 from launch.client import submit_and_watch
 from launch.kinds import codec as kind_codec
 from launch.kinds.codec import CODECS
@@ -180,7 +181,7 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
         nbytes_bf16 = tokens * hidden * 2
         for text in schemes:
             scheme = parse_scheme(text)
-            method = "all_reduce" if scheme.is_exact else scheme.algo
+            method = accounting.method_of(scheme)
             rec = dict(tp=tp, tokens=tokens, hidden=hidden, method=method, scheme=text, link=link,
                        backend=getattr(group, "backend", "?"), codec="torch" if scheme.is_exact else codec_label,
                        dtype=p["dtype"])
@@ -266,7 +267,7 @@ def _compute_medians(group, runnable, calibration, codec, partial, site, repeats
 def collective_bench(ctx) -> dict | None:
     """The ``collective-bench`` job kind (launch.registry): rank 0 returns the records."""
     spec = ctx.spec
-    load_before = os.getloadavg()
+    load = start_load()
 
     def progress(step, total, message):
         ctx.events.step(step, total, message)
@@ -274,7 +275,7 @@ def collective_bench(ctx) -> dict | None:
     records = bench_on_group(ctx.group, dict(spec.params), spec.link, progress)
     if ctx.rank != 0:
         return None
-    return dict(records=records, meta=machine_meta(dict(load_avg_before=load_before, load_avg_after=os.getloadavg(),
+    return dict(records=records, meta=machine_meta(dict(load=end_load(load),
                                                         link=spec.link, tp=ctx.group.world_size,
                                                         params=dict(DEFAULT_PARAMS, **spec.params))))
 
@@ -315,7 +316,7 @@ def format_table(records: list[dict]) -> str:
 
 
 def markdown_table(records: list[dict]) -> str:
-    """README table: one row per (tp, tokens, hidden, scheme), one column per link:
+    """The docs' table: one row per (tp, tokens, hidden, scheme), one column per link:
     ``median ms (speedup vs bf16) [compute ms]``."""
     links = list(dict.fromkeys(r["link"] for r in records))
     rows: dict[tuple, dict] = {}
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write {meta, records} JSON here")
     parser.add_argument("--time-limit-s", type=float, default=3600.0, help="per job")
     parser.add_argument("--markdown", type=Path, nargs="+", metavar="F.json",
-                        help="print the README table of earlier --out files and exit (runs nothing)")
+                        help="print the docs' table of earlier --out files and exit (runs nothing)")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown_table([r for f in args.markdown for r in json.loads(f.read_text())["records"]]))
@@ -389,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     records, runs, failed = [], [], []
+    load = start_load()
     for spec in specs:
         code, run_id, result = submit_and_watch(spec.to_dict(), label=f"[{spec.link} tp {spec.tp}] collective-bench")
         runs.append(dict(id=run_id, link=spec.link, tp=spec.tp, status="done" if result else "failed"))
@@ -399,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[-1]["meta"] = result.get("meta")
     print(format_table(records))
     if args.out:
-        command = "python -m bench.collectives " + " ".join(sys.argv[1:] if argv is None else argv)
-        out = dict(meta=machine_meta(dict(command=command, runs=runs)), records=records)
+        command = meta_command("bench.collectives", sys.argv[1:] if argv is None else list(argv))
+        out = dict(meta=machine_meta(dict(command=command, load=end_load(load), runs=runs)), records=records)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1))
         print(f"wrote {len(records)} records to {args.out}")

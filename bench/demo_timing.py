@@ -1,4 +1,4 @@
-"""How long the classroom demo takes from submit to result, the way the README times it.
+"""How long the classroom demo takes from submit to result, the way docs/teaching.md times it.
 
     LOWBIT_RUNS=runs python -m bench.demo_timing --model gemma3-270m --tp 2
 
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._meta import finish_meta, start_meta
+from bench._meta import end_load, finish_meta, path as meta_path, start_load, start_meta
 from bench.accuracy import stage_seconds
 from launch.events import read_events
 from launch.layout import calibration_folder, run_paths
@@ -43,7 +43,7 @@ def submit_timed(spec: dict) -> dict:
     """One ``python -m launch submit --wait`` of ``spec``: run id, wall seconds, load before/after."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
-    load_before = [round(v, 2) for v in os.getloadavg()]
+    load = start_load()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "launch", "submit", f.name, "--wait"], capture_output=True,
@@ -57,8 +57,8 @@ def submit_timed(spec: dict) -> dict:
     # every process of the run (torchrun, its ranks) is waited for below the child, so their CPU
     # time adds up here: a measure of the work that a loaded machine's wall time does not give
     cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    return dict(run=found.group(1), wall_seconds=round(wall, 1), cpu_seconds=round(cpu, 1), load_before=load_before,
-                load_after=[round(v, 2) for v in os.getloadavg()])
+    return dict(run=found.group(1), wall_seconds=round(wall, 1), cpu_seconds=round(cpu, 1),
+                load=end_load(load))
 
 
 def fresh_calibration_cache() -> Path:
@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                    calibration_tokens=(result.get("calibration") or {}).get("tokens"))
         submits.append(row)
         print(f"submit {i + 1}: {row['run']} {row['wall_seconds']:.0f} s, {row['cpu_seconds']:.0f} CPU s (model cached {state['model_cached']}, "
-              f"calibration cached {state['calibration_cached']}; load {row['load_before']} -> {row['load_after']})")
+              f"calibration cached {state['calibration_cached']}; load {row['load']['start']} -> {row['load']['end']})")
         print("  stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in row["stages"].items()))
         print("  " + "; ".join(f"{s}: top-1 {100 * m['top1_agreement']:.1f}% KL {m['kl']:.4f}"
                                for s, m in row["metrics"].items()))
     out = Path(args.out or f"bench/results/demo-{args.model}-tp{args.tp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=finish_meta(meta), model=args.model, tp=args.tp, spec=spec,
-                                   cache_root=str(cache_root()), calibration_folder=str(calib), submits=submits),
+                                   cache_root=meta_path(cache_root()), calibration_folder=meta_path(calib), submits=submits),
                               indent=2))
     print(f"wrote {out}")
     return 0

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from bench._meta import finish_meta, start_meta
 from lowbit.scheme import PRESETS, SchemeError, parse_scheme
 from lowbit.wire import accounting
 from lowbit.wire.payload import encode
@@ -70,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--out", default="bench/results/formats-bits.json")
     args = parser.parse_args(argv)
+    meta = start_meta("bench.formats", sys.argv[1:] if argv is None else list(argv))
     try:
         rows = preset_bits(args.hidden, args.tp, args.tokens)
     except SchemeError as exc:
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         bits = f"{r['measured_bits']:.4f}" if where is None else \
             f"refused; {where['measured_bits']:.4f} at hidden {where['hidden']}, TP {where['tp']}"
         print(f"{r['preset']:18s} {r['expansion']:58s} {bits}")
-    meta = dict(command="python -m bench.formats " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), load_avg=list(os.getloadavg()),
-                cpus=os.cpu_count(), tokens=args.tokens)
+    meta = dict(finish_meta(meta), tokens=args.tokens)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     return 0

@@ -5,7 +5,7 @@ collective bench on CUDA, each step time-limited, every step's result a JSON fil
     bash bench/gpu_check.sh OUT                        # what `make gpu-check OUT=dir` runs
     python3 -m bench.gpu_check --out OUT                # the same, with this python
     python3 -m bench.gpu_check --out OUT --steps tp_engine collectives   # a rerun of two steps
-    python3 -m bench.gpu_check --device cpu --quick --out /tmp/gc      # CPU-safe mode (the test)
+    python3 -m bench.gpu_check --device cpu --quick --out gpu-check-out  # CPU-safe mode (the test)
     python3 -m bench.gpu_check --report OUT             # the tables, from the files of a run
 
 It runs under the GPU machine's own python (torch 2.11, triton 3.6 there), never the project
@@ -63,7 +63,7 @@ LOG_TAIL_CHARS = 3000
 SUMMARY = "summary.json"
 LOG = "gpu_check.log"
 
-# The fields the README's reading guide relies on, per file (tests/test_gpu_check.py holds
+# The fields a reader of the step files relies on (docs/gpu-check.md), per file (tests/test_gpu_check.py holds
 # the quick run's files to them).
 COMMON_FIELDS = ("step", "status", "device", "quick", "started", "seconds", "limit_s", "error", "checks")
 STEP_FIELDS = {

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # a fresh machine has no Triton cache; keep it inside the run (not in $OUT: it does not travel)
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/lowbit-triton-cache}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$(dirname "$(mktemp -u)")/lowbit-triton-cache}"
 # every rank is on this machine: gloo over loopback (a sandbox's hostname may not resolve)
 export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 if command -v timeout >/dev/null; then

@@ -146,7 +146,7 @@ def report_ok(data: dict) -> bool:
 
 def _triton_quant(device: str):
     from kernels import dispatch
-    return dispatch.import_interpreted() if device == "cpu" else dispatch._triton_module(False)
+    return dispatch.import_interpreted() if device == "cpu" else dispatch.triton_module(interpret=False)
 
 
 LARGE_CASES = [  # (scheme, input dtype, also against the CPU reference)

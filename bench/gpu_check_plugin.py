@@ -63,7 +63,7 @@ class CudaKernels:
 def install_cuda_kernels() -> None:
     from kernels import dispatch
     from kernels import reference as ref
-    compiled = CudaKernels(dispatch._triton_module(False))
+    compiled = CudaKernels(dispatch.triton_module(interpret=False))
     dispatch.import_interpreted = lambda: compiled
     for name in _REFERENCE_ENTRY_POINTS:
         setattr(ref, name, on_device(getattr(ref, name)))

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from bench._data import synthetic_partial
+from bench._meta import command as meta_command, end_load, start_load
 
 DEFAULT_TOKENS = [1, 16, 256, 2048, 8192]
 DEFAULT_HIDDEN = [576, 4096, 5120]
@@ -296,10 +297,10 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     args.tp = args.tp or (8 if device == "cuda" else 3)
-    meta = dict(command=" ".join(["python -m bench.kernels"] + list(argv if argv is not None else sys.argv[1:])),
+    meta = dict(command=meta_command("bench.kernels", list(argv if argv is not None else sys.argv[1:])),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device,
                 torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                cpu_count=os.cpu_count(), load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                cpu_count=os.cpu_count(), load=start_load(),
                 tp=args.tp, threads=args.threads, tokens=args.tokens, hidden=args.hidden, schemes=args.schemes)
     if device == "cuda":
         import triton
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
     else:
         result = dict(meta=meta, cpu=run_cpu(args))
         table = markdown_cpu(result["cpu"])
-    result["meta"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    end_load(result["meta"]["load"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

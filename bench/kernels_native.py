@@ -1,7 +1,7 @@
 """CPU codec benchmark of the numba kernels against the torch reference, in one run.
 
     PYTHONPATH=. .venv/bin/python -m bench.kernels --native --out bench/results/kernels-cpu-native.json
-    PYTHONPATH=. .venv/bin/python -m bench.kernels_native --tokens 8192 --hidden 576 --out /tmp/n.json
+    PYTHONPATH=. .venv/bin/python -m bench.kernels_native --tokens 8192 --hidden 576 --out test-output/n.json
 
 Two measurements, one thread per process (``bench.kernels`` runs them for ``--native``):
 
@@ -23,13 +23,12 @@ Next to every wall-clock median (``*_s``) is the median thread CPU time (``*_cpu
 rank's for the reduce): on a shared machine the wall time also counts the time the process waited
 for a core, the CPU time mostly not (caches and memory bandwidth are still shared).
 
-Every row records ``load_avg`` (``/proc/loadavg``'s 1/5/15-minute averages) before it ran.
+Every row records ``load``: the 1/5/15-minute load averages before it ran (``bench._meta``'s block).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -38,16 +37,13 @@ from pathlib import Path
 import torch
 
 from bench import kernels as bench_kernels
+from bench._meta import start_load
 from bench.kernels import codec_case, site_inputs, spawn_ranks
 
 PATHS = ("native", "reference")
 DEFAULT_SCHEMES = ["int4-static-top1/64", "int4-group32-top1/64", "int8-token", "int3a-token"]
 DEFAULT_REDUCE = ["int4-static-top1/64", "int4-static-top1/64@twoshot+int4-token",
                   "int4-static-top1/64@twoshot+int8-token"]
-
-
-def _load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def codec_fns(path: str):
@@ -68,7 +64,7 @@ def codec_rows(schemes, sizes, tp: int, paths, min_repeats: int, max_repeats: in
             case = codec_case(text, tokens, hidden, tp)
             if case is None:
                 continue
-            load = _load()
+            load = start_load()
             quant, idx, x, lo, hi, mins, maxs, payloads = case
             want_sum = ref.unpack_dequant_sum_ref(payloads, tokens, hidden, quant, idx, mins, maxs)
             ops, first_call, same = {}, {}, {}
@@ -112,10 +108,10 @@ def codec_rows(schemes, sizes, tp: int, paths, min_repeats: int, max_repeats: in
                                  copy_bf16_s=copy_s, copy_gbps=copy_gbps,
                                  quantize_of_copy=q_bytes / qs / 1e9 / copy_gbps,
                                  unpack_sum_of_copy=u_bytes / us / 1e9 / copy_gbps,
-                                 first_call_s=first_call[p], bit_identical=same[p], load_avg=load))
+                                 first_call_s=first_call[p], bit_identical=same[p], load=load))
             line = "  ".join(f"{r['path']} {1e3 * r['quantize_s']:7.2f}+{1e3 * r['unpack_sum_s']:7.2f} ms"
                              for r in rows[-len(paths):])
-            log(f"{text:24s} {tokens:5d} x {hidden:5d}  {line}  copy {1e3 * copy_s:.2f} ms  load {load[0]}")
+            log(f"{text:24s} {tokens:5d} x {hidden:5d}  {line}  copy {1e3 * copy_s:.2f} ms  load {load['start'][0]}")
     return rows
 
 
@@ -166,7 +162,7 @@ def _reduce_worker(rank: int, world: int, init_file: str, cases, min_repeats: in
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = []
     for path, text, tokens, hidden in cases:
-        load = _load()
+        load = start_load()
         start = time.perf_counter()
         step = reduce_step(path, text, tokens, hidden, world, rank)
         step()  # compile / load the kernels outside timing
@@ -189,11 +185,11 @@ def _reduce_worker(rank: int, world: int, init_file: str, cases, min_repeats: in
         results.append(dict(path=path, scheme=text, tokens=tokens, hidden=hidden, tp=world, repeats=len(times),
                             median_s=statistics.median(times), min_s=min(times), setup_s=setup_s,
                             cpu_median_s=statistics.median(cpu_times),
-                            load_avg=load))
+                            load=load))
         if rank == 0:
             r = results[-1]
             print(f"reduce {path:9s} {text:40s} {tokens:5d} x {hidden:5d}  {1e3 * r['median_s']:8.2f} ms "
-                  f"(min {1e3 * r['min_s']:.2f}, cpu {1e3 * r['cpu_median_s']:.2f}, {r['repeats']} repeats)  load {load[0]}", flush=True)
+                  f"(min {1e3 * r['min_s']:.2f}, cpu {1e3 * r['cpu_median_s']:.2f}, {r['repeats']} repeats)  load {load['start'][0]}", flush=True)
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -229,13 +225,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['scheme']} | {r['tokens']} x {r['hidden']} | {r['path']} | "
                      f"{1e3 * r['quantize_s']:.3f} ({100 * r['quantize_of_copy']:.0f}%) [{1e3 * r['quantize_cpu_s']:.3f}] | "
                      f"{1e3 * r['unpack_sum_s']:.3f} ({100 * r['unpack_sum_of_copy']:.0f}%) [{1e3 * r['unpack_sum_cpu_s']:.3f}] | "
-                     f"{r['bit_identical']} | {r['load_avg'][0]} |")
+                     f"{r['bit_identical']} | {r['load']['start'][0]} |")
     if result["reduce"]:
         lines += ["", "| reduce (tp ranks at once, slowest) | tokens x hidden | path | median ms | cpu ms | load |",
                   "|---|---|---|---|---|---|"]
         for r in result["reduce"]:
             lines.append(f"| {r['scheme']} | {r['tokens']} x {r['hidden']} | {r['path']} | "
-                         f"{1e3 * r['median_s']:.2f} | {1e3 * r['cpu_median_s']:.2f} | {r['load_avg'][0]} |")
+                         f"{1e3 * r['median_s']:.2f} | {1e3 * r['cpu_median_s']:.2f} | {r['load']['start'][0]} |")
     return "\n".join(lines)
 
 

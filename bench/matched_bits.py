@@ -1,4 +1,4 @@
-"""Rows of several ``sum-error`` result files as one table (the README's matched-bits table, which
+"""Rows of several ``sum-error`` result files as one table (the matched-bits table of docs/results.md, which
 ``python -m bench.report`` renders through ``load_rows``; no model runs here).
 
 Each file is what ``python -m lowbit.method.sweep sum-error ... --out FILE`` wrote: a ``meta``

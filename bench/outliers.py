@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._meta import finish_meta, start_meta
+from bench._meta import finish_meta, start_meta, path as meta_path
 from lowbit.analysis import (outlier_count, overlap_between_batches, overlap_between_layers, overlap_between_ranks,
                              random_jaccard)
 from lowbit.calibration import Calibration
@@ -104,7 +104,7 @@ def outlier_summary(cal: Calibration, ratio: float = 100.0) -> dict:
     return out
 
 
-# one (label, format) per summary number: the printed table here and the README block (bench.report)
+# one (label, format) per summary number: the printed table here and the docs' block (bench.report)
 ROWS = [("tokens x batches", lambda s: f"{s['tokens']} x {s['batches']}"),
         ("k (hidden/64) of hidden", lambda s: f"{s['k']} of {s['hidden']}"),
         ("Jaccard random sets", lambda s: f"{s['random_jaccard']:.3f}"),
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.calibrations:
         cal = Calibration.load(folder)
         label = f"{cal.meta.get('model', 'model')}-tp{cal.tp}"
-        summaries[label] = dict(outlier_summary(cal, args.ratio), calibration=str(folder))
+        summaries[label] = dict(outlier_summary(cal, args.ratio), calibration=meta_path(folder))
     out = Path(args.out or f"bench/results/outliers-{'-'.join(summaries)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=finish_meta(meta), models=summaries), indent=2))

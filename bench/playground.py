@@ -3,13 +3,13 @@
     python -m bench.playground --calibration runs/<calibrate id>/calibration \\
         --out bench/results/playground.json
 
-Times ``launch.store.playground_view`` (what the page calls: ``lowbit.playground.analyze``
+Times ``launch.store.teaching.playground_view`` (what the page calls: ``lowbit.playground.analyze``
 on the stored 16-token sample -- the rank's message through the payload codec, the sum over
 ranks through the real communicator on threads, the bit accounting -- plus the frames) for a set
 of control settings at the spikiest stored site, ``--repeats`` times each after one warm-up, and
 reports medians. With ``--page`` it also drives the real page with Streamlit's AppTest and times
 the rerun after each control change (the whole script, both side-by-side schemes). The load
-average (``/proc/loadavg``) is recorded before and after: the machine is shared.
+averages are recorded before and after (``load``, ``bench._meta``'s block): the machine is shared.
 Target (issue 18): <= 1 s per control change for a 16-token sample at hidden 576.
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench._meta import command as meta_command, end_load, path as meta_path, start_load
+
 SETTINGS = ["int4-static-top1/64", "int4-static", "int4-token", "int4-token-rot64", "int4-group32",
             "int4-group32-top1/64-rot64", "nf4-static-top1/64", "int4-token-sr", "int2-static-rand1/64",
             "int8-token", "int4-static-top1/64@twoshot+int8-token", "bf16"]
@@ -33,23 +35,17 @@ PAGE_STEPS = [("selectbox", "pg_gran", "token"), ("toggle", "pg_rot", True), ("r
               ("selectbox", "pg_bits_int", 3)]
 
 
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def time_views(cal, settings: list[str], repeats: int) -> list[dict]:
-    from launch import store
-    layer, module, rank = store.spikiest_sample(cal)
+    from launch.store.teaching import playground_view
+    from lowbit.analysis import spikiest_sample
+    layer, module, rank = spikiest_sample(cal)
     rows = []
     for scheme in settings:
-        store.playground_view(cal, layer, module, rank, scheme)  # warm-up
+        playground_view(cal, layer, module, rank, scheme)  # warm-up
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            view = store.playground_view(cal, layer, module, rank, scheme)
+            view = playground_view(cal, layer, module, rank, scheme)
             times.append(time.perf_counter() - start)
         row = view["summary"].iloc[0]
         rows.append(dict(scheme=scheme, layer=layer, module=module, rank=rank, repeats=repeats,
@@ -103,23 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats and --page-repeats: must be >= 1")
     import torch
 
-    from launch import store
-    cal = store.load_calibration(args.calibration)
-    info = dict(calibration=str(args.calibration), model=cal.meta.get("model"), tp=cal.tp, hidden=cal.hidden,
+    from launch.store.calibration import load_calibration
+    cal = load_calibration(args.calibration)
+    info = dict(command=meta_command("bench.playground", sys.argv[1:] if argv is None else list(argv)),
+                calibration=meta_path(args.calibration), model=cal.meta.get("model"), tp=cal.tp, hidden=cal.hidden,
                 sample_tokens=int(cal.sample.shape[3]) if cal.sample is not None else None,
                 machine=dict(python=platform.python_version(), torch=torch.__version__, cpus=os.cpu_count(),
                              torch_threads=torch.get_num_threads(), platform=platform.platform()),
-                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), loadavg_before=loadavg())
+                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), load=start_load())
     info["views"] = time_views(cal, SETTINGS, args.repeats)
     if args.page:
         # the runs root holding this calibration: <root>/<run id>/calibration
         info["page"] = time_page(args.calibration.resolve().parent.parent, args.page_repeats)
-    info["loadavg_after"] = loadavg()
+    end_load(info["load"])
     worst = max(r["median_ms"] for r in info["views"] + info.get("page", []))
     info["target_ms"], info["worst_median_ms"] = 1000.0, worst
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(info, indent=2))
-    print(f"worst median {worst:.1f} ms (target 1000 ms); load {info['loadavg_before']} -> {info['loadavg_after']}; "
+    print(f"worst median {worst:.1f} ms (target 1000 ms); load {info['load']['start']} -> {info['load']['end']}; "
           f"wrote {args.out}")
     return 0 if worst <= 1000.0 else 1
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from launch.kinds import codec as kind_codec
+from bench._meta import command as meta_command, end_load, start_load
 from launch.kinds.method import plan as scheme_plan
 from launch.kinds.method import progress as job_progress
 from launch.kinds.throughput import DEFAULTS, check_params  # noqa: F401 - the kind owns its params
@@ -129,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
                 calib_tokens=4096, eval_data="wikipedia", time_limit_s=3 * 3600.0,
                 params=dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                             codec=args.codec))
+    load = start_load()
     run_id, result = run_job(spec)
-    result.update(command="python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
+    result.update(command=meta_command("bench.throughput", sys.argv[1:] if argv is None else list(argv)),
                   machine=f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores", date=time.strftime("%Y-%m-%d"),
-                  run=run_id)
+                  load=end_load(load), run=run_id)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

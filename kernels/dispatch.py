@@ -9,10 +9,9 @@ scale format, rounding), and where it does not, lowbit's torch reference runs (t
 
 =============  ====================================================================================
 ``auto``       default. CUDA: the Triton kernels (``kernels.triton_quant``). CPU: the numba kernels
-               (``kernels.native_cpu``) at every size: bench/results/kernels-cpu-native.json has
-               quantize + unpack CPU time 1.5-47x below the reference and 2.1-13.5x below the
-               torch.compile path (since removed) at every size measured (1 to 8192 tokens x 576,
-               four schemes).
+               (``kernels.native_cpu``) at every size: they take less CPU time than both torch
+               paths (the reference and the torch.compile path, since removed) at every size
+               measured (docs/kernels.md, "kernels-native-summary").
 ``triton``     Triton kernels; an error off CUDA.
 ``interpret``  Triton kernels under the Triton interpreter on CPU tensors (tests). Sets
                ``TRITON_INTERPRET=1`` for the rest of the process (``import_interpreted``);
@@ -133,7 +132,10 @@ def _native_failed(exc: Exception, what: str = "failed") -> None:
                   "from now on (each call reports the path it took)", RuntimeWarning, stacklevel=4)
 
 
-def _triton_module(interpret: bool):
+def triton_module(interpret: bool):
+    """The Triton kernel module, interpreted (``import_interpreted``) or compiled for the GPU; the
+    compiled one refuses a module this process already imported interpreted (Triton reads
+    ``TRITON_INTERPRET`` at import). The GPU checks (bench.gpu_check_*) take the compiled one."""
     if interpret:
         return import_interpreted()
     module = importlib.import_module(_TRITON_MODULE)
@@ -171,7 +173,7 @@ def import_interpreted(name: str = _TRITON_MODULE, reload: bool = False):
 
 def _module(which: str):
     if which in ("triton", "interpret"):
-        return _triton_module(which == "interpret")
+        return triton_module(which == "interpret")
     return importlib.import_module(registry.module(which))
 
 

@@ -4,7 +4,7 @@ two-shot requantization, one pass over the data each, single-threaded (ranks are
 
     PYTHONPATH=. .venv/bin/python -c "import torch; from kernels import native_cpu; from lowbit.scheme import \\
         QuantSpec; print(native_cpu.quantize_pack(torch.randn(3, 64), QuantSpec(4, True, 'token')))"
-    PYTHONPATH=. .venv/bin/python -m bench.kernels --native --tokens 8192 --hidden 576 --out /tmp/b.json
+    PYTHONPATH=. .venv/bin/python -m bench.kernels --native --tokens 8192 --hidden 576 --out test-output/b.json
 
 Same bytes and values as ``kernels.reference`` (``tests/test_kernels_native.py`` holds them
 equal): every uniform-grid scheme (2/3/4/5/6/8 bits, symmetric or asymmetric, static / token /
@@ -31,11 +31,8 @@ loop meets first; here -0.0 < +0.0. Only the sign bit of that zero min/scale in 
 differ; codes and sums are equal (a sum starts from +0.0).
 
 Cost of the first call: numba compiles each kernel for the CPU it runs on and caches the machine
-code on disk. Measured on this 2-core machine at load ~6 (fresh cache dir): fp32 quantize 3.6 s,
-unpack 2.1 s, bf16 quantize 3.5 s; in a later process the first call loads the cache in 0.46 s and
-the others in 0.01-0.02 s. Speed (bench/results/kernels-cpu-native.json, bench/kernels_native.py): at
-8192 x 576, int4 static + 1/64 outliers, quantize 6.4 ms and the 3-rank unpack + sum 5.7 ms of
-CPU time against 7.2 + 33 ms (compiled) and 57 + 243 ms (eager reference) at load ~14.
+code on disk; a later process only loads it. Speed against both torch paths: docs/kernels.md
+(rendered from bench/results/kernels-cpu-native.json, made by bench/kernels.py --native).
 
 Not here: the nf codebook, sp / thr per-message outliers and stochastic rounding are refused by
 every kernel (``reference.check_code`` / ``check_input``; the communicator keeps them on

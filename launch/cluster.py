@@ -53,7 +53,7 @@ from pathlib import Path
 
 from launch.layout import RunPaths
 from launch.procs import lock_held
-from launch.spec import JobSpec
+from launch.spec import JobSpec, rate_bits
 from launch.submit import job_env, torchrun_args
 
 PREFIX = "lowbit-"
@@ -63,13 +63,11 @@ BRIDGE = "br0"
 NETNS_DIR = "/var/run/netns"  # where iproute2 names namespaces (ip netns list reads it)
 MASTER_PORT = 29500          # node 0's torchrun store; the namespace is private, so no clash
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
-RATE_PATTERN = re.compile(r"^([1-9][0-9]{0,5}(?:\.[0-9]{1,3})?)(kbit|mbit|gbit)$")
-RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _NS_PATTERN = re.compile(rf"^{re.escape(PREFIX)}([0-9a-f]{{8}})-(hub|n[0-9]+)$")
 # How long a supervisor lets the other nodes run after one node failed (they usually fail
 # themselves within torchrun's monitor interval once their peer's sockets close).
 PEER_GRACE_S = 10.0
-# How often a supervisor reads the state of its links (N + 1 `ip` calls of ~3 ms each).
+# How often a supervisor reads the state of its links (N + 1 short `ip` calls each time).
 LINK_CHECK_S = 1.0
 # The launcher-log line a supervisor writes for each link fault it sees; the queue's failure
 # text puts these lines first (launch.queue.failure_text).
@@ -88,14 +86,6 @@ def lock_dir() -> Path:
     """Where supervisors hold their locks: /run (tmpfs, emptied at boot like the namespaces)."""
     base = Path("/run") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
     return base / "lowbit-cluster"
-
-
-def rate_bits(link: str) -> float:
-    """Bits per second of a link rate such as ``100mbit`` (ValueError for ``loopback``)."""
-    m = RATE_PATTERN.match(link or "")
-    if not m:
-        raise ValueError(f"{link!r} is not a link rate; allowed: a rate like 1gbit, 100mbit, 500kbit")
-    return float(m.group(1)) * RATE_UNITS[m.group(2)]
 
 
 def tag_for(run_id: str) -> str:

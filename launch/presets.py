@@ -8,16 +8,16 @@ TP 2: its 4 query heads / 1 KV head allow 1, 2 and 4; ``DEMO_TP``): the exact al
 int4 for every feature, int4 with 1/64 random features kept in BF16 and int4 with the top 1/64
 features (by calibrated range) in BF16 -- the paper's comparison. It calibrates on the fly into
 the shared cache when no calibration exists yet (``lowbit.jobs``), so a second demo reuses it.
-Its sizes are chosen to finish within about 3 minutes on a 2-core CPU; ``DEMO_LONGER`` says what
-a longer run adds.
+Its sizes are chosen to finish within about 3 minutes on a 2-core CPU (the target; the measured
+times are in docs/teaching.md); ``DEMO_LONGER`` says what a longer run adds.
 """
 from __future__ import annotations
 
 DEMO_SCHEMES = ["bf16", "int4-static", "int4-static-rand1/64", "int4-static-top1/64"]
 
-# Tuned on the 2-core CPU machine: see README "Classroom demo" for the measured wall time.
-# Zero-shot tasks are left out: 16 items of arc_easy alone took ~5 of the 3 minutes at TP 3 on a busy
-# 2-core machine, and at that n their standard error (~12 points) is larger than the differences.
+# Tuned on the 2-core CPU machine: docs/teaching.md, "The demo, timed", has the measured wall times.
+# Zero-shot tasks are left out: a few items of a task take minutes of a 2-core CPU, and at such n
+# their standard error (~12 points at n = 16) is larger than the differences.
 DEMO_SIZES = dict(calib_tokens=2048, eval_tokens=1024, tasks=[], items_per_task=0,
                   params=dict(seq_len=128, batch_size=4, layer_error=True, layer_error_chunks=1))
 

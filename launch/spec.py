@@ -26,7 +26,9 @@ from lowbit.model.tp import TPSizeError, check_tp_size
 from lowbit.scheme import parse_scheme_map
 
 BACKENDS = ("auto", "gloo", "nccl")
-LINK_PATTERN = re.compile(r"^(loopback|[1-9][0-9]{0,5}(\.[0-9]{1,3})?(kbit|mbit|gbit))$")
+# A link is ``loopback`` or an emulated rate (launch.cluster rate-limits veth links to it).
+RATE_PATTERN = re.compile(r"^([1-9][0-9]{0,5}(?:\.[0-9]{1,3})?)(kbit|mbit|gbit)$")
+RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_PORT_PATTERN = re.compile(r"^(?P<host>[A-Za-z0-9]([A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})$")
 MAX_TP = 64
@@ -48,6 +50,14 @@ class SpecError(ValueError):
 
     def fields(self) -> list[str]:
         return [name for name, _ in self.problems]
+
+
+def rate_bits(link: str) -> float:
+    """Bits per second of a link rate such as ``100mbit`` (ValueError for ``loopback``)."""
+    m = RATE_PATTERN.match(link or "")
+    if not m:
+        raise ValueError(f"{link!r} is not a link rate; allowed: a rate like 1gbit, 100mbit, 500kbit")
+    return float(m.group(1)) * RATE_UNITS[m.group(2)]
 
 
 def available_gpus() -> int:
@@ -308,7 +318,7 @@ def _field_problems(d: dict, skip: set[str] = frozenset()) -> list[tuple[str, st
     _number_in(p, "collective_timeout_s", d["collective_timeout_s"], 0, MAX_COLLECTIVE_TIMEOUT_S)
 
     link = d["link"]
-    if not isinstance(link, str) or not LINK_PATTERN.match(link):
+    if not isinstance(link, str) or not (link == "loopback" or RATE_PATTERN.match(link)):
         p.append(("link", f"{link!r} is not a link; allowed: loopback or a rate like 1gbit, 100mbit, 500kbit"))
 
     nnodes, node_rank, endpoint = d["nnodes"], d["node_rank"], d["rdzv_endpoint"]

@@ -3,7 +3,8 @@ as frames for the results store and so the pages: feature ranges, top-k overlaps
 between batches, ranks, layers and text sources, EMA traces, the rotation panel's before/after.
 
 No model runs here; each call takes milliseconds on SmolLM2's artifact (30 layers x 2 modules x
-3 ranks x 576 features). ``launch.store`` calls these; pages never do this math themselves.
+3 ranks x 576 features). Pages call these on the artifacts ``launch.store.calibration`` loads;
+no page restates this math.
 
     PYTHONPATH=. python -c "from lowbit.analysis import random_jaccard; print(random_jaccard(576, 9))"
 """

@@ -339,7 +339,7 @@ def bytes_per_rank_by_tp(scheme_text: str, hidden: int, tokens: int, tps=range(2
 
 # -- where it pays -----------------------------------------------------------------------------
 # The rate-limited links of launch.cluster (tc tbf on veth pairs). beta: the nominal rate;
-# efficiency 0.956: TCP goodput measured through tbf (README "Does the link behave like a link?");
+# efficiency 0.956: TCP goodput through tbf (docs/collectives.md, "Does the link behave like a link?");
 # alpha: fitted to the bf16 all-reduce records of bench/results/collectives-tp3-576-links.json
 # with lowbit.method.projection.check_against (TP 3, gloo, 1-2048 tokens x 576).
 EMULATED_LINKS = {

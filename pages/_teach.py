@@ -12,14 +12,14 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.calibration import calibration_sources
+from lowbit.analysis import spikiest_sample
 from pages import _ui
 
 PRESENT_KEY = "presentation"
 PRESENT_FONT = 26
 # A calibrate job small enough for a class: it keeps the first 16 tokens of every site's partial on
-# every rank, which is all these pages need. Measured from submit to done on the shared 2-core
-# machine with the model cache warm: 25 s at load 4, 43 s at load 4.5-6, 71 s at load 13.5.
+# every rank, which is all these pages need (no measured time of it is kept in a result file).
 CAPTURE_SPEC = dict(kind="calibrate", model="smollm2-135m", tp=3, calib_data="wikipedia", calib_tokens=128,
                     params=dict(seq_len=64, batch_size=2))
 CAPTURE_STATE = "capture_run"
@@ -88,8 +88,8 @@ def capture_button(key: str) -> None:
     if run_id:
         status = _ui.show_progress(run_id)
         if status in ("queued", "running"):
-            st.caption("Half a minute to a minute with the model cache warm (the first load of the model adds its "
-                       "~20 s conversion); the page fills in when it is done.")
+            st.caption("A short job with the model cache warm (the first load of the model also converts it); "
+                       "the page fills in when it is done.")
             st.button("Refresh", key=f"{key}_refresh", icon=":material/refresh:")
     st.caption("From a terminal: `.venv/bin/python -m lowbit calibrate --tp 3 --tokens 128 --seq-len 64`.")
 
@@ -97,9 +97,9 @@ def capture_button(key: str) -> None:
 def pick_sample(key: str):
     """A select box over the stored calibrations with samples; (folder, calibration, the spikiest
     (layer, module, rank)) or None after showing the empty state with the capture button."""
-    sources = store.calibration_sources(_ui.runs(), _ui.root())
+    sources = calibration_sources(_ui.runs(), _ui.root())
     if sources.empty:
-        _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (about 30 s), "
+        _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (a short job), "
                         "or run the classroom demo, which calibrates too.")
         capture_button(key)
         return None
@@ -127,4 +127,4 @@ def calibration_stamp(folder: str) -> float:
 @st.cache_data(show_spinner=False, max_entries=16)
 def spikiest(folder: str, stamp: float) -> tuple[int, str, int]:
     """(layer, module, rank) of the stored partial with the largest max/RMS, cached per artifact."""
-    return store.spikiest_sample(_ui.calibration(folder))
+    return spikiest_sample(_ui.calibration(folder))

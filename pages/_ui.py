@@ -13,17 +13,21 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+import launch.store.bits
+import launch.store.machine
 from launch.layout import runs_root
 from launch.queue import JobQueue, cancel
 from launch.spec import JobSpec, SpecError
+from launch.store.calibration import load_calibration
+from launch.store.evaluate import evaluate_runs
+from launch.store.runs import load_result, run_paths, run_progress, runs_frame
 from lowbit.model.models import describe_sources, known_names
 
 FONT = 18
 # Okabe-Ito: distinguishable with colour-blindness and on a washed-out projector.
 COLORS = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 # one colour per bit part, in the accounting's order (payload, outliers, scales, indices)
-PART_COLORS = dict(zip(store.SCHEME_PARTS, ("#0072B2", "#D55E00", "#009E73", "#CC79A7"), strict=True))
+PART_COLORS = dict(zip(launch.store.bits.SCHEME_PARTS, ("#0072B2", "#D55E00", "#009E73", "#CC79A7"), strict=True))
 POLL_S = 1.0
 
 
@@ -57,17 +61,17 @@ def ensure_queue() -> JobQueue:
 # -- cached reads --------------------------------------------------------------------------------
 def runs() -> pd.DataFrame:
     """Every run; read on each rerun (cheap: the index plus small files), never cached stale."""
-    return store.runs_frame(root())
+    return runs_frame(root())
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _result_cached(root_dir: str, run_id: str, stamp: float) -> tuple[dict | None, str | None]:
-    return store.load_result(run_id, root_dir)
+    return load_result(run_id, root_dir)
 
 
 def result(run_id: str) -> tuple[dict | None, str | None]:
     """result.json of a run, cached until the file changes."""
-    path = store.run_paths(run_id, root()).result
+    path = run_paths(run_id, root()).result
     try:
         stamp = path.stat().st_mtime
     except OSError:
@@ -77,12 +81,12 @@ def result(run_id: str) -> tuple[dict | None, str | None]:
 
 @st.cache_data(show_spinner=False)
 def model_shape(name: str) -> dict:
-    return store.model_shape(name)
+    return launch.store.machine.model_shape(name)
 
 
 @st.cache_data(show_spinner=False)
 def valid_tp_sizes(name: str) -> list[int]:
-    return store.valid_tp_sizes(name)
+    return launch.store.machine.valid_tp_sizes(name)
 
 
 def pick_model_tp(key: str, model_col, tp_col, model: str = "smollm2-135m", tp: int = 3) -> tuple[str, int]:
@@ -99,17 +103,17 @@ def pick_model_tp(key: str, model_col, tp_col, model: str = "smollm2-135m", tp: 
 @st.cache_data(show_spinner=False, max_entries=256)
 def bits_parts(scheme: str, hidden: int, tp: int) -> pd.DataFrame:
     """Bits per value by leg and part (pure bookkeeping over lowbit.wire.payload: cached by its inputs)."""
-    return store.bits_parts(scheme, hidden, tp)
+    return launch.store.bits.bits_parts(scheme, hidden, tp)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def bits_per_site(scheme: str, hidden: int, layers: int, tp: int) -> pd.DataFrame:
-    return store.bits_per_site(scheme, hidden, layers, tp)
+    return launch.store.bits.bits_per_site(scheme, hidden, layers, tp)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def traffic_per_token(scheme: str, hidden: int, layers: int, tp: int) -> dict:
-    return store.traffic_per_token(scheme, hidden, layers, tp)
+    return launch.store.bits.traffic_per_token(scheme, hidden, layers, tp)
 
 
 @st.cache_data(show_spinner=False)
@@ -124,12 +128,12 @@ def model_sources() -> pd.DataFrame:
 
 @st.cache_data(show_spinner=False)
 def machine() -> dict:
-    return store.machine_info()
+    return launch.store.machine.machine_info()
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _calibration_cached(folder: str, stamp: float):
-    return store.load_calibration(folder)
+    return load_calibration(folder)
 
 
 def calibration(folder: str):
@@ -166,7 +170,7 @@ def show_progress(run_id: str, show_end: bool = True) -> str:
     has just ended shows one caption line (the sidebar), not its error."""
     row = ensure_queue().get(run_id)
     status = row["status"] if row else "unknown"
-    fraction, message, _ = store.run_progress(run_id, root())
+    fraction, message, _ = run_progress(run_id, root())
     if status == "queued":
         ahead = len([r for r in ensure_queue().index.list(("queued", "running")) if r["id"] != run_id]) \
             if row else 0
@@ -219,7 +223,7 @@ def pick_evaluate_run(label: str = "Evaluation run", key: str = "eval_run", need
                       multi: bool = False, sweeps: bool = False):
     """A select box over done evaluate runs (and auto-tune sweeps with ``sweeps``), newest first;
     None (or []) when there are none."""
-    frame = store.evaluate_runs(runs(), root(), sweeps=sweeps)
+    frame = evaluate_runs(runs(), root(), sweeps=sweeps)
     if need_layers:
         frame = frame[frame["has_layers"]]
     if frame.empty:

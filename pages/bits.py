@@ -7,7 +7,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.bits import SCHEME_PARTS
+from launch.store.evaluate import evaluate_runs, scheme_frame
 from lowbit.scheme import PRESETS as NAMED_PRESETS, SchemeError, parse_scheme
 from pages import _ui
 
@@ -27,11 +28,11 @@ st.markdown(
     "(the requantized reduced sum). Bits here are per value of one rank's partial sum (tokens x hidden).")
 
 frame = _ui.runs()
-evals = store.evaluate_runs(frame, _ui.root())
+evals = evaluate_runs(frame, _ui.root())
 measured = pd.DataFrame()
 if not evals.empty:
     data, _ = _ui.result(evals.iloc[0]["id"])
-    measured = store.scheme_frame(data)
+    measured = scheme_frame(data)
 default_model = evals.iloc[0]["model"] if not evals.empty else "smollm2-135m"
 names = _ui.model_names()
 c1, c2 = st.columns(2)
@@ -67,7 +68,7 @@ parts = pd.concat(rows, ignore_index=True)
 
 st.header(f"Bits per value, {model} (hidden {H}) at TP {tp}")
 fig = px.bar(parts, x="scheme", y="bits", color="part", pattern_shape="leg", color_discrete_map=_ui.PART_COLORS,
-             category_orders=dict(part=list(store.SCHEME_PARTS), scheme=list(dict.fromkeys(parts["scheme"]))),
+             category_orders=dict(part=list(SCHEME_PARTS), scheme=list(dict.fromkeys(parts["scheme"]))),
              labels=dict(bits="bits per value", scheme="scheme", part="part", leg="leg"))
 fig.add_hline(y=16, line=dict(dash="dash", color="#111"), annotation_text="BF16 all-reduce (16)",
               annotation_font_size=_ui.FONT - 2)
@@ -105,7 +106,7 @@ st.markdown("A scheme map can give layers their own bit widths (e.g. `int4-stati
 layer_scheme = st.selectbox("Scheme", list(totals.index), index=len(totals) - 1, key="bits_layer_scheme")
 per_site = _ui.bits_per_site(layer_scheme, H, L, tp)
 fig = px.bar(per_site, x="layer", y="bits", color="part", facet_col="module", pattern_shape="leg",
-             color_discrete_map=_ui.PART_COLORS, category_orders=dict(part=list(store.SCHEME_PARTS)),
+             color_discrete_map=_ui.PART_COLORS, category_orders=dict(part=list(SCHEME_PARTS)),
              labels=dict(layer="layer", bits="bits per value", part="part", leg="leg"))
 fig.for_each_annotation(lambda a: a.update(text=a.text.replace("module=", ""), font_size=_ui.FONT + 2))
 fig.add_hline(y=16, line=dict(dash="dash", color="#111"))
@@ -145,7 +146,7 @@ for name, expansion in NAMED_PRESETS.items():
 presets_frame = pd.concat(preset_rows, ignore_index=True)
 fig = px.bar(presets_frame, x="scheme", y="bits", color="part", pattern_shape="leg",
              color_discrete_map=_ui.PART_COLORS,
-             category_orders=dict(part=list(store.SCHEME_PARTS), scheme=list(dict.fromkeys(presets_frame["scheme"]))),
+             category_orders=dict(part=list(SCHEME_PARTS), scheme=list(dict.fromkeys(presets_frame["scheme"]))),
              labels=dict(bits="bits per value", scheme="preset", part="part", leg="leg"))
 fig.add_hline(y=16, line=dict(dash="dash", color="#111"), annotation_text="BF16 all-reduce (16)",
               annotation_font_size=_ui.FONT - 2)

@@ -5,9 +5,9 @@ speedup_vs_bf16, bytes_per_rank, bits_per_value, link)."""
 import plotly.express as px
 import streamlit as st
 
-from launch import store
 from launch.kinds.collective_bench import job_spec
 from launch.registry import KINDS
+from launch.store.bench import collective_frame, crossover_table
 from pages import _ui
 
 st.title("Collectives: time on the wire")
@@ -17,7 +17,7 @@ st.markdown(
     "the TP size and the link: large messages over slow links win, tiny messages lose to fixed latency.")
 
 frame = _ui.runs()
-bench = store.collective_frame(frame, _ui.root())
+bench = collective_frame(frame, _ui.root())
 
 
 def bench_form(key: str) -> None:
@@ -98,7 +98,7 @@ _ui.plot(_ui.style(fig, height=480), key="cb_speedup")
 st.markdown("**Where each scheme starts to pay** (from these measured records): the smallest message from which "
             "the quantized collective is at least as fast as the BF16 all-reduce at every larger measured size. "
             "A scheme ending in `@minauto` sends smaller messages as exact BF16, at this threshold.")
-pays = store.crossover_table(shown)
+pays = crossover_table(shown)
 st.dataframe(pays.drop(columns=["pays_from_bytes"]), hide_index=True, width="stretch",
              column_config={"pays_from_mib": st.column_config.NumberColumn("pays from (MiB)", format="%.3g"),
                             "best_speedup": st.column_config.NumberColumn("best speedup (x)", format="%.2f")})

@@ -6,7 +6,9 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from launch import store
+from launch.store.calibration import calibration_sources
+from launch.store.evaluate import layer_error_frame, scheme_fields, scheme_frame
+from lowbit.analysis import rotation_view, spikiest_sample
 from lowbit.scheme import QuantSpec, SchemeError
 from lowbit.site import ROW_PARALLEL_MODULES
 from pages import _controls, _ui
@@ -78,9 +80,9 @@ def scheme_builder() -> str | None:
                                      "(spreads a spike over its block; dynamic scales only). See 'Why rotation "
                                      "works' below.")
         stochastic = st.checkbox("Stochastic rounding", key="le_sr", disabled=not _controls.allows_stochastic(code),
-                                 help="Unbiased rounding: floor(v + u), u uniform in [0, 1). Measured on "
-                                      "smollm2-135m TP 3, it makes the error of the sum over ranks about 1.4x "
-                                      "larger than round-to-nearest (README, Beyond the paper).")
+                                 help="Unbiased rounding: floor(v + u), u uniform in [0, 1). On smollm2-135m TP 3 "
+                                      "it makes the error of the sum over ranks larger than round-to-nearest "
+                                      "(docs/results.md, 'Stochastic rounding').")
     try:
         return _controls.scheme_text(
             code, symmetric=not (asym and _controls.allows_asymmetric(code)), granularity=gran, group=group,
@@ -119,7 +121,7 @@ def rotation_panel() -> None:
         "rotation mixes each block of R features with +-1/sqrt(R) weights: a spike is spread over its block, the "
         "token's largest value shrinks towards its RMS, and the step with it. It is orthogonal and linear, so "
         "ranks rotate, quantize and send; the fp32 sum is rotated back once.")
-    sources = store.calibration_sources(_ui.runs(), _ui.root())
+    sources = calibration_sources(_ui.runs(), _ui.root())
     if sources.empty:
         st.info("No calibration yet: its stored sample partials feed this panel. The classroom demo makes one.")
         return
@@ -127,7 +129,7 @@ def rotation_panel() -> None:
     folder = st.selectbox("Calibration (its stored partials)", list(labels), format_func=labels.get, key="rot_cal")
     try:
         cal = _ui.calibration(folder)
-        spiky = store.spikiest_sample(cal)
+        spiky = spikiest_sample(cal)
     except Exception as exc:  # noqa: BLE001 - an old or damaged artifact is reported, the page goes on
         st.warning(f"{exc}")
         return
@@ -148,7 +150,7 @@ def rotation_panel() -> None:
     with c5:
         quant = st.selectbox("Quantizer", ROTATION_QUANTS, key="rot_quant")
     try:
-        values, tokens = store.rotation_view(cal, int(layer), module, int(rank), int(block), quant)
+        values, tokens = rotation_view(cal, int(layer), module, int(rank), int(block), quant)
     except Exception as exc:  # noqa: BLE001 - named field errors from the store
         st.error(f"{exc}")
         return
@@ -192,11 +194,11 @@ if run_id is None:
     st.stop()
 
 data, problem = _ui.result(run_id)
-errors = store.layer_error_frame(data)
+errors = layer_error_frame(data)
 if problem or errors.empty:
     st.error(f"Run {run_id} has no usable per-layer errors ({problem or 'empty layer_errors'}).")
     st.stop()
-fields = pd.DataFrame([dict(scheme=s, **store.scheme_fields(s)) for s in errors["scheme"].unique()])
+fields = pd.DataFrame([dict(scheme=s, **scheme_fields(s)) for s in errors["scheme"].unique()])
 st.subheader("Pick schemes")
 c1, c2, c3, c4 = st.columns(4)
 pickers = {}
@@ -244,7 +246,7 @@ else:
     summary = summary.merge(worst.rename(columns=dict(layer="worst layer", module="worst module")),
                             on=["scheme", "mode", "leg"])
     st.dataframe(summary, hide_index=True, width="stretch")
-    records = store.scheme_frame(data)
+    records = scheme_frame(data)
     clamped = records[records["clamped"].fillna(0) > 0][["scheme", "clamped", "nonfinite"]]
     if not clamped.empty:
         st.caption("Values clamped by static scales during the text evaluation (outside the calibrated range): "

@@ -35,7 +35,8 @@ STEPS = [
      "Playground: tick Stochastic rounding and compare the two SQNR numbers (one message, sum over ranks).",
      "Stochastic rounding is unbiased but noisier per value.",
      "Does averaging over 3 ranks make unbiased rounding win?",
-     "Not here: the sum's SQNR drops too (measured on smollm2-135m: about 1.4x the error of round-to-nearest)."),
+     "Not here: the sum's SQNR drops too (on smollm2-135m the sum's error is larger than with round-to-nearest "
+     "at every width: docs/results.md, 'Stochastic rounding')."),
     (3, "pages/two_shot.py", "Two-shot, step by step",
      "Two-shot: walk the five steps; at the end look at the bytes-by-TP chart.",
      "Phase 1 sends each chunk once; the owner requantizes; phase 2 gathers one chunk per rank.",

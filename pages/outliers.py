@@ -9,7 +9,10 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.calibration import calibration_sources
+from lowbit.analysis import (ema_trace_frame, feature_ranges, outlier_count, overlap_between_batches,
+                             overlap_between_layers, overlap_between_ranks, overlap_between_sources, random_jaccard,
+                             range_heatmap, selected_features)
 from lowbit.model.data import TEXT_SOURCES
 from lowbit.site import ROW_PARALLEL_MODULES
 from pages import _ui
@@ -45,7 +48,7 @@ def new_calibration_form(key: str, model: str | None = None, tp: int | None = No
                         params=dict(seq_len=int(seq_len))))
 
 
-sources = store.calibration_sources(_ui.runs(), _ui.root())
+sources = calibration_sources(_ui.runs(), _ui.root())
 if sources.empty:
     _ui.empty_state("No calibration yet.",
                     "A calibration records every feature's range on each rank. The classroom demo makes one; or "
@@ -74,16 +77,16 @@ with c3:
 with c4:
     log_y = st.toggle("Log scale", value=True, key="cal_log")
 k_frac = K_CHOICES[k_label]
-k = max(1, store.outlier_count(cal.hidden, k_frac))
-selected = store.selected_features(cal, layer, module, k_frac) if store.outlier_count(cal.hidden, k_frac) else []
-baseline = store.random_jaccard(cal.hidden, k)
+k = max(1, outlier_count(cal.hidden, k_frac))
+selected = selected_features(cal, layer, module, k_frac) if outlier_count(cal.hidden, k_frac) else []
+baseline = random_jaccard(cal.hidden, k)
 st.caption(f"{cal.meta.get('model')} · TP {cal.tp} · {cal.layers} layers · hidden {cal.hidden} · "
            f"{cal.meta.get('batches')} batches of {cal.meta.get('source')} text ({cal.meta.get('tokens')} tokens) · "
            f"k = {k} feature(s) · top-k at layer {layer} {module}: {selected}")
 
 # -- per-feature range, one line per rank -----------------------------------------------------------
 st.header("Range of every feature, one line per rank")
-ranges = store.feature_ranges(cal, layer, module)
+ranges = feature_ranges(cal, layer, module)
 ranges["rank"] = "rank " + ranges["rank"].astype(str)
 fig = px.line(ranges, x="feature", y="range", color="rank", log_y=log_y,
               labels=dict(feature="feature (hidden channel index)", range="range (activation units)", rank=""))
@@ -96,7 +99,7 @@ st.markdown("If the spikes line up across the rank lines, every rank's partial h
 
 # -- layer x feature heatmap ------------------------------------------------------------------------
 st.header("Every layer at once")
-heat = store.range_heatmap(cal, module)
+heat = range_heatmap(cal, module)
 fig = go.Figure(go.Heatmap(z=np.log10(np.maximum(heat, 1e-6)), colorscale="Viridis",
                            colorbar=dict(title=dict(text="log10 range", font=dict(size=_ui.FONT)))))
 fig.update_layout(title=f"{module}: range summed over ranks (log10)", xaxis_title="feature (hidden channel index)",
@@ -111,7 +114,7 @@ st.markdown(f"Jaccard = |A ∩ B| / |A ∪ B|: **1** means the same {k} feature(
             f"{cal.hidden} would overlap about **{baseline:.3f}** (dashed line).")
 tab_b, tab_r, tab_l, tab_s = st.tabs(["Between batches", "Between ranks", "Between layers", "Between text sources"])
 with tab_b:
-    by_batch = store.overlap_between_batches(cal, module, k)
+    by_batch = overlap_between_batches(cal, module, k)
     if cal.batch_min.shape[0] < 2:
         st.info("This calibration has a single batch; a longer calibration shows batch-to-batch consistency.")
     stats = by_batch.groupby("layer")["jaccard"].agg(["mean", "min", "max"]).reset_index()
@@ -123,13 +126,13 @@ with tab_b:
                       xaxis_title="layer", yaxis_title="Jaccard overlap", yaxis_range=[0, 1.05])
     _ui.plot(_ui.style(fig, height=420), key="cal_batches")
 with tab_r:
-    by_rank = store.overlap_between_ranks(cal, layer, module, k)
+    by_rank = overlap_between_ranks(cal, layer, module, k)
     fig = px.imshow(by_rank, zmin=0, zmax=1, text_auto=".2f", color_continuous_scale="Blues",
                     labels=dict(color="Jaccard"))
     fig.update_layout(title=f"Layer {layer} {module}: each rank's own top-k", xaxis_title="rank", yaxis_title="rank")
     _ui.plot(_ui.style(fig, height=420), key="cal_ranks")
 with tab_l:
-    by_layer = store.overlap_between_layers(cal, module, k)
+    by_layer = overlap_between_layers(cal, module, k)
     fig = px.imshow(by_layer, zmin=0, zmax=1, color_continuous_scale="Blues", labels=dict(color="Jaccard"))
     fig.update_layout(title=f"{module}: selected top-k of every pair of layers", xaxis_title="layer",
                       yaxis_title="layer")
@@ -147,7 +150,7 @@ with tab_s:
         peer_labels = dict(zip(peers["folder"], peers["label"]))
         other_folder = st.selectbox("Compare with", list(peer_labels), format_func=peer_labels.get, key="cal_peer")
         try:
-            by_source = store.overlap_between_sources(cal, _ui.calibration(other_folder), k)
+            by_source = overlap_between_sources(cal, _ui.calibration(other_folder), k)
         except Exception as exc:  # noqa: BLE001 - mismatched or damaged artifact
             st.error(f"Cannot compare: {exc}")
         else:
@@ -161,11 +164,11 @@ with tab_s:
 
 # -- EMA trace ---------------------------------------------------------------------------------------
 st.header("How the range estimate settles during calibration")
-ranked = store.feature_ranges(cal, layer, module).groupby("feature")["range"].sum().sort_values(ascending=False)
+ranked = feature_ranges(cal, layer, module).groupby("feature")["range"].sum().sort_values(ascending=False)
 default_feature = int(ranked.index[0])
 feature = st.number_input("Feature", min_value=0, max_value=cal.hidden - 1, value=default_feature, step=1,
                           key="cal_feature", help="Defaults to the widest feature at this layer and module.")
-trace = store.ema_trace_frame(cal, layer, module, int(feature))
+trace = ema_trace_frame(cal, layer, module, int(feature))
 fig = go.Figure()
 fig.add_trace(go.Scatter(x=trace["batch"], y=trace["batch_range"], mode="markers", name="this batch",
                          marker=dict(size=11, color="#999")))

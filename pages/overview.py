@@ -5,9 +5,9 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from launch import store
 from launch.index import ACTIVE
 from launch.presets import DEMO_LONGER, DEMO_SCHEMES, demo_spec, demo_tp
+from launch.store.evaluate import scheme_frame
 from lowbit import stats
 from pages import _ui
 
@@ -157,7 +157,7 @@ def demo_result(run_id: str, row) -> None:
     if problem:
         st.error(f"Run {run_id} finished but its result cannot be read: {problem}")
         return
-    frame = store.scheme_frame(data)
+    frame = scheme_frame(data)
     if frame.empty:
         st.warning(f"Run {run_id} has no scheme records in its result.json.")
         return

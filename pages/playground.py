@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.teaching import playground_counterpart, playground_view
 from pages import _controls, _teach, _ui
 
 st.title("Playground: one real partial, any scheme")
@@ -70,12 +70,12 @@ try:
 except ValueError as exc:
     st.error(f"`{exc}`")
     st.stop()
-schemes = [scheme] + ([store.playground_counterpart(scheme)] if compare else [])
+schemes = [scheme] + ([playground_counterpart(scheme)] if compare else [])
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def view(folder: str, stamp: float, layer: int, module: str, rank: int, scheme: str) -> dict:
-    return store.playground_view(cal, layer, module, rank, scheme)
+    return playground_view(cal, layer, module, rank, scheme)
 
 
 stamp = _teach.calibration_stamp(folder)
@@ -109,7 +109,7 @@ def histogram_figure(v: dict, s: str) -> go.Figure:
         part = h[h["kind"] == kind]
         fig.add_bar(x=part["center"], y=part["count"], width=(part["right"] - part["left"]), name=kind,
                     marker_color=color)
-    if grid:  # one line trace per kind (add_vline per level costs ~20 ms each)
+    if grid:  # one line trace per kind (an add_vline per level is a shape each, slow to lay out)
         top = max(2.0, float(h["count"].max()) * 2)
         levels = grid["levels"] if len(grid["levels"]) <= 64 else []
         for xs, name, line in ((levels, "grid levels", dict(color="#999", width=1)),
@@ -141,7 +141,7 @@ def feature_figure(v: dict, s: str) -> go.Figure:
 @st.cache_resource(show_spinner=False, max_entries=128)  # not cache_data: unpickling a figure re-validates it
 def scheme_figures(folder: str, stamp: float, layer: int, module: str, rank: int, scheme: str, present: bool):
     """(histogram or None, per-feature error) of one scheme, styled: cached, so the side-by-side
-    scheme that did not change costs nothing (plotly figures take ~0.1 s each to build here)."""
+    scheme that did not change costs nothing (building a plotly figure is a visible part of a rerun)."""
     v = view(folder, stamp, layer, module, rank, scheme)
     hist = _teach.style(histogram_figure(v, scheme), 420) if v["grid"] else None
     return hist, _teach.style(feature_figure(v, scheme), 380)

@@ -5,11 +5,13 @@ import json
 import pandas as pd
 import streamlit as st
 
-from launch import store
 from launch.index import ACTIVE, STATUSES
 from launch.registry import available_kinds
 from launch.spec import BACKENDS, SpecError
+from launch.store.evaluate import compare_results, compare_specs, scheme_frame
+from launch.store.runs import active_runs, codec_changes, events_frame, load_spec, log_tail, run_progress
 from lowbit.model.data import TASKS, TEXT_SOURCES
+from lowbit.stats import UNRESOLVED_NOTE, score_table
 from pages import _ui
 
 st.title("Runs")
@@ -20,7 +22,7 @@ st.markdown("Every job is a real `torchrun` launch on this machine; its files li
 # -- queue ---------------------------------------------------------------------------------------
 @st.fragment(run_every=_ui.POLL_S)
 def queue_panel() -> None:
-    active = store.active_runs(_ui.root())
+    active = active_runs(_ui.root())
     if active.empty:
         st.caption("Nothing queued or running.")
         return
@@ -149,34 +151,34 @@ with tab_res:
     data, problem = _ui.result(run_id)
     if problem:
         st.caption(f"No result: {problem}.")
-    elif store.scheme_frame(data).empty:
+    elif scheme_frame(data).empty:
         st.json(data, expanded=1)
     else:
-        st.dataframe(store.scheme_frame(data), hide_index=True, width="stretch")
-        scores = store.score_table(data)
+        st.dataframe(scheme_frame(data), hide_index=True, width="stretch")
+        scores = score_table(data)
         if not scores.empty:
             st.markdown("**Scores** (± one standard error; Δ: paired difference to the exact run on the same "
                         "items, percentage points)")
             st.dataframe(scores, hide_index=True, width="stretch")
             if any(str(v).endswith(" !") for v in scores.get("kept %", [])):
-                st.caption(store.UNRESOLVED_NOTE)
+                st.caption(UNRESOLVED_NOTE)
         st.page_link("pages/tradeoffs.py", label="Plot it (Trade-offs)", icon=":material/balance:")
 with tab_spec:
-    spec = store.load_spec(run_id, _ui.root())
+    spec = load_spec(run_id, _ui.root())
     if spec is None:
         st.caption("spec.json is missing or unreadable.")
     else:
         st.code(_ui.spec_json(spec), language="json")
 with tab_ev:
-    _, _, events = store.run_progress(run_id, _ui.root())
-    for line in store.codec_changes(events):  # a codec that changed path is never buried in the table
+    _, _, events = run_progress(run_id, _ui.root())
+    for line in codec_changes(events):  # a codec that changed path is never buried in the table
         st.warning(line, icon=":material/swap_horiz:")
     if events:
-        st.dataframe(store.events_frame(events).tail(30), hide_index=True, width="stretch")
+        st.dataframe(events_frame(events).tail(30), hide_index=True, width="stretch")
     else:
         st.caption("No progress events.")
 with tab_logs:
-    logs = store.log_tail(run_id, _ui.root(), lines=60)
+    logs = log_tail(run_id, _ui.root(), lines=60)
     if not logs:
         st.caption("No logs.")
     for name, text in logs.items():
@@ -195,6 +197,6 @@ else:
     with c2:
         b = st.selectbox("Run B", all_ids, index=1, key="cmp_b")
     only_diff = st.toggle("Only fields that differ", value=True, key="cmp_diff")
-    specs = store.compare_specs(store.load_spec(a, _ui.root()), store.load_spec(b, _ui.root()))
+    specs = compare_specs(load_spec(a, _ui.root()), load_spec(b, _ui.root()))
     st.dataframe(specs[~specs["same"]] if only_diff else specs, hide_index=True, width="stretch")
-    st.dataframe(store.compare_results(_ui.result(a)[0], _ui.result(b)[0]), hide_index=True, width="stretch")
+    st.dataframe(compare_results(_ui.result(a)[0], _ui.result(b)[0]), hide_index=True, width="stretch")

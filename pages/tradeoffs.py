@@ -5,7 +5,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.evaluate import (evaluate_runs, pareto_front, scheme_frame, sweep_grid_candidates, sweep_summary,
+                                   task_frame)
 from lowbit.model.data import TASKS
 from lowbit.method.sensitivity import DEFAULT_CANDIDATES
 from pages import _controls, _ui
@@ -80,7 +81,8 @@ def autotune_form() -> None:
         kl_max = st.number_input("KL at most (0 = no floor)", min_value=0.0, value=0.3, step=0.05, key="at_kl")
     with f2:
         tasks = st.multiselect("Tasks", TASKS, default=[], key="at_tasks",
-                               help="Task accuracy with paired SE; slow on a CPU (about 10 s per item and scheme)")
+                               help="Task accuracy with paired SE; slow on a CPU (seconds per item and scheme: "
+                                    "docs/results.md, the accuracy plan)")
     with f3:
         items = st.number_input("Items per task", min_value=1, value=20, step=5, key="at_items", disabled=not tasks)
     with f4:
@@ -90,7 +92,7 @@ def autotune_form() -> None:
                 rotation=[None if r == "none" else int(r) for r in rotations] or [None],
                 rounding=["nearest", "stochastic"] if sr else ["nearest"])
     hidden = _ui.model_shape(model)["hidden"]
-    in_range = store.sweep_grid_candidates(grid, hidden, int(tp), *budget) if bits and grans else []
+    in_range = sweep_grid_candidates(grid, hidden, int(tp), *budget) if bits and grans else []
     st.caption(f"{len(in_range)} grid scheme(s) in range" + (f": {', '.join(in_range)}" if in_range else "")
                + (f"; plus {len(allocate)} allocated map(s)" if allocate else "") + "; plus the paper's scheme.")
     if st.button("Start the auto-tune sweep", type="primary", icon=":material/tune:", key="at_go"):
@@ -106,7 +108,7 @@ def autotune_form() -> None:
 run_ids = _ui.pick_evaluate_run(label="Evaluation runs and auto-tune sweeps", key="to_runs", multi=True,
                                 sweeps=True)
 if not run_ids:
-    if store.evaluate_runs(_ui.runs(), _ui.root(), sweeps=True).empty:
+    if evaluate_runs(_ui.runs(), _ui.root(), sweeps=True).empty:
         _ui.empty_state("No evaluation results yet.",
                         "An evaluate run measures every scheme's accuracy, bits and communication time. The "
                         "classroom demo is one; the Runs page starts any other; the form below starts an "
@@ -123,7 +125,7 @@ for run_id in run_ids:
     if problem:
         st.warning(f"{run_id}: {problem}")
         continue
-    f = store.scheme_frame(data)
+    f = scheme_frame(data)
     f.insert(0, "run", run_id)
     f.insert(1, "model", data.get("model"))
     f.insert(2, "tp", data.get("tp"))
@@ -150,7 +152,7 @@ points = points.dropna(subset=[x, y]).reset_index(drop=True)
 if points.empty:
     st.warning(f"No scheme has both {cost} and {quality}; task metrics need a run with tasks.")
 else:
-    front = store.pareto_front(points[x], points[y] if higher else -points[y])
+    front = pareto_front(points[x], points[y] if higher else -points[y])
     fig = go.Figure()
     multi = len(run_ids) > 1
     colors = _ui.scheme_colors(points["scheme"])
@@ -187,7 +189,7 @@ st.dataframe(table[columns], hide_index=True, width="stretch",
 _ui.download_csv(table[columns], "lowbit-tradeoffs.csv", key="to_csv")
 
 for run_id in run_ids:
-    answer = store.sweep_summary(_ui.result(run_id)[0])
+    answer = sweep_summary(_ui.result(run_id)[0])
     if not answer.empty:
         st.subheader(f"Auto-tune answer: {run_id}")
         st.caption("The lowest-KL scheme at or under each budget (bits per value as sent). "
@@ -196,7 +198,7 @@ for run_id in run_ids:
                      column_config=dict(kl=st.column_config.NumberColumn("kl", format="%.4g")))
 
 with st.expander("Per task"):
-    tasks = pd.concat([store.task_frame(_ui.result(r)[0]).assign(run=r) for r in run_ids], ignore_index=True)
+    tasks = pd.concat([task_frame(_ui.result(r)[0]).assign(run=r) for r in run_ids], ignore_index=True)
     if tasks.empty:
         st.caption("These runs evaluated no tasks.")
     else:

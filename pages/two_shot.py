@@ -2,13 +2,13 @@
 requantization, the all-gather; the error after each phase on a real stored partial, next to the
 BF16 ring all-reduce and the gather of the same code; bytes per rank as TP grows.
 
-Numbers from launch.store.two_shot_view / bytes_by_tp (lowbit.playground: the real
+Numbers from launch.store.teaching.two_shot_view / bytes_by_tp (lowbit.playground: the real
 communicator on threads, the payload layout)."""
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.teaching import bytes_by_tp, two_shot_view
 from pages import _teach
 
 st.title("Two-shot, step by step")
@@ -45,7 +45,7 @@ scheme = f"{first}@twoshot+{second}"
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def view(folder: str, stamp: float, layer: int, module: str, scheme: str) -> dict:
-    return store.two_shot_view(cal, layer, module, scheme)
+    return two_shot_view(cal, layer, module, scheme)
 
 
 try:
@@ -123,7 +123,7 @@ else:
 
 st.subheader("Why gather stops saving bytes at large TP")
 try:
-    by_tp = store.bytes_by_tp(scheme, v["hidden"], int(tokens_for_tp))
+    by_tp = bytes_by_tp(scheme, v["hidden"], int(tokens_for_tp))
 except ValueError as exc:
     st.error(f"`{exc}`")
     st.stop()

@@ -3,14 +3,15 @@ the emulated ones, bf16 against each scheme by message size, the crossover marke
 model's decode- and prefill-sized messages shaded, and measured collective-bench records from the
 results store drawn over the model lines.
 
-Numbers from launch.store.projection_frame / crossovers / message_sizes / fitted_links
+Numbers from launch.store.teaching.projection_frame / crossovers / message_sizes / fitted_links
 (lowbit.playground -> lowbit.method.projection)."""
 import math
 
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch import store
+from launch.store.teaching import (crossovers, fitted_links, link_choices, measured_link_records, message_sizes,
+                                   projection_frame, projection_hidden)
 from pages import _teach, _ui
 
 st.title("Where it pays: time per all-reduce by message size")
@@ -21,8 +22,8 @@ st.markdown(
     "fewer bytes barely help; large ones (prefill) are bandwidth-bound. **A model, not a measurement**: link "
     "numbers are nominal data-sheet figures derated to what collectives reach; measured runs are drawn as dots.")
 
-links = store.link_choices()
-bench = store.measured_link_records(_ui.runs(), _ui.root())
+links = link_choices()
+bench = measured_link_records(_ui.runs(), _ui.root())
 c1, c2, c3, c4 = st.columns(4)
 with c1:
     picked = st.multiselect("Links", list(links), default=["nvlink4", "pcie4", "eth100", "ib400", "emu1gbit"],
@@ -48,7 +49,7 @@ with c2:
 with c3:
     batch = st.number_input("Sequences per batch", 1, 1024, 1, key="wp_batch")
 
-fits = store.fitted_links(bench, int(tp)) if len(bench) else {}
+fits = fitted_links(bench, int(tp)) if len(bench) else {}
 fit_pick = st.multiselect("Links fitted to your collective-bench runs (TP " + str(int(tp)) + ")", list(fits),
                           default=list(fits), key="wp_fits") if fits else []
 if not picked and not fit_pick:
@@ -56,10 +57,10 @@ if not picked and not fit_pick:
     st.stop()
 
 try:
-    hidden = store.projection_hidden(model)
-    sizes = store.message_sizes(model, int(prompt), int(batch))
-    frames = {links[k]: store.projection_frame(k, int(tp), hidden, schemes, float(codec)) for k in picked}
-    frames.update({name: store.projection_frame(fits[name], int(tp), hidden, schemes, float(codec))
+    hidden = projection_hidden(model)
+    sizes = message_sizes(model, int(prompt), int(batch))
+    frames = {links[k]: projection_frame(k, int(tp), hidden, schemes, float(codec)) for k in picked}
+    frames.update({name: projection_frame(fits[name], int(tp), hidden, schemes, float(codec))
                    for name in fit_pick})
 except ValueError as exc:  # named field errors: a scheme that does not fit this hidden size / TP
     st.error(f"`{exc}`")
@@ -72,7 +73,7 @@ for i, (name, frame) in enumerate(frames.items()):
     for s in ["bf16", *schemes]:
         part = frame[frame["scheme"] == s]
         fig.add_scatter(x=part["message_mib"], y=part["us"], mode="lines", name=s, line=dict(color=colors[s]))
-    cross = store.crossovers(frame)
+    cross = crossovers(frame)
     for r in cross.dropna(subset=["tokens"]).itertuples():
         fig.add_scatter(x=[r.message_mib], y=[r.scheme_us], mode="markers", name=f"crossover: {r.scheme}",
                         marker=dict(size=16, symbol="star", color=colors[r.scheme], line=dict(color="#111", width=1)))

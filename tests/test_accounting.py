@@ -107,15 +107,15 @@ READERS = ["bf16", "int4-static-top1/64", "int4-token-sp3", "int4-token-thr6c1/1
 @pytest.mark.parametrize("scheme", READERS)
 def test_bits_page_traffic_table_projection_and_bench_read_the_one_accounting(scheme, monkeypatch):
     from bench import collectives as bench
-    from launch import store
+    from launch.store.bits import bits_parts, traffic_per_token
     from lowbit.method import projection
     s, hidden, tp, tokens = parse_scheme(scheme), 576, 3, 8
     # the Bits page's table
-    rows = store.bits_parts(scheme, hidden, tp, tokens)[["leg", "part", "bits"]].to_dict("records")
+    rows = bits_parts(scheme, hidden, tp, tokens)[["leg", "part", "bits"]].to_dict("records")
     assert rows == accounting.bits_rows(s, hidden, tp, tokens)
     # the Overview's traffic table: 2 sites per layer, each as accounting's site_traffic
     t = accounting.site_traffic(s, hidden, tp, tokens)
-    table = store.traffic_per_token(scheme, hidden, layers=3, tp=tp, tokens=tokens)
+    table = traffic_per_token(scheme, hidden, layers=3, tp=tp, tokens=tokens)
     assert table["sent_bytes"] == pytest.approx(3 * 2 * t["sent_bytes"] / tokens)
     assert table["message_bytes"] == pytest.approx(3 * 2 * t["message_bytes"] / tokens)
     # the projection's collective times are alpha-beta over accounting's wire bytes

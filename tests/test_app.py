@@ -9,10 +9,10 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from launch import store
 from launch.index import RunIndex
 from launch.registry import KINDS
 from launch.spec import JobSpec, SpecError
+from launch.store.evaluate import scheme_fields
 from tests.conftest import REPO
 from tests.test_app_results import results_root, results_template  # noqa: F401 - fixtures
 
@@ -247,15 +247,15 @@ def test_layer_error_builder_offers_the_neighbouring_schemes(runs_with_results):
     at.checkbox(key="le_perm").check().run()
     assert_clean(at)
     assert "int4-group64-perm" in built(at)
-    fields = store.scheme_fields("int4-group64-perm")
+    fields = scheme_fields("int4-group64-perm")
     assert fields["options"] == "perm" and fields["family"] == "int4"
-    assert store.scheme_fields("nf4-static-sp3")["select"] == "sparse"
+    assert scheme_fields("nf4-static-sp3")["select"] == "sparse"
     at.checkbox(key="le_perm").uncheck().run()
     at.radio(key="le_code").set_value("lm").run()
     at.selectbox(key="le_bits_lm").set_value(3).run()
     assert_clean(at)
     assert "lm3-group64" in built(at)  # the fitted codebook, 2-4 bits
-    assert store.scheme_fields("lm3-group64")["family"] == "lm3"
+    assert scheme_fields("lm3-group64")["family"] == "lm3"
 
 
 def test_layer_error_builder_offers_fp_codes_scale_formats_and_an_fp_second_leg(runs_with_results):
@@ -278,7 +278,7 @@ def test_layer_error_builder_offers_fp_codes_scale_formats_and_an_fp_second_leg(
     at.selectbox(key="le_gran").set_value("token").run()
     at.selectbox(key="le_scale").set_value("fp16").run()
     assert "fp8e4m3-token-sfp16" in [t.value for t in at.text_input if t.value]
-    assert store.scheme_fields("fp8e4m3-token-sfp16")["family"] == "fp8e4m3"
+    assert scheme_fields("fp8e4m3-token-sfp16")["family"] == "fp8e4m3"
 
 
 def test_layer_error_submit_shows_problems_for_a_bad_group_size(runs_with_results):

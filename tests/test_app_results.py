@@ -22,11 +22,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from launch import store
 from launch.events import EventLog
 from launch.index import RunIndex
 from launch.layout import RunPaths, write_atomic
 from launch.presets import DEMO_SCHEMES
+from launch.store.bench import collective_frame
+from launch.store.bits import bits_parts, bits_per_site, traffic_per_token
+from launch.store.calibration import calibration_sources, load_calibration
+from launch.store.evaluate import (SCHEME_NUMERIC, compare_results, compare_specs, evaluate_runs, layer_error_frame,
+                                   pareto_front, scheme_frame, sweep_summary)
+from launch.store.machine import model_shape, valid_tp_sizes
+from launch.store.runs import RUN_COLUMNS, load_result, load_spec, runs_frame
+from lowbit.analysis import (ema_trace_frame, feature_ranges, outlier_count, overlap_between_batches,
+                             overlap_between_layers, overlap_between_ranks, overlap_between_sources, random_jaccard,
+                             rotation_view, selected_features, spikiest_sample)
 from lowbit.site import Site
 from launch.spec import JobSpec
 
@@ -151,10 +160,10 @@ def _build_runs(root: Path) -> None:
     for tp in (2, 4):
         for tokens in (16, 256, 4096):
             base_ms = 0.05 + tokens * 576 * 2 * 2 * (tp - 1) / tp / 2e9 * 1e3
-            for method, scheme, bits in (("all_reduce", "bf16", 16.0), ("gather", "int4-static-top1/64", 4.1875),
+            for method, scheme, bits in (("exact", "bf16", 16.0), ("gather", "int4-static-top1/64", 4.1875),
                                          ("two_shot", "int4-token@twoshot+int8-token", 12.2)):
                 scale = tp / 2 if method == "gather" else 1  # all-gather sends TP-1 payloads
-                ms = base_ms if method == "all_reduce" else 0.08 + base_ms * bits / 16 * scale
+                ms = base_ms if method == "exact" else 0.08 + base_ms * bits / 16 * scale
                 records.append(dict(tp=tp, tokens=tokens, hidden=576, method=method, scheme=scheme,
                                     median_ms=ms, speedup_vs_bf16=base_ms / ms,
                                     bytes_per_rank=tokens * 576 * bits / 8 * (tp - 1), bits_per_value=bits,
@@ -221,7 +230,7 @@ def results_root(results_template, tmp_path) -> Path:
 
 # -- the store -----------------------------------------------------------------------------------
 def test_runs_frame_lists_every_run_with_status_and_never_raises_on_bad_ones(results_root):
-    frame = store.runs_frame(results_root)
+    frame = runs_frame(results_root)
     status = dict(zip(frame["id"], frame["status"]))
     assert status["eval-tiny"] == "done" and status["cal-wiki"] == "done"
     assert status["eval-failed"] == "failed"
@@ -232,22 +241,22 @@ def test_runs_frame_lists_every_run_with_status_and_never_raises_on_bad_ones(res
 
 
 def test_runs_frame_of_an_empty_root_is_an_empty_frame_with_columns(tmp_path):
-    frame = store.runs_frame(tmp_path / "none-yet")
-    assert frame.empty and list(frame.columns) == store.RUN_COLUMNS
+    frame = runs_frame(tmp_path / "none-yet")
+    assert frame.empty and list(frame.columns) == RUN_COLUMNS
 
 
 def test_load_result_reports_problems_instead_of_raising(results_root):
-    data, problem = store.load_result("eval-corrupt", results_root)
+    data, problem = load_result("eval-corrupt", results_root)
     assert data is None and "not valid JSON" in problem
-    data, problem = store.load_result("no-such-run", results_root)
+    data, problem = load_result("no-such-run", results_root)
     assert data is None and "missing" in problem
-    data, problem = store.load_result("../etc", results_root)
+    data, problem = load_result("../etc", results_root)
     assert data is None and "run id" in problem
 
 
 def test_scheme_frame_has_one_row_per_scheme_with_the_papers_bits(results_root):
-    data, _ = store.load_result("eval-tiny", results_root)
-    frame = store.scheme_frame(data).set_index("scheme")
+    data, _ = load_result("eval-tiny", results_root)
+    frame = scheme_frame(data).set_index("scheme")
     assert list(frame.index) == ["fp32", *EVAL_SCHEMES]
     assert frame.loc["fp32", "reference"] and frame.loc["fp32", "kl"] == 0.0
     # tiny-llama hidden 64: 1/64 keeps one feature, 63 x 4 + 16 bits over 64 values = 4.1875
@@ -259,101 +268,101 @@ def test_scheme_frame_has_one_row_per_scheme_with_the_papers_bits(results_root):
 
 def test_scheme_frame_of_a_run_without_tasks_keeps_numeric_columns(results_root):
     # The demo evaluates no tasks: its kept_pct / kept_se are missing in every row, and pages round them.
-    data, _ = store.load_result("demo-tiny", results_root)
-    frame = store.scheme_frame(data)
+    data, _ = load_result("demo-tiny", results_root)
+    frame = scheme_frame(data)
     assert frame["kept_pct"].isna().all() and frame["kept_se"].isna().all()
-    for col in store.SCHEME_NUMERIC:
+    for col in SCHEME_NUMERIC:
         assert frame[col].dtype == float, col
     assert frame["kept_pct"].round(1).isna().all()
     assert frame["kl"].notna().all()
 
 
 def test_a_sweep_reads_like_an_evaluate_run_with_its_reference_first(results_root):
-    runs = store.evaluate_runs(store.runs_frame(results_root), results_root, sweeps=True)
+    runs = evaluate_runs(runs_frame(results_root), results_root, sweeps=True)
     assert "sweep-tiny" in set(runs["id"]) and "auto-tune" in runs.set_index("id").loc["sweep-tiny", "label"]
-    assert "sweep-tiny" not in set(store.evaluate_runs(store.runs_frame(results_root), results_root)["id"])
-    data, _ = store.load_result("sweep-tiny", results_root)
-    frame = store.scheme_frame(data)
+    assert "sweep-tiny" not in set(evaluate_runs(runs_frame(results_root), results_root)["id"])
+    data, _ = load_result("sweep-tiny", results_root)
+    frame = scheme_frame(data)
     assert frame.iloc[0]["scheme"] == "fp32" and frame.iloc[0]["reference"] and frame.iloc[0]["kl"] == 0.0
     assert frame.iloc[0]["ppl"] == pytest.approx(data["points"][0]["reference_ppl"])
     schemes = set(frame["scheme"])
     assert {"int8-token", "int4-token-rot16", "int2-token", "int4-static-top1/64"} <= schemes
     assert frame["kl"].notna().all() and (frame["kl"].iloc[1:] > 0).all()
-    best = store.sweep_summary(data)
+    best = sweep_summary(data)
     assert set(best["budget"]) == {"4.2", "3.5", "3.0", "2.5"}
     assert best.set_index("budget").loc["4.2", "scheme"] == data["best_at"]["4.2"]
 
 
 def test_scheme_frame_carries_the_threshold_overflow(results_root):
-    data, _ = store.load_result("eval-tiny", results_root)
+    data, _ = load_result("eval-tiny", results_root)
     thr = dict(data["records"][1], scheme="int4-token-thr6c1/64", thr_overflow=42)
-    frame = store.scheme_frame(dict(data, records=[data["records"][0], thr])).set_index("scheme")
+    frame = scheme_frame(dict(data, records=[data["records"][0], thr])).set_index("scheme")
     assert frame.loc["int4-token-thr6c1/64", "thr_overflow"] == 42.0
     assert frame.loc["int4-token-thr6c1/64", "select"] == "threshold"
     assert frame.loc["fp32", "thr_overflow"] == 0.0  # counted for every scheme: 0 without thr
 
 
 def test_measured_bits_equal_the_payload_layout_for_every_scheme(results_root):
-    data, _ = store.load_result("eval-tiny", results_root)
-    measured = store.scheme_frame(data).set_index("scheme")["bits_per_value"]
+    data, _ = load_result("eval-tiny", results_root)
+    measured = scheme_frame(data).set_index("scheme")["bits_per_value"]
     for scheme in EVAL_SCHEMES:
-        layout_bits = store.bits_parts(scheme, hidden=64, tp=TP)["bits"].sum()
+        layout_bits = bits_parts(scheme, hidden=64, tp=TP)["bits"].sum()
         # exact: payload.layout and the communicator count the same bytes (the layout is exact at
         # these sizes: no partial byte to round, outliers split evenly over two-shot's 2 chunks)
         assert layout_bits == pytest.approx(measured[scheme], abs=1e-9), scheme
 
 
 def test_bits_parts_split_payload_outliers_scales():
-    parts = store.bits_parts("int4-static-top1/64", hidden=576, tp=3).set_index("part")["bits"]
+    parts = bits_parts("int4-static-top1/64", hidden=576, tp=3).set_index("part")["bits"]
     assert parts["payload"] == pytest.approx(567 * 4 / 576)
     assert parts["outliers"] == pytest.approx(9 * 16 / 576)
     assert parts["scales"] == 0.0 and parts["indices"] == 0.0  # static scales and indices are not sent
-    token = store.bits_parts("int8-token", hidden=576, tp=3).set_index("part")["bits"]
+    token = bits_parts("int8-token", hidden=576, tp=3).set_index("part")["bits"]
     assert token["scales"] == pytest.approx(16 / 576)  # one bf16 scale per token
-    two = store.bits_parts("int4-token@twoshot+int8-token", hidden=576, tp=3)
+    two = bits_parts("int4-token@twoshot+int8-token", hidden=576, tp=3)
     assert set(two["leg"]) == {"leg 1", "leg 2"}
     assert two[two["leg"] == "leg 2"]["bits"].sum() == pytest.approx((192 * 8 + 16) / 576)
 
 
 def test_traffic_per_token_counts_two_all_reduces_per_layer():
-    t = store.traffic_per_token("bf16", hidden=576, layers=30, tp=3)
+    t = traffic_per_token("bf16", hidden=576, layers=30, tp=3)
     assert t["message_bytes_per_layer"] == 2 * 576 * 2
     assert t["sent_bytes_per_layer"] == pytest.approx(2 * (3 - 1) / 3 * 2 * 576 * 2)
-    paper = store.traffic_per_token("int4-static-top1/64", hidden=576, layers=30, tp=3)
+    paper = traffic_per_token("int4-static-top1/64", hidden=576, layers=30, tp=3)
     assert paper["message_bytes"] / t["message_bytes"] == pytest.approx(4.1875 / 16)
-    mixed = store.bits_per_site("int4-static-top1/64;L0-3=int8-token", hidden=576, layers=30, tp=3)
+    mixed = bits_per_site("int4-static-top1/64;L0-3=int8-token", hidden=576, layers=30, tp=3)
     per_layer = mixed.groupby("layer")["bits"].sum() / 2
     assert per_layer[0] == pytest.approx(8 + 16 / 576) and per_layer[4] == pytest.approx(4.1875)
 
 
 def test_layer_error_frame_has_local_and_accumulated_rows_and_twoshot_first_leg(results_root):
-    data, _ = store.load_result("eval-tiny", results_root)
-    frame = store.layer_error_frame(data)
+    data, _ = load_result("eval-tiny", results_root)
+    frame = layer_error_frame(data)
     assert set(frame["mode"]) == {"local", "accumulated"}
     assert set(frame["module"]) == {"o_proj", "down_proj"} and set(frame["layer"]) == {0, 1}
     two = frame[frame["scheme"] == "int4-token@twoshot+int8-token"]
     assert set(two["leg"]) == {"final", "leg1"}
     assert (frame["rel_error"] >= 0).all()
-    assert store.layer_error_frame({"layer_errors": "garbage"}).empty
+    assert layer_error_frame({"layer_errors": "garbage"}).empty
 
 
 def test_pareto_front_keeps_only_undominated_points():
     cost = pd.Series([16.0, 8.25, 4.1875, 4.1875, 4.0])
     quality = pd.Series([100.0, 99.0, 90.0, 80.0, 70.0])
-    assert store.pareto_front(cost, quality).tolist() == [True, True, True, False, True]
-    assert store.pareto_front(pd.Series([1.0, math.nan]), pd.Series([1.0, 2.0])).tolist() == [True, False]
+    assert pareto_front(cost, quality).tolist() == [True, True, True, False, True]
+    assert pareto_front(pd.Series([1.0, math.nan]), pd.Series([1.0, 2.0])).tolist() == [True, False]
 
 
 def test_calibration_sources_find_calibrate_runs_and_the_evaluate_runs_calibration(results_root):
-    sources = store.calibration_sources(store.runs_frame(results_root), results_root)
+    sources = calibration_sources(runs_frame(results_root), results_root)
     assert set(sources["source"]) == {"wikipedia", SECOND_SOURCE}
     assert len(sources) == 2  # eval-tiny used cal-wiki's folder: listed once
     assert (sources["model"] == MODEL).all() and (sources["tp"] == TP).all()
 
 
 def test_rotation_view_of_a_stored_partial(results_root):
-    cal = store.load_calibration(results_root / "cal-wiki" / "calibration")
-    layer, module, rank = store.spikiest_sample(cal)
+    cal = load_calibration(results_root / "cal-wiki" / "calibration")
+    layer, module, rank = spikiest_sample(cal)
     sample = cal.site_sample(Site(layer, module), rank)
     crest = sample.abs().max() / sample.pow(2).mean().sqrt()
     for m in ("o_proj", "down_proj"):  # no stored partial is spikier than the one it picked
@@ -361,7 +370,7 @@ def test_rotation_view_of_a_stored_partial(results_root):
             for r in range(TP):
                 s = cal.site_sample(Site(other_layer, m), r)
                 assert s.abs().max() / s.pow(2).mean().sqrt() <= crest + 1e-6
-    values, tokens = store.rotation_view(cal, layer, module, rank, 16, "int4-token")
+    values, tokens = rotation_view(cal, layer, module, rank, 16, "int4-token")
     tokens_n, hidden = sample.shape
     assert len(values) == 2 * tokens_n * hidden and set(values["stage"]) == {"original", "rotated (R=16)"}
     original = values[values["stage"] == "original"]["value"].to_numpy()
@@ -371,53 +380,52 @@ def test_rotation_view_of_a_stored_partial(results_root):
     assert len(tokens) == tokens_n and (tokens["absmax"] >= tokens["rms"] - 1e-6).all()
     assert tokens[["error", "error_rotated", "rest_error", "rest_error_rotated"]].notna().all().all()
     with pytest.raises(ValueError, match="rotation block"):
-        store.rotation_view(cal, layer, module, rank, 24, "int4-token")
+        rotation_view(cal, layer, module, rank, 24, "int4-token")
     with pytest.raises(ValueError, match="quant"):
-        store.rotation_view(cal, layer, module, rank, 16, "int4-token-rot16")
+        rotation_view(cal, layer, module, rank, 16, "int4-token-rot16")
 
 
 def test_outlier_frames_from_a_real_calibration(results_root):
-    cal = store.load_calibration(results_root / "cal-wiki" / "calibration")
-    ranges = store.feature_ranges(cal, 0, "down_proj")
+    cal = load_calibration(results_root / "cal-wiki" / "calibration")
+    ranges = feature_ranges(cal, 0, "down_proj")
     assert len(ranges) == TP * 64 and (ranges["range"] >= 0).all()
-    k = store.outlier_count(64, Fraction(1, 16))
+    k = outlier_count(64, Fraction(1, 16))
     assert k == 4
-    chosen = store.selected_features(cal, 0, "down_proj", Fraction(1, 16))
+    chosen = selected_features(cal, 0, "down_proj", Fraction(1, 16))
     summed = ranges.groupby("feature")["range"].sum().sort_values(ascending=False)
     assert sorted(chosen) == sorted(summed.index[:4].tolist())
-    batches = store.overlap_between_batches(cal, "down_proj", k)
+    batches = overlap_between_batches(cal, "down_proj", k)
     assert batches["jaccard"].between(0, 1).all() and batches["batch"].nunique() == 4
-    ranks = store.overlap_between_ranks(cal, 0, "down_proj", k)
+    ranks = overlap_between_ranks(cal, 0, "down_proj", k)
     assert ranks.shape == (TP, TP) and all(ranks.iloc[i, i] == 1.0 for i in range(TP))
-    assert store.overlap_between_layers(cal, "o_proj", k).shape == (2, 2)
-    other = store.load_calibration(results_root / f"cal-{SECOND_SOURCE}" / "calibration")
-    sources = store.overlap_between_sources(cal, other, k)
+    assert overlap_between_layers(cal, "o_proj", k).shape == (2, 2)
+    other = load_calibration(results_root / f"cal-{SECOND_SOURCE}" / "calibration")
+    sources = overlap_between_sources(cal, other, k)
     assert len(sources) == 2 * 2 and sources["jaccard"].between(0, 1).all()
-    trace = store.ema_trace_frame(cal, 1, "o_proj", chosen[0])
+    trace = ema_trace_frame(cal, 1, "o_proj", chosen[0])
     assert len(trace) == 4 and trace["ema_range"].iloc[0] == pytest.approx(trace["batch_range"].iloc[0], rel=1e-5)
-    assert store.random_jaccard(64, 4) == pytest.approx((16 / 64) / (8 - 16 / 64))
+    assert random_jaccard(64, 4) == pytest.approx((16 / 64) / (8 - 16 / 64))
 
 
 def test_collective_frame_reads_bench_records(results_root):
-    bench = store.collective_frame(store.runs_frame(results_root), results_root)
+    bench = collective_frame(runs_frame(results_root), results_root)
     assert len(bench) == 2 * 3 * 3
-    assert set(bench["method"]) == {"all_reduce", "gather", "two_shot"}
+    assert set(bench["method"]) == {"exact", "gather", "two_shot"}
     assert bench["message_mib"].iloc[0] == pytest.approx(bench["tokens"].iloc[0] * 576 * 2 / 2**20)
 
 
 def test_compare_two_runs_side_by_side(results_root):
-    a, _ = store.load_result("eval-tiny", results_root)
-    b, _ = store.load_result("demo-tiny", results_root)
-    merged = store.compare_results(a, b)
+    a, _ = load_result("eval-tiny", results_root)
+    b, _ = load_result("demo-tiny", results_root)
+    merged = compare_results(a, b)
     assert "kl (A)" in merged and "kl (B)" in merged
     by_scheme = merged.set_index("scheme")
     assert pd.isna(by_scheme.loc["int8-token", "kl (B)"])  # not a demo scheme: only in A
     assert by_scheme.loc["int4-static-top1/64", "kl (A)"] == by_scheme.loc["int4-static-top1/64", "kl (B)"]
-    specs = store.compare_specs(store.load_spec("eval-tiny", results_root),
-                                  store.load_spec("demo-tiny", results_root))
+    specs = compare_specs(load_spec("eval-tiny", results_root), load_spec("demo-tiny", results_root))
     assert set(specs.loc[~specs["same"], "field"]) == {"run_id", "schemes"}
 
 
 def test_model_shape_and_valid_tp_sizes():
-    assert store.model_shape(MODEL)["hidden"] == 64
-    assert store.valid_tp_sizes(MODEL) == [1, 2, 4]
+    assert model_shape(MODEL)["hidden"] == 64
+    assert valid_tp_sizes(MODEL) == [1, 2, 4]

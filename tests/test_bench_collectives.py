@@ -30,7 +30,7 @@ def test_one_record_per_size_and_scheme_with_the_fields_the_readme_reads():
                     "bytes_per_rank", "bits_per_value"):
             assert r[key] is not None, (key, r)
         assert r["median_ms"] > 0 and r["repeats"] >= 1
-    assert {r["method"] for r in records} == {"all_reduce", "gather", "two_shot"}
+    assert {r["method"] for r in records} == {"exact", "gather", "two_shot"}
     assert all(r["speedup_vs_bf16"] == 1.0 for r in records if r["scheme"] == "bf16")
     # every rank reports the same timings (the slowest rank of each repeat)
     assert [r["median_ms"] for r in per_rank[1]] == [r["median_ms"] for r in records]

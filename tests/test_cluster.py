@@ -17,20 +17,20 @@ from launch import cluster, procs
 from launch.events import read_events
 from launch.layout import RunPaths
 from launch.queue import JobQueue, failure_text
-from launch.spec import JobSpec
+from launch.spec import JobSpec, rate_bits
 
 # Runs of torchrun on a shared 2-core machine take 5-30 s to start (see test_launch_jobs).
 START_S = 120
 
 
 def test_link_rates_parse_to_bits_per_second():
-    assert cluster.rate_bits("100mbit") == 100e6
-    assert cluster.rate_bits("1gbit") == 1e9
-    assert cluster.rate_bits("2.5gbit") == 2.5e9
-    assert cluster.rate_bits("500kbit") == 500e3
+    assert rate_bits("100mbit") == 100e6
+    assert rate_bits("1gbit") == 1e9
+    assert rate_bits("2.5gbit") == 2.5e9
+    assert rate_bits("500kbit") == 500e3
     for bad in ("loopback", "100mb", "0mbit", "-1gbit", "", "1gbit; rm -rf /"):
         with pytest.raises(ValueError, match="link rate"):
-            cluster.rate_bits(bad)
+            rate_bits(bad)
 
 
 def test_names_and_addresses_stay_in_the_private_subnet_and_prefix():
@@ -39,7 +39,7 @@ def test_names_and_addresses_stay_in_the_private_subnet_and_prefix():
     assert all(cluster._NS_PATTERN.match(n) for n in names), names
     assert [c.address(i) for i in range(4)] == ["10.213.0.1", "10.213.0.2", "10.213.0.3", "10.213.0.4"]
     assert c.master_addr == "10.213.0.1"
-    cmd = cluster.node_torchrun(c, 2, RunPaths("/tmp/x", "r1").spec, None)
+    cmd = cluster.node_torchrun(c, 2, RunPaths("runs", "r1").spec, None)
     assert cmd[:4] == ["ip", "netns", "exec", c.ns(2)]
     assert cmd[cmd.index("--nnodes") + 1] == "4" and cmd[cmd.index("--node-rank") + 1] == "2"
     assert cmd[cmd.index("--master-addr") + 1] == "10.213.0.1"

@@ -94,11 +94,10 @@ def test_device_for_groups_without_a_placement():
 
 @pytest.mark.parametrize("gpus,words", [(0, "gloo (CPU)"), (1, "nccl up to TP 1; above: gloo with CUDA tensors")])
 def test_machine_panel_says_what_auto_picks(monkeypatch, gpus, words):
-    from launch import store
     from launch.store import machine
     monkeypatch.setattr(machine, "available_gpus", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Fake GPU")
-    info = store.machine_info()
+    info = machine.machine_info()
     assert info["gpus"] == gpus and words in info["backend"]
 
 

@@ -166,7 +166,7 @@ def test_generated_run_ids_are_safe_and_unique():
 
 
 def test_no_spec_field_reaches_the_command_line(tmp_path):
-    nasty = "$(touch /tmp/pwned) `id`; rm -rf / | cat"
+    nasty = "$(touch pwned) `id`; rm -rf / | cat"
     spec = JobSpec(**dict(GOOD, prompt=nasty, run_id="r1"))
     cmd = torchrun_command(spec, tmp_path / "r1" / "spec.json", tmp_path / "r1" / "logs")
     assert isinstance(cmd, list) and all(isinstance(a, str) for a in cmd)

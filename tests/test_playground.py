@@ -15,9 +15,11 @@ from lowbit.wire import accounting
 import torch
 from streamlit.testing.v1 import AppTest
 
-from launch import store
 from launch.index import RunIndex
+from launch.store.bits import bits_parts
+from launch.store.calibration import load_calibration
 from lowbit import playground as pg
+from lowbit.analysis import spikiest_sample
 from lowbit.method.calibrate import SAMPLE_TOKENS, Calibration, CalibrationError, select_outliers
 from lowbit.comm.communicator import Site
 from lowbit.wire.payload import decode, encode
@@ -70,7 +72,7 @@ def test_analyze_matches_the_codec_rank_by_rank_and_summed(scheme):
     assert out["rank"]["sqnr_db"] == pytest.approx(db(x0, recon[0]), abs=1e-9)
     exact = sum(cal.site_sample(SITE, r).double() for r in range(TP)).float()
     assert out["sum"]["sqnr_db"] == pytest.approx(db(exact, sum(recon)), abs=1e-4)
-    assert out["bits"]["total"] == pytest.approx(store.bits_parts(scheme, HIDDEN, TP, SAMPLE_TOKENS)["bits"].sum())
+    assert out["bits"]["total"] == pytest.approx(bits_parts(scheme, HIDDEN, TP, SAMPLE_TOKENS)["bits"].sum())
     np.testing.assert_allclose(out["rank"]["feature_rms"], (recon[0] - x0).double().pow(2).mean(0).sqrt().numpy(),
                                rtol=1e-6)
 
@@ -172,7 +174,7 @@ def test_comm_times_follow_the_alpha_beta_formulas_and_crossovers():
 
 def test_fitted_link_recovers_alpha_and_beta_from_records():
     alpha, beta = 300e-6, 0.5e9
-    records = [dict(tp=4, link="loopback", method="all_reduce", scheme="bf16", tokens=t, hidden=576,
+    records = [dict(tp=4, link="loopback", method="exact", scheme="bf16", tokens=t, hidden=576,
                     bytes_per_rank=t * 576 * 2, median_ms=1e3 * allreduce_s(4, t * 576 * 2, alpha, beta))
                for t in (16, 256, 4096)]
     fit = pg.fitted_link(records, "loopback", 4)
@@ -247,7 +249,7 @@ def _fixture_root(base: Path) -> Path:
         for tokens in (16, 256, 4096):
             values = tokens * 576
             bf16 = allreduce_s(tp, values * 2, alpha, beta)
-            records.append(dict(tp=tp, tokens=tokens, hidden=576, method="all_reduce", scheme="bf16",
+            records.append(dict(tp=tp, tokens=tokens, hidden=576, method="exact", scheme="bf16",
                                 median_ms=1e3 * bf16, speedup_vs_bf16=1.0, bytes_per_rank=values * 2 * 2 * (tp - 1) / tp,
                                 bits_per_value=16.0, link="loopback"))
             records.append(dict(tp=tp, tokens=tokens, hidden=576, method="gather", scheme="int4-static-top1/64",
@@ -324,8 +326,8 @@ def test_capture_button_queues_a_small_calibrate_job(empty_runs):
 
 def test_playground_shows_the_sqnr_and_bits_of_the_stored_sample(playground_runs):
     at = open_page("pages/playground.py")
-    cal = store.load_calibration(playground_runs / "cal-tp4" / "calibration")
-    layer, module, rank = store.spikiest_sample(cal)
+    cal = load_calibration(playground_runs / "cal-tp4" / "calibration")
+    layer, module, rank = spikiest_sample(cal)
     assert (at.number_input(key="pg_layer").value, at.radio(key="pg_module").value,
             at.selectbox(key="pg_rank").value) == (layer, module, rank)
     site = Site(layer, module)
@@ -381,8 +383,8 @@ def test_playground_offers_the_floating_point_codes_with_their_bits(playground_r
 
 def test_two_shot_stepper_on_the_stored_sample(playground_runs):
     at = open_page("pages/two_shot.py")
-    cal = store.load_calibration(playground_runs / "cal-tp4" / "calibration")
-    layer, module, _ = store.spikiest_sample(cal)
+    cal = load_calibration(playground_runs / "cal-tp4" / "calibration")
+    layer, module, _ = spikiest_sample(cal)
     steps = pg.two_shot_steps(cal, layer, module, "int4-static-top1/64@twoshot+int8-token")
     at.radio(key="ts_step").set_value("2. Phase 1: send chunks to owners").run()
     assert metric(at, "After phase 1: SQNR of the owners' fp32 sums") == f"{steps['phases'][0]['sqnr_db']:.2f} dB"

@@ -100,7 +100,7 @@ def crossover_table(records: pd.DataFrame) -> pd.DataFrame:
     the largest speedup measured; ``pays_from_mib`` is None where no measured size wins."""
     cols = ["link", "tp", "method", "scheme", "pays_from_bytes", "pays_from_mib", "best_speedup", "sizes"]
     rows = []
-    quantized = records[records["method"] != "all_reduce"].dropna(subset=["speedup_vs_bf16"])
+    quantized = records[records["method"] != "exact"].dropna(subset=["speedup_vs_bf16"])
     for (link, tp, method, scheme), g in quantized.groupby(["link", "tp", "method", "scheme"], sort=True):
         nbytes = _crossover(g)
         won = nbytes != MAX_MIN_MESSAGE

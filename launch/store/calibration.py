@@ -6,19 +6,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from launch.layout import calibration_folder as run_calibration_folder
+from launch.layout import calibration_folder
 from launch.spec import JobSpec
-from launch.store.runs import _root, load_spec, read_json
+from launch.store.runs import load_spec, read_json, resolve_root
 from lowbit.calibration import Calibration
 
-def calibration_folder(run_id: str, spec: dict | None, root=None) -> Path | None:
-    """Where the calibration a run made (calibrate) or used (evaluate) lives: the run layout's
+
+def run_calibration_folder(run_id: str, spec: dict | None, root=None) -> Path | None:
+    """Where the calibration a stored run made (calibrate) or used (evaluate) lives: the run layout's
     answer (``launch.layout.calibration_folder``) for the run's spec, None for other kinds or a
     spec that no longer reads."""
     if not isinstance(spec, dict) or spec.get("kind") not in ("calibrate", "evaluate"):
         return None
     try:
-        return run_calibration_folder(JobSpec.trusted(spec), run_id, _root(root))
+        return calibration_folder(JobSpec.trusted(spec), run_id, resolve_root(root))
     except Exception:  # noqa: BLE001 - a spec that no longer maps to a folder has no calibration to show
         return None
 
@@ -34,7 +35,7 @@ def calibration_sources(frame: pd.DataFrame, root=None) -> pd.DataFrame:
     for _, run in frame.iterrows():
         if run["kind"] not in ("calibrate", "evaluate") or run["status"] not in ("done", "unindexed"):
             continue
-        folder = calibration_folder(run["id"], load_spec(run["id"], root), root)
+        folder = run_calibration_folder(run["id"], load_spec(run["id"], root), root)
         if folder is None or str(folder) in seen:
             continue
         meta, problem = read_json(folder / "calibration.json")

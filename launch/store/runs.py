@@ -21,7 +21,10 @@ RUN_COLUMNS = ["id", "kind", "model", "tp", "status", "created", "started", "fin
                "fraction", "message", "error", "problem", "schemes"]
 
 
-def _root(root) -> Path:
+def resolve_root(root=None) -> Path:
+    """The runs folder a store reader reads: ``root`` made absolute (so the paths built from it,
+    e.g. a run's calibration folder, compare equal however the caller spelled it), or the
+    configured one (``launch.layout.runs_root``) when ``root`` is None."""
     return Path(root).resolve() if root else runs_root()
 
 
@@ -40,7 +43,7 @@ def read_json(path: Path) -> tuple[object | None, str | None]:
 
 
 def run_paths(run_id: str, root=None) -> RunPaths:
-    return RunPaths(_root(root), run_id)
+    return RunPaths(resolve_root(root), run_id)
 
 
 def load_spec(run_id: str, root=None) -> dict | None:
@@ -76,7 +79,7 @@ def run_progress(run_id: str, root=None) -> tuple[float, str, list[dict]]:
 def runs_frame(root=None) -> pd.DataFrame:
     """Every run (newest first): index rows checked against their directories, with progress."""
     try:
-        rows = list_runs(_root(root))
+        rows = list_runs(resolve_root(root))
     except Exception as exc:  # noqa: BLE001 - the page shows the problem instead of a traceback
         return pd.DataFrame([dict(id="(index)", kind="?", model="?", status="corrupt", problem=str(exc))],
                             columns=RUN_COLUMNS)
@@ -114,7 +117,7 @@ def _when(t) -> pd.Timestamp | None:
 def active_runs(root=None) -> pd.DataFrame:
     """Queued and running runs in submission order: one index query (cheap enough to poll)."""
     try:
-        rows = RunIndex(_root(root)).list(ACTIVE)
+        rows = RunIndex(resolve_root(root)).list(ACTIVE)
     except Exception:  # noqa: BLE001 - an unreadable index shows as no active run; Runs shows why
         rows = []
     return pd.DataFrame([dict(id=r["id"], kind=r["kind"], model=r["model"], tp=r["tp"], status=r["status"],

@@ -161,15 +161,17 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- runners: a whole calibration on a group (what the calibrate job kind calls) -----------------
-def calibration_params(params: dict) -> dict:
-    """``params`` with every calibration parameter (``CALIBRATE_DEFAULTS`` where unset)."""
+def with_calibration_defaults(params: dict) -> dict:
+    """The calibration keys of ``params`` (those of ``CALIBRATE_DEFAULTS``), each its default where
+    ``params`` leaves it unset; other keys are left out. (A job spec's calibration, with its text
+    source and token count, is ``launch.layout.calibration_params``.)"""
     return {k: params.get(k, v) for k, v in CALIBRATE_DEFAULTS.items()}
 
 
 def calibrate_into(tp_model, group: Group, params: dict, out: Path, progress=None) -> dict | None:
     """Collective: calibrate the loaded ``tp_model`` on ``params``' text and save the artifact
     to ``out`` (rank 0); rank 0 returns {artifact, reused, meta}."""
-    p = calibration_params(params)
+    p = with_calibration_defaults(params)
     chunks = token_chunks(tp_model.tokenizer, p["source"], "calib", p["chunks"], p["seq_len"])
     meta = dict(model=params["model"], source=p["source"], chunks=p["chunks"], seq_len=p["seq_len"],
                 created=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -183,7 +185,7 @@ def calibrate_into(tp_model, group: Group, params: dict, out: Path, progress=Non
 def calibrate(group: Group, params: dict, progress=None) -> dict | None:
     """Collective: calibrate ``params["model"]`` and save the artifact to ``params["out"]`` (default:
     the shared cache folder, reused when present unless ``force``)."""
-    p = calibration_params(params)
+    p = with_calibration_defaults(params)
     out = Path(params.get("out") or calibration_cache_dir(params["model"], group.world_size, p["source"],
                                                           p["chunks"], p["seq_len"], p["gamma"]))
     if (out / ARTIFACT_META).exists() and not params.get("force"):

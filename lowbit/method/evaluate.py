@@ -36,7 +36,7 @@ from lowbit.comm.collectives import QuantCommunicator
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
 from lowbit.calibration import Calibration
-from lowbit.method.calibrate import calibration_params, load_or_calibrate
+from lowbit.method.calibrate import load_or_calibrate, with_calibration_defaults
 from lowbit.model.data import CLASSIC_TASKS, TASK_INFO, Item, load_task, token_chunks
 from lowbit.model.engine import build_tp_model, forward_partials, vocab_shard_logits, vocab_shardable
 from lowbit.model.tp import set_communicator
@@ -410,7 +410,7 @@ def evaluate(group: Group, params: dict, progress=None, codec=None, plan: Scheme
     tp_model = build_tp_model(p["model"], group)
     calibration = None
     if plan.needs_calibration:
-        cp = calibration_params(p)
+        cp = with_calibration_defaults(p)
         folder = Path(p.get("calibration") or calibration_cache_dir(p["model"], group.world_size, cp["source"],
                                                                    cp["chunks"], cp["seq_len"], cp["gamma"]))
         calibration = load_or_calibrate(tp_model, group, p, folder, progress)

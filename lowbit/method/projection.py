@@ -184,9 +184,6 @@ def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
     return a, b
 
 
-EXACT_METHODS = ("exact", "allreduce", "all_reduce", "bf16")
-
-
 def check_against(records: list[dict]) -> list[dict]:
     """Fit alpha/beta per (link, tp) to the bf16 all-reduce records, then predict every
     record's *collective* time from its bytes per rank and report the relative error.
@@ -200,14 +197,14 @@ def check_against(records: list[dict]) -> list[dict]:
     for r in records:
         groups.setdefault((r.get("link", "loopback"), r["tp"]), []).append(r)
     for (link, n), rows in sorted(groups.items()):
-        exact = [r for r in rows if r["method"] in EXACT_METHODS]
+        exact = [r for r in rows if r["method"] == "exact"]
         if len(exact) < 2:
             continue
         # ring all-reduce: T = 2(N-1) alpha + [2(N-1)/N M] / beta  ->  linear in x = 2(N-1)/N M
         a, b = fit_alpha_beta([(2 * (n - 1) / n * r["tokens"] * r["hidden"] * 2, r["median_ms"] / 1e3) for r in exact])
         alpha, beta = a / (2 * (n - 1)), 1.0 / b
         for r in rows:
-            if r["method"] in EXACT_METHODS:
+            if r["method"] == "exact":
                 pred = allreduce_s(n, r["tokens"] * r["hidden"] * 2, alpha, beta)
             else:  # gather / two_shot: bytes_per_rank is already what one rank sends (both legs)
                 pred = collective_s(r["method"], n, r["bytes_per_rank"], alpha, beta)

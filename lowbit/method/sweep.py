@@ -31,7 +31,6 @@ import hashlib
 import itertools
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -61,6 +60,7 @@ from lowbit.model.data import token_chunks
 from lowbit.model.engine import build_tp_model
 from lowbit.model.models import load_model
 from lowbit.model.tp import row_parallel_sites
+from lowbit.provenance import command_line, portable_path
 from lowbit.scheme import SchemeError, parse_scheme, parse_scheme_map
 from lowbit.wire.accounting import scheme_bits_per_value, table_bytes
 
@@ -295,13 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     started, load_start = datetime.now(timezone.utc), os.getloadavg()
     rows = sum_error(args.model, args.tp, schemes, args.calibration, args.chunks, args.seq_len)
     if args.out:
-        meta = dict(command="python -m lowbit.method.sweep " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        meta = dict(command=command_line("lowbit.method.sweep", list(argv or sys.argv[1:])),
                     date=started.isoformat(timespec="seconds"), seconds=round((datetime.now(timezone.utc) - started)
                                                                               .total_seconds(), 1),
                     load=dict(start=list(load_start), end=list(os.getloadavg())), machine=f"{os.cpu_count()}-core CPU",
                     cpus=os.cpu_count(),
                     model=args.model, tp=args.tp, chunks=args.chunks, seq_len=args.seq_len,
-                    calibration=args.calibration)
+                    calibration=args.calibration and portable_path(args.calibration))
         _write_json(Path(args.out), dict(meta=meta, rows=rows))
     for row in rows:
         print(f"{row['scheme']:32s} bits {row['bits_per_value']:.3f}  sum rel. error mean {row['mean_rel_error']:.4f} "

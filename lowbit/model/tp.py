@@ -89,6 +89,12 @@ def check_tp_size(config, tp: int, model_name: str = "model") -> None:
                           f"{', '.join(map(str, valid_tp_sizes(config)))}")
 
 
+def input_columns(in_features: int, rank: int, tp: int) -> slice:
+    """The input columns a row-parallel linear keeps on ``rank``: a contiguous 1/tp slice."""
+    per = in_features // tp
+    return slice(rank * per, (rank + 1) * per)
+
+
 class RowParallelLinear(nn.Module):
     """A row-parallel linear: local matmul on this rank's input slice, then the communicator
     reduces the partial sums of all ranks. A bias is added once, after the reduction."""
@@ -152,8 +158,7 @@ def shard_model(model: nn.Module, rank: int, tp: int, communicator: Communicator
                     per = module.out_features // tp
                     _slice_rows(module, slice(rank * per, (rank + 1) * per))
             else:
-                per = module.in_features // tp
-                weight = module.weight.data[:, rank * per:(rank + 1) * per].clone()
+                weight = module.weight.data[:, input_columns(module.in_features, rank, tp)].clone()
                 bias = None if module.bias is None else module.bias.data.clone()
                 site = Site(layer=int(match.group(1)), module=leaf)
                 parent = base.get_submodule(name.rsplit(".", 1)[0])

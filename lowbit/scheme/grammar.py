@@ -89,7 +89,7 @@ def _grammar_help() -> str:
         *(_rows("cast", casts) if casts else []),
         _FIXED_ROWS.rstrip("\n"),
         "",
-        "Neighbouring schemes (related work, compared with the paper in the README):",
+        "Neighbouring schemes (related work, compared with the paper in docs/results.md):",
         "",
         *(textwrap.indent(g, "  ").replace("  ", "- ", 1) for g in guides),
         _NEIGHBOURS.rstrip("\n"),
