@@ -163,7 +163,7 @@ def torch_features() -> dict:
         reduce_scatter_tensor=hasattr(dist, "reduce_scatter_tensor"),
         compile=hasattr(torch, "compile"),
         mark_dynamic=dynamo is not None and hasattr(torch._dynamo, "mark_dynamic"),
-        # kernels/fused_cpu.py patches these dynamo options
+        # the dynamo options a torch.compile path would patch (none ships since kernels/fused_cpu.py went)
         **{f"dynamo.{k}": dynamo is not None and hasattr(dynamo, k)
            for k in ("capture_scalar_outputs", "automatic_dynamic_shapes", "recompile_limit",
                      "accumulated_recompile_limit")},

@@ -29,6 +29,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "lowbit"))
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# In the tests a native kernel that fails in LOWBIT_KERNELS=auto is an error, never a silent fallback
+# (kernels.dispatch; a run records the fallback as an event instead). Child processes inherit it.
+os.environ.setdefault("LOWBIT_KERNELS_STRICT", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 if not torch.cuda.is_available():

@@ -46,12 +46,13 @@ def scale_per_element(res, spec, shape):
     return res.scales.repeat_interleave(spec.group_size, -1)
 
 
-def assert_codebook_error_bound(x, spec, lo, hi, max_gap: float):
-    """Quantize and dequantize ``x`` with a codebook spec (nf, lm): every value lies within half the
-    table's largest gap (``max_gap``, in units of the scale) times its scale, plus fp32 rounding of
-    x / scale and of entry * scale (4 ulp of each). Returns the quantizer's result."""
-    res = quantize(x, spec, lo, hi)
-    y = dequantize(res.codes, spec, res.scales)
+def assert_codebook_error_bound(x, spec, lo, hi, max_gap: float, levels=None):
+    """Quantize and dequantize ``x`` with a codebook spec (nf, lm; ``levels`` an lm code's fitted
+    table): every value lies within half the table's largest gap (``max_gap``, in units of the
+    scale) times its scale, plus fp32 rounding of x / scale and of entry * scale (4 ulp of each).
+    Returns the quantizer's result."""
+    res = quantize(x, spec, lo, hi, levels=levels)
+    y = dequantize(res.codes, spec, res.scales, levels=levels)
     scale = scale_per_element(res, spec, x.shape)
     assert_close_verbose(y, x, atol=scale * max_gap / 2 + 4 * FP32_EPS * (x.abs() + scale), msg=str(spec))
     return res

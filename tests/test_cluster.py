@@ -148,7 +148,7 @@ def test_three_node_cluster_at_100mbit_runs_exact_and_quantized_all_reduce(queue
     (both ways: faster would mean the link is not shaped)."""
     tokens, hidden, n, rate = 2048, 576, 3, 100e6
     spec = JobSpec(kind="collective-bench", model="none", tp=n, link="100mbit", collective_timeout_s=120,
-                   params=dict(tokens=[tokens], hidden=[hidden], repeats=3, min_repeats=3, warmup=1, codec="lowbit",
+                   params=dict(tokens=[tokens], hidden=[hidden], repeats=3, min_repeats=3, warmup=1, codec="reference",
                                schemes=["bf16", "int4-static-top1/64@twoshot+int4-token"]))
     run_id = queue.submit(spec)
     clean_host.append(run_id)

@@ -57,14 +57,14 @@ def test_sparse_values_are_bf16_exact_and_the_rest_within_the_remaining_range_bo
     # and so within the quantizer's bound (scale/2, nf: half the largest gap x scale) ...
     scale = res.scales.unsqueeze(-1).expand_as(x) if spec.granularity == "token" else \
         res.scales.repeat_interleave(spec.group_size, -1)
-    half = scale * (max_gap(spec.bits) / 2 if spec.code == "nf" else 0.5)
+    half = scale * (max_gap(spec.bits) / 2 if spec.code.name == "nf" else 0.5)
     lo = 0 if res.mins is None else res.mins.repeat_interleave(spec.group_size, -1).abs()
     bound = half + 4 * FP32_EPS * (x.abs() + lo + 16 * scale)  # fp32 rounding of x/scale, q*scale(+lo)
     assert_close_verbose(y[~taken], x[~taken], atol=bound[~taken], msg=str(spec))
     # ... where the scale comes from the remaining range: the spikes did not widen it
     grouped = rest.reshape(tokens, -1, HIDDEN if spec.granularity == "token" else spec.group_size)
     if spec.symmetric:
-        span = grouped.abs().amax(-1) * (1.0 if spec.code == "nf" else 2 / (2**spec.bits - 1))
+        span = grouped.abs().amax(-1) * (1.0 if spec.code.name == "nf" else 2 / (2**spec.bits - 1))
     else:
         span = (grouped.amax(-1) - grouped.amin(-1).clamp(max=0) + grouped.amin(-1).abs() * 2**-7) / (2**spec.bits - 1)
     # bf16 scales round up by at most 2**-7 relative (asymmetric: lo rounds down first)

@@ -26,6 +26,7 @@ from lowbit.wire.payload import decode, encode
 from lowbit.method.projection import INTERCONNECTS, allreduce_s
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import SchemeError, parse_scheme
+from pages._controls import scheme_text
 from tests.conftest import REPO
 from tests.helpers import assert_page_clean
 
@@ -195,18 +196,19 @@ def test_bad_inputs_name_their_field():
     with pytest.raises(CalibrationError, match="sample"):
         pg.analyze(old, 0, "o_proj", 0, "int4-token")
     with pytest.raises(SchemeError, match="^outliers:"):
-        pg.scheme_from_controls(outliers="some")
+        scheme_text(outliers="some")
     with pytest.raises(SchemeError, match="^k:"):
-        pg.scheme_from_controls(k="a lot")
+        scheme_text(k="a lot")
     with pytest.raises(pg.PlaygroundError, match="^prompt_tokens:"):
         pg.message_tokens(0)
 
 
 def test_scheme_from_controls_and_counterpart():
-    assert pg.scheme_from_controls() == "int4-static-top1/64"
-    assert pg.scheme_from_controls(granularity="token", outliers="none", rotation=64, stochastic=True) == \
+    """pages._controls.scheme_text is the one controls-to-scheme builder (Layer error, Playground, Trade-offs)."""
+    assert scheme_text() == "int4-static-top1/64"
+    assert scheme_text(granularity="token", outliers="none", rotation=64, stochastic=True) == \
         "int4-token-rot64-sr"
-    assert pg.scheme_from_controls(code="nf", granularity="group", group=64, outliers="random", k="1/32") == \
+    assert scheme_text("nf4", granularity="group", group=64, outliers="random", k="1/32") == \
         "nf4-group64-rand1/32"
     assert pg.counterpart("int4-token-rot64-sr") == "int4-static"
     assert pg.counterpart("int4-static-top1/64") == "int4-token-top1/64"
@@ -354,7 +356,7 @@ def test_playground_offers_the_floating_point_codes_with_their_bits(playground_r
     hidden, tp = 64, 4  # the fixture's tiny-llama at TP 4
     assert metric(at, "Bits / value") == f"{accounting.scheme_bits_per_value('fp4e2m1-group32', hidden, tp, 16):.4f}"
     assert metric(at, "Bits / value") == f"{4 + 16 / 32:.4f}"  # 4-bit codes + a bf16 scale per 32 values
-    at.selectbox(key="pg_fp").set_value("fp8e4m3").run()
+    at.selectbox(key="pg_bits_fp").set_value("fp8e4m3").run()
     assert_page_clean(at)
     assert any("fp8e4m3-group32" in s.value for s in at.subheader)
     assert metric(at, "Bits / value") == f"{8 + 16 / 32:.4f}"

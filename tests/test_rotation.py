@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.comm.collectives import QuantCommunicator
-from lowbit.wire.accounting import rotated_message_bits, scheme_bits_per_value
+from lowbit.wire.accounting import scheme_bits_per_value
+from lowbit.wire.payload import scheme_layout
 from lowbit.site import Site
 from lowbit.comm.dist import ThreadWorld
 from lowbit.model.engine import build_tp_model
@@ -191,7 +192,7 @@ def test_rotated_bits_count_the_outlier_section():
     assert scheme_bits_per_value("int3-token-top1/64-rot64", hidden, tp) == pytest.approx(expected)
     assert scheme_bits_per_value("int3-token-rot64", hidden, tp) == pytest.approx(3 + 16 / hidden)
     assert scheme_bits_per_value("int4-static-top1/64", hidden, tp) == 4.1875
-    assert rotated_message_bits(tokens, hidden, parse_scheme("int4-token").quant, 0)["outliers"] == 0
+    assert scheme_layout(parse_scheme("int4-token-rot64"), tokens, hidden, 0).bits_per_value["outliers"] == 0
 
 
 # -- folding --------------------------------------------------------------------------------------

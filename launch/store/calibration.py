@@ -13,7 +13,7 @@ from launch.spec import JobSpec, SpecError
 from launch.store.problems import ArtifactDamaged, ArtifactMissing, ArtifactOutdated
 from launch.store.runs import load_spec, read_json, resolve_root
 from lowbit import analysis
-from lowbit.method.calibrate import ARTIFACT_META, ARTIFACT_TENSORS, Calibration
+from lowbit.calibration import ARTIFACT_META, ARTIFACT_TENSORS, Calibration
 
 
 def run_calibration_folder(run_id: str, spec: dict | None, root=None) -> Path | None:
@@ -56,7 +56,7 @@ def calibration_sources(frame: pd.DataFrame, root=None) -> pd.DataFrame:
 
 
 def load_calibration(folder: str | Path) -> Calibration:
-    """The artifact in ``folder`` (``lowbit.method.calibrate.Calibration``). Raises
+    """The artifact in ``folder`` (``lowbit.calibration.Calibration``). Raises
     ``ArtifactMissing`` (a file is not there), ``ArtifactDamaged`` (a file does not read) or
     ``ArtifactOutdated`` (a tensor this version reads is absent)."""
     folder = Path(folder)
