@@ -354,7 +354,7 @@ def _tp_engine(args: dict) -> None:
     t0 = time.perf_counter()
     calibration = run_calibration(tpm.model, group, batches, gamma=0.01, meta=dict(model="gpu-check-random"))
     result["calibration_seconds"] = round(time.perf_counter() - t0, 3)
-    comms = {s: QuantCommunicator(group, s, calibration, record=True, codec=dispatch) for s in args["schemes"]}
+    comms = {s: QuantCommunicator(group, s, calibration, record=True, codec=dispatch.Codec()) for s in args["schemes"]}
     timings = {s: dict(prefill=[], decode=[], prefill_comm=[], decode_comm=[], prefill_synced=[], decode_synced=[])
                for s in comms}
     for round_ in range(args["rounds"] + 1):  # round 0 warms every scheme up (and compiles the kernels)
@@ -388,7 +388,7 @@ def _tp_engine(args: dict) -> None:
         prefill_s, decode_s = float(m["prefill"].max()), float(m["decode"].max())  # the slowest rank sets the pace
         calls = comms[scheme].calls
         values = sum(c.tokens * c.hidden for c in calls)
-        codec_backend = dispatch.backend(dev, 4, args["prompt_tokens"] * config.hidden_size)
+        codec_backend = ", ".join(sorted(set(comms[scheme].paths.by_site().values())))  # the paths the calls took
         schemes.append(dict(
             scheme=scheme, codec="torch all_reduce" if scheme == "bf16" else f"kernels.dispatch -> {codec_backend}",
             prefill_tokens=args["prompt_tokens"], decode_tokens=args["new_tokens"] - 1,

@@ -76,10 +76,7 @@ def run_job(spec_path: Path) -> dict | None:
             raise
         if group.rank == 0 and result is not None:
             result = dict(result)
-            result.setdefault("run", dict(id=paths.run_id, kind=spec.kind, model=spec.model, tp=group.world_size,
-                                          backend=getattr(group, "backend", "?"),
-                                          placement=_placement(group),
-                                          seconds=time.perf_counter() - start))
+            result.setdefault("run", run_block(paths.run_id, spec, group, time.perf_counter() - start))
             write_atomic(paths.result, json.dumps(result, indent=2, default=str))
         group.barrier()
         took = f"{time.perf_counter() - start:.1f} s"
@@ -91,6 +88,13 @@ def run_job(spec_path: Path) -> dict | None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_block(run_id: str, spec: JobSpec, group, seconds: float) -> dict:
+    """The ``run`` block of result.json: the run, its kind, model, TP size, backend and placement
+    (the one definition; tests/test_app_results.py writes its fixture runs with it too)."""
+    return dict(id=run_id, kind=spec.kind, model=spec.model, tp=group.world_size,
+                backend=getattr(group, "backend", "?"), placement=_placement(group), seconds=seconds)
 
 
 def _placement(group) -> dict | None:

@@ -24,7 +24,8 @@ from launch.layout import (
     write_atomic,
 )
 from lowbit.artifacts import CALIBRATE_DEFAULTS
-from lowbit.method.calibrate import ARTIFACT_META, Calibration, load_or_calibrate
+from lowbit.calibration import ARTIFACT_META, Calibration
+from lowbit.method.calibrate import load_or_calibrate
 from lowbit.method.sweep import (
     GRID_KEYS,
     SENSITIVITY_FILE,

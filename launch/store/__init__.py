@@ -16,8 +16,10 @@ One module per kind of answer:
   ``cluster_frame``)
 - ``bench``: collective-bench records and where a quantized collective pays (``collective_frame``)
 - ``teaching``: the Playground, Two-shot and Where-it-pays views (``playground_view``)
+- ``problems``: the expected reasons an artifact cannot be shown (``StoreProblem``: missing, outdated,
+  damaged), raised by the artifact loaders for the pages to explain in words
 
 Cheap math on stored artifacts (ranges, overlaps, the rotation panel) is ``lowbit.analysis``;
 scores with standard errors are ``lowbit.stats``. Every reader tolerates missing, half-written
-or corrupt files.
+or corrupt files: the run readers return a problem text, the artifact loaders raise a ``StoreProblem``.
 """

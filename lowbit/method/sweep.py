@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from lowbit.comm.dist import ThreadWorld
-from lowbit.method.calibrate import Calibration
+from lowbit.calibration import Calibration
 from lowbit.method.evaluate import (
     REFERENCE,
     evaluate_tasks,
