@@ -276,7 +276,8 @@ def submit(spec: dict, state_key: str | None = None, problems: list | None = Non
     try:
         job = JobSpec.from_dict(spec)
     except SpecError as exc:
-        problems += exc.problems
+        named = {field for field, _ in problems}  # a field the form refused already: said once, in its words
+        problems += [p for p in exc.problems if p[0] not in named]
     problems += over_ceiling
     if problems:
         show_problems(SpecError(problems))
