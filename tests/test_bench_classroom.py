@@ -6,8 +6,8 @@ cells say "> the timeout" with how many were late.
 """
 from __future__ import annotations
 
-from bench.blocks.classroom import _timing
-from bench.classroom_load import summary
+from bench.blocks.classroom import _cpu, _timing
+from bench.classroom_load import cpu_of, summary
 
 
 def test_a_timed_out_client_ranks_after_every_finished_one():
@@ -29,3 +29,9 @@ def test_the_docs_cell_says_how_many_clients_were_late():
     assert _timing(late, 1.0, 2.0) == "> 120 s / > 120 s (missed, 24 of 30 not done within 120 s)"
     assert _timing(summary([0.09, 0.37], timeout_s=120.0), 1.0, 2.0) == "0.23 s / 0.37 s"
     assert _timing(summary([0.9, 2.5], timeout_s=120.0), 1.0, 2.0) == "1.70 s / 2.50 s (missed)"
+
+
+def test_a_phase_with_no_script_run_renders_a_dash_not_a_crash():
+    assert cpu_of([]) == dict(runs=0, median_s=None, total_s=0)  # every tab timed out before its change
+    assert _cpu(cpu_of([])) == "-"
+    assert _cpu(cpu_of([dict(thread_cpu_s=0.04), dict(thread_cpu_s=0.02), dict(thread_cpu_s=0.03)])) == "0.030 s"

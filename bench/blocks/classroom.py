@@ -41,6 +41,11 @@ def _timing(t: dict, target_median: float, target_worst: float) -> str:
     return f"{cell(t['median_s'])} / {cell(t['worst_s'])}" + ("" if ok else f" (missed{late})")
 
 
+def _cpu(runs: dict) -> str:
+    """A median script run's CPU seconds; '-' when no run was recorded (every client timed out before it)."""
+    return "-" if runs["median_s"] is None else f"{runs['median_s']:.3f} s"
+
+
 def load_rows(data: dict, before: dict | None = None) -> tuple[list[str], list[list[str]], str]:
     """(head, rows, a note): the load benchmark's figures against issue 29's targets, with the load
     beside each phase; ``before``: the same headless phase on the code before (another file)."""
@@ -59,8 +64,7 @@ def load_rows(data: dict, before: dict | None = None) -> tuple[list[str], list[l
         ["control changed, median / worst", f"<= {tg['control_change_median_s']:g} s / {tg['control_change_worst_s']:g} s",
          *each(lambda p: _timing(p["control_change"], tg["control_change_median_s"], tg["control_change_worst_s"]))],
         ["server CPU per script run, median: while pages load / while controls change (runs)", "",
-         *each(lambda p: f"{p['script_cpu']['page_load']['median_s']:.3f} s / "
-                         f"{p['script_cpu']['control_change']['median_s']:.3f} s "
+         *each(lambda p: f"{_cpu(p['script_cpu']['page_load'])} / {_cpu(p['script_cpu']['control_change'])} "
                          f"({p['script_cpu']['page_load']['runs']} / {p['script_cpu']['control_change']['runs']})")],
         ["server CPU, whole phase (browsers' CPU)", "",
          *each(lambda p: f"{p['server_cpu_s']:.1f} s" + (f" ({p['browsers_cpu_s']:.0f} s)" if "browsers_cpu_s" in p
