@@ -334,7 +334,7 @@ def test_a_restarted_queue_reattaches_and_the_run_finishes_indexed_once(slurm_cl
     (dict(partition="gpu-a100"), "partition", ["unknown partition 'gpu-a100'", "allowed: debug, main, spare"]),
     (dict(nnodes=0), "nnodes", ["between 1 and 64", "got 0"]),
     (dict(time_limit_s=-60), "time_limit_s", ["must be > 0", "got -60"]),
-    (dict(partition="main;touch /tmp/x"), "partition", ["plain name", "no spaces or shell characters"]),
+    (dict(partition="main;touch pwned"), "partition", ["plain name", "no spaces or shell characters"]),
     (dict(nnodes=3, tp=3), "nnodes", ["3 nodes, but partition 'debug' has 2", "allowed: 1 to 2"]),
 ])
 def test_bad_slurm_fields_name_the_field_and_submit_nothing(batch, fields, field, words):
