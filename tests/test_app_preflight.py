@@ -4,9 +4,10 @@ downloads, and a bad input refused by its field before anything is queued.
     .venv/bin/python -m pytest tests/test_app_preflight.py -q -p no:randomly
 
 The audit run is the ``audit`` kind's own body on threaded ranks (``_run_kind``, as the fixture
-runs of tests/test_app_results.py), on the stress model with two plain scheme strings: int4 with
-fp16 scales cannot hold the stress model's overflow site (7 x 65504 is its largest value) and int8
-with fp32 scales can.
+runs of tests/test_app_results.py) with the spec of the real torchrun fixture run
+(tests/fixtures/jobs/audit), whose result's keys and types it must have: the stress model and two
+plain scheme strings, int4 with fp16 scales, which cannot hold the stress model's overflow site
+(7 x 65504 is its largest value), and int8 with fp32 scales, which can.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from launch.store.audit import fix_frame, site_frame, verdict_frame
 from lowbit.method.audit_report import markdown
 from lowbit.scheme import PRESETS
 from tests.test_app import assert_clean, open_page, texts
+from tests.helpers import json_shape
+from tests.scripts.make_fixtures import fixture_result, fixture_spec
 from tests.test_app_results import _run_kind
 
 RUN = "audit-stress"
-FORMATS = ["int4-group32-sfp16", "int8-group32-sfp32"]
-SPEC = dict(kind="audit", model="stress-tiny", tp=2, schemes=FORMATS, eval_data="wikipedia", eval_tokens=64,
-            params=dict(seq_len=32, batch_size=2, site_tokens=32, degrades_kl=0.05))
+SPEC = {k: v for k, v in fixture_spec("audit").items() if k != "run_id"}
+FORMATS = SPEC["schemes"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,10 @@ def test_the_store_lays_out_the_report(audit_root):
     fixes = fix_frame(report)
     assert not fixes.empty and set(fixes["format"]) == {FORMATS[0]}
     assert (root / RUN / "audit.md").read_text() == markdown(report)
+    real = fixture_result("audit")  # the torchrun run: same keys and value types, same verdicts
+    ours = json.loads((root / RUN / "result.json").read_text())
+    assert json_shape(ours) == json_shape(real), sorted(json_shape(ours) ^ json_shape(real))
+    assert [f["verdict"] for f in report["formats"]] == [f["verdict"] for f in real["formats"]]
 
 
 def frame_with(at, column: str):
