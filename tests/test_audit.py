@@ -179,6 +179,16 @@ def test_keeping_the_flagged_sites_exact_is_a_candidate_and_measured_safe(range_
     assert native_variant(PLAIN_FORMAT) is None  # nothing to take away
 
 
+def test_a_format_already_judged_safe_at_no_more_bits_comes_before_wider_ones():
+    sites = [(0, "o_proj"), (0, "down_proj"), (1, "o_proj"), (1, "down_proj")]
+    int6, int8, int4 = "int6-group32-sfp16", "int8-group32-sfp16", "int4-group32-sfp16"
+    found = candidates(int6, [], sites, [int8], 64, 2, 64, 1 << 20, safe=[int4, int8, BASELINE])
+    # int4 (fewer bits, safe here) first: switching costs no measurement; int8 is only "wider"
+    assert [(c["kind"], c["text"]) for c in found] == [("safe format", int4), ("wider format", int8),
+                                                       ("size gate", found[-1]["text"])]
+    assert found[0]["predicted_bits"] < found[1]["predicted_bits"]
+
+
 # -- verdicts against thresholds -----------------------------------------------------------------
 def _row(**counts) -> dict:
     row = dict(layer=3, module="down_proj", sqnr_db=40.0, two_shot=False, **{c: 0 for c in ALL_COUNTERS})
@@ -276,6 +286,14 @@ def test_cli_refuses_an_unknown_format_before_starting_ranks():
                            "--formats", "mxfp8,int4-grop32"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--formats (schemes[1])" in proc.stderr and "'int4-grop32'" in proc.stderr
+
+
+def test_cli_names_the_model_flag_for_a_folder_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, "-m", "lowbit", "audit", "--model", str(missing), "--tp", "2",
+                           "--formats", "mxfp8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"error: --model (model): '{missing}' is not an existing directory" in proc.stderr
 
 
 def nan_weight_folder(tmp_path: Path) -> tuple[Path, str]:

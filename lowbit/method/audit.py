@@ -19,7 +19,9 @@ are the same on every rank):
    ordered by bits per value (both legs, the accounting's ``lowbit.wire.accounting``), each
    measured in turn (re-run, all pending formats' next candidates together), the first whose
    verdict is ``safe`` reported. Candidates: the native path (the format without its input
-   cast), the flagged sites kept exact (``L<i>.<module>=bf16``), a wider format (any preset or
+   cast), the flagged sites kept exact (``L<i>.<module>=bf16``), an audited format already
+   judged safe at no more bits (it costs no measurement: switching is the cheapest fix when it
+   exists), a wider format (any preset or
    audited format with more bits), and a message-size gate (``@min<size>``; by default just above
    the audit's message size, so every audited message goes exact: a gate only helps messages
    smaller than its size).
@@ -219,9 +221,10 @@ def gate_size(tokens: int, hidden: int) -> int:
 
 
 def candidates(text: str, flagged: list[str], all_sites: list[tuple[int, str]], wider: list[str], hidden: int,
-               tp: int, tokens: int, gate_bytes: int) -> list[dict]:
+               tp: int, tokens: int, gate_bytes: int, safe: list[str] = ()) -> list[dict]:
     """The fixes to try for ``text``, cheapest first by bits per value (ties: in this order):
-    native path, flagged sites exact, wider formats, size gate."""
+    native path, flagged sites exact, audited formats judged ``safe`` at no more bits, wider
+    formats, size gate."""
     out = []
     native = native_variant(text)
     if native:
@@ -230,6 +233,9 @@ def candidates(text: str, flagged: list[str], all_sites: list[tuple[int, str]], 
         out.append(dict(kind="sites exact", text=keep_exact_variant(text, flagged),
                         note=f"{', '.join(flagged)} as the exact BF16 all-reduce"))
     own = map_bits(text, all_sites, hidden, tp, tokens)
+    for other in safe:
+        if other != text and quantized(other) and map_bits(other, all_sites, hidden, tp, tokens) <= own:
+            out.append(dict(kind="safe format", text=other, note="audited here and judged safe, at no more bits"))
     for other in wider:
         if other != text and map_bits(other, all_sites, hidden, tp, tokens) > own:
             out.append(dict(kind="wider format", text=other, note=""))
@@ -347,7 +353,8 @@ def audit(group: Group, params: dict, progress=None, codec=None) -> dict | None:
     gate = int(p["gate_bytes"] or gate_size(tokens, hidden))
     wider = [f for f in dict.fromkeys([*runnable, *PRESETS]) if runnable_problem(f, hidden, tp) is None
              and quantized(f)]
-    pending = {f: candidates(f, records[f]["flagged_sites"], sites, wider, hidden, tp, tokens, gate)
+    safe = [f for f in runnable if records[f]["verdict"] == "safe"]
+    pending = {f: candidates(f, records[f]["flagged_sites"], sites, wider, hidden, tp, tokens, gate, safe)
                for f in runnable if records[f]["verdict"] != "safe" and quantized(f)}
     tried = {f: [] for f in pending}
     while pending:
