@@ -24,6 +24,7 @@ pages = {
         st.Page("pages/bits.py", title="Bits", icon=":material/stacked_bar_chart:"),
         st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/balance:"),
         st.Page("pages/collectives.py", title="Collectives", icon=":material/hub:"),
+        st.Page("pages/preflight.py", title="Pre-flight", icon=":material/flight_takeoff:"),
     ],
     "Runs": [st.Page("pages/runs.py", title="Runs", icon=":material/list:")],
 }
