@@ -80,6 +80,7 @@ def flat_rows(result: dict) -> list[dict]:
             row[f"{task}"] = t[metric]
             row[f"{task}_se"] = t[f"{metric}_se"]
             row[f"{task}_n"] = t["n"]
+            row[f"{task}_delta"], row[f"{task}_delta_se"] = t.get("delta"), t.get("delta_se")
             deltas.append(t.get("delta", 0.0))
             delta_vars.append(t.get("delta_se", 0.0) ** 2)
         if deltas:
@@ -103,6 +104,61 @@ def markdown(result: dict, rows: list[dict], tasks: list[str]) -> str:
                      + (" !" if kept_se is not None and stats.kept_is_unresolved(row.get("kept_pct"), kept_se) else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_markdown(result: dict, rows: list[dict], tasks: list[str]) -> str:
+    """The table the paper's question is read from: per task the primary score and, in brackets,
+    the paired Δ to the reference on the same items ± its SE (points); "% kept" ± its SE ("!" where
+    that SE exceeds the gap to 100 %); the reference row's scores carry their own SE instead."""
+    reference = result.get("reference", "fp32")
+    head = ["scheme", "bits/value", "KL", "top-1 %"] + [f"{t} ({TASK_INFO[t].primary})" for t in tasks] + ["kept %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [f"`{row['scheme']}`", f"{row['bits_per_value']:.4g}", f"{row['kl']:.4f}", f"{100 * row['top1_agreement']:.1f}"]
+        for t in tasks:
+            if t not in row:
+                cells.append("")
+            elif row["scheme"] == reference:
+                cells.append(stats.fmt_pm(row[t], row[t + "_se"], 100))
+            else:
+                cells.append(f"{100 * row[t]:.1f} ({stats.fmt_pm(row[t + '_delta'], row[t + '_delta_se'], 100, signed=True)})")
+        kept_se = row.get("kept_se") if row["scheme"] != reference else None
+        cells.append(stats.fmt_pm(row.get("kept_pct"), kept_se)
+                     + (" !" if kept_se is not None and stats.kept_is_unresolved(row.get("kept_pct"), kept_se) else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def se_summary(data: dict, min_bits: float) -> str:
+    """One line: items per task, and the largest paired Δ SE of the schemes of at least
+    ``min_bits`` bits per value, per task, against the plan's target (when the run was sized)."""
+    result, reference = data["result"], data["result"].get("reference", "fp32")
+    sized = [r for r in result["records"] if r["scheme"] != reference and r["bits_per_value"] >= min_bits]
+    parts = []
+    for task, n in result["items_per_task"].items():
+        worst = max(sized, key=lambda r: r["tasks"][task]["delta_se"])
+        parts.append(f"{task} {n} items, largest Δ SE {100 * worst['tasks'][task]['delta_se']:.2f} (`{worst['scheme']}`)")
+    plan = data.get("plan")
+    target = f"; target {100 * plan['target_se']:g} points" if plan else ""
+    return (f"Paired Δ SE in points over the {len(sized)} schemes of at least {min_bits:g} bits per value: "
+            + "; ".join(parts) + target + ".")
+
+
+def timing_markdown(files: list[tuple[dict, str]]) -> str:
+    """Per model and task: items, seconds per item per scheme at TP N (mean of the schemes' forwards),
+    the unsharded single-process floor's seconds per item, their ratio, and the floor's threads."""
+    rows = []
+    for data, _ in files:
+        result, floor = data["result"], data.get("floor") or {}
+        for r in data["timing"]:
+            rows.append([f"{result['model']} TP {result['tp']}", r["task"], str(r["items"]),
+                         f"{r['seconds_per_item_per_scheme']:.3f}",
+                         f"{r['floor_seconds_per_item']:.3f}" if "over_floor" in r else "",
+                         f"{r['over_floor']:.2f}" if "over_floor" in r else "",
+                         f"{floor['load']['start'][0]:.1f} -> {floor['load']['end'][0]:.1f}" if floor else ""])
+    head = ["model", "task", "items", "s / item / scheme at TP N", "floor s / item (1 process)", "TP N / floor",
+            "load during the floor"]
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
 # -- sizing a run to a target standard error (see the module doc) ---------------------------------

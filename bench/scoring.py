@@ -116,6 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def speed_markdown(data: dict) -> str:
+    """The three paths' seconds per item per scheme, each with the load around it, and the two ratios."""
+    f, parts = data["figures"], data["parts"]
+    names = {"packed": f"packed scorer, TP {data['tp']}", "legacy": f"old path (legacy_scoring), TP {data['tp']}",
+             "floor": f"floor: unsharded, 1 process, {parts['floor']['threads']} threads"}
+    rows = []
+    for key in ("packed", "legacy", "floor"):
+        if key in f:
+            load = parts[key]["load"]
+            run = parts[key].get("run")
+            rows.append(f"| {names[key]} | {f[key]:.4f} | {load['start'][0]:.1f} -> {load['end'][0]:.1f} | "
+                        + (f"`{run}`" if run else "this process") + " |")
+    head = "| path | s / item / scheme | load | run |\n|---|---|---|---|"
+    ratios = [f"packed / floor = **{f['packed_over_floor']:.2f}x**"]
+    if "speedup_vs_legacy" in f:
+        ratios.insert(0, f"legacy / packed = **{f['speedup_vs_legacy']:.2f}x**")
+    return (f"{data['model']} at TP {data['tp']}, {', '.join(data['tasks'])}, {data['items_per_task']} items per task, "
+            f"schemes {', '.join(f'`{s}`' for s in data['schemes'])}.\n\n" + head + "\n" + "\n".join(rows)
+            + "\n\n" + "; ".join(ratios) + ".")
+
+
 def format_figures(data: dict) -> str:
     f, parts = data["figures"], data["parts"]
     lines = [f"{data['model']} TP {data['tp']}, {', '.join(data['tasks'])}, {data['items_per_task']} items per task, "

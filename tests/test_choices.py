@@ -16,7 +16,7 @@ from lowbit import stats
 from lowbit.comm.communicator import ExactCommunicator
 from lowbit.comm.dist import ThreadWorld
 from lowbit.method.choices import (ChoiceItem, choice_logliks, legacy_batches, legacy_choice_logliks, legacy_sequences,
-                                   plan_batches, tokenize_item, tokenize_items)
+                                   pack_rows, plan_batches, tokenize_item, tokenize_items)
 from lowbit.method.evaluate import REFERENCE, evaluate_tasks, task_logliks
 from lowbit.method.scores import TextScores
 from lowbit.model.data import TASK_INFO, Item, bos_prefix, continuation_length, load_task
@@ -39,10 +39,10 @@ def _alone(model, seqs, starts) -> list[float]:
     return out
 
 
-def _packed(model, items: list[ChoiceItem], max_tokens=4096, group=None) -> list[list[float]]:
+def _packed(model, items: list[ChoiceItem], max_tokens=4096, group=None, row_tokens=256) -> list[list[float]]:
     scores = TextScores.for_model(model, group)
     out = [None] * len(items)
-    for batch in plan_batches(model, items, 0, max_tokens):
+    for batch in plan_batches(model, items, 0, max_tokens, row_tokens):
         for i, ll in zip(batch.index, choice_logliks(model, batch, scores)):
             out[i] = ll
     return out
@@ -82,21 +82,37 @@ def test_an_item_packs_its_shared_prefix_once_and_each_choice_after_it(tiny_mode
     assert len(winogrande.prefix) > 0  # the sentence start before the blank is shared
 
 
-def test_masks_keep_branches_apart_and_apply_the_sliding_window(tiny_models):
+def test_masks_keep_branches_and_items_apart_and_apply_the_sliding_window(tiny_models):
     model = tiny_models["tiny-gemma3"].model  # every layer slides, window 8
-    # one row: prefix of 3, branch 1 of 2, branch 2 of 9, one pad
-    segment = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, -1]])
-    position = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0]])
-    masks = prefix_tree_masks(model, segment, position)
+    # one row: item 0 = prefix of 3, branch 1 of 2, branch 2 of 9; item 1 = prefix 1, branch 1 of 1; one pad
+    owner = torch.tensor([[0] * 14 + [1, 1, -1]])
+    branch = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 0, 1, -1]])
+    position = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 0]])
+    masks = prefix_tree_masks(model, owner, branch, position)
     assert set(masks) == {"sliding_attention"}
-    seen = masks["sliding_attention"][0, 0] == 0
-    assert seen[4].tolist() == [True] * 5 + [False] * 10   # branch 1's 2nd token: prefix + itself
-    assert seen[5].tolist() == [True] * 3 + [False, False, True] + [False] * 9  # branch 2 never sees branch 1
-    # position 11 with window 8 sees positions 4..11: prefix (0..2) and positions 3 are out
-    assert seen[13].tolist() == [False] * 5 + [False, True, True, True, True, True, True, True, True, False]
-    assert seen[14].tolist() == [False] * 14 + [True]  # a pad sees itself only
-    full = prefix_tree_masks(tiny_models["tiny-llama"].model, segment, position)
+    seen = (masks["sliding_attention"][0, 0] == 0).int()
+    as_list = lambda row: "".join(map(str, seen[row].tolist()))  # noqa: E731 - one row as 0/1 text
+    assert as_list(4) == "11111" + "0" * 12    # branch 1's 2nd token: its prefix, its branch
+    assert as_list(5) == "111001" + "0" * 11   # branch 2 never sees branch 1
+    # position 11, window 8: positions 4..11 only (the prefix and position 3 are out)
+    assert as_list(13) == "000000" + "11111111" + "000"
+    assert as_list(15) == "0" * 14 + "110"     # item 1 sees itself, never item 0
+    assert as_list(16) == "0" * 16 + "1"       # a pad sees itself only
+    full = prefix_tree_masks(tiny_models["tiny-llama"].model, owner, branch, position)
     assert isinstance(full, torch.Tensor) and bool((full[0, 0, 13, :3] == 0).all())  # no window: the prefix
+
+
+def test_rows_pack_several_items_and_batches_cover_every_item_once(tiny_models):
+    loaded = tiny_models["tiny-llama"]
+    items = tokenize_items(loaded.tokenizer, load_task("arc_easy", 12, seed=4))
+    widths = [i.width for i in items]
+    rows = pack_rows(items, 256)
+    assert sorted(i for r in rows for i in r) == list(range(12))
+    assert all(sum(widths[i] for i in r) <= 256 for r in rows) and len(rows) < 12  # several items per row
+    batches = plan_batches(loaded.model, items, 0, max_tokens=512)
+    assert all(b.ids.shape[0] <= 2 and b.ids.shape[1] == 256 for b in batches)
+    assert sorted(i for b in batches for i in b.index) == list(range(12))
+    assert sum(b.choices for b in batches) == sum(len(i.branches) for i in items)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-mqa", "tiny-mistral", "tiny-qwen2", "tiny-gemma2",
@@ -108,7 +124,8 @@ def test_packed_scores_equal_each_sequence_alone(tiny_models, name):
     items = _mixed_items(loaded.tokenizer)
     want = [_alone(loaded.model, *legacy_sequences(item)) for item in items]
     _assert_close(_packed(loaded.model, items), want)
-    _assert_close(_packed(loaded.model, items, max_tokens=64), want)  # one item per batch, wider than the budget
+    _assert_close(_packed(loaded.model, items, max_tokens=64), want)  # one row per batch, wider than the budget
+    _assert_close(_packed(loaded.model, items, row_tokens=1), want)  # rows as wide as the widest item
 
 
 def test_packed_scores_through_the_vocabulary_parallel_head_at_tp2(tiny_models):

@@ -11,14 +11,14 @@ each choice as its own sequence ran that prefix once per choice, in every scheme
    BOS, continuation on its own); the prefix is the tokens every choice shares, up to (not
    including) the last context token of the shortest context, so that every position that
    predicts a continuation token lies in a branch.
-2. ``plan_batches`` (once per task): items sorted by packed length and cut into batches of at
-   most ``max_tokens`` padded tokens (``ChoiceBatch``): one row per item, the prefix once, then each
+2. ``plan_batches`` (once per task): each item is laid out as its prefix once, then each
    choice's branch (the rest of its sequence) side by side; positions restart at the prefix's end
-   in every branch and ``lowbit.model.engine.prefix_tree_masks`` lets a branch see the prefix and
+   in every branch and ``lowbit.model.engine.prefix_tree_masks`` lets a branch see its prefix and
    itself only, so each branch computes what its whole sequence alone would, and the prefix's keys
-   and values serve every choice in the same forward. A forward of many items also costs the
-   same two collectives per layer as a forward of one (at TP 3, the collectives' latency
-   dominated small batches).
+   and values serve every choice in the same forward. Items are packed several to a row of
+   ``row_tokens`` (first fit, widest first: almost no padding) and rows into batches of
+   ``max_tokens`` (``ChoiceBatch``). A forward of many items costs the same two collectives per
+   layer as a forward of one (at TP 3 the collectives' latency dominated small batches).
 3. ``choice_logliks`` (per scheme): one decoder forward of the batch; the head runs only on the
    positions that predict a continuation token, vocabulary-parallel where the model allows
    (``lowbit.method.scores.TextScores.picked_log_probs``).
@@ -41,7 +41,10 @@ from lowbit.model.data import Item, bos_prefix, continuation_length
 from lowbit.model.engine import prefix_tree_masks
 from lowbit.method.scores import TextScores
 
-DEFAULT_MAX_TOKENS = 4096  # padded tokens per forward: ~9 MB fp32 messages at SmolLM2's width
+DEFAULT_MAX_TOKENS = 4096  # tokens per forward: ~9 MB fp32 messages at SmolLM2's width
+# Tokens per packed row: short items share a row (little padding), each row attends densely over
+# its width (at 256 about a tenth of the decoder's multiply-adds at SmolLM2's size).
+DEFAULT_ROW_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def tokenize_items(tokenizer, items: list[Item]) -> list[ChoiceItem]:
 class ChoiceBatch:
     """The tensors of one packed forward (see the module doc), built once and run per scheme."""
 
-    index: list[int]                 # which of the task's items, in row order
+    index: list[int]                 # which of the task's items, in the order their choices are numbered
     items: list[ChoiceItem]
     ids: torch.Tensor                # [rows, width]
     inputs: dict                     # attention_mask (prefix_tree_masks) and position_ids
@@ -108,55 +111,75 @@ class ChoiceBatch:
     choices: int
 
 
-def build_batch(model, items: list[ChoiceItem], index: list[int], pad_id: int) -> ChoiceBatch:
-    width = max(item.width for item in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    segment = torch.full((len(items), width), -1, dtype=torch.long)
-    position = torch.zeros((len(items), width), dtype=torch.long)
-    rows, cols, targets, choice = [], [], [], []
+def build_batch(model, rows: list[list[int]], items: list[ChoiceItem], width: int, pad_id: int) -> ChoiceBatch:
+    """One forward of ``rows`` (each a list of indices into ``items``, packed side by side)."""
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    owner = torch.full(shape, -1, dtype=torch.long)
+    branch = torch.full(shape, -1, dtype=torch.long)
+    position = torch.zeros(shape, dtype=torch.long)
+    scored_rows, cols, targets, choice, index = [], [], [], [], []
     k = 0
-    for r, item in enumerate(items):
-        p = len(item.prefix)
-        ids[r, :p] = torch.tensor(item.prefix, dtype=torch.long)
-        segment[r, :p] = 0
-        position[r, :p] = torch.arange(p)
-        at = p
-        for b, (branch, first, cont) in enumerate(zip(item.branches, item.first, item.continuations), start=1):
-            ids[r, at:at + len(branch)] = torch.tensor(branch, dtype=torch.long)
-            segment[r, at:at + len(branch)] = b
-            position[r, at:at + len(branch)] = torch.arange(p, p + len(branch))
-            rows += [r] * len(cont)
-            cols += range(at + first, at + first + len(cont))
-            targets += cont
-            choice += [k] * len(cont)
-            at += len(branch)
-            k += 1
+    for r, members in enumerate(rows):
+        at = 0
+        for slot, i in enumerate(members):
+            item = items[i]
+            index.append(i)
+            p = len(item.prefix)
+            ids[r, at:at + p] = torch.tensor(item.prefix, dtype=torch.long)
+            owner[r, at:at + item.width] = slot
+            branch[r, at:at + p] = 0
+            position[r, at:at + p] = torch.arange(p)
+            at += p
+            for b, (tokens, first, cont) in enumerate(zip(item.branches, item.first, item.continuations), start=1):
+                ids[r, at:at + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                branch[r, at:at + len(tokens)] = b
+                position[r, at:at + len(tokens)] = torch.arange(p, p + len(tokens))
+                scored_rows += [r] * len(cont)
+                cols += range(at + first, at + first + len(cont))
+                targets += cont
+                choice += [k] * len(cont)
+                at += len(tokens)
+                k += 1
     device = next(model.parameters()).device
-    inputs = dict(attention_mask=_to(prefix_tree_masks(model, segment, position), device), position_ids=position.to(device))
+    mask = prefix_tree_masks(model, owner, branch, position)
+    mask = {kind: m.to(device) for kind, m in mask.items()} if isinstance(mask, dict) else mask.to(device)
     as_long = dict(dtype=torch.long, device=device)
-    return ChoiceBatch(index, items, ids.to(device), inputs, torch.tensor(rows, **as_long), torch.tensor(cols, **as_long),
+    return ChoiceBatch(index, [items[i] for i in index], ids.to(device),
+                       dict(attention_mask=mask, position_ids=position.to(device)),
+                       torch.tensor(scored_rows, **as_long), torch.tensor(cols, **as_long),
                        torch.tensor(targets, **as_long), torch.tensor(choice, **as_long), k)
 
 
-def _to(mask, device):
-    return {k: v.to(device) for k, v in mask.items()} if isinstance(mask, dict) else mask.to(device)
+def pack_rows(items: list[ChoiceItem], width: int) -> list[list[int]]:
+    """Items (indices) packed into rows of ``width`` tokens, first fit, widest first: a row holds
+    several short items back to back instead of one item and its padding."""
+    rows, free = [], []
+    for i in sorted(range(len(items)), key=lambda i: (-items[i].width, i)):
+        need = items[i].width
+        slot = next((r for r, room in enumerate(free) if room >= need), None)
+        if slot is None:
+            rows.append([i])
+            free.append(width - need)
+        else:
+            rows[slot].append(i)
+            free[slot] -= need
+    return rows
 
 
-def plan_batches(model, items: list[ChoiceItem], pad_id: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[ChoiceBatch]:
-    """The task's items in batches of at most ``max_tokens`` padded tokens (an item wider than that
-    goes alone), longest first so that a batch's rows are of similar width."""
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens: must be >= 1, got {max_tokens}")
-    order = sorted(range(len(items)), key=lambda i: (-items[i].width, i))
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * items[current[0]].width > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return [build_batch(model, [items[i] for i in b], b, pad_id) for b in batches]
+def plan_batches(model, items: list[ChoiceItem], pad_id: int, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 row_tokens: int = DEFAULT_ROW_TOKENS) -> list[ChoiceBatch]:
+    """The task's items packed into rows of ``row_tokens`` tokens (or the widest item's width, if
+    wider) and the rows into batches of at most ``max_tokens`` tokens (at least one row each).
+    Wider rows pad less but attend over more unrelated tokens (dense masks)."""
+    if max_tokens < 1 or row_tokens < 1:
+        raise ValueError(f"max_tokens, row_tokens: must be >= 1, got {max_tokens}, {row_tokens}")
+    if not items:
+        return []
+    width = max(row_tokens, max(item.width for item in items))
+    rows = pack_rows(items, width)
+    per_batch = max(1, max_tokens // width)
+    return [build_batch(model, rows[b:b + per_batch], items, width, pad_id) for b in range(0, len(rows), per_batch)]
 
 
 @torch.no_grad()

@@ -88,21 +88,23 @@ def vocab_shard_logits(model: torch.nn.Module, input_ids: torch.Tensor, rank: in
     return torch.nn.functional.linear(hidden, weight).float(), lo
 
 
-def prefix_tree_masks(model: torch.nn.Module, segment: torch.Tensor, position: torch.Tensor):
-    """Attention masks for rows that each pack a shared prefix and its branches side by side:
-    ``segment`` [rows, width] is 0 on the prefix, b > 0 on branch b and -1 on padding;
-    ``position`` holds each token's position in its own sequence (a branch starts where the
-    prefix ends). A prefix token sees the prefix up to itself; a branch token sees the whole
-    prefix and its own branch up to itself, never another branch; a sliding-window layer also
-    drops keys ``sliding_window`` or more positions back (as transformers' own masks do); a pad
-    token sees only itself (a finite row nobody reads). Additive fp32 masks [rows, 1, width, width]
-    (0 or the dtype's minimum, what the eager and SDPA attention both take): one per layer type,
-    as a dict, for a model whose config lists ``layer_types``, else one for every layer."""
+def prefix_tree_masks(model: torch.nn.Module, owner: torch.Tensor, branch: torch.Tensor, position: torch.Tensor):
+    """Attention masks for rows that each pack one or more sequences sharing a prefix, their
+    branches side by side: ``owner`` [rows, width] numbers the packed item a token belongs to (-1 on
+    padding), ``branch`` is 0 on the item's prefix and b > 0 on its branch b, ``position`` each
+    token's position in its own sequence (a branch starts where its prefix ends). A prefix token
+    sees its item's prefix up to itself; a branch token sees its item's whole prefix and its own
+    branch up to itself, never another branch or item; a sliding-window layer also drops keys
+    ``sliding_window`` or more positions back (as transformers' own masks do); a pad token sees
+    only itself (a finite row nobody reads). Additive masks [rows, 1, width, width] in the model's
+    dtype (0 or the dtype's minimum: what the eager and SDPA attention both take): one per layer
+    type, as a dict, for a model whose config lists ``layer_types``, else one for every layer."""
     cfg = text_config(model.config)
-    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    q_own, k_own = owner[:, :, None], owner[:, None, :]
+    q_br, k_br = branch[:, :, None], branch[:, None, :]
     q_pos, k_pos = position[:, :, None], position[:, None, :]
-    allowed = (q_seg >= 0) & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg)) & (k_pos <= q_pos)
-    allowed |= (q_seg < 0) & torch.eye(segment.shape[1], dtype=torch.bool, device=segment.device)
+    allowed = (q_own >= 0) & (q_own == k_own) & ((k_br == 0) | (k_br == q_br)) & (k_pos <= q_pos)
+    allowed |= (q_own < 0) & torch.eye(owner.shape[1], dtype=torch.bool, device=owner.device)
     window = getattr(cfg, "sliding_window", None)
     dtype = next(model.parameters()).dtype
 
