@@ -63,7 +63,7 @@ def per_item(timing: dict) -> float:
 
 def run_evaluate(args, legacy: bool) -> tuple[str, dict, dict]:
     """(run id, result, load around it) of one evaluate job on the bench's items."""
-    params = dict(seq_len=args.seq_len, layer_error=False, legacy_scoring=legacy)
+    params = dict(seq_len=args.seq_len, layer_error=False, legacy_scoring=legacy, fused_kernels=args.fused_kernels)
     spec = dict(kind="evaluate", model=args.model, tp=args.tp, backend="auto", calib_data="wikipedia",
                 calib_tokens=args.calib_tokens, calib_from=args.calib_from, eval_data="wikipedia",
                 eval_tokens=args.seq_len, schemes=args.schemes.split(","), tasks=args.tasks.split(","),
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--calib-from", default=None, help="a calibrate run (needed by schemes with static scales)")
     parser.add_argument("--skip-legacy", action="store_true", help="time the packed scorer and the floor only")
+    parser.add_argument("--fused-kernels", action="store_true",
+                        help="the kernels (kernels.dispatch) inside the communicators of both jobs: the same numbers")
     parser.add_argument("--out", default="bench/results/scoring.json")
     args = parser.parse_args(argv)
     meta = start_meta("bench.scoring", sys.argv[1:] if argv is None else list(argv))
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["speedup_vs_legacy"] = figures["legacy"] / figures["packed"]
     figures["packed_over_floor"] = figures["packed"] / floor
     out = dict(meta=finish_meta(meta), model=args.model, tp=args.tp, tasks=tasks, items_per_task=args.items,
+               codec="kernels.dispatch" if args.fused_kernels else "lowbit.wire.payload",
                schemes=[REFERENCE, *args.schemes.split(",")], cpu_count=os.cpu_count(), figures=figures, parts=parts,
                date=time.strftime("%Y-%m-%d"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +136,7 @@ def speed_markdown(data: dict) -> str:
     if "speedup_vs_legacy" in f:
         ratios.insert(0, f"legacy / packed = **{f['speedup_vs_legacy']:.2f}x**")
     return (f"{data['model']} at TP {data['tp']}, {', '.join(data['tasks'])}, {data['items_per_task']} items per task, "
-            f"schemes {', '.join(f'`{s}`' for s in data['schemes'])}.\n\n" + head + "\n" + "\n".join(rows)
+            f"schemes {', '.join(f'`{s}`' for s in data['schemes'])}, codec `{data['codec']}`.\n\n" + head + "\n" + "\n".join(rows)
             + "\n\n" + "; ".join(ratios) + ".")
 
 
