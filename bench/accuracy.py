@@ -144,11 +144,11 @@ def se_summary(data: dict, min_bits: float) -> str:
             + "; ".join(parts) + target + ".")
 
 
-def timing_markdown(files: list[tuple[dict, str]]) -> str:
+def timing_markdown(files: list[dict]) -> str:
     """Per model and task: items, seconds per item per scheme at TP N (mean of the schemes' forwards),
     the unsharded single-process floor's seconds per item, their ratio, and the floor's threads."""
     rows = []
-    for data, _ in files:
+    for data in files:
         result, floor = data["result"], data.get("floor") or {}
         for r in data["timing"]:
             rows.append([f"{result['model']} TP {result['tp']}", r["task"], str(r["items"]),

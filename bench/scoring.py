@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench._meta import _load, finish_meta, start_meta
+from bench._meta import end_load, finish_meta, start_load, start_meta
 from launch.client import submit_and_watch
 from lowbit.method.evaluate import REFERENCE, task_hits, task_logliks
 from lowbit.model.data import load_task
@@ -41,7 +41,7 @@ def floor_seconds(model_name: str, tasks: list[str], items: int | dict[str, int]
     them), with the threads and the load before and after."""
     counts = items if isinstance(items, dict) else dict.fromkeys(tasks, items)
     loaded = load_model(model_name)
-    load_before = _load()
+    load = start_load()
     out = {}
     for task in tasks:
         chosen = {task: load_task(task, counts[task], seed)}
@@ -52,7 +52,7 @@ def floor_seconds(model_name: str, tasks: list[str], items: int | dict[str, int]
         seconds = scored.seconds[REFERENCE]
         out[task] = dict(items=n, seconds=seconds, seconds_per_item=seconds / n, shared_seconds=scored.shared_seconds,
                          acc=sum(hits["acc"]) / n, acc_norm=sum(hits["acc_norm"]) / n)
-    return dict(tasks=out, threads=torch.get_num_threads(), load=dict(start=load_before, end=_load()))
+    return dict(tasks=out, threads=torch.get_num_threads(), load=end_load(load))
 
 
 def per_item(timing: dict) -> float:
@@ -68,9 +68,9 @@ def run_evaluate(args, legacy: bool) -> tuple[str, dict, dict]:
                 calib_tokens=args.calib_tokens, calib_from=args.calib_from, eval_data="wikipedia",
                 eval_tokens=args.seq_len, schemes=args.schemes.split(","), tasks=args.tasks.split(","),
                 items_per_task=args.items, seed=args.seed, time_limit_s=7 * 24 * 3600.0, params=params)
-    load = dict(start=_load())
+    load = start_load()
     code, run_id, result = submit_and_watch(spec)
-    load["end"] = _load()
+    end_load(load)
     if result is None:
         raise SystemExit(f"{run_id or 'evaluate'} did not finish (exit {code})")
     return run_id, result, load
