@@ -106,6 +106,15 @@ def markdown(result: dict, rows: list[dict], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def scheme_label(scheme: str) -> str:
+    """A scheme as a table cell: a per-site map (``;``-separated overrides) by its default and the
+    number of sites it overrides (the whole string is in the file's rows)."""
+    if ";" not in scheme:
+        return f"`{scheme}`"
+    default, *overrides = scheme.split(";")
+    return f"map: `{default}` + {len(overrides)} site overrides"
+
+
 def paired_markdown(result: dict, rows: list[dict], tasks: list[str]) -> str:
     """The table the paper's question is read from: per task the primary score and, in brackets,
     the paired Δ to the reference on the same items ± its SE (points); "% kept" ± its SE ("!" where
@@ -114,7 +123,8 @@ def paired_markdown(result: dict, rows: list[dict], tasks: list[str]) -> str:
     head = ["scheme", "bits/value", "KL", "top-1 %"] + [f"{t} ({TASK_INFO[t].primary})" for t in tasks] + ["kept %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [f"`{row['scheme']}`", f"{row['bits_per_value']:.4g}", f"{row['kl']:.4f}", f"{100 * row['top1_agreement']:.1f}"]
+        cells = [scheme_label(row["scheme"]), f"{row['bits_per_value']:.4g}", f"{row['kl']:.4f}",
+                 f"{100 * row['top1_agreement']:.1f}"]
         for t in tasks:
             if t not in row:
                 cells.append("")
@@ -137,7 +147,8 @@ def se_summary(data: dict, min_bits: float) -> str:
     parts = []
     for task, n in result["items_per_task"].items():
         worst = max(sized, key=lambda r: r["tasks"][task]["delta_se"])
-        parts.append(f"{task} {n} items, largest Δ SE {100 * worst['tasks'][task]['delta_se']:.2f} (`{worst['scheme']}`)")
+        parts.append(f"{task} {n} items, largest Δ SE {100 * worst['tasks'][task]['delta_se']:.2f} "
+                     f"({scheme_label(worst['scheme'])})")
     plan = data.get("plan")
     target = f"; target {100 * plan['target_se']:g} points" if plan else ""
     return (f"Paired Δ SE in points over the {len(sized)} schemes of at least {min_bits:g} bits per value: "
