@@ -104,8 +104,9 @@ def test_new_tasks_load_with_the_package_item_counts(task, n_items, n_choices):
 def test_task_table_lists_every_task_with_its_item_count():
     rows = {r["task"]: r for r in data.task_table()}
     assert list(rows) == list(data.TASKS)
-    assert rows["sciq"] == dict(task="sciq", variant="rc_0shot", shots=0, metric="acc", package_metric="acc_raw",
-                                split="validation", items=1000, choices="4")
+    assert rows["sciq"] == dict(task="sciq", variant="rc_0shot", shots=0, metric="acc", norm="char",
+                                package_metric="acc_raw", split="validation", items=1000, choices="4")
+    assert rows["medmcqa"]["norm"] == "token" and rows["piqa"]["norm"] == "char"  # the package's acc_per_token / _char
     assert rows["arc_easy"]["items"] == 570 and rows["hellaswag"]["metric"] == "acc_norm"
 
 
