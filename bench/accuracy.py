@@ -257,6 +257,15 @@ def size_plan(pilot: dict, task_seconds: dict[str, float], other_seconds: float,
                 max_seconds=max_seconds, time_scale=scale)
 
 
+def _capped(task: dict) -> str:
+    """Why a task of the plan misses the target: too few items in the task, or the time cap."""
+    if task["reached"]:
+        return ""
+    if task["items_run"] < task["items_needed"]:
+        return "  (capped by --max-minutes)"
+    return "  (capped: task too small)"
+
+
 def format_plan(plan: dict) -> str:
     """The plan as a text table (points, i.e. percent of items, for the standard errors)."""
     head = (f"{'task':<16}{'items':>7}{'pilot':>7}{'ref %':>7}{'needed':>8}{'run':>6}{'Δ se pts':>10}"
@@ -267,7 +276,7 @@ def format_plan(plan: dict) -> str:
         lines.append(f"{t['task']:<16}{t['available']:>7}{t['pilot_items']:>7}{100 * t['pilot_reference_score']:>7.1f}"
                      f"{t['items_needed']:>8}{t['items_run']:>6}{100 * t['expected_delta_se']:>10.2f}"
                      f"{100 * t['expected_reference_se']:>10.2f}{t['seconds_per_item_per_scheme']:>15.3f}"
-                     f"{t['estimated_seconds']:>8.0f}  {t['driving_scheme']}" + ("" if t["reached"] else "  (capped: task too small)"))
+                     f"{t['estimated_seconds']:>8.0f}  {t['driving_scheme']}" + _capped(t))
     lines.append(f"items_per_task {plan['items_per_task']}; estimated {plan['estimated_seconds']:.0f} s "
                  f"({plan['estimated_seconds_outside_tasks']:.0f} s load + held-out text + layer errors, as the pilot measured)")
     if plan.get("time_scale") is not None:

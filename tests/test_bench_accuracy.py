@@ -82,7 +82,8 @@ def test_plan_only_sizes_a_tiny_model_through_the_queue(tmp_path, monkeypatch, c
     plan = saved["plan"]
     task = plan["tasks"][0]
     assert task["task"] == "arc_easy" and task["pilot_items"] == 4 and task["available"] == 570
-    assert 4 <= plan["items_per_task"] <= 570 and task["seconds_per_item_per_scheme"] > 0
+    # each task its own n (its own job): a dict by task
+    assert 4 <= plan["items_per_task"]["arc_easy"] <= 570 and task["seconds_per_item_per_scheme"] > 0
     assert not out.exists()  # --plan-only runs no full evaluate
     assert "items_per_task" in capsys.readouterr().out
 

@@ -25,8 +25,11 @@ from lowbit.model.engine import build_tp_model, prefix_tree_masks
 # fp32 log-likelihoods summed over a continuation: the packed and the alone computation add the same
 # terms in another order (attention rows of another length, GEMMs of another shape, the log-sum-exp
 # over vocabulary slices), a few ulp per term: 1e-6 relative to the value, plus 1e-4 absolute for
-# the tiny random models' sums of ~100s of nats.
+# the tiny random models' sums of ~100s of nats (2 layers).
 REL, ABS = 1e-6, 1e-4
+# SmolLM2's 30 layers carry those roundings forward (largest seen: 3.0e-6 relative, -101.5976 vs
+# -101.5973): 2e-5 relative, and the old path's own batch sensitivity is printed beside it.
+REL_DEEP = 2e-5
 
 
 def _alone(model, seqs, starts) -> list[float]:
@@ -48,13 +51,13 @@ def _packed(model, items: list[ChoiceItem], max_tokens=4096, group=None, row_tok
     return out
 
 
-def _assert_close(got: list[list[float]], want: list[list[float]]) -> float:
-    """Every log-likelihood within ABS + REL * |value|; returns the largest relative difference."""
+def _assert_close(got: list[list[float]], want: list[list[float]], rel: float = REL) -> float:
+    """Every log-likelihood within ABS + rel * |value|; returns the largest relative difference."""
     worst = 0.0
     for k, (g, w) in enumerate(zip(got, want)):
         assert len(g) == len(w), k
         for j, (a, b) in enumerate(zip(g, w)):
-            assert abs(a - b) <= ABS + REL * abs(b), f"item {k} choice {j}: packed {a!r} alone {b!r} diff {abs(a - b):.3g}"
+            assert abs(a - b) <= ABS + rel * abs(b), f"item {k} choice {j}: packed {a!r} alone {b!r} diff {abs(a - b):.3g}"
             worst = max(worst, abs(a - b) / max(abs(b), 1e-12))
     return worst
 
@@ -204,13 +207,13 @@ def _plain_transformers_hits(model, tokenizer, items: list[Item], unit: str) -> 
     return hits
 
 
-def _check_package_metric(loaded, model_name, tasks: dict[str, str], n: int):
+def _check_package_metric(loaded, model_name, tasks: dict[str, str], n: int, tp: int):
     items = {t: load_task(t, n, seed=0) for t in tasks}
 
     def body(group):
-        tp = build_tp_model(model_name, group, loaded=loaded)
-        return evaluate_tasks(tp.model, group, tp.tokenizer, items, [], None)
-    rows = ThreadWorld(2).run(body)[0][REFERENCE]
+        model = build_tp_model(model_name, group, loaded=loaded)
+        return evaluate_tasks(model.model, group, model.tokenizer, items, [], None)
+    rows = ThreadWorld(tp).run(body)[0][REFERENCE]
     for task, unit in tasks.items():
         assert TASK_INFO[task].package_metric == {"raw": "acc_raw", "char": "acc_per_char",
                                                   "token": "acc_per_token"}[unit]
@@ -224,13 +227,24 @@ def test_each_task_is_scored_with_its_package_metric_on_a_tiny_model(tiny_models
     """TP 2 against a plain single-process transformers computation of the same items, one task
     per package metric: acc_raw (arc_easy), acc_per_char (piqa), acc_per_token (medmcqa)."""
     _check_package_metric(tiny_models["tiny-llama"], "tiny-llama",
-                          {"arc_easy": "raw", "piqa": "char", "medmcqa": "token"}, 4)
+                          {"arc_easy": "raw", "piqa": "char", "medmcqa": "token"}, 4, tp=2)
 
 
 @pytest.mark.slow
 def test_each_task_is_scored_with_its_package_metric_on_smollm2(smollm2):
-    """The same on the embedded model, where the choices are not near-random."""
-    _check_package_metric(smollm2, "smollm2-135m", {"arc_easy": "raw", "piqa": "char", "medmcqa": "token"}, 12)
+    """The same on the embedded model at TP 3, where the choices are not near-random."""
+    _check_package_metric(smollm2, "smollm2-135m", {"arc_easy": "raw", "piqa": "char", "medmcqa": "token"}, 12, tp=3)
+
+
+def _legacy(model, items: list[ChoiceItem], max_sequences: int) -> list[list[float]]:
+    out = []
+    for batch in legacy_batches(items, max_sequences):
+        pairs = [legacy_sequences(items[i]) for i in batch]
+        flat = legacy_choice_logliks(model, [s for q, _ in pairs for s in q], [s for _, t in pairs for s in t], 0)
+        for i in batch:
+            out.append(flat[:len(items[i].branches)])
+            flat = flat[len(items[i].branches):]
+    return out
 
 
 @pytest.mark.slow
@@ -241,17 +255,12 @@ def test_packed_decisions_equal_the_old_path_on_smollm2(smollm2):
     for task in ("arc_easy", "piqa", "winogrande", "hellaswag"):
         items = tokenize_items(tok, load_task(task, 10, seed=5))
         new = _packed(model, items)
-        old = []
-        for batch in legacy_batches(items):
-            pairs = [legacy_sequences(items[i]) for i in batch]
-            flat = legacy_choice_logliks(model, [s for q, _ in pairs for s in q], [s for _, t in pairs for s in t], 0)
-            for i in batch:
-                old.append(flat[:len(items[i].branches)])
-                flat = flat[len(items[i].branches):]
-        worst = _assert_close(new, old)
+        old, alone = _legacy(model, items, 32), _legacy(model, items, 1)
+        worst = _assert_close(new, old, REL_DEEP)
+        own = _assert_close(alone, old, REL_DEEP)  # the old path, one item per forward instead of 32 sequences
         same_bits = sum(a == b for x, y in zip(new, old) for a, b in zip(x, y))
-        print(f"{task}: largest relative difference {worst:.2e}; bit-equal {same_bits} of "
-              f"{sum(map(len, new))} log-likelihoods")
+        print(f"{task}: packed vs old: largest relative difference {worst:.2e}, bit-equal {same_bits} of "
+              f"{sum(map(len, new))}; the old path against itself one item per forward: {own:.2e}")
         unit = TASK_INFO[task].norm
         for item, a, b in zip(items, new, old):
             n = item.lengths(unit)
