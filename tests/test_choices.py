@@ -207,14 +207,15 @@ def _plain_transformers_hits(model, tokenizer, items: list[Item], unit: str) -> 
     return hits
 
 
-def _check_package_metric(loaded, model_name, tasks: dict[str, str], n: int, tp: int):
-    items = {t: load_task(t, n, seed=0) for t in tasks}
+def _check_package_metric(loaded, model_name, tasks: dict[str, tuple[str, int]], tp: int):
+    """``tasks``: {task: (unit, items)}."""
+    items = {t: load_task(t, n, seed=0) for t, (_, n) in tasks.items()}
 
     def body(group):
         model = build_tp_model(model_name, group, loaded=loaded)
         return evaluate_tasks(model.model, group, model.tokenizer, items, [], None)
     rows = ThreadWorld(tp).run(body)[0][REFERENCE]
-    for task, unit in tasks.items():
+    for task, (unit, n) in tasks.items():
         assert TASK_INFO[task].package_metric == {"raw": "acc_raw", "char": "acc_per_char",
                                                   "token": "acc_per_token"}[unit]
         plain = _plain_transformers_hits(loaded.model, loaded.tokenizer, items[task], unit)
@@ -227,13 +228,18 @@ def test_each_task_is_scored_with_its_package_metric_on_a_tiny_model(tiny_models
     """TP 2 against a plain single-process transformers computation of the same items, one task
     per package metric: acc_raw (arc_easy), acc_per_char (piqa), acc_per_token (medmcqa)."""
     _check_package_metric(tiny_models["tiny-llama"], "tiny-llama",
-                          {"arc_easy": "raw", "piqa": "char", "medmcqa": "token"}, 4, tp=2)
+                          {"arc_easy": ("raw", 4), "piqa": ("char", 4), "medmcqa": ("token", 4)}, tp=2)
 
 
+# The embedded model's checks run whole forwards of SmolLM2 on a shared 2-core machine: 30 minutes,
+# not the suite's 15, before a slow machine counts as a hang.
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_each_task_is_scored_with_its_package_metric_on_smollm2(smollm2):
-    """The same on the embedded model at TP 3, where the choices are not near-random."""
-    _check_package_metric(smollm2, "smollm2-135m", {"arc_easy": "raw", "piqa": "char", "medmcqa": "token"}, 12, tp=3)
+    """The same on the embedded model at TP 3, where the choices are not near-random (medmcqa's
+    five-shot contexts are ~700 tokens a choice: fewer of its items)."""
+    _check_package_metric(smollm2, "smollm2-135m",
+                          {"arc_easy": ("raw", 10), "piqa": ("char", 10), "medmcqa": ("token", 4)}, tp=3)
 
 
 def _legacy(model, items: list[ChoiceItem], max_sequences: int) -> list[list[float]]:
@@ -248,19 +254,23 @@ def _legacy(model, items: list[ChoiceItem], max_sequences: int) -> list[list[flo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_packed_decisions_equal_the_old_path_on_smollm2(smollm2):
-    """The embedded model, one process: 40 items of the four table tasks, the packed scorer against
-    the old path item by item: same decisions, log-likelihoods within float-sum order."""
+    """The embedded model, one process: 32 items of the four table tasks, the packed scorer against
+    the old path item by item: same decisions, log-likelihoods within float-sum order (printed
+    beside the old path's own change when arc_easy's items go one per forward)."""
     model, tok = smollm2.model, smollm2.tokenizer
     for task in ("arc_easy", "piqa", "winogrande", "hellaswag"):
-        items = tokenize_items(tok, load_task(task, 10, seed=5))
+        items = tokenize_items(tok, load_task(task, 8, seed=5))
         new = _packed(model, items)
-        old, alone = _legacy(model, items, 32), _legacy(model, items, 1)
+        old = _legacy(model, items, 32)
         worst = _assert_close(new, old, REL_DEEP)
-        own = _assert_close(alone, old, REL_DEEP)  # the old path, one item per forward instead of 32 sequences
         same_bits = sum(a == b for x, y in zip(new, old) for a, b in zip(x, y))
+        own = ""
+        if task == "arc_easy":  # the old path, one item per forward instead of 32 sequences
+            own = f"; the old path against itself one item per forward: {_assert_close(_legacy(model, items, 1), old, REL_DEEP):.2e}"
         print(f"{task}: packed vs old: largest relative difference {worst:.2e}, bit-equal {same_bits} of "
-              f"{sum(map(len, new))}; the old path against itself one item per forward: {own:.2e}")
+              f"{sum(map(len, new))}{own}")
         unit = TASK_INFO[task].norm
         for item, a, b in zip(items, new, old):
             n = item.lengths(unit)
