@@ -55,6 +55,29 @@ def floor_seconds(model_name: str, tasks: list[str], items: int | dict[str, int]
     return dict(tasks=out, threads=torch.get_num_threads(), load=end_load(load))
 
 
+def task_scores(result: dict) -> dict:
+    """{scheme: {task: {acc, acc_norm, flipped}}} of an evaluate result: what the two paths must agree on."""
+    return {r["scheme"]: {t: {k: row[k] for k in ("acc", "acc_norm", "flipped")} for t, row in r["tasks"].items()}
+            for r in result["records"]}
+
+
+def score_agreement(data: dict) -> list[str]:
+    """Where the packed and the old path's scores differ on the same items (one line each), with
+    the items that difference is worth."""
+    if "legacy" not in data["parts"] or "scores" not in data["parts"]["packed"]:
+        return []
+    packed, legacy, n = data["parts"]["packed"]["scores"], data["parts"]["legacy"]["scores"], data["items_per_task"]
+    out = []
+    for scheme, tasks in packed.items():
+        for task, row in tasks.items():
+            other = legacy[scheme][task]
+            moved = {k: round(abs(row[k] - other[k]) * n) for k in ("acc", "acc_norm") if row[k] != other[k]}
+            if moved:
+                out.append(f"`{scheme}` {task}: " + ", ".join(f"{k} {100 * row[k]:.1f} vs {100 * other[k]:.1f} "
+                                                              f"({v} item{'s' if v > 1 else ''})" for k, v in moved.items()))
+    return out
+
+
 def per_item(timing: dict) -> float:
     """Mean seconds per item per scheme of a job's ``task_timing``."""
     schemes = timing["schemes"]
@@ -96,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks.split(",")
     parts = {}
     run_id, result, load = run_evaluate(args, legacy=False)
-    parts["packed"] = dict(run=run_id, load=load, task_timing=result["task_timing"])
+    parts["packed"] = dict(run=run_id, load=load, task_timing=result["task_timing"], scores=task_scores(result))
     if not args.skip_legacy:
         run_id, result, load = run_evaluate(args, legacy=True)
-        parts["legacy"] = dict(run=run_id, load=load, task_timing=result["task_timing"])
+        parts["legacy"] = dict(run=run_id, load=load, task_timing=result["task_timing"], scores=task_scores(result))
     parts["floor"] = floor_seconds(args.model, tasks, args.items, args.seed)
     floor = (sum(t["seconds"] for t in parts["floor"]["tasks"].values())
              / sum(t["items"] for t in parts["floor"]["tasks"].values()))
@@ -135,6 +158,10 @@ def speed_markdown(data: dict) -> str:
     ratios = [f"packed / floor = **{f['packed_over_floor']:.2f}x**"]
     if "speedup_vs_legacy" in f:
         ratios.insert(0, f"legacy / packed = **{f['speedup_vs_legacy']:.2f}x**")
+    agreement = score_agreement(data)
+    if "scores" in data["parts"]["packed"] and "legacy" in data["parts"]:
+        ratios.append("scores of the two paths: " + ("identical for every scheme and task" if not agreement
+                                                      else "identical except " + "; ".join(agreement)))
     return (f"{data['model']} at TP {data['tp']}, {', '.join(data['tasks'])}, {data['items_per_task']} items per task, "
             f"schemes {', '.join(f'`{s}`' for s in data['schemes'])}, codec `{data['codec']}`.\n\n" + head + "\n" + "\n".join(rows)
             + "\n\n" + "; ".join(ratios) + ".")

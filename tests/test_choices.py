@@ -152,8 +152,11 @@ def test_packed_scores_through_the_vocabulary_parallel_head_at_tp2(tiny_models):
 
 def test_decisions_and_rows_equal_the_old_path_at_tp2(tiny_models):
     """evaluate_tasks' rows with the packed scorer equal the old path's (each choice's sequence in
-    batches of 32, the full head on every rank) to the last digit, for the reference and a
-    quantized scheme; the log-likelihoods agree to float-sum order."""
+    batches of 32, the full head on every rank) to the last digit, for the reference, bf16 and a
+    4-bit scheme on these items; the log-likelihoods agree to float-sum order. (A quantized scheme
+    can move an item where a partial sits on a rounding boundary: a 1e-7 change of the float order
+    then picks the neighbouring code. These items have none; SmolLM2 at TP 3 has, see
+    docs/accuracy.md, and so has the old path against itself when its batches change.)"""
     loaded = tiny_models["tiny-llama"]
     items = {"arc_easy": load_task("arc_easy", 8, seed=2), "winogrande": load_task("winogrande", 6, seed=2),
              "piqa": load_task("piqa", 6, seed=2)}
