@@ -6,12 +6,21 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PORT    ?= 8501
 PYTEST_ARGS ?=
+# `make test` runs the tests in a shuffled order (pytest-randomly) with a fixed seed: each run meets
+# the same order, so a failure replays with the same command, and no test can lean on the file
+# order. Another order: `make test TEST_SEED=2`; a fresh one: `make test TEST_SEED=$$RANDOM`.
+# (A plain `pytest` line keeps the file order: pytest.ini has -p no:randomly.)
+TEST_SEED ?= 1
+# The hypothesis property tests (tests/conftest.py: derandomized in `make test`; fresh draws in `make explore`).
+PROPERTY_TESTS = $(shell grep -l '^from hypothesis import' tests/test_*.py)
 
 # The browser test drives Debian's chromium (never a downloaded browser build).
 CHROMIUM := /usr/bin/chromium
+# The Slurm tests start a throwaway cluster (munged, slurmctld, two slurmd) from Debian's packages.
+SLURMCTLD := /usr/sbin/slurmctld
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup clean-venv gpu-check
+.PHONY: run test explore setup clean-venv gpu-check
 
 $(STAMP): requirements.txt requirements-assets.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -29,9 +38,18 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
 
-test: $(STAMP) | $(CHROMIUM)
+$(SLURMCTLD):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q slurm-wlm munge
+
+test: $(STAMP) | $(CHROMIUM) $(SLURMCTLD)
 	$(VENV)/bin/lint-imports
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -p randomly --randomly-seed=$(TEST_SEED) $(PYTEST_ARGS)
+
+# Fresh hypothesis examples (not derandomized; failures are kept in .hypothesis/ and replayed):
+# a search for new counterexamples, run on purpose, never part of the gate.
+explore: $(STAMP)
+	$(VPY) -m pytest -m "not slow" --hypothesis-profile=explore $(PROPERTY_TESTS) $(PYTEST_ARGS)
 
 # On a GPU machine, with that machine's own python (not .venv): bench/gpu_check.py's docstring.
 OUT ?= gpu-check-out

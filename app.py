@@ -6,6 +6,7 @@ math themselves. The sidebar shows the machine, the installed models and the act
 """
 import streamlit as st
 
+from launch.store.machine import cluster_frame
 from launch.store.runs import active_runs
 from pages import _teach, _ui
 
@@ -52,6 +53,8 @@ with st.sidebar:
     info = _ui.machine()
     gpus = f"{info['gpus']} ({', '.join(info['gpu_names'])})" if info["gpu_names"] else str(info["gpus"])
     st.markdown(f"CPU cores: **{info['cpu_cores']}**  \nGPUs: **{gpus}**  \nBackend: **{info['backend']}**")
+    if not (cluster := cluster_frame()).empty:  # the Slurm cluster runs go to (executor slurm)
+        st.dataframe(cluster, hide_index=True, width="stretch", key="sidebar_cluster")
     st.subheader("Installed models")
     models = _ui.model_sources()
     st.dataframe(models[["name", "kind", "cached"]], hide_index=True, width="stretch")

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from bench._meta import finish_meta, start_meta
 from launch.client import submit_and_watch
+from launch.kinds import codec as kind_codec
 from launch.events import read_events
 from launch.layout import run_paths
 from bench.scoring import floor_seconds
@@ -420,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --target-se: scale a plan estimated longer down to this many minutes")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs this command recorded in *-runs.json next to --out")
-    parser.add_argument("--fused-kernels", action="store_true",
-                        help="the kernels (kernels.dispatch) inside the communicators: the same numbers, less time")
+    parser.add_argument("--codec", choices=kind_codec.CODECS, default="kernels",
+                        help="kernels: kernels.dispatch inside the communicators (the same numbers, less time); "
+                             "reference: lowbit's torch path")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the unsharded single-process run of the same items (the timing floor)")
     args = parser.parse_args(argv)
@@ -442,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(common, kind="evaluate", schemes=schemes, calib_from=calib_id, eval_data="wikipedia", seed=args.seed)
 
     def spec(task_list: list[str], items: int, eval_tokens: int, layer_error: bool) -> dict:
-        params = dict(common["params"], layer_error=layer_error, layer_error_chunks=1, fused_kernels=args.fused_kernels)
+        params = dict(common["params"], layer_error=layer_error, layer_error_chunks=1, codec=args.codec)
         return dict(base, params=params, tasks=task_list, items_per_task=items, eval_tokens=eval_tokens)
 
     plan = None

@@ -38,17 +38,15 @@ this rank's own data in the right shapes, moving nothing), all ranks at once, sl
 median: the quantize/dequantize cost alone. ``median_ms - compute_ms`` is roughly what the
 collective itself took.
 
-Codec: ``--codec auto`` uses a fused CPU path (``kernels.dispatch`` or ``kernels.fused_cpu``:
-``quantize_pack`` / ``unpack_dequant_sum``, torch.compile graphs) when one exists, else the torch
-path of ``lowbit.comm.collectives``; ``reference`` runs the same fused-path plumbing on
-``kernels.reference`` (eager torch). Both produce lowbit.wire.payload's bytes and sums (tested). Every
-record names the codec it used. On CUDA (``--backend auto`` picks NCCL when every rank has a
+Codec (``launch.kinds.codec``): ``--codec kernels`` runs the registered kernels inside the
+communicators (``kernels.dispatch.Codec()``: numba on CPU, Triton on CUDA, where they implement
+the scheme), ``reference`` lowbit's own torch path. Both produce lowbit.wire.payload's bytes and
+sums (tested). Every record names the codec it used and the path its messages took. On CUDA (``--backend auto`` picks NCCL when every rank has a
 GPU) the data lives on each rank's GPU and timings synchronize the device.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -62,7 +60,9 @@ from pathlib import Path
 from bench._data import outlier_features, synthetic_partial  # noqa: F401 - tests use them from here
 from bench._meta import command as meta_command, end_load, start_load
 from launch.client import submit_and_watch
-from launch.kinds.collective_bench import (CODECS, DEFAULT_HIDDEN, DEFAULT_PARAMS, DEFAULT_SCHEMES, DEFAULT_TOKENS,  # noqa: F401
+from launch.kinds import codec as kind_codec
+from launch.kinds.codec import CODECS
+from launch.kinds.collective_bench import (DEFAULT_HIDDEN, DEFAULT_PARAMS, DEFAULT_SCHEMES, DEFAULT_TOKENS,  # noqa: F401
                                            DTYPES, check_params, check_spec, job_spec)
 from launch.spec import JobSpec, SpecError
 from lowbit.site import ROW_PARALLEL_MODULES
@@ -73,32 +73,15 @@ SITE_LAYER, SITE_MODULE = 0, ROW_PARALLEL_MODULES[-1]  # the MLP's down_proj
 
 # -- the fused-path communicator ---------------------------------------------------------------
 def codec_module(name: str):
-    """(label, codec for ``QuantCommunicator``) for a ``params.codec`` name; the choice of kernel
-    per message is ``kernels.dispatch``'s (the one chooser). ``auto``: the dispatcher as
-    configured (LOWBIT_KERNELS); ``fused``: the same, but the compiled CPU path must run here;
-    ``reference``: the kernels' eager torch reference; ``lowbit``: no codec (lowbit.wire.payload)."""
-    try:
-        dispatch = importlib.import_module("kernels.dispatch")  # Triton / torch.compile stack, optional
-    except ImportError:  # kernels not importable here: lowbit's own torch path
-        dispatch = None
-    if name == "lowbit" or (name == "auto" and dispatch is None):
-        return "lowbit", None
-    if name == "auto":
-        return "kernels.dispatch", dispatch
-    if name == "fused":
-        if dispatch is None or not dispatch.compile_works():
-            raise ValueError("codec: no fused CPU path here (torch.compile cannot run); allowed: auto, lowbit, "
-                             "reference")
-        return "kernels.dispatch[compiled]", dispatch.Codec("compiled")
-    if name == "reference" and dispatch is not None:
-        return "kernels.reference", dispatch.Codec("reference")
-    raise ValueError(f"codec: {name!r} not allowed; allowed: {', '.join(CODECS)}")
+    """(label, codec for ``QuantCommunicator``) for a ``params.codec`` name (``launch.kinds.codec``;
+    the values older runs stored are read as what they meant)."""
+    return kind_codec.make(kind_codec.codec_name({"codec": name}, "kernels"))
 
 
 def make_communicator(group, scheme: str, calibration, codec):
-    """A QuantCommunicator for ``scheme``; with a fused ``codec`` module its gather and two-shot
-    legs go through ``codec.quantize_pack`` / ``codec.unpack_dequant_sum`` (the same bytes and
-    sums as lowbit's torch path; schemes the kernels do not implement stay on that path)."""
+    """A QuantCommunicator for ``scheme``; with a ``codec`` (``kernels.dispatch.Codec``) its gather
+    and two-shot legs go through the kernels where they implement it (the same bytes and sums as
+    lowbit's torch path; the rest stays on that path)."""
     from lowbit.comm.collectives import QuantCommunicator
     return QuantCommunicator(group, scheme, calibration, record=False, codec=codec)
 
@@ -110,7 +93,7 @@ def data_calibration(group, partial):
     synthetic outlier features."""
     import torch
 
-    from lowbit.method.calibrate import Calibration
+    from lowbit.calibration import Calibration
     x = partial.float()
     stats = group.all_gather(torch.stack([x.amin(0), x.amax(0)]))  # [tp, 2, H]
     ema_min = stats[:, 0].unsqueeze(0).unsqueeze(0).expand(1, 2, -1, -1).contiguous()  # [L=1, M=2, tp, H]
@@ -221,7 +204,9 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
                        leg2_bits_per_value=float(extra["leg2_bits"]) if "leg2_bits" in extra else None,
                        effective_gbps=bytes_rank * 8 / median_s / 1e9 if median_s > 0 else None,
                        compute_ms=None if compute is None else 1e3 * compute[text],
-                       rel_error=errors[text])
+                       rel_error=errors[text],
+                       # the path the messages took (lowbit.comm.codec; exact schemes have none)
+                       codec_path=None if scheme.is_exact else comms[text].paths.by_site().get(str(site)))
             records.append(rec)
     if progress:
         progress(len(sizes), len(sizes), f"done: {len(records)} records")
@@ -374,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=DEFAULT_PARAMS["warmup"])
     parser.add_argument("--budget-s", type=float, default=DEFAULT_PARAMS["budget_s"],
                         help="seconds of timed rounds per size (more repeats where they are fast)")
-    parser.add_argument("--codec", choices=CODECS, default="auto")
+    parser.add_argument("--codec", choices=CODECS, default="kernels")
     parser.add_argument("--compute-repeats", type=int, default=DEFAULT_PARAMS["compute_repeats"],
                         help="no-wire rounds for compute_ms (quantize + dequantize alone); 0: skip")
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",

@@ -5,9 +5,9 @@
 For each preset in ``lowbit.scheme.PRESETS``: encode a seeded ``tokens x hidden`` message with
 ``lowbit.wire.payload.encode`` and count its bytes (``measured_bits`` = 8 x bytes / values), next
 to the accounting's formula for the same format (``lowbit.wire.accounting.preset_rows``); the two
-must agree, or the script fails. Presets whose group does not divide the hidden size (the flat
-256 / 496-value groups of FlashInfer and TensorRT-LLM) are refused there, with the refusal kept,
-and are measured at the smallest hidden size listed in ``ELSEWHERE`` where they fit.
+must agree, or the script fails. A preset refused at this hidden size (none today: FlashInfer's and
+TensorRT-LLM's 256 / 496-value groups are flat groups, ``lowbit.groups.flat``, which fit any size)
+keeps its refusal and is measured at the size ``ELSEWHERE`` lists for it.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from lowbit.scheme import PRESETS, SchemeError, parse_scheme
 from lowbit.wire import accounting
 from lowbit.wire.payload import encode
 
-# where a flat-group preset fits: (hidden, tp); two-shot messages are the hidden / tp chunk
-ELSEWHERE = {"flashinfer-fp8": (4096, 2), "trtllm-fp8": (3968, 1)}
+# where a preset refused at the bench's hidden size fits: name -> (hidden, tp); two-shot messages are the
+# hidden / tp chunk. Empty: every preset runs at 576.
+ELSEWHERE: dict[str, tuple[int, int]] = {}
 
 
 def measured_bits(name: str, hidden: int, tp: int, tokens: int, seed: int = 576) -> float:

@@ -163,7 +163,7 @@ def torch_features() -> dict:
         reduce_scatter_tensor=hasattr(dist, "reduce_scatter_tensor"),
         compile=hasattr(torch, "compile"),
         mark_dynamic=dynamo is not None and hasattr(torch._dynamo, "mark_dynamic"),
-        # kernels/fused_cpu.py patches these dynamo options
+        # the dynamo options a torch.compile path would patch (none ships since kernels/fused_cpu.py went)
         **{f"dynamo.{k}": dynamo is not None and hasattr(dynamo, k)
            for k in ("capture_scalar_outputs", "automatic_dynamic_shapes", "recompile_limit",
                      "accumulated_recompile_limit")},
@@ -199,11 +199,16 @@ def _tail(path: Path, start: int) -> str:
         return ""
 
 
+def step_command(name: str, out: Path, device: str, quick: bool, limit_s: float) -> list[str]:
+    """The child's command line for one step (this module in ``--step`` mode)."""
+    return [sys.executable, "-m", "bench.gpu_check", "--step", name, "--out", str(out), "--device", device,
+            "--limit-s", str(limit_s)] + (["--quick"] if quick else [])
+
+
 def run_step(name: str, out: Path, device: str, quick: bool, limit_s: float, log_path: Path) -> dict:
     """Run one step as a child process (own process group) under ``limit_s``; return its file's
     data, completed by the parent when the child died or was killed before finishing it."""
-    cmd = [sys.executable, "-m", "bench.gpu_check", "--step", name, "--out", str(out), "--device", device,
-           "--limit-s", str(limit_s)] + (["--quick"] if quick else [])
+    cmd = step_command(name, out, device, quick, limit_s)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if device == "cpu" and name == "kernels_equal":

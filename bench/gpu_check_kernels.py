@@ -182,7 +182,7 @@ def _large_part(rec, device: str, quick: bool) -> None:
         n_out = 0 if idx is None else idx.numel()
         lay = layout(tokens, hidden, quant, n_out)
         xs = [partial(tokens, hidden, 100 + r, dtype, idx, dev) for r in range(tp)]
-        ranges = [static_range(x) if quant.granularity == "static" else (None, None) for x in xs]
+        ranges = [static_range(x) if not quant.dynamic else (None, None) for x in xs]
         base = dict(scheme=text, dtype=str(dtype).removeprefix("torch."), tokens=tokens, hidden=hidden, tp=tp)
         # quantize_pack, every rank's partial
         payloads, eq = [], []
@@ -201,7 +201,7 @@ def _large_part(rec, device: str, quick: bool) -> None:
         # unpack_dequant_sum of the tp payloads, bf16 and fp32 out
         stacked = torch.stack(payloads)
         mins = maxs = None
-        if quant.granularity == "static":
+        if not quant.dynamic:
             mins, maxs = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
         for out_dtype in (torch.bfloat16, torch.float32):
             got = tq.unpack_dequant_sum(stacked, tokens, hidden, quant, idx, mins, maxs, out_dtype=out_dtype)
@@ -377,14 +377,14 @@ def kernel_speed_step(rec, out, device: str, quick: bool) -> None:
             lay = layout(tokens, hid, quant, n_out)
             sets = _sets_for(tokens * hid * 2 + lay.total_bytes, device)
             xs = [partial(tokens, hid, 300 + i, torch.bfloat16, idx, dev) for i in range(sets)]
-            rng = [static_range(x) if quant.granularity == "static" else (None, None) for x in xs]
+            rng = [static_range(x) if not quant.dynamic else (None, None) for x in xs]
             t = timer(lambda i: codec.quantize_pack(xs[i], quant, idx, *rng[i]), sets)
             add("quantize_pack", text, tokens, hid, tokens * hid * 2, lay.total_bytes, t)
             payloads = torch.stack([codec.quantize_pack(xs[0], quant, idx, *rng[0])] * SPEED_TP)
             usets = _sets_for(payloads.numel() + tokens * hid * 2, device)
             pays = [payloads.clone() for _ in range(usets)]
             mins = maxs = None
-            if quant.granularity == "static":
+            if not quant.dynamic:
                 mins, maxs = torch.stack([rng[0][0]] * SPEED_TP), torch.stack([rng[0][1]] * SPEED_TP)
             t = timer(lambda i: codec.unpack_dequant_sum(pays[i], tokens, hid, quant, idx, mins, maxs,
                                                          out_dtype=torch.bfloat16), usets)

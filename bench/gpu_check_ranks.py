@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from bench.gpu_check import end_process_group
+from launch.torchrun import torchrun_args
 
 REPO = Path(__file__).resolve().parent.parent
 LOGITS_ATOL = 1e-3  # fp32 logits; the same bound as lowbit.model.tpcheck (sum order only changes last bits)
@@ -67,8 +68,7 @@ def torchrun(task: str, nproc: int, args: dict, timeout_s: float, env_extra: dic
         result = Path(tmp) / "result.json"
         args_path = Path(tmp) / "args.json"
         args_path.write_text(json.dumps(dict(args, result=str(result))))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "bench.gpu_check_ranks", task, str(args_path)]
+        cmd = torchrun_args(["-m", "bench.gpu_check_ranks", task, str(args_path)], nproc)
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env_extra or {}))
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -354,7 +354,7 @@ def _tp_engine(args: dict) -> None:
     t0 = time.perf_counter()
     calibration = run_calibration(tpm.model, group, batches, gamma=0.01, meta=dict(model="gpu-check-random"))
     result["calibration_seconds"] = round(time.perf_counter() - t0, 3)
-    comms = {s: QuantCommunicator(group, s, calibration, record=True, codec=dispatch) for s in args["schemes"]}
+    comms = {s: QuantCommunicator(group, s, calibration, record=True, codec=dispatch.Codec()) for s in args["schemes"]}
     timings = {s: dict(prefill=[], decode=[], prefill_comm=[], decode_comm=[], prefill_synced=[], decode_synced=[])
                for s in comms}
     for round_ in range(args["rounds"] + 1):  # round 0 warms every scheme up (and compiles the kernels)
@@ -388,7 +388,7 @@ def _tp_engine(args: dict) -> None:
         prefill_s, decode_s = float(m["prefill"].max()), float(m["decode"].max())  # the slowest rank sets the pace
         calls = comms[scheme].calls
         values = sum(c.tokens * c.hidden for c in calls)
-        codec_backend = dispatch.backend(dev, 4, args["prompt_tokens"] * config.hidden_size)
+        codec_backend = ", ".join(sorted(set(comms[scheme].paths.by_site().values())))  # the paths the calls took
         schemes.append(dict(
             scheme=scheme, codec="torch all_reduce" if scheme == "bf16" else f"kernels.dispatch -> {codec_backend}",
             prefill_tokens=args["prompt_tokens"], decode_tokens=args["new_tokens"] - 1,

@@ -11,11 +11,12 @@ payloads -> bf16 sum), their GB/s (bytes read + bytes written / time), and the G
 device copy moving the same number of bytes, measured in the same run: that copy is the
 practical limit, ``of_copy`` = kernel GB/s / copy GB/s (target: >= 0.8 for messages >= 8 MB).
 
-CPU (the torch path, one thread): the same two operations, eager (``kernels.reference``) and
-fused (``kernels.fused_cpu``, torch.compile; compile time excluded and reported apart), as a
-fraction of a bf16 ``all_reduce`` of the same [tokens, hidden] tensor over gloo at ``--tp``
-ranks on this machine (``--tp`` processes, one thread each; a repeat ends with its slowest rank).
-Eager and fused runs alternate so that load from other processes hits both alike.
+CPU (one thread): the same two operations, eager (``kernels.reference``: lowbit's torch path) and
+native (``kernels.native_cpu``, numba; the first call, which compiles or loads the cache, is
+excluded and reported apart), as a fraction of a bf16 ``all_reduce`` of the same [tokens, hidden]
+tensor over gloo at ``--tp`` ranks on this machine (``--tp`` processes, one thread each; a repeat
+ends with its slowest rank). Eager and native runs alternate so that load from other processes
+hits both alike. (Results written before the torch.compile path was removed name it ``fused``.)
 
 Data: a Gaussian partial whose 1/64 outlier features are 20x larger; static ranges are the
 data's own per-feature min/max and the outliers the top-1/64 features by range (as
@@ -57,7 +58,7 @@ def site_inputs(scheme_text: str, tokens: int, hidden: int, tp: int, dtype=torch
     if k:
         ranges = torch.stack([x.float().amax(0) - x.float().amin(0) for x in xs]).sum(0)
         idx = ranges.topk(k).indices.sort().values
-    ranges = [(x.float().amin(0), x.float().amax(0)) if quant.granularity == "static" else (None, None) for x in xs]
+    ranges = [(x.float().amin(0), x.float().amax(0)) if not quant.dynamic else (None, None) for x in xs]
     return quant, idx, xs, ranges
 
 
@@ -126,19 +127,19 @@ def codec_case(text: str, tokens: int, hidden: int, tp: int):
     scheme's group does not divide ``hidden``."""
     from kernels import reference as ref
     quant, idx, xs, ranges = site_inputs(text, tokens, hidden, tp)
-    if quant.granularity == "group" and hidden % quant.group_size:
+    if quant.group_size and hidden % quant.group_size:
         return None
     mins = maxs = None
-    if quant.granularity == "static":
+    if not quant.dynamic:
         mins, maxs = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
     payloads = torch.stack([ref.quantize_pack_ref(xr, quant, idx, a, b) for xr, (a, b) in zip(xs, ranges)])
     return quant, idx, xs[0], ranges[0][0], ranges[0][1], mins, maxs, payloads
 
 
-# -- CPU: eager vs fused torch path ------------------------------------------------------------
+# -- CPU: eager torch path vs the native kernels -------------------------------------------------
 def cpu_codec_rows(schemes, sizes, tp: int, budget_s: float, min_repeats: int, max_repeats: int,
                    log=print) -> list[dict]:
-    from kernels import fused_cpu
+    from kernels import native_cpu
     from kernels import reference as ref
     rows = []
     for text in schemes:
@@ -150,18 +151,18 @@ def cpu_codec_rows(schemes, sizes, tp: int, budget_s: float, min_repeats: int, m
             paths = {
                 "eager": (lambda: ref.quantize_pack_ref(x, quant, idx, lo, hi),
                           lambda: ref.unpack_dequant_sum_ref(payloads, tokens, hidden, quant, idx, mins, maxs)),
-                "fused": (lambda: fused_cpu.quantize_pack(x, quant, idx, lo, hi),
-                          lambda: fused_cpu.unpack_dequant_sum(payloads, tokens, hidden, quant, idx, mins, maxs)),
+                "native": (lambda: native_cpu.quantize_pack(x, quant, idx, lo, hi),
+                           lambda: native_cpu.unpack_dequant_sum(payloads, tokens, hidden, quant, idx, mins, maxs)),
             }
             start = time.perf_counter()
-            same = torch.equal(paths["fused"][0](), paths["eager"][0]())
-            same &= torch.equal(paths["fused"][1](), paths["eager"][1]())
+            same = torch.equal(paths["native"][0](), paths["eager"][0]())
+            same &= torch.equal(paths["native"][1](), paths["eager"][1]())
             compile_s = time.perf_counter() - start
             times = {(p, op): [] for p in paths for op in (0, 1)}
             deadline = time.perf_counter() + budget_s
             n = 0
             while n < max_repeats and (n < min_repeats or time.perf_counter() < deadline):
-                for p in (("eager", "fused") if n % 2 == 0 else ("fused", "eager")):  # alternate
+                for p in (("eager", "native") if n % 2 == 0 else ("native", "eager")):  # alternate
                     for op in (0, 1):
                         t0 = time.perf_counter()
                         paths[p][op]()
@@ -172,11 +173,11 @@ def cpu_codec_rows(schemes, sizes, tp: int, budget_s: float, min_repeats: int, m
                 rows.append(dict(scheme=text, tokens=tokens, hidden=hidden, path=p, repeats=n,
                                  quantize_s=med[(p, 0)], unpack_sum_s=med[(p, 1)],
                                  total_s=med[(p, 0)] + med[(p, 1)],
-                                 first_call_s=compile_s if p == "fused" else None,
+                                 first_call_s=compile_s if p == "native" else None,
                                  bit_identical=bool(same)))
             e, f = rows[-2], rows[-1]
             log(f"{text:24s} {tokens:5d} x {hidden:5d}  eager {1e3 * e['total_s']:9.2f} ms  "
-                f"fused {1e3 * f['total_s']:8.2f} ms  x{e['total_s'] / f['total_s']:.1f}  equal={same}")
+                f"native {1e3 * f['total_s']:8.2f} ms  x{e['total_s'] / f['total_s']:.1f}  equal={same}")
     return rows
 
 
@@ -204,7 +205,7 @@ def run_cpu(args) -> dict:
 
 # -- CUDA: Triton kernels vs device copy -------------------------------------------------------
 def run_cuda(args) -> list[dict]:
-    from kernels import triton_quant
+    from kernels import registry, triton_quant
     from lowbit.wire.payload import layout
     device = torch.device("cuda")
     sync = torch.cuda.synchronize
@@ -213,11 +214,11 @@ def run_cuda(args) -> list[dict]:
         for hidden in args.hidden:
             for tokens in args.tokens:
                 quant, idx, xs, ranges = site_inputs(text, tokens, hidden, args.tp, torch.bfloat16, device)
-                if quant.bits not in (2, 4, 8) or (quant.granularity == "group" and hidden % quant.group_size):
-                    continue
+                if registry.implementation(quant, "triton") is None or (quant.group_size and hidden % quant.group_size):
+                    continue  # what the Triton kernels do not implement (kernels.registry) runs no kernel here
                 x, (lo, hi) = xs[0], ranges[0]
                 mins = maxs = None
-                if quant.granularity == "static":
+                if not quant.dynamic:
                     mins, maxs = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
                 payloads = torch.stack([triton_quant.quantize_pack(xr, quant, idx, a, b) for xr, (a, b) in zip(xs, ranges)])
                 lay = layout(tokens, hidden, quant, 0 if idx is None else idx.numel())
@@ -249,8 +250,8 @@ def run_cuda(args) -> list[dict]:
 
 # -- report ------------------------------------------------------------------------------------
 def markdown_cpu(result: dict) -> str:
-    lines = ["| scheme | tokens x hidden | bf16 all_reduce (ms) | eager q+u (ms) | fused q+u (ms) | "
-             "fused / eager speedup | eager / all_reduce | fused / all_reduce |",
+    lines = ["| scheme | tokens x hidden | bf16 all_reduce (ms) | eager q+u (ms) | native q+u (ms) | "
+             "native / eager speedup | eager / all_reduce | native / all_reduce |",
              "|---|---|---|---|---|---|---|---|"]
     rows = result["codec"]
     for e, f in zip(rows[::2], rows[1::2]):
@@ -283,8 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-repeats", type=int, default=5)
     ap.add_argument("--max-repeats", type=int, default=50)
     ap.add_argument("--native", action="store_true",
-                    help="CPU: numba kernels vs compiled vs reference in one run, plus the tp-rank reduce "
-                         "(bench.kernels_native), instead of the eager/fused vs gloo table")
+                    help="CPU: numba kernels vs reference in one run, plus the tp-rank reduce "
+                         "(bench.kernels_native), instead of the eager/native vs gloo table")
     from bench import kernels_native as bench_native
     bench_native.add_arguments(ap)
     args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""CPU codec benchmark of the numba kernels against both torch paths, in one run.
+"""CPU codec benchmark of the numba kernels against the torch reference, in one run.
 
     PYTHONPATH=. .venv/bin/python -m bench.kernels --native --out bench/results/kernels-cpu-native.json
     PYTHONPATH=. .venv/bin/python -m bench.kernels_native --tokens 8192 --hidden 576 --out test-output/n.json
@@ -7,8 +7,9 @@ Two measurements, one thread per process (``bench.kernels`` runs them for ``--na
 
 * ``codec``: one process; for every scheme and size, ``quantize_pack`` (one rank's fp32 partial
   -> payload) and ``unpack_dequant_sum`` (``--tp`` payloads -> fp32 sum) on ``native``
-  (``kernels.native_cpu``), ``compiled`` (``kernels.fused_cpu``) and ``reference`` (eager), the
-  paths alternating within each repeat so load from other processes hits all alike. Per path and
+  (``kernels.native_cpu``) and ``reference`` (eager; results written before the torch.compile path
+  was removed also have ``compiled``), the paths alternating within each repeat so load from other
+  processes hits all alike. Per path and
   op: the median time, GB/s (bytes read + written / time) and ``of_copy``: that over the GB/s of
   a plain copy of the same [tokens, hidden] tensor in bf16, measured in the same repeat.
   ``bit_identical``: the path's payload and sum equal the reference's.
@@ -39,7 +40,7 @@ from bench import kernels as bench_kernels
 from bench._meta import start_load
 from bench.kernels import codec_case, site_inputs, spawn_ranks
 
-PATHS = ("native", "compiled", "reference")
+PATHS = ("native", "reference")
 DEFAULT_SCHEMES = ["int4-static-top1/64", "int4-group32-top1/64", "int8-token", "int3a-token"]
 DEFAULT_REDUCE = ["int4-static-top1/64", "int4-static-top1/64@twoshot+int4-token",
                   "int4-static-top1/64@twoshot+int8-token"]
@@ -49,9 +50,6 @@ def codec_fns(path: str):
     """(quantize_pack, unpack_dequant_sum) of a path."""
     if path == "native":
         from kernels import native_cpu as m
-        return m.quantize_pack, m.unpack_dequant_sum
-    if path == "compiled":
-        from kernels import fused_cpu as m
         return m.quantize_pack, m.unpack_dequant_sum
     from kernels import reference as r
     return r.quantize_pack_ref, r.unpack_dequant_sum_ref
@@ -125,7 +123,7 @@ def reduce_step(path: str, text: str, tokens: int, hidden: int, tp: int, rank: i
     scheme = parse_scheme(text)
     quant, idx, xs, ranges = site_inputs(text, tokens, hidden, tp)
     idx = torch.empty(0, dtype=torch.long) if idx is None else idx
-    static = quant.granularity == "static"
+    static = not quant.dynamic
     mins = torch.stack([r[0] for r in ranges]) if static else None
     maxs = torch.stack([r[1] for r in ranges]) if static else None
     if scheme.algo == "gather":
@@ -217,7 +215,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--reduce-schemes", nargs="+", default=DEFAULT_REDUCE)
     ap.add_argument("--reduce-sizes", nargs="+", default=[(8192, 576)], type=lambda s: tuple(map(int, s.split("x"))),
                     help="TOKENSxHIDDEN sizes of the tp-rank reduce")
-    ap.add_argument("--reduce-paths", nargs="+", choices=PATHS, default=["native", "compiled"])
+    ap.add_argument("--reduce-paths", nargs="+", choices=PATHS, default=["native", "reference"])
 
 
 def markdown(result: dict) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 from bench._meta import finish_meta, start_meta, path as meta_path
 from lowbit.analysis import (outlier_count, overlap_between_batches, overlap_between_layers, overlap_between_ranks,
                              random_jaccard)
-from lowbit.method.calibrate import Calibration
+from lowbit.calibration import Calibration
 from lowbit.site import ROW_PARALLEL_MODULES
 
 PAPER_K = Fraction(1, 64)  # the paper keeps hidden/64 features in BF16

@@ -28,6 +28,7 @@ import torch
 
 from bench._meta import end_load, finish_meta, start_load, start_meta
 from launch.client import submit_and_watch
+from launch.kinds import codec as kind_codec
 from lowbit.method.evaluate import REFERENCE, task_hits, task_logliks
 from lowbit.model.data import load_task
 from lowbit.model.models import load_model
@@ -86,7 +87,7 @@ def per_item(timing: dict) -> float:
 
 def run_evaluate(args, legacy: bool) -> tuple[str, dict, dict]:
     """(run id, result, load around it) of one evaluate job on the bench's items."""
-    params = dict(seq_len=args.seq_len, layer_error=False, legacy_scoring=legacy, fused_kernels=args.fused_kernels)
+    params = dict(seq_len=args.seq_len, layer_error=False, legacy_scoring=legacy, codec=args.codec)
     spec = dict(kind="evaluate", model=args.model, tp=args.tp, backend="auto", calib_data="wikipedia",
                 calib_tokens=args.calib_tokens, calib_from=args.calib_from, eval_data="wikipedia",
                 eval_tokens=args.seq_len, schemes=args.schemes.split(","), tasks=args.tasks.split(","),
@@ -111,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--calib-from", default=None, help="a calibrate run (needed by schemes with static scales)")
     parser.add_argument("--skip-legacy", action="store_true", help="time the packed scorer and the floor only")
-    parser.add_argument("--fused-kernels", action="store_true",
-                        help="the kernels (kernels.dispatch) inside the communicators of both jobs: the same numbers")
+    parser.add_argument("--codec", choices=kind_codec.CODECS, default="kernels",
+                        help="kernels: kernels.dispatch inside the communicators (the same numbers, less time); "
+                             "reference: lowbit's torch path")
     parser.add_argument("--out", default="bench/results/scoring.json")
     args = parser.parse_args(argv)
     meta = start_meta("bench.scoring", sys.argv[1:] if argv is None else list(argv))
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["speedup_vs_legacy"] = figures["legacy"] / figures["packed"]
     figures["packed_over_floor"] = figures["packed"] / floor
     out = dict(meta=finish_meta(meta), model=args.model, tp=args.tp, tasks=tasks, items_per_task=args.items,
-               codec="kernels.dispatch" if args.fused_kernels else "lowbit.wire.payload",
+               codec="kernels.dispatch" if args.codec == "kernels" else "lowbit.wire.payload",
                schemes=[REFERENCE, *args.schemes.split(",")], cpu_count=os.cpu_count(), figures=figures, parts=parts,
                date=time.strftime("%Y-%m-%d"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

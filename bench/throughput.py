@@ -12,7 +12,6 @@ communication share is measured per rank from the communicator's own per-call wa
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import platform
 import statistics
@@ -22,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from launch.kinds import codec as kind_codec
 from bench._meta import command as meta_command, end_load, start_load
 from launch.kinds.method import plan as scheme_plan
+from launch.kinds.method import progress as job_progress
 from launch.kinds.throughput import DEFAULTS, check_params  # noqa: F401 - the kind owns its params
 from launch.layout import calibration_folder, calibration_params
 from lowbit.method.calibrate import load_or_calibrate
@@ -49,8 +50,8 @@ def throughput_job(ctx) -> dict | None:
         calibration = load_or_calibrate(tp, group, calibration_params(spec),
                                         calibration_folder(spec, ctx.paths.run_id, ctx.paths.root))
     ids = token_chunks(tp.tokenizer, spec.eval_data, "eval", p["batch"], p["prompt_tokens"])
-    codec = importlib.import_module("kernels.dispatch") if p["codec"] == "kernels" else None
-    comms = {s: make_communicator(group, plan[s], calibration, codec) for s in schemes}
+    codec_label, codec = kind_codec.make(kind_codec.codec_name(p, "kernels"))
+    comms = {s: make_communicator(group, plan[s], calibration, codec, job_progress(ctx)) for s in schemes}
     timings = {s: dict(prefill=[], decode=[], prefill_comm=[], decode_comm=[]) for s in schemes}
     total = p["rounds"] * len(schemes)
     step = 0
@@ -95,7 +96,7 @@ def throughput_job(ctx) -> dict | None:
         r["decode_speedup"] = (r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
                                if r["decode_tokens_per_s"] and base["decode_tokens_per_s"] else None)
     return dict(model=spec.model, tp=group.world_size, link=spec.link, rounds=p["rounds"], records=records,
-                codec="kernels.dispatch" if codec else "lowbit.wire.payload", gates=getattr(ctx, "gates", None))
+                codec=codec_label, codec_paths={s: c.paths.by_site() for s, c in comms.items()}, gates=getattr(ctx, "gates", None))
 
 
 def markdown(result: dict) -> str:
@@ -119,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=DEFAULTS["prompt_tokens"])
     parser.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"])
     parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
-    parser.add_argument("--codec", choices=["kernels", "lowbit"], default=DEFAULTS["codec"],
-                        help="kernels.dispatch inside the communicators (default) or lowbit's eager torch path")
+    parser.add_argument("--codec", choices=kind_codec.CODECS, default=DEFAULTS["codec"],
+                        help="kernels: kernels.dispatch inside the communicators (default); reference: lowbit's torch path")
     parser.add_argument("--calib-from", default=None)
     parser.add_argument("--out", default="bench/results/throughput.json")
     args = parser.parse_args(argv)

@@ -1,30 +1,31 @@
-"""One entry point per kernel; picks the implementation for the device and bit width.
+"""One entry point per kernel, and the codec a communicator runs: the registry picks the implementation.
 
     PYTHONPATH=. python -c "import torch; from kernels import dispatch; from lowbit.scheme import QuantSpec; \\
-        print(dispatch.backend(torch.device('cpu'), 4), dispatch.quantize_pack(torch.randn(3, 64), QuantSpec(4, True, 'token')).shape)"
+        q = QuantSpec(4, True, 'token'); print(dispatch.backend('cpu', q), dispatch.quantize_pack(torch.randn(3, 64), q).shape)"
 
-``LOWBIT_KERNELS`` (environment, read on every call):
+``LOWBIT_KERNELS`` (environment, read on every call) names the backend wanted; the registry
+(``kernels.registry``) says whether it implements the message's spec (code, grouping, widths,
+scale format, rounding), and where it does not, lowbit's torch reference runs (the definition):
 
 =============  ====================================================================================
-``auto``       default. CUDA: Triton kernels (``kernels.triton_quant``) for 2/4/8-bit codes, the
-               eager torch reference for 3/5/6-bit codes. CPU: the numba kernels
-               (``kernels.native_cpu``) for every size and width: they take less CPU time than
-               both torch paths at every size measured (docs/kernels.md, "kernels-native-summary",
-               with the one small op where the reference is ahead: host-side checks dominate
-               both, not worth a size rule). Where numba does not import (one warning), the
-               previous rule: the compiled torch path (``kernels.fused_cpu``) for messages of at
-               least ``FUSED_MIN_VALUES`` values, the eager reference below that (a compiled call
-               costs more fixed overhead than the eager ops save on small messages:
-               docs/history.md, "kernels-cpu"), and the eager reference for good where
-               torch.compile cannot run (one warning).
-``triton``     Triton kernels; an error off CUDA. 3/5/6 bits still go to the torch path.
+``auto``       default. CUDA: the Triton kernels (``kernels.triton_quant``). CPU: the numba kernels
+               (``kernels.native_cpu``) at every size: they take less CPU time than both torch
+               paths (the reference and the torch.compile path, since removed) at every size
+               measured (docs/kernels.md, "kernels-native-summary").
+``triton``     Triton kernels; an error off CUDA.
 ``interpret``  Triton kernels under the Triton interpreter on CPU tensors (tests). Sets
                ``TRITON_INTERPRET=1`` for the rest of the process (``import_interpreted``);
                an error if they were already imported compiled in this process.
-``compiled``   ``kernels.fused_cpu`` (any device torch.compile supports).
-``native``     ``kernels.native_cpu`` (numba, CPU tensors, every width); an error off CPU.
-``reference``  ``kernels.reference``, eager torch.
+``native``     ``kernels.native_cpu`` (numba, CPU tensors); an error off CPU.
+``reference``  ``kernels.reference``: lowbit's own torch path behind the kernels' checks.
 =============  ====================================================================================
+
+Nothing switches silently. In ``auto`` a native kernel that fails on good input (numba missing,
+or unable to compile for this CPU) is an error when ``LOWBIT_KERNELS_STRICT`` is set (the test
+suite sets it: ``tests/conftest.py``); otherwise the call runs the reference, the process keeps
+the reference from then on, a warning says why, and a ``Codec`` reports the path each call took,
+so a communicator records it per site and emits an event when a site's path changes
+(``lowbit.comm.collectives``; the job layer writes it to the run's events, the Runs page shows it).
 
 Every path returns the same bytes (payloads) and values (sums) as the reference, raises the
 same TypeError / ValueError for bad input (checked before any kernel runs), and returns an
@@ -41,17 +42,23 @@ import warnings
 import torch
 
 from kernels import reference as ref
+from kernels import registry
+from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import QuantSpec
 
-BACKENDS = ("auto", "triton", "interpret", "compiled", "reference", "native")
-FUSED_MIN_VALUES = 1 << 16  # tokens x hidden; see the table above
+BACKENDS = ("auto", "triton", "interpret", "native", "reference")
 ENV = "LOWBIT_KERNELS"
-_compile_broken: str | None = None  # why torch.compile failed here, once it has
+STRICT_ENV = "LOWBIT_KERNELS_STRICT"  # set: a native kernel's failure in auto mode raises instead of falling back
+REFERENCE = "reference"
 # A Codec's backend while one of its calls runs in this thread (else LOWBIT_KERNELS). Per thread:
 # the threaded test ranks call one Codec at the same time.
 _forced = threading.local()
-_native_broken: str | None = None  # why kernels.native_cpu (numba) did not import here, once it has
+_native_broken: str | None = None  # why kernels.native_cpu failed in this process, once it has
+
+
+class KernelFailure(RuntimeError):
+    """A native kernel failed on good input while ``LOWBIT_KERNELS_STRICT`` forbids falling back."""
 
 
 def mode() -> str:
@@ -64,47 +71,65 @@ def mode() -> str:
     return value
 
 
-def backend(device: torch.device | str, bits: int, values: int | None = None) -> str:
-    """The implementation that runs for a message of ``values`` (tokens x hidden; None: a large
-    one) on ``device`` with ``bits``-bit codes: ``triton``, ``interpret``, ``compiled``,
-    ``native`` or ``reference``."""
+def strict() -> bool:
+    """Must a native kernel's failure in ``auto`` mode raise (``LOWBIT_KERNELS_STRICT``)?"""
+    return os.environ.get(STRICT_ENV, "").strip() not in ("", "0")
+
+
+def wanted(device: torch.device | str) -> str:
+    """The backend the mode asks for on ``device`` (before asking whether it implements a spec)."""
     device = torch.device(device)
     chosen = mode()
-    triton_bits = bits in ref.WHOLE_BYTE_BITS
     if chosen == "auto":
         if device.type == "cuda":
-            return "triton" if triton_bits else "reference"
-        if native_available():
-            return "native"
-        small = values is not None and values < FUSED_MIN_VALUES
-        return "reference" if _compile_broken or small else "compiled"
-    if chosen == "triton":
-        if device.type != "cuda":
-            raise ValueError(f"{ENV}=triton needs CUDA tensors, got {device.type}; use interpret on CPU")
-        return "triton" if triton_bits else "reference"
-    if chosen == "interpret":
-        if device.type != "cpu":
-            raise ValueError(f"{ENV}=interpret runs the Triton interpreter on CPU tensors, got {device.type}")
-        return "interpret" if triton_bits else "reference"
+            return "triton"
+        return "native" if native_available() else REFERENCE
+    if chosen == "triton" and device.type != "cuda":
+        raise ValueError(f"{ENV}=triton needs CUDA tensors, got {device.type}; use interpret on CPU")
+    if chosen == "interpret" and device.type != "cpu":
+        raise ValueError(f"{ENV}=interpret runs the Triton interpreter on CPU tensors, got {device.type}")
     if chosen == "native" and device.type != "cpu":
         raise ValueError(f"{ENV}=native runs on CPU tensors, got {device.type}")
     return chosen
 
 
+def backend(device: torch.device | str, quant: QuantSpec, *more: QuantSpec) -> str:
+    """The implementation that runs ``quant`` (and every spec of ``more``, e.g. a two-shot second
+    leg) on ``device``: the wanted backend when the registry says it implements them all, else the
+    reference."""
+    which = wanted(device)
+    if all(registry.implementation(q, which) is not None for q in (quant, *more)):
+        return which
+    return REFERENCE
+
+
 def native_available() -> bool:
-    """Does ``kernels.native_cpu`` import (numba installed)? Tried once; a failure warns once and
-    ``auto`` keeps the torch paths from then on."""
-    global _native_broken
+    """Does ``kernels.native_cpu`` import (numba installed)? Tried once; a failure is a
+    ``KernelFailure`` under ``LOWBIT_KERNELS_STRICT``, else one warning and the reference from then on."""
     if _native_broken is not None:
         return False
     try:
         importlib.import_module("kernels.native_cpu")
         return True
     except ImportError as exc:
-        _native_broken = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"kernels: the numba CPU kernels do not import here ({_native_broken[:300]}); "
-                      "using the torch paths (pip install numba)", RuntimeWarning, stacklevel=3)
+        _native_failed(exc, "do not import")
         return False
+
+
+def native_failure() -> str | None:
+    """Why the native kernels stopped running in this process (None: they did not)."""
+    return _native_broken
+
+
+def _native_failed(exc: Exception, what: str = "failed") -> None:
+    global _native_broken
+    reason = f"{type(exc).__name__}: {exc}"
+    if strict():
+        raise KernelFailure(f"kernels: the numba CPU kernels {what} here ({reason[:300]}); {STRICT_ENV} is set, "
+                            "so auto does not fall back to the reference") from exc
+    _native_broken = reason
+    warnings.warn(f"kernels: the numba CPU kernels {what} here ({reason[:300]}); auto runs the torch reference "
+                  "from now on (each call reports the path it took)", RuntimeWarning, stacklevel=4)
 
 
 def triton_module(interpret: bool):
@@ -146,51 +171,30 @@ def import_interpreted(name: str = _TRITON_MODULE, reload: bool = False):
     return importlib.reload(module) if module is not None else importlib.import_module(name)
 
 
-def _module(device, bits: int, values: int | None):
-    which = backend(device, bits, values)
+def _module(which: str):
     if which in ("triton", "interpret"):
-        return which, triton_module(which == "interpret")
-    if which == "compiled":
-        from kernels import fused_cpu
-        return which, fused_cpu
-    if which == "native":
-        return which, importlib.import_module("kernels.native_cpu")
-    return which, None
+        return triton_module(which == "interpret")
+    return importlib.import_module(registry.module(which))
 
 
-def _native_failed(exc: Exception) -> None:
-    """A native kernel failed on good input (numba cannot compile for this CPU, a broken install):
-    ``auto`` takes the torch rule from now on, with one warning."""
-    global _native_broken
-    _native_broken = f"{type(exc).__name__}: {exc}"
-    warnings.warn(f"kernels: the numba CPU kernels failed here ({_native_broken[:300]}); "
-                  "using the torch paths from now on", RuntimeWarning, stacklevel=4)
-
-
-def _run(name: str, device, bits: int, values: int, args, kwargs):
-    global _compile_broken
-    which, module = _module(device, bits, values)
-    if module is None:
-        return getattr(ref, f"{name}_ref")(*args, **kwargs)
-    if which == "native" and mode() == "auto":
-        try:
-            return getattr(module, name)(*args, **kwargs)
-        except (TypeError, ValueError):
-            raise  # bad input: the reference's errors, raised before any kernel runs
-        except Exception as exc:
-            _native_failed(exc)
-            return _run(name, device, bits, values, args, kwargs)
-    if which != "compiled" or mode() == "compiled":
-        return getattr(module, name)(*args, **kwargs)
+def _run(name: str, which: str, args, kwargs):
+    """(result, the backend that ran): ``name`` of ``which``; a native failure in ``auto`` falls
+    back to the reference (or raises under ``LOWBIT_KERNELS_STRICT``)."""
+    module = _module(which)
+    if which != "native" or mode() != "auto":
+        return getattr(module, name)(*args, **kwargs), which
     try:
-        return getattr(module, name)(*args, **kwargs)
+        return getattr(module, name)(*args, **kwargs), which
     except (TypeError, ValueError):
-        raise  # bad input: the same errors as the reference, raised before compiling
-    except Exception as exc:  # no C++ compiler, an inductor bug: keep running, eagerly
-        _compile_broken = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"kernels: torch.compile failed here ({_compile_broken[:300]}); "
-                      "using the eager torch reference from now on", RuntimeWarning, stacklevel=3)
-        return getattr(ref, f"{name}_ref")(*args, **kwargs)
+        raise  # bad input: the reference's errors, raised before any kernel runs
+    except Exception as exc:  # noqa: BLE001 - numba cannot compile for this CPU, a broken install: recorded
+        _native_failed(exc)
+        return getattr(ref, name)(*args, **kwargs), REFERENCE
+
+
+def _quantize_pack(x, quant, outlier_idx=None, static_min=None, static_max=None):
+    ref.check_input(x, quant)
+    return _run("quantize_pack", backend(x.device, quant), (x, quant, outlier_idx, static_min, static_max), {})
 
 
 def quantize_pack(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, static_min=None,
@@ -199,30 +203,36 @@ def quantize_pack(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, static_mi
 
     ``outlier_idx``: features sent in BF16 (same on every rank); ``static_min``/``static_max``
     [H]: this rank's calibrated range (static granularity only)."""
+    return _quantize_pack(x, quant, outlier_idx, static_min, static_max)[0]
+
+
+def _quantize_pack_counts(x, quant, outlier_idx=None, static_min=None, static_max=None):
     ref.check_input(x, quant)
-    return _run("quantize_pack", x.device, quant.bits, x.numel(), (x, quant, outlier_idx, static_min, static_max), {})
+    which = backend(x.device, quant)
+    args = (x, quant, outlier_idx, static_min, static_max)
+    if registry.implementation(quant, which).counts:  # it counts in its own pass over x
+        (payload, counts), ran = _run("quantize_pack_counts", which, args, {})
+        return payload, counts, ran
+    payload, ran = _run("quantize_pack", which, args, {})
+    idx = None if outlier_idx is None else torch.as_tensor(outlier_idx).reshape(-1).to(x.device)
+    counts = input_counts(x, quant, static_min, static_max, idx)
+    return payload, {"clamped": counts["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}, ran
 
 
 def quantize_pack_counts(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None):
     """(payload, {"clamped", "nonfinite"}): ``quantize_pack`` plus the counts a communicator records
     (``lowbit.quant.input_counts``' clamped, excluding the outlier features; nonfinite over all of
-    x). The native kernels count in their own pass over x; the torch paths count with lowbit."""
-    ref.check_input(x, quant)
-    if backend(x.device, quant.bits, x.numel()) == "native":
-        try:
-            return importlib.import_module("kernels.native_cpu").quantize_pack_counts(x, quant, outlier_idx,
-                                                                                     static_min, static_max)
-        except (TypeError, ValueError):
-            raise
-        except Exception as exc:
-            if mode() != "auto":
-                raise
-            _native_failed(exc)
-    from lowbit.quant import input_counts
-    payload = quantize_pack(x, quant, outlier_idx, static_min, static_max)
-    idx = None if outlier_idx is None else torch.as_tensor(outlier_idx).reshape(-1).to(x.device)
-    counts = input_counts(x, quant, static_min, static_max, idx)
-    return payload, {"clamped": counts["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}
+    x). The native kernels count in their own pass over x; the other paths count with lowbit."""
+    payload, counts, _ = _quantize_pack_counts(x, quant, outlier_idx, static_min, static_max)
+    return payload, counts
+
+
+def _unpack_dequant_sum(payloads, tokens, hidden, quant, outlier_idx=None, static_mins=None, static_maxs=None,
+                        out_dtype=torch.float32):
+    _check_payloads(payloads)
+    _check_spec(quant)
+    return _run("unpack_dequant_sum", backend(payloads.device, quant),
+                (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs), {"out_dtype": out_dtype})
 
 
 def unpack_dequant_sum(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
@@ -231,26 +241,24 @@ def unpack_dequant_sum(payloads: torch.Tensor, tokens: int, hidden: int, quant: 
 
     ``payloads`` [tp, nbytes] uint8 (the all-gather result); ``static_mins``/``maxs`` [tp, H]:
     each sender's calibrated range (static granularity only)."""
-    _check_payloads(payloads)
-    bits = quant.bits if isinstance(quant, QuantSpec) else 8
-    return _run("unpack_dequant_sum", payloads.device, bits, _values(tokens, hidden),
-                (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs), {"out_dtype": out_dtype})
+    return _unpack_dequant_sum(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, out_dtype)[0]
 
 
 def unpack_dequant_sum_requant(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec, outlier_idx,
                                static_mins, static_maxs, second: QuantSpec) -> torch.Tensor:
     """Two-shot: sum the leg-1 payloads of this rank's chunk [T, H], requantize the fp32 sum with
-    the dynamic ``second`` spec and the same outlier features; returns the leg-2 payload."""
+    the dynamic ``second`` spec and the same outlier features; returns the leg-2 payload. One
+    backend runs both legs: one that implements both specs, else the reference."""
     _check_payloads(payloads)
+    _check_spec(quant)
     ref.check_second(second)
-    whole = isinstance(quant, QuantSpec) and {quant.bits, second.bits} <= set(ref.WHOLE_BYTE_BITS)
-    bits = quant.bits if whole else 3  # either leg straddles bytes: the torch path for both
-    return _run("unpack_dequant_sum_requant", payloads.device, bits, _values(tokens, hidden),
-                (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, second), {})
+    return _run("unpack_dequant_sum_requant", backend(payloads.device, quant, second),
+                (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, second), {})[0]
 
 
-def _values(tokens, hidden) -> int | None:
-    return tokens * hidden if isinstance(tokens, int) and isinstance(hidden, int) else None
+def _check_spec(quant) -> None:
+    if not isinstance(quant, QuantSpec):
+        raise TypeError(f"quant must be a QuantSpec, got {type(quant).__name__}")
 
 
 def _check_payloads(payloads) -> None:
@@ -260,40 +268,34 @@ def _check_payloads(payloads) -> None:
 
 
 def block_hadamard(x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
-    """The block Walsh-Hadamard rotation, chosen like the codes: the Triton kernel
-    (``kernels.hadamard``) on CUDA or under ``interpret``, lowbit's torch reference elsewhere (the
-    compiled CPU path has no rotation of its own). Communicators given this module as their codec
-    rotate through it."""
-    if backend(x.device, 8) in ("triton", "interpret"):
-        module = import_interpreted("kernels.hadamard") if mode() == "interpret" else \
-            importlib.import_module("kernels.hadamard")
+    """The block Walsh-Hadamard rotation: the Triton kernel (``kernels.hadamard``) where the wanted
+    backend has one (``registry.ROTATIONS``: CUDA, or ``interpret``), lowbit's torch reference
+    elsewhere. Communicators given a ``Codec`` rotate through it."""
+    which = wanted(x.device)
+    if which in registry.ROTATIONS:
+        name = registry.ROTATIONS[which]
+        module = import_interpreted(name) if which == "interpret" else importlib.import_module(name)
         return module.block_hadamard(x, block, inverse)
     return unrotate(x, block) if inverse else rotate(x, block)
 
 
-def compile_works() -> bool:
-    """Can the compiled CPU path run here (``kernels.fused_cpu`` imports and torch.compile has
-    not failed in this process)?"""
-    if _compile_broken is not None:
-        return False
-    try:
-        from kernels import fused_cpu  # noqa: F401 - torch.compile machinery: imported only when asked
-    except ImportError:
-        return False
-    return True
-
-
 class Codec:
-    """This dispatcher with one backend forced, as a codec object for ``QuantCommunicator`` (the
-    benchmarks compare backends in one process): ``Codec("reference").quantize_pack(...)``."""
+    """The kernels as a communicator's codec (``lowbit.comm.collectives.Codec``): ``path`` says which
+    implementation a message would take, ``encode`` / ``decode_sum`` run it and say which one did.
 
-    def __init__(self, backend_name: str):
-        if backend_name not in BACKENDS:
+    ``Codec()`` follows ``LOWBIT_KERNELS``; ``Codec("reference")`` etc. force one backend (the
+    benchmarks compare backends in one process) and also offer the module's entry points under
+    that backend (``Codec("native").quantize_pack(...)``)."""
+
+    def __init__(self, backend_name: str | None = None):
+        if backend_name is not None and backend_name not in BACKENDS:
             raise ValueError(f"codec: {backend_name!r} not allowed; allowed: {', '.join(BACKENDS)}")
         self.name = backend_name
-        self.__name__ = f"kernels.dispatch[{backend_name}]"
+        self.__name__ = "kernels.dispatch" if backend_name is None else f"kernels.dispatch[{backend_name}]"
 
     def _forced(self, fn, *args, **kwargs):
+        if self.name is None:
+            return fn(*args, **kwargs)
         previous = getattr(_forced, "name", None)
         _forced.name = self.name
         try:
@@ -301,6 +303,29 @@ class Codec:
         finally:
             _forced.name = previous
 
+    # -- the communicator's protocol -------------------------------------------------------------
+    def path(self, quant: QuantSpec, device) -> str:
+        """The implementation a message quantized with ``quant`` would take (``reference``: none
+        of the kernels implements it; the communicator then runs lowbit's own path)."""
+        return self._forced(backend, device, quant)
+
+    def encode(self, x, quant, outlier_idx, static_min, static_max):
+        """(payload, {"clamped", "nonfinite"}, the backend that ran)."""
+        return self._forced(_quantize_pack_counts, x, quant, outlier_idx, static_min, static_max)
+
+    def decode_sum(self, payloads, tokens, width, quant, outlier_idx, static_mins, static_maxs):
+        """(the fp32 rank-order sum, the backend that ran)."""
+        return self._forced(_unpack_dequant_sum, payloads, tokens, width, quant, outlier_idx, static_mins,
+                            static_maxs)
+
+    def rotate(self, x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
+        return self._forced(block_hadamard, x, block, inverse)
+
+    def failure(self) -> str | None:
+        """Why the native kernels stopped running in this process (None: they did not)."""
+        return native_failure()
+
+    # -- the entry points under this codec's backend (benchmarks) --------------------------------
     def quantize_pack(self, *args, **kwargs):
         return self._forced(quantize_pack, *args, **kwargs)
 

@@ -11,7 +11,7 @@ equal): every uniform-grid scheme (2/3/4/5/6/8 bits, symmetric or asymmetric, st
 group scales, BF16 outlier columns at fixed indices). The per-element math is the reference's, in
 fp32 and in its order: NaN -> 0.0, IEEE division by the (zero-safe) scale, ``rint`` (round half to
 even), clamp to the code range, the zero code where the scale is 0; the dynamic scales use
-``lowbit.quant._round_toward``'s bf16 bit arithmetic (lo toward -inf, then the scale toward +inf);
+``lowbit.scales.formats.BF16``'s bf16 bit arithmetic (lo toward -inf, then the scale toward +inf);
 dequantize is ``q * scale`` then ``+ lo`` (two roundings), saturated to the finite fp32 range, and
 summed from 0.0 in rank order. The kernels are compiled without ``fastmath`` (LLVM then never
 contracts ``a * b + c`` into an FMA nor reorders a sum) and with ``error_model="numpy"`` (no
@@ -58,7 +58,6 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from kernels import reference as ref
-from lowbit.quant import qrange, scale_constant
 from lowbit.scheme import QuantSpec
 
 _OPTS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
@@ -86,7 +85,7 @@ def _float(typingctx, bits):
 
 @njit(inline='always', **_OPTS)
 def _round_toward_bf16(t, up):
-    """``lowbit.quant._round_toward(t, bfloat16, up)`` for one fp32 value."""
+    """``lowbit.scales.formats.BF16().round(t, up)`` for one fp32 value."""
     if t == 0:
         return t
     mag = np.int64(_bits(abs(t)))
@@ -410,9 +409,9 @@ def _feature_tables(feats: ref.Features, hidden: int):
 
 @functools.lru_cache(maxsize=256)
 def _spec_args(quant: QuantSpec):
-    qmin, qmax = qrange(quant.bits, quant.symmetric)
+    qmin, qmax = quant.code.qrange
     return (_GRAN[quant.granularity], quant.group_size or 0, bool(quant.symmetric), int(quant.bits),
-            np.float32(qmin), np.float32(qmax), np.float32(scale_constant(quant.bits, quant.symmetric)),
+            np.float32(qmin), np.float32(qmax), np.float32(quant.code.scale_constant),
             quant.scale_dtype == torch.bfloat16)
 
 
@@ -436,7 +435,7 @@ def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None,
     """(payload, {"clamped", "nonfinite"}): ``quantize_pack``'s bytes and, from the same pass over x,
     the counts the communicator records (``lowbit.quant.input_counts``' ``clamped``: kept finite
     values beyond the static range; ``nonfinite``: non-finite values of all of x)."""
-    feats, _, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
+    feats, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     _check_cpu(x)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.uint8), {"clamped": 0, "nonfinite": 0}
@@ -445,7 +444,7 @@ def quantize_pack_counts(x, quant: QuantSpec, outlier_idx=None, static_min=None,
     payload = torch.empty(lay.total_bytes, dtype=torch.uint8)
     bits_np, shift = _bits_view(x)
     gran, group, sym, bits, qmin, qmax, c, bf16 = _spec_args(quant)
-    count_clamped = _count and quant.granularity == "static"
+    count_clamped = _count and not quant.dynamic
     clamp_lo = clamp_hi = _NO_BOUND
     if count_clamped:  # lowbit.quant._outside_static_range in fp32: |x| > max(|lo|, |hi|) is x outside +-bound
         lo32, hi32 = (torch.as_tensor(t).to(torch.float32).reshape(-1).numpy() for t in (static_min, static_max))
@@ -472,7 +471,7 @@ def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static
 def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None, static_mins=None,
                        static_maxs=None, out_dtype=torch.float32) -> torch.Tensor:
     """[T, H] in ``out_dtype``; the values of ``reference.unpack_dequant_sum_ref``."""
-    feats, _, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins,
+    feats, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins,
                                                      static_maxs)
     ref.check_out_dtype(out_dtype)
     _check_cpu(payloads)

@@ -1,29 +1,20 @@
-"""Torch reference of each fused kernel: the bytes and values every other path must reproduce.
+"""The kernels' common host side and their torch reference: the bytes and values every kernel must
+reproduce, taken straight from the definition.
 
     PYTHONPATH=. python -c "import torch; from kernels.reference import quantize_pack_ref; \\
         from lowbit.scheme import QuantSpec; print(quantize_pack_ref(torch.randn(3, 64), QuantSpec(4, True, 'token')))"
 
-The semantics are those of ``lowbit.wire.payload.encode`` / ``decode`` (the one owner of the byte
-layout) and ``lowbit.quant`` (the one owner of the rounding rule and of the dynamic-scale
-rounding). This module re-expresses them as straight tensor programs, with no host
-synchronisation (no ``int(tensor)``, no data-dependent shapes), so that
+The reference IS lowbit's torch path: ``quantize_pack_ref`` is ``lowbit.wire.payload.encode`` (the
+one owner of the byte layout, over ``lowbit.quant``'s quantizer) and ``unpack_dequant_sum_ref``
+the fp32 rank-order sum of ``decode``, with the kernels' API and checks in front: the same
+TypeError / ValueError for bad input as every kernel (checked here, before any kernel runs, by
+``check_input`` / ``prepare_*``), and a refusal for what no kernel implements
+(``kernels.registry.refusal``: the nf / fp / lm codes, fp16 / e8m0 / e4m3 scales, stochastic
+rounding). The numba kernels (``kernels.native_cpu``) and the Triton kernels
+(``kernels.triton_quant``) are held byte-equal to it; there is no second torch copy of the codec.
 
-* ``torch.compile`` can fuse each op into a few loops (the CPU production path, see
-  ``kernels.dispatch``), and
-* the Triton kernels (``kernels.triton_quant``) have a step-by-step fp32 recipe to follow.
-
-The tests hold these functions byte-equal to ``payload.encode`` and value-equal to the rank-order
-sum of ``payload.decode``. What is taken from ``lowbit`` rather than restated here: the layout
-offsets (``payload.layout``), the code range (``quant.qrange``), the static scales
-(``quant.static_qparams``), the dynamic scales with their directed bf16 rounding
-(``quant.dynamic_qparams``), the rounding rule (``quant.round_half_even``) and, for 3/5/6-bit
-codes, the bit packer (``quant.pack_bits``/``unpack_bits``). For 2/4/8 bits a byte holds whole
-codes, so packing is ``sum_j code[cpb*n + j] << (bits*j)`` over the flattened code stream (cpb =
-codes per byte): the same little-endian stream as ``pack_bits``, without its 8x bit expansion.
-
-Memory traffic of the eager version at T x H fp32 input (what fusion removes): quantize reads x
-about 6 times and writes ~5 temporaries of T x H fp32; the unpack writes a [tp, T, H] fp32
-dequantized tensor before summing it.
+The host-side helpers shared by the kernels live here too: the kept / outlier feature split
+(``features``), the static scale tables (``static_tables``) and the layout checks.
 """
 from __future__ import annotations
 
@@ -32,15 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.wire.payload import OUTLIER_DTYPE as _OUTLIER_DTYPE, PayloadLayout, layout
-from lowbit.quant import dynamic_qparams, pack_bits, qrange, round_half_even, static_qparams, unpack_bits
-from lowbit.scheme import KERNEL_SCALE_DTYPES, QuantSpec
+from kernels import registry
+from lowbit.quant import static_qparams
+from lowbit.scheme import QuantSpec
+from lowbit.wire.payload import decode, encode, layout
 
 _FP32 = torch.float32
-_FP32_MAX = torch.finfo(torch.float32).max
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = INPUT_DTYPES
-WHOLE_BYTE_BITS = (2, 4, 8)  # widths whose codes never straddle a byte
 
 
 @dataclass(frozen=True)
@@ -112,20 +102,11 @@ def check_input(x: torch.Tensor, quant: QuantSpec) -> None:
 
 
 def check_code(quant: QuantSpec) -> None:
-    """The kernels implement the uniform grid with bf16/fp32 scales only; the nf and fitted lm codebooks, the fp
-    codes and the fp16/e8m0/e4m3 scale formats stay on lowbit.quant's path (treating their codes
-    or scale bytes as the grid's would decode wrong values without an error)."""
-    code = getattr(quant, "code", "int")
-    if code != "int":
-        name = quant.code_text if code == "fp" else code
-        raise ValueError(f"code {name!r}: the kernels implement the uniform int grid only; allowed: int "
-                         "(the nf and fitted lm codebooks and the fp codes fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, "
-                         "fp4e2m1 stay "
-                         "on lowbit.quant's torch path)")
-    scale_dtype = getattr(quant, "scale_dtype", torch.bfloat16)
-    if scale_dtype not in KERNEL_SCALE_DTYPES:
-        raise ValueError(f"scale format {quant.scale_format!r}: the kernels write bf16 or fp32 scales only; "
-                         "allowed: bf16, fp32 (fp16, e8m0 and e4m3 scales stay on lowbit.quant's torch path)")
+    """Refuse what no kernel implements (``kernels.registry``): treating another code's codes or
+    another scale format's bytes as the int grid's would decode wrong values without an error."""
+    reason = registry.refusal(quant, "reference")
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def check_out_dtype(out_dtype) -> None:
@@ -138,13 +119,6 @@ def check_second(second) -> None:
     if not isinstance(second, QuantSpec) or not second.dynamic:
         raise ValueError(f"second must be a dynamic QuantSpec (token or group), got {second!r}")
     check_code(second)
-
-
-def inverse_order(feats: Features) -> torch.Tensor:
-    """int64 [H]: column h of ``cat([kept columns, outlier columns], 1)`` holding feature h."""
-    kept = feats.keep.numel()
-    cm = feats.colmap.to(torch.int64)
-    return torch.where(cm >= 0, cm, kept - 1 - cm)
 
 
 def static_tables(quant: QuantSpec, static_min, static_max, hidden: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,128 +139,20 @@ def static_tables(quant: QuantSpec, static_min, static_max, hidden: int, device)
     return scales.contiguous(), mins.to(_FP32).contiguous()
 
 
-def _group_of_kept(quant: QuantSpec, feats: Features, hidden: int) -> torch.Tensor:
-    """Index into a row's dynamic scales [n_groups] for each kept feature."""
-    if quant.granularity != "group":
-        return torch.zeros_like(feats.keep)
-    return feats.keep // quant.group_size
-
-
-def _pack_whole_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (any shape, < 2**bits) -> the ``pack_bits`` stream, for bits in 2/4/8."""
-    flat = codes.reshape(-1)
-    if bits == 8:
-        return flat
-    cpb = 8 // bits
-    pad = (-flat.numel()) % cpb
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=flat.device)
-    return (flat.reshape(-1, cpb).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
-
-
-def _unpack_whole_bytes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of ``_pack_whole_bytes`` over the last dim of ``packed`` [..., nbytes]."""
-    if bits == 8:
-        return packed[..., :count]
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
-    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :count]
-
-
-def _quantize_pack_core(x, keep, outliers, group_of_kept, scales_static, mins_static, quant: QuantSpec,
-                        lay: PayloadLayout) -> torch.Tensor:
-    """Tensor-only body of ``quantize_pack_ref`` (what ``torch.compile`` sees)."""
-    tokens, hidden = x.shape
-    x32 = x.to(_FP32)
-    x_in = torch.where(torch.isnan(x32), 0.0, x32)  # NaN quantizes as 0.0; +-Inf clamp
-    qmin, qmax = qrange(quant.bits, quant.symmetric)
-    parts = []
-    if quant.granularity == "static":
-        scale_k, min_k = scales_static[keep], mins_static[keep]  # [K], broadcast over rows
-    else:
-        keep_mask = torch.ones(hidden, dtype=torch.bool, device=x.device)
-        keep_mask[outliers] = False
-        valid = torch.isfinite(x32) & keep_mask
-        width = hidden if quant.granularity == "token" else quant.group_size
-        scales, mins = dynamic_qparams(x_in.reshape(tokens, -1, width), valid.reshape(tokens, -1, width), quant)
-        parts.append(scales.to(quant.scale_dtype).reshape(-1).view(torch.uint8))
-        if not quant.symmetric:
-            parts.append(mins.to(quant.scale_dtype).reshape(-1).view(torch.uint8))
-        scale_k = scales[:, group_of_kept]  # [T, K]
-        min_k = mins[:, group_of_kept] if mins is not None else None
-    xs = x_in[:, keep]
-    zero_scale = scale_k == 0
-    safe_scale = torch.where(zero_scale, 1.0, scale_k)
-    shifted = xs if quant.symmetric else xs - min_k
-    q = torch.clamp(round_half_even(shifted / safe_scale), qmin, qmax)
-    q = torch.where(zero_scale, 0.0, q)
-    codes = (q - qmin).to(torch.uint8)
-    if quant.bits in WHOLE_BYTE_BITS:
-        parts.append(_pack_whole_bytes(codes, quant.bits))
-    else:
-        parts.append(pack_bits(codes, quant.bits))
-    parts.append(x[:, outliers].to(_OUTLIER_DTYPE).reshape(-1).view(torch.uint8))
-    return torch.cat(parts)
-
-
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy at storage offset 0: sections are unaligned, a dtype view needs both."""
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _dequant_sum_core(payloads, keep, outliers, group_of_kept, scales_static, mins_static, quant: QuantSpec,
-                      lay: PayloadLayout, out_dtype: torch.dtype) -> torch.Tensor:
-    """Tensor-only body of ``unpack_dequant_sum_ref``: decode every rank, sum in fp32 in rank order."""
-    tp = payloads.shape[0]
-    tokens, hidden, n_out = lay.tokens, lay.hidden, lay.n_outliers
-    kept = hidden - n_out
-    qmin, _ = qrange(quant.bits, quant.symmetric)
-    packed = payloads[:, lay.codes.offset:lay.codes.end]
-    if quant.bits in WHOLE_BYTE_BITS:
-        codes = _unpack_whole_bytes(packed, quant.bits, tokens * kept)
-    else:
-        codes = torch.stack([unpack_bits(packed[r], quant.bits, tokens * kept) for r in range(tp)])
-    q = codes.reshape(tp, tokens, kept).to(_FP32) + qmin
-    if quant.granularity == "static":
-        scale_k = scales_static[:, keep].unsqueeze(1)  # [tp, 1, K]
-        min_k = mins_static[:, keep].unsqueeze(1)
-    else:
-        n_groups = 1 if quant.granularity == "token" else hidden // quant.group_size
-        def section(sec):
-            raw = _fresh(payloads[:, sec.offset:sec.end]).view(quant.scale_dtype)
-            return raw.to(_FP32).reshape(tp, tokens, n_groups)[:, :, group_of_kept]
-        scale_k = section(lay.scales)
-        min_k = None if quant.symmetric else section(lay.mins)
-    deq = q * scale_k
-    if not quant.symmetric:
-        deq = deq + min_k
-    deq = torch.clamp(deq, -_FP32_MAX, _FP32_MAX)  # dequantize saturates (quant.dequantize)
-    full = torch.empty(tp, tokens, hidden, dtype=_FP32, device=payloads.device)
-    full[:, :, keep] = deq
-    if n_out:
-        out_bytes = _fresh(payloads[:, lay.outliers.offset:lay.outliers.end])
-        full[:, :, outliers] = out_bytes.view(_OUTLIER_DTYPE).reshape(tp, tokens, n_out).to(_FP32)
-    acc = torch.zeros(tokens, hidden, dtype=_FP32, device=payloads.device)
-    for r in range(tp):  # rank order, as the collectives sum
-        acc = acc + full[r]
-    return acc.to(out_dtype)
-
-
 def prepare_quantize(x, quant, outlier_idx, static_min, static_max):
     """Host-side checks and index tables shared by every quantize path.
-    Returns (features, group_of_kept, static scales, static mins, layout)."""
+    Returns (features, static scales, static mins, layout)."""
     check_input(x, quant)
     tokens, hidden = x.shape
     feats = features(hidden, outlier_idx, x.device)
     lay = layout(tokens, hidden, quant, feats.n_outliers)
-    if quant.granularity == "static":
+    if not quant.dynamic:
         scales, mins = static_tables(quant, static_min, static_max, hidden, x.device)
         if scales.dim() != 1:
             raise ValueError(f"static_min/static_max of one rank must be [{hidden}], got {tuple(scales.shape)}")
     else:
         scales = mins = torch.zeros(hidden, dtype=_FP32, device=x.device)
-    return feats, _group_of_kept(quant, feats, hidden), scales, mins, lay
+    return feats, scales, mins, lay
 
 
 def prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs):
@@ -302,21 +168,28 @@ def prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, st
     lay = layout(tokens, hidden, quant, feats.n_outliers)
     if payloads.shape[1] != lay.total_bytes:
         raise ValueError(f"payloads have {payloads.shape[1]} bytes per rank; layout expects {lay.total_bytes}")
-    if quant.granularity == "static":
+    if not quant.dynamic:
         scales, mins = static_tables(quant, static_mins, static_maxs, hidden, payloads.device)
         if scales.shape != (tp, hidden):
             raise ValueError(f"static_mins/static_maxs must be [tp={tp}, {hidden}], got {tuple(scales.shape)}")
     else:
         scales = mins = torch.zeros(tp, hidden, dtype=_FP32, device=payloads.device)
-    return feats, _group_of_kept(quant, feats, hidden), scales, mins, lay
+    return feats, scales, mins, lay
 
 
 def quantize_pack_ref(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None) -> torch.Tensor:
-    """One rank's payload of x [T, H]: the same bytes as ``lowbit.wire.payload.encode(...)[0]``."""
-    feats, gk, scales, mins, lay = prepare_quantize(x, quant, outlier_idx, static_min, static_max)
+    """One rank's payload of x [T, H]: ``lowbit.wire.payload.encode(...)[0]`` behind the kernels' checks."""
+    return quantize_pack_counts_ref(x, quant, outlier_idx, static_min, static_max)[0]
+
+
+def quantize_pack_counts_ref(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None):
+    """(payload, {"clamped", "nonfinite"}): ``encode``'s payload and counts (clamped: kept finite
+    values beyond the static range; nonfinite: all of x) behind the kernels' checks."""
+    feats, _, _, _ = prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.uint8, device=x.device)  # layout of 0 tokens: 0 bytes
-    return _quantize_pack_core(x, feats.keep, feats.outliers, gk, scales, mins, quant, lay)
+        return torch.empty(0, dtype=torch.uint8, device=x.device), {"clamped": 0, "nonfinite": 0}
+    payload, stats = encode(x, quant, feats.outliers if feats.n_outliers else None, static_min, static_max)
+    return payload, {"clamped": stats["clamped"], "nonfinite": stats["nonfinite"]}
 
 
 def unpack_dequant_sum_ref(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
@@ -324,12 +197,16 @@ def unpack_dequant_sum_ref(payloads, tokens: int, hidden: int, quant: QuantSpec,
     """[T, H] in ``out_dtype``: fp32 zeros + decode(payloads[0]) + decode(payloads[1]) + ..., in
     rank order (``lowbit.comm.collectives``' gather sum), then one cast. ``static_mins``/``maxs`` are
     [tp, H], each rank's calibrated range."""
-    feats, gk, scales, mins, lay = prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins,
-                                                  static_maxs)
+    feats, _, _, _ = prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs)
     check_out_dtype(out_dtype)
     if tokens == 0:
         return torch.zeros(0, hidden, dtype=out_dtype, device=payloads.device)
-    return _dequant_sum_core(payloads, feats.keep, feats.outliers, gk, scales, mins, quant, lay, out_dtype)
+    idx = feats.outliers if feats.n_outliers else None
+    acc = torch.zeros(tokens, hidden, dtype=_FP32, device=payloads.device)
+    for r in range(payloads.shape[0]):  # rank order, as the collectives sum
+        acc += decode(payloads[r], tokens, hidden, quant, idx, None if static_mins is None else static_mins[r],
+                      None if static_maxs is None else static_maxs[r])
+    return acc.to(out_dtype)
 
 
 def unpack_dequant_sum_requant_ref(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx,
@@ -339,3 +216,10 @@ def unpack_dequant_sum_requant_ref(payloads, tokens: int, hidden: int, quant: Qu
     check_second(second)
     reduced = unpack_dequant_sum_ref(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs)
     return quantize_pack_ref(reduced, second, outlier_idx)
+
+
+# the registry's entry points (``kernels.registry.KernelBackend``); the ``_ref`` names are the ones tests compare with
+quantize_pack = quantize_pack_ref
+quantize_pack_counts = quantize_pack_counts_ref
+unpack_dequant_sum = unpack_dequant_sum_ref
+unpack_dequant_sum_requant = unpack_dequant_sum_requant_ref

@@ -33,8 +33,9 @@ What each kernel does (one payload per rank, layout owned by ``lowbit.wire.paylo
 Two-shot requantization: ``_dequant_sum_kernel`` into an fp32 chunk, then
 ``_quantize_pack_kernel`` with the second leg's dynamic spec.
 
-Bit widths: 2, 4 and 8 (a byte holds whole codes). 3, 5 and 6-bit codes straddle bytes; they
-stay on the torch path (``kernels.dispatch`` routes them there) and these wrappers raise.
+Bit widths: 2, 4 and 8 (a byte holds whole codes; ``kernels.registry``). 3, 5 and 6-bit codes
+straddle bytes; they stay on the torch path (``kernels.dispatch`` asks the registry) and these
+wrappers raise.
 
 Status: verified byte-equal under the Triton interpreter only; no GPU was available when they
 were written, so compiled-mode runs and the GB/s targets (``bench.kernels``) are still to do.
@@ -53,7 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference as ref
-from lowbit.quant import qrange, scale_constant
+from kernels import registry
 from lowbit.scheme import QuantSpec
 
 _FP32 = torch.float32
@@ -77,7 +78,7 @@ def _round_half_even(v):
 
 @triton.jit
 def _round_toward_bf16(t, UP: tl.constexpr):
-    """lowbit.quant._round_toward(t, bfloat16, up): bf16 rounding toward +inf (UP) or -inf,
+    """lowbit.scales.formats.BF16().round(t, up): bf16 rounding toward +inf (UP) or -inf,
     never to inf, as fp32; zero (either sign) stays as it is."""
     mag = (tl.abs(t).to(tl.int32, bitcast=True)).to(tl.int64)
     if UP:
@@ -311,9 +312,10 @@ def _dequant_sum_kernel(
 # ---------------------------------------------------------------------------------------------
 
 def _check_bits(quant: QuantSpec) -> None:
-    if quant.bits not in ref.WHOLE_BYTE_BITS:
-        raise ValueError(f"the Triton kernels pack 2, 4 and 8-bit codes; {quant.bits}-bit codes straddle "
-                         "bytes and stay on the torch path (kernels.dispatch routes them there)")
+    """The widths the registry lists for these kernels (``kernels.registry``: a byte holds whole codes)."""
+    reason = registry.implementation(quant, "triton") is None and registry.refusal(quant, "triton")
+    if reason:
+        raise ValueError(reason)
 
 
 def _launch_options(device: torch.device) -> dict:
@@ -363,7 +365,7 @@ def _geometry(quant: QuantSpec, hidden: int):
 def _launch_quantize(x, quant, feats, scales, mins, lay, payload, rows_per_program=None):
     tokens, hidden = x.shape
     kept = hidden - feats.n_outliers
-    qmin, qmax = qrange(quant.bits, quant.symmetric)
+    qmin, qmax = quant.code.qrange
     g, ng, ng_pad, g_pad = _geometry(quant, hidden)
     if rows_per_program is None:
         # interpreter: one program for the small test shapes; GPU: a tile of <= 8192 values
@@ -376,7 +378,7 @@ def _launch_quantize(x, quant, feats, scales, mins, lay, payload, rows_per_progr
         _quantize_pack_kernel[grid](
             x_arg, x.stride(0), x.stride(1), feats.colmap, feats.keep, feats.outliers, scales, mins, payload,
             tokens, hidden, kept, feats.n_outliers, lay.mins.offset, lay.codes.offset, lay.outliers.offset,
-            lay.codes.nbytes, scale_constant(quant.bits, quant.symmetric),
+            lay.codes.nbytes, quant.code.scale_constant,
             BITS=quant.bits, QMIN=qmin, QMAX=qmax, SYMMETRIC=quant.symmetric, GRAN=_GRAN[quant.granularity],
             G=g, NG=ng, NG_PAD=ng_pad, G_PAD=g_pad, SCALE_BYTES=quant.scale_dtype.itemsize,
             ROWS=rows_per_program, HALO=halo, BLOCK_B=1024,
@@ -389,7 +391,7 @@ def _launch_quantize(x, quant, feats, scales, mins, lay, payload, rows_per_progr
 def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static_max=None,
                   rows_per_program: int | None = None) -> torch.Tensor:
     """One rank's payload (uint8 [total_bytes]); the bytes of ``reference.quantize_pack_ref``."""
-    feats, _, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
+    feats, scales, mins, lay = ref.prepare_quantize(x, quant, outlier_idx, static_min, static_max)
     _check_bits(quant)
     if rows_per_program is not None and (rows_per_program < 1 or rows_per_program & (rows_per_program - 1)):
         raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
@@ -402,7 +404,7 @@ def quantize_pack(x, quant: QuantSpec, outlier_idx=None, static_min=None, static
 def _launch_dequant(payloads, quant, feats, scales, mins, lay, out, block_t=None, block_h=None):
     tp = payloads.shape[0]
     tokens, hidden = out.shape
-    qmin, _ = qrange(quant.bits, quant.symmetric)
+    qmin, _ = quant.code.qrange
     g, ng, _, _ = _geometry(quant, hidden)
     cpu = payloads.device.type == "cpu"
     block_t = block_t or (8 if cpu else 16)
@@ -427,7 +429,7 @@ def unpack_dequant_sum(payloads, tokens: int, hidden: int, quant: QuantSpec, out
                        block_t: int | None = None, block_h: int | None = None) -> torch.Tensor:
     """[T, H] in ``out_dtype``: the values of ``reference.unpack_dequant_sum_ref``.
     ``block_t`` x ``block_h`` (powers of two): the output tile of one program."""
-    feats, _, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx,
+    feats, scales, mins, lay = ref.prepare_unpack(payloads, tokens, hidden, quant, outlier_idx,
                                                      static_mins, static_maxs)
     ref.check_out_dtype(out_dtype)
     _check_bits(quant)

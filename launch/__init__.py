@@ -7,8 +7,10 @@
 
 Modules: ``spec`` (JobSpec, SpecError), ``registry`` (the job kinds), ``layout`` (run directory
 layout), ``events`` (progress lines), ``index`` (SQLite run index), ``submit`` (spec.json and
-torchrun commands), ``queue`` (scheduler, cancel, recovery), ``procs`` (process groups),
-``worker`` (torchrun entry point), ``kinds`` (tp-check, generate, selftest). CLI: ``python -m launch``.
+torchrun commands), ``torchrun`` (the one torchrun command line), ``queue`` (scheduler, cancel,
+recovery), ``executors`` (where a run runs: ``local`` processes or ``slurm`` batch jobs),
+``failures`` (why a run failed, from torchrun's report), ``procs`` (process groups), ``worker``
+(torchrun entry point), ``kinds`` (tp-check, generate, selftest, ...). CLI: ``python -m launch``.
 """
 from launch.events import EventLog, progress, read_events
 from launch.index import RunIndex

@@ -54,7 +54,8 @@ from pathlib import Path
 from launch.layout import RunPaths
 from launch.procs import lock_held
 from launch.spec import JobSpec, rate_bits
-from launch.submit import job_env, torchrun_args
+from launch.submit import job_env
+from launch.torchrun import master, torchrun_args, worker_program
 
 PREFIX = "lowbit-"
 SUBNET = "10.213.0"          # /24, exists only inside the node namespaces of one cluster
@@ -70,7 +71,7 @@ PEER_GRACE_S = 10.0
 # How often a supervisor reads the state of its links (N + 1 short `ip` calls each time).
 LINK_CHECK_S = 1.0
 # The launcher-log line a supervisor writes for each link fault it sees; the queue's failure
-# text puts these lines first (launch.queue.failure_text).
+# text puts these lines first (launch.failures.failure_text).
 FAULT_PREFIX = "[cluster] link fault: "
 
 
@@ -365,8 +366,8 @@ def _remove_tag_namespaces_only(tag: str) -> None:
 # -- running a job on it ------------------------------------------------------------------------
 def node_torchrun(cluster: Cluster, node: int, spec_path: Path, log_dir: Path | None) -> list[str]:
     """The argument list that starts node ``node``'s torchrun inside its namespace."""
-    rendezvous = ["--master-addr", cluster.master_addr, "--master-port", str(MASTER_PORT)]
-    return cluster.exec_prefix(node) + torchrun_args(cluster.nodes, node, 1, rendezvous, spec_path, log_dir)
+    return cluster.exec_prefix(node) + torchrun_args(worker_program(spec_path), 1, cluster.nodes, node,
+                                                     master(cluster.master_addr, MASTER_PORT), log_dir)
 
 
 def supervisor_command(spec_path: Path) -> list[str]:

@@ -1,11 +1,13 @@
 """The run index: ``runs/index.sqlite``, one row per run, for listing and scheduling.
 
 The run directories hold the truth (spec, events, results); the index says which runs exist,
-their status and timings, and which process group runs them. WAL mode lets the app read while
-the queue writes. Status moves only forward:
+their status and timings, and which process group runs them (a Slurm run's job ids are in its
+folder: ``launch.executors.slurm``). WAL mode lets the app read while the queue writes. Status
+moves only forward:
 
     queued -> running -> done | failed | cancelled | timeout | lost
-    queued -> cancelled
+    queued -> pending -> running -> ...      (Slurm: pending while the job waits in Slurm's queue)
+    queued | pending -> cancelled
 
 ``finish`` changes a row only while it is queued or running, so a finished run is never
 rewritten (a late exit code cannot turn ``cancelled`` into ``failed``).
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from launch.layout import index_path
 
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "pending", "running")
 FINISHED = ("done", "failed", "cancelled", "timeout", "lost")
 STATUSES = ACTIVE + FINISHED
 
@@ -86,11 +88,21 @@ class RunIndex:
                        (run_id, spec["kind"], str(spec["model"]), int(spec["tp"]), status,
                         json.dumps(spec, sort_keys=True), created or time.time()))
 
-    def claim(self, run_id: str) -> bool:
-        """queued -> running (no pid yet); False when someone else changed it first."""
+    def claim(self, run_id: str, status: str = "running") -> bool:
+        """queued -> running (no pid yet), or -> pending (handed to a scheduler, not started:
+        no start time yet); False when someone else changed it first."""
+        if status not in ("running", "pending"):
+            raise ValueError(f"claim: status must be running or pending, got {status!r}")
         with self._connect() as db:
-            cur = db.execute("UPDATE runs SET status='running', started=? WHERE id=? AND status='queued'",
-                             (time.time(), run_id))
+            cur = db.execute("UPDATE runs SET status=?, started=? WHERE id=? AND status='queued'",
+                             (status, time.time() if status == "running" else None, run_id))
+            return cur.rowcount == 1
+
+    def set_running(self, run_id: str, started: float | None = None) -> bool:
+        """pending -> running at ``started`` (the scheduler's start time, default now)."""
+        with self._connect() as db:
+            cur = db.execute("UPDATE runs SET status='running', started=? WHERE id=? AND status='pending'",
+                             (started or time.time(), run_id))
             return cur.rowcount == 1
 
     def set_process(self, run_id: str, pid: int, pgid: int) -> None:
@@ -105,7 +117,7 @@ class RunIndex:
         with self._connect() as db:
             cur = db.execute(
                 "UPDATE runs SET status=?, finished=?, error=?, returncode=?, result_paths=? "
-                "WHERE id=? AND status IN ('queued', 'running')",
+                "WHERE id=? AND status IN ('queued', 'pending', 'running')",
                 (status, time.time(), error, returncode, json.dumps(result_paths or []), run_id))
             return cur.rowcount == 1
 

@@ -10,12 +10,16 @@
         error.json              torchrun's root-cause error file (``@record`` on the worker)
         logs/launcher.log       torchrun's own stdout+stderr (ranks tee'd with a [rank] prefix)
         logs/<torchrun id>/attempt_0/<rank>/{stdout,stderr}.log, error.json   per-rank files
+        slurm.json              executor slurm: job ids and the sbatch command line (launch.executors.slurm)
+        slurm.sbatch            executor slurm: the batch script (slurm-prepare.sbatch: a sweep's first job)
+        logs/task-<i>.log, logs/error-task-<i>.json   executor slurm: array task i's output and error file
 
 Every path handed out here is checked to stay inside the runs root: run ids are restricted to
 ``RUN_ID_PATTERN`` and file names a job writes go through ``RunPaths.file``.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -28,7 +32,7 @@ from lowbit.artifacts import CALIBRATE_DEFAULTS, calibration_cache_dir
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FILE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Files of a run directory that are bookkeeping, not results.
-BOOKKEEPING_FILES = frozenset({"spec.json", "events.jsonl", "error.json"})
+BOOKKEEPING_FILES = frozenset({"spec.json", "events.jsonl", "error.json", "slurm.json"})
 
 
 class UnsafePath(ValueError):
@@ -103,6 +107,23 @@ class RunPaths:
     @property
     def launcher_log(self) -> Path:
         return self.logs / "launcher.log"
+
+    @property
+    def slurm_record(self) -> Path:
+        """A Slurm run's job ids and submit command (``launch.executors.slurm``)."""
+        return self.dir / "slurm.json"
+
+    def slurm_script(self, piece: str | None = None) -> Path:
+        """The batch script of the run (or of one ``piece`` of it, e.g. ``prepare``)."""
+        return self.dir / (f"slurm-{piece}.sbatch" if piece else "slurm.sbatch")
+
+    def piece_log(self, piece: str) -> Path:
+        """Slurm's output file of one piece of the run (``task-<i>``, ``prepare``)."""
+        return self.logs / f"{piece}.log"
+
+    def piece_error(self, piece: str) -> Path:
+        """torchrun's root-cause error file of one piece of the run."""
+        return self.logs / f"error-{piece}.json"
 
     def rank_logs(self) -> list[Path]:
         """Per-rank stdout/stderr logs written by torchrun under ``logs/`` (all attempts)."""
@@ -187,6 +208,14 @@ def tail_text(path: Path, lines: int) -> str | None:
     except OSError:
         return None
     return "\n".join(text.splitlines()[-lines:]) or None
+
+
+def read_json(path: Path):
+    """The JSON value of a run file, or None when it is missing or does not parse."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -4,7 +4,8 @@ Both ``launch.spec`` (validation, once, before any process starts) and ``launch.
 each rank) read ``KINDS``, so a kind that is not registered is refused in the same words by both.
 
 A kind is one entry here naming, by string, its module in ``launch.kinds`` (parameter checks
-``check_params(params)`` and ``check_spec(spec_dict)``, each returning (field, problem) pairs) and
+``check_params(params)`` and ``check_spec(spec_dict)``, each returning (field, problem) pairs;
+optionally ``fan_out`` and ``gather`` for a scheduler that runs it as many jobs) and
 the function that runs on every rank, ``fn(ctx: JobContext) -> dict | None``. Nothing is imported
 until a spec of that kind is validated or run, so this module stays cheap for the app and the CLI,
 and the benchmark kinds can point at ``bench`` without launch importing it::
@@ -47,6 +48,11 @@ class Kind:
     def check_spec(self, spec: dict) -> list[tuple[str, str]]:
         """Checks that need the whole (already field-valid) spec, e.g. schemes against the model."""
         return self._check("check_spec", spec)
+
+    def hook(self, name: str):
+        """An optional function of the kind's module, e.g. ``fan_out`` / ``gather`` (a sweep run
+        by a scheduler as one job per piece: ``launch.kinds.sweep``); None when it has none."""
+        return getattr(_load(self.checks), name, None) if self.checks else None
 
 
 KINDS: dict[str, Kind] = {

@@ -8,6 +8,10 @@ A ``SpecError`` carries ``problems``: a list of (field, message) pairs, and read
 "tp: 3 cannot shard tiny-llama (...); valid TP sizes: 1, 2, 4; backend: ...". Checks that need
 the machine (is the model loadable here, does the TP size divide its heads, are there enough
 GPUs for NCCL) are part of validation, so a bad spec never reaches torchrun.
+
+Where it runs: ``executor`` "local" (this machine, the default) or "slurm" (a batch job; the
+fields partition, account, qos, nnodes, gpus_per_node, time_limit_s and max_concurrent become
+sbatch options; ``launch.executors.slurm`` checks them against the cluster at submit).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from lowbit.model.tp import TPSizeError, check_tp_size
 from lowbit.scheme import parse_scheme_map
 
 BACKENDS = ("auto", "gloo", "nccl")
+EXECUTORS = ("local", "slurm")      # where a run's torchrun runs (launch.executors)
 # A link is ``loopback`` or an emulated rate (launch.cluster rate-limits veth links to it).
 RATE_PATTERN = re.compile(r"^([1-9][0-9]{0,5}(?:\.[0-9]{1,3})?)(kbit|mbit|gbit)$")
 RATE_UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
@@ -39,6 +44,9 @@ MAX_PROMPT_CHARS = 20_000
 MAX_TIME_LIMIT_S = 7 * 24 * 3600.0
 MAX_COLLECTIVE_TIMEOUT_S = 3600.0
 MAX_PARAMS_BYTES = 65_536
+MAX_GPUS_PER_NODE = 64
+MAX_CONCURRENT = 10_000
+SLURM_ONLY = dict(partition=None, account=None, qos=None, gpus_per_node=0, max_concurrent=4)
 
 
 class SpecError(ValueError):
@@ -98,7 +106,13 @@ class JobSpec:
     link: str = "loopback"                             # or a rate: 1gbit, 100mbit, 500kbit
     nnodes: int = 1
     node_rank: int = 0
-    rdzv_endpoint: str | None = None                   # host:port of the c10d rendezvous (nnodes > 1)
+    rdzv_endpoint: str | None = None                   # host:port of the c10d rendezvous (nnodes > 1, local)
+    executor: str = "local"                            # or "slurm": a batch job on a Slurm cluster
+    partition: str | None = None                       # Slurm partition (None: the cluster's default)
+    account: str | None = None                         # Slurm account to charge (None: the user's default)
+    qos: str | None = None                             # Slurm quality of service (None: the default)
+    gpus_per_node: int = 0                             # Slurm --gpus-per-node (0: CPU-only, none asked for)
+    max_concurrent: int = 4                            # Slurm: at most this many of a sweep's point jobs at once
     calib_from: str | None = None                      # run id of a calibrate run to reuse
     run_id: str | None = None                          # chosen id; None: generated at submit
     params: dict = field(default_factory=dict)         # kind-specific extras (JSON values)
@@ -321,13 +335,19 @@ def _field_problems(d: dict, skip: set[str] = frozenset()) -> list[tuple[str, st
     if not isinstance(link, str) or not (link == "loopback" or RATE_PATTERN.match(link)):
         p.append(("link", f"{link!r} is not a link; allowed: loopback or a rate like 1gbit, 100mbit, 500kbit"))
 
+    executor = d["executor"]
+    slurm = executor == "slurm"
+    if executor not in EXECUTORS:
+        p.append(("executor", f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}"))
+    p.extend(_executor_problems(d, slurm))
+
     nnodes, node_rank, endpoint = d["nnodes"], d["node_rank"], d["rdzv_endpoint"]
     _int_in(p, "nnodes", nnodes, 1, MAX_TP)
     if _is_int(nnodes) and nnodes >= 1:
         _int_in(p, "node_rank", node_rank, 0, nnodes - 1)
         if tp_ok and tp % nnodes:
             p.append(("nnodes", f"tp {tp} must be a multiple of nnodes {nnodes} (same ranks on every node)"))
-        if nnodes > 1 and endpoint is None:
+        if nnodes > 1 and endpoint is None and not slurm:
             p.append(("rdzv_endpoint", "required when nnodes > 1, as host:port"))
     if endpoint is not None:
         m = HOST_PORT_PATTERN.match(endpoint) if isinstance(endpoint, str) else None
@@ -336,7 +356,11 @@ def _field_problems(d: dict, skip: set[str] = frozenset()) -> list[tuple[str, st
 
     if backend == "nccl" and tp_ok and _is_int(nnodes) and nnodes >= 1 and not tp % nnodes:
         gpus, nproc = available_gpus(), tp // nnodes
-        if nproc > gpus:
+        if slurm and _is_int(d["gpus_per_node"]):
+            if nproc > d["gpus_per_node"]:
+                p.append(("gpus_per_node", f"nccl needs one GPU per local rank: {nproc} ranks per node but "
+                                           f"gpus_per_node {d['gpus_per_node']}; allowed: >= {nproc}, or backend gloo"))
+        elif nproc > gpus:
             p.append(("backend", f"nccl needs one GPU per local rank: {nproc} ranks but {gpus} GPU(s) here; "
                                  f"allowed: gloo, auto, or tp <= {gpus * nnodes}"))
 
@@ -364,6 +388,38 @@ def _field_problems(d: dict, skip: set[str] = frozenset()) -> list[tuple[str, st
                 p.extend(kind_info.check_params(params))
     if kind_info is not None and model_ok and tp_ok and not p:
         p.extend(kind_info.check_spec(d))
+    return p
+
+
+def _executor_problems(d: dict, slurm: bool) -> list[tuple[str, str]]:
+    """The Slurm fields' shapes (the cluster itself is asked at submit, ``launch.executors.slurm``):
+    names are plain (no shell characters), counts in range, the time limit whole minutes (Slurm's
+    unit: a value is never rounded silently); with the local executor they must stay unset."""
+    p: list[tuple[str, str]] = []
+    for name in ("partition", "account", "qos"):
+        v = d[name]
+        if v is not None and (not isinstance(v, str) or ".." in v or not NAME_PATTERN.match(v)):
+            p.append((name, f"{v!r} must be a plain name matching {NAME_PATTERN.pattern} (no spaces or shell "
+                            "characters), or null for the cluster's default"))
+    _int_in(p, "gpus_per_node", d["gpus_per_node"], 0, MAX_GPUS_PER_NODE)
+    _int_in(p, "max_concurrent", d["max_concurrent"], 1, MAX_CONCURRENT)
+    if not slurm:
+        for name, default in SLURM_ONLY.items():
+            if d[name] != default and not any(f == name for f, _ in p):
+                p.append((name, f"only for executor slurm (executor is {d['executor']!r}); leave it "
+                                f"{json.dumps(default)}"))
+        return p
+    if d["rdzv_endpoint"] is not None:
+        p.append(("rdzv_endpoint", "must be null with executor slurm: torchrun's rendezvous is on the first node "
+                                   "of the allocation"))
+    if d["node_rank"] != 0:
+        p.append(("node_rank", "must be 0 with executor slurm: srun starts one torchrun per node"))
+    if d["link"] != "loopback":
+        p.append(("link", f"{d['link']!r}: emulated links are built on this machine (executor local); "
+                          "allowed with executor slurm: loopback (the cluster's own network)"))
+    limit = d["time_limit_s"]
+    if _is_number(limit) and limit > 0 and limit % 60:
+        p.append(("time_limit_s", f"Slurm counts time limits in whole minutes: give a multiple of 60 s, got {limit:g}"))
     return p
 
 

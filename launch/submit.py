@@ -1,5 +1,6 @@
-"""Submitting a job: write ``runs/<id>/spec.json``, add it to the index as queued, and build
-the torchrun argument lists that run it (never a shell string).
+"""Submitting a job: validate it (the spec, then its executor against the machine or cluster),
+write ``runs/<id>/spec.json``, add it to the index as queued, and build the torchrun argument
+lists that run it (never a shell string).
 
     run_id = submit(JobSpec(kind="generate", model="tiny-llama", tp=2, prompt="Hi"))
     torchrun_command(spec, spec_path)   # single node: --standalone, what the queue starts
@@ -11,37 +12,24 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from pathlib import Path
 
+from launch.executors import executor_class
 from launch.index import RunIndex
 from launch.layout import RunPaths, new_run_id, runs_root, write_atomic
 from launch.spec import JobSpec, SpecError
+from launch.torchrun import STANDALONE, c10d, torchrun_args, worker_program
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# How often torchrun checks its ranks: a crashed rank is noticed within this many seconds.
-MONITOR_INTERVAL_S = 0.5
 
 
 def _as_spec(spec: JobSpec | dict) -> JobSpec:
     return spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
 
 
-def torchrun_args(nnodes: int, node_rank: int, nproc: int, rendezvous: list[str], spec_path: Path,
-                 log_dir: Path | None = None) -> list[str]:
-    """The one torchrun argument list (never run through a shell): ``nproc`` ranks of node
-    ``node_rank`` of ``nnodes``, torchrun's own rendezvous options (``--standalone``, c10d, or a
-    master address), ranks tee'd to ``log_dir``, each running ``launch.worker`` on the spec."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
-           "--nproc-per-node", str(nproc), "--monitor-interval", str(MONITOR_INTERVAL_S), *rendezvous]
-    if log_dir is not None:
-        cmd += ["--log-dir", str(log_dir), "--tee", "3"]
-    return cmd + ["-m", "launch.worker", str(spec_path)]
-
-
 def torchrun_command(spec: JobSpec, spec_path: Path, log_dir: Path | None = None) -> list[str]:
     """The single-node torchrun argument list for ``spec`` (all ranks on this machine)."""
-    return torchrun_args(1, 0, spec.tp, ["--standalone"], spec_path, log_dir)
+    return torchrun_args(worker_program(spec_path), spec.tp, log_dir=log_dir)
 
 
 def node_commands(spec: JobSpec, spec_path: Path) -> list[list[str]]:
@@ -49,23 +37,27 @@ def node_commands(spec: JobSpec, spec_path: Path) -> list[list[str]]:
     rendezvous at ``spec.rdzv_endpoint``); the spec file must exist at ``spec_path`` on every node."""
     if spec.nnodes > 1 and not spec.rdzv_endpoint:
         raise SpecError([("rdzv_endpoint", "required when nnodes > 1, as host:port")])
-    rdzv_id = spec.run_id or "lowbit"
-    rendezvous = (["--rdzv-backend", "c10d", "--rdzv-endpoint", spec.rdzv_endpoint, "--rdzv-id", rdzv_id]
-                  if spec.nnodes > 1 else ["--standalone"])
-    return [torchrun_args(spec.nnodes, node, spec.nproc_per_node, rendezvous, spec_path)
+    rendezvous = c10d(spec.rdzv_endpoint, spec.run_id or "lowbit") if spec.nnodes > 1 else STANDALONE
+    return [torchrun_args(worker_program(spec_path), spec.nproc_per_node, spec.nnodes, node, rendezvous)
             for node in range(spec.nnodes)]
 
 
-def job_env(spec: JobSpec, paths: RunPaths, parallel_jobs: int = 1) -> dict[str, str]:
-    """Environment of a job's torchrun: the repo on PYTHONPATH, CPU threads split between
-    ranks, and torchrun's root-cause error file inside the run directory."""
-    threads = max(1, (os.cpu_count() or 1) // max(1, spec.nproc_per_node * parallel_jobs))
-    return dict(os.environ,
-                PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+def lowbit_env(paths: RunPaths, threads: int | str, error_file: Path | str | None = None) -> dict[str, str]:
+    """What a job's torchrun needs besides the caller's environment: the repo on PYTHONPATH,
+    ``threads`` CPU threads per rank, torchrun's root-cause error file inside the run directory,
+    the runs root, unbuffered output."""
+    return dict(PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
                 OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)),
-                TORCHELASTIC_ERROR_FILE=str(paths.error),
+                TORCHELASTIC_ERROR_FILE=str(error_file or paths.error),
                 LOWBIT_RUNS=str(paths.root),
                 PYTHONUNBUFFERED="1")
+
+
+def job_env(spec: JobSpec, paths: RunPaths, parallel_jobs: int = 1) -> dict[str, str]:
+    """Environment of a local job's torchrun: this process's, plus ``lowbit_env`` with this
+    machine's CPU threads split between the job's ranks and the jobs running at once."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, spec.nproc_per_node * parallel_jobs))
+    return dict(os.environ, **lowbit_env(paths, threads))
 
 
 def write_spec(spec: JobSpec, root: Path | None = None) -> tuple[JobSpec, RunPaths]:
@@ -87,11 +79,13 @@ def write_spec(spec: JobSpec, root: Path | None = None) -> tuple[JobSpec, RunPat
 
 def submit(spec: JobSpec | dict, root: Path | None = None) -> str:
     """Validate, write ``runs/<id>/spec.json`` and queue the run; returns its id. A queue
-    (``launch.queue.JobQueue``, or ``python -m launch serve``) starts it in submission order."""
+    (``launch.queue.JobQueue``, or ``python -m launch serve``) starts it in submission order.
+    The executor checks what the spec alone cannot (a Slurm partition, the shared runs folder)
+    first: a spec it refuses leaves nothing behind."""
     spec = _as_spec(spec)
-    if spec.nnodes > 1:
-        raise SpecError([("nnodes", f"{spec.nnodes} nodes: the queue runs single-node jobs; print the per-node "
-                                    "torchrun commands with `python -m launch commands spec.json`")])
+    problems = executor_class(spec.executor).submit_problems(spec, Path(root).resolve() if root else runs_root())
+    if problems:
+        raise SpecError(problems)
     index = RunIndex(root)
     spec, paths = write_spec(spec, root)
     index.add(spec.run_id, spec.to_dict())

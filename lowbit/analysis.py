@@ -15,7 +15,8 @@ from fractions import Fraction
 import numpy as np
 import pandas as pd
 
-from lowbit.method.calibrate import ema_trace, jaccard, select_outliers, topk_sets
+from lowbit.calibration import select_outliers
+from lowbit.method.calibrate import ema_trace, jaccard, topk_sets
 from lowbit.rotation import check_block, rotation_effect
 from lowbit.scheme import OutlierSpec, parse_scheme
 from lowbit.site import ROW_PARALLEL_MODULES, Site

@@ -29,7 +29,7 @@ Fitted tables (scheme code ``lm<B>``, B in 2, 3, 4): ``lloyd_max`` fits ``2**B``
 quantiles ``(i + 1/2) / 2**B`` (float64), then at most ``LLOYD_ITERS`` rounds of "cut at the
 midpoints, move each level to the mean of its cell" (an empty cell keeps its level; it stops
 early when no level moves), then round once to fp32. Nothing random, so every rank fitting the same sample gets the same table
-(``lowbit.method.fitted_codebook`` says which sample). A fitted table has no exact zero and its
+(``lowbit.codes.lm`` says which sample). A fitted table has no exact zero and its
 ends need not reach +-1, so its error bound uses ``table_max_gap``: the largest of the gaps
 between neighbours and twice each end's distance to +-1. Every function below that takes
 ``table`` (sorted fp32 entries) codes against it instead of ``codebook(bits)``: the same

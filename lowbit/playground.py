@@ -1,13 +1,11 @@
-# Size: ~510 lines: the three teaching pages' views share one sample, one site check and one set of links.
 """Playground math: what one scheme does to one real stored partial sum, computed at once.
 
 The app's Playground, Two-shot and Where-it-pays pages call these (through ``launch.store``);
 nothing here knows about Streamlit or the launcher. Every number comes from the library's own
 code paths, never restated:
 
-- one rank's message: ``lowbit.wire.payload.encode`` / ``decode`` (the quantizer of ``lowbit.quant``),
-  with the block rotation of ``lowbit.rotation`` around it for ``-rot<R>`` (outlier columns cut
-  out in the original space first, as ``lowbit.comm.collectives`` does);
+- one rank's message: the communicator's own first leg (``QuantCommunicator.first_leg``: its
+  outlier set, rotation, chunks, fitted tables and stochastic rounding seed) and its decode;
 - the sum over ranks: the real ``QuantCommunicator`` on a ``ThreadWorld`` of ``tp`` threads, one
   per rank, each reducing its own stored partial (two-shot's first-leg sum via
   ``keep_first_leg``);
@@ -17,7 +15,7 @@ code paths, never restated:
 The input is a calibration artifact's ``sample``: the first ``SAMPLE_TOKENS`` tokens of each
 site's partial on every rank (``lowbit.method.calibrate``).
 
-    from lowbit.method.calibrate import Calibration
+    from lowbit.calibration import Calibration
     from lowbit import playground
     cal = Calibration.load("runs/<id>/calibration")
     out = playground.analyze(cal, 11, "down_proj", 2, "int4-token-rot64")
@@ -27,27 +25,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from fractions import Fraction
 
 import numpy as np
 import torch
 
-from lowbit import codebook
-from lowbit.method.calibrate import Calibration, select_outliers
+from lowbit.calibration import Calibration, select_outliers
 from lowbit.comm.collectives import QuantCommunicator
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.wire.accounting import scheme_bits_breakdown, site_bytes, wire_bytes
 from lowbit.wire.payload import BIT_PARTS
 from lowbit.comm.dist import ThreadWorld
-from lowbit.wire.payload import decode, encode, layout, scheme_layout
+from lowbit.wire.payload import layout, scheme_layout
 from lowbit.method.projection import (INTERCONNECTS, Gpu, Interconnect, allreduce_s, check_against, codec_s, gather_s,
                                two_shot_s)
-from lowbit.quant import _outside_static_range, fp_table, qrange_of, quantize, scale_constant
-from lowbit.rotation import rotate, unrotate
-from lowbit.scheme import OutlierSpec, QuantSpec, Scheme, SchemeError, parse_scheme
+from lowbit.groups.rows import PerToken, Static
+from lowbit.quant import outside_static_range, quantize
+from lowbit.rotation import unrotate
+from lowbit.scheme import QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme
 
 PARTS = BIT_PARTS
-OUTLIER_MODES = ("top", "random", "none")
 HIST_BINS = 81
 
 
@@ -55,33 +51,7 @@ class PlaygroundError(ValueError):
     """Bad input to the playground; the message starts with the field's name."""
 
 
-# -- controls -> scheme ------------------------------------------------------------------------
-def scheme_from_controls(code: str = "int", bits: int = 4, granularity: str = "static", group: int | None = 32,
-                         outliers: str = "top", k: str | Fraction = "1/64", rotation: int | None = None,
-                         stochastic: bool = False, algo: str = "gather", second_bits: int = 8,
-                         exp_bits: int = 0) -> str:
-    """The canonical scheme string of the playground's controls (``lowbit.scheme`` validates).
-
-    ``outliers``: ``top`` (the paper's top-k by calibrated range), ``random`` or ``none``;
-    ``rotation`` None or a block size (dynamic scales only); ``algo`` gather or two_shot (second
-    leg int<second_bits>-token); ``exp_bits`` the exponent bits of an ``fp`` code (``FP_FORMATS``).
-    Raises SchemeError naming the field."""
-    if outliers not in OUTLIER_MODES:
-        raise SchemeError("outliers", f"{outliers!r} not allowed; allowed: {', '.join(OUTLIER_MODES)}")
-    try:
-        k_frac = Fraction(k)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise SchemeError("k", f"{k!r} is not a fraction such as 1/64") from exc
-    select = {"top": "topk", "random": "random", "none": "none"}[outliers]
-    quant = QuantSpec(int(bits), True, granularity, int(group) if granularity == "group" else None,
-                      rounding="stochastic" if stochastic else "nearest", code=code,
-                      exp_bits=int(exp_bits) if code == "fp" else 0)
-    second = QuantSpec(int(second_bits), True, "token") if algo == "two_shot" else None
-    scheme = Scheme("quant", quant=quant, outliers=OutlierSpec(select, k_frac), algo=algo, second=second,
-                    rotation=None if rotation in (None, 0, "none") else int(rotation))
-    return str(scheme)
-
-
+# -- the other kind of scales -----------------------------------------------------------------
 def counterpart(scheme_text: str) -> str:
     """The same scheme with the other kind of scales: static <-> per token (rotation and
     stochastic rounding dropped for static, which cannot rotate). Used for "static vs dynamic
@@ -89,10 +59,10 @@ def counterpart(scheme_text: str) -> str:
     s = parse_scheme(scheme_text)
     if s.is_exact:
         raise PlaygroundError(f"scheme: {scheme_text!r} is exact; allowed: a quantized scheme")
-    if s.quant.granularity == "static":
-        quant = replace(s.quant, granularity="token", group_size=None)
+    if not s.quant.dynamic:
+        quant = replace(s.quant, grouping=PerToken())
         return str(replace(s, quant=quant))
-    quant = replace(s.quant, granularity="static", group_size=None, rounding="nearest")
+    quant = replace(s.quant, grouping=Static(), rounding="nearest")
     return str(replace(s, quant=quant, rotation=None))
 
 
@@ -116,7 +86,7 @@ def _parse(scheme_text: str, hidden: int, tp: int) -> Scheme:
         scheme.validate_for(hidden, tp)
     except SchemeError as exc:
         raise PlaygroundError(f"scheme: {exc}") from exc
-    if not scheme.is_exact and (scheme.sparse or scheme.threshold is not None or scheme.permute):
+    if scheme.per_message_outliers or (not scheme.is_exact and scheme.permute):
         raise PlaygroundError(f"scheme: {scheme_text!r} not allowed here; allowed: top/rand/no BF16 outliers "
                               "(sp, thr and perm are on the Layer error page)")
     return scheme
@@ -128,100 +98,62 @@ def site_partials(cal: Calibration, site: Site) -> torch.Tensor:
 
 
 # -- one rank ----------------------------------------------------------------------------------
-def _static(cal: Calibration, site: Site, rank: int, scheme: Scheme, cols=slice(None)):
-    if scheme.quant.granularity != "static":
-        return None, None
-    lo, hi = cal.rank_range(site, rank)
-    return lo[cols].float(), hi[cols].float()
-
-
 def _steps(res, spec: QuantSpec, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """Per value: the step (scale) and offset (min, asymmetric) it was quantized with."""
-    tokens, hidden = shape
     scales = res.scales.float()
     mins = res.mins.float() if res.mins is not None else torch.zeros_like(scales)
-    if spec.granularity == "static":
-        return scales.expand(tokens, hidden), mins.expand(tokens, hidden)
-    if spec.granularity == "token":
-        return scales[:, None].expand(tokens, hidden), mins[:, None].expand(tokens, hidden)
-    g = spec.group_size
-    return scales.repeat_interleave(g, 1), mins.repeat_interleave(g, 1)
+    return spec.grouping.expand(scales, shape), spec.grouping.expand(mins, shape)
 
 
-def grid(spec: QuantSpec) -> dict:
+def grid(spec: QuantSpec, levels=None) -> dict:
     """The quantization grid in units of the step: ``levels`` (the values codes dequantize to,
     divided by their scale) and ``edges`` (the range the scale was built for; beyond it values
-    clamp to the end codes)."""
-    qmin, qmax = qrange_of(spec)
-    if spec.code == "nf":
-        return dict(levels=codebook.codebook(spec.bits).tolist(), edges=(-1.0, 1.0))
-    if spec.code == "fp":  # the minifloat's values (one zero), saturating at +-fmt_max
-        levels = sorted(set(fp_table(spec.bits, spec.exp_bits).tolist()))
-        return dict(levels=levels, edges=(-spec.fp_max, spec.fp_max))
-    c = scale_constant(spec.bits, spec.symmetric)
-    if spec.symmetric:
-        half = 1.0 / c  # absmax / scale = 1/c: (2**b - 1) / 2
-        edges = (-half, half)
-    else:
-        edges = (0.0, 1.0 / c)
-    return dict(levels=[float(q) for q in range(qmin, qmax + 1)], edges=edges)
+    clamp to the end codes); ``levels`` is a fitted table (lm)."""
+    return spec.code.grid(levels)
 
 
 def rank_message(cal: Calibration, site: Site, rank: int, scheme: Scheme, x: torch.Tensor, seed: int = 0) -> dict:
-    """One rank's partial ``x`` [S, H] through the scheme's first leg (gather: the whole partial;
-    two-shot: each of its ``tp`` chunks is a message), decoded back: the rank's reconstruction,
-    what its quantizer saw and the per-value position on the grid.
+    """One rank's partial ``x`` [S, H] through the scheme's first leg exactly as the communicator
+    builds it (``QuantCommunicator.first_leg``: the same outlier set, rotation, chunks (two-shot:
+    each of the ``tp`` chunks is a message), fitted tables and stochastic rounding seed as the sum's
+    first call at this site), decoded back: the rank's reconstruction, what its quantizer saw and
+    the per-value position on the grid.
 
     Returns ``recon`` [S, H] (original space), ``quantized`` [S, H] (the values the quantizer saw:
     rotated for ``-rot<R>``; outlier columns NaN), ``position`` [S, H] (quantized value in steps,
     (x - min) / scale; NaN at outlier columns), ``clamped`` [S, H] bool, ``clamped_count`` (encode's),
-    ``outliers`` (BF16 feature indices), ``payload_bytes``."""
+    ``outliers`` (BF16 feature indices), ``payload_bytes`` and ``levels`` (the rank's fitted table,
+    lm codes; else None)."""
     tokens, hidden = x.shape
-    quant = scheme.quant
-    if quant.rounding == "stochastic":
-        quant = replace(quant, rounding_seed=(seed * 4_099 + rank) % 2**62)
-    idx = select_outliers(cal, site, scheme.outliers, hidden)
-    rot = scheme.rotation
-    seen = x
-    if rot is not None:  # outlier columns out in the original space, then rotate (lowbit.comm.collectives)
-        seen = x.clone()
-        seen[:, idx] = 0.0
-        seen = rotate(seen, rot)
-    width = hidden if scheme.algo == "gather" else hidden // cal.tp
-    decoded = torch.empty_like(x)
+    comm = QuantCommunicator(ThreadWorld(cal.tp).group(int(rank)), SchemeMap(scheme), cal, record=False, seed=seed)
+    messages = comm.first_leg(x, site)
+    idx, rot, quant = comm.plan(site, hidden).outlier_idx, scheme.rotation, scheme.quant
+    decoded = torch.empty(tokens, hidden)
+    quantized = torch.empty(tokens, hidden)
+    position = torch.empty(tokens, hidden)
     clamped = torch.zeros(tokens, hidden, dtype=torch.bool)
-    nbytes, n_clamped, chunks = 0, 0, []
-    for j in range(hidden // width):
-        cols = slice(j * width, (j + 1) * width)
-        local = torch.empty(0, dtype=torch.long) if rot is not None else \
-            idx[(idx >= cols.start) & (idx < cols.stop)] - cols.start
-        smin, smax = _static(cal, site, rank, scheme, cols)
-        part = seen[:, cols].contiguous()
-        payload, st = encode(part, quant, local, smin, smax)
-        nbytes += payload.numel()
-        n_clamped += st["clamped"]
-        decoded[:, cols] = decode(payload, tokens, width, quant, local, smin, smax)
-        chunks.append((cols, part, quantize(part, quant, smin, smax, exclude=local)))
-        if smin is not None:
-            keep = torch.ones(width, dtype=torch.bool)
-            keep[local] = False
-            clamped[:, cols] = _outside_static_range(part.float(), quant, smin, smax) & keep
+    for m in messages:
+        values = m.values.float()
+        decoded[:, m.cols] = comm.decode_message(m, site)
+        quantized[:, m.cols] = values
+        res = quantize(values, quant, *m.static, exclude=m.outlier_idx, seed=m.seed, levels=m.levels)
+        step, offset = _steps(res, quant, values.shape)
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        position[:, m.cols] = torch.where(step > 0, (values - offset) / safe, torch.zeros_like(values))
+        if m.static[0] is not None:
+            keep = torch.ones(values.shape[1], dtype=torch.bool)
+            keep[m.outlier_idx] = False
+            clamped[:, m.cols] = outside_static_range(values, quant, *m.static) & keep
     recon = decoded
     if rot is not None:
         recon = unrotate(decoded, rot)
         recon[:, idx] = x[:, idx].to(torch.bfloat16).float()  # the BF16 columns after the payload
-        nbytes += tokens * idx.numel() * 2
-    position = torch.empty(tokens, hidden)
-    for cols, values, res in chunks:
-        step, offset = _steps(res, quant, values.shape)
-        safe = torch.where(step > 0, step, torch.ones_like(step))
-        position[:, cols] = torch.where(step > 0, (values - offset) / safe, torch.zeros_like(values))
-    quantized = seen.clone()
-    if idx.numel() and rot is None:
+    elif idx.numel():
         position[:, idx] = math.nan
         quantized[:, idx] = math.nan
     return dict(recon=recon, quantized=quantized, position=position, clamped=clamped,
-                clamped_count=int(n_clamped), outliers=idx, payload_bytes=int(nbytes))
+                clamped_count=int(sum(m.stats["clamped"] for m in messages)), outliers=idx,
+                payload_bytes=int(sum(m.payload.numel() for m in messages)), levels=messages[0].levels)
 
 
 # -- every rank --------------------------------------------------------------------------------
@@ -266,13 +198,14 @@ def bits_breakdown(scheme_text: str, hidden: int, tp: int, tokens: int) -> dict:
     return scheme_bits_breakdown(parse_scheme(scheme_text), hidden, tp, tokens)
 
 
-def histogram(position: torch.Tensor, clamped: torch.Tensor, spec: QuantSpec, bins: int = HIST_BINS) -> dict:
+def histogram(position: torch.Tensor, clamped: torch.Tensor, spec: QuantSpec, bins: int = HIST_BINS,
+              levels=None) -> dict:
     """Counts of the quantized values' positions (in steps) over ``bins`` bins spanning the grid
     and every value; split into in-range and clamped."""
     pos = position.reshape(-1).numpy()
     cl = clamped.reshape(-1).numpy()
     ok = np.isfinite(pos)
-    g = grid(spec)
+    g = grid(spec, levels)
     lo = min(g["edges"][0], float(pos[ok].min()) if ok.any() else 0.0)
     hi = max(g["edges"][1], float(pos[ok].max()) if ok.any() else 0.0)
     pad = (hi - lo) * 0.02 or 1.0
@@ -292,8 +225,8 @@ def analyze(cal: Calibration, layer: int, module: str, rank: int, scheme_text: s
     - ``sum``: the sum over ranks as the communicator computes it, against the exact fp32 sum:
       ``sqnr_db``, ``rel_error``, ``feature_rms`` [H], and ``first_leg_sqnr_db`` for two-shot;
     - ``bits``: bits per value by leg and part (``scheme_bits_breakdown``) and ``total``.
-    With ``-sr`` the rank's view draws its own uniforms (seeded by ``seed`` and the rank) while the
-    sum uses the communicator's per-call seeds: the same distribution, not the same draws.
+    With ``-sr`` the rank's view draws the same uniforms as the rank's message in the sum (the
+    communicator's seed for its first call at this site, ``lowbit.comm.collectives.rounding_seed``).
     Raises PlaygroundError naming the field for a bad layer, module, rank or scheme."""
     site = _check_site(cal, layer, module, rank)
     scheme = _parse(scheme_text, cal.hidden, cal.tp)
@@ -320,8 +253,8 @@ def analyze(cal: Calibration, layer: int, module: str, rank: int, scheme_text: s
     out["rank"] = dict(sqnr_db=sqnr_db(x, msg["recon"]), rel_error=rel_error(x, msg["recon"]),
                        clamped=msg["clamped_count"], clamped_marked=int(msg["clamped"].sum()),
                        feature_rms=per_feature_rms(x, msg["recon"]),
-                       histogram=histogram(msg["position"], msg["clamped"], scheme.quant, bins),
-                       grid=grid(scheme.quant), outliers=[int(i) for i in msg["outliers"]],
+                       histogram=histogram(msg["position"], msg["clamped"], scheme.quant, bins, msg["levels"]),
+                       grid=grid(scheme.quant, msg["levels"]), outliers=[int(i) for i in msg["outliers"]],
                        payload_bytes=msg["payload_bytes"], recon=msg["recon"], values=x)
     return out
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch.store.calibration import calibration_sources
-from lowbit.analysis import spikiest_sample
+from launch.store.calibration import calibration_sources, spikiest_stored_sample
+from launch.store.problems import StoreProblem
 from pages import _ui
 
 PRESENT_KEY = "presentation"
@@ -109,8 +109,8 @@ def pick_sample(key: str):
     try:
         cal = _ui.calibration(folder)
         spiky = spikiest(folder, calibration_stamp(folder))  # raises the no-sample error for old artifacts
-    except Exception as exc:  # noqa: BLE001 - an old or damaged artifact is reported, the page goes on
-        st.warning(f"{exc}")
+    except StoreProblem as problem:  # missing, older or unreadable artifact: said, the page goes on
+        st.warning(f"This calibration cannot be shown: {problem}")
         capture_button(key)
         return None
     return folder, cal, spiky
@@ -127,4 +127,4 @@ def calibration_stamp(folder: str) -> float:
 @st.cache_data(show_spinner=False, max_entries=16)
 def spikiest(folder: str, stamp: float) -> tuple[int, str, int]:
     """(layer, module, rank) of the stored partial with the largest max/RMS, cached per artifact."""
-    return spikiest_sample(_ui.calibration(folder))
+    return spikiest_stored_sample(_ui.calibration(folder))

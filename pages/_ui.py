@@ -175,7 +175,7 @@ def show_progress(run_id: str, show_end: bool = True) -> str:
         ahead = len([r for r in ensure_queue().index.list(("queued", "running")) if r["id"] != run_id]) \
             if row else 0
         st.progress(0.0, text=f"queued ({ahead} run(s) ahead) · {run_id}")
-    elif status == "running":
+    elif status in ("pending", "running"):  # pending: a Slurm job waiting, its reason in the message
         st.progress(fraction, text=f"{fraction * 100:.0f}% · {message}")
     elif status == "done":
         st.progress(1.0, text=f"done · {run_id}")

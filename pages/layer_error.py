@@ -6,20 +6,18 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from launch.store.calibration import calibration_sources
+from launch.store.calibration import calibration_sources, spikiest_stored_sample
 from launch.store.evaluate import layer_error_frame, scheme_fields, scheme_frame
-from lowbit.analysis import rotation_view, spikiest_sample
-from lowbit.scheme import (ALLOWED_BITS, CODEBOOK_BITS, FITTED_BITS, FP_FORMATS, SCALE_FORMATS, OutlierSpec, QuantSpec,
-                           Scheme, SchemeError, ThresholdSpec, fp_code_text)
+from launch.store.problems import StoreProblem
+from lowbit.analysis import rotation_view
+from lowbit.scheme import QuantSpec, SchemeError
 from lowbit.site import ROW_PARALLEL_MODULES
-from pages import _ui
+from pages import _controls, _ui
 
-K_CHOICES = ["1/128", "1/64", "1/32", "1/16"]
-FP_CHOICES = {fp_code_text(b, e): (b, e) for b, e in FP_FORMATS}  # fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1
 SECOND_CHOICES = {"int8": QuantSpec(8, True, "token"), "int6": QuantSpec(6, True, "token"),
                   "int4": QuantSpec(4, True, "token"),
                   "int8 static (calibrated ranges of the sum)": QuantSpec(8, True, "static"),
-                  "same as the first leg": None}
+                  "same as the first leg": "same"}
 
 st.title("Layer error: where does quantization hurt?")
 st.markdown(
@@ -29,37 +27,25 @@ st.markdown(
     "||quantized - exact|| / ||exact|| of the reduced sum; SNR = 10 log10(||exact||² / ||error||²).")
 
 
-OUTLIER_CHOICES = {
-    "topk": "top-k features (the paper)", "random": "random features (baseline)", "none": "none",
-    "sparse": "largest values per token (sparse pairs)", "threshold": "features over a threshold (per message)",
-}
-
-
 def scheme_builder() -> str | None:
-    """Controls -> one scheme string (lowbit.scheme owns the grammar); None if it cannot be built."""
+    """Controls -> one scheme string (pages._controls builds it, lowbit.scheme checks it); None if
+    it cannot be built."""
     c1, c2, c3, c4, c5 = st.columns(5)
     with c1:
-        code = st.radio("Code", ["int", "nf", "fp", "lm"], horizontal=True, key="le_code",
-                        help="int: a uniform grid; nf: a fixed normal-quantile codebook (NF4-style, 3 or 4 bits), "
-                             "finer near zero where most values are; fp: a saturating minifloat (FP8 E4M3/E5M2, "
-                             "FP6, FP4 E2M1 as in MX / NVFP4), scale = absmax / the format's largest value; "
-                             "lm: a Lloyd-Max codebook fitted per site and rank on the calibration (2-4 bits)")
-        if code == "fp":
-            fp_name = st.selectbox("Format", list(FP_CHOICES), key="le_bits_fp",
-                                   help="fp<B>e<E>m<M>: B bits, E exponent and M mantissa bits")
-            bits, exp_bits = FP_CHOICES[fp_name]
-        else:
-            choices = {"int": list(ALLOWED_BITS), "nf": list(CODEBOOK_BITS), "lm": list(FITTED_BITS)}[code]
-            bits = st.selectbox("Bits", choices, index=choices.index(4), key=f"le_bits_{code}")
-            exp_bits = 0
-        asym = st.checkbox("Asymmetric (scale + min)", key="le_asym", disabled=code != "int")
+        code = _controls.pick_code("le", help="int: a uniform grid; nf: a fixed normal-quantile codebook (NF4-style, "
+                                              "3 or 4 bits), finer near zero where most values are; fp: a saturating "
+                                              "minifloat (FP8 E4M3/E5M2, FP6, FP4 E2M1 as in MX / NVFP4), scale = "
+                                              "absmax / the format's largest value; lm: a Lloyd-Max codebook fitted "
+                                              "per site and rank on the calibration (2-4 bits)")
+        asym = st.checkbox("Asymmetric (scale + min)", key="le_asym", disabled=not _controls.allows_asymmetric(code))
     with c2:
-        gran = st.selectbox("Granularity", ["static", "token", "group"], key="le_gran",
+        gran = st.selectbox("Granularity", _controls.granularity_names(), key="le_gran",
                             help="static: per-feature scale from calibration; token: one scale per token; "
                                  "group: one scale per G features of a token")
         group = st.number_input("Group size G", min_value=1, value=32, step=8, key="le_group",
-                                disabled=gran != "group")
-        scale_fmt = st.selectbox("Scale format", list(SCALE_FORMATS), key="le_scale", disabled=gran == "static",
+                                disabled=not _controls.is_sized(gran))
+        scale_fmt = st.selectbox("Scale format", _controls.scale_names(), key="le_scale",
+                                 disabled=not _controls.is_dynamic(gran),
                                  help="What each dynamic scale travels as: bf16 / fp32 / fp16 (saturates at "
                                       "65504) / e8m0 (a power of two, as MX) / e4m3 (float8 x one fp32 scale per "
                                       "message, as NVFP4); counted in the bits")
@@ -67,17 +53,19 @@ def scheme_builder() -> str | None:
                               help="A calibrated permutation puts features of similar range in the same group "
                                    "before group-wise scales; undone after the sum; costs no bits")
     with c3:
-        select = st.selectbox("Outliers in BF16", list(OUTLIER_CHOICES), format_func=OUTLIER_CHOICES.get,
-                              key="le_select")
+        select = st.selectbox("Outliers in BF16", list(_controls.OUTLIER_CHOICES),
+                              format_func=_controls.OUTLIER_CHOICES.get, key="le_select")
+        per_token, threshold, k = 3, 6.0, "1/64"
         if select == "sparse":
             per_token = st.number_input("Values per token", min_value=1, max_value=64, value=3, key="le_sp",
                                         help="Each sends a uint16 index and a BF16 value: 32 bits")
         elif select == "threshold":
             threshold = st.number_input("Threshold |x|", min_value=0.0, value=6.0, step=1.0, key="le_thr",
                                         help="LLM.int8() uses 6")
-            k = st.selectbox("Capacity (fraction of features)", K_CHOICES, index=1, key="le_k")
+            k = st.selectbox("Capacity (fraction of features)", _controls.K_CHOICES, index=1, key="le_k")
         else:
-            k = st.selectbox("k (fraction of features)", K_CHOICES, index=1, key="le_k", disabled=select == "none")
+            k = st.selectbox("k (fraction of features)", _controls.K_CHOICES, index=1, key="le_k",
+                             disabled=select == "none")
     with c4:
         algo = st.selectbox("Algorithm", ["gather", "two_shot"], key="le_algo",
                             help="gather: all-gather the quantized partials (the paper); two_shot: reduce-scatter "
@@ -88,28 +76,20 @@ def scheme_builder() -> str | None:
                                           "or with the first leg's own format (e.g. an fp code on both legs)")
     with c5:
         rotation = st.selectbox("Rotation block", ["none", 16, 32, 64, 128], key="le_rot",
-                                disabled=gran == "static",
+                                disabled=not _controls.is_dynamic(gran),
                                 help="Block Walsh-Hadamard rotation before quantizing, undone after the sum "
                                      "(spreads a spike over its block; dynamic scales only). See 'Why rotation "
                                      "works' below.")
-        stochastic = st.checkbox("Stochastic rounding", key="le_sr", disabled=code != "int",
+        stochastic = st.checkbox("Stochastic rounding", key="le_sr", disabled=not _controls.allows_stochastic(code),
                                  help="Unbiased rounding: floor(v + u), u uniform in [0, 1). On smollm2-135m TP 3 "
                                       "it makes the error of the sum over ranks larger than round-to-nearest "
                                       "(docs/results.md, 'Stochastic rounding').")
     try:
-        scale_dtype = SCALE_FORMATS[scale_fmt] if gran != "static" else SCALE_FORMATS["bf16"]
-        quant = QuantSpec(int(bits), not asym or code != "int", gran, int(group) if gran == "group" else None,
-                          rounding="stochastic" if stochastic and code == "int" else "nearest", code=code,
-                          exp_bits=exp_bits, scale_dtype=scale_dtype)
-        outliers = OutlierSpec(select, k) if select in ("topk", "random") else OutlierSpec()
-        second = None
-        if algo == "two_shot":
-            second = SECOND_CHOICES[second_choice] or quant
-        rot = None if rotation == "none" or gran == "static" else int(rotation)
-        extra = dict(sparse=int(per_token)) if select == "sparse" else \
-            dict(threshold=ThresholdSpec(float(threshold), k)) if select == "threshold" else {}
-        return str(Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second, rotation=rot,
-                          permute=bool(permute and gran == "group"), **extra))
+        return _controls.scheme_text(
+            code, symmetric=not (asym and _controls.allows_asymmetric(code)), granularity=gran, group=group,
+            scale=scale_fmt, outliers=select, k=k, per_token=per_token, threshold=threshold, rotation=rotation,
+            stochastic=stochastic and _controls.allows_stochastic(code), permute=permute, algo=algo,
+            second=SECOND_CHOICES[second_choice])
     except (SchemeError, ValueError, ZeroDivisionError) as exc:
         st.error(f"`{exc}`")
         return None
@@ -150,9 +130,9 @@ def rotation_panel() -> None:
     folder = st.selectbox("Calibration (its stored partials)", list(labels), format_func=labels.get, key="rot_cal")
     try:
         cal = _ui.calibration(folder)
-        spiky = spikiest_sample(cal)
-    except Exception as exc:  # noqa: BLE001 - an old or damaged artifact is reported, the page goes on
-        st.warning(f"{exc}")
+        spiky = spikiest_stored_sample(cal)
+    except StoreProblem as problem:  # missing, older or unreadable artifact: said, the page goes on
+        st.warning(f"This calibration cannot be shown: {problem}")
         return
     hidden = cal.hidden
     blocks = [b for b in (8, 16, 32, 64, 128, 256) if hidden % b == 0]
@@ -170,11 +150,8 @@ def rotation_panel() -> None:
                              key="rot_block")
     with c5:
         quant = st.selectbox("Quantizer", ROTATION_QUANTS, key="rot_quant")
-    try:
-        values, tokens = rotation_view(cal, int(layer), module, int(rank), int(block), quant)
-    except Exception as exc:  # noqa: BLE001 - named field errors from the store
-        st.error(f"{exc}")
-        return
+    # the controls offer only valid layers, ranks, blocks (divisors of hidden) and dynamic quantizers
+    values, tokens = rotation_view(cal, int(layer), module, int(rank), int(block), quant)
     m1, m2, m3 = st.columns(3)
     m1.metric("Largest |value|, original -> rotated", f"{tokens['absmax'].max():.3g} -> "
               f"{tokens['absmax_rotated'].max():.3g}")

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from launch.store.calibration import calibration_sources
+from launch.store.problems import StoreProblem
 from lowbit.analysis import (ema_trace_frame, feature_ranges, outlier_count, overlap_between_batches,
                              overlap_between_layers, overlap_between_ranks, overlap_between_sources, random_jaccard,
                              range_heatmap, selected_features)
@@ -61,8 +62,8 @@ folder = st.selectbox("Calibration", list(labels), format_func=labels.get, key="
 meta = sources[sources["folder"] == folder].iloc[0]
 try:
     cal = _ui.calibration(folder)
-except Exception as exc:  # noqa: BLE001 - a damaged artifact is reported, the page goes on
-    st.error(f"This calibration cannot be loaded: {exc}")
+except StoreProblem as problem:  # missing, older or unreadable artifact: said, the page stops here
+    st.error(f"This calibration cannot be loaded: {problem}")
     st.stop()
 
 modules = list(cal.meta.get("modules") or ROW_PARALLEL_MODULES)
@@ -151,8 +152,8 @@ with tab_s:
         other_folder = st.selectbox("Compare with", list(peer_labels), format_func=peer_labels.get, key="cal_peer")
         try:
             by_source = overlap_between_sources(cal, _ui.calibration(other_folder), k)
-        except Exception as exc:  # noqa: BLE001 - mismatched or damaged artifact
-            st.error(f"Cannot compare: {exc}")
+        except StoreProblem as problem:  # the other artifact is missing, older or unreadable
+            st.error(f"Cannot compare with that calibration: {problem}")
         else:
             other_meta = peers[peers["folder"] == other_folder].iloc[0]
             fig = px.line(by_source, x="layer", y="jaccard", color="module", markers=True,

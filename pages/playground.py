@@ -7,9 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch.store.teaching import playground_counterpart, playground_scheme, playground_view
-from lowbit.scheme import ALLOWED_BITS, FP_FORMATS, fp_code_text
-from pages import _teach, _ui
+from launch.store.teaching import playground_counterpart, playground_view
+from pages import _controls, _teach, _ui
 
 st.title("Playground: one real partial, any scheme")
 _teach.presentation_toggle("pg")
@@ -36,46 +35,38 @@ with c3:
 
 c1, c2, c3, c4, c5 = st.columns(5)
 with c1:
-    code = st.radio("Code", ["int", "nf", "fp"], horizontal=True, key="pg_code",
-                    help="int: uniform grid; nf: normal-quantile codebook (3 or 4 bits); fp: a saturating "
-                         "minifloat (FP8 E4M3 / E5M2, FP6, FP4 E2M1 as MXFP4 and NVFP4 send)")
-    exp_bits = 0
-    if code == "fp":
-        formats = {fp_code_text(b, e): (b, e) for b, e in FP_FORMATS}
-        fmt = st.selectbox("Format", list(formats), index=list(formats).index("fp4e2m1"), key="pg_fp")
-        bits, exp_bits = formats[fmt]
-    else:
-        bits_choices = list(ALLOWED_BITS) if code == "int" else [3, 4]
-        bits = st.selectbox("Bits", bits_choices, index=bits_choices.index(4), key=f"pg_bits_{code}")
+    code = _controls.pick_code("pg", help="int: uniform grid; nf: normal-quantile codebook (3 or 4 bits); fp: a "
+                                          "saturating minifloat (FP8 E4M3 / E5M2, FP6, FP4 E2M1 as MXFP4 and NVFP4 "
+                                          "send); lm: a Lloyd-Max codebook fitted on this calibration")
 with c2:
-    gran = st.selectbox("Granularity", ["static", "token", "group"], key="pg_gran",
+    gran = st.selectbox("Granularity", _controls.granularity_names(), key="pg_gran",
                         help="static: one fp32 scale per feature from calibration (never sent); token: one BF16 "
                              "scale per token; group: one per G features of a token")
     groups = [g for g in (8, 16, 32, 64, 128) if cal.hidden % g == 0] or [cal.hidden]
     group = st.selectbox("Group size G", groups, index=groups.index(32) if 32 in groups else 0, key="pg_group",
-                         disabled=gran != "group")
+                         disabled=not _controls.is_sized(gran))
 with c3:
-    outliers = st.radio("BF16 outliers", ["top", "random", "none"], key="pg_outliers",
-                        help="top: the features with the largest calibrated range (the paper); random: as many "
+    outliers = st.radio("BF16 outliers", list(_controls.STATIC_SETS), key="pg_outliers",
+                        help="topk: the features with the largest calibrated range (the paper); random: as many "
                              "random ones (the baseline); none")
     k = st.selectbox("Fraction kept", ["1/128", "1/64", "1/32", "1/16"], index=1, key="pg_k",
                      disabled=outliers == "none")
 with c4:
-    rotate = st.toggle("Rotation", key="pg_rot", disabled=gran == "static",
+    rotate = st.toggle("Rotation", key="pg_rot", disabled=not _controls.is_dynamic(gran),
                        help="Block Walsh-Hadamard rotation before quantizing (dynamic scales only)")
     blocks = [b for b in (16, 32, 64, 128) if cal.hidden % b == 0] or [cal.hidden]
     block = st.selectbox("Block R", blocks, index=blocks.index(64) if 64 in blocks else len(blocks) - 1,
-                         key="pg_block", disabled=not rotate or gran == "static")
+                         key="pg_block", disabled=not rotate or not _controls.is_dynamic(gran))
 with c5:
-    stochastic = st.checkbox("Stochastic rounding", key="pg_sr", disabled=code != "int",
+    stochastic = st.checkbox("Stochastic rounding", key="pg_sr", disabled=not _controls.allows_stochastic(code),
                              help="floor(v + u), u ~ U[0, 1): unbiased, but more variance per value")
     compare = st.toggle("Static vs dynamic side by side", value=True, key="pg_compare",
                         help="Also show the same scheme with the other kind of scales")
 
 try:
-    scheme = playground_scheme(code=code, bits=int(bits), granularity=gran, group=int(group),
-                               outliers=outliers, k=k, rotation=int(block) if rotate and gran != "static"
-                               else None, stochastic=bool(stochastic and code == "int"), exp_bits=exp_bits)
+    scheme = _controls.scheme_text(code, granularity=gran, group=int(group), outliers=outliers, k=k,
+                                   rotation=int(block) if rotate else None,
+                                   stochastic=bool(stochastic and _controls.allows_stochastic(code)))
 except ValueError as exc:
     st.error(f"`{exc}`")
     st.stop()

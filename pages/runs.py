@@ -9,7 +9,7 @@ from launch.index import ACTIVE, STATUSES
 from launch.registry import available_kinds
 from launch.spec import BACKENDS, SpecError
 from launch.store.evaluate import compare_results, compare_specs, scheme_frame
-from launch.store.runs import active_runs, events_frame, load_spec, log_tail, run_progress
+from launch.store.runs import active_runs, codec_changes, events_frame, load_spec, log_tail, run_progress
 from lowbit.model.data import TASKS, TEXT_SOURCES
 from lowbit.stats import UNRESOLVED_NOTE, score_table
 from pages import _ui
@@ -78,7 +78,7 @@ def new_run_form() -> None:
         limit = st.number_input("Time limit (s)", min_value=1.0, value=1800.0, step=60.0, key="new_limit")
     params_text = st.text_input("params (JSON object)", '{"seq_len": 128}', key="new_params",
                                 help="kind-specific extras, e.g. seq_len, batch_size, layer_error; evaluate: "
-                                     "fused_kernels (true: the fused kernels inside the communicators)")
+                                     "codec (kernels: the kernels inside the communicators; reference)")
     if st.button("Queue this run", type="primary", icon=":material/play_arrow:", key="new_go"):
         try:
             params = json.loads(params_text or "{}")
@@ -171,6 +171,8 @@ with tab_spec:
         st.code(_ui.spec_json(spec), language="json")
 with tab_ev:
     _, _, events = run_progress(run_id, _ui.root())
+    for line in codec_changes(events):  # a codec that changed path is never buried in the table
+        st.warning(line, icon=":material/swap_horiz:")
     if events:
         st.dataframe(events_frame(events).tail(30), hide_index=True, width="stretch")
     else:

@@ -9,7 +9,7 @@ from launch.store.evaluate import (evaluate_runs, pareto_front, scheme_frame, sw
                                    task_frame)
 from lowbit.model.data import TASKS
 from lowbit.method.sensitivity import DEFAULT_CANDIDATES
-from pages import _ui
+from pages import _controls, _ui
 
 QUALITY = {  # label -> (column, standard-error column, higher is better, axis title)
     "task accuracy kept (%)": ("kept_pct", "kept_se", True, "task accuracy kept vs exact (%)"),
@@ -49,7 +49,7 @@ def autotune_form() -> None:
     st.markdown("**Grid**")
     g0, g1, g2, g3, g4, g5 = st.columns(6)
     with g0:
-        codes = st.multiselect("Code", ["int", "nf"], default=["int"], key="at_code",
+        codes = st.multiselect("Code", _controls.width_families(), default=["int"], key="at_code",
                                help="int: uniform grid; nf: normal-quantile codebook (3 and 4 bits only; it "
                                     "pairs well with rotation)")
     with g1:

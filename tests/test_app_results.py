@@ -1,11 +1,15 @@
 """The results store (launch.store) on real run files, and the fixture runs the app tests use.
 
 ``build_results_template()`` makes, once per test session, a runs root with the files real jobs
-write: two calibrate runs (tiny-llama, TP 2, Wikipedia-style and LAMBADA text) and an
-evaluate run computed with lowbit's own job functions on threaded ranks (``lowbit.comm.dist.ThreadWorld``),
-a demo-shaped evaluate run, a collective-bench run, a failed run with a torchrun log, a run
-whose result.json is corrupt, a directory without a spec and a run whose processes vanished.
-Tests copy it (``results_root``) so a queue started on one copy never touches the template.
+write, by construction: the calibrate, evaluate (the demo's preset too) and sweep runs are the job
+kinds' own bodies (``launch.registry.kind_function``, as the worker calls them) on threaded ranks
+(``lowbit.comm.dist.ThreadWorld``), with their specs taken from tests/fixtures/jobs (every JobSpec
+field) and their run blocks written by the worker's ``run_block``; the collective-bench runs are
+the checked-in results of real torchrun runs (timings need real processes). Beside them: a failed
+run with a torchrun log, a run whose result.json is corrupt, a directory without a spec and a run
+whose processes vanished. ``test_fixture_runs_have_the_keys_and_types_of_real_runs`` holds the
+threaded runs to the real ones (tests/scripts/make_fixtures.py made those). Tests copy the
+template (``results_root``) so a queue started on one copy never touches it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import time
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -25,25 +30,25 @@ import pytest
 from launch.events import EventLog
 from launch.index import RunIndex
 from launch.layout import RunPaths, write_atomic
-from launch.presets import DEMO_SCHEMES
+from launch.presets import DEMO_SCHEMES, demo_spec
 from launch.store.bench import collective_frame
 from launch.store.bits import bits_parts, bits_per_site, traffic_per_token
-from launch.store.calibration import calibration_sources, load_calibration
+from launch.store.calibration import calibration_sources, load_calibration, spikiest_stored_sample
 from launch.store.evaluate import (SCHEME_NUMERIC, compare_results, compare_specs, evaluate_runs, layer_error_frame,
                                    pareto_front, scheme_frame, sweep_summary)
 from launch.store.machine import model_shape, valid_tp_sizes
+from launch.store.problems import ArtifactDamaged, ArtifactMissing, ArtifactOutdated, StoreProblem
 from launch.store.runs import RUN_COLUMNS, load_result, load_spec, runs_frame
+from launch.spec import JobSpec
 from lowbit.analysis import (ema_trace_frame, feature_ranges, outlier_count, overlap_between_batches,
                              overlap_between_layers, overlap_between_ranks, overlap_between_sources, random_jaccard,
                              rotation_view, selected_features, spikiest_sample)
 from lowbit.site import Site
-from launch.spec import JobSpec
+from tests.helpers import json_shape
+from tests.scripts.make_fixtures import EVAL_SCHEMES, FIXTURES, MODEL, SEQ_LEN, TP, fixture_result, fixture_spec
 
-MODEL, TP = "tiny-llama", 2
-EVAL_SCHEMES = ["bf16", "int4-static", "int4-static-rand1/64", "int4-static-top1/64",
-                "int4-token@twoshot+int8-token", "int8-token"]
-SEQ_LEN = 64
 SECOND_SOURCE = "lambada"  # the other text for the between-sources overlap (shorter to tokenize than shakespeare)
+BENCH_RUNS = {"bench-tp2": "collective-bench-tp2", "bench-tp4": "collective-bench-tp4"}  # run id -> fixture
 _TEMPLATE: dict[str, Path] = {}
 
 
@@ -60,19 +65,30 @@ def _runs_env(root: Path):
             os.environ["LOWBIT_RUNS"] = old
 
 
+def _cpu_run_group(tp: int):
+    """What the run block reads from a torchrun rank's group on this CPU machine: gloo, and the
+    placement ``lowbit.comm.placement`` chooses there (the fixture's ranks are threads)."""
+    from lowbit.comm.placement import choose_placement
+    return SimpleNamespace(world_size=tp, backend="gloo", placement=choose_placement("gloo", 0, tp, 0))
+
+
 def _record(root: Path, run_id: str, spec: dict, status: str, result: dict | None = None, error: str | None = None,
-            seconds: float = 12.0) -> RunPaths:
-    """Write a run the way the launcher does: spec.json, events, result.json, index row."""
+            seconds: float = 12.0, events_written: bool = False) -> RunPaths:
+    """Write a run the way the launcher does: spec.json (every JobSpec field), events, result.json
+    with the worker's run block (kept when the result has one), index row."""
+    from launch.worker import run_block
+    spec = JobSpec.trusted(dict(spec, run_id=run_id)).to_dict()
     paths = RunPaths(root, run_id)
     paths.make()
     write_atomic(paths.spec, json.dumps(spec, indent=2, sort_keys=True))
     events = EventLog(paths.events)
-    events.loading(f"starting {spec.get('tp')} rank(s), backend gloo")
-    for step in range(1, 4):
-        events.step(step, 3, f"step {step}/3")
+    if not events_written:
+        events.loading(f"starting {spec.get('tp')} rank(s), backend gloo")
+        for step in range(1, 4):
+            events.step(step, 3, f"step {step}/3")
     if result is not None:
-        result = dict(result, run=dict(id=run_id, kind=spec["kind"], model=spec.get("model"), tp=spec.get("tp"),
-                                       backend="gloo", seconds=seconds))
+        block = run_block(run_id, JobSpec.trusted(spec), _cpu_run_group(spec["tp"]), seconds)
+        result = dict(result, run=dict(result.get("run") or block, id=run_id))
         write_atomic(paths.result, json.dumps(result, indent=2, default=str))
     if status == "done":
         events.done(f"{spec['kind']} finished in {seconds:.1f} s")
@@ -85,16 +101,23 @@ def _record(root: Path, run_id: str, spec: dict, status: str, result: dict | Non
     return paths
 
 
-def _calibrate(root: Path, run_id: str, source: str) -> dict:
+def _run_kind(root: Path, run_id: str, spec: dict, seconds: float = 12.0) -> dict:
+    """Run ``spec``'s job kind as the worker does (its registered body, a JobContext, events from
+    rank 0), on threaded ranks; record the run. Returns rank 0's result."""
     from lowbit.comm.dist import ThreadWorld
-    from lowbit.method.calibrate import calibrate
-    spec = JobSpec(kind="calibrate", model=MODEL, tp=TP, calib_data=source, calib_tokens=8 * SEQ_LEN,
-                   params=dict(seq_len=SEQ_LEN, batch_size=2)).to_dict()
-    out = RunPaths(root, run_id).dir / "calibration"
-    params = dict(model=MODEL, source=source, chunks=8, seq_len=SEQ_LEN, batch_size=2, gamma=0.01, out=str(out),
-                  force=True)
-    result = ThreadWorld(TP).run(calibrate, params)[0]
-    _record(root, run_id, dict(spec, run_id=run_id), "done", result)
+    from launch.registry import kind_function
+    from launch.worker import JobContext
+    with _runs_env(root):  # the spec's checks find calib_from runs under the runs root
+        job = JobSpec.from_dict(dict(spec, run_id=run_id))
+    paths = RunPaths(root, run_id)
+    paths.make()
+    EventLog(paths.events).loading(f"starting {job.tp} rank(s), backend gloo")
+    body = kind_function(job.kind)
+
+    def rank(group):
+        return body(JobContext(group, job, EventLog(paths.events, enabled=group.rank == 0), paths))
+    result = ThreadWorld(job.tp).run(rank)[0]
+    _record(root, run_id, job.to_dict(), "done", result, seconds=seconds, events_written=True)
     return result
 
 
@@ -105,6 +128,7 @@ def _one_model_for_all_ranks():
     tokenizing a whole source once per rank would dominate the fixture's time."""
     from unittest import mock
 
+    from launch.kinds import sweep
     from lowbit.method import calibrate, evaluate
     from lowbit.model.data import token_chunks
     from lowbit.model.engine import build_tp_model
@@ -116,7 +140,8 @@ def _one_model_for_all_ranks():
     def build(name, group, *args, **kwargs):
         return build_tp_model(name, group, *args, **dict(kwargs, loaded=loaded if name == MODEL else None))
 
-    with mock.patch.object(calibrate, "build_tp_model", build), mock.patch.object(evaluate, "build_tp_model", build):
+    with mock.patch.object(calibrate, "build_tp_model", build), mock.patch.object(evaluate, "build_tp_model", build), \
+            mock.patch.object(sweep, "build_tp_model", build):
         yield
 
 
@@ -125,77 +150,32 @@ def _build(root: Path) -> None:
         _build_runs(root)
 
 
+def demo_fixture_spec() -> dict:
+    """The classroom demo's preset on tiny-llama at TP 2, on one chunk of held-out text (the
+    evaluate run uses two: their numbers differ) and the fixture's calibration."""
+    return demo_spec(MODEL, TP, calib_from="cal-wiki", calib_tokens=8 * SEQ_LEN, eval_tokens=SEQ_LEN,
+                     params=dict(seq_len=SEQ_LEN, batch_size=2, layer_error=True, layer_error_chunks=1))
+
+
 def _build_runs(root: Path) -> None:
-    from lowbit.comm.dist import ThreadWorld
-    from lowbit.method.evaluate import evaluate
     root.mkdir(parents=True)
-    _calibrate(root, "cal-wiki", "wikipedia")
-    _calibrate(root, f"cal-{SECOND_SOURCE}", SECOND_SOURCE)
-    with _runs_env(root):
-        spec = JobSpec(kind="evaluate", model=MODEL, tp=TP, schemes=EVAL_SCHEMES, calib_from="cal-wiki",
-                       calib_tokens=8 * SEQ_LEN, eval_tokens=2 * SEQ_LEN, tasks=["arc_easy", "piqa"], items_per_task=2,
-                       params=dict(seq_len=SEQ_LEN, batch_size=2, layer_error=True, layer_error_chunks=1)).to_dict()
-    params = dict(model=MODEL, schemes=EVAL_SCHEMES, calibration=str(RunPaths(root, "cal-wiki").dir / "calibration"),
-                  eval_source="wikipedia", eval_chunks=2, seq_len=SEQ_LEN, batch_size=2, tasks=["arc_easy", "piqa"],
-                  items=2, seed=0, layer_error=True, layer_error_chunks=1, source="wikipedia", chunks=8, gamma=0.01)
-    evaluation = ThreadWorld(TP).run(evaluate, params)[0]
-    _record(root, "eval-tiny", dict(spec, run_id="eval-tiny"), "done", evaluation, seconds=41.0)
+    _run_kind(root, "cal-wiki", FIXTURES["calibrate"])
+    _run_kind(root, f"cal-{SECOND_SOURCE}", dict(FIXTURES["calibrate"], calib_data=SECOND_SOURCE))
+    _run_kind(root, "eval-tiny", dict(FIXTURES["evaluate"], calib_from="cal-wiki"), seconds=41.0)
+    _run_kind(root, "demo-tiny", demo_fixture_spec(), seconds=38.0)
+    _run_kind(root, "sweep-tiny", dict(FIXTURES["sweep"], calib_from="cal-wiki"), seconds=30.0)
+    for run_id, name in BENCH_RUNS.items():  # real torchrun runs: the records as the bench wrote them
+        _record(root, run_id, fixture_spec(name), "done", fixture_result(name))
 
-    # The demo's shape: the same evaluation restricted to the demo's schemes (and the reference), and,
-    # like the real demo preset, without tasks (no "tasks", "kept_pct", "avg_primary" in its records).
-    task_keys = ("tasks", "kept_pct", "kept_se", "avg_primary")
-    demo = dict(evaluation, records=[{k: v for k, v in r.items() if k not in task_keys}
-                                     for r in evaluation["records"] if r["scheme"] in ("fp32", *DEMO_SCHEMES)],
-                layer_errors=[r for r in evaluation["layer_errors"] if r["scheme"] in DEMO_SCHEMES])
-    with _runs_env(root):
-        demo_spec = dict(spec, schemes=list(DEMO_SCHEMES), run_id="demo-tiny")
-    _record(root, "demo-tiny", demo_spec, "done", demo, seconds=38.0)
-
-    # An auto-tune sweep over the same calibration (points read like evaluate records).
-    _record(root, "sweep-tiny", dict(kind="sweep", model=MODEL, tp=TP, calib_from="cal-wiki", schemes=["int8-token"],
-                                     run_id="sweep-tiny"), "done", _sweep_result(root), seconds=30.0)
-
-    # collective-bench: the record format its kind writes (numbers shaped like a loopback run).
-    records = []
-    for tp in (2, 4):
-        for tokens in (16, 256, 4096):
-            base_ms = 0.05 + tokens * 576 * 2 * 2 * (tp - 1) / tp / 2e9 * 1e3
-            for method, scheme, bits in (("exact", "bf16", 16.0), ("gather", "int4-static-top1/64", 4.1875),
-                                         ("two_shot", "int4-token@twoshot+int8-token", 12.2)):
-                scale = tp / 2 if method == "gather" else 1  # all-gather sends TP-1 payloads
-                ms = base_ms if method == "exact" else 0.08 + base_ms * bits / 16 * scale
-                records.append(dict(tp=tp, tokens=tokens, hidden=576, method=method, scheme=scheme,
-                                    median_ms=ms, speedup_vs_bf16=base_ms / ms,
-                                    bytes_per_rank=tokens * 576 * bits / 8 * (tp - 1), bits_per_value=bits,
-                                    link="loopback"))
-    _record(root, "bench-loopback", dict(kind="collective-bench", model=MODEL, tp=4, link="loopback",
-                                         run_id="bench-loopback"), "done", dict(records=records))
-
-    failed = _record(root, "eval-failed", dict(spec, run_id="eval-failed", schemes=["int2-token"]), "failed",
+    evaluate = dict(fixture_spec("evaluate"), calib_from="cal-wiki")
+    failed = _record(root, "eval-failed", dict(evaluate, schemes=["int2-token"]), "failed",
                      error="rank 1 failed (exitcode 1): RuntimeError: deliberate failure for the app tests")
     write_atomic(failed.launcher_log, "[rank1]: Traceback (most recent call last):\n[rank1]: RuntimeError: "
                                       "deliberate failure for the app tests\n")
-    corrupt = _record(root, "eval-corrupt", dict(spec, run_id="eval-corrupt"), "done", {"records": []})
+    corrupt = _record(root, "eval-corrupt", evaluate, "done", {"records": []})
     corrupt.result.write_text('{"records": [ {"scheme": "bf16", ')  # torn write
     (root / "orphan-dir").mkdir()  # a directory without spec.json
-    _record(root, "gen-lost", dict(kind="generate", model=MODEL, tp=TP, prompt="Hi", run_id="gen-lost"), "running")
-
-
-def _sweep_result(root: Path) -> dict:
-    from lowbit.method import calibrate  # its build_tp_model is the one _one_model_for_all_ranks patches
-    from lowbit.method.calibrate import Calibration
-    from lowbit.model.data import token_chunks
-    from lowbit.comm.dist import ThreadWorld
-    from lowbit.method.sweep import run_sweep
-    calibration = Calibration.load(RunPaths(root, "cal-wiki").dir / "calibration")
-    params = dict(schemes=["int8-token"], grid=dict(bits=[2, 4], granularity=["token"], rotation=[None, 16]),
-                  budget_min=2.0, budget_max=8.5, kl_max=1.0, batch_size=2, seq_len=SEQ_LEN)
-
-    def body(group):
-        tp = calibrate.build_tp_model(MODEL, group)
-        held = token_chunks(tp.tokenizer, "wikipedia", "eval", 2, SEQ_LEN)
-        return run_sweep(tp, group, params, calibration, held, None, RunPaths(root, "sweep-tiny").dir / "points")
-    return ThreadWorld(TP).run(body)[0]
+    _record(root, "gen-lost", fixture_spec("generate"), "running")
 
 
 def build_results_template(base: Path) -> Path:
@@ -252,6 +232,78 @@ def test_load_result_reports_problems_instead_of_raising(results_root):
     assert data is None and "missing" in problem
     data, problem = load_result("../etc", results_root)
     assert data is None and "run id" in problem
+
+
+def _strip_samples(folder: Path) -> None:
+    """Rewrite the artifact in ``folder`` as an older version saved it: no sample partials."""
+    from lowbit.method.calibrate import Calibration
+    cal = Calibration.load(folder)
+    cal.sample = None
+    cal.save(folder)
+
+
+def test_load_calibration_names_a_missing_a_damaged_and_an_outdated_artifact(results_root):
+    from safetensors.torch import load_file, save_file
+    folder = results_root / "cal-wiki" / "calibration"
+    cal = load_calibration(folder)
+    assert spikiest_stored_sample(cal) == spikiest_sample(cal)  # lowbit.analysis's answer where samples exist
+
+    tensors = folder / "calibration.safetensors"
+    saved = tensors.read_bytes()
+    tensors.write_bytes(saved[:100])  # a torn write
+    with pytest.raises(ArtifactDamaged, match="cannot be read"):
+        load_calibration(folder)
+    every = load_file(str(_write(tensors, saved)))
+    save_file({k: v for k, v in every.items() if k != "batch_min"}, str(tensors))  # another version's layout
+    with pytest.raises(ArtifactOutdated, match="no tensor 'batch_min'"):
+        load_calibration(folder)
+    _write(tensors, saved)
+    (folder / "calibration.json").unlink()
+    with pytest.raises(ArtifactMissing, match="calibration.json missing"):
+        load_calibration(folder)
+
+    other = results_root / f"cal-{SECOND_SOURCE}" / "calibration"
+    _strip_samples(other)
+    with pytest.raises(ArtifactOutdated, match="stores no sample partials"):
+        spikiest_stored_sample(load_calibration(other))
+    assert all(issubclass(c, StoreProblem) for c in (ArtifactMissing, ArtifactDamaged,
+                                                           ArtifactOutdated))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("run_id, fixture", [("cal-wiki", "calibrate"), ("eval-tiny", "evaluate"),
+                                             ("sweep-tiny", "sweep")])
+def test_fixture_runs_have_the_keys_and_types_of_real_runs(results_template, run_id, fixture):
+    """The runs computed on threaded ranks for the app tests against the same kind's real torchrun
+    run (tests/fixtures/jobs, made by tests/scripts/make_fixtures.py with the same specs): the same
+    keys and value types everywhere, the run block included. A kind whose output changes fails
+    here until the fixtures are made again."""
+    ours = json.loads(RunPaths(results_template, run_id).result.read_text())
+    real = fixture_result(fixture)
+    assert json_shape(ours) == json_shape(real), sorted(json_shape(ours) ^ json_shape(real))
+    spec = json.loads(RunPaths(results_template, run_id).spec.read_text())
+    assert json_shape(spec) == json_shape(fixture_spec(fixture)), sorted(json_shape(spec) ^ json_shape(fixture_spec(fixture)))
+
+
+def test_every_checked_in_fixture_is_a_current_spec_of_its_kind_with_a_real_run_block():
+    from launch.registry import KINDS
+    from launch.spec import SpecError
+    assert {FIXTURES[name]["kind"] for name in FIXTURES} == set(KINDS), "one real run of every job kind"
+    for name in FIXTURES:
+        spec = fixture_spec(name)
+        assert set(spec) == set(JobSpec.field_names()), name  # every field, none another version dropped
+        assert JobSpec.trusted(spec).to_dict() == spec, name
+        try:
+            JobSpec.from_dict(dict(spec, calib_from=None))  # still valid today (calib_from names a run of the script)
+        except SpecError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+        run = fixture_result(name)["run"]
+        assert run["kind"] == spec["kind"] and run["id"] == name and run["tp"] == spec["tp"], name
+        assert run["backend"] == "gloo" and run["placement"]["backend"] == "gloo", name
 
 
 def test_scheme_frame_has_one_row_per_scheme_with_the_papers_bits(results_root):
@@ -369,6 +421,7 @@ def test_rotation_view_of_a_stored_partial(results_root):
         for other_layer in range(cal.layers):
             for r in range(TP):
                 s = cal.site_sample(Site(other_layer, m), r)
+                # the same float32 reductions as spikiest_sample's: 1e-6 covers their order (crests ~1-10)
                 assert s.abs().max() / s.pow(2).mean().sqrt() <= crest + 1e-6
     values, tokens = rotation_view(cal, layer, module, rank, 16, "int4-token")
     tokens_n, hidden = sample.shape
@@ -376,7 +429,10 @@ def test_rotation_view_of_a_stored_partial(results_root):
     original = values[values["stage"] == "original"]["value"].to_numpy()
     assert np.allclose(original, sample.reshape(-1).numpy())
     rotated = values[values["stage"] != "original"]["value"].to_numpy().reshape(tokens_n, hidden)
-    assert np.allclose((rotated ** 2).sum(1), (sample.numpy() ** 2).sum(1), rtol=1e-4)  # orthogonal
+    # orthogonal: norms kept. fp32 sums of 64 squares after a 16-term rotation differ ~1e-6 relative;
+    # 1e-4 is 100x that, and a matrix that is not orthogonal changes norms by O(1)
+    assert np.allclose((rotated ** 2).sum(1), (sample.numpy() ** 2).sum(1), rtol=1e-4)
+    # max >= RMS always; 1e-6 absorbs the fp32 rounding of the mean of squares (values ~1)
     assert len(tokens) == tokens_n and (tokens["absmax"] >= tokens["rms"] - 1e-6).all()
     assert tokens[["error", "error_rotated", "rest_error", "rest_error_rotated"]].notna().all().all()
     with pytest.raises(ValueError, match="rotation block"):
@@ -403,15 +459,22 @@ def test_outlier_frames_from_a_real_calibration(results_root):
     sources = overlap_between_sources(cal, other, k)
     assert len(sources) == 2 * 2 and sources["jaccard"].between(0, 1).all()
     trace = ema_trace_frame(cal, 1, "o_proj", chosen[0])
+    # the EMA starts at the first batch's range; the two are summed over ranks in other orders (fp32)
     assert len(trace) == 4 and trace["ema_range"].iloc[0] == pytest.approx(trace["batch_range"].iloc[0], rel=1e-5)
     assert random_jaccard(64, 4) == pytest.approx((16 / 64) / (8 - 16 / 64))
 
 
 def test_collective_frame_reads_bench_records(results_root):
     bench = collective_frame(runs_frame(results_root), results_root)
-    assert len(bench) == 2 * 3 * 3
+    written = [dict(r, run_id=run_id) for run_id, name in BENCH_RUNS.items() for r in fixture_result(name)["records"]]
+    assert len(bench) == len(written) == 2 * 3 * 3  # 2 TP sizes x 3 sizes x 3 schemes
     assert set(bench["method"]) == {"exact", "gather", "two_shot"}
-    assert bench["message_mib"].iloc[0] == pytest.approx(bench["tokens"].iloc[0] * 576 * 2 / 2**20)
+    by_key = bench.set_index(["run_id", "tp", "tokens", "scheme"])
+    for r in written:
+        row = by_key.loc[(r["run_id"], r["tp"], r["tokens"], r["scheme"])]
+        assert (row["median_ms"], row["bytes_per_rank"], row["method"]) == (r["median_ms"], r["bytes_per_rank"],
+                                                                            r["method"])
+        assert row["message_mib"] == r["tokens"] * r["hidden"] * 2 / 2**20  # the BF16 message it replaces
 
 
 def test_compare_two_runs_side_by_side(results_root):
@@ -421,9 +484,17 @@ def test_compare_two_runs_side_by_side(results_root):
     assert "kl (A)" in merged and "kl (B)" in merged
     by_scheme = merged.set_index("scheme")
     assert pd.isna(by_scheme.loc["int8-token", "kl (B)"])  # not a demo scheme: only in A
-    assert by_scheme.loc["int4-static-top1/64", "kl (A)"] == by_scheme.loc["int4-static-top1/64", "kl (B)"]
-    specs = compare_specs(load_spec("eval-tiny", results_root), load_spec("demo-tiny", results_root))
-    assert set(specs.loc[~specs["same"], "field"]) == {"run_id", "schemes"}
+    # each side holds its own run's number: the demo evaluated other text, so they differ
+    kl_a = {r["scheme"]: r["kl"] for r in a["records"]}
+    kl_b = {r["scheme"]: r["kl"] for r in b["records"]}
+    for scheme in DEMO_SCHEMES:
+        assert (by_scheme.loc[scheme, "kl (A)"], by_scheme.loc[scheme, "kl (B)"]) == (kl_a[scheme], kl_b[scheme])
+    assert kl_a["int4-static-top1/64"] != kl_b["int4-static-top1/64"]
+    specs = compare_specs(load_spec("eval-tiny", results_root),
+                                  load_spec("demo-tiny", results_root))
+    # the demo preset against the fixture's evaluate spec: its schemes, one chunk of text, no tasks, a time limit
+    assert set(specs.loc[~specs["same"], "field"]) == {"run_id", "schemes", "eval_tokens", "tasks", "items_per_task",
+                                                       "time_limit_s"}
 
 
 def test_model_shape_and_valid_tp_sizes():

@@ -148,7 +148,7 @@ def test_three_node_cluster_at_100mbit_runs_exact_and_quantized_all_reduce(queue
     (both ways: faster would mean the link is not shaped)."""
     tokens, hidden, n, rate = 2048, 576, 3, 100e6
     spec = JobSpec(kind="collective-bench", model="none", tp=n, link="100mbit", collective_timeout_s=120,
-                   params=dict(tokens=[tokens], hidden=[hidden], repeats=3, min_repeats=3, warmup=1, codec="lowbit",
+                   params=dict(tokens=[tokens], hidden=[hidden], repeats=3, min_repeats=3, warmup=1, codec="reference",
                                schemes=["bf16", "int4-static-top1/64@twoshot+int4-token"]))
     run_id = queue.submit(spec)
     clean_host.append(run_id)
@@ -167,7 +167,10 @@ def test_three_node_cluster_at_100mbit_runs_exact_and_quantized_all_reduce(queue
     assert exact["link"] == "100mbit" and exact["tp"] == n
 
     quant = records["int4-static-top1/64@twoshot+int4-token"]
-    assert quant["rel_error"] < 0.15, quant  # int4 two legs with the outliers in bf16: a sum, not noise
+    # int4 on both legs with the top 1/64 features in bf16: bench_on_group on threaded ranks with
+    # the same seeded 2048 x 576 partials measured 0.067 (a link changes times, never values);
+    # 0.15 is about 2x that.
+    assert quant["rel_error"] < 0.15, quant
     assert quant["bytes_per_rank"] < exact["bytes_per_rank"] / 3, quant  # ~4.2 of 16 bits per value
 
     log = paths.launcher_log.read_text()

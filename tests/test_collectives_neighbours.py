@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.method.calibrate import select_outliers
-from lowbit.comm.collectives import QuantCommunicator, channel_permutation, message_kwargs
+from lowbit.comm.collectives import QuantCommunicator, channel_permutation
 from lowbit.wire.accounting import scheme_bits_breakdown, scheme_bits_per_value
 from lowbit.site import Site
 from lowbit.comm.dist import ThreadWorld
@@ -40,7 +40,7 @@ def single_process(text: str, tp: int, site: Site = SITE) -> torch.Tensor:
     for j in range(HIDDEN // width):
         cols = slice(j * width, (j + 1) * width)
         local = idx[(idx >= cols.start) & (idx < cols.stop)] - cols.start
-        enc, dec = message_kwargs(scheme, width)
+        enc, dec = scheme.message_kwargs(width)
         reduced = torch.zeros(TOKENS, width)
         for r, x in enumerate(xs):
             smin, smax = (t[cols] for t in cal.rank_range(site, r)) if static else (None, None)

@@ -14,7 +14,7 @@ from lowbit.codebook import codebook, lloyd_max, max_gap, table_max_gap
 from lowbit.comm.collectives import QuantCommunicator
 from lowbit.comm.dist import ThreadWorld
 from lowbit.method.calibrate import Calibration, CalibrationError
-from lowbit.method.fitted_codebook import fit_tables, site_tables
+from lowbit.codes.lm import fit_tables, site_tables
 from lowbit.quant import dequantize, quantize
 from lowbit.rotation import rotate
 from lowbit.scheme import QuantSpec, SchemeError, parse_scheme
@@ -31,7 +31,8 @@ def _table(bits: int, seed: int) -> tuple[float, ...]:
     return tuple(lloyd_max((torch.randn(4000, generator=g) / 3).clamp(-1, 1), bits).tolist())
 
 
-LM_SPECS = [QuantSpec(b, True, gran, 16 if gran == "group" else None, code="lm", levels=_table(b, b))
+# (spec, its fitted table): the table is a per-call argument of quantize / dequantize
+LM_SPECS = [(QuantSpec(b, True, gran, 16 if gran == "group" else None, code="lm"), _table(b, b))
             for b in (2, 3, 4) for gran in ("static", "token", "group")]
 
 
@@ -60,16 +61,16 @@ def test_pinned_fit_keeps_its_ends_and_the_absmax_decodes_exactly():
     cells = torch.searchsorted((d[1:] + d[:-1]) / 2, v.double())
     means = torch.stack([v.double()[cells == i].mean() for i in range(1, 7)])
     assert_close_verbose(d[1:-1], means, atol=1e-6, msg="inner levels: a Lloyd-Max fixed point")  # as above
-    spec = QuantSpec(3, True, "token", code="lm", pin_ends=True, levels=tuple(t.tolist()))
+    spec, levels = QuantSpec(3, True, "token", code="lm", pin_ends=True), tuple(t.tolist())
     x = torch.randn(4, 32, generator=g)
-    res = quantize(x, spec)
-    y = dequantize(res.codes, spec, res.scales)
+    res = quantize(x, spec, levels=levels)
+    y = dequantize(res.codes, spec, res.scales, levels=levels)
     rows = torch.arange(4)
     top = x.abs().argmax(-1)
     assert torch.equal(y[rows, top], x[rows, top].sign() * res.scales), "each token's absmax decodes to its scale"
     assert str(parse_scheme("lm3sp-token-rot64")) == "lm3sp-token-rot64"
     with pytest.raises(SchemeError, match="levels"):
-        QuantSpec(3, True, "token", code="lm", pin_ends=True, levels=tuple(free.tolist()))
+        quantize(x, spec, levels=tuple(free.tolist()))
 
 
 def test_lloyd_max_on_a_gaussian_beats_the_normal_quantile_codebook():
@@ -88,43 +89,44 @@ def test_table_max_gap_counts_the_ends_and_matches_nf():
     assert table_max_gap(torch.tensor([-0.5, 0.0, 0.5, 0.6])) == pytest.approx(1.0)  # twice the first entry's distance to -1
 
 
-@pytest.mark.parametrize("spec", LM_SPECS, ids=lambda s: f"{s}-{len(s.levels)}")
+@pytest.mark.parametrize("spec,levels", LM_SPECS, ids=lambda s: f"{s}-{len(s)}" if isinstance(s, tuple) else str(s))
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31), tokens=st.integers(1, 6), spread=st.sampled_from([1e-3, 1.0, 300.0]))
-def test_lm_error_is_within_half_the_largest_gap_of_its_table_times_scale(spec, seed, tokens, spread):
+def test_lm_error_is_within_half_the_largest_gap_of_its_table_times_scale(spec, levels, seed, tokens, spread):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, 64, generator=g) * spread
     # the table's largest gap counts each end's distance to +-1 twice (table_max_gap)
-    res = assert_codebook_error_bound(x, spec, x.amin(0) - 0.01, x.amax(0) + 0.01, table_max_gap(torch.tensor(spec.levels)))
+    res = assert_codebook_error_bound(x, spec, x.amin(0) - 0.01, x.amax(0) + 0.01, table_max_gap(torch.tensor(levels)),
+                                      levels=levels)
     assert res.clamped == 0 and res.nonfinite == 0 and int(res.codes.max()) < 2**spec.bits
 
 
-@pytest.mark.parametrize("spec", LM_SPECS, ids=lambda s: f"{s}-{len(s.levels)}")
+@pytest.mark.parametrize("spec,levels", LM_SPECS, ids=lambda s: f"{s}-{len(s)}" if isinstance(s, tuple) else str(s))
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31))
-def test_lm_nan_and_inf_do_not_poison_other_values(spec, seed):
+def test_lm_nan_and_inf_do_not_poison_other_values(spec, levels, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 32, generator=g)
     clean = x.clone()
     x[0, 1], x[1, 2], x[2, 3] = math.nan, math.inf, -math.inf
     lo, hi = clean.amin(0) - 0.5, clean.amax(0) + 0.5
-    res = quantize(x, spec, lo, hi)
-    y = dequantize(res.codes, spec, res.scales)
+    res = quantize(x, spec, lo, hi, levels=levels)
+    y = dequantize(res.codes, spec, res.scales, levels=levels)
     assert res.nonfinite == 3 and torch.isfinite(y).all()
     scale = scale_per_element(res, spec, x.shape)
-    table = torch.tensor(spec.levels)
+    table = torch.tensor(levels)
     assert y[1, 2] == table[-1] * scale[1, 2] and y[2, 3] == table[0] * scale[2, 3], "+-Inf take the end entries"
     assert y[0, 1] == table[table.abs().argmin()] * scale[0, 1], "NaN codes as 0: the entry nearest zero"
     mask = torch.isfinite(x)
-    ref = quantize(torch.where(mask, x, 0.0), spec, lo, hi)
-    assert torch.equal(y[mask], dequantize(ref.codes, spec, ref.scales)[mask])
+    ref = quantize(torch.where(mask, x, 0.0), spec, lo, hi, levels=levels)
+    assert torch.equal(y[mask], dequantize(ref.codes, spec, ref.scales, levels=levels)[mask])
 
 
 def test_lm_without_its_table_is_an_error_naming_the_field():
     with pytest.raises(ValueError, match="levels"):
         quantize(torch.ones(2, 16), parse_scheme("lm4-token").quant)
     with pytest.raises(SchemeError, match="levels"):
-        QuantSpec(4, True, "token", code="lm", levels=(0.0,) * 3)
+        quantize(torch.ones(2, 16), QuantSpec(4, True, "token", code="lm"), levels=(0.0,) * 3)
     with pytest.raises(SchemeError, match="bits"):
         parse_scheme("lm5-token")
     with pytest.raises(SchemeError, match="second"):
@@ -136,14 +138,14 @@ def test_lm_without_its_table_is_an_error_naming_the_field():
 @given(tokens=st.integers(1, 9), seed=st.integers(0, 2**31))
 def test_lm_bits_from_the_payload_bytes_equal_the_formula(text, tokens, seed):
     scheme = parse_scheme(text)
-    quant = QuantSpec(**{**scheme.quant.__dict__, "levels": _table(scheme.quant.bits, seed % 97)})
+    quant, levels = scheme.quant, _table(scheme.quant.bits, seed % 97)
     hidden = 576
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g)
     idx = torch.arange(0, hidden, 64) if scheme.outliers.select != "none" else None
     n_out = 0 if idx is None else idx.numel()
     lo, hi = x.amin(0) - 0.1, x.amax(0) + 0.1
-    payload, _ = encode(x, quant, idx, lo, hi)
+    payload, _ = encode(x, quant, idx, lo, hi, levels=levels)
     lay = layout(tokens, hidden, quant, n_out)
     assert payload.numel() == lay.total_bytes
     n_scales = {"static": 0, "token": tokens, "group": tokens * hidden // (quant.group_size or 1)}[quant.granularity]
@@ -152,12 +154,12 @@ def test_lm_bits_from_the_payload_bytes_equal_the_formula(text, tokens, seed):
     assert lay.table_bytes == 2**quant.bits * 4
     if tokens == 8:
         assert 8 * payload.numel() / (tokens * hidden) == scheme_bits_per_value(scheme, hidden, 3)
-    y = decode(payload, tokens, hidden, quant, idx, lo, hi)
-    res = quantize(x, quant, lo, hi, exclude=idx)
+    y = decode(payload, tokens, hidden, quant, idx, lo, hi, levels=levels)
+    res = quantize(x, quant, lo, hi, exclude=idx, levels=levels)
     keep = torch.ones(hidden, dtype=torch.bool)
     if idx is not None:
         keep[idx] = False
-    assert torch.equal(y[:, keep], dequantize(res.codes, quant, res.scales)[:, keep])
+    assert torch.equal(y[:, keep], dequantize(res.codes, quant, res.scales, levels=levels)[:, keep])
 
 
 def test_table_bytes_counts_each_lm_site_per_rank_or_once():
@@ -211,18 +213,21 @@ def test_communicator_decodes_each_sender_with_that_senders_table(text):
     results = ThreadWorld(TP).run(body)
     out0, plan = results[0]
     assert torch.equal(out0, results[1][0]), "every rank computes the same sum"
-    assert plan.quants is not None and [q.levels for q in plan.quants] == [
-        q.levels for q in results[1][1].quants], "every rank holds the same tables"
+    assert plan.levels is not None and plan.levels == results[1][1].levels, "every rank holds the same tables"
     exact = partials.sum(0)
     err = float((out0 - exact).norm() / exact.norm())
-    assert err < 0.35, (text, err)  # 2-4 bit codes on Gaussian partials: a relative error well below 1
+    # 2-4 bit tables on Gaussian partials (one feature 30x): measured 0.03 (lm4s-token-top1/32) to
+    # 0.125 (lm2-static-top1/32, 4 levels); 0.35 leaves ~3x for the 2-bit case. Which table decoded
+    # which sender is checked exactly below (the manual decode), so this bound only says "a sum".
+    assert err < 0.35, (text, err)
     if plan.scheme.algo == "gather" and plan.scheme.rotation is None:
         idx = plan.outlier_idx
         manual = torch.zeros(5, HIDDEN)
         for r in range(TP):
             smin, smax = (None, None) if plan.static_min is None else (plan.static_min[r], plan.static_max[r])
-            payload, _ = encode(partials[r], plan.quants[r], idx, smin, smax)
-            manual += decode(payload, 5, HIDDEN, plan.quants[r], idx, smin, smax)
+            quant, levels = plan.scheme.quant, plan.levels[r]
+            payload, _ = encode(partials[r], quant, idx, smin, smax, levels=levels)
+            manual += decode(payload, 5, HIDDEN, quant, idx, smin, smax, levels=levels)
         assert torch.equal(out0, manual.to(out0.dtype))
 
 

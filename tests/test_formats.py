@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.artifacts import cache_root
-from lowbit.quant import dequantize, fp_decode, fp_encode, fp_round, fp_table, quantize
-from lowbit.scheme import FP_FORMATS, PRESETS, QuantSpec, SchemeError, parse_scheme
+from lowbit.codes.fp import FP_FORMATS, fp_decode, fp_encode, fp_round, fp_table
+from lowbit.quant import dequantize, quantize
+from lowbit.scheme import PRESETS, QuantSpec, SchemeError, parse_scheme
 from lowbit.site import Site
 from lowbit.wire import accounting
 from lowbit.wire.payload import decode, encode, layout
@@ -52,11 +52,11 @@ def tensor_of(rows: list[list[float]]) -> torch.Tensor:
 def test_fp8_rounding_equals_torchs_saturated_cast(values, code):
     spec = spec_of(code, "token")
     v = torch.tensor(values, dtype=torch.float32)
-    cast = v.clamp(-spec.fp_max, spec.fp_max).to(_FP8[code])
-    assert torch.equal(fp_round(v, spec.bits, spec.exp_bits), cast.float())
-    generic = fp_encode(v, spec.bits, spec.exp_bits, via_torch=False)
+    cast = v.clamp(-spec.code.fp_max, spec.code.fp_max).to(_FP8[code])
+    assert torch.equal(fp_round(v, spec.bits, spec.code.exp_bits), cast.float())
+    generic = fp_encode(v, spec.bits, spec.code.exp_bits, via_torch=False)
     assert torch.equal(generic, cast.view(torch.uint8))  # the hand-built bit patterns are torch's
-    assert torch.equal(fp_decode(generic, spec.bits, spec.exp_bits), cast.float())
+    assert torch.equal(fp_decode(generic, spec.bits, spec.code.exp_bits), cast.float())
 
 
 @pytest.mark.parametrize("code", list(_FP8))
@@ -65,8 +65,8 @@ def test_fp8_table_decodes_every_finite_pattern_as_torch_does(code):
     patterns = torch.arange(256, dtype=torch.int64).to(torch.uint8)
     theirs = patterns.view(_FP8[code]).float()
     finite = torch.isfinite(theirs)
-    assert torch.equal(fp_table(spec.bits, spec.exp_bits)[finite], theirs[finite])
-    assert fp_table(spec.bits, spec.exp_bits).abs().max() == spec.fp_max  # NaN/inf patterns decode finite
+    assert torch.equal(fp_table(spec.bits, spec.code.exp_bits)[finite], theirs[finite])
+    assert fp_table(spec.bits, spec.code.exp_bits).abs().max() == spec.code.fp_max  # NaN/inf patterns decode finite
 
 
 E2M1_BY_HAND = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX v1.0, FP4 E2M1 magnitudes, codes 0..7
@@ -112,7 +112,7 @@ def test_error_is_within_half_a_step_of_the_format_at_that_magnitude(rows, code,
         if si == 0:  # an all-zero token / group: no division, exact zeros
             assert xi == 0 and di == 0
             continue
-        bound = half_step(xi / si, spec.bits, spec.exp_bits) * si * (1 + 2**-20) + abs(xi) * 2**-22
+        bound = half_step(xi / si, spec.bits, spec.code.exp_bits) * si * (1 + 2**-20) + abs(xi) * 2**-22
         assert abs(xi - di) <= bound, (xi, di, si)
 
 
@@ -127,7 +127,7 @@ def test_static_scales_saturate_at_the_formats_max_and_count_the_clamped(code):
     deq = dequantize(res.codes, spec, res.scales)
     beyond = x.abs() > 2.5
     assert res.clamped == int(beyond.sum()) > 0
-    top = spec.fp_max * res.scales  # the format's largest value times the feature's scale
+    top = spec.code.fp_max * res.scales  # the format's largest value times the feature's scale
     assert torch.equal(deq[beyond], (torch.sign(x) * top.expand_as(x))[beyond])
     assert torch.isfinite(deq).all()
 
@@ -154,7 +154,7 @@ def test_nan_and_inf_poison_no_neighbour(seed, code, fmt, gran):
     scale = rb.scales.unsqueeze(-1).expand(-1, 64) if gran == "token" else rb.scales.repeat_interleave(16, -1)
     assert torch.equal(db[torch.isnan(bad)], torch.zeros(int(torch.isnan(bad).sum())))
     pos, neg = bad == float("inf"), bad == -float("inf")
-    assert torch.equal(db[pos], (spec.fp_max * scale)[pos]) and torch.equal(db[neg], -(spec.fp_max * scale)[neg])
+    assert torch.equal(db[pos], (spec.code.fp_max * scale)[pos]) and torch.equal(db[neg], -(spec.code.fp_max * scale)[neg])
 
 
 @PROPERTY
@@ -195,12 +195,26 @@ def test_fp16_scales_saturate_on_a_massive_activation_instead_of_overflowing():
         assert torch.equal(back[0], dequantize(res.codes, spec, res.scales, res.mins)[0])
 
 
-def test_fp16_scales_on_the_real_stored_calibration_sample():
-    folder = cache_root() / "calib" / "smollm2-135m-tp3-wikipedia-8x256-g0.01"
-    if not (folder / "calibration.safetensors").exists():
-        pytest.skip(f"no stored calibration sample in {folder} (made by `python -m lowbit calibrate`)")
-    from lowbit.method.calibrate import Calibration
-    cal = Calibration.load(folder)
+@pytest.mark.slow
+def test_fp16_scales_on_a_real_smollm2_partial(smollm2):
+    """SmolLM2-135M's TP-3 partials hold a massive activation (DESIGN: over 2e4). The sample is made
+    here as calibration stores it -- the first 16 tokens of the first 256-token Wikipedia chunk on
+    each rank, from ``run_calibration`` on threaded ranks -- so the test runs on a fresh clone."""
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.method.calibrate import run_calibration
+    from lowbit.model.data import token_chunks
+    from lowbit.model.engine import build_tp_model
+    first_chunk = [token_chunks(smollm2.tokenizer, "wikipedia", "calib", 1, 256)]
+
+    def rank(group):
+        tp = build_tp_model("smollm2-135m", group, loaded=smollm2)
+        return run_calibration(tp.model, group, first_chunk, meta=dict(model="smollm2-135m"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per rank thread: the ranks already fill the cores
+    try:
+        cal = ThreadWorld(3).run(rank)[0]
+    finally:
+        torch.set_num_threads(threads)
     peak = cal.sample.abs().amax(dim=(-1, -2, -3))  # [layers, modules]
     layer, module = divmod(int(peak.argmax()), peak.shape[1])
     site = Site(layer, ("o_proj", "down_proj")[module])
@@ -266,15 +280,15 @@ def test_refusals_name_the_field_and_the_allowed_values(text, field, allowed):
 
 # -- presets -----------------------------------------------------------------------------------------
 
-# bits per value of the preset's message, from the payload bytes (tokens x hidden at hidden 576)
+# bits per value of the preset's message, from the payload bytes (tokens x hidden at hidden 576); the
+# flat groups cover the 8 x 576 = 4608 values of the message: 18 of 256, and 10 of 496 (the last one short)
 PRESET_BITS_576 = {"mxfp4": 4.25, "mxfp8": 8.25, "nvfp4": 4.5 + 32 / (8 * 576), "quickreduce-int4": 4.5,
-                   "quickreduce-int6": 6.5, "quickreduce-int8": 8.5}
-# groups of 256 / 496 do not divide 576: measured where they divide the (two-shot chunk of the) hidden size
-PRESET_BITS_ELSEWHERE = {"flashinfer-fp8": (4096, 2, 8.125), "trtllm-fp8": (3968, 1, 8 + 32 / 496)}
+                   "quickreduce-int6": 6.5, "quickreduce-int8": 8.5, "flashinfer-fp8": 8.125,
+                   "trtllm-fp8": 8 + 10 * 32 / (8 * 576)}
 
 
 def test_every_preset_is_measured_here():
-    assert set(PRESET_BITS_576) | set(PRESET_BITS_ELSEWHERE) == set(PRESETS)
+    assert set(PRESET_BITS_576) == set(PRESETS)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -296,17 +310,6 @@ def test_preset_bits_at_hidden_576_from_bytes(name):
     assert row["format_bits"] == pytest.approx(PRESET_BITS_576[name], abs=1e-12)
 
 
-@pytest.mark.parametrize("name", list(PRESET_BITS_ELSEWHERE))
-def test_flat_group_presets_are_refused_at_576_and_measured_where_they_fit(name):
-    with pytest.raises(SchemeError, match="group_size: .* does not divide"):
-        parse_scheme(name).validate_for(576, 2)
-    hidden, tp, bits = PRESET_BITS_ELSEWHERE[name]
-    s = parse_scheme(name)
-    width = hidden // tp if s.algo == "two_shot" else hidden
-    payload, _ = encode(torch.randn(4, width, generator=torch.Generator().manual_seed(1)), s.quant)
-    assert 8 * payload.numel() / (4 * width) == pytest.approx(bits, abs=1e-12)
-
-
 @pytest.mark.parametrize("name", ["quickreduce-int4", "nvfp4", "mxfp4"])
 def test_preset_through_the_communicator_hands_the_accounted_bytes(name):
     tp, hidden = 2, 576
@@ -318,7 +321,10 @@ def test_preset_through_the_communicator_hands_the_accounted_bytes(name):
     for y, call in out:
         assert call.bytes_sent == leg1 + leg2
         assert torch.isfinite(y).all()
-        assert (y - exact).norm() / exact.norm() < 0.25  # a 4-bit format, not noise
+        # 4-bit codes with an absmax scale per group of 16-32 Gaussian values: about absmax/7/sqrt(12)
+        # ~ 0.1 of the RMS per leg; measured 0.10 (nvfp4), 0.12 (mxfp4), 0.13 (quickreduce-int4, two
+        # legs) on these seeded partials. 0.25 is about twice the largest; a lost signal reads ~1.
+        assert (y - exact).norm() / exact.norm() < 0.25
 
 
 def test_schemes_command_lists_every_preset(capsys):
@@ -331,7 +337,7 @@ def test_schemes_command_lists_every_preset(capsys):
 
 def test_second_leg_takes_an_fp_format():
     s = parse_scheme("fp8e4m3-group32-sfp32@twoshot+fp8e4m3-group32-sfp32")
-    assert s.second.code == "fp" and s.second.scale_format == "fp32"
+    assert s.second.code.name == "fp" and s.second.scale_format == "fp32"
     out = reduce_on_threads(str(s), 3, hidden=96, calibration=None)
     for y, call in out:
         assert call.extra["leg2_bytes"] == layout(5, 32, s.second).total_bytes
@@ -385,7 +391,10 @@ def test_nvfp4_against_torchao_with_the_same_message_scale(seed, magnitude):
     ours = res.wire_scales
     theirs = theirs_scale.float().reshape(ours.shape)
     same = ours == theirs
-    assert same.float().mean() > 0.05
+    # Nearest and round-up agree when the exact block scale lies in the upper half of its e4m3
+    # interval: about half of the 576 blocks (measured 0.47-0.50 for these seeds; a binomial s.d.
+    # of 0.02). 0.25 makes sure the agreeing branch below is tested on a real share of them.
+    assert same.float().mean() > 0.25
     up = ours[~same]
     assert (up > theirs[~same]).all()
     e4m3 = torch.arange(127, dtype=torch.int64).to(torch.uint8).view(torch.float8_e4m3fn).float()  # positives
@@ -412,14 +421,14 @@ def test_presets_run_in_an_evaluation_and_the_kernels_fall_back_by_name(tiny_mod
     from lowbit.model.engine import build_tp_model
     schemes = ["bf16", "fp8e4m3-token", "mxfp4", "nvfp4", "quickreduce-int4"]
     held = token_chunks(tiny_models["tiny-llama"].tokenizer, "wikipedia", "eval", 2, 32)
-    monkeypatch.setenv(dispatch.ENV, "reference")
+    monkeypatch.setenv(dispatch.ENV, "native")
 
     def run(codec):
         def body(group):
             tp = build_tp_model("tiny-llama", group, loaded=tiny_models["tiny-llama"])
             return evaluate_text(tp.model, group, held, schemes, None, batch_size=2, codec=codec)
         return ThreadWorld(2).run(body)[0]
-    plain, fused = run(None), run(dispatch)
+    plain, fused = run(None), run(dispatch.Codec())
     for s in schemes:
         for key in ("ppl", "kl", "top1_agreement", "bits_per_value", "clamped", "nonfinite"):
             assert fused[s][key] == plain[s][key], (s, key)
@@ -454,6 +463,8 @@ def test_static_second_leg_requantizes_the_reduced_sum_with_calibrated_scales():
     for rank, (_, _, rec) in enumerate(results):  # each owner counts the clamps of its own chunk
         assert rec.extra["leg2_clamped"] == int(beyond[:, rank * width:(rank + 1) * width].sum())
     exact = sum(xs)
+    # int4 per-token first leg on partials whose outlier features set each token's scale, then an
+    # int8 static second leg that adds little: measured 0.126 on these seeded partials; 0.2 is 1.6x.
     assert (out - exact).norm() / exact.norm() < 0.2
 
 

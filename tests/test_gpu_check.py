@@ -9,6 +9,7 @@ about two minutes on the 2-core machine, most of it starting torch in each rank.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -111,23 +112,96 @@ def test_run_record_carries_the_placement():
 
 
 # -- the orchestrator: every step leaves its file -------------------------------------------------
+FAKE_STEP = REPO / "tests" / "scripts" / "fake_gpu_check_step.py"
+
+
+def _fake_steps(monkeypatch, **modes):
+    """Run tests/scripts/fake_gpu_check_step.py in place of the named steps (mode ``hang``: a step
+    that cannot finish; ``finish``: one that ends at once); other steps stay real."""
+    real = gpu_check.step_command
+
+    def command(name, out, device, quick, limit_s):
+        if name not in modes:
+            return real(name, out, device, quick, limit_s)
+        return [sys.executable, str(FAKE_STEP), modes[name], name, str(out), device, str(limit_s)]
+    monkeypatch.setattr(gpu_check, "step_command", command)
+
+
 @pytest.mark.slow
-def test_a_failing_step_and_a_timed_out_step_leave_their_files_and_the_next_step_runs(tmp_path, monkeypatch):
+def test_a_failing_step_leaves_its_file_with_the_log_tail(tmp_path):
     log = tmp_path / gpu_check.LOG
     # --device cuda on a machine without one: the child exits before writing anything
     failed = gpu_check.run_step("collectives", tmp_path, "cuda", True, 60, log)
     assert failed["status"] == "failed" and "exit code" in failed["error"] and "no CUDA device" in failed["log_tail"]
-    assert json.loads((tmp_path / "collectives.json").read_text())["status"] == "failed"
-    # a limit far below what the step needs: killed, the file says so and keeps its fields
-    timed = gpu_check.run_step("kernel_speed", tmp_path, "cpu", True, 1.5, log)
-    assert timed["status"] == "timeout" and "limit" in timed["error"]
+    saved = json.loads((tmp_path / "collectives.json").read_text())
+    assert saved["status"] == "failed" and all(k in saved for k in gpu_check.COMMON_FIELDS)
+
+
+def test_a_step_that_cannot_finish_is_killed_at_its_limit_and_its_file_says_so(tmp_path, monkeypatch):
+    _fake_steps(monkeypatch, kernel_speed="hang")
+    log = tmp_path / gpu_check.LOG
+    timed = gpu_check.run_step("kernel_speed", tmp_path, "cpu", True, 1.0, log)
+    assert timed["status"] == "timeout" and "killed at its limit of 1 s" in timed["error"], timed
+    assert timed["seconds"] >= 1.0  # not before its limit
     saved = json.loads((tmp_path / "kernel_speed.json").read_text())
-    assert saved["status"] == "timeout" and all(k in saved for k in gpu_check.COMMON_FIELDS)
-    # the orchestrator goes on after it: the next step runs and the summary lists both
-    monkeypatch.setattr(gpu_check, "QUICK_LIMIT_S", dict(gpu_check.QUICK_LIMIT_S, shared_gpu=1.5))
-    summary = gpu_check.run_all(tmp_path / "run", "cpu", True, ["shared_gpu", "kernel_speed"], 200)
-    assert [s["status"] for s in summary["steps"]] == ["timeout", "ok"]
-    assert json.loads((tmp_path / "run" / "kernel_speed.json").read_text())["checks"]["measured"]
+    assert saved == timed and all(k in saved for k in gpu_check.COMMON_FIELDS)
+    assert "==== kernel_speed" in saved["log_tail"]  # the step's part of the log, for the reader
+
+
+def _in_subprocess_wait(thread_id: int) -> bool:
+    """Is the thread blocked in ``Popen.wait`` (run_step waiting for its child)?"""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code.co_name == "wait" and frame.f_code.co_filename.endswith("subprocess.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_stopped_run_keeps_the_steps_partial_results_and_ends_its_process_group(tmp_path, monkeypatch):
+    """SIGTERM to the orchestrator (the shell's timeout) while a step that cannot finish runs: sent
+    only once the step has saved partial results and run_step waits for it, so no timing decides
+    what the file holds."""
+    import signal
+    import threading
+    import time
+
+    from launch import procs
+    _fake_steps(monkeypatch, tp_engine="hang")
+    path, main = gpu_check.step_file(tmp_path, "tp_engine"), threading.get_ident()
+
+    def stop_once_partial_results_are_saved():
+        deadline = time.monotonic() + 120  # a hang bound only: the step writes in well under a second
+        while time.monotonic() < deadline:
+            data = gpu_check.read_json(path)
+            if data and data["checks"].get("partial") and _in_subprocess_wait(main):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+    previous = signal.signal(signal.SIGTERM, gpu_check._raise_stop)
+    stopper = threading.Thread(target=stop_once_partial_results_are_saved, daemon=True)
+    try:
+        stopper.start()
+        with pytest.raises(gpu_check.StopRun) as stop:
+            gpu_check.run_step("tp_engine", tmp_path, "cpu", True, 600, tmp_path / gpu_check.LOG)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stopper.join()
+    data = stop.value.args[0]
+    assert data["status"] == "timeout" and "stop of the whole run" in data["error"], data
+    assert data["checks"] == {"partial": True}  # what the step had saved is kept
+    assert json.loads(path.read_text()) == data
+    assert data["helper_pid"] not in procs.live_pids(), "the step's process group outlived the stop"
+
+
+def test_the_orchestrator_goes_on_after_a_timed_out_step(tmp_path, monkeypatch):
+    _fake_steps(monkeypatch, shared_gpu="hang", kernel_speed="finish")
+    monkeypatch.setattr(gpu_check, "QUICK_LIMIT_S", dict(gpu_check.QUICK_LIMIT_S, shared_gpu=1.0))
+    summary = gpu_check.run_all(tmp_path, "cpu", True, ["shared_gpu", "kernel_speed"], 200)
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("shared_gpu", "timeout"), ("kernel_speed", "ok")]
+    assert summary["steps"][0]["limit_s"] == 1.0 and "limit" in summary["steps"][0]["error"]
+    assert json.loads((tmp_path / "kernel_speed.json").read_text())["checks"] == {"measured": True}
+    assert summary["finished"] is not None
 
 
 def test_a_spent_total_budget_skips_the_remaining_steps(tmp_path):
@@ -139,11 +213,10 @@ def test_a_spent_total_budget_skips_the_remaining_steps(tmp_path):
 # -- end to end, CPU-safe mode --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("gpu-check")
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out), "--device", "cpu", "--quick"],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHON": sys.executable})
+                          env={**os.environ, "PYTHON": sys.executable})
     return out, proc
 
 

@@ -6,7 +6,7 @@ the Triton interpreter) to the reference, byte for byte, plus degenerate input a
 The Triton kernels are imported with TRITON_INTERPRET=1 set before their import
 (``dispatch.import_interpreted``), on small irregular shapes (7 tokens x 200 features, 3 outlier
 features, groups that are not powers of two, rows whose packed codes share a byte) so the
-interpreter stays fast. The compiled CPU path has its own file (test_kernels_compiled.py).
+interpreter stays fast. The numba kernels have their own file (test_kernels_native.py).
 """
 from __future__ import annotations
 
@@ -350,7 +350,8 @@ def test_triton_refuses_bits_that_straddle_bytes_and_dispatch_routes_them_to_tor
     with pytest.raises(ValueError, match="torch path"):
         tq.quantize_pack(x, spec, OUTLIERS)
     monkeypatch.setenv(dispatch.ENV, "interpret")
-    assert dispatch.backend("cpu", 3) == "reference" and dispatch.backend("cpu", 4) == "interpret"
+    assert dispatch.backend("cpu", spec) == "reference" and dispatch.backend("cpu", QuantSpec(4, True, "token")) == \
+        "interpret"
     assert_same_bytes(dispatch.quantize_pack(x, spec, OUTLIERS), ref.quantize_pack_ref(x, spec, OUTLIERS))
 
 
@@ -372,30 +373,32 @@ def test_requant_second_leg_must_be_dynamic():
     ("triton", "cuda", 2, "triton"),
     ("interpret", "cpu", 8, "interpret"),
     ("interpret", "cpu", 5, "reference"),
-    ("compiled", "cpu", 4, "compiled"),
+    ("native", "cpu", 4, "native"),
     ("reference", "cuda", 4, "reference"),
 ])
 def test_dispatch_picks_the_backend_for_device_and_bits(monkeypatch, env, device, bits, expected):
     monkeypatch.setenv(dispatch.ENV, env)
-    monkeypatch.setattr(dispatch, "_compile_broken", None)
-    assert dispatch.backend(device, bits) == expected
+    monkeypatch.setattr(dispatch, "_native_broken", None)
+    assert dispatch.backend(device, QuantSpec(bits, True, "token")) == expected
 
 
-def test_dispatch_auto_keeps_small_cpu_messages_on_the_eager_reference(monkeypatch):
+def test_dispatch_asks_the_registry_for_the_whole_spec_not_its_width(monkeypatch):
+    """A spec no kernel implements (another code, scale format or rounding; a grouping no kernel
+    registers) runs on the reference whatever its width; a two-shot requantization needs both legs."""
     monkeypatch.setenv(dispatch.ENV, "auto")
-    monkeypatch.setattr(dispatch, "_compile_broken", None)
-    monkeypatch.setattr(dispatch, "_native_broken", "no numba")  # the torch-only rule
-    assert dispatch.backend("cpu", 4, values=16 * 576) == "reference"  # decode steps: overhead wins
-    assert dispatch.backend("cpu", 4, values=dispatch.FUSED_MIN_VALUES) == "compiled"
-    assert dispatch.backend("cuda", 4, values=1) == "triton"
-    monkeypatch.setenv(dispatch.ENV, "compiled")
-    assert dispatch.backend("cpu", 4, values=1) == "compiled"  # an explicit mode is obeyed
+    monkeypatch.setattr(dispatch, "_native_broken", None)
+    for spec in (QuantSpec(4, True, "token", code="nf"), QuantSpec(4, True, "token", scale_dtype=torch.float16),
+                 QuantSpec(8, True, "token", code="fp", exp_bits=4),
+                 QuantSpec(4, True, "token", rounding="stochastic")):
+        assert dispatch.backend("cpu", spec) == "reference" and dispatch.backend("cuda", spec) == "reference", spec
+    four, three = QuantSpec(4, True, "token"), QuantSpec(3, True, "token")
+    assert dispatch.backend("cuda", four, four) == "triton" and dispatch.backend("cuda", four, three) == "reference"
 
 
 def test_dispatch_rejects_an_unknown_mode_and_triton_off_cuda(monkeypatch):
     monkeypatch.setenv(dispatch.ENV, "fast")
-    with pytest.raises(ValueError, match="allowed: auto, triton, interpret, compiled, reference"):
-        dispatch.backend("cpu", 4)
+    with pytest.raises(ValueError, match="allowed: auto, triton, interpret, native, reference"):
+        dispatch.backend("cpu", QuantSpec(4, True, "token"))
     monkeypatch.setenv(dispatch.ENV, "triton")
     with pytest.raises(ValueError, match="CUDA"):
         dispatch.quantize_pack(partial(9), QuantSpec(4, True, "token"))
@@ -412,24 +415,6 @@ def test_dispatch_interpret_and_reference_modes_give_the_reference_bytes(monkeyp
         got = dispatch.unpack_dequant_sum(want.unsqueeze(0), T, H, spec, OUTLIERS, lo.unsqueeze(0), hi.unsqueeze(0))
         assert_close_verbose(got, ref.unpack_dequant_sum_ref(want.unsqueeze(0), T, H, spec, OUTLIERS,
                                                              lo.unsqueeze(0), hi.unsqueeze(0)), atol=0.0)
-
-
-def test_dispatch_falls_back_to_the_reference_when_compile_fails(monkeypatch):
-    from kernels import fused_cpu
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setenv(dispatch.ENV, "auto")
-    monkeypatch.setattr(dispatch, "_compile_broken", None)
-    monkeypatch.setattr(dispatch, "_native_broken", "no numba")  # the torch-only rule
-    monkeypatch.setattr(fused_cpu, "quantize_pack", broken)
-    spec = QuantSpec(4, True, "token")
-    x = partial(12, tokens=400)  # above FUSED_MIN_VALUES: auto picks the compiled path
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-        got = dispatch.quantize_pack(x, spec, OUTLIERS)
-    assert_same_bytes(got, ref.quantize_pack_ref(x, spec, OUTLIERS))
-    assert dispatch.backend("cpu", 4) == "reference"
 
 
 def test_a_forced_codec_leaves_the_dispatcher_as_it_was_even_from_concurrent_threads(monkeypatch):

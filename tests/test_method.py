@@ -206,15 +206,15 @@ def test_bits_per_value_are_measured_from_bytes(text_metrics):
 
 def test_fused_kernels_inside_the_evaluation_give_the_same_metrics(tiny_models, calibration, text_metrics,
                                                                    monkeypatch):
-    """evaluate_text with codec=kernels.dispatch (here its eager reference; the compiled and
-    Triton paths are held byte-equal to it in tests/test_kernels*) gives the very same numbers."""
+    """evaluate_text with codec=kernels.dispatch.Codec() (here the native kernels; they and the
+    Triton kernels are held byte-equal to the reference in tests/test_kernels*) gives the very same numbers."""
     from kernels import dispatch
-    monkeypatch.setenv(dispatch.ENV, "reference")
+    monkeypatch.setenv(dispatch.ENV, "native")
     held = token_chunks(tiny_models[MODEL].tokenizer, "wikipedia", "eval", 4, 32)
 
     def body(group):
         tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
-        return evaluate_text(tp.model, group, held, SCHEMES, calibration, batch_size=2, codec=dispatch)
+        return evaluate_text(tp.model, group, held, SCHEMES, calibration, batch_size=2, codec=dispatch.Codec())
     fused = ThreadWorld(TP).run(body)[0]
     for scheme in SCHEMES:
         for key in ("ppl", "kl", "top1_agreement", "bits_per_value", "clamped", "nonfinite"):

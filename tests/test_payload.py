@@ -44,7 +44,7 @@ def test_paper_scheme_layout_is_4_1875_bits(tokens):
 @pytest.mark.parametrize("tokens", [2, 8])
 def test_paper_scheme_payload_is_exactly_4_1875_bits(tokens):
     scheme = parse_scheme("int4-static-top1/64")
-    x = torch.randn(tokens, HIDDEN)
+    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
     lo, hi = calibrated(x)
     idx = outlier_idx_for(scheme, HIDDEN)
     payload, _ = encode(x, scheme.quant, idx, lo, hi)
@@ -115,7 +115,7 @@ def test_decode_equals_dequantize_and_outliers_are_bf16_exact(text, tokens, seed
 
 def test_decode_error_of_paper_scheme_is_bounded_by_half_step():
     scheme = parse_scheme("int4-static-top1/64")
-    x = torch.randn(4, HIDDEN)
+    x = torch.randn(4, HIDDEN, generator=torch.Generator().manual_seed(4))
     lo, hi = calibrated(x)
     idx = outlier_idx_for(scheme, HIDDEN)
     y = decode(encode(x, scheme.quant, idx, lo, hi)[0], 4, HIDDEN, scheme.quant, idx, lo, hi)
@@ -126,7 +126,7 @@ def test_decode_error_of_paper_scheme_is_bounded_by_half_step():
 
 def test_stats_count_clamped_and_nonfinite_values():
     scheme = parse_scheme("int4-static-top1/64")
-    x = torch.randn(3, HIDDEN)
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(3))
     lo, hi = calibrated(x)
     idx = outlier_idx_for(scheme, HIDDEN)
     keep = torch.ones(HIDDEN, dtype=torch.bool)
@@ -146,7 +146,7 @@ def test_stats_count_clamped_and_nonfinite_values():
 
 def test_decode_rejects_a_payload_of_the_wrong_size():
     spec = QuantSpec(4, True, "token")
-    payload, _ = encode(torch.randn(2, 64), spec)
+    payload, _ = encode(torch.randn(2, 64, generator=torch.Generator().manual_seed(2)), spec)
     assert len(payload) == 2 * 2 + 2 * 64 * 4 // 8  # bf16 scale per token + 4-bit codes
     with pytest.raises(ValueError, match="payload has 67 bytes; layout expects 68"):
         decode(payload[:-1], 2, 64, spec)
@@ -155,7 +155,7 @@ def test_decode_rejects_a_payload_of_the_wrong_size():
 def test_odd_sized_code_section_keeps_the_following_bf16_section_intact():
     # 3 x (60 - 3) x 3 bits = 513 bits -> 65 bytes: the outlier section starts at an odd offset
     spec = QuantSpec(3, False, "token")
-    x = torch.randn(3, 60)
+    x = torch.randn(3, 60, generator=torch.Generator().manual_seed(60))
     idx = torch.tensor([5, 17, 42])
     payload, _ = encode(x, spec, idx)
     lay = layout(3, 60, spec, 3)

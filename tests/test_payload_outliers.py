@@ -57,14 +57,14 @@ def test_sparse_values_are_bf16_exact_and_the_rest_within_the_remaining_range_bo
     # and so within the quantizer's bound (scale/2, nf: half the largest gap x scale) ...
     scale = res.scales.unsqueeze(-1).expand_as(x) if spec.granularity == "token" else \
         res.scales.repeat_interleave(spec.group_size, -1)
-    half = scale * (max_gap(spec.bits) / 2 if spec.code == "nf" else 0.5)
+    half = scale * (max_gap(spec.bits) / 2 if spec.code.name == "nf" else 0.5)
     lo = 0 if res.mins is None else res.mins.repeat_interleave(spec.group_size, -1).abs()
     bound = half + 4 * FP32_EPS * (x.abs() + lo + 16 * scale)  # fp32 rounding of x/scale, q*scale(+lo)
     assert_close_verbose(y[~taken], x[~taken], atol=bound[~taken], msg=str(spec))
     # ... where the scale comes from the remaining range: the spikes did not widen it
     grouped = rest.reshape(tokens, -1, HIDDEN if spec.granularity == "token" else spec.group_size)
     if spec.symmetric:
-        span = grouped.abs().amax(-1) * (1.0 if spec.code == "nf" else 2 / (2**spec.bits - 1))
+        span = grouped.abs().amax(-1) * (1.0 if spec.code.name == "nf" else 2 / (2**spec.bits - 1))
     else:
         span = (grouped.amax(-1) - grouped.amin(-1).clamp(max=0) + grouped.amin(-1).abs() * 2**-7) / (2**spec.bits - 1)
     # bf16 scales round up by at most 2**-7 relative (asymmetric: lo rounds down first)
@@ -78,7 +78,7 @@ def test_sparse_picks_rank_nan_then_inf_then_magnitude_ties_by_lower_column():
 
 def test_sparse_nan_and_inf_travel_as_themselves_and_poison_nothing():
     spec = QuantSpec(4, True, "token")
-    x = torch.randn(2, 64)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(81))
     x[0, 3], x[1, 9] = math.nan, -math.inf
     payload, stats = encode(x, spec, sparse=2)
     y = decode(payload, 2, 64, spec, sparse=2)
@@ -92,7 +92,7 @@ def test_sparse_nan_and_inf_travel_as_themselves_and_poison_nothing():
 
 def test_sparse_with_static_scales_counts_no_clamp_for_taken_spikes():
     spec = QuantSpec(4, True, "static")
-    x = torch.randn(3, 64)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(95))
     lo, hi = x.amin(0) - 0.1, x.amax(0) + 0.1
     x[1, 5] = 8192.0  # (exact in bf16) beyond the calibrated range, but taken out as a sparse value
     payload, stats = encode(x, spec, None, lo, hi, sparse=1)
@@ -159,7 +159,7 @@ def test_threshold_columns_are_bf16_exact_and_message_size_is_fixed(spec, seed, 
 
 def test_threshold_nan_column_travels_in_bf16_and_does_not_widen_the_scale():
     spec = QuantSpec(4, True, "token")
-    x = torch.randn(2, 64)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(162))
     x[1, 4] = math.nan
     x[0, 9] = 2.0**20
     payload, stats = encode(x, spec, threshold=100.0, capacity=2)
@@ -185,7 +185,7 @@ def test_threshold_bits_count_the_index_list_once_per_message(tokens):
 
 def test_decode_rejects_a_corrupt_index():
     spec = QuantSpec(8, True, "token")
-    x = torch.randn(2, 32)
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(188))
     payload, _ = encode(x, spec, sparse=1)
     lay = layout(2, 32, spec, sparse=1)
     payload[lay.sparse_index.offset] = 200

@@ -26,7 +26,9 @@ from lowbit.wire.payload import decode, encode
 from lowbit.method.projection import INTERCONNECTS, allreduce_s
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import SchemeError, parse_scheme
+from pages._controls import scheme_text
 from tests.conftest import REPO
+from tests.helpers import assert_page_clean
 
 TP, LAYERS, HIDDEN = 3, 2, 192
 SITE = Site(1, "down_proj")
@@ -194,18 +196,19 @@ def test_bad_inputs_name_their_field():
     with pytest.raises(CalibrationError, match="sample"):
         pg.analyze(old, 0, "o_proj", 0, "int4-token")
     with pytest.raises(SchemeError, match="^outliers:"):
-        pg.scheme_from_controls(outliers="some")
+        scheme_text(outliers="some")
     with pytest.raises(SchemeError, match="^k:"):
-        pg.scheme_from_controls(k="a lot")
+        scheme_text(k="a lot")
     with pytest.raises(pg.PlaygroundError, match="^prompt_tokens:"):
         pg.message_tokens(0)
 
 
 def test_scheme_from_controls_and_counterpart():
-    assert pg.scheme_from_controls() == "int4-static-top1/64"
-    assert pg.scheme_from_controls(granularity="token", outliers="none", rotation=64, stochastic=True) == \
+    """pages._controls.scheme_text is the one controls-to-scheme builder (Layer error, Playground, Trade-offs)."""
+    assert scheme_text() == "int4-static-top1/64"
+    assert scheme_text(granularity="token", outliers="none", rotation=64, stochastic=True) == \
         "int4-token-rot64-sr"
-    assert pg.scheme_from_controls(code="nf", granularity="group", group=64, outliers="random", k="1/32") == \
+    assert scheme_text("nf4", granularity="group", group=64, outliers="random", k="1/32") == \
         "nf4-group64-rand1/32"
     assert pg.counterpart("int4-token-rot64-sr") == "int4-static"
     assert pg.counterpart("int4-static-top1/64") == "int4-token-top1/64"
@@ -218,43 +221,23 @@ FIXTURE: dict[str, Path] = {}
 
 
 def _fixture_root(base: Path) -> Path:
-    """A runs root like real jobs leave it: a tiny-llama calibrate run at TP 4 (lowbit.method.calibrate.calibrate
-    on threaded ranks, 4 batches of 64 tokens: the real artifact with its 16-token sample) and a
-    collective-bench run (its record format, loopback numbers from an alpha-beta line)."""
+    """A runs root like real jobs leave it: a tiny-llama calibrate run at TP 4 (the kind's body on
+    threaded ranks, 4 batches of 64 tokens: the real artifact with its 16-token sample) and the
+    real collective-bench runs at TP 2 and 4 over loopback (tests/fixtures/jobs)."""
     if "root" in FIXTURE:
         return FIXTURE["root"]
-    from launch.layout import RunPaths
-    from launch.spec import JobSpec
-    from lowbit.method.calibrate import calibrate
-    from lowbit.comm.dist import ThreadWorld
-    from tests.test_app_results import _record
+    from tests.scripts.make_fixtures import FIXTURES, fixture_result, fixture_spec
+    from tests.test_app_results import BENCH_RUNS, _record, _run_kind
     root = base / "playground-runs"
     root.mkdir(parents=True)
-    spec = JobSpec(kind="calibrate", model="tiny-llama", tp=4, calib_data="wikipedia", calib_tokens=256,
-                   params=dict(seq_len=64, batch_size=2)).to_dict()
-    out = RunPaths(root, "cal-tp4").dir / "calibration"
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = ThreadWorld(4).run(calibrate, dict(model="tiny-llama", source="wikipedia", chunks=4, seq_len=64,
-                                                         batch_size=2, gamma=0.01, out=str(out), force=True))[0]
+    torch.set_num_threads(1)  # one thread per rank thread: the ranks already fill the cores
+    try:  # the calibrate kind's own body, as the worker runs it, on 4 threaded ranks
+        _run_kind(root, "cal-tp4", dict(FIXTURES["calibrate"], tp=4, calib_tokens=256))
     finally:
         torch.set_num_threads(threads)
-    _record(root, "cal-tp4", dict(spec, run_id="cal-tp4"), "done", result)
-    alpha, beta = 400e-6, 0.3e9
-    records = []
-    for tp in (2, 4):
-        for tokens in (16, 256, 4096):
-            values = tokens * 576
-            bf16 = allreduce_s(tp, values * 2, alpha, beta)
-            records.append(dict(tp=tp, tokens=tokens, hidden=576, method="exact", scheme="bf16",
-                                median_ms=1e3 * bf16, speedup_vs_bf16=1.0, bytes_per_rank=values * 2 * 2 * (tp - 1) / tp,
-                                bits_per_value=16.0, link="loopback"))
-            records.append(dict(tp=tp, tokens=tokens, hidden=576, method="gather", scheme="int4-static-top1/64",
-                                median_ms=1e3 * (bf16 + 0.002), speedup_vs_bf16=bf16 / (bf16 + 0.002),
-                                bytes_per_rank=values * 4.1875 / 8 * (tp - 1), bits_per_value=4.1875, link="loopback"))
-    _record(root, "bench-loopback", dict(kind="collective-bench", model="tiny-llama", tp=4, link="loopback",
-                                         run_id="bench-loopback"), "done", dict(records=records))
+    for run_id, name in BENCH_RUNS.items():  # real torchrun runs at TP 2 and 4 over loopback
+        _record(root, run_id, fixture_spec(name), "done", fixture_result(name))
     FIXTURE["root"] = root
     return root
 
@@ -277,7 +260,7 @@ def empty_runs(tmp_path, monkeypatch):
 def open_page(page: str) -> AppTest:
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT).run()
     at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
+    assert_page_clean(at)
     return at
 
 
@@ -313,7 +296,7 @@ def test_capture_button_queues_a_small_calibrate_job(empty_runs):
     from launch.queue import cancel
     at = open_page("pages/playground.py")
     at.button(key="pg_capture").click().run()
-    assert not at.exception and not at.error, texts(at.error)
+    assert_page_clean(at)
     run_id = at.session_state["capture_run"]
     row = RunIndex(empty_runs).get(run_id)
     assert row["kind"] == "calibrate" and row["model"] == "smollm2-135m" and row["tp"] == 3
@@ -335,7 +318,7 @@ def test_playground_shows_the_sqnr_and_bits_of_the_stored_sample(playground_runs
         for kind, key, value in setup:
             getattr(at, kind)(key=key).set_value(value)
             at.run()
-        assert not at.exception, [e.value for e in at.exception]
+        assert_page_clean(at)
         recon = independent_gather(cal, scheme, site)
         x = cal.site_sample(site, rank)
         exact = sum(cal.site_sample(site, r).double() for r in range(cal.tp)).float()
@@ -351,13 +334,13 @@ def test_playground_controls_build_the_scheme_shown(playground_runs):
     at.selectbox(key="pg_gran").set_value("token").run()
     at.toggle(key="pg_rot").set_value(True).run()
     at.checkbox(key="pg_sr").check().run()
-    assert not at.exception
+    assert_page_clean(at)
     assert any("int4-token-top1/64-rot64-sr" in s.value for s in at.subheader), texts(at.subheader)
     at.toggle(key="pg_compare").set_value(False).run()
     assert len(at.get("plotly_chart")) == 4
     at.number_input(key="pg_layer").set_value(0).run()
     at.radio(key="pg_code").set_value("nf").run()
-    assert not at.exception and not at.error, texts(at.error)
+    assert_page_clean(at)
     assert any("nf4-token-top1/64-rot64" in s.value for s in at.subheader)
 
 
@@ -368,13 +351,14 @@ def test_playground_offers_the_floating_point_codes_with_their_bits(playground_r
     at.radio(key="pg_code").set_value("fp").run()
     at.selectbox(key="pg_gran").set_value("group").run()
     at.radio(key="pg_outliers").set_value("none").run()
-    assert not at.exception and not at.error, texts(at.error)
+    assert_page_clean(at)
     assert any("fp4e2m1-group32" in s.value for s in at.subheader), texts(at.subheader)
     hidden, tp = 64, 4  # the fixture's tiny-llama at TP 4
     assert metric(at, "Bits / value") == f"{accounting.scheme_bits_per_value('fp4e2m1-group32', hidden, tp, 16):.4f}"
     assert metric(at, "Bits / value") == f"{4 + 16 / 32:.4f}"  # 4-bit codes + a bf16 scale per 32 values
-    at.selectbox(key="pg_fp").set_value("fp8e4m3").run()
-    assert not at.exception and any("fp8e4m3-group32" in s.value for s in at.subheader)
+    at.selectbox(key="pg_bits_fp").set_value("fp8e4m3").run()
+    assert_page_clean(at)
+    assert any("fp8e4m3-group32" in s.value for s in at.subheader)
     assert metric(at, "Bits / value") == f"{8 + 16 / 32:.4f}"
     assert at.checkbox(key="pg_sr").disabled  # fp codes round to nearest only
 
@@ -390,7 +374,7 @@ def test_two_shot_stepper_on_the_stored_sample(playground_runs):
     assert metric(at, "After requantizing with int8-token") == f"{steps['phases'][1]['sqnr_db']:.2f} dB"
     at.radio(key="ts_step").set_value("4. Phase 2: all-gather").run()
     at.radio(key="ts_step").set_value("5. Compare").run()
-    assert not at.exception
+    assert_page_clean(at)
     assert len(at.get("plotly_chart")) == 3 and what_you_see(at) == 3
     assert "TP 4" in texts(at.caption) and "4 chunks of 16 features" in texts(at.caption)
 
@@ -398,16 +382,16 @@ def test_two_shot_stepper_on_the_stored_sample(playground_runs):
 def test_where_it_pays_draws_fitted_links_and_measured_records(playground_runs):
     at = open_page("pages/where_it_pays.py")
     at.selectbox(key="wp_tp").set_value(4).run()
-    assert not at.exception
+    assert_page_clean(at)
     assert at.multiselect(key="wp_fits").value == ["loopback fitted (TP 4)"]
     assert len(at.get("plotly_chart")) == 6  # 5 named links + the fitted loopback
     table = at.dataframe[0].value
     assert {"link", "scheme", "tokens"} <= set(table.columns)
     at.selectbox(key="wp_tp").set_value(3).run()  # Llama-2-13B: 5120 features do not split 3 ways
-    assert not at.exception
+    assert_page_clean(at, errors=("divisible",))
     assert "scheme: 'int4-static-top1/64@twoshot+int8-token'" in texts(at.error) and "divisible" in texts(at.error)
     at.selectbox(key="wp_model").set_value("gemma2-27b").run()  # 4608 = 3 x 1536: it does
-    assert not at.exception and not at.error, texts(at.error)
+    assert_page_clean(at)
 
 
 def test_lesson_steps_and_presentation_mode(empty_runs):

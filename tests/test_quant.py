@@ -8,16 +8,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lowbit.codes.int import ALLOWED_BITS, qrange
 from lowbit.quant import (
     dequantize,
     pack_bits,
     packed_nbytes,
-    qrange,
     quantize,
     round_half_even,
     unpack_bits,
 )
-from lowbit.scheme import ALLOWED_BITS, QuantSpec
+from lowbit.scheme import QuantSpec
 
 from tests.helpers import assert_close_verbose
 

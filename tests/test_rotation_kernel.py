@@ -48,7 +48,7 @@ def test_kernel_matches_reference(rows, hidden, block, per_program, dtype, inver
 
 
 def test_kernel_round_trips_and_keeps_leading_dims():
-    x = torch.randn(2, 3, 192).to(DEVICE)
+    x = torch.randn(2, 3, 192, generator=torch.Generator().manual_seed(192)).to(DEVICE)
     y = hadamard.block_hadamard(x, 64)
     assert y.shape == x.shape
     back = hadamard.block_hadamard(y, 64, inverse=True)
@@ -57,7 +57,7 @@ def test_kernel_round_trips_and_keeps_leading_dims():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="does not divide"):
-        hadamard.block_hadamard(torch.randn(2, 96), 64)
+        hadamard.block_hadamard(torch.zeros(2, 96), 64)
     with pytest.raises(ValueError, match="power of two"):
-        hadamard.block_hadamard(torch.randn(2, 96), 32, rows_per_program=3)
-    assert hadamard.block_hadamard(torch.randn(0, 64), 64).shape == (0, 64)
+        hadamard.block_hadamard(torch.zeros(2, 96), 32, rows_per_program=3)
+    assert hadamard.block_hadamard(torch.zeros(0, 64), 64).shape == (0, 64)

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lowbit.codes.int import ALLOWED_BITS
 from lowbit.scheme import (
-    ALLOWED_BITS,
     GRAMMAR_HELP,
     OutlierSpec,
     QuantSpec,
@@ -223,7 +223,7 @@ NEW_FIELDS = [
 @pytest.mark.parametrize("text, fields", NEW_FIELDS)
 def test_neighbouring_scheme_fields(text, fields):
     s = parse_scheme(text)
-    got = dict(code=s.quant.code, bits=s.quant.bits, sparse=s.sparse, threshold=s.threshold, permute=s.permute)
+    got = dict(code=s.quant.code.name, bits=s.quant.bits, sparse=s.sparse, threshold=s.threshold, permute=s.permute)
     assert got == fields
     assert str(s) == text
     assert s.outliers.select == ("topk" if "top" in text else "none")

@@ -3,12 +3,14 @@ kernels codec inside the communicators, bits per value from the bytes sent, the 
 messages counted as BF16, and the result naming its codec."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 from bench.throughput import throughput_job
 from launch.layout import RunPaths
 from launch.spec import JobSpec
 from lowbit.comm.dist import ThreadWorld
+from lowbit.wire import accounting
 
 
 class _Events:
@@ -37,8 +39,14 @@ def test_throughput_job_times_every_scheme_with_the_kernels_codec(tmp_path, monk
     records = {r["scheme"]: r for r in result["records"]}
     assert list(records) == schemes
     assert records["bf16"]["bits_per_value"] == 16.0
-    assert 4.0 < records["int4-token"]["bits_per_value"] < 5.0  # 4-bit codes + a bf16 scale per token
+    # tiny-llama's hidden 64: 4-bit codes + a bf16 scale per token of 64 values, exact in binary
+    assert records["int4-token"]["bits_per_value"] == 4 + 16 / 64
+    assert records["int4-token"]["bits_per_value"] == accounting.scheme_bits_per_value("int4-token", 64, 2)
     assert records["int4-token@min1M"]["bits_per_value"] == 16.0  # every message went as exact BF16
     for r in records.values():
-        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        # what was timed: 16 prompt tokens, 3 new ones (the first comes with the prefill: 2 decode steps)
+        assert (r["prompt_tokens"], r["new_tokens"]) == (16, 3)
+        assert math.isfinite(r["prefill_tokens_per_s"]) and r["prefill_tokens_per_s"] > 0
+        assert math.isfinite(r["decode_tokens_per_s"]) and r["decode_tokens_per_s"] > 0
         assert len(r["prefill_comm_share"]) == 2 and all(0 < s <= 1 for s in r["prefill_comm_share"])
+    assert records["bf16"]["prefill_speedup"] == records["bf16"]["decode_speedup"] == 1.0  # the baseline

@@ -2,11 +2,14 @@
 
 The calibration comes from the calibrate run ``spec.calib_from`` when given, else from the shared
 cache under $LOWBIT_CACHE (made on the fly from ``calib_data``/``calib_tokens``). With
-``params.fused_kernels`` the kernels (``kernels.dispatch``, the one chooser) run inside the
-communicators: the job layer injects the codec, lowbit never imports kernels.
+``params.codec`` (``launch.kinds.codec``: ``kernels`` or ``reference``, the default) picks what
+runs inside the communicators: the job layer injects the codec, lowbit never imports kernels.
+The result names the codec path each site took (``codec_paths`` of each record); a change of
+path is a ``codec`` event in the run's events.
 """
 from __future__ import annotations
 
+from launch.kinds import codec as kind_codec
 from launch.kinds import method
 from lowbit.method.evaluate import EVALUATE_DEFAULTS, evaluate
 
@@ -22,9 +25,7 @@ def run(ctx) -> dict | None:
     params.update(schemes=list(spec.schemes), eval_source=spec.eval_data,
                   eval_chunks=max(1, spec.eval_tokens // params["seq_len"]), tasks=list(spec.tasks),
                   items=spec.items_per_task, seed=spec.seed)
-    codec = None
-    if spec.params.get("fused_kernels", False):
-        from kernels import dispatch as codec  # optional heavy stack (Triton, torch.compile): only when asked for
+    _, codec = kind_codec.make(kind_codec.codec_name(spec.params, "reference"))
     plan = method.plan(ctx)
     ctx.events.loading(f"loading {spec.model} sharded {ctx.group.world_size} ways")
     result = evaluate(ctx.group, params, method.progress(ctx), codec=codec, plan=plan)

@@ -2,9 +2,10 @@
 checks, the spec -> lowbit parameter mapping, the scheme plan, the progress adapter."""
 from __future__ import annotations
 
+from launch.kinds import codec
 from launch.layout import RunPaths, calibration_folder, calibration_params, runs_root
 from launch.store.bench import gate_crossover, gate_records
-from lowbit.method.calibrate import Calibration
+from lowbit.calibration import Calibration
 from lowbit.model.models import load_config
 from lowbit.model.tp import text_config
 from lowbit.scheme import SchemeError
@@ -12,18 +13,20 @@ from lowbit.scheme.plan import SchemePlan
 
 METHOD_PARAMS = dict(seq_len=(int, 1, 8192), batch_size=(int, 1, 1024), gamma=(float, 0.0, 1.0),
                      layer_error=(bool, None, None), layer_error_chunks=(int, 0, 1024), force=(bool, None, None),
-                     fused_kernels=(bool, None, None), task_tokens=(int, 1, 1 << 20), legacy_scoring=(bool, None, None))
+                     task_tokens=(int, 1, 1 << 20), legacy_scoring=(bool, None, None))
 
 
 def check_params(params: dict) -> list[tuple[str, str]]:
     """params of calibrate / evaluate: seq_len, batch_size, gamma, layer_error, layer_error_chunks,
-    force, fused_kernels (evaluate: the kernels inside the communicators), task_tokens (evaluate:
-    padded tokens per task forward) and legacy_scoring (evaluate: the task scorer before the packed
-    one, for bench.scoring's comparison)."""
-    problems = []
+    force, codec (evaluate: ``launch.kinds.codec``, the kernels inside the communicators), task_tokens
+    (evaluate: padded tokens per task forward) and legacy_scoring (evaluate: the task scorer before
+    the packed one, for bench.scoring's comparison)."""
+    problems = codec.check(params)
     for key, value in params.items():
+        if key in ("codec", "fused_kernels"):
+            continue
         if key not in METHOD_PARAMS:
-            problems.append((f"params.{key}", f"unknown parameter; allowed: {', '.join(sorted(METHOD_PARAMS))}"))
+            problems.append((f"params.{key}", f"unknown parameter; allowed: {', '.join(sorted([*METHOD_PARAMS, 'codec']))}"))
             continue
         kind, lo, hi = METHOD_PARAMS[key]
         if kind is bool:

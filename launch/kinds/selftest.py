@@ -3,6 +3,8 @@ deliberate crash of one rank (the launcher's tests use it)."""
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 
 import torch
@@ -43,7 +45,17 @@ def run(ctx) -> dict | None:
         worst = max(worst, (reduced - expected).abs().max().item())
         ctx.events.step(step + 1, total, f"all-reduce {step + 1}/{total}")
         time.sleep(step_s if sleep_s > 0 else 0.0)
+    hosts = _hosts(group)
     if ctx.rank != 0:
         return None
     return dict(world_size=world, steps=total, expected_sum=expected, max_abs_error=worst,
-                all_reduce_ok=worst == 0.0, seconds=time.perf_counter() - start)
+                all_reduce_ok=worst == 0.0, seconds=time.perf_counter() - start, hosts=hosts)
+
+
+def _hosts(group, width: int = 64) -> list[str]:
+    """Where each rank ran: its Slurm node name ($SLURMD_NODENAME) or this machine's host name,
+    gathered over the group (so a multi-node run shows it spans its nodes)."""
+    name = (os.environ.get("SLURMD_NODENAME") or socket.gethostname()).encode()[:width]
+    mine = torch.zeros(width, dtype=torch.uint8)
+    mine[:len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+    return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in group.all_gather(mine)]

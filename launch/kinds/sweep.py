@@ -1,14 +1,40 @@
 """Kind ``sweep``: auto-tune candidate schemes over a bits/value range (``lowbit.method.sweep``),
-resumable from an earlier sweep's ``points/``."""
+resumable from an earlier sweep's ``points/``.
+
+On a scheduler (``launch.executors.slurm``) a sweep fans out: ``fan_out`` writes its pieces to
+``points/pieces.json`` (one per fixed candidate, one per allocation budget), each piece runs as
+one job (``ctx.task`` = its index; ``"prepare"``: calibration and sensitivity table first, when
+missing), and ``gather`` reads the answer from the point files into the same result.json a
+single-job sweep writes.
+"""
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
+from launch.executors import PREPARE
 from launch.kinds import method
-from launch.layout import RunPaths, calibration_folder, calibration_params, run_id_problem, runs_root
+from launch.layout import (
+    RunPaths,
+    calibration_folder,
+    calibration_params,
+    run_id_problem,
+    runs_root,
+    write_atomic,
+)
 from lowbit.artifacts import CALIBRATE_DEFAULTS
-from lowbit.method.calibrate import Calibration, load_or_calibrate
-from lowbit.method.sweep import GRID_KEYS, SWEEP_DEFAULTS, run_sweep
+from lowbit.calibration import ARTIFACT_META, Calibration
+from lowbit.method.calibrate import load_or_calibrate
+from lowbit.method.sweep import (
+    GRID_KEYS,
+    SENSITIVITY_FILE,
+    SWEEP_DEFAULTS,
+    gather_sweep,
+    point_key,
+    run_sweep,
+    sweep_pieces,
+)
 from lowbit.model.data import load_task, token_chunks
 from lowbit.model.engine import build_tp_model
 from lowbit.model.models import load_config
@@ -99,21 +125,73 @@ def check_spec(spec: dict) -> list[tuple[str, str]]:
     return problems
 
 
+PIECES_FILE = "pieces.json"  # in points/: the pieces a scheduler runs, and the points there before them
+
+
+def _params(spec) -> dict:
+    return dict(SWEEP_DEFAULTS, **spec.params, schemes=list(spec.schemes))
+
+
+def _own_calibration(p: dict) -> dict:
+    """The sweep's calibration parameters (its seq_len, the method's gamma and batch size)."""
+    return dict(seq_len=p["seq_len"], gamma=CALIBRATE_DEFAULTS["gamma"], batch_size=CALIBRATE_DEFAULTS["batch_size"])
+
+
+def _copy_resumed(points_dir: Path, resume_from: str | None, root: Path) -> None:
+    """An earlier sweep's points into this one's ``points/`` (those it does not have yet)."""
+    points_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from:
+        for f in (RunPaths(root, resume_from).dir / "points").glob("*.json"):
+            if f.name != PIECES_FILE and not (points_dir / f.name).exists():
+                shutil.copy2(f, points_dir / f.name)
+
+
+def fan_out(spec, paths: RunPaths) -> dict:
+    """The sweep as separate jobs: resumed points copied in, then the pieces whose point is not
+    there yet written to ``points/pieces.json``. Returns {pieces: how many, prepare: whether a
+    first job must make the calibration (missing) or the sensitivity table (allocations)}."""
+    p = _params(spec)
+    points_dir = paths.dir / "points"
+    _copy_resumed(points_dir, p["resume_from"], paths.root)
+    there = {f.stem for f in points_dir.glob("*.json")} - {Path(SENSITIVITY_FILE).stem, Path(PIECES_FILE).stem}
+    hidden = text_config(load_config(spec.model)).hidden_size
+    pieces = [t for t in sweep_pieces(p, hidden, spec.tp) if "allocate" in t or point_key(t["scheme"]) not in there]
+    folder = calibration_folder(spec, paths.run_id, paths.root, **_own_calibration(p))
+    write_atomic(points_dir / PIECES_FILE, json.dumps(dict(pieces=pieces, reused=sorted(there)), indent=1))
+    return dict(pieces=len(pieces), prepare=bool(p["allocate"]) or not (folder / ARTIFACT_META).exists())
+
+
+def gather(spec, paths: RunPaths) -> dict:
+    """The sweep's result from its point files, once every piece has ended (no model is loaded)."""
+    points_dir = paths.dir / "points"
+    reused = set(json.loads((points_dir / PIECES_FILE).read_text())["reused"])
+    hidden = text_config(load_config(spec.model)).hidden_size
+    return gather_sweep(_params(spec), hidden, spec.tp, points_dir, reused)
+
+
+def _piece(ctx) -> dict | None:
+    """This job's piece: None (the whole sweep), the prepare step, or ``pieces.json``'s entry."""
+    task = getattr(ctx, "task", None)
+    if task is None:
+        return None
+    if task == PREPARE:
+        return {"prepare": True}
+    return json.loads((ctx.paths.dir / "points" / PIECES_FILE).read_text())["pieces"][int(task)]
+
+
 def run(ctx) -> dict | None:
-    """Worker entry of kind ``sweep``: load the model and calibration, resume, sweep."""
+    """Worker entry of kind ``sweep``: load the model and calibration, resume, sweep (or one
+    piece of it, ``ctx.task``)."""
     spec, group = ctx.spec, ctx.group
-    p = dict(SWEEP_DEFAULTS, **spec.params, schemes=list(spec.schemes))
+    p = _params(spec)
     points_dir = ctx.paths.dir / "points"
-    if group.rank == 0:
-        points_dir.mkdir(parents=True, exist_ok=True)
-        if p["resume_from"]:
-            for f in (RunPaths(ctx.paths.root, p["resume_from"]).dir / "points").glob("*.json"):
-                if not (points_dir / f.name).exists():
-                    shutil.copy2(f, points_dir / f.name)
+    piece = _piece(ctx)
+    if group.rank == 0 and piece is None:
+        _copy_resumed(points_dir, p["resume_from"], ctx.paths.root)
     group.barrier()
     ctx.events.loading(f"loading {spec.model} sharded {group.world_size} ways")
     tp_model = build_tp_model(spec.model, group)
-    own = dict(seq_len=p["seq_len"], gamma=CALIBRATE_DEFAULTS["gamma"], batch_size=CALIBRATE_DEFAULTS["batch_size"])
+    own = _own_calibration(p)
     cp = calibration_params(spec, **own)
     folder = calibration_folder(spec, ctx.paths.run_id, ctx.paths.root, **own)
     calibration = load_or_calibrate(tp_model, group, cp, folder)
@@ -121,4 +199,4 @@ def run(ctx) -> dict | None:
                         p["seq_len"])
     items = {t: load_task(t, spec.items_per_task, spec.seed) for t in spec.tasks} \
         if spec.tasks and spec.items_per_task else None
-    return run_sweep(tp_model, group, p, calibration, held, items, points_dir, method.progress(ctx))
+    return run_sweep(tp_model, group, p, calibration, held, items, points_dir, method.progress(ctx), piece=piece)

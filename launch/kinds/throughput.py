@@ -3,20 +3,18 @@ and checks live here; the body that measures is ``bench.throughput:throughput_jo
 registry's string target, loaded by the worker)."""
 from __future__ import annotations
 
-from launch.kinds import method
+from launch.kinds import codec, method
 
-DEFAULTS = dict(prompt_tokens=512, new_tokens=32, rounds=3, batch=1, codec="kernels")
-CODECS = ("kernels", "lowbit")  # kernels.dispatch inside the communicators (the speed side), or lowbit's eager path
+DEFAULTS = dict(prompt_tokens=512, new_tokens=32, rounds=3, batch=1, codec="kernels")  # codec: launch.kinds.codec
 check_spec = method.check_spec
 
 
 def check_params(params: dict) -> list[tuple[str, str]]:
-    problems = []
+    problems = codec.check(params)
     for key, value in params.items():
-        if key == "codec":
-            if value not in CODECS:
-                problems.append(("params.codec", f"{value!r} not allowed; allowed: {', '.join(CODECS)}"))
-        elif key not in DEFAULTS:
+        if key in ("codec", "fused_kernels"):
+            continue
+        if key not in DEFAULTS:
             problems.append((f"params.{key}", f"unknown parameter; allowed: {', '.join(sorted(DEFAULTS))}"))
         elif isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
             problems.append((f"params.{key}", f"must be an integer in 1..65536, got {value!r}"))

@@ -2,14 +2,18 @@
 Layer error and Playground pages (the analysis itself is ``lowbit.analysis``)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
+from safetensors import SafetensorError
 
 from launch.layout import calibration_folder
-from launch.spec import JobSpec
+from launch.spec import JobSpec, SpecError
+from launch.store.problems import ArtifactDamaged, ArtifactMissing, ArtifactOutdated
 from launch.store.runs import load_spec, read_json, resolve_root
-from lowbit.method.calibrate import Calibration
+from lowbit import analysis
+from lowbit.calibration import ARTIFACT_META, ARTIFACT_TENSORS, Calibration
 
 
 def run_calibration_folder(run_id: str, spec: dict | None, root=None) -> Path | None:
@@ -20,7 +24,7 @@ def run_calibration_folder(run_id: str, spec: dict | None, root=None) -> Path | 
         return None
     try:
         return calibration_folder(JobSpec.trusted(spec), run_id, resolve_root(root))
-    except Exception:  # noqa: BLE001 - a spec that no longer maps to a folder has no calibration to show
+    except SpecError:  # a spec from another version (unknown fields): no calibration to show
         return None
 
 
@@ -51,6 +55,31 @@ def calibration_sources(frame: pd.DataFrame, root=None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CALIBRATION_COLUMNS)
 
 
-def load_calibration(folder: str | Path):
-    """The artifact in ``folder`` (``lowbit.method.calibrate.Calibration``); raises CalibrationError."""
-    return Calibration.load(folder)
+def load_calibration(folder: str | Path) -> Calibration:
+    """The artifact in ``folder`` (``lowbit.calibration.Calibration``). Raises
+    ``ArtifactMissing`` (a file is not there), ``ArtifactDamaged`` (a file does not read) or
+    ``ArtifactOutdated`` (a tensor this version reads is absent)."""
+    folder = Path(folder)
+    missing = [name for name in (ARTIFACT_TENSORS, ARTIFACT_META) if not (folder / name).exists()]
+    if missing:
+        raise ArtifactMissing(f"{' and '.join(missing)} missing in {folder.name}: the calibration was never "
+                              "finished or its files were removed; calibrate again")
+    try:
+        return Calibration.load(folder)
+    except FileNotFoundError as exc:  # removed between the check above and the read
+        raise ArtifactMissing(f"{Path(exc.filename or folder).name} vanished while it was read; calibrate "
+                              "again") from exc
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactDamaged(f"the files in {folder.name} cannot be read ({exc}); calibrate again") from exc
+    except KeyError as exc:  # Calibration.load reads its tensors by name
+        raise ArtifactOutdated(f"the artifact in {folder.name} has no tensor {exc}: it was written by another "
+                               "version; calibrate again") from exc
+
+
+def spikiest_stored_sample(calibration: Calibration) -> tuple[int, str, int]:
+    """``lowbit.analysis.spikiest_sample``, with an artifact that stores no sample partials (made
+    before they were recorded) named ``ArtifactOutdated``."""
+    if calibration.sample is None:
+        raise ArtifactOutdated("this calibration stores no sample partials (it was made before they were "
+                               "recorded); calibrate again to see them")
+    return analysis.spikiest_sample(calibration)

@@ -35,8 +35,7 @@ def scheme_fields(text: str) -> dict:
     options = [o for o, on in (("perm", s.permute), (f"rot{s.rotation}", s.rotation is not None),
                                ("sr", s.stochastic), (f"s{s.quant.scale_format}", s.quant.scale_format != "bf16"
                                                       and s.quant.dynamic)) if on]
-    family = s.quant.code_text if s.quant.code == "fp" else f"{s.quant.code}{s.quant.bits}"  # fp8e4m3 vs fp8e5m2
-    return dict(family=family, bits=s.quant.bits,
+    return dict(family=s.quant.code.family, bits=s.quant.bits,
                 granularity=s.quant.granularity_text, select=select, k=k_text, algo=s.algo,
                 second=str(s.second) if s.second else None, options=" ".join(options) or "-",
                 overrides=len(smap.overrides), parse_error=None)

@@ -142,6 +142,12 @@ def log_tail(run_id: str, root=None, lines: int = 40) -> dict[str, str]:
     return out
 
 
+def codec_changes(events: list[dict]) -> list[str]:
+    """The run's ``codec`` events (``lowbit.comm.codec``: a message took another path than announced,
+    or than its site's previous call): one line each, for the Runs page to show apart."""
+    return [str(e.get("message") or "") for e in events if e.get("stage") == "codec"]
+
+
 def events_frame(events: list[dict]) -> pd.DataFrame:
     rows = [dict(time=_when(e.get("time")), stage=e.get("stage"), step=e.get("step"), total=e.get("total"),
                  message=e.get("message")) for e in events]

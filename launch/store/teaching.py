@@ -10,7 +10,7 @@ import pandas as pd
 
 from launch.store.bench import collective_frame
 from launch.store.machine import model_shape
-from lowbit.playground import BENCH_LINK_KEYS, LINKS, PARTS, analyze, bytes_per_rank_by_tp, comm_times, counterpart, crossover, fitted_link, message_tokens, scheme_from_controls, two_shot_steps
+from lowbit.playground import BENCH_LINK_KEYS, LINKS, PARTS, analyze, bytes_per_rank_by_tp, comm_times, counterpart, crossover, fitted_link, message_tokens, two_shot_steps
 from lowbit.method.projection import SHAPES
 
 
@@ -119,11 +119,6 @@ def fitted_links(bench: pd.DataFrame, tp: int) -> dict:
         if fit is not None:
             out[fit.name] = fit
     return out
-
-
-def playground_scheme(**controls) -> str:
-    """The scheme string of the playground's controls (``lowbit.playground.scheme_from_controls``)."""
-    return scheme_from_controls(**controls)
 
 
 def playground_counterpart(scheme: str) -> str:

@@ -34,41 +34,47 @@ into the call's ``thr_overflow``), so the all-gather / all-to-all sizes never va
 every rank permutes its partial's features with the same calibrated order
 (``channel_permutation``) before anything else and the sum is permuted back once; BF16 outlier
 indices are moved into the permuted order. Nothing per message is sent for it.
-Fitted codebooks (``lm<B>[s]``, ``lowbit.method.fitted_codebook``): the site's plan fits every
-rank's table from the artifact once (``SitePlan.quants``: one first-leg spec per sender, its table
-in ``levels``); each rank encodes with its own and decodes every sender's payload with that
-sender's, so nothing about the table travels.
+Fitted codebooks (``lm<B>[s]``, ``lowbit.codes.lm``): the site's plan asks the code for every
+sender's table, fitted from the artifact once (``SitePlan.levels``); each rank encodes with its own
+and decodes every sender's payload with that sender's (a per-call argument, never a spec field),
+so nothing about the table travels.
 Stochastic rounding (``-sr``): the first leg's quantizer draws its uniforms from a seed made of
-(communicator seed, site, rank, call number at that site), so reruns are bit-identical while
-ranks and calls get independent noise; the two-shot second leg rounds to nearest.
+(communicator seed, site, rank, call number at that site: ``rounding_seed``), so reruns are
+bit-identical while ranks and calls get independent noise; the two-shot second leg rounds to nearest.
+
+Codec (``lowbit.comm.codec``): with one injected (``kernels.dispatch.Codec``), every message the
+registered kernels implement goes through them (the same bytes and sums as lowbit's own path);
+the rest, and every message without a codec, take lowbit's path (``REFERENCE``). Each call
+records the path each leg took (``codec_path``, ``codec_path2``), ``paths`` keeps them per site,
+and a change of path is an event (``on_path_change``): nothing switches silently.
+
+``first_leg`` is one rank's first-leg messages as the communicator builds them (what the
+playground shows of a rank); ``decode_message`` decodes one of them alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from lowbit.method.calibrate import Calibration, CalibrationError, select_outliers
-from lowbit.method.fitted_codebook import site_tables
-from lowbit.site import ROW_PARALLEL_MODULES, Site
+from lowbit.calibration import Calibration, CalibrationError, select_outliers
+from lowbit.comm.codec import REFERENCE, Codec, PathLog, check_codec
 from lowbit.comm.communicator import Communicator
 from lowbit.comm.dist import Group
-from lowbit.wire.accounting import leg2_chunk_bytes, rotated_message_bits, wire_bytes
-from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
-from lowbit.quant import input_counts
 from lowbit.rotation import rotate, unrotate
-from lowbit.scheme import (KERNEL_SCALE_DTYPES, MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap,
-                           parse_scheme_map)
+from lowbit.scheme import MIN_MESSAGE_AUTO, WIRE_DTYPES, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme_map
+from lowbit.site import ROW_PARALLEL_MODULES, Site
+from lowbit.wire.accounting import leg2_chunk_bytes, wire_bytes
+from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 
-_WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
-
-def _rotate(x: torch.Tensor, block: int, inverse: bool = False, codec=None) -> torch.Tensor:
-    """The block rotation: the codec's kernel when the injected codec has one
-    (``kernels.dispatch.block_hadamard``: Triton on a GPU), else lowbit's torch reference."""
-    if codec is not None and hasattr(codec, "block_hadamard"):
-        return codec.block_hadamard(x, block, inverse)
-    return unrotate(x, block) if inverse else rotate(x, block)
+def rounding_seed(base: int, site: Site, rank: int, call: int) -> int:
+    """The stochastic rounding seed of ``rank``'s first-leg message in its ``call``-th call at
+    ``site`` under the communicator seed ``base`` (the one derivation: the playground's view of a
+    rank uses it too)."""
+    module = ROW_PARALLEL_MODULES.index(site.module)
+    return ((((base * 1_009 + site.layer) * 2 + module) * 4_099 + rank) * 1_000_003 + call) % 2**62
 
 
 def channel_permutation(calibration: Calibration, site: Site) -> torch.Tensor:
@@ -78,16 +84,6 @@ def channel_permutation(calibration: Calibration, site: Site) -> torch.Tensor:
     identical on every rank (it depends on the artifact only)."""
     score = calibration.ranges()[site.layer, Calibration.module_index(site.module)].sum(0)
     return torch.sort(score, stable=True).indices
-
-
-def message_kwargs(scheme: Scheme, width: int) -> tuple[dict, dict]:
-    """(encode kwargs, decode kwargs) of one first-leg message of ``width`` features."""
-    if scheme.threshold is not None:
-        cap = scheme.threshold.capacity(width)
-        return dict(threshold=scheme.threshold.value, capacity=cap), dict(capacity=cap)
-    if scheme.sparse:
-        return dict(sparse=scheme.sparse), dict(sparse=scheme.sparse)
-    return {}, {}
 
 
 def _add_message_stats(total: dict, stats: dict) -> None:
@@ -109,11 +105,29 @@ class SitePlan:
     inverse: torch.Tensor | None = None  # [H] permuted position of each original feature
     sum_min: torch.Tensor | None = None  # [H] the reduced sum's calibrated range (a static second leg)
     sum_max: torch.Tensor | None = None
-    quants: list[QuantSpec] | None = None  # lm codes: the first-leg spec of each sender, its fitted table set
+    levels: list | None = None  # a code with per-site tables (lm): each sender's fitted table
 
-    def sender_quants(self, quant: QuantSpec, tp: int) -> list[QuantSpec]:
-        """The first-leg spec each sender encoded with (``quant`` for all, unless fitted tables)."""
-        return self.quants if self.quants is not None else [quant] * tp
+    def sender_levels(self, rank: int):
+        """The table sender ``rank`` encodes its first leg with (None: the code has none)."""
+        return None if self.levels is None else self.levels[rank]
+
+
+@dataclass
+class Message:
+    """One first-leg message of this rank: the features it carries (``cols``), the values its
+    quantizer saw (``values`` [T, W]: permuted, rotated), the BF16 features inside it
+    (``outlier_idx``, local; empty when rotated: the columns then follow as a tail), this rank's
+    static range over ``cols``, and what encoding gave: the payload, its stats and the codec path."""
+
+    cols: slice
+    values: torch.Tensor
+    outlier_idx: torch.Tensor
+    static: tuple
+    payload: torch.Tensor
+    stats: dict
+    path: str
+    seed: int = 0
+    levels: tuple | None = None
 
 
 class QuantCommunicator(Communicator):
@@ -121,13 +135,11 @@ class QuantCommunicator(Communicator):
 
     def __init__(self, group: Group, schemes: SchemeMap | str, calibration: Calibration | None = None,
                  record: bool = True, keep_first_leg: bool = False, prerotated: bool = False, seed: int = 0,
-                 codec=None):
+                 codec: Codec | None = None, on_path_change: Callable[[dict], None] | None = None):
         super().__init__(group, record)
-        # codec: None (lowbit.wire.payload's encode/decode, the reference) or a module with the
-        # kernels' API (``kernels.dispatch``, ``kernels.fused_cpu``, ``kernels.reference``):
-        # quantize_pack / unpack_dequant_sum, byte- and bit-identical to the reference, used for
-        # the uniform round-to-nearest codes it implements (see ``_fused``).
-        self.codec = codec
+        check_codec(codec)
+        self.codec = codec  # None: lowbit.wire.payload's encode/decode (the reference) for every message
+        self.paths = PathLog(on_path_change)  # the codec path of each site and leg, and every change of it
         self.prerotated = prerotated  # rotated sites' partials arrive rotated (folded weights)
         self.seed = seed  # stochastic rounding: base of the per-call seeds
         self._site_calls: dict[Site, int] = {}
@@ -159,7 +171,7 @@ class QuantCommunicator(Communicator):
                                        "(static scales or top-k outliers); run `python -m lowbit calibrate`")
             idx = select_outliers(self.calibration, site, scheme.outliers, hidden)
             smin = smax = perm = inverse = None
-            if scheme.quant.granularity == "static":
+            if not scheme.quant.dynamic:
                 m = Calibration.module_index(site.module)
                 smin = self.calibration.ema_min[site.layer, m].float()
                 smax = self.calibration.ema_max[site.layer, m].float()
@@ -168,16 +180,13 @@ class QuantCommunicator(Communicator):
                 inverse = torch.argsort(perm)
                 idx = inverse[idx].sort().values  # permute is group-only: no static ranges to move
             sum_min = sum_max = None
-            if scheme.algo == "two_shot" and scheme.second.granularity == "static":
+            if scheme.algo == "two_shot" and not scheme.second.dynamic:
                 sum_min, sum_max = (t.float() for t in self.calibration.sum_range(site))
                 if perm is not None:
                     raise CalibrationError(f"{site}: -perm with a static second leg is not implemented; "
                                            "allowed: a dynamic second leg with -perm")
-            quants = None
-            if scheme.quant.code == "lm":
-                tables = site_tables(self.calibration, site, scheme, idx, perm)
-                quants = [replace(scheme.quant, levels=t) for t in tables]
-            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse, sum_min, sum_max, quants)
+            levels = scheme.quant.code.site_levels(self.calibration, site, scheme, idx, perm)
+            self._plans[site] = SitePlan(scheme, idx, smin, smax, perm, inverse, sum_min, sum_max, levels)
         return self._plans[site]
 
     def _reduce(self, partial: torch.Tensor, site: Site):
@@ -188,38 +197,24 @@ class QuantCommunicator(Communicator):
                                              "collective-bench records before any message; allowed: @min<size>")
         gated = plan.scheme.gated(partial.numel() // max(hidden, 1), hidden)
         if plan.scheme.is_exact or gated:  # a gated message goes as the exact BF16 all-reduce
-            wire = partial.to(_WIRE_DTYPES[plan.scheme.wire_dtype or "bf16"])
+            wire = partial.to(WIRE_DTYPES[plan.scheme.wire_dtype or "bf16"])
             out = self.group.all_reduce(wire).to(partial.dtype)
             nbytes = wire.numel() * wire.element_size()
             received = int(wire_bytes("exact", self.group.world_size, nbytes))
             extra = {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
             return out, nbytes, dict(extra, gated=1) if gated else extra
-        x = partial.reshape(-1, hidden)
-        # A codec that quantizes and counts in its own pass (kernels.dispatch's native kernels) reads
-        # BF16/FP16 partials as they are, converting in its loop; everything else works on fp32.
-        native_input = (plan.perm is None and plan.scheme.rotation is None and self._fused(plan.scheme.quant, plan)
-                        and hasattr(self.codec, "quantize_pack_counts"))
-        if not native_input:
-            x = x.float()
-        if plan.perm is not None:
-            x = x[:, plan.perm.to(x.device)]
-        quant = self._call_quant(plan.sender_quants(plan.scheme.quant, self.group.world_size)[self.group.rank], site)
-        rot = plan.scheme.rotation
-        if rot is not None and self.prerotated and plan.outlier_idx.numel():
-            raise ValueError(f"{site}: prerotated partials cannot give unrotated BF16 outlier columns")
+        x, messages, expected = self._first_leg(partial.reshape(-1, hidden), site, plan)
         if plan.scheme.algo == "gather":
-            if rot is None:
-                out, nbytes, extra = self._gather(x, plan, quant)
-            else:
-                out, nbytes, extra = self._gather_rotated(x, plan, quant)
+            out, nbytes, extra = self._gather(x, plan, messages[0])
         else:
-            if rot is not None and not self.prerotated:
-                x = _rotate(x, rot, codec=self.codec)
-            out, nbytes, extra = self._two_shot(x, plan, quant)
-            if rot is not None:
-                out = _rotate(out, rot, inverse=True, codec=self.codec)
-                if self.last_first_leg is not None:
-                    self.last_first_leg = _rotate(self.last_first_leg, rot, inverse=True, codec=self.codec)
+            out, nbytes, extra, expected2 = self._two_shot(x, plan, messages)
+            self.paths.note(str(site), "leg2", expected2, extra["codec_path2"], self._failure())
+        self.paths.note(str(site), "leg1", expected, extra["codec_path"], self._failure())
+        rot = plan.scheme.rotation
+        if rot is not None and plan.scheme.algo == "two_shot":  # the sum is rotated back once (gather: inside)
+            out = self._rotate(out, rot, inverse=True)
+            if self.last_first_leg is not None:
+                self.last_first_leg = self._rotate(self.last_first_leg, rot, inverse=True)
         if plan.perm is not None:
             inverse = plan.inverse.to(out.device)
             out = out[:, inverse]
@@ -227,150 +222,200 @@ class QuantCommunicator(Communicator):
                 self.last_first_leg = self.last_first_leg[:, inverse]
         return out.to(partial.dtype).reshape(partial.shape), nbytes, extra
 
-    def _call_quant(self, quant: QuantSpec, site: Site) -> QuantSpec:
-        """The first leg's spec for this call: stochastic rounding gets this call's own seed."""
-        if quant.rounding != "stochastic":
-            return quant
+    def call_seed(self, site: Site, scheme: Scheme) -> int:
+        """This call's stochastic rounding seed (0 when the first leg rounds to nearest): made of the
+        communicator's seed, the site, this rank and the call number at that site, so reruns are
+        bit-identical while ranks and calls draw independent noise."""
+        if not scheme.stochastic:
+            return 0
         n = self._site_calls.get(site, 0)
         self._site_calls[site] = n + 1
-        module = ROW_PARALLEL_MODULES.index(site.module)
-        seed = ((((self.seed * 1_009 + site.layer) * 2 + module) * 4_099 + self.group.rank) * 1_000_003 + n)
-        return replace(quant, rounding_seed=seed % 2**62)
+        return rounding_seed(self.seed, site, self.group.rank, n)
 
-    def _gather_rotated(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
-        """Gather with rotation: outliers out in the original space, rotate, quantize all H."""
+    # -- one rank's first leg ----------------------------------------------------------------------
+    def first_leg(self, partial: torch.Tensor, site: Site) -> list[Message]:
+        """This rank's first-leg messages of ``partial`` [T, H] at ``site``, encoded as ``reduce``
+        would encode them (same plan, seed, tables and codec), without sending anything."""
+        plan = self.plan(site, partial.shape[-1])
+        if plan.scheme.is_exact:
+            raise ValueError(f"{site}: {plan.scheme} is exact; it has no first-leg messages")
+        return self._first_leg(partial.reshape(-1, partial.shape[-1]), site, plan)[1]
+
+    def decode_message(self, message: Message, site: Site) -> torch.Tensor:
+        """fp32 [T, W] of one of this rank's first-leg messages, decoded alone (the BF16 tail of a
+        rotated message is not part of it)."""
+        plan = self._plans[site]
+        _, dec_kw = plan.scheme.message_kwargs(message.values.shape[1])
+        return decode(message.payload[:self._codes_bytes(plan, message)], message.values.shape[0],
+                      message.values.shape[1], plan.scheme.quant, message.outlier_idx, *message.static, **dec_kw,
+                      levels=message.levels)
+
+    def _first_leg(self, x: torch.Tensor, site: Site, plan: SitePlan) -> tuple[torch.Tensor, list[Message], str]:
+        """(the partial as the messages were cut from it: permuted, fp32 unless a kernel reads it as
+        it is; this rank's first-leg messages; the path the codec announced for them)."""
         tokens, hidden = x.shape
-        tp, rot, idx = self.group.world_size, plan.scheme.rotation, plan.outlier_idx
-        rest = x
-        if idx.numel():
-            rest = x.clone()
-            rest[:, idx] = 0.0
-        if not self.prerotated:
-            rest = _rotate(rest, rot, codec=self.codec)
-        fused = self._fused(quant, plan)
-        payload, stats = self._encode(rest, quant, None, None, None, {}, fused)
-        n_codes = payload.numel()
-        payload = append_outlier_columns(payload, x, idx)
-        gathered = self.group.all_gather(payload)
-        summed = self._decode_sum(gathered[:, :n_codes], tokens, hidden, plan.sender_quants(quant, tp), None, None,
-                                  None, {}, fused)
-        out = _rotate(summed, rot, inverse=True, codec=self.codec)
-        if idx.numel():
-            out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
-        stats["nonfinite"] = int((~torch.isfinite(x)).sum())  # of the partial as produced
-        bits = rotated_message_bits(tokens, hidden, quant, idx.numel())
-        return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
-                                          bytes_received=int(wire_bytes("gather", tp, payload.numel())))
+        rank, tp, scheme = self.group.rank, self.group.world_size, plan.scheme
+        quant, seed, levels = scheme.quant, self.call_seed(site, scheme), plan.sender_levels(rank)
+        rot, idx = scheme.rotation, plan.outlier_idx
+        expected = self._path(quant, x.device, scheme.per_message_outliers)
+        if rot is not None and self.prerotated and idx.numel():
+            raise ValueError(f"{site}: prerotated partials cannot give unrotated BF16 outlier columns")
+        # a kernel quantizes and counts BF16/FP16 partials as they are (converting in its loop); the
+        # torch path, a permutation and a rotation work on fp32
+        if expected == REFERENCE or plan.perm is not None or rot is not None:
+            x = x.float()
+        if plan.perm is not None:
+            x = x[:, plan.perm.to(x.device)]
+        width = hidden // tp if scheme.algo == "two_shot" else hidden
+        seen, local = x, [idx[(idx >= j) & (idx < j + width)] - j for j in range(0, hidden, width)]
+        if rot is not None:  # BF16 columns cut out in the original space, then every feature rotated and coded
+            if idx.numel():
+                seen = x.clone()
+                seen[:, idx] = 0.0
+            if not self.prerotated:
+                seen = self._rotate(seen, rot)
+            local = [torch.empty(0, dtype=torch.long)] * len(local)
+        enc_kw, _ = scheme.message_kwargs(width)
+        messages = []
+        for j, start in enumerate(range(0, hidden, width)):
+            cols = slice(start, start + width)
+            static = self._static(plan, rank, cols)
+            values = seen[:, cols].contiguous() if scheme.algo == "two_shot" else seen
+            payload, stats, path = self._encode(values, quant, local[j], static, enc_kw, expected, seed, levels)
+            if rot is not None:
+                payload = append_outlier_columns(payload, x, idx)
+                stats["nonfinite"] = int((~torch.isfinite(x)).sum())  # of the partial as produced
+            messages.append(Message(cols, values, local[j], static, payload, stats, path, seed, levels))
+        return x, messages, expected
+
+    def _codes_bytes(self, plan: SitePlan, message: Message) -> int:
+        """Bytes of a message before its rotated BF16 tail (all of it when there is none)."""
+        if plan.scheme.rotation is None:
+            return message.payload.numel()
+        tokens, width = message.values.shape
+        return scheme_layout(plan.scheme, tokens, width, plan.outlier_idx.numel()).codes.end
 
     def _static(self, plan: SitePlan, rank: int, cols: slice = slice(None)):
         if plan.static_min is None:
             return None, None
         return plan.static_min[rank, cols], plan.static_max[rank, cols]
 
-    def _fused(self, quant: QuantSpec, plan: SitePlan | None = None) -> bool:
-        """Does a message quantized with ``quant`` go through ``self.codec``? Only what the kernels
-        implement: the uniform grid, round to nearest, and (for a first leg, ``plan`` given) no
-        per-message outliers (sp/thr)."""
-        per_message = plan is not None and (plan.scheme.sparse or plan.scheme.threshold is not None)
-        # fp codes and the fp16 / e8m0 / e4m3 scale formats stay on lowbit.wire.payload's torch path
-        return (self.codec is not None and quant.rounding == "nearest" and quant.code == "int"
-                and quant.scale_dtype in KERNEL_SCALE_DTYPES and not per_message)
+    # -- the codec -------------------------------------------------------------------------------
+    def _path(self, quant: QuantSpec, device, per_message: bool = False) -> str:
+        """The path a message quantized with ``quant`` takes: the codec's, unless there is no codec
+        or the message picks its own outliers (sp/thr: the kernels' API has no such sections)."""
+        if self.codec is None or per_message:
+            return REFERENCE
+        return self.codec.path(quant, device)
 
-    def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, smin, smax, enc_kw: dict, fused: bool):
-        """One message's payload and its {clamped, nonfinite, ...} stats (``lowbit.wire.payload.encode``'s)."""
-        if not fused:
-            return encode(x, quant, idx, smin, smax, **enc_kw)
-        if hasattr(self.codec, "quantize_pack_counts"):  # the kernel counts in its own pass over x
-            return self.codec.quantize_pack_counts(x, quant, idx, smin, smax)
-        payload = self.codec.quantize_pack(x, quant, idx, smin, smax)
-        counts = input_counts(x, quant, smin, smax, idx)
-        return payload, {"clamped": counts["clamped"], "nonfinite": int((~torch.isfinite(x)).sum())}
+    def _failure(self) -> str | None:
+        return None if self.codec is None else self.codec.failure()
 
-    def _decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant: QuantSpec | list[QuantSpec], idx,
-                    smins, smaxs, dec_kw: dict, fused: bool) -> torch.Tensor:
-        """fp32 zeros + the dequantized payloads [n, nbytes] in row (rank) order; ``smins``/``smaxs``
-        [n, width] are the senders' static ranges (None for dynamic scales); ``quant`` one spec for
-        all rows or one per row (fitted tables: each sender's own)."""
-        quants = quant if isinstance(quant, list) else [quant] * payloads.shape[0]
-        if fused:  # the kernels' codes (uniform grid, nearest) decode the same for every sender
-            return self.codec.unpack_dequant_sum(payloads, tokens, width, quants[0], idx, smins, smaxs)
+    def _rotate(self, x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
+        """The block rotation: the codec's (its kernel where it has one), else lowbit's torch reference."""
+        if self.codec is not None:
+            return self.codec.rotate(x, block, inverse)
+        return unrotate(x, block) if inverse else rotate(x, block)
+
+    def _encode(self, x: torch.Tensor, quant: QuantSpec, idx, static: tuple, enc_kw: dict, path: str,
+                seed: int = 0, levels=None) -> tuple[torch.Tensor, dict, str]:
+        """One message's payload, its {clamped, nonfinite, ...} stats (``lowbit.wire.payload.encode``'s)
+        and the path that ran."""
+        if path == REFERENCE:
+            return (*encode(x, quant, idx, *static, **enc_kw, seed=seed, levels=levels), REFERENCE)
+        return self.codec.encode(x, quant, idx, *static)
+
+    def _decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant: QuantSpec, idx,
+                    smins, smaxs, dec_kw: dict, path: str, levels: list | None = None) -> tuple[torch.Tensor, str]:
+        """(fp32 zeros + the dequantized payloads [n, nbytes] in row (rank) order, the path that
+        ran); ``smins``/``smaxs`` [n, width] are the senders' static ranges (None for dynamic
+        scales); ``levels`` one fitted table per row (each sender's own) or None."""
+        if path != REFERENCE:  # the kernels' codes (uniform grid, nearest) decode the same for every sender
+            return self.codec.decode_sum(payloads, tokens, width, quant, idx, smins, smaxs)
         out = torch.zeros(tokens, width, dtype=torch.float32, device=payloads.device)
         for r in range(payloads.shape[0]):
-            out += decode(payloads[r], tokens, width, quants[r], idx, None if smins is None else smins[r],
-                          None if smaxs is None else smaxs[r], **dec_kw)
-        return out
+            out += decode(payloads[r], tokens, width, quant, idx, None if smins is None else smins[r],
+                          None if smaxs is None else smaxs[r], **dec_kw, levels=None if levels is None else levels[r])
+        return out, REFERENCE
 
-    def _gather(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
+    # -- the collectives -------------------------------------------------------------------------
+    def _gather(self, x: torch.Tensor, plan: SitePlan, message: Message):
         tokens, hidden = x.shape
-        rank, tp = self.group.rank, self.group.world_size
-        idx = plan.outlier_idx
-        enc_kw, dec_kw = message_kwargs(plan.scheme, hidden)
-        fused = self._fused(quant, plan)
-        payload, stats = self._encode(x, quant, idx, *self._static(plan, rank), enc_kw, fused)
+        tp, idx, rot = self.group.world_size, plan.outlier_idx, plan.scheme.rotation
+        _, dec_kw = plan.scheme.message_kwargs(hidden)
+        payload = message.payload
         gathered = self.group.all_gather(payload)
-        out = self._decode_sum(gathered, tokens, hidden, plan.sender_quants(quant, tp), idx, plan.static_min,
-                               plan.static_max, dec_kw, fused)
+        if rot is None:
+            out, ran = self._decode_sum(gathered, tokens, hidden, plan.scheme.quant, idx, plan.static_min,
+                                        plan.static_max, dec_kw, message.path, plan.levels)
+        else:
+            n_codes = self._codes_bytes(plan, message)
+            summed, ran = self._decode_sum(gathered[:, :n_codes], tokens, hidden, plan.scheme.quant, None, None,
+                                           None, {}, message.path, plan.levels)
+            out = self._rotate(summed, rot, inverse=True)
+            if idx.numel():  # the BF16 columns, summed in the original space
+                out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
         bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
-        return out, payload.numel(), dict(stats, leg1_bits=bits["total"], bits_breakdown=bits,
-                                          bytes_received=int(wire_bytes("gather", tp, payload.numel())))
+        return out, payload.numel(), dict(message.stats, leg1_bits=bits["total"], bits_breakdown=bits,
+                                          bytes_received=int(wire_bytes("gather", tp, payload.numel())),
+                                          codec_path=_same(message.path, ran))
 
-    def _chunks(self, hidden: int, idx: torch.Tensor):
-        tp = self.group.world_size
-        width = hidden // tp
-        cols = [slice(j * width, (j + 1) * width) for j in range(tp)]
-        local_idx = [idx[(idx >= c.start) & (idx < c.stop)] - c.start for c in cols]
-        return cols, local_idx, width
-
-    def _two_shot(self, x: torch.Tensor, plan: SitePlan, quant: QuantSpec):
+    def _two_shot(self, x: torch.Tensor, plan: SitePlan, messages: list[Message]):
         tokens, hidden = x.shape
         rank, tp = self.group.rank, self.group.world_size
-        second = plan.scheme.second
-        cols, local_idx, width = self._chunks(hidden, plan.outlier_idx)
-        enc_kw, dec_kw = message_kwargs(plan.scheme, width)
-        fused = self._fused(quant, plan)
-        parts, clamped, nonfinite, message_stats = [], 0, 0, {}
-        for j in range(tp):
-            p, st = self._encode(x[:, cols[j]].contiguous(), quant, local_idx[j], *self._static(plan, rank, cols[j]),
-                                 enc_kw, fused)
-            parts.append(p)
-            clamped += st["clamped"]
-            nonfinite += st["nonfinite"]
-            _add_message_stats(message_stats, st)
-        send_splits = [p.numel() for p in parts]
+        second, width = plan.scheme.second, hidden // tp
+        _, dec_kw = plan.scheme.message_kwargs(width)
+        local_idx = [m.outlier_idx for m in messages]
+        clamped = sum(m.stats["clamped"] for m in messages)
+        nonfinite = sum(m.stats["nonfinite"] for m in messages)
+        message_stats = {}
+        for m in messages:
+            _add_message_stats(message_stats, m.stats)
+        send_splits = [m.payload.numel() for m in messages]
         own_bytes = send_splits[rank]
-        received = self.group.all_to_all(torch.cat(parts), send_splits, [own_bytes] * tp)
-        smins = None if plan.static_min is None else plan.static_min[:, cols[rank]]
-        smaxs = None if plan.static_max is None else plan.static_max[:, cols[rank]]
-        reduced = self._decode_sum(received.reshape(tp, own_bytes), tokens, width, plan.sender_quants(quant, tp),
-                                   local_idx[rank], smins, smaxs, dec_kw, fused)
+        received = self.group.all_to_all(torch.cat([m.payload for m in messages]), send_splits, [own_bytes] * tp)
+        cols = messages[rank].cols
+        smins = None if plan.static_min is None else plan.static_min[:, cols]
+        smaxs = None if plan.static_max is None else plan.static_max[:, cols]
+        reduced, ran1 = self._decode_sum(received.reshape(tp, own_bytes), tokens, width, plan.scheme.quant,
+                                         local_idx[rank], smins, smaxs, dec_kw, messages[rank].path, plan.levels)
         if self.keep_first_leg:
             self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
-        # Leg 2: requantize the reduced chunk (dynamic scales), all-gather padded payloads.
-        # the second leg is a plain requantization (no sp/thr); a static one (calibrated ranges of the
-        # reduced sum, plan.sum_min/max) stays on the torch path
-        fused2 = self._fused(second) and second.dynamic
+        # Leg 2: requantize the reduced chunk (dynamic, or static with the calibrated ranges of the
+        # reduced sum: plan.sum_min/max), all-gather the payloads padded to the largest
         static2 = plan.sum_min is not None
 
         def sum_range(j: int, batch: bool = False):
             if not static2:
                 return None, None
-            lo, hi = plan.sum_min[cols[j]], plan.sum_max[cols[j]]
+            lo, hi = plan.sum_min[messages[j].cols], plan.sum_max[messages[j].cols]
             return (lo.unsqueeze(0), hi.unsqueeze(0)) if batch else (lo, hi)
-        p2, st2 = self._encode(reduced, second, local_idx[rank], *sum_range(rank), {}, fused2)
+        expected2 = self._path(second, x.device)
+        p2, st2, enc2 = self._encode(reduced, second, local_idx[rank], sum_range(rank), {}, expected2)
         sizes2 = [layout(tokens, width, second, local_idx[j].numel()).total_bytes for j in range(tp)]
         leg2_bytes = leg2_chunk_bytes(tokens, width, second, [local_idx[j].numel() for j in range(tp)])
         padded = torch.zeros(leg2_bytes, dtype=torch.uint8, device=x.device)
         padded[:p2.numel()] = p2
         gathered = self.group.all_gather(padded)
         out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
+        ran2 = set()
         for j in range(tp):
-            out[:, cols[j]] = self._decode_sum(gathered[j:j + 1, :sizes2[j]], tokens, width, second, local_idx[j],
-                                               *sum_range(j, batch=True), {}, fused2)
+            out[:, messages[j].cols], ran = self._decode_sum(gathered[j:j + 1, :sizes2[j]], tokens, width, second,
+                                                             local_idx[j], *sum_range(j, batch=True), {}, enc2)
+            ran2.add(ran)
         values = tokens * hidden
         extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"],
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
                      leg2_bits=8.0 * leg2_bytes * tp / values if values else 0.0,
                      leg1_bytes=sum(send_splits), leg2_bytes=leg2_bytes,
                      # every peer sends this rank its chunk (own_bytes each) in leg 1
-                     bytes_received=int(wire_bytes("two_shot", tp, tp * own_bytes, leg2_bytes)), **message_stats)
-        return out, sum(send_splits) + leg2_bytes, extra
+                     bytes_received=int(wire_bytes("two_shot", tp, tp * own_bytes, leg2_bytes)),
+                     codec_path=_same(*{m.path for m in messages}, ran1), codec_path2=_same(enc2, *ran2),
+                     **message_stats)
+        return out, sum(send_splits) + leg2_bytes, extra, expected2
+
+
+def _same(*paths: str) -> str:
+    """The path of a leg from the paths its steps took: one name, or them all joined with '+'
+    (a kernel failed between two steps of the same leg)."""
+    return "+".join(dict.fromkeys(paths))

@@ -36,10 +36,12 @@ import torch
 
 from lowbit import stats
 from lowbit.artifacts import calibration_cache_dir
+from lowbit.comm.codec import Codec, event_text
 from lowbit.comm.collectives import QuantCommunicator
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
-from lowbit.method.calibrate import Calibration, load_or_calibrate, with_calibration_defaults
+from lowbit.calibration import Calibration
+from lowbit.method.calibrate import load_or_calibrate, with_calibration_defaults
 from lowbit.model.data import CLASSIC_TASKS, TASK_INFO, Item, load_task, token_chunks
 from lowbit.method.choices import (DEFAULT_MAX_TOKENS, ChoiceItem, choice_logliks, legacy_batches, legacy_choice_logliks,
                                    legacy_sequences, plan_batches, tokenize_items)
@@ -57,10 +59,14 @@ PRIMARY_METRIC = {t: info.primary for t, info in TASK_INFO.items()}
 
 
 def make_communicator(group: Group, scheme: SchemeMap | str, calibration: Calibration | None,
-                      codec=None) -> Communicator:
-    """The communicator of one (parsed) scheme; ``codec`` (e.g. ``kernels.dispatch``, injected by
-    the job layer) runs the fused kernels inside it: the same numbers, less time."""
-    return QuantCommunicator(group, scheme, calibration, codec=codec)
+                      codec: Codec | None = None, progress=None) -> Communicator:
+    """The communicator of one (parsed) scheme; ``codec`` (``kernels.dispatch.Codec()``, injected by
+    the job layer) runs the kernels inside it: the same numbers, less time. Every change of codec
+    path at a site is reported to ``progress`` as a ``codec`` event (``lowbit.comm.codec``)."""
+    def changed(event: dict) -> None:
+        if progress:
+            progress("codec", None, None, event_text(str(scheme), event), event)
+    return QuantCommunicator(group, scheme, calibration, codec=codec, on_path_change=changed)
 
 
 def _reference_first(plan: SchemePlan) -> list[str]:
@@ -81,7 +87,9 @@ def _summarize_calls(comm: Communicator) -> dict:
                 thr_overflow=int(sum(c.extra.get("thr_overflow", 0) for c in comm.calls)),
                 # @min<size>: calls whose message was small enough to go as the exact BF16 all-reduce
                 gated_calls=int(sum(c.extra.get("gated", 0) for c in comm.calls)),
-                comm_seconds=sum(c.seconds for c in comm.calls), calls=len(comm.calls), values=values)
+                comm_seconds=sum(c.seconds for c in comm.calls), calls=len(comm.calls), values=values,
+                # the codec path each site's messages took (a change of path is also an event)
+                codec_paths=comm.paths.by_site() if isinstance(comm, QuantCommunicator) else {})
 
 
 @torch.no_grad()
@@ -95,7 +103,7 @@ def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: SchemePlan
     computing the whole replicated head."""
     device = next(model.parameters()).device
     plan = SchemePlan.of(schemes, REFERENCE)
-    comms = {s: make_communicator(group, plan[s], calibration, codec) for s in _reference_first(plan)}
+    comms = {s: make_communicator(group, plan[s], calibration, codec, progress) for s in _reference_first(plan)}
     acc = {s: defaultdict(float) for s in comms}
     scores = TextScores(group if vocab_shardable(model) else None)
     batches = list(chunks.split(batch_size))
@@ -214,7 +222,7 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
     batches of up to ``max_tokens`` tokens; ``legacy`` for the old path); ``_timing`` holds the
     seconds of this scheme's forwards and the items they scored."""
     plan = SchemePlan.of(schemes, REFERENCE)
-    comms = {s: make_communicator(group, plan[s], calibration, codec) for s in _reference_first(plan)}
+    comms = {s: make_communicator(group, plan[s], calibration, codec, progress) for s in _reference_first(plan)}
     scored = task_logliks(model, group, tokenizer, items_by_task, comms, progress, max_tokens, legacy, batch_sequences)
     hits = task_hits(scored)
     n_items = sum(len(v) for v in items_by_task.values())
@@ -344,11 +352,12 @@ RECORD_NUMBERS = TEXT_NUMBERS + TASK_NUMBERS
 
 
 def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks: dict | None) -> dict:
-    """One results.json record: scheme, ``TEXT_NUMBERS``, and with tasks the per-task metrics,
-    % kept and the average primary score (``TASK_NUMBERS``)."""
+    """One results.json record: scheme, ``TEXT_NUMBERS``, the codec path of each site
+    (``codec_paths``), and with tasks the per-task metrics, % kept and the average primary score
+    (``TASK_NUMBERS``)."""
     values = dict(text, text_tokens=text["tokens"], thr_overflow=text.get("thr_overflow", 0),
                   gated_calls=text.get("gated_calls", 0))
-    rec = dict(scheme=scheme, **{k: values[k] for k in TEXT_NUMBERS})
+    rec = dict(scheme=scheme, **{k: values[k] for k in TEXT_NUMBERS}, codec_paths=text.get("codec_paths", {}))
     if tasks is not None:
         rec["tasks"] = {t: r for t, r in tasks.items() if not t.startswith("_")}
         rec["kept_pct"], rec["kept_se"] = stats.kept_pct(tasks, reference_tasks)
@@ -376,7 +385,7 @@ def evaluate(group: Group, params: dict, progress=None, codec=None, plan: Scheme
     """Collective: text metrics, task accuracy and per-layer error for each scheme of ``params``.
 
     ``plan``: the job's schemes already parsed (else parsed here, once). ``codec``: the kernels
-    to run inside the communicators (``kernels.dispatch``), or None for ``lowbit.wire.payload``.
+    to run inside the communicators (``kernels.dispatch.Codec()``), or None for ``lowbit.wire.payload``.
     The calibration is ``params["calibration"]`` or the shared cache folder, made on the fly on
     the loaded model when missing. Rank 0 returns the result and, with ``out``, writes
     ``results.json`` (one record per scheme) and ``layer_errors.json`` there."""

@@ -19,6 +19,8 @@ cheapest frontier point that meets the floor, ``best_at[b]`` the lowest-KL point
 Resumable: every finished point is one file ``points/<key>.json`` in the run directory (written
 atomically by rank 0); a rerun over the same folder, or a new run with ``resume_from=<run id>``,
 skips them, and the sensitivity table is kept the same way (``points/sensitivity.json``).
+A scheduler may run the sweep as pieces, one job each (``sweep_pieces``, ``run_sweep(piece=...)``);
+``gather_sweep`` then reads the same answer from the point files.
 
     python -m launch submit sweep.json --wait       # kind "sweep", see launch.registry
     # sweep.json: {"kind": "sweep", "model": "smollm2-135m", "tp": 3, "calib_from": "<id>",
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 
 from lowbit.comm.dist import ThreadWorld
-from lowbit.method.calibrate import Calibration
+from lowbit.calibration import Calibration
 from lowbit.method.evaluate import (
     REFERENCE,
     evaluate_tasks,
@@ -163,17 +165,26 @@ def _agree(group, flags: list[bool]) -> list[bool]:
     return [bool(v) for v in group.all_gather(t)[0].tolist()][:len(flags)]
 
 
+def _cached_sensitivity(points_dir: Path, p: dict) -> list[dict]:
+    """The rows of ``points/sensitivity.json`` for the allocation candidates, when the table was
+    measured on the same number of chunks (else [])."""
+    path = Path(points_dir) / SENSITIVITY_FILE
+    if not path.exists():
+        return []
+    cands = [str(parse_scheme(c)) for c in p["allocate_candidates"]]
+    data = json.loads(path.read_text())
+    if data.get("chunks", 1) != max(1, p["sensitivity_chunks"]):
+        return []
+    return [r for r in data["rows"] if r["scheme"] in cands]
+
+
 def _sensitivity(model, group, p, calibration, held, points_dir: Path, progress) -> list[dict]:
     """Rows for every allocation candidate; candidates already in the table (same token count)
     are reused, so adding a candidate to a finished sweep measures only that one."""
     path = points_dir / SENSITIVITY_FILE
     cands = [str(parse_scheme(c)) for c in p["allocate_candidates"]]
     chunks = max(1, p["sensitivity_chunks"])
-    cached: list[dict] = []
-    if path.exists():
-        data = json.loads(path.read_text())
-        if data.get("chunks", 1) == chunks:
-            cached = [r for r in data["rows"] if r["scheme"] in cands]
+    cached = _cached_sensitivity(points_dir, p)
     have = _agree(group, [any(r["scheme"] == c for r in cached) for c in cands])
     missing = [c for c, ok in zip(cands, have) if not ok]
     if not missing:
@@ -196,10 +207,55 @@ def _evaluate_point(model, group, tokenizer, scheme, calibration, held, items, p
     return rec
 
 
+def _allocated(rows: list[dict], budgets, hidden: int, method: str) -> dict[str, float]:
+    """Scheme map -> the first budget it was allocated for (a budget below the cheapest map: none)."""
+    out: dict[str, float] = {}
+    for budget in budgets:
+        try:
+            out.setdefault(str(allocate(rows, budget, hidden, method)), budget)
+        except BudgetError:
+            continue
+    return out
+
+
+def fixed_candidates(p: dict, hidden: int, tp: int) -> list[str]:
+    """The candidates that need no measurement first, canonical, in evaluation order: the
+    paper's scheme, the explicit schemes, the grid."""
+    texts = ([PAPER] if p["include_paper"] else []) + list(p.get("schemes", [])) \
+        + grid_schemes(p["grid"], hidden, tp, p["budget_min"], p["budget_max"])
+    return list(dict.fromkeys(str(parse_scheme_map(t)) for t in texts))
+
+
+def candidates(p: dict, hidden: int, tp: int, rows: list[dict]) -> dict[str, float | None]:
+    """Every candidate in evaluation order -> the budget it was allocated for: the allocations
+    (from the sensitivity ``rows``) first, then ``fixed_candidates``."""
+    out: dict[str, float | None] = dict(_allocated(rows, p["allocate"], hidden, p["allocate_method"])) \
+        if p["allocate"] else {}
+    for scheme in fixed_candidates(p, hidden, tp):
+        out.setdefault(scheme, None)
+    return out
+
+
+def sweep_pieces(params: dict, hidden: int, tp: int) -> list[dict]:
+    """The sweep cut into independent pieces for a scheduler: one ``{"scheme": s}`` per fixed
+    candidate, one ``{"allocate": budget}`` per allocation budget (all of them need the
+    sensitivity table, measured once before: ``{"prepare": true}``). ``run_sweep(piece=...)``
+    evaluates one piece; ``gather_sweep`` reads the answer from the point files."""
+    p = dict(SWEEP_DEFAULTS, **params)
+    return [dict(scheme=s) for s in fixed_candidates(p, hidden, tp)] + [dict(allocate=b) for b in p["allocate"]]
+
+
+def _summary(points: list[dict], p: dict, evaluated: int, reused: int) -> dict:
+    return dict(points=points, **summarize(points, p), params={k: p[k] for k in SWEEP_DEFAULTS},
+                evaluated=evaluated, reused=reused)
+
+
 def run_sweep(tp_model, group, params: dict, calibration, held: torch.Tensor, items: dict | None,
-              points_dir: str | Path, progress=None) -> dict | None:
+              points_dir: str | Path, progress=None, piece: dict | None = None) -> dict | None:
     """Collective: evaluate every candidate not already in ``points_dir``; rank 0 returns the
-    points, the frontier and the best schemes (see the module docstring)."""
+    points, the frontier and the best schemes (see the module docstring). With ``piece`` (one
+    piece of ``sweep_pieces``, or ``{"prepare": true}``: the sensitivity table only) it evaluates
+    that piece, writes its point file and returns None on every rank."""
     p = dict(SWEEP_DEFAULTS, **params)
     model = tp_model.model
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -208,20 +264,17 @@ def run_sweep(tp_model, group, params: dict, calibration, held: torch.Tensor, it
     if group.rank == 0:
         points_dir.mkdir(parents=True, exist_ok=True)
     group.barrier()
-    candidates: dict[str, float | None] = {}  # scheme -> the budget it was allocated for
-    if p["allocate"]:
-        rows = _sensitivity(model, group, p, calibration, held, points_dir, progress)
-        for budget in p["allocate"]:
-            try:
-                smap = str(allocate(rows, budget, hidden, p["allocate_method"]))
-            except BudgetError:
-                continue
-            candidates.setdefault(smap, budget)
-    if p["include_paper"]:
-        candidates.setdefault(PAPER, None)
-    for text in p.get("schemes", []) + grid_schemes(p["grid"], hidden, tp, p["budget_min"], p["budget_max"]):
-        candidates.setdefault(str(parse_scheme_map(text)), None)
-    names = list(candidates)
+    needs_rows = p["allocate"] and (piece is None or "allocate" in piece or "prepare" in piece)
+    rows = _sensitivity(model, group, p, calibration, held, points_dir, progress) if needs_rows else []
+    if piece is None:
+        chosen = candidates(p, hidden, tp, rows)
+    elif "scheme" in piece:
+        chosen = {str(parse_scheme_map(piece["scheme"])): None}
+    elif "allocate" in piece:
+        chosen = _allocated(rows, [piece["allocate"]], hidden, p["allocate_method"])
+    else:
+        chosen = {}
+    names = list(chosen)
     all_sites = [(site.layer, site.module) for site in row_parallel_sites(model)]
     done = _agree(group, [(points_dir / f"{point_key(s)}.json").exists() for s in names])
     points = []
@@ -233,17 +286,37 @@ def run_sweep(tp_model, group, params: dict, calibration, held: torch.Tensor, it
             continue
         start = time.perf_counter()
         rec = _evaluate_point(model, group, tp_model.tokenizer, scheme, calibration, held, items, p, progress)
-        rec.update(allocated_for=candidates[scheme], seconds=round(time.perf_counter() - start, 2),
+        rec.update(allocated_for=chosen[scheme], seconds=round(time.perf_counter() - start, 2),
                    nominal_bits=map_bits_per_value(scheme, all_sites, hidden, tp))
         if group.rank == 0:
             _write_json(path, rec)
             points.append(rec)
         if progress:
             progress("sweep", i + 1, len(names), f"{scheme}: {rec['bits_per_value']:.3f} bits, KL {rec['kl']:.4g}", {})
-    if group.rank != 0:
+    if group.rank != 0 or piece is not None:
         return None
-    return dict(points=points, **summarize(points, p), params={k: p[k] for k in SWEEP_DEFAULTS},
-                evaluated=sum(1 for d in done if not d), reused=sum(done))
+    return _summary(points, p, evaluated=sum(1 for d in done if not d), reused=sum(done))
+
+
+def gather_sweep(params: dict, hidden: int, tp: int, points_dir: str | Path, reused: set[str]) -> dict:
+    """The answer of a sweep whose pieces ran as separate jobs: the same points, frontier and
+    best schemes ``run_sweep`` returns, read from the point files (``reused``: point keys that
+    were there before the pieces started). A candidate without its point file is an error."""
+    p = dict(SWEEP_DEFAULTS, **params)
+    points_dir = Path(points_dir)
+    chosen = candidates(p, hidden, tp, _cached_sensitivity(points_dir, p) if p["allocate"] else [])
+    missing = [s for s in chosen if not (points_dir / f"{point_key(s)}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"sweep: no point file for {len(missing)} candidate(s), e.g. {missing[0]!r} "
+                                f"({points_dir}/{point_key(missing[0])}.json)")
+    points = []
+    for scheme, budget in chosen.items():
+        rec = json.loads((points_dir / f"{point_key(scheme)}.json").read_text())
+        if point_key(scheme) not in reused:
+            rec["allocated_for"] = budget  # a fixed piece may have evaluated a map an allocation also chose
+        points.append(rec)
+    n_reused = sum(point_key(s) in reused for s in chosen)
+    return _summary(points, p, evaluated=len(chosen) - n_reused, reused=n_reused)
 
 
 # -- job kind "sweep" (registered in launch.registry) --------------------------------------------

@@ -4,22 +4,27 @@
 
 Everything else (job specs, pages, the CLI, collectives) parses schemes through
 ``parse_scheme`` / ``parse_scheme_map``; a job parses its scheme strings once
-(``lowbit.scheme.plan``) and hands the plan on.
+(``lowbit.scheme.plan``) and hands the plan on. A quantizer's parts parse their own tokens: the
+grammar asks the code registry (``lowbit.codes``), then the groupings (``lowbit.groups``), the
+scale formats (``lowbit.scales``) and the input casts (``lowbit.casts``), and builds the
+``QuantSpec`` whose one ``validate()`` checks them; the help text lists what they registered.
 """
 from __future__ import annotations
 
 import re
+import textwrap
+from dataclasses import replace
 from fractions import Fraction
 
-from dataclasses import replace
-
-from lowbit.scheme.spec import (ALLOWED_BITS, MAX_SPARSE, MIN_MESSAGE_AUTO, SCALE_FORMATS, OutlierSpec, QuantSpec,
-                                Scheme, SchemeError, SchemeMap, ThresholdSpec)
+from lowbit import codes, groups, scales
+from lowbit.casts import CASTS
+from lowbit.scheme.outliers import OutlierSpec, ThresholdSpec
+from lowbit.scheme.spec import MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap, sparse_refusal
 
 # Named presets: the formats shipping systems send, as aliases of ordinary scheme strings (the
 # parser expands them; str() of the result prints the expansion). Each line: name -> expansion,
 # then where it comes from and what could be checked about it. Bits per value are measured from
-# the payload bytes in tests/test_formats.py (hidden 576 unless the group does not divide it).
+# the payload bytes in tests/test_formats.py (hidden 576).
 PRESETS = {
     # OCP Microscaling (MX) v1.0: FP4 E2M1 elements, one E8M0 shared exponent per block of 32.
     # lowbit rounds the shared exponent UP (2**ceil(log2(absmax / 6))), as torchao's RCEIL mode /
@@ -38,34 +43,64 @@ PRESETS = {
     "quickreduce-int6": "int6-group32-sfp16@twoshot+int6-group32-sfp16",
     "quickreduce-int8": "int8-group32-sfp16@twoshot+int8-group32-sfp16",
     # FlashInfer flashinfer.comm.quantized_all_reduce (docs.flashinfer.ai): "FP8 quantized two-shot
-    # AllReduce with per-block scaling", FP8 E4M3, scale_group=256 elements per scale (fp32 scales:
-    # 8 + 32/256 = 8.125 bits). FlashInfer groups the flat tensor; lowbit's groups are per row, so
-    # the preset needs 256 to divide the (two-shot chunk of the) hidden size: not 576.
-    "flashinfer-fp8": "fp8e4m3-group256-sfp32@twoshot+fp8e4m3-group256-sfp32",
+    # AllReduce with per-block scaling", FP8 E4M3, scale_group=256 elements of the flat tensor per
+    # scale (fp32 scales: 8 + 32/256 = 8.125 bits). lowbit's two-shot chunks are column blocks, so a
+    # group is 256 consecutive values of a chunk's row-major buffer (flat<G>, lowbit.groups.flat).
+    "flashinfer-fp8": "fp8e4m3-flat256-sfp32@twoshot+fp8e4m3-flat256-sfp32",
     # TensorRT-LLM AllReduceStrategy.LOWPRECISION (docs/source/advanced/lowprecision-pcie-allreduce.md):
     # FP16/BF16 quantized to FP8 E4M3 "per warp": 31 threads x 16 bytes = 496 values plus one scalar
     # sent by the 32nd thread; quantize, transmit, dequantize, reduce (for PCIe topologies). Not
     # verified: the scalar's dtype (taken as the fp32 scale here; its 16-byte slot is not modelled)
-    # and the exchange pattern (taken as one gather here). 8 + 32/496 = 8.0645 bits; 496 must divide
-    # the hidden size (3968 does; 576 does not).
-    "trtllm-fp8": "fp8e4m3-group496-sfp32",
+    # and the exchange pattern (taken as one gather here). 496 values of the flat message per scale
+    # (flat<G>): 8 + 32/496 = 8.0645 bits where 496 divides T x H, a little more where the last group
+    # is shorter.
+    "trtllm-fp8": "fp8e4m3-flat496-sfp32",
 }
 
-GRAMMAR_HELP = """\
-Scheme strings (lowbit.scheme is the one parser):
+_HELP_COLUMN = 44  # where the description column starts
+_HELP_WIDTH = 108
 
-  exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)
-  <code>-<gran>[-s<fmt>][-<outliers>][-perm][-rot<R>][-sr][@<algo>]   or a <preset>
-    code:     int<B>[a]                     uniform grid, B in 2,3,4,5,6,8; 'a' = asymmetric (scale + min)
-            | nf<B>                         normal-quantile codebook (NF-style), B in 3,4; symmetric
-            | fp<B>e<E>m<M>                 saturating minifloat: fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1
-            | lm<B>[s][p]                   Lloyd-Max codebook fitted per site (and rank; 's': one table per
-                                            site, shared by its ranks; 'p': ends pinned at -1 and +1) on
-                                            calibration, B in 2,3,4; symmetric scale
-    gran:     static | token | group<G>     static = per-feature scales from calibration
-    scale:    -s<fmt>                       dynamic scales' format: bf16 (default) | fp32 | fp16 (saturates
-                                            at 65504) | e8m0 (power of two, rounded up) | e4m3 (float8
-                                            scale x one fp32 scale per message, as NVFP4)
+
+def _rows(label: str, items: list[tuple[str, str]]) -> list[str]:
+    """Help lines: ``label`` then one ``| syntax   description`` row per item, wrapped."""
+    lines = []
+    for i, (syntax, text) in enumerate(items):
+        lead = f"    {label + ':':<10}" if i == 0 else "            | "
+        wrapped = textwrap.wrap(text, _HELP_WIDTH - _HELP_COLUMN) or [""]
+        lines.append(f"{lead}{syntax:<{_HELP_COLUMN - len(lead)}}{wrapped[0]}".rstrip())
+        lines += [" " * _HELP_COLUMN + more for more in wrapped[1:]]
+    return lines
+
+
+def _grammar_help() -> str:
+    """GRAMMAR_HELP, with the codes, groupings, scale formats and casts their registries hold."""
+    scale_text = "dynamic scales' format: " + " | ".join(f"{c.name} {c.help}".strip() for c in scales.SCALES.classes())
+    casts = [(c.syntax, c.help) for c in CASTS.classes() if c.syntax]
+    guides = [c.guide for c in codes.CODES.classes() if c.guide]
+    lines = [
+        "Scheme strings (lowbit.scheme is the one parser):",
+        "",
+        "  exact | bf16 | fp32                       exact all-reduce (exact == bf16 on the wire)",
+        "  <code>-<gran>[-s<fmt>]" + ("[-<cast>]" if casts else "") + "[-<outliers>][-perm][-rot<R>][-sr][@<algo>]"
+        "   or a <preset>",
+        *_rows("code", [(c.syntax, c.help) for c in codes.CODES.classes()]),
+        *_rows("gran", [(g.syntax, g.help) for g in groups.GROUPS.classes()]),
+        *_rows("scale", [("-s<fmt>", scale_text)]),
+        *(_rows("cast", casts) if casts else []),
+        _FIXED_ROWS.rstrip("\n"),
+        "",
+        "Neighbouring schemes (related work, compared with the paper in docs/results.md):",
+        "",
+        *(textwrap.indent(g, "  ").replace("  ", "- ", 1) for g in guides),
+        _NEIGHBOURS.rstrip("\n"),
+        textwrap.indent(scales.base.GUIDE, "  ").replace("  ", "- ", 1),
+        "",
+        _CANONICAL_AND_EXAMPLES.rstrip("\n"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_FIXED_ROWS = """\
     outliers: top<K> | rand<K>[s<seed>]     K = fraction of features kept in BF16, in (0, 1/2]
             | sp<n>                         per token, the n largest |x| as (uint16 index, BF16 value)
             | thr<T>c<K>                    per message, features with max|x| > T in BF16, at most K*H
@@ -73,8 +108,8 @@ Scheme strings (lowbit.scheme is the one parser):
     perm:     channel grouping for group<G>: calibrated permutation, features of similar range share a group
     rot<R>:   block Walsh-Hadamard of size R before quantizing (dynamic scales only)
     sr:       stochastic rounding (unbiased; seeded per call) instead of round to nearest
-    algo:     gather (default) | twoshot[+<code>-token|group<G>|static[-s<fmt>]]   second leg (int
-                                            or fp), default int8-token; static = per-feature scales of
+    algo:     gather (default) | twoshot[+<code>-<gran>[-s<fmt>]]   second leg (a code that requantizes:
+                                            int or fp), default int8-token; static = per-feature scales of
                                             the reduced sum from calibration
     min:      @min<n>[k|M] | @minauto       size gate: a message under n bytes (its BF16 size) goes as the
                                             exact BF16 all-reduce; auto = the crossover the collective bench
@@ -83,27 +118,9 @@ Scheme strings (lowbit.scheme is the one parser):
             | flashinfer-fp8 | trtllm-fp8    an alias of its expansion (python -m lowbit schemes lists
                                             them); takes no options
   scheme map: <scheme>[;L<a>[-<b>][.<module>]=<scheme>]...
+"""
 
-Neighbouring schemes (related work, compared with the paper in docs/results.md):
-
-- nf<B> (non-uniform code, as NF4 in QLoRA): the code is an index into a fixed codebook of
-  2**B values in [-1, 1] (lowbit.codebook: normal quantiles with an exact zero), scaled
-  by the absmax of the feature (static) / token / group. "Static per layer/module" means the
-  codebook is a constant: it never changes per message or per site; a different code at one
-  site is a per-site override (;L28.down_proj=nf3-token). Symmetric only; rounds to the
-  nearest entry; no stochastic rounding; never the two-shot second leg (that is int or fp).
-- lm<B>[s] (fitted non-uniform code, Lloyd-Max / 1-D k-means): as nf<B>, but the 2**B levels
-  are fitted on the calibration's stored partials (the first 16 tokens of the first batch at
-  every site and rank) after the quantizer's own normalization (rotation if any, then / the
-  feature's / token's / group's absmax), so they lie in [-1, 1] and follow this site's shape.
-  lm<B>: one table per (site, rank); lm<B>s: one per site, fitted on all its ranks' samples.
-  lm<B>p / lm<B>sp: the first and last levels stay at -1 and +1 (only the others are fitted),
-  so each token's / group's absmax decodes exactly, as with nf and int; unpinned, the fit
-  puts the ends where the squared error is smallest (about +-0.65 for 3-bit per-token tables
-  on SmolLM2), clipping the largest value of every token.
-  Deterministic (quantile init, fixed iterations, float64 then fp32), so every rank builds
-  every sender's table from the shared artifact: 0 bits per message; the tables' one-time size
-  (2**B fp32 per site and rank, or per site) is reported apart. Needs a calibration.
+_NEIGHBOURS = """\
 - sp<n> (dense-and-sparse, SqueezeLLM; spike reserving, FlashCommunication v2): per token the
   n values of largest magnitude are taken out, zeroed, the rest quantized; the pairs travel
   in the message (fixed count, fixed size). 1 <= n <= H/2 of the message's features.
@@ -118,19 +135,9 @@ Neighbouring schemes (related work, compared with the paper in docs/results.md):
   combine with -rot<R>. With @twoshot each first-leg chunk is one message (sp: n per
   token per chunk; thr: C = floor(K * H/tp) per chunk); the second leg is a plain int or fp
   requantization.
+"""
 
-- fp<B>e<E>m<M> (floating-point codes, as FP8 / MX / NVFP4 hardware formats): sign, E exponent
-  and M mantissa bits; scale = absmax / the format's largest value (448, 57344, 7.5, 28, 6) per
-  token / group (dynamic) or per feature (static, from calibration); round to nearest, ties to
-  even; values beyond the largest clamp to it (never inf; counted as clamped); NaN sends the
-  zero code. fp4 packs 2 codes per byte and fp6 4 per 3 bytes, so groups are multiples of 2 / 4.
-  Symmetric only, no -sr. The kernels run int codes only: fp codes and fp16/e8m0/e4m3 scales
-  stay on lowbit.quant's torch path.
-- -s<fmt> (scale format): what each dynamic scale costs (fp32 32 bits, bf16/fp16 16, e8m0/e4m3 8,
-  plus 32 bits per message for e4m3's fp32 scale); rounded so the scale still covers the data
-  (upward; mins downward), saturating at the format's largest value (fp16: 65504). Static scales
-  never travel: -s<fmt> needs token or group<G>; e8m0/e4m3 need a symmetric code.
-
+_CANONICAL_AND_EXAMPLES = """\
 Canonical strings (what str() prints, and what parse round-trips exactly): exact is
 printed bf16; @gather and a random seed of 0 are omitted; @twoshot always names its
 second leg; outlier fractions print as n/d in lowest terms; thresholds print as the
@@ -167,18 +174,16 @@ Examples:
   int4-static-top1/64;L0-3=int8-token;L28.down_proj=bf16   per-layer / per-module overrides
 """
 
+GRAMMAR_HELP = _grammar_help()
+
 
 # ---------------------------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------------------------
 
 _K = r"(\d+/\d+|\d*\.\d+|\d+)"
-_RE_QUANT = re.compile(r"(int|nf|lm)(\d+)(a|s?p?)|fp(\d+)e(\d+)m(\d+)(a?)")
-_RE_SCALE = re.compile(r"-s([a-z][a-z0-9]*)")
-_RE_GRAN = re.compile(r"static|token|group(\d+)")
 _RE_OUTLIERS = re.compile(r"top" + _K + r"|rand" + _K + r"(?:s(\d+))?")
-_LEG = r"(?:int\d+a?|fp\d+e\d+m\d+a?)-(?:token|group\d+|static)(?:-s[a-z][a-z0-9]*)?"
-_RE_ALGO = re.compile(r"gather|twoshot(?:\+(" + _LEG + r"))?")
+_RE_ALGO = re.compile(r"gather|twoshot")
 _RE_GATE = re.compile(r"@min(?:(\d+)([kM]?)|(auto))(?=$)")
 _GATE_UNITS = {"": 1, "k": 1024, "M": 1 << 20}
 _RE_ROT = re.compile(r"-rot(\d+)")
@@ -189,61 +194,45 @@ _RE_SUFFIX = re.compile(r"-rot\d|-sr(?:@|$)|-sp\d|-thr\d|-perm(?:[-@]|$)")
 _EXACT = {"exact": "bf16", "bf16": "bf16", "fp32": "fp32"}
 
 
-def _expected(field_name: str, text: str, pos: int, what: str) -> SchemeError:
+class _Unparsed(SchemeError):
+    """Text that does not follow the grammar (a part refusing its values is a plain SchemeError)."""
+
+
+def _expected(field_name: str, text: str, pos: int, what: str) -> _Unparsed:
     rest = text[pos:] or "<end>"
-    return SchemeError(field_name, f"cannot parse {text!r} at position {pos} ({rest!r}); expected {what}")
+    return _Unparsed(field_name, f"cannot parse {text!r} at position {pos} ({rest!r}); expected {what}")
 
 
-def _parse_quant_spec(text: str, pos: int, field_name: str) -> tuple[QuantSpec, int]:
-    m = _RE_QUANT.match(text, pos)
-    if not m:
+def _second_leg_text() -> str:
+    legs = [c.syntax for c in codes.CODES.classes() if c.requantizes]
+    others = f" (or {', '.join(f'{s}-<gran>' for s in legs[1:])})" if legs[1:] else ""
+    return f"a second leg: {legs[0]}-token or {legs[0]}-group<G>{others}, then optionally -s<fmt>"
+
+
+def _parse_quant_spec(text: str, pos: int, field_name: str) -> tuple[QuantSpec | None, int]:
+    """``<code>-<gran>[-s<fmt>][-<cast>]`` at ``pos``: each part read by its own registry."""
+    found = codes.parse(text, pos)
+    if found is None:
         return None, pos
-    exp_bits, scope, pinned = 0, "rank", False
-    if m.group(1) is not None:
-        code, bits, suffix = m.group(1), int(m.group(2)), m.group(3)
-        if suffix not in ("", "a") and code != "lm":
-            raise SchemeError("code", f"{m.group(0)!r} not allowed: the suffixes 's' (a table shared by a site's "
-                                      "ranks) and 'p' (ends pinned at +-1) belong to the fitted codebook; "
-                                      "allowed: lm<B>[s][p]")
-        asym = suffix == "a"
-        scope = "site" if "s" in suffix else "rank"
-        pinned = "p" in suffix
-    else:
-        code, bits, exp_bits, asym = "fp", int(m.group(4)), int(m.group(5)), bool(m.group(7))
-        if int(m.group(6)) != bits - 1 - exp_bits:
-            raise SchemeError("code", f"{m.group(0)!r} not allowed: 1 sign + {exp_bits} exponent + {m.group(6)} "
-                                      f"mantissa bits is not {bits}; allowed: fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, "
-                                      "fp4e2m1")
-    if code == "int" and bits not in ALLOWED_BITS:
-        raise SchemeError("bits", f"{bits} not allowed; allowed: {', '.join(map(str, ALLOWED_BITS))}")
-    if code in ("nf", "lm") and field_name == "second":
-        raise SchemeError("second", "the requantization leg is a uniform grid or a minifloat; "
-                                    "allowed: int<B>[a]-token|group<G> or fp<B>e<E>m<M>-token|group<G>")
-    pos = m.end()
+    code, pos = found
     if not text.startswith("-", pos):
-        raise _expected(field_name, text, pos, "'-' then a granularity: static, token, group<G>")
-    g = _RE_GRAN.match(text, pos + 1)
-    if not g:
-        raise _expected("granularity", text, pos + 1, "a granularity: static, token, group<G>")
-    gran = "group" if g.group(1) is not None else g.group(0)
-    group_size = int(g.group(1)) if g.group(1) is not None else None
-    pos = g.end()
-    scale_dtype = SCALE_FORMATS["bf16"]
-    s = _RE_SCALE.match(text, pos)
-    # -sr (stochastic rounding) and -sp<n> (sparse outliers) share the '-s' prefix
-    if s and not (s.group(1) == "r" or re.fullmatch(r"p\d+", s.group(1))):
-        fmt = s.group(1)
-        if fmt not in SCALE_FORMATS:
-            raise SchemeError("scale_format", f"{fmt!r} not allowed; allowed: {', '.join(SCALE_FORMATS)} (-s<fmt>)")
-        if gran == "static":
-            raise SchemeError("scale_format", f"-s{fmt} not allowed with granularity 'static' (per-feature "
-                                              "static scales are fp32 from calibration and never travel); "
-                                              "allowed: -s<fmt> with token or group<G>")
-        scale_dtype = SCALE_FORMATS[fmt]
-        pos = s.end()
-    spec = QuantSpec(bits, symmetric=not asym, granularity=gran, group_size=group_size, code=code,
-                     exp_bits=exp_bits, scale_dtype=scale_dtype, table_scope=scope, pin_ends=pinned)
-    return spec, pos
+        raise _expected(field_name, text, pos, f"'-' then a granularity: {groups.syntax()}")
+    found = groups.parse(text, pos + 1)
+    if found is None:
+        raise _expected("granularity", text, pos + 1, f"a granularity: {groups.syntax()}")
+    grouping, pos = found
+    scale = cast = None
+    found = scales.parse(text, pos)
+    if found is not None:
+        scale, end = found
+        refusal = grouping.scale_refusal(text[pos:end])  # a token str() could not print again
+        if refusal:
+            raise SchemeError("scale_format", refusal)
+        pos = end
+    found = CASTS.parse(text, pos)
+    if found is not None:
+        cast, pos = found
+    return QuantSpec(code=code, grouping=grouping, scale=scale, cast=cast), pos
 
 
 def _parse_k(text: str) -> Fraction:
@@ -268,9 +257,8 @@ def parse_scheme(text: str) -> Scheme:
                                         f"or write its expansion {PRESETS[name]} and change that")
     quant, pos = _parse_quant_spec(text, 0, "scheme")
     if quant is None:
-        raise _expected("scheme", text, 0, "one of: exact, bf16, fp32, int<B>[a]-<gran>[-<outliers>][@<algo>], "
-                                           "nf<B>-<gran>[...], fp<B>e<E>m<M>-<gran>[...] (fp8e4m3, fp8e5m2, fp6e2m3, "
-                                           "fp6e3m2, fp4e2m1), or a preset: " + ", ".join(PRESETS))
+        forms = ", ".join(f"{c.syntax}-<gran>[...]" for c in codes.CODES.classes())
+        raise _expected("scheme", text, 0, f"one of: exact, bf16, fp32, {forms}, or a preset: " + ", ".join(PRESETS))
     outliers = OutlierSpec()
     if text.startswith("-", pos) and not _RE_SUFFIX.match(text, pos):
         o = _RE_OUTLIERS.match(text, pos + 1)
@@ -286,8 +274,8 @@ def parse_scheme(text: str) -> Scheme:
     m = _RE_SPARSE.match(text, pos)
     if m:
         sparse = int(m.group(1))
-        if sparse < 1:
-            raise SchemeError("sparse", f"{sparse} not allowed; allowed: an integer in 1..{MAX_SPARSE} (sp<n>)")
+        if sparse < 1:  # -sp0 means nothing (0 is "no sp" in the dataclass)
+            raise sparse_refusal(sparse)
         pos = m.end()
     m = _RE_THR.match(text, pos)
     if m:
@@ -317,22 +305,13 @@ def parse_scheme(text: str) -> Scheme:
     if text.startswith("@", pos):
         a = _RE_ALGO.match(text, pos + 1)
         if not a:
-            raise _expected(
-                "algo", text, pos + 1, "an algo: gather, twoshot, twoshot+int<B>[a]-token, twoshot+int<B>[a]-group<G> "
-                "(or twoshot+fp<B>e<E>m<M>-token|group<G>; then optionally -s<fmt>)"
-            )
-        if a.group(0) == "twoshot" and text.startswith("+", a.end()):
-            raise _expected("second", text, a.end() + 1, "a second leg: int<B>[a]-token or int<B>[a]-group<G> "
-                                                         "(or fp<B>e<E>m<M>-token|group<G>), then optionally -s<fmt>")
-        if a.group(0) != "gather":
-            algo = "two_shot"
-            if a.group(1):
-                second, end = _parse_quant_spec(a.group(1), 0, "second")
-                if second is None or end != len(a.group(1)):
-                    raise _expected("second", a.group(1), 0 if second is None else end,
-                                    "a second leg: int<B>[a]-token or int<B>[a]-group<G> (or "
-                                    "fp<B>e<E>m<M>-token|group<G>), then optionally -s<fmt>")
+            raise _expected("algo", text, pos + 1, "an algo: gather, twoshot, twoshot+<second leg> ("
+                                                   + _second_leg_text() + ")")
         pos = a.end()
+        if a.group(0) == "twoshot":
+            algo = "two_shot"
+            if text.startswith("+", pos):
+                second, pos = _parse_second(text, pos + 1)
         if text.startswith("@min", pos):
             min_message, pos = _parse_gate(text, pos)
     if pos != len(text):
@@ -341,6 +320,17 @@ def parse_scheme(text: str) -> Scheme:
                                              "a size gate '@min<size>' comes last")
     return Scheme("quant", quant=quant, outliers=outliers, algo=algo, second=second, rotation=rotation,
                   sparse=sparse, threshold=threshold, permute=permute, min_message=min_message)
+
+
+def _parse_second(text: str, pos: int) -> tuple[QuantSpec, int]:
+    """The two-shot second leg at ``pos`` (after ``@twoshot+``); it ends the scheme or its gate."""
+    try:
+        second, end = _parse_quant_spec(text, pos, "second")
+    except _Unparsed:
+        second, end = None, pos
+    if second is None or not (end == len(text) or text.startswith("@min", end)):
+        raise _expected("second", text, pos if second is None else end, _second_leg_text())
+    return second, end
 
 
 def _parse_gate(text: str, pos: int) -> tuple[int, int]:

@@ -1,312 +1,36 @@
-# Size: ~620 lines: each dataclass carries its own checks against a hidden size and TP size (int, nf, fp, fitted lm codes, scale formats, the gate), which is most of the file.
 """The scheme dataclasses: what one site's partial sum becomes before it travels.
 
-``Scheme`` (one site), ``SchemeMap`` (a default plus per-site overrides), ``QuantSpec`` (code,
-bits, granularity), ``OutlierSpec`` / ``ThresholdSpec`` (what goes in BF16), their canonical
-strings (``str()``) and their checks against a hidden size and TP size. The string grammar that
-builds them is ``lowbit.scheme.grammar``; ``python -m lowbit schemes`` prints it.
+``Scheme`` (one site), ``SchemeMap`` (a default plus per-site overrides), ``QuantSpec`` (one leg's
+quantizer: a code, a grouping, a scale format, a rounding rule, an input cast), ``OutlierSpec`` /
+``ThresholdSpec`` (what goes in BF16), their canonical strings (``str()``) and their checks
+against a hidden size and TP size. The parts of a ``QuantSpec`` are plug-ins (``lowbit.codes``,
+``lowbit.groups``, ``lowbit.scales``, ``lowbit.casts``): each checks itself, ``QuantSpec.validate``
+asks each in turn, and nothing here branches on which one it is. The string grammar that builds
+them is ``lowbit.scheme.grammar``; ``python -m lowbit schemes`` prints it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import torch
 
+from lowbit import codes, groups, scales
+from lowbit.casts import Cast, NoCast
+from lowbit.codes import Code
+from lowbit.groups import Grouping
+from lowbit.plugins import SchemeError
+from lowbit.scales import ScaleFormat
+from lowbit.scheme.outliers import OutlierSpec, ThresholdSpec  # noqa: F401 - the scheme's parts
 from lowbit.site import ROW_PARALLEL_MODULES
 
-ALLOWED_BITS = (2, 3, 4, 5, 6, 8)
-GRANULARITIES = ("static", "token", "group")
-DYNAMIC_GRANULARITIES = ("token", "group")
-# The scale formats (scheme suffix ``-s<fmt>``); bf16 is the default and is never printed.
-# fp16 saturates at 65504 (never inf); e8m0 is a power of two (OCP MX's shared exponent byte);
-# e4m3 is a float8_e4m3fn multiple of one power-of-two fp32 scale per message (NVFP4's two levels).
-SCALE_FORMATS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16,
-                 "e8m0": torch.float8_e8m0fnu, "e4m3": torch.float8_e4m3fn}
-SCALE_DTYPES = tuple(SCALE_FORMATS.values())
-BLOCK_SCALE_DTYPES = (torch.float8_e8m0fnu, torch.float8_e4m3fn)  # symmetric codes only
-KERNEL_SCALE_DTYPES = (torch.bfloat16, torch.float32)  # what kernels/ implements; the rest stay on the torch path
-OUTLIER_SELECTS = ("none", "topk", "random")
 ALGOS = ("gather", "two_shot")
-WIRE_DTYPES = ("bf16", "fp32")
-MAX_K_FRAC = Fraction(1, 2)
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # an exact scheme's wire dtype, by name
 ROUNDINGS = ("nearest", "stochastic")
 MAX_ROTATION = 4096
-# uniform grid, the normal-quantile codebook of lowbit.codebook, a minifloat, a Lloyd-Max codebook fitted
-# per site on calibration (lowbit.method.fitted_codebook)
-CODES = ("int", "nf", "fp", "lm")
-# The floating-point codes (scheme code fp<B>e<E>m<M>): (bits, exponent bits) -> largest finite value.
-# Saturating: no inf; e4m3 is float8_e4m3fn (no inf, its one NaN pattern never produced), e5m2 is
-# float8_e5m2 without its inf/NaN patterns, the 6- and 4-bit ones are OCP MX's FP6/FP4 (no inf/NaN).
-FP_FORMATS = {(8, 4): 448.0, (8, 5): 57344.0, (6, 2): 7.5, (6, 3): 28.0, (4, 2): 6.0}
-# codes per byte boundary: a group of fp4 / fp6 codes starts on a whole byte (2 per byte, 4 per 3 bytes)
-FP_GROUP_MULTIPLE = {4: 2, 6: 4, 8: 1}
-CODEBOOK_BITS = (3, 4)
-FITTED_BITS = (2, 3, 4)  # lm<B>: 2**B levels fitted per site (and rank) on the calibration's sample
-TABLE_SCOPES = ("rank", "site")  # lm<B>: one table per (site, rank); lm<B>s: one per site, shared by the ranks
 MAX_SPARSE = 255  # values per token taken out by -sp<n> (also at most half the message's features)
 MAX_INDEXED_HIDDEN = 65535  # sp/thr send uint16 column indices (0xFFFF is thr's unused-slot sentinel)
-MAX_THRESHOLD = 1e9
 MIN_MESSAGE_AUTO = -1  # ``@minauto``: the job sets the threshold from the collective-bench records
 MAX_MIN_MESSAGE = 1 << 40
-
-class SchemeError(ValueError):
-    """A scheme that cannot be built; the message names the field and what is allowed."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def scale_format_name(dtype: torch.dtype) -> str:
-    """The grammar's name of a scale dtype: ``fp32``, ``bf16``, ``fp16``, ``e8m0``, ``e4m3``."""
-    for name, d in SCALE_FORMATS.items():
-        if d == dtype:
-            return name
-    return _dtype_name(dtype)
-
-
-def fp_code_text(bits: int, exp_bits: int) -> str:
-    return f"fp{bits}e{exp_bits}m{bits - 1 - exp_bits}"
-
-
-def _fraction(value) -> Fraction:
-    if isinstance(value, float):
-        return Fraction(repr(value))  # 0.05 means 1/20, not the nearest binary fraction
-    return Fraction(value)
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized: bit width, symmetry, and where scales come from.
-
-    granularity: ``static`` one fp32 scale per feature from calibration (not sent);
-    ``token`` one dynamic scale per row; ``group`` one per ``group_size`` contiguous features
-    of a row. Dynamic scales travel in ``scale_dtype``.
-
-    code: ``int`` a uniform grid of ``2**bits`` levels; ``nf`` an index into the fixed
-    ``2**bits``-entry codebook of ``lowbit.codebook`` (symmetric, nearest entry, bits 3 or 4);
-    ``fp`` a saturating minifloat of ``bits`` bits with ``exp_bits`` exponent bits (``FP_FORMATS``:
-    fp8e4m3, fp8e5m2, fp6e2m3, fp6e3m2, fp4e2m1), scale = absmax / the format's largest value;
-    ``lm`` an index into a table of ``2**bits`` levels in [-1, 1] fitted by Lloyd-Max on the
-    calibration's sample at each site (scale = absmax, as ``nf``; bits 2, 3 or 4). ``table_scope``
-    ``rank`` fits one table per (site, rank), ``site`` one per site shared by its ranks.
-    ``pin_ends`` (``lm<B>p``) keeps the table's ends at -1 and +1 (the absmax decodes exactly).
-    ``levels`` is the fitted table itself: set by the communicator per site and sender
-    (``lowbit.method.fitted_codebook``), never part of ``str()``; a parsed ``lm`` spec has None.
-
-    scale_dtype: one of ``SCALE_FORMATS`` (see there); fp16/e8m0/e4m3 for dynamic scales only.
-    """
-
-    bits: int
-    symmetric: bool = True
-    granularity: str = "static"
-    group_size: int | None = None
-    scale_dtype: torch.dtype = torch.bfloat16
-    # Stochastic rounding draws its uniforms from ``rounding_seed``; the communicator sets a
-    # fresh seed per call (rank, site, call), so a run is reproducible. Neither field changes
-    # the payload layout, and neither appears in ``str()`` (the scheme prints ``-sr``).
-    rounding: str = "nearest"
-    rounding_seed: int = 0
-    code: str = "int"
-    exp_bits: int = 0  # fp codes only: exponent bits (mantissa = bits - 1 - exp_bits)
-    table_scope: str = "rank"  # lm codes only: whose sample a table is fitted on (TABLE_SCOPES)
-    pin_ends: bool = False  # lm codes only (lm<B>p): the end levels stay at -1 and +1, the absmax decodes exactly
-    levels: tuple[float, ...] | None = None  # lm codes only: the fitted fp32 table, sorted, in [-1, 1]
-
-    def __post_init__(self):
-        if self.code not in CODES:
-            raise SchemeError("code", f"{self.code!r} not allowed; allowed: {', '.join(CODES)}")
-        if self.code == "fp":
-            self._check_fp()
-        elif self.exp_bits:
-            raise SchemeError("exp_bits", f"{self.exp_bits!r} not allowed for code {self.code!r}; allowed: 0")
-        self._check_fitted()
-        if self.code == "nf":
-            self._check_codebook("nf", CODEBOOK_BITS, "the nf codebook is symmetric around an exact zero; "
-                                                      "allowed: nf<B> without 'a'")
-        if self.rounding not in ROUNDINGS:
-            raise SchemeError("rounding", f"{self.rounding!r} not allowed; allowed: {', '.join(ROUNDINGS)}")
-        if not isinstance(self.rounding_seed, int) or self.rounding_seed < 0:
-            raise SchemeError("rounding_seed", f"{self.rounding_seed!r} not allowed; allowed: an integer >= 0")
-        if self.bits not in ALLOWED_BITS:
-            raise SchemeError("bits", f"{self.bits!r} not allowed; allowed: {', '.join(map(str, ALLOWED_BITS))}")
-        if self.granularity not in GRANULARITIES:
-            raise SchemeError(
-                "granularity", f"{self.granularity!r} not allowed; allowed: {', '.join(GRANULARITIES)}"
-            )
-        if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise SchemeError("group_size", f"{self.group_size!r} not allowed; allowed: a positive integer")
-        elif self.group_size is not None:
-            raise SchemeError(
-                "group_size", f"{self.group_size!r} not allowed for granularity {self.granularity!r}; allowed: None"
-            )
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise SchemeError(
-                "scale_dtype",
-                f"{_dtype_name(self.scale_dtype)} not allowed; allowed: {', '.join(SCALE_FORMATS)}",
-            )
-        fmt = scale_format_name(self.scale_dtype)
-        if self.granularity == "static" and self.scale_dtype not in KERNEL_SCALE_DTYPES:
-            raise SchemeError("scale_dtype", f"{fmt} not allowed with granularity 'static' (per-feature static "
-                                             "scales are fp32 from calibration and never travel); allowed: "
-                                             "-s<fmt> with token or group<G>")
-        if self.scale_dtype in BLOCK_SCALE_DTYPES and not self.symmetric:
-            raise SchemeError("scale_dtype", f"{fmt} not allowed with an asymmetric code (its mins need a sign "
-                                             "and a zero); allowed: fp32, bf16, fp16")
-        if self.code == "fp" and self.granularity == "group":
-            multiple = FP_GROUP_MULTIPLE[self.bits]
-            if self.group_size % multiple:
-                raise SchemeError("group_size", f"{self.group_size} not allowed for {self.code_text} (its codes pack "
-                                                f"{multiple} to a byte boundary, so a group must start on one); "
-                                                f"allowed: a multiple of {multiple}")
-
-    def _check_codebook(self, name: str, allowed_bits: tuple[int, ...], symmetric_error: str) -> None:
-        """What the nf and lm codebooks both need: a width they have, symmetric codes (an absmax
-        scale), nearest-entry rounding; ``name`` as the messages call the codebook."""
-        if self.bits not in allowed_bits:
-            raise SchemeError("bits", f"{self.bits!r} not allowed for the {name} codebook; "
-                                      f"allowed: {', '.join(map(str, allowed_bits))}")
-        if not self.symmetric:
-            raise SchemeError("symmetric", symmetric_error)
-        if self.rounding != "nearest":
-            code = self.code
-            raise SchemeError("rounding", f"the {code} codebook rounds to the nearest entry; allowed: 'nearest' "
-                                          f"(no -sr with {code}<B>)")
-
-    def _check_fitted(self) -> None:
-        if self.code != "lm":
-            if self.levels is not None or self.table_scope != "rank" or self.pin_ends:
-                raise SchemeError("levels", f"a fitted table not allowed for code {self.code!r}; allowed: "
-                                            "levels=None, table_scope='rank', pin_ends=False (lm<B> only)")
-            return
-        self._check_codebook("fitted lm", FITTED_BITS, "the lm codebook is scaled by the absmax like nf; allowed: "
-                                                       "lm<B>[s] without 'a' (its fitted levels need not be symmetric)")
-        if self.table_scope not in TABLE_SCOPES:
-            raise SchemeError("table_scope", f"{self.table_scope!r} not allowed; allowed: {', '.join(TABLE_SCOPES)}")
-        if self.levels is not None:
-            lv = self.levels
-            ok = (isinstance(lv, tuple) and len(lv) == 2**self.bits
-                  and all(isinstance(v, float) and -1.0 <= v <= 1.0 for v in lv)
-                  and all(a <= b for a, b in zip(lv, lv[1:])))
-            if ok and self.pin_ends:
-                ok = lv[0] == -1.0 and lv[-1] == 1.0
-            if not ok:
-                raise SchemeError("levels", f"{lv!r} not allowed; allowed: a sorted tuple of {2**self.bits} "
-                                            "floats in [-1, 1] (the fitted table) or None")
-
-    def _check_fp(self) -> None:
-        if (self.bits, self.exp_bits) not in FP_FORMATS:
-            allowed = ", ".join(fp_code_text(b, e) for b, e in FP_FORMATS)
-            raise SchemeError("code", f"{fp_code_text(self.bits, self.exp_bits)!r} not allowed; allowed: {allowed}")
-        if not self.symmetric:
-            raise SchemeError("symmetric", "fp codes are sign-magnitude around an exact zero; allowed: "
-                                           "fp<B>e<E>m<M> without 'a'")
-        if self.rounding != "nearest":
-            raise SchemeError("rounding", "fp codes round to nearest, ties to even; allowed: 'nearest' "
-                                          "(no -sr with fp<B>e<E>m<M>)")
-
-    @property
-    def fp_max(self) -> float:
-        """The fp code's largest finite value (its saturation point)."""
-        return FP_FORMATS[(self.bits, self.exp_bits)]
-
-    @property
-    def scale_format(self) -> str:
-        """The scale format as the grammar writes it (``-s<fmt>``): fp32, bf16, fp16, e8m0, e4m3."""
-        return scale_format_name(self.scale_dtype)
-
-    @property
-    def message_scale(self) -> bool:
-        """True when one fp32 second-level scale per message travels before the scales (e4m3)."""
-        return self.dynamic and self.scale_dtype == torch.float8_e4m3fn
-
-    @property
-    def dynamic(self) -> bool:
-        return self.granularity in DYNAMIC_GRANULARITIES
-
-    @property
-    def granularity_text(self) -> str:
-        """The granularity as the grammar writes it: ``static``, ``token`` or ``group<G>``."""
-        return f"group{self.group_size}" if self.granularity == "group" else self.granularity
-
-    @property
-    def code_text(self) -> str:
-        """The code as the grammar writes it, e.g. ``int4``, ``int3a``, ``nf4``, ``fp4e2m1``, ``lm4``, ``lm4s``."""
-        if self.code == "fp":
-            return fp_code_text(self.bits, self.exp_bits)
-        if self.code == "lm":
-            return f"lm{self.bits}" + ("s" if self.table_scope == "site" else "") + ("p" if self.pin_ends else "")
-        return f"{self.code}{self.bits}{'' if self.symmetric else 'a'}"
-
-    def __str__(self) -> str:
-        text = f"{self.code_text}-{self.granularity_text}"
-        if self.scale_dtype != torch.bfloat16 and self.dynamic:
-            text += f"-s{self.scale_format}"
-        return text
-
-    def validate_for(self, hidden: int) -> None:
-        if self.granularity == "group" and hidden % self.group_size:
-            divisors = [d for d in range(1, hidden + 1) if hidden % d == 0]
-            raise SchemeError(
-                "group_size",
-                f"{self.group_size} does not divide hidden size {hidden}; "
-                f"allowed group sizes: {', '.join(map(str, divisors))}",
-            )
-
-
-@dataclass(frozen=True)
-class OutlierSpec:
-    """Which features skip quantization and travel in BF16.
-
-    ``topk``: the ``k_frac * hidden`` (floored) features with the largest calibrated range;
-    ``random``: as many features drawn with ``seed`` (the paper's baseline). Both are fixed
-    sets known to every rank, so their indices are never sent. ``none`` normalizes
-    ``k_frac`` to 0.
-    """
-
-    select: str = "none"
-    k_frac: Fraction = Fraction(1, 64)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.select not in OUTLIER_SELECTS:
-            raise SchemeError("select", f"{self.select!r} not allowed; allowed: {', '.join(OUTLIER_SELECTS)}")
-        if self.select == "none":
-            object.__setattr__(self, "k_frac", Fraction(0))
-            object.__setattr__(self, "seed", 0)
-            return
-        k = _fraction(self.k_frac)
-        object.__setattr__(self, "k_frac", k)
-        if not (0 < k <= MAX_K_FRAC):
-            raise SchemeError("k_frac", f"{k} not allowed; allowed: a fraction in (0, 1/2]")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise SchemeError("seed", f"{self.seed!r} not allowed; allowed: an integer >= 0")
-        if self.select == "topk" and self.seed != 0:
-            raise SchemeError("seed", f"{self.seed} not allowed for select 'topk'; allowed: 0 (only 'random' uses it)")
-
-    def count(self, hidden: int) -> int:
-        """Number of BF16 features at this hidden size: floor(k_frac * hidden)."""
-        return int(self.k_frac * hidden)
-
-    def __str__(self) -> str:
-        if self.select == "none":
-            return ""
-        k = f"{self.k_frac.numerator}/{self.k_frac.denominator}"
-        if self.select == "topk":
-            return f"top{k}"
-        return f"rand{k}" + (f"s{self.seed}" if self.seed else "")
-
-
-def decimal_text(value: float) -> str:
-    """The shortest decimal text of a threshold (``6.0`` -> ``6``, ``0.5`` -> ``0.5``)."""
-    text = format(value, ".10f").rstrip("0").rstrip(".")
-    return text or "0"
 
 
 def size_text(nbytes: int) -> str:
@@ -320,34 +44,121 @@ def size_text(nbytes: int) -> str:
     return str(nbytes)
 
 
-@dataclass(frozen=True)
-class ThresholdSpec:
-    """Dynamic threshold outliers (``thr<T>c<K>``): per message, the features whose largest
-    |x| over the message's tokens exceeds ``value`` travel in BF16, at most
-    ``capacity(width) = floor(k_frac * width)`` of them (the largest first)."""
+def sparse_refusal(n) -> SchemeError:
+    """The one message for a bad ``sp<n>`` count (the grammar's ``-sp0`` and the dataclass's range)."""
+    return SchemeError("sparse", f"{n!r} not allowed; allowed: an integer in 1..{MAX_SPARSE} (sp<n>)")
 
-    value: float
-    k_frac: Fraction = Fraction(1, 64)
 
-    def __post_init__(self):
-        v = self.value
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_THRESHOLD:
-            raise SchemeError("threshold", f"{v!r} not allowed; allowed: a number in [0, {MAX_THRESHOLD:g}]")
-        v = float(v)
-        if float(decimal_text(v)) != v:
-            raise SchemeError("threshold", f"{v!r} not allowed; allowed: at most 10 decimal places")
-        object.__setattr__(self, "value", v)
-        k = _fraction(self.k_frac)
-        object.__setattr__(self, "k_frac", k)
-        if not (0 < k <= MAX_K_FRAC):
-            raise SchemeError("k_frac", f"{k} not allowed for the threshold capacity; allowed: a fraction in (0, 1/2]")
+@dataclass(frozen=True, init=False)
+class QuantSpec:
+    """How one tensor is quantized: ``code`` (``lowbit.codes``: int, nf, fp, lm), ``grouping``
+    (``lowbit.groups``: which values share a scale: static per feature from calibration, per
+    token, per group of G features), ``scale`` (``lowbit.scales``: what a dynamic scale travels as),
+    ``rounding`` (nearest, or stochastic for codes that allow it) and ``cast`` (``lowbit.casts``:
+    what the sender does to its partial first; none by default).
 
-    def capacity(self, width: int) -> int:
-        """BF16 column slots in a message of ``width`` features: floor(k_frac * width)."""
-        return int(self.k_frac * width)
+    Build it from its parts (``QuantSpec(code=IntCode(4), grouping=PerToken())``, as the grammar
+    does) or from the Python API's fields (``QuantSpec(4, True, "group", 32, code="nf")``;
+    ``scale_dtype=``, and a code's own options such as ``exp_bits=``). Per-call values (the
+    stochastic rounding seed, an lm code's fitted table) are arguments of ``lowbit.quant.quantize``
+    and ``lowbit.wire.payload.encode``, never fields: a spec is fixed per site.
+    """
+
+    code: Code
+    grouping: Grouping
+    scale: ScaleFormat
+    rounding: str
+    cast: Cast
+
+    def __init__(self, bits: int | None = None, symmetric: bool = True, granularity: str = "static",
+                 group_size: int | None = None, scale_dtype: torch.dtype | None = None, rounding: str = "nearest",
+                 code: str | Code = "int", *, grouping: Grouping | None = None, scale: ScaleFormat | None = None,
+                 cast: Cast | None = None, **code_options):
+        if isinstance(code, Code):
+            if bits is not None or code_options:
+                raise TypeError("QuantSpec: give a Code as code= or its fields (bits, symmetric, ...), not both")
+        else:
+            if bits is None:
+                raise TypeError("QuantSpec: bits (or a Code as code=) is required")
+            code = codes.from_fields(code, bits, symmetric, **code_options)
+        if grouping is None:
+            grouping = groups.from_fields(granularity, group_size)
+        elif granularity != "static" or group_size is not None:
+            raise TypeError("QuantSpec: give a Grouping as grouping= or granularity / group_size, not both")
+        if scale is None:
+            scale = scales.default_scale() if scale_dtype is None else scales.by_dtype(scale_dtype)
+        elif scale_dtype is not None:
+            raise TypeError("QuantSpec: give a ScaleFormat as scale= or scale_dtype, not both")
+        for name, value in (("code", code), ("grouping", grouping), ("scale", scale), ("rounding", rounding),
+                            ("cast", cast if cast is not None else NoCast())):
+            object.__setattr__(self, name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """The one check of a quantizer: the rounding rule, then each part asked in turn (its own
+        parameters, and what it refuses together with the others)."""
+        if self.rounding not in ROUNDINGS:
+            raise SchemeError("rounding", f"{self.rounding!r} not allowed; allowed: {', '.join(ROUNDINGS)}")
+        for part, kind in ((self.code, Code), (self.grouping, Grouping), (self.scale, ScaleFormat),
+                           (self.cast, Cast)):
+            if not isinstance(part, kind):
+                raise SchemeError(kind.__name__.lower(), f"{part!r} is not a {kind.__name__}")
+        self.code.validate(self)
+        self.grouping.validate(self)
+        self.scale.validate(self)
+        self.cast.validate(self)
+
+    # the Python API's field names, read from the parts
+    @property
+    def bits(self) -> int:
+        return self.code.bits
+
+    @property
+    def symmetric(self) -> bool:
+        return self.code.symmetric
+
+    @property
+    def granularity(self) -> str:
+        return self.grouping.name
+
+    @property
+    def group_size(self) -> int | None:
+        return self.grouping.size
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
+    def scale_format(self) -> str:
+        """The scale format as the grammar writes it (``-s<fmt>``): fp32, bf16, fp16, e8m0, e4m3."""
+        return self.scale.name
+
+    @property
+    def message_scale(self) -> bool:
+        """True when a per-message header (e4m3's fp32 second-level scale) travels before the scales."""
+        return self.dynamic and self.scale.header is not None
+
+    @property
+    def dynamic(self) -> bool:
+        return self.grouping.dynamic
+
+    @property
+    def granularity_text(self) -> str:
+        """The granularity as the grammar writes it: ``static``, ``token``, ``group<G>``, ..."""
+        return str(self.grouping)
+
+    @property
+    def code_text(self) -> str:
+        """The code as the grammar writes it, e.g. ``int4``, ``int3a``, ``nf4``, ``fp4e2m1``, ``lm4s``."""
+        return str(self.code)
 
     def __str__(self) -> str:
-        return f"thr{decimal_text(self.value)}c{self.k_frac.numerator}/{self.k_frac.denominator}"
+        return f"{self.code}-{self.grouping}" + (self.scale.token if self.dynamic else "") + self.cast.token
+
+    def validate_for(self, hidden: int) -> None:
+        """SchemeError unless a message of ``hidden`` features splits into this spec's groups."""
+        self.grouping.check_width(hidden)
 
 
 DEFAULT_SECOND = QuantSpec(8, True, "token")
@@ -408,19 +219,22 @@ class Scheme:
                 object.__setattr__(self, "second", DEFAULT_SECOND)
             if self.second.rounding != "nearest":
                 raise SchemeError("second", "the requantization leg rounds to nearest; allowed: rounding 'nearest'")
-            if self.second.code in ("nf", "lm"):
-                raise SchemeError("second", "the requantization leg is a uniform grid or a minifloat; "
-                                            "allowed: int<B>[a]-token|group<G> or fp<B>e<E>m<M>-token|group<G>")
-        self._check_new_options()
+            if not self.second.code.requantizes:
+                leg = [c.syntax for c in codes.CODES.classes() if c.requantizes]
+                raise SchemeError("second", f"the requantization leg is a uniform grid or a minifloat; allowed: a code "
+                                            f"of {', '.join(leg)} with any granularity (e.g. {leg[0]}-token or "
+                                            f"{leg[0]}-group<G>)")
+        self._check_sparse_threshold_perm()
         if self.rotation is not None:
             r = self.rotation
             if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r > MAX_ROTATION or r & (r - 1):
                 raise SchemeError("rotation", f"{r!r} not allowed; allowed: a power of two in 2..{MAX_ROTATION}")
-            if self.quant.granularity not in DYNAMIC_GRANULARITIES:
+            if not self.quant.dynamic:
+                dynamic = [g.name for g in groups.GROUPS.classes() if g.dynamic]
                 raise SchemeError(
                     "rotation",
                     "a rotated partial needs dynamic scales (calibrated ranges are of the unrotated "
-                    f"features); allowed granularities: {', '.join(DYNAMIC_GRANULARITIES)}",
+                    f"features); allowed granularities: {', '.join(dynamic)}",
                 )
             if self.algo == "two_shot" and self.outliers.select != "none":
                 raise SchemeError("rotation", "rotation with BF16 outliers runs with the gather algo only; "
@@ -443,11 +257,12 @@ class Scheme:
         m = self.min_message
         return m is not None and m > 0 and tokens * hidden * 2 < m
 
-    def _check_new_options(self) -> None:
-        """The neighbouring-work options: their ranges and which combinations are refused."""
+    def _check_sparse_threshold_perm(self) -> None:
+        """``sp<n>``, ``thr<T>c<K>`` and ``-perm``: their ranges, at most one outlier mechanism, and
+        what they refuse to combine with (perm: groups of features; rotation: none of the three)."""
         n = self.sparse
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_SPARSE:
-            raise SchemeError("sparse", f"{n!r} not allowed; allowed: an integer in 1..{MAX_SPARSE} (sp<n>)")
+            raise sparse_refusal(n)
         if self.threshold is not None and not isinstance(self.threshold, ThresholdSpec):
             raise SchemeError("threshold", f"{self.threshold!r} is not a ThresholdSpec")
         if not isinstance(self.permute, bool):
@@ -457,9 +272,10 @@ class Scheme:
         if len(mechanisms) > 1:
             raise SchemeError("outliers", f"{' and '.join(mechanisms)} together not allowed; allowed: one of "
                                           "top<K>, rand<K>[s<seed>], sp<n>, thr<T>c<K>")
-        if self.permute and self.quant.granularity != "group":
+        if self.permute and not self.quant.grouping.groups_features:
+            allowed = [g.syntax for g in groups.GROUPS.classes() if g.groups_features]
             raise SchemeError("permute", f"-perm groups features for group-wise scales; granularity "
-                                         f"{self.quant.granularity!r} not allowed; allowed: group<G>")
+                                         f"{self.quant.granularity!r} not allowed; allowed: {', '.join(allowed)}")
         if self.rotation is not None and (n or self.threshold is not None or self.permute):
             raise SchemeError("rotation", "-rot<R> does not combine with sp<n>, thr<T>c<K> or -perm; "
                                           "allowed: rotation with top<K>/rand<K> or no outliers")
@@ -479,9 +295,24 @@ class Scheme:
         calibration run."""
         if self.is_exact:
             return False
-        second_static = self.algo == "two_shot" and self.second.granularity == "static"
-        return (self.quant.granularity == "static" or self.outliers.select == "topk" or self.permute or second_static
-                or self.quant.code == "lm")
+        second_static = self.algo == "two_shot" and not self.second.dynamic
+        return (not self.quant.dynamic or self.outliers.select == "topk" or self.permute or second_static
+                or self.quant.code.needs_calibration)
+
+    @property
+    def per_message_outliers(self) -> bool:
+        """True when each message picks its own BF16 values (``sp<n>`` or ``thr<T>c<K>``)."""
+        return not self.is_exact and (self.sparse > 0 or self.threshold is not None)
+
+    def message_kwargs(self, width: int) -> tuple[dict, dict]:
+        """(encode kwargs, decode kwargs) of one first-leg message of ``width`` features
+        (``lowbit.wire.payload.encode`` / ``decode``): the sp count or the thr value and capacity."""
+        if self.threshold is not None:
+            cap = self.threshold.capacity(width)
+            return dict(threshold=self.threshold.value, capacity=cap), dict(capacity=cap)
+        if self.sparse:
+            return dict(sparse=self.sparse), dict(sparse=self.sparse)
+        return {}, {}
 
     def __str__(self) -> str:
         if self.is_exact:
@@ -528,13 +359,7 @@ class Scheme:
                 )
             width = hidden // tp
             for leg in (self.quant, self.second):
-                if leg.granularity == "group" and width % leg.group_size:
-                    allowed = [g for g in range(1, width + 1) if width % g == 0]
-                    raise SchemeError(
-                        "group_size",
-                        f"{leg.group_size} does not divide the two-shot chunk of {width} features "
-                        f"(hidden {hidden} / TP {tp}); allowed: {', '.join(map(str, allowed))}",
-                    )
+                leg.grouping.check_width(width, f"the two-shot chunk of {width} features (hidden {hidden} / TP {tp})")
         if self.outliers.select != "none":
             n = self.outliers.count(hidden)
             if n < 1:

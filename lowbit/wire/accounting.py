@@ -26,7 +26,7 @@ bench and the alpha-beta projection all call the functions here.
 from __future__ import annotations
 
 from lowbit.scheme import PRESETS, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme, parse_scheme_map
-from lowbit.wire.payload import BIT_PARTS, OUTLIER_DTYPE, layout, scheme_layout
+from lowbit.wire.payload import BIT_PARTS, layout, scheme_layout
 
 METHODS = ("exact", "gather", "two_shot")  # the collectives a site's message can take
 EXACT_BF16 = Scheme("exact", wire_dtype="bf16")  # what a gated message (``@min<size>``) sends
@@ -36,17 +36,6 @@ def effective(scheme: Scheme, tokens: int, hidden: int) -> Scheme:
     """The scheme a message of ``tokens`` x ``hidden`` really travels with: the exact BF16
     all-reduce when the scheme's size gate (``@min<size>``) holds it back, else the scheme."""
     return EXACT_BF16 if scheme.gated(tokens, hidden) else scheme
-
-
-def rotated_message_bits(tokens: int, hidden: int, quant: QuantSpec, n_outliers: int) -> dict[str, float]:
-    """Bits per value of a rotated message: the payload of all H rotated features plus the
-    BF16 outlier tail (``payload.append_outlier_columns``); keys as ``PayloadLayout.bits_per_value``."""
-    bits = dict(layout(tokens, hidden, quant, 0).bits_per_value)
-    n = tokens * hidden
-    extra = 8.0 * tokens * n_outliers * OUTLIER_DTYPE.itemsize / n if n else 0.0
-    bits["outliers"] = extra
-    bits["total"] += extra
-    return bits
 
 
 def two_shot_chunk_outliers(k: int, tp: int) -> list[int]:
@@ -79,8 +68,6 @@ def scheme_bits_breakdown(scheme: Scheme | str, hidden: int, tp: int, tokens: in
         return {"leg 1": layout(tokens, hidden, scheme).bits_per_value, "leg 2": None}
     k = scheme.outliers.count(hidden)
     if scheme.algo == "gather":
-        if scheme.rotation is not None:
-            return {"leg 1": rotated_message_bits(tokens, hidden, scheme.quant, k), "leg 2": None}
         return {"leg 1": scheme_layout(scheme, tokens, hidden, k).bits_per_value, "leg 2": None}
     per_chunk = two_shot_chunk_outliers(k, tp) if scheme.rotation is None else [0] * tp
     leg1, leg2 = two_shot_parts(scheme, tokens, hidden, tp, per_chunk)
@@ -114,8 +101,6 @@ def site_bytes(scheme: Scheme | str, tokens: int, hidden: int, tp: int,
         return layout(tokens, hidden, scheme).total_bytes, 0
     k = scheme.outliers.count(hidden)
     if scheme.algo == "gather":
-        if scheme.rotation is not None:
-            return layout(tokens, hidden, scheme.quant, 0).total_bytes + tokens * k * OUTLIER_DTYPE.itemsize, 0
         return scheme_layout(scheme, tokens, hidden, k).total_bytes, 0
     width = hidden // tp
     if chunk_outliers is None:
@@ -206,8 +191,7 @@ def table_bytes(scheme: Scheme | SchemeMap | str, sites: list[tuple[int, str]], 
     total = 0
     for layer, module in sites:
         s = smap.for_site(layer, module)
-        if s.is_exact or s.quant.code != "lm":
+        if s.is_exact:
             continue
-        per_sender = layout(1, hidden, s.quant).table_bytes
-        total += per_sender * (tp if s.quant.table_scope == "rank" else 1)
+        total += layout(1, hidden, s.quant).table_bytes * s.quant.code.tables_per_site(tp)
     return total

@@ -50,17 +50,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.quant import dequantize, pack_bits, packed_nbytes, qrange_of, quantize, static_qparams, unpack_bits
-from lowbit.scheme import QuantSpec, Scheme
+from lowbit.quant import dequantize, pack_bits, quantize, static_qparams, unpack_bits
+from lowbit.outliers import sparse_picks, threshold_select
+from lowbit.scheme import WIRE_DTYPES, QuantSpec, Scheme
 
-_WIRE_BYTES = {"bf16": 2, "fp32": 4}
 OUTLIER_DTYPE = torch.bfloat16  # the one declaration of the BF16 outlier dtype (static, sp, thr, rotated tail)
 BIT_PARTS = ("payload", "outliers", "scales", "indices")  # the keys of bits_per_value, besides "total"
 _INDEX_BYTES = 8  # receivers hold outlier indices as int64
 _U16_BYTES = 2  # sp/thr indices on the wire; also the static bytes of one -perm entry
 UNUSED_SLOT = 0xFFFF  # a thr index slot that carries no feature
-MESSAGE_SCALE_DTYPE = torch.float32  # e4m3 scales' second level: one per message, first in the scales section
-TABLE_DTYPE = torch.float32  # a fitted codebook's entries (lm<B>), built once per run from the artifact
 
 
 @dataclass(frozen=True)
@@ -129,20 +127,23 @@ class PayloadLayout:
 
 
 def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int = 0, *, sparse: int = 0,
-           capacity: int = 0, permuted: bool = False) -> PayloadLayout:
+           capacity: int = 0, permuted: bool = False, coded_outliers: bool = False) -> PayloadLayout:
     """The layout of one rank's message of ``tokens`` x ``hidden`` values.
 
     ``spec`` is a QuantSpec (the quantized leg) or a Scheme (its first leg; an exact scheme is
     one section of raw wire-dtype values). ``n_outliers`` features travel in BF16 at static
     indices; ``sparse`` values per token as (index, BF16) pairs; ``capacity`` thr slots
     (see the module docstring). ``permuted`` adds the -perm permutation to ``static_bytes``.
+    ``coded_outliers``: the BF16 features are coded as well (a rotated message: all H rotated
+    features are coded, the outlier columns follow as a BF16 tail: ``append_outlier_columns``).
+    Each part of the spec contributes its own sections (the grouping the number of scales, the
+    scale format their bytes, the code its packed bytes and its table).
     """
     if isinstance(spec, Scheme) and spec.is_exact:
-        nbytes = tokens * hidden * _WIRE_BYTES[spec.wire_dtype]
+        itemsize = WIRE_DTYPES[spec.wire_dtype].itemsize
+        nbytes = tokens * hidden * itemsize
         empty = Section(0, 0)
-        return PayloadLayout(
-            tokens, hidden, 0, 8 * _WIRE_BYTES[spec.wire_dtype], empty, empty, Section(0, nbytes), Section(nbytes, 0), 0
-        )
+        return PayloadLayout(tokens, hidden, 0, 8 * itemsize, empty, empty, Section(0, nbytes), Section(nbytes, 0), 0)
     quant = spec.quant if isinstance(spec, Scheme) else spec
     if not 0 <= n_outliers <= hidden:
         raise ValueError(f"n_outliers: {n_outliers} not allowed; allowed: 0..{hidden}")
@@ -151,38 +152,29 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     if not 0 <= sparse <= hidden or not 0 <= capacity <= hidden:
         raise ValueError(f"sparse {sparse}, capacity {capacity}: allowed 0..{hidden}")
     quant.validate_for(hidden)
-    n_scales = 0
-    if quant.granularity == "token":
-        n_scales = tokens
-    elif quant.granularity == "group":
-        n_scales = tokens * (hidden // quant.group_size)
-    scale_bytes = n_scales * quant.scale_dtype.itemsize
-    mins = 0 if quant.symmetric else scale_bytes
-    if quant.message_scale:
-        scale_bytes += MESSAGE_SCALE_DTYPE.itemsize  # e4m3's fp32 second level, once per message
-    scales = Section(0, scale_bytes)
-    mins = Section(scales.end, mins)
-    codes = Section(mins.end, packed_nbytes(tokens * (hidden - n_outliers), quant.bits))
+    n_scales = quant.grouping.n_scales(tokens, hidden)  # each part contributes its own sections
+    scales = Section(0, quant.scale.section_bytes(n_scales))
+    mins = Section(scales.end, 0 if quant.symmetric else quant.scale.mins_bytes(n_scales))
+    codes = Section(mins.end, quant.code.code_bytes(tokens * (hidden - (0 if coded_outliers else n_outliers))))
     outliers = Section(codes.end, tokens * (n_outliers + capacity) * OUTLIER_DTYPE.itemsize)
     thr_index = Section(outliers.end, capacity * _U16_BYTES)
     sparse_index = Section(thr_index.end, tokens * sparse * _U16_BYTES)
     sparse_values = Section(sparse_index.end, tokens * sparse * OUTLIER_DTYPE.itemsize)
-    static_bytes = n_outliers * _INDEX_BYTES + (hidden * _U16_BYTES if permuted else 0)
-    if quant.granularity == "static":
-        static_bytes += hidden * 4 * (1 if quant.symmetric else 2)  # fp32 scales (+ mins) per sender
-    table = 2**quant.bits * TABLE_DTYPE.itemsize if quant.code == "lm" else 0
+    static_bytes = (n_outliers * _INDEX_BYTES + (hidden * _U16_BYTES if permuted else 0)
+                    + quant.grouping.static_bytes(hidden, quant.symmetric))
     return PayloadLayout(tokens, hidden, n_outliers, quant.bits, scales, mins, codes, outliers, static_bytes,
-                         thr_index, sparse_index, sparse_values, sparse, capacity, table)
+                         thr_index, sparse_index, sparse_values, sparse, capacity, quant.code.table_bytes)
 
 
 def scheme_layout(scheme: Scheme, tokens: int, width: int, n_outliers: int = 0) -> PayloadLayout:
     """The first-leg layout of one message of ``width`` features under ``scheme`` (a whole
-    partial for gather, one chunk for two-shot): sparse count and thr capacity from the scheme."""
+    partial for gather, one chunk for two-shot): sparse count, thr capacity and the rotated BF16
+    tail from the scheme."""
     if scheme.is_exact:
         return layout(tokens, width, scheme)
     capacity = scheme.threshold.capacity(width) if scheme.threshold is not None else 0
     return layout(tokens, width, scheme.quant, n_outliers, sparse=scheme.sparse, capacity=capacity,
-                  permuted=scheme.permute)
+                  permuted=scheme.permute, coded_outliers=scheme.rotation is not None)
 
 
 def _keep_mask(hidden: int, outlier_idx: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -214,28 +206,6 @@ def _u16_from(payload: torch.Tensor, section: Section) -> torch.Tensor:
     return b[:, 0] | (b[:, 1] << 8)
 
 
-def sparse_picks(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Column indices [T, n] of each token's ``n`` largest |x| (see the module docstring)."""
-    magnitude = torch.where(torch.isnan(x), torch.inf, x.abs())
-    order = torch.sort(magnitude, dim=-1, descending=True, stable=True).indices  # ties: lower column first
-    # NaN above +Inf: a second stable sort on "is NaN" moves NaNs first and keeps the rest in order.
-    is_nan = torch.isnan(x).gather(-1, order).to(torch.int8)
-    order = order.gather(-1, torch.sort(is_nan, dim=-1, descending=True, stable=True).indices)
-    return order[:, :n]
-
-
-def threshold_select(x: torch.Tensor, threshold: float, capacity: int) -> tuple[torch.Tensor, int]:
-    """(selected feature indices, ascending; overflow count) of the thr rule on x [T, H]."""
-    score = torch.where(torch.isfinite(x), x.abs(), torch.inf).amax(0) if x.shape[0] else x.new_zeros(x.shape[1])
-    over = score > threshold
-    n_over = int(over.sum())
-    if n_over == 0:
-        return torch.empty(0, dtype=torch.long, device=x.device), 0
-    order = torch.sort(torch.where(over, score, -1.0), descending=True, stable=True).indices
-    chosen = order[:min(n_over, capacity)].sort().values
-    return chosen, max(0, n_over - capacity)
-
-
 def encode(
     x: torch.Tensor,
     quant: QuantSpec,
@@ -246,10 +216,13 @@ def encode(
     sparse: int = 0,
     threshold: float | None = None,
     capacity: int = 0,
+    seed: int = 0,
+    levels=None,
 ) -> tuple[torch.Tensor, dict]:
     """Encode x [T, H] into one uint8 payload; stats = {clamped, nonfinite} over the whole x,
     plus ``thr_selected`` / ``thr_overflow`` when ``capacity`` is set (thr) and ``sparse`` the
-    pairs sent when ``sparse`` is set (sp)."""
+    pairs sent when ``sparse`` is set (sp). ``seed`` and ``levels`` are this call's stochastic
+    rounding seed and fitted table (``lowbit.quant.quantize``)."""
     tokens, hidden = x.shape
     keep = _keep_mask(hidden, outlier_idx, x.device)
     n_out = 0 if keep is None else outlier_idx.numel()
@@ -268,15 +241,11 @@ def encode(
         picks = sparse_picks(x.float(), sparse)
         xq = x.float().scatter(1, picks, 0.0)
         extra_stats = {"sparse": tokens * sparse}
-    res = quantize(xq, quant, static_min, static_max, exclude=exclude)
+    res = quantize(xq, quant, static_min, static_max, exclude=exclude, seed=seed, levels=levels)
     codes = res.codes if keep is None else res.codes[:, keep]
     parts = []
     if quant.dynamic:
-        if quant.message_scale:
-            parts.append(_as_bytes(res.message_scale.reshape(1), MESSAGE_SCALE_DTYPE))
-            parts.append(_as_bytes(res.wire_scales, quant.scale_dtype))
-        else:
-            parts.append(_as_bytes(res.scales, quant.scale_dtype))
+        parts += quant.scale.write(res.scales, res.wire_scales, res.message_scale)
         if not quant.symmetric:
             parts.append(_as_bytes(res.mins, quant.scale_dtype))
     parts.append(pack_bits(codes, quant.bits))
@@ -307,23 +276,19 @@ def decode(
     *,
     sparse: int = 0,
     capacity: int = 0,
+    levels=None,
 ) -> torch.Tensor:
     """fp32 [T, H] from one payload: outlier / thr columns and sparse values from BF16, the rest
-    dequantized. ``sparse`` and ``capacity`` must be the encoder's."""
+    dequantized. ``sparse``, ``capacity`` and ``levels`` (the sender's fitted table) must be the
+    encoder's."""
     keep = _keep_mask(hidden, outlier_idx, payload.device)
     n_out = 0 if keep is None else outlier_idx.numel()
     lay = layout(tokens, hidden, quant, n_out, sparse=sparse, capacity=capacity)
     if payload.numel() != lay.total_bytes:
         raise ValueError(f"payload has {payload.numel()} bytes; layout expects {lay.total_bytes}")
     if quant.dynamic:
-        shape = (tokens,) if quant.granularity == "token" else (tokens, hidden // quant.group_size)
-        if quant.message_scale:
-            head = Section(lay.scales.offset, MESSAGE_SCALE_DTYPE.itemsize)
-            g = _from_bytes(payload, head, MESSAGE_SCALE_DTYPE).float()
-            wire = _from_bytes(payload, Section(head.end, lay.scales.end - head.end), quant.scale_dtype)
-            scales = (wire.float() * g).reshape(shape)  # as lowbit.quant: exact, g a power of two
-        else:
-            scales = _from_bytes(payload, lay.scales, quant.scale_dtype).float().reshape(shape)
+        shape = quant.grouping.scale_shape(tokens, hidden)
+        scales = quant.scale.read(payload[lay.scales.offset:lay.scales.end], shape)
         mins = None if quant.symmetric else _from_bytes(payload, lay.mins, quant.scale_dtype).float().reshape(shape)
     else:
         if static_min is None or static_max is None:
@@ -333,10 +298,10 @@ def decode(
     if keep is None:
         codes = flat.reshape(tokens, hidden)
     else:
-        qmin, _ = qrange_of(quant)
+        qmin, _ = quant.code.qrange
         codes = torch.full((tokens, hidden), -qmin, dtype=torch.uint8, device=payload.device)
         codes[:, keep] = flat.reshape(tokens, hidden - n_out)
-    out = dequantize(codes, quant, scales, mins)
+    out = dequantize(codes, quant, scales, mins, levels=levels)
     if keep is not None:
         out[:, outlier_idx] = _from_bytes(payload, lay.outliers, OUTLIER_DTYPE).reshape(tokens, n_out).float()
     if capacity:
@@ -358,7 +323,7 @@ def decode(
 # -- the rotated message's tail -------------------------------------------------------------------
 # With ``-rot<R>`` and BF16 outliers the message is the payload of all H rotated features (no
 # outlier section) followed by the outlier columns [T, k] in OUTLIER_DTYPE, cut out in the
-# original space (``lowbit.comm.collectives``). Its bits are ``lowbit.wire.accounting``'s.
+# original space (``lowbit.comm.collectives``): ``layout(..., coded_outliers=True)`` lays it out.
 def append_outlier_columns(payload: torch.Tensor, x: torch.Tensor, outlier_idx: torch.Tensor) -> torch.Tensor:
     """``payload`` followed by the columns ``outlier_idx`` of ``x`` [T, H] as BF16 bytes."""
     if outlier_idx.numel() == 0:
