@@ -7,7 +7,8 @@
 Every step runs as a real torchrun job through the launch queue (so it also appears in the app's
 Runs page): the calibration, the held-out text metrics and per-layer errors (one job), then one
 job per task. Each step's run id is kept in ``*-runs.json`` next to ``--out`` as it finishes;
-``--resume`` reads a finished step back instead of running it again. Task accuracies carry their
+``--resume`` reads a finished step back instead of running it again (``--finished-only``: runs
+nothing, writes the tables from the finished steps and names the tasks left out). Task accuracies carry their
 standard error over items; the paired difference to the exact run on the same items (``Δ``) has
 a much smaller one, and KL / top-1 agreement on held-out text are the low-noise measures.
 Nothing here is tuned: the table is what the run measured.
@@ -297,6 +298,8 @@ def check_sizing_args(parser: argparse.ArgumentParser, args) -> None:
                           ("--max-minutes", args.max_minutes is not None)):
         if value and args.target_se is None:
             parser.error(f"{option}: needs --target-se (the plan sizes the run to it)")
+    if args.finished_only and not args.resume:
+        parser.error("--finished-only: needs --resume (it reads the finished steps of *-runs.json)")
     if args.max_minutes is not None and args.max_minutes <= 0:
         parser.error(f"--max-minutes: must be > 0, got {args.max_minutes}")
 
@@ -334,15 +337,22 @@ class RunLog:
     ``--resume`` a step whose run finished is read back from its ``result.json`` instead of run
     again, so a long table survives an interrupted session."""
 
-    def __init__(self, path: Path, resume: bool):
+    def __init__(self, path: Path, resume: bool, finished_only: bool = False):
         self.path = path
         self.steps: dict[str, str] = json.loads(path.read_text()) if resume and path.exists() else {}
+        self.finished_only = finished_only  # --finished-only: read steps back, run none
+
+    def finished(self, step: str) -> bool:
+        done = self.steps.get(step)
+        return bool(done) and run_paths(done).result.exists()
 
     def run(self, step: str, spec: dict) -> tuple[str, dict]:
-        done = self.steps.get(step)
-        if done and run_paths(done).result.exists():
+        if self.finished(step):
+            done = self.steps[step]
             print(f"{step}: reusing run {done}")
             return done, json.loads(run_paths(done).result.read_text())
+        if self.finished_only:
+            raise SystemExit(f"--finished-only: step {step} has no finished run in {self.path}")
         run_id, result = run_job(spec)
         self.steps[step] = run_id
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -421,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --target-se: scale a plan estimated longer down to this many minutes")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the finished runs this command recorded in *-runs.json next to --out")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="with --resume: write the tables from the steps already finished, run none; "
+                             "a task of the plan without a finished run is left out and named (missing_tasks)")
     parser.add_argument("--codec", choices=kind_codec.CODECS, default="kernels",
                         help="kernels: kernels.dispatch inside the communicators (the same numbers, less time); "
                              "reference: lowbit's torch path")
@@ -433,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     start = time.time()
     out = Path(args.out)
-    runs = RunLog(out.with_name(out.stem + "-runs.json"), args.resume)
+    runs = RunLog(out.with_name(out.stem + "-runs.json"), args.resume, args.finished_only)
     common = dict(model=args.model, tp=args.tp, backend="auto", calib_data="wikipedia", calib_tokens=args.calib_tokens,
                   time_limit_s=7 * 24 * 3600.0, params=dict(seq_len=args.seq_len))
     if args.batch_size is not None:
@@ -456,8 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         items = {t["task"]: t["items_run"] for t in plan["tasks"]}
     text_id, text = runs.run("text", spec([], 0, args.eval_tokens, True))
     by_task, task_runs = {}, {}
+    missing = [t for t in tasks if args.finished_only and not runs.finished(f"task:{t}:{items[t]}")]
+    tasks = [t for t in tasks if t not in missing]
+    if missing:
+        print(f"--finished-only: no finished run for {', '.join(missing)}; the tables leave them out")
     for task in tasks:
         task_runs[task], by_task[task] = runs.run(f"task:{task}:{items[task]}", spec([task], items[task], args.seq_len, False))
+    items = {t: items[t] for t in tasks}
     result = merge_results(text, by_task)
     floor = None if args.no_floor else floor_seconds(args.model, tasks, items, args.seed)
     timing = timing_rows(result, floor)
@@ -467,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     info = dict(command=run_meta["command"],
                 machine=f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores, {platform.system()}",
                 date=time.strftime("%Y-%m-%d"), wall_seconds=round(time.time() - start, 1),
-                calibrate_run=calib_id, evaluate_run=text_id, task_runs=task_runs)
+                calibrate_run=calib_id, evaluate_run=text_id, task_runs=task_runs, missing_tasks=missing)
     out.write_text(json.dumps(dict(info, meta=finish_meta(run_meta), plan=plan, result=result, rows=rows,
                                    timing=timing, floor=floor), indent=2))
     with open(out.with_suffix(".csv"), "w", newline="") as f:

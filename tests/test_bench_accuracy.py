@@ -62,7 +62,8 @@ def test_stage_seconds_charge_each_gap_to_the_stage_that_ended_it():
 @pytest.mark.parametrize("argv, option", [(["--target-se", "0"], "--target-se"), (["--target-se", "0.5"], "--target-se"),
                                           (["--target-se", "0.03", "--pilot-items", "1"], "--pilot-items"),
                                           (["--plan-only"], "--plan-only"), (["--min-bits", "4"], "--min-bits"),
-                                          (["--target-se", "0.03", "--max-minutes", "0"], "--max-minutes")])
+                                          (["--target-se", "0.03", "--max-minutes", "0"], "--max-minutes"),
+                                          (["--finished-only"], "--finished-only")])
 def test_sizing_options_out_of_range_are_refused_naming_the_option(argv, option, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -159,3 +160,26 @@ def test_resume_reads_a_finished_step_back_instead_of_running_it(tmp_path, monke
     fresh = accuracy.RunLog(log, resume=False)  # without --resume every step runs, and is recorded
     fresh.run("text", {"kind": "evaluate"})
     assert calls == [{"kind": "evaluate"}] and json.loads(log.read_text()) == {"text": "20260101-000001-evaluate-fedcba"}
+
+
+def test_finished_only_reads_finished_steps_back_and_runs_none(tmp_path, monkeypatch):
+    """--finished-only (an interrupted plan written up from what finished): a finished step is read
+    back, a step without a finished run (none recorded, or recorded but its run died without a
+    result) stops the bench naming the step, and no job is ever queued."""
+    from bench import accuracy
+    monkeypatch.setenv("LOWBIT_RUNS", str(tmp_path / "runs"))
+    from launch.layout import run_paths
+    done, died = "20260101-000000-evaluate-abcdef", "20260101-000002-evaluate-dead00"
+    run_paths(done).dir.mkdir(parents=True)
+    run_paths(done).result.write_text(json.dumps({"records": [1]}))
+    run_paths(died).dir.mkdir(parents=True)
+    log = tmp_path / "accuracy-runs.json"
+    log.write_text(json.dumps({"task:arc_easy:77": done, "task:hellaswag:70": died}))
+    monkeypatch.setattr(accuracy, "run_job", lambda spec: pytest.fail("--finished-only queued a job"))
+    runs = accuracy.RunLog(log, resume=True, finished_only=True)
+    assert runs.finished("task:arc_easy:77") and not runs.finished("task:hellaswag:70")
+    assert not runs.finished("task:piqa:111")
+    assert runs.run("task:arc_easy:77", {}) == (done, {"records": [1]})
+    for step in ("task:hellaswag:70", "task:piqa:111"):
+        with pytest.raises(SystemExit, match=f"--finished-only: step {step} has no finished run"):
+            runs.run(step, {})
