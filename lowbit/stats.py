@@ -4,7 +4,8 @@ in tests/test_metrics.py), and the score table the CLI and the app both print.
 - ``kl_per_token``: KL(reference || scheme) of next-token distributions given as log-probs.
 - ``perplexity``: exp of the mean negative log-likelihood.
 - ``choice_hits``: lm-eval's ``acc`` (highest summed log-likelihood) and ``acc_norm`` (highest
-  log-likelihood per byte of the continuation) for one multiple-choice item.
+  log-likelihood per unit of the continuation's length: the task's characters, tokens or bytes)
+  for one multiple-choice item.
 - ``mean_se``: mean and standard error (sample std / sqrt(n), as lm-eval reports it).
 - ``paired_delta``: mean difference of two scores on the same items and its standard error
   (the std of the per-item differences / sqrt(n)); far smaller than either score's error when
@@ -39,11 +40,13 @@ def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / tokens)
 
 
-def choice_hits(logliks: Sequence[float], continuations: Sequence[str], gold: int) -> dict[str, float]:
-    """{"acc": 1.0 | 0.0, "acc_norm": 1.0 | 0.0} for one item (ties go to the first choice)."""
-    if not 0 <= gold < len(logliks) or len(logliks) != len(continuations):
-        raise ValueError(f"gold: {gold} must index one of {len(logliks)} choices with one continuation each")
-    lengths = [max(1, len(c.encode("utf-8"))) for c in continuations]
+def choice_hits(logliks: Sequence[float], lengths: Sequence[int], gold: int) -> dict[str, float]:
+    """{"acc": 1.0 | 0.0, "acc_norm": 1.0 | 0.0} for one item (ties go to the first choice);
+    ``lengths``: each continuation's length in the task's unit (``lowbit.model.data.continuation_length``)."""
+    if not 0 <= gold < len(logliks) or len(logliks) != len(lengths):
+        raise ValueError(f"gold: {gold} must index one of {len(logliks)} choices with one length each")
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"lengths: must be >= 1, got {list(lengths)}")
     best = max(range(len(logliks)), key=lambda i: logliks[i])
     best_norm = max(range(len(logliks)), key=lambda i: logliks[i] / lengths[i])
     return {"acc": float(best == gold), "acc_norm": float(best_norm == gold)}

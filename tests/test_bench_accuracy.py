@@ -61,7 +61,9 @@ def test_stage_seconds_charge_each_gap_to_the_stage_that_ended_it():
 
 @pytest.mark.parametrize("argv, option", [(["--target-se", "0"], "--target-se"), (["--target-se", "0.5"], "--target-se"),
                                           (["--target-se", "0.03", "--pilot-items", "1"], "--pilot-items"),
-                                          (["--plan-only"], "--plan-only")])
+                                          (["--plan-only"], "--plan-only"), (["--min-bits", "4"], "--min-bits"),
+                                          (["--target-se", "0.03", "--max-minutes", "0"], "--max-minutes"),
+                                          (["--finished-only"], "--finished-only")])
 def test_sizing_options_out_of_range_are_refused_naming_the_option(argv, option, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -81,6 +83,103 @@ def test_plan_only_sizes_a_tiny_model_through_the_queue(tmp_path, monkeypatch, c
     plan = saved["plan"]
     task = plan["tasks"][0]
     assert task["task"] == "arc_easy" and task["pilot_items"] == 4 and task["available"] == 570
-    assert 4 <= plan["items_per_task"] <= 570 and task["seconds_per_item_per_scheme"] > 0
+    # each task its own n (its own job): a dict by task
+    assert 4 <= plan["items_per_task"]["arc_easy"] <= 570 and task["seconds_per_item_per_scheme"] > 0
     assert not out.exists()  # --plan-only runs no full evaluate
     assert "items_per_task" in capsys.readouterr().out
+
+
+def test_per_task_plan_sizes_each_task_for_the_schemes_of_enough_bits_and_fits_a_time_cap():
+    pilot = pilot_result()
+    bits = dict(fp32=32.0, bf16=16.0, int4=4.0)
+    for rec in pilot["records"]:
+        rec["bits_per_value"] = bits[rec["scheme"]]
+    # int4 below --min-bits 8: nothing drives the sizing but bf16 (no flip): each task keeps the pilot's 20
+    plan = size_plan(pilot, {"arc_easy": 30.0, "piqa": 12.0}, 40.0, 0.03, {"arc_easy": 570, "piqa": 100},
+                     per_task=True, min_bits=8)
+    assert plan["sized_schemes"] == ["bf16"] and plan["items_per_task"] == {"arc_easy": 20, "piqa": 20}
+    assert plan["tasks"][0]["schemes"]["int4"]["expected_se"] == pytest.approx(math.sqrt(0.2 / 20))
+    # per task: arc_easy 223, piqa its 100; 3 jobs (text + 2 tasks) pay the 40 s outside the tasks
+    plan = size_plan(pilot, {"arc_easy": 30.0, "piqa": 12.0}, 40.0, 0.03, {"arc_easy": 570, "piqa": 100},
+                     per_task=True)
+    assert plan["items_per_task"] == {"arc_easy": 223, "piqa": 100} and plan["jobs"] == 3
+    assert plan["estimated_seconds"] == pytest.approx(3 * 40.0 + 223 * 3 * 0.5 + 100 * 3 * 0.2)
+    # capped at 300 s: 180 s left for the tasks' 394.5 -> every n times 0.4563 (never below the pilot's 20)
+    capped = size_plan(pilot, {"arc_easy": 30.0, "piqa": 12.0}, 40.0, 0.03, {"arc_easy": 570, "piqa": 100},
+                       per_task=True, max_seconds=300.0)
+    scale = (300.0 - 120.0) / (223 * 3 * 0.5 + 100 * 3 * 0.2)
+    assert capped["time_scale"] == pytest.approx(scale)
+    assert capped["items_per_task"] == {"arc_easy": int(223 * scale), "piqa": int(100 * scale)}
+    assert capped["estimated_seconds"] <= 300.0
+    arc = capped["tasks"][0]
+    assert arc["expected_delta_se"] == pytest.approx(math.sqrt(0.2 / int(223 * scale))) and not arc["reached"]
+    assert "scaled by 0.46" in format_plan(capped)
+
+
+def _job_result(task: str, acc: dict[str, float], seconds: dict[str, float], items: int) -> dict:
+    return dict(reference="fp32", items_per_task=items, records=[
+        dict(scheme=s, tasks={task: dict(_task(a, items), delta=a - acc["fp32"], delta_se=0.01)}) for s, a in acc.items()],
+        task_timing=dict(scorer="packed", items=items, shared_seconds=0.5,
+                         schemes={s: dict(seconds=v, seconds_per_item=v / items) for s, v in seconds.items()}))
+
+
+def test_task_jobs_merge_into_one_result_with_kept_and_timing_beside_the_floor():
+    from bench.accuracy import merge_results, timing_rows
+    text = dict(reference="fp32", eval_tokens=2048, records=[
+        dict(scheme="fp32", bits_per_value=32.0, kl=0.0, tasks={}), dict(scheme="int4", bits_per_value=4.0, kl=0.3, tasks={})])
+    arc = _job_result("arc_easy", dict(fp32=0.6, int4=0.5), dict(fp32=10.0, int4=14.0), 100)
+    piqa = _job_result("piqa", dict(fp32=0.7, int4=0.7), dict(fp32=4.0, int4=6.0), 50)
+    merged = merge_results(text, {"arc_easy": arc, "piqa": piqa})
+    int4 = next(r for r in merged["records"] if r["scheme"] == "int4")
+    assert set(int4["tasks"]) == {"arc_easy", "piqa"} and int4["kl"] == 0.3
+    assert int4["avg_primary"] == pytest.approx(0.6)
+    assert int4["kept_pct"] == pytest.approx(100 * (0.5 / 0.6 + 0.7 / 0.7) / 2)
+    assert merged["items_per_task"] == {"arc_easy": 100, "piqa": 50}
+    floor = dict(tasks=dict(arc_easy=dict(seconds_per_item=0.04, acc=0.6, acc_norm=0.5),
+                            piqa=dict(seconds_per_item=0.05, acc=0.7, acc_norm=0.7)))
+    rows = timing_rows(merged, floor)
+    assert rows[0]["seconds_per_item_per_scheme"] == pytest.approx((0.1 + 0.14) / 2)  # the schemes' mean
+    assert rows[0]["over_floor"] == pytest.approx(0.12 / 0.04)
+    assert rows[1]["per_scheme"] == {"fp32": pytest.approx(0.08), "int4": pytest.approx(0.12)}
+    assert "over_floor" not in timing_rows(merged, None)[0]
+
+
+def test_resume_reads_a_finished_step_back_instead_of_running_it(tmp_path, monkeypatch):
+    from bench import accuracy
+    monkeypatch.setenv("LOWBIT_RUNS", str(tmp_path / "runs"))
+    from launch.layout import run_paths
+    paths = run_paths("20260101-000000-evaluate-abcdef")
+    paths.dir.mkdir(parents=True)
+    paths.result.write_text(json.dumps({"records": []}))
+    log = tmp_path / "accuracy-runs.json"
+    log.write_text(json.dumps({"text": "20260101-000000-evaluate-abcdef"}))
+    monkeypatch.setattr(accuracy, "run_job", lambda spec: pytest.fail("a finished step ran again"))
+    assert accuracy.RunLog(log, resume=True).run("text", {}) == ("20260101-000000-evaluate-abcdef", {"records": []})
+    calls = []
+    monkeypatch.setattr(accuracy, "run_job", lambda spec: calls.append(spec) or ("20260101-000001-evaluate-fedcba", {}))
+    fresh = accuracy.RunLog(log, resume=False)  # without --resume every step runs, and is recorded
+    fresh.run("text", {"kind": "evaluate"})
+    assert calls == [{"kind": "evaluate"}] and json.loads(log.read_text()) == {"text": "20260101-000001-evaluate-fedcba"}
+
+
+def test_finished_only_reads_finished_steps_back_and_runs_none(tmp_path, monkeypatch):
+    """--finished-only (an interrupted plan written up from what finished): a finished step is read
+    back, a step without a finished run (none recorded, or recorded but its run died without a
+    result) stops the bench naming the step, and no job is ever queued."""
+    from bench import accuracy
+    monkeypatch.setenv("LOWBIT_RUNS", str(tmp_path / "runs"))
+    from launch.layout import run_paths
+    done, died = "20260101-000000-evaluate-abcdef", "20260101-000002-evaluate-dead00"
+    run_paths(done).dir.mkdir(parents=True)
+    run_paths(done).result.write_text(json.dumps({"records": [1]}))
+    run_paths(died).dir.mkdir(parents=True)
+    log = tmp_path / "accuracy-runs.json"
+    log.write_text(json.dumps({"task:arc_easy:77": done, "task:hellaswag:70": died}))
+    monkeypatch.setattr(accuracy, "run_job", lambda spec: pytest.fail("--finished-only queued a job"))
+    runs = accuracy.RunLog(log, resume=True, finished_only=True)
+    assert runs.finished("task:arc_easy:77") and not runs.finished("task:hellaswag:70")
+    assert not runs.finished("task:piqa:111")
+    assert runs.run("task:arc_easy:77", {}) == (done, {"records": [1]})
+    for step in ("task:hellaswag:70", "task:piqa:111"):
+        with pytest.raises(SystemExit, match=f"--finished-only: step {step} has no finished run"):
+            runs.run(step, {})

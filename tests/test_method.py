@@ -285,15 +285,16 @@ def test_layer_errors_local_and_accumulated(tiny_models, calibration, batches):
 
 
 def test_batching_items_does_not_change_the_scores(tiny_models, calibration):
-    """Right padding leaves every choice's log-likelihood as it is alone (up to fp32 GEMM order)."""
+    """Padding leaves every choice's log-likelihood as it is alone (up to fp32 GEMM order): one item
+    per forward (a budget below any item's width) and all five in one give the same scores."""
     items = {"arc_easy": load_task("arc_easy", 5, seed=1)}
 
-    def body(group, batch_sequences):
+    def body(group, max_tokens):
         tp = build_tp_model(MODEL, group, loaded=tiny_models[MODEL])
         return evaluate_tasks(tp.model, group, tp.tokenizer, items, ["int4-token"], calibration,
-                              batch_sequences=batch_sequences)
+                              max_tokens=max_tokens)
     one = ThreadWorld(TP).run(body, 1)[0]
-    many = ThreadWorld(TP).run(body, 64)[0]
+    many = ThreadWorld(TP).run(body, 4096)[0]
     for scheme in (REFERENCE, "int4-token"):
         for metric in ("acc", "acc_norm", "n"):
             assert one[scheme]["arc_easy"][metric] == many[scheme]["arc_easy"][metric]

@@ -33,12 +33,15 @@ def test_perplexity_of_a_known_loglikelihood_sequence():
 
 
 def test_acc_and_acc_norm_disagree_on_a_constructed_item():
-    # " a" is 2 bytes, " abcdefgh" 9: -4 beats -6 in sum, but -6/9 = -0.67 beats -4/2 = -2 per byte
-    hit = stats.choice_hits([-4.0, -6.0], [" a", " abcdefgh"], gold=1)
+    # lengths 2 and 9 (" a" and " abcdefgh" in characters): -4 beats -6 in sum, but -6/9 = -0.67
+    # beats -4/2 = -2 per character
+    hit = stats.choice_hits([-4.0, -6.0], [2, 9], gold=1)
     assert hit == {"acc": 0.0, "acc_norm": 1.0}
-    assert stats.choice_hits([-4.0, -6.0], [" a", " abcdefgh"], gold=0) == {"acc": 1.0, "acc_norm": 0.0}
+    assert stats.choice_hits([-4.0, -6.0], [2, 9], gold=0) == {"acc": 1.0, "acc_norm": 0.0}
     with pytest.raises(ValueError, match="gold"):
-        stats.choice_hits([-1.0, -2.0], [" a", " b"], gold=2)
+        stats.choice_hits([-1.0, -2.0], [2, 2], gold=2)
+    with pytest.raises(ValueError, match="lengths: must be >= 1"):
+        stats.choice_hits([-1.0, -2.0], [2, 0], gold=1)
 
 
 def test_standard_error_and_paired_delta_on_a_small_table():
@@ -152,20 +155,20 @@ def test_score_table_leaves_absent_values_blank():
 
 @pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gemma3", "tiny-llama"])
 def test_choice_logliks_through_kept_positions_equal_the_full_logits(tiny_models, name):
-    """evaluate's log-likelihood of each continuation sends only the positions that predict a
-    continuation token through lm_head (Gemma 2's final softcap included): same numbers as
+    """The old path's log-likelihood of each continuation (kept for bench.scoring) sends only the
+    positions that predict a continuation token through lm_head (Gemma 2's final softcap included): same numbers as
     taking them from the logits of every position."""
     import torch.nn.functional as F
 
     from lowbit.model.data import load_task
-    from lowbit.method.evaluate import _choice_logliks, _item_sequences
+    from lowbit.method.choices import legacy_choice_logliks, legacy_sequences, tokenize_item
     loaded = tiny_models[name]
     seqs, starts = [], []
     for item in load_task("openbookqa", 3, seed=0):  # questions of different lengths: right padding
-        s, st = _item_sequences(loaded.tokenizer, item)
+        s, st = legacy_sequences(tokenize_item(loaded.tokenizer, item))
         seqs += s
         starts += st
-    got = _choice_logliks(loaded.model, seqs, starts, pad_id=0)
+    got = legacy_choice_logliks(loaded.model, seqs, starts, pad_id=0)
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -115,8 +115,9 @@ def test_new_tasks_load_with_the_package_item_counts(task, n_items, n_choices):
 def test_task_table_lists_every_task_with_its_item_count():
     rows = {r["task"]: r for r in data.task_table()}
     assert list(rows) == list(data.TASKS)
-    assert rows["sciq"] == dict(task="sciq", variant="rc_0shot", shots=0, metric="acc", package_metric="acc_raw",
-                                split="validation", items=1000, choices="4")
+    assert rows["sciq"] == dict(task="sciq", variant="rc_0shot", shots=0, metric="acc", norm="char",
+                                package_metric="acc_raw", split="validation", items=1000, choices="4")
+    assert rows["medmcqa"]["norm"] == "token" and rows["piqa"]["norm"] == "char"  # the package's acc_per_token / _char
     assert rows["arc_easy"]["items"] == 570 and rows["hellaswag"]["metric"] == "acc_norm"
 
 
@@ -224,11 +225,13 @@ def test_tasks_cli_prints_every_task_with_its_item_count(capsys):
     from lowbit.__main__ import main
     assert main(["tasks"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["task", "variant", "shots", "metric", "package_metric", "split", "items", "choices"]
+    assert lines[0].split() == ["task", "variant", "shots", "metric", "norm", "package_metric", "split", "items",
+                                "choices"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert list(rows) == list(data.TASKS)
-    assert rows["sciq"] == ["sciq", "rc_0shot", "0", "acc", "acc_raw", "validation", "1000", "4"]
-    assert rows["openbookqa"][3] == "acc_norm" and rows["openbookqa"][6] == "500"
+    assert rows["sciq"] == ["sciq", "rc_0shot", "0", "acc", "char", "acc_raw", "validation", "1000", "4"]
+    assert rows["openbookqa"][3] == "acc_norm" and rows["openbookqa"][7] == "500"
+    assert rows["medmcqa"][3:6] == ["acc_norm", "token", "acc_per_token"]  # normalized per token, as the package does
 
 
 def test_cache_conversion_writes_everything_on_a_nonzero_rank(tmp_path):

@@ -26,6 +26,9 @@ class _Events:
     def step(self, *a, **k):
         pass
 
+    def plan(self, *a, **k):  # the stages a kind announces before it starts (launch.events)
+        pass
+
 
 def test_evaluate_kind_parses_each_scheme_once_per_rank(tmp_path, monkeypatch, tiny_models):
     from launch.kinds import evaluate as kind

@@ -108,7 +108,7 @@ def test_a_table_name_registered_twice_is_refused():
 
 
 def test_unknown_block_and_missing_file_are_named(tmp_path, monkeypatch):
-    with pytest.raises(report.ReportError, match="'nope': unknown table; allowed: accuracy, accuracy-plan, "):
+    with pytest.raises(report.ReportError, match="'nope': unknown table; allowed: accuracy, accuracy-gemma3-tp2, accuracy-plan, "):
         report.render("<!-- table: nope -->\nx\n<!-- /table -->")
     monkeypatch.setattr(blocks, "ROOT", tmp_path)
     with pytest.raises(report.ReportError, match="accuracy.json: no such result file"):

@@ -20,7 +20,8 @@ check_spec = method.check_spec
 def run(ctx) -> dict | None:
     spec = ctx.spec
     params = method.lowbit_params(ctx)
-    params.update({k: spec.params.get(k, EVALUATE_DEFAULTS[k]) for k in ("layer_error", "layer_error_chunks")})
+    params.update({k: spec.params.get(k, EVALUATE_DEFAULTS[k])
+                   for k in ("layer_error", "layer_error_chunks", "task_tokens", "legacy_scoring")})
     params.update(schemes=list(spec.schemes), eval_source=spec.eval_data,
                   eval_chunks=max(1, spec.eval_tokens // params["seq_len"]), tasks=list(spec.tasks),
                   items=spec.items_per_task, seed=spec.seed)

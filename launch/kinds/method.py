@@ -12,12 +12,15 @@ from lowbit.scheme import SchemeError
 from lowbit.scheme.plan import SchemePlan
 
 METHOD_PARAMS = dict(seq_len=(int, 1, 8192), batch_size=(int, 1, 1024), gamma=(float, 0.0, 1.0),
-                     layer_error=(bool, None, None), layer_error_chunks=(int, 0, 1024), force=(bool, None, None))
+                     layer_error=(bool, None, None), layer_error_chunks=(int, 0, 1024), force=(bool, None, None),
+                     task_tokens=(int, 1, 1 << 20), legacy_scoring=(bool, None, None))
 
 
 def check_params(params: dict) -> list[tuple[str, str]]:
     """params of calibrate / evaluate: seq_len, batch_size, gamma, layer_error, layer_error_chunks,
-    force, codec (evaluate: ``launch.kinds.codec``, the kernels inside the communicators)."""
+    force, codec (evaluate: ``launch.kinds.codec``, the kernels inside the communicators), task_tokens
+    (evaluate: padded tokens per task forward) and legacy_scoring (evaluate: the task scorer before
+    the packed one, for bench.scoring's comparison)."""
     problems = codec.check(params)
     for key, value in params.items():
         if key in ("codec", "fused_kernels"):

@@ -7,10 +7,15 @@ usual 16-bit wire too.
 
 Task metrics: zero-shot log-likelihood multiple choice (lm-eval's definitions): ``acc`` picks
 the choice with the highest summed log-probability of its continuation, ``acc_norm`` divides
-it by the continuation's length in bytes; standard error = sample std / sqrt(n). The task's
-primary metric follows the package's config (acc_norm for arc_challenge, hellaswag, piqa and
-the other length-normalized tasks; acc otherwise; ``lowbit.model.data.TASK_INFO``) and
-"% kept" is the paper's: scheme score / reference score, averaged over tasks.
+it by the continuation's length in the unit the task's package metric names (characters for
+``acc_per_char`` and the raw tasks, tokens for ``acc_per_token``: medmcqa, medqa_en, ...; the
+row's ``norm``); standard error = sample std / sqrt(n). The task's primary metric follows the
+package's config (acc_norm for arc_challenge, hellaswag, piqa and the other length-normalized
+tasks; acc otherwise; ``lowbit.model.data.TASK_INFO``) and "% kept" is the paper's: scheme
+score / reference score, averaged over tasks. The log-likelihoods come from the packed scorer
+(``lowbit.method.choices``): tokenizing and packing once per item, one forward per batch and
+scheme with each item's shared prefix run once, the head only where a continuation token is
+predicted, vocabulary-parallel (``lowbit.method.scores.TextScores``).
 
 Per-layer error: relative error and SNR of each site's reduced output, ``local`` (every site
 gets exact inputs: the error this site adds) and ``accumulated`` (inputs already carry the
@@ -24,10 +29,10 @@ import json
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lowbit import stats
 from lowbit.artifacts import calibration_cache_dir
@@ -38,7 +43,10 @@ from lowbit.comm.dist import Group
 from lowbit.calibration import Calibration
 from lowbit.method.calibrate import load_or_calibrate, with_calibration_defaults
 from lowbit.model.data import CLASSIC_TASKS, TASK_INFO, Item, load_task, token_chunks
-from lowbit.model.engine import build_tp_model, forward_partials, vocab_shard_logits, vocab_shardable
+from lowbit.method.choices import (DEFAULT_MAX_TOKENS, ChoiceItem, choice_logliks, legacy_batches, legacy_choice_logliks,
+                                   legacy_sequences, plan_batches, tokenize_items)
+from lowbit.method.scores import TextScores
+from lowbit.model.engine import build_tp_model, forward_partials, vocab_shardable
 from lowbit.model.tp import set_communicator
 from lowbit.scheme.plan import SchemePlan
 from lowbit.scheme.spec import SchemeMap
@@ -124,135 +132,100 @@ def evaluate_text(model, group: Group, chunks: torch.Tensor, schemes: SchemePlan
     return out
 
 
-class TextScores:
-    """Next-token log-probabilities and their sums, over the whole vocabulary or, with a group,
-    over this rank's vocabulary slice (``vocab_shard_logits``) completed by collectives: the
-    global max and sum of exponentials (log-softmax), the target's log-probability (it lies on one
-    rank's slice), the KL terms (``stats.kl_per_token`` of each slice, summed over ranks) and the
-    arg-max (each rank's best, the first of the largest). Same values as the full head up to the
-    order of floating-point sums."""
+@dataclass
+class TaskLogliks:
+    """What ``task_logliks`` scored: {scheme: {task: each item's choice log-likelihoods}}, the
+    tokenized items per task, each scheme's seconds of forwards, and the seconds of the work done
+    once for every scheme (tokenizing, packing)."""
 
-    def __init__(self, group: Group | None):
-        self.group = group
-        self.lo = 0
-
-    def log_probs(self, model, ids: torch.Tensor) -> torch.Tensor:
-        if self.group is None:
-            return F.log_softmax(model(ids, use_cache=False).logits[:, :-1].float(), dim=-1)
-        logits, self.lo = vocab_shard_logits(model, ids, self.group.rank, self.group.world_size)
-        peak = self.group.all_gather(logits.amax(-1).contiguous()).amax(0)
-        total = self.group.all_reduce((logits - peak[..., None]).exp().sum(-1))
-        return logits - (peak + total.log())[..., None]
-
-    def metrics(self, logp: torch.Tensor, ref: torch.Tensor, ref_top: torch.Tensor,
-                targets: torch.Tensor) -> tuple[float, float, int]:
-        """(sum of -log p(target), sum of KL(ref || logp), positions whose arg-max is ``ref_top``,
-        the reference's ``argmax``)."""
-        top1 = int((self.argmax(logp) == ref_top).sum().item())
-        if self.group is None:
-            return -logp.gather(-1, targets[..., None]).sum().item(), stats.kl_per_token(ref, logp).sum().item(), top1
-        local = targets - self.lo
-        mine = (local >= 0) & (local < logp.shape[-1])
-        picked = logp.gather(-1, local.clamp(0, logp.shape[-1] - 1)[..., None]).squeeze(-1)
-        sums = torch.stack([-(picked * mine).sum(), stats.kl_per_token(ref, logp).sum()])
-        nll, kl = self.group.all_reduce(sums).tolist()
-        return nll, kl, top1
-
-    def argmax(self, logp: torch.Tensor) -> torch.Tensor:
-        """Token id of the largest log-probability at each position (ties: the lowest id)."""
-        if self.group is None:
-            return logp.argmax(-1)
-        best, where = logp.max(-1)
-        best, where = self.group.all_gather(best.contiguous()), self.group.all_gather((where + self.lo).contiguous())
-        return where.gather(0, best.argmax(0, keepdim=True)).squeeze(0)
-
-
-def _item_batches(tokenizer, items: list[Item], max_sequences: int):
-    """Consecutive items grouped so that a group holds at most ``max_sequences`` choices
-    (an item with more choices than that forms a group of its own)."""
-    batch, count = [], 0
-    for item in items:
-        seqs, starts = _item_sequences(tokenizer, item)
-        if batch and count + len(seqs) > max_sequences:
-            yield batch
-            batch, count = [], 0
-        batch.append((item, seqs, starts))
-        count += len(seqs)
-    if batch:
-        yield batch
-
-
-def _item_sequences(tokenizer, item: Item) -> tuple[list[list[int]], list[int]]:
-    """Token ids of context+continuation per choice, and where each continuation starts
-    (after the tokenizer's own BOS, if it adds one: ``lowbit.model.data.bos_prefix``)."""
-    from lowbit.model.data import bos_prefix
-    prefix = bos_prefix(tokenizer)
-    seqs, starts = [], []
-    for ctx, cont in zip(item.contexts, item.continuations):
-        c = prefix + tokenizer(ctx, add_special_tokens=False).input_ids
-        k = tokenizer(cont, add_special_tokens=False).input_ids
-        seqs.append(c + k)
-        starts.append(len(c))
-    return seqs, starts
+    logliks: dict[str, dict[str, list[list[float]]]]
+    items: dict[str, list[ChoiceItem]]
+    seconds: dict[str, float]
+    shared_seconds: float
 
 
 @torch.no_grad()
-def _choice_logliks(model, seqs: list[list[int]], starts: list[int], pad_id: int) -> list[float]:
-    device = next(model.parameters()).device
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    # Only the positions that predict a continuation token go through lm_head (``logits_to_keep``):
-    # with long contexts (sciq's passages) and big vocabularies (Gemma: 262k) the full logits
-    # were most of the time and memory (32 x 377 x 49152 fp32 = 2.4 GB per rank for SmolLM2).
-    needed = sorted({p for s, start in zip(seqs, starts) for p in range(start - 1, len(s) - 1)})
-    column = {p: c for c, p in enumerate(needed)}
-    keep = torch.tensor(needed, dtype=torch.long, device=device)
-    logits = model(ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=keep).logits
-    logp = F.log_softmax(logits.float(), -1)
-    out = []
-    for i, (s, start) in enumerate(zip(seqs, starts)):
-        cols = torch.tensor([column[p] for p in range(start - 1, len(s) - 1)], device=device)
-        tgt = torch.tensor(s[start:], device=device)
-        out.append(logp[i, cols, tgt].sum().item())
-    return out
+def task_logliks(model, group: Group, tokenizer, items_by_task: dict[str, list[Item]], comms: dict[str, Communicator],
+                 progress=None, max_tokens: int = DEFAULT_MAX_TOKENS, legacy: bool = False,
+                 batch_sequences: int = 32) -> TaskLogliks:
+    """Each item's choice log-likelihoods for every communicator of ``comms``. Tokenizing, packing and the masks are done once
+    per task (``lowbit.method.choices``); each batch then runs once per communicator, the
+    reference's first. ``legacy``: the path before the packed scorer (each choice's sequence alone,
+    ``batch_sequences`` per forward), kept for ``bench.scoring``'s comparison on the same items.
+    An unsharded model (``group`` None, a communicator None) scores in one process: the floor."""
+    scores = TextScores.for_model(model, group)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {s: {} for s in comms}
+    seconds = dict.fromkeys(comms, 0.0)
+    shared, tokenized_by_task = 0.0, {}
+    total, done = sum(len(v) for v in items_by_task.values()), 0
+    for task, items in items_by_task.items():
+        start = time.perf_counter()
+        tokenized = tokenized_by_task[task] = tokenize_items(tokenizer, items)
+        batches = (legacy_batches(tokenized, batch_sequences) if legacy
+                   else plan_batches(model, tokenized, pad_id, max_tokens))
+        shared += time.perf_counter() - start
+        for name in comms:
+            out[name][task] = [None] * len(items)
+        for batch in batches:
+            index = batch if legacy else batch.index
+            if legacy:
+                pairs = [legacy_sequences(tokenized[i]) for i in index]
+                seqs = [s for q, _ in pairs for s in q]
+                starts = [s for _, t in pairs for s in t]
+            for name, comm in comms.items():
+                if comm is not None:
+                    set_communicator(model, comm)
+                start = time.perf_counter()
+                if legacy:
+                    flat, per_item = legacy_choice_logliks(model, seqs, starts, pad_id), []
+                    for i in index:
+                        per_item.append(flat[:len(tokenized[i].branches)])
+                        flat = flat[len(tokenized[i].branches):]
+                else:
+                    per_item = choice_logliks(model, batch, scores)
+                seconds[name] += time.perf_counter() - start
+                for i, ll in zip(index, per_item):
+                    out[name][task][i] = ll
+            done += len(index)
+            if progress:
+                progress("tasks", done, total, f"{task}: item {sum(x is not None for x in out[REFERENCE][task])}/{len(items)}"
+                         if REFERENCE in out else f"{task}: {done}/{total}", {})
+    return TaskLogliks(out, tokenized_by_task, seconds, shared)
+
+
+def task_hits(scored: TaskLogliks) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """{scheme: {task: {"acc": [0/1 per item], "acc_norm": [...]}}}: each item's decisions, acc_norm
+    per the task's unit (``lowbit.model.data.TaskInfo.norm``)."""
+    hits = {s: {} for s in scored.logliks}
+    for task, tokenized in scored.items.items():
+        lengths = [item.lengths(TASK_INFO[task].norm) for item in tokenized]
+        for name in scored.logliks:
+            h = {"acc": [], "acc_norm": []}
+            for ll, n, item in zip(scored.logliks[name][task], lengths, tokenized):
+                hit = stats.choice_hits(ll, n, item.item.gold)
+                h["acc"].append(hit["acc"])
+                h["acc_norm"].append(hit["acc_norm"])
+            hits[name][task] = h
+    return hits
 
 
 @torch.no_grad()
 def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list[Item]],
                    schemes: SchemePlan | list[str],
-                   calibration: Calibration | None, progress=None, batch_sequences: int = 32, codec=None
-                   ) -> dict[str, dict[str, dict]]:
-    """{scheme: {task: {acc, acc_norm, acc_se, acc_norm_se, n, delta, delta_se, flipped}}} for
-    the reference and ``schemes``. The choices of several items share one forward (up to
-    ``batch_sequences`` sequences, right-padded): each forward costs two collectives per layer
-    whatever its size, so small batches would be dominated by their latency."""
+                   calibration: Calibration | None, progress=None, max_tokens: int = DEFAULT_MAX_TOKENS, codec=None,
+                   legacy: bool = False, batch_sequences: int = 32) -> dict[str, dict[str, dict]]:
+    """{scheme: {task: {acc, acc_norm, acc_se, acc_norm_se, n, primary, norm, delta, delta_se, flipped},
+    "_comm": {...}, "_timing": {seconds, items}}} for the reference and ``schemes``. ``acc_norm``
+    divides by the continuation's length in the task's unit (``norm``: the package's metric,
+    ``lowbit.model.data.TaskInfo.norm``). The log-likelihoods come from ``task_logliks`` (packed
+    batches of up to ``max_tokens`` tokens; ``legacy`` for the old path); ``_timing`` holds the
+    seconds of this scheme's forwards and the items they scored."""
     plan = SchemePlan.of(schemes, REFERENCE)
     comms = {s: make_communicator(group, plan[s], calibration, codec, progress) for s in _reference_first(plan)}
-    hits = {s: defaultdict(lambda: {"acc": [], "acc_norm": []}) for s in comms}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total = sum(len(v) for v in items_by_task.values())
-    done = 0
-    for task, items in items_by_task.items():
-        for batch in _item_batches(tokenizer, items, batch_sequences):
-            seqs = [s for _, item_seqs, _ in batch for s in item_seqs]
-            starts = [s for _, _, item_starts in batch for s in item_starts]
-            for name, comm in comms.items():
-                set_communicator(model, comm)
-                ll = _choice_logliks(model, seqs, starts, pad_id)
-                h, at = hits[name][task], 0
-                for item, item_seqs, _ in batch:
-                    mine = ll[at:at + len(item_seqs)]
-                    at += len(item_seqs)
-                    hit = stats.choice_hits(mine, item.continuations, item.gold)
-                    h["acc"].append(hit["acc"])
-                    h["acc_norm"].append(hit["acc_norm"])
-            done += len(batch)
-            if progress:
-                progress("tasks", done, total, f"{task}: item {len(hits[REFERENCE][task]['acc'])}/{len(items)}", {})
+    scored = task_logliks(model, group, tokenizer, items_by_task, comms, progress, max_tokens, legacy, batch_sequences)
+    hits = task_hits(scored)
+    n_items = sum(len(v) for v in items_by_task.values())
     out: dict[str, dict[str, dict]] = {}
     for name, by_task in hits.items():
         out[name] = {}
@@ -261,6 +234,7 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
             for metric in ("acc", "acc_norm"):
                 row[metric], row[f"{metric}_se"] = stats.mean_se(h[metric])
             row["primary"] = PRIMARY_METRIC[task]
+            row["norm"] = TASK_INFO[task].norm
             # Paired with the reference on the same items: the difference's standard error is
             # far smaller than either accuracy's when the two mostly agree.
             mine, ref = h[row["primary"]], hits[REFERENCE][task][row["primary"]]
@@ -268,6 +242,8 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
             row["flipped"] = sum(a != b for a, b in zip(mine, ref))
             out[name][task] = row
         out[name]["_comm"] = _summarize_calls(comms[name])
+        out[name]["_timing"] = dict(seconds=scored.seconds[name], items=n_items, shared_seconds=scored.shared_seconds,
+                                    scorer="legacy" if legacy else "packed")
     return out
 
 
@@ -393,7 +369,16 @@ def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks:
 # -- runner: a whole evaluation on a group (what the evaluate job kind calls) ---------------------
 EVALUATE_DEFAULTS = dict(schemes=["bf16", "int4-static-top1/64"], eval_source="wikipedia", eval_chunks=8,
                          seq_len=256, batch_size=4, tasks=list(CLASSIC_TASKS), items=20, seed=0, layer_error=True,
-                         layer_error_chunks=2)
+                         layer_error_chunks=2, task_tokens=DEFAULT_MAX_TOKENS, legacy_scoring=False)
+
+
+def task_timing(tasks: dict[str, dict]) -> dict:
+    """The task phase's timing of an ``evaluate_tasks`` result: the scorer, the items, the seconds
+    spent once for every scheme, and each scheme's seconds of forwards and seconds per item."""
+    first = next(iter(tasks.values()))["_timing"]
+    return dict(scorer=first["scorer"], items=first["items"], shared_seconds=first["shared_seconds"],
+                schemes={s: dict(seconds=r["_timing"]["seconds"], seconds_per_item=r["_timing"]["seconds"] / r["_timing"]["items"])
+                         for s, r in tasks.items()})
 
 
 def evaluate(group: Group, params: dict, progress=None, codec=None, plan: SchemePlan | None = None) -> dict | None:
@@ -421,7 +406,8 @@ def evaluate(group: Group, params: dict, progress=None, codec=None, plan: Scheme
     tasks = None
     if p["items"] and p["tasks"]:
         items = {t: load_task(t, p["items"], p["seed"]) for t in p["tasks"]}
-        tasks = evaluate_tasks(tp_model.model, group, tok, items, plan, calibration, progress, codec=codec)
+        tasks = evaluate_tasks(tp_model.model, group, tok, items, plan, calibration, progress, p["task_tokens"],
+                               codec=codec, legacy=p["legacy_scoring"])
     layers = []
     if p["layer_error"]:
         layers = layer_errors(tp_model.model, group, list(held[:p["layer_error_chunks"]].split(1)), plan,
@@ -434,7 +420,8 @@ def evaluate(group: Group, params: dict, progress=None, codec=None, plan: Scheme
                   reference=REFERENCE, eval_source=p["eval_source"], eval_tokens=int(held.numel()),
                   items_per_task=p["items"], seed=p["seed"], calibration=calibration.meta if calibration else None,
                   codec=getattr(codec, "__name__", "kernels") if codec else "lowbit.wire.payload",
-                  seconds=round(time.perf_counter() - start, 1), records=records)
+                  seconds=round(time.perf_counter() - start, 1), records=records,
+                  task_timing=task_timing(tasks) if tasks else None)
     out = p.get("out")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 Sensitivity of a site (layer x module) to a candidate scheme: the mean KL(reference || run)
 of the next-token distributions when ONLY that site uses the candidate and every other site
 stays exact (the scheme map ``<base>;L<l>.<module>=<candidate>``), minus the KL of the base
-alone. One short run per (site, candidate); the reference is the fp32 all-reduce.
+alone. One short run per (site, candidate); the reference is the fp32 all-reduce. The
+log-probabilities come through ``lowbit.method.scores.TextScores``: vocabulary-parallel where the
+head allows (each rank scores its slice; Gemma 3's 262k-token head was most of a sweep's time).
 
 Allocation: pick one candidate per site so that the average bits per value over all sites is
 at most ``budget`` and the summed sensitivity (an additive model of the total KL) is smallest.
@@ -23,9 +25,9 @@ from functools import reduce
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lowbit.comm.collectives import QuantCommunicator
+from lowbit.method.scores import TextScores
 from lowbit.wire.accounting import scheme_bits_per_value
 from lowbit.site import Site
 from lowbit.comm.communicator import ExactCommunicator
@@ -57,16 +59,17 @@ def site_sensitivity(model, group, batches: list[torch.Tensor], candidates: list
         else model.config.hidden_size
     tp = group.world_size
 
+    scores = TextScores.for_model(model, group)
+
     def mean_kl(comm, refs) -> tuple[float, list[torch.Tensor]]:
         set_communicator(model, comm)
         total, count, out = 0.0, 0, []
         for i, ids in enumerate(batches):
-            logp = F.log_softmax(model(ids.to(device), use_cache=False).logits[:, :-1].float(), -1)
+            logp = scores.log_probs(model, ids.to(device))
             if refs is None:
                 out.append(logp)
                 continue
-            ref = refs[i]
-            total += float((ref.exp() * (ref - logp)).sum())
+            total += scores.kl_sum(logp, refs[i])
             count += logp.shape[0] * logp.shape[1]
         return (total / count if count else 0.0), out
 

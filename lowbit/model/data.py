@@ -45,6 +45,10 @@ SPLITS = ("calib", "eval")
 # The package's metric names -> lm-eval's: raw summed log-likelihood, or length-normalized.
 _METRIC_FROM_PACKAGE = {"acc_raw": "acc", "acc_per_char": "acc_norm", "acc_per_byte": "acc_norm",
                         "acc_per_token": "acc_norm"}
+# The unit ``acc_norm`` divides by, per package metric: its own for the normalized metrics, and
+# lm-eval's characters for the raw ones (their secondary acc_norm).
+NORM_UNITS = ("char", "byte", "token")
+_NORM_FROM_PACKAGE = {"acc_raw": "char", "acc_per_char": "char", "acc_per_byte": "byte", "acc_per_token": "token"}
 # The request files also hold "unconditional" requests (context "Answer:") used by PMI-style
 # metrics; OLMES numbers their doc ids from this offset. Plain acc/acc_norm ignore them.
 _UNCONDITIONAL_DOC_OFFSET = 1_000_000
@@ -81,6 +85,11 @@ class TaskInfo:
     primary: str        # "acc" or "acc_norm" (lm-eval's names)
     package_metric: str  # the package's own primary_metric, e.g. acc_per_char
     split: str
+
+    @property
+    def norm(self) -> str:
+        """The length unit of this task's ``acc_norm``: "char", "byte" or "token" (``NORM_UNITS``)."""
+        return _NORM_FROM_PACKAGE[self.package_metric]
 
 
 def _variant_rank(variant: str, shots: int) -> tuple:
@@ -125,6 +134,20 @@ def discover_tasks(root: Path | None = None) -> dict[str, TaskInfo]:
 
 TASK_INFO: dict[str, TaskInfo] = discover_tasks()
 TASKS: tuple[str, ...] = tuple(TASK_INFO)
+
+
+def continuation_length(unit: str, continuation: str, n_tokens: int) -> int:
+    """Length of ``continuation`` in ``unit`` (``NORM_UNITS``), at least 1; ``n_tokens`` is its
+    token count as scored (tokenized on its own, as the package's requests are)."""
+    if unit == "char":
+        n = len(continuation)
+    elif unit == "byte":
+        n = len(continuation.encode("utf-8"))
+    elif unit == "token":
+        n = n_tokens
+    else:
+        raise DataError(f"norm: {unit!r} unknown; allowed: {', '.join(NORM_UNITS)}")
+    return max(1, n)
 
 
 def primary_metric(task: str) -> str:
@@ -271,14 +294,15 @@ def load_task(task: str, n_items: int | None = None, seed: int = 0) -> list[Item
 
 def task_table(names: list[str] | None = None) -> list[dict]:
     """One row per discovered task (or per task in ``names``, known ones only): name, variant,
-    shots, metric, split, items, choices. Reading every task's requests takes a while: call it once."""
+    shots, metric, norm (acc_norm's length unit), package metric, split, items, choices. Reading every
+    task's requests takes a while: call it once."""
     rows = []
     for t, info in TASK_INFO.items():
         if names is not None and t not in names:
             continue
         items = _task_items(t)
         choices = sorted({len(i.continuations) for i in items})
-        rows.append(dict(task=t, variant=info.variant, shots=info.shots, metric=info.primary,
+        rows.append(dict(task=t, variant=info.variant, shots=info.shots, metric=info.primary, norm=info.norm,
                          package_metric=info.package_metric, split=info.split, items=len(items),
                          choices="/".join(map(str, choices))))
     return rows

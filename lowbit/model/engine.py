@@ -15,7 +15,7 @@ import torch
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group, device_for
 from lowbit.model.models import LoadedModel, load_config, load_model
-from lowbit.model.tp import check_tp_size, shard_model
+from lowbit.model.tp import check_tp_size, shard_model, text_config
 
 
 @dataclass
@@ -65,14 +65,63 @@ def vocab_range(vocab: int, rank: int, tp: int) -> tuple[int, int]:
     return min(vocab, rank * per), min(vocab, (rank + 1) * per)
 
 
+def head_slice(model: torch.nn.Module, rank: int = 0, tp: int = 1) -> tuple[torch.Tensor, int]:
+    """The rows of the replicated ``lm_head`` weight that rank ``rank`` of ``tp`` scores
+    (``vocab_range``; the whole head for ``tp`` 1), and the slice's first token id."""
+    lo, hi = vocab_range(model.lm_head.weight.shape[0], rank, tp)
+    return model.lm_head.weight[lo:hi], lo
+
+
+def decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
+    """The decoder's last hidden state at every position (the head is not run); ``inputs``:
+    e.g. ``attention_mask`` and ``position_ids`` (``prefix_tree_masks``)."""
+    return model.model(input_ids, use_cache=False, **inputs).last_hidden_state
+
+
 def vocab_shard_logits(model: torch.nn.Module, input_ids: torch.Tensor, rank: int, tp: int) -> tuple[torch.Tensor, int]:
     """fp32 logits of this rank's vocabulary slice at every position but the last, and the slice's
     first token id. Every rank runs the decoder (and its all-reduces) in full, but the replicated
     ``lm_head`` only over ``vocab_range``: for Gemma 3's 262,144-token head that was most of each
     rank's work, done ``tp`` times over. ``vocab_shardable(model)`` must hold."""
-    hidden = model.model(input_ids, use_cache=False).last_hidden_state[:, :-1]
-    lo, hi = vocab_range(model.lm_head.weight.shape[0], rank, tp)
-    return torch.nn.functional.linear(hidden, model.lm_head.weight[lo:hi]).float(), lo
+    hidden = decoder_hidden(model, input_ids)[:, :-1]
+    weight, lo = head_slice(model, rank, tp)
+    return torch.nn.functional.linear(hidden, weight).float(), lo
+
+
+def prefix_tree_masks(model: torch.nn.Module, owner: torch.Tensor, branch: torch.Tensor, position: torch.Tensor):
+    """Attention masks for rows that each pack one or more sequences sharing a prefix, their
+    branches side by side: ``owner`` [rows, width] numbers the packed item a token belongs to (-1 on
+    padding), ``branch`` is 0 on the item's prefix and b > 0 on its branch b, ``position`` each
+    token's position in its own sequence (a branch starts where its prefix ends). A prefix token
+    sees its item's prefix up to itself; a branch token sees its item's whole prefix and its own
+    branch up to itself, never another branch or item; a sliding-window layer also drops keys
+    ``sliding_window`` or more positions back (as transformers' own masks do); a pad token sees
+    only itself (a finite row nobody reads). Additive masks [rows, 1, width, width] in the model's
+    dtype (0 or the dtype's minimum: what the eager and SDPA attention both take): one per layer
+    type, as a dict, for a model whose config lists ``layer_types``, else one for every layer."""
+    cfg = text_config(model.config)
+    q_own, k_own = owner[:, :, None], owner[:, None, :]
+    q_br, k_br = branch[:, :, None], branch[:, None, :]
+    q_pos, k_pos = position[:, :, None], position[:, None, :]
+    allowed = (q_own >= 0) & (q_own == k_own) & ((k_br == 0) | (k_br == q_br)) & (k_pos <= q_pos)
+    allowed |= (q_own < 0) & torch.eye(owner.shape[1], dtype=torch.bool, device=owner.device)
+    window = getattr(cfg, "sliding_window", None)
+    dtype = next(model.parameters()).dtype
+
+    def additive(ok: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+
+    def for_type(kind: str) -> torch.Tensor:
+        if kind == "sliding_attention" and window:
+            return additive(allowed & (q_pos - k_pos < window))
+        if kind in ("full_attention", "sliding_attention"):
+            return additive(allowed)
+        raise ValueError(f"layer_types: {kind!r} has no packed-prefix mask; allowed: full_attention, sliding_attention")
+
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types:
+        return {kind: for_type(kind) for kind in dict.fromkeys(layer_types)}
+    return for_type("sliding_attention" if window else "full_attention")  # mistral: a window on every layer
 
 
 @torch.no_grad()
