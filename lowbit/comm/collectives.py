@@ -62,10 +62,12 @@ from lowbit.calibration import Calibration, CalibrationError, select_outliers
 from lowbit.comm.codec import REFERENCE, Codec, PathLog, check_codec
 from lowbit.comm.communicator import Communicator
 from lowbit.comm.dist import Group
+from lowbit.comm.recipes import run_recipe
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import MIN_MESSAGE_AUTO, WIRE_DTYPES, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme_map
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.wire.accounting import leg2_chunk_bytes, wire_bytes
+from lowbit.wire.recipes import RECIPE_ALGOS
 from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 
 
@@ -203,6 +205,9 @@ class QuantCommunicator(Communicator):
             received = int(wire_bytes("exact", self.group.world_size, nbytes))
             extra = {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
             return out, nbytes, dict(extra, gated=1) if gated else extra
+        if plan.scheme.algo in RECIPE_ALGOS:  # a shipping all-reduce as it computes (lowbit.comm.recipes)
+            out, nbytes, extra = run_recipe(self.group, partial, plan.scheme)
+            return out.to(partial.dtype), nbytes, extra
         x, messages, expected = self._first_leg(partial.reshape(-1, hidden), site, plan)
         if plan.scheme.algo == "gather":
             out, nbytes, extra = self._gather(x, plan, messages[0])

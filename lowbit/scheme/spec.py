@@ -22,8 +22,9 @@ from lowbit.plugins import SchemeError
 from lowbit.scales import ScaleFormat
 from lowbit.scheme.outliers import OutlierSpec, ThresholdSpec  # noqa: F401 - the scheme's parts
 from lowbit.site import ROW_PARALLEL_MODULES
+from lowbit.wire.recipes import RECIPE_ALGOS
 
-ALGOS = ("gather", "two_shot")
+ALGOS = ("gather", "two_shot", *RECIPE_ALGOS)  # the recipes: shipping all-reduces (lowbit.comm.recipes)
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # an exact scheme's wire dtype, by name
 ROUNDINGS = ("nearest", "stochastic")
 MAX_ROTATION = 4096
@@ -212,8 +213,10 @@ class Scheme:
         object.__setattr__(self, "wire_dtype", None)
         if not isinstance(self.quant, QuantSpec):
             raise SchemeError("quant", f"{self.quant!r} not allowed for kind 'quant'; allowed: a QuantSpec")
-        if self.algo == "gather" and self.second is not None:
+        if self.algo != "two_shot" and self.second is not None:
             raise SchemeError("second", "only the two_shot algo has a second leg; allowed: None")
+        if self.algo in RECIPE_ALGOS:
+            self._check_recipe()
         if self.algo == "two_shot":
             if self.second is None:
                 object.__setattr__(self, "second", DEFAULT_SECOND)
@@ -239,6 +242,19 @@ class Scheme:
             if self.algo == "two_shot" and self.outliers.select != "none":
                 raise SchemeError("rotation", "rotation with BF16 outliers runs with the gather algo only; "
                                               "allowed: @gather, or no outliers")
+
+    def _check_recipe(self) -> None:
+        """A shipping recipe sends its codec as it is: no lowbit extras, and the codec its system uses."""
+        if (self.outliers.select != "none" or self.rotation is not None or self.sparse or self.threshold is not None
+                or self.permute or self.stochastic or not self.quant.dynamic):
+            raise SchemeError("algo", f"@{self.algo} runs its system's codec as it is; allowed: no outliers, "
+                                      "-perm, -rot, -sr or static scales")
+        need = {"quickreduce": ("qr", "the QuickReduce codec qint<B>-ilv32-sqr-<cast>"),
+                "flashinfer": ("fi", "FlashInfer's f8e4m3-flat256-sfi"),
+                "trtllm": ("trt", "TensorRT-LLM's f8e4m3-pad496-strt"),
+                "ncclring": ("none", "an unscaled fp8 tensor, f8e4m3-tensor-snone or f8e5m2-tensor-snone")}
+        if self.algo in need and self.quant.scale.name != need[self.algo][0]:
+            raise SchemeError("quant", f"{self.quant} not allowed with @{self.algo}; allowed: {need[self.algo][1]}")
 
     def _check_gate(self) -> None:
         m = self.min_message
@@ -332,9 +348,24 @@ class Scheme:
             text += "-sr"
         if self.algo == "two_shot":
             text += f"@twoshot+{self.second}"
+        elif self.algo in RECIPE_ALGOS:
+            text += f"@{self.algo}"
         if self.min_message is not None:
             text += f"@min{size_text(self.min_message)}"
         return text
+
+    def _check_recipe_tp(self, tp: int) -> None:
+        """The TP sizes a shipping recipe runs at (QuickReduce's dispatch throws at any other)."""
+        allowed = {"quickreduce": (2, 4, 8), "trtllm": (2, 4), "flashinfer": (1, 2, 4, 8, 16, 32, 64)}.get(self.algo)
+        if self.algo == "quickreduce" and self.quant.code.bits == 3:
+            allowed = (2,)  # INT3: aiter's dispatch, TP 2 only
+        if allowed is not None and tp not in allowed:
+            why = {"quickreduce": "QuickReduce's kernel runs at world sizes 2, 4 and 8 only (INT3: 2); "
+                                  "vLLM csrc/quickreduce/quick_reduce.h, aiter quick_all_reduce.cuh",
+                   "trtllm": "TensorRT-LLM's low-precision all-reduce runs at 2, 4 and 8; TP 8's hierarchical "
+                             "path is not emulated",
+                   "flashinfer": "FlashInfer's stripes of 4096 go round robin: a power-of-two TP"}[self.algo]
+            raise SchemeError("tp", f"{tp} not allowed for {self} ({why}); allowed: {', '.join(map(str, allowed))}")
 
     def validate_for(self, hidden: int, tp: int) -> None:
         """Check this scheme can run at this hidden size and TP size; raise SchemeError if not.
@@ -352,6 +383,8 @@ class Scheme:
             allowed = [2**i for i in range(1, 13) if hidden % 2**i == 0]
             raise SchemeError("rotation", f"block size {self.rotation} does not divide hidden size {hidden}; "
                                           f"allowed: {', '.join(map(str, allowed)) or 'none (hidden is odd)'}")
+        if self.algo in RECIPE_ALGOS:
+            self._check_recipe_tp(tp)
         if self.algo == "two_shot":
             if hidden % tp:
                 raise SchemeError(
@@ -415,6 +448,19 @@ class SchemeMap:
             if s not in out:
                 out.append(s)
         return out
+
+    def _check_recipe_tp(self, tp: int) -> None:
+        """The TP sizes a shipping recipe runs at (QuickReduce's dispatch throws at any other)."""
+        allowed = {"quickreduce": (2, 4, 8), "trtllm": (2, 4), "flashinfer": (1, 2, 4, 8, 16, 32, 64)}.get(self.algo)
+        if self.algo == "quickreduce" and self.quant.code.bits == 3:
+            allowed = (2,)  # INT3: aiter's dispatch, TP 2 only
+        if allowed is not None and tp not in allowed:
+            why = {"quickreduce": "QuickReduce's kernel runs at world sizes 2, 4 and 8 only (INT3: 2); "
+                                  "vLLM csrc/quickreduce/quick_reduce.h, aiter quick_all_reduce.cuh",
+                   "trtllm": "TensorRT-LLM's low-precision all-reduce runs at 2, 4 and 8; TP 8's hierarchical "
+                             "path is not emulated",
+                   "flashinfer": "FlashInfer's stripes of 4096 go round robin: a power-of-two TP"}[self.algo]
+            raise SchemeError("tp", f"{tp} not allowed for {self} ({why}); allowed: {', '.join(map(str, allowed))}")
 
     def validate_for(self, hidden: int, tp: int) -> None:
         for s in self.schemes():
