@@ -1,0 +1,80 @@
+"""Per-message counters (``lowbit.counters``) count exactly the failures that were built into the input,
+and the shipping recipes record them per call (first leg, ``leg2_`` second leg, ``nonfinite_out``).
+
+    .venv/bin/python -m pytest tests/test_counters.py -q
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lowbit.counters import message_counters, range_limit
+from lowbit.quant import dequantize, quantize
+from lowbit.scheme import parse_scheme
+from tests.test_shipping_recipes import partials_for, reduce_all
+
+
+def counts(scheme: str, x: torch.Tensor) -> dict:
+    spec = parse_scheme(scheme).quant
+    res = quantize(x, spec)
+    return message_counters(x, dequantize(res.codes, spec, res.scales), spec)
+
+
+def seeded(shape=(4, 256), scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return (torch.randn(*shape, generator=g) * scale).bfloat16().float()
+
+
+def test_range_is_the_cast_or_the_format():
+    assert range_limit(parse_scheme("qint4-ilv32-sqr-f16").quant) == 65504.0       # fp16 cast
+    assert range_limit(parse_scheme("qint4-ilv32-sqr-bf16").quant) == float(torch.finfo(torch.bfloat16).max)
+    assert range_limit(parse_scheme("f8e4m3-tensor-snone").quant) == 448.0          # unscaled e4m3
+    assert range_limit(parse_scheme("f8e5m2-tensor-snone").quant) == 57344.0
+
+
+def test_values_beyond_the_cast_are_counted_and_the_native_path_has_none():
+    x = seeded()
+    x[0, 3], x[2, 100], x[3, 7] = 70144.0, -1e30, 65504.0   # two past fp16's range, one at its top
+    assert counts("qint4-ilv32-sqr-f16", x)["beyond_range_in"] == 2
+    assert counts("qint4-ilv32-sqr-bf16", x)["beyond_range_in"] == 0
+    assert counts("f8e4m3-tensor-snone", x)["beyond_range_in"] == 3
+
+
+def test_tiny_groups_are_attenuated_on_gfx942_and_underflow_unscaled_fp8():
+    """gfx942's saturated reciprocal: a group of 32 under 1e-4 keeps ~0% of its norm (docs/shipping.md);
+    exactly the 3 tiny groups (the even and odd halves of block 0, and the odd half of block 5) count."""
+    x = seeded((1, 1024))
+    x[0, :64] *= 1e-5
+    x[0, 321:384:2] *= 1e-5
+    c = counts("qint8-ilv32-sqr-f16sat", x)
+    assert (c["attenuated_groups"], c["underflowed_groups"], c["groups"]) == (3, 0, 32)
+    assert counts("qint8-ilv32-sqr-bf16", x)["attenuated_groups"] == 0   # the native path keeps them (|d| >> eps)
+    everything_tiny = seeded((1, 1024), 1e-5)                               # e4m3's smallest step is 2**-9
+    assert counts("f8e4m3-tensor-snone", everything_tiny) == dict(beyond_range_in=0, attenuated_groups=1,
+                                                                   underflowed_groups=1, groups=1)
+    zeros = torch.zeros(1, 1024)
+    assert counts("qint4-ilv32-sqr-f16", zeros)["attenuated_groups"] == 0   # no signal: nothing lost
+
+
+def test_a_recipe_records_both_legs_and_its_nonfinite_outputs():
+    """70144 on rank 0 at TP 2 through QuickReduce INT4 with the fp16 cast: one value beyond the cast,
+    exactly 32 non-finite outputs on every rank (its interleaved group); the native path: none."""
+    parts = partials_for("randn", 2)
+    parts[0][0, 2] = 70144.0
+    ranks = reduce_all("quickreduce-int4", parts)
+    first, second = ranks[0][2], ranks[1][2]
+    assert (first["beyond_range_in"], second["beyond_range_in"]) == (1, 0)
+    assert first["nonfinite_out"] == second["nonfinite_out"] == 32
+    padded = 2 * 16384                      # 32 x 576 = 18432 values in two zero-padded 16384-value tiles
+    for extra in (first, second):
+        assert extra["groups"] == padded // 32 and extra["leg2_groups"] == padded // 2 // 32  # leg 2: its half
+        assert extra["attenuated_groups"] + extra["leg2_attenuated_groups"] <= 2
+    native = reduce_all("qint4-ilv32-sqr-bf16@quickreduce", parts)[0][2]
+    assert native["nonfinite_out"] == 0 and native["beyond_range_in"] == 0
+
+
+def test_nccl_e4m3_counts_its_saturation():
+    parts = partials_for("randn", 2, shape=(4, 256))
+    parts[1][0, 0] = 500.0
+    extra = reduce_all("nccl-fp8e4m3", parts)[1][2]
+    assert (extra["beyond_range_in"], extra["clamped"], extra["groups"], extra["nonfinite_out"]) == (1, 1, 1, 0)
