@@ -16,7 +16,8 @@ counter                 counts
 ``nonfinite_out``       (per call) non-finite values of this rank's reduced output
 ======================  ==========================================================================
 
-``clamped`` and ``nonfinite`` (inputs) are ``lowbit.quant``'s counts, kept as they are. Definitions
+``clamped`` and ``nonfinite`` (inputs) are ``lowbit.quant``'s counts, kept as they are. ``site_counters``
+sums them per site over a run's calls: an evaluation's record carries it (``site_counters``). Definitions
 follow docs/shipping.md ("Words used below").
 
     PYTHONPATH=. python -c "import torch; from lowbit.counters import message_counters; \\
@@ -65,3 +66,18 @@ def add_counters(total: dict, counts: dict, prefix: str = "") -> None:
     """Sum ``counts`` into ``total`` under ``prefix`` + each name."""
     for key, value in counts.items():
         total[prefix + key] = total.get(prefix + key, 0) + value
+
+
+def site_counters(calls) -> dict[str, dict[str, int]]:
+    """Per site ("L<layer>.<module>"), the sum over its calls of ``lowbit.counters``' counts (both legs,
+    ``nonfinite_out``) and of ``clamped`` / ``nonfinite``: where a format breaks, not only whether."""
+    keys = ("clamped", "nonfinite", "nonfinite_out", *COUNTERS, "leg2_clamped", *(f"leg2_{k}" for k in COUNTERS))
+    out: dict[str, dict[str, int]] = {}
+    for c in calls:
+        if "groups" not in c.extra:
+            continue  # exact and gated calls quantize nothing
+        site = out.setdefault(f"L{c.layer}.{c.module}", {})
+        for k in keys:
+            if k in c.extra:
+                site[k] = site.get(k, 0) + int(c.extra[k])
+    return out

@@ -78,3 +78,44 @@ def test_nccl_e4m3_counts_its_saturation():
     parts[1][0, 0] = 500.0
     extra = reduce_all("nccl-fp8e4m3", parts)[1][2]
     assert (extra["beyond_range_in"], extra["clamped"], extra["groups"], extra["nonfinite_out"]) == (1, 1, 1, 0)
+
+
+def test_lowbits_own_collectives_record_the_counters_too():
+    """gather and two-shot: one value past fp16's range on rank 0 with lowbit's fp16 scales (int4 per
+    token, -sfp16: the scale 70144 / 7.5 fits, the code does not clamp it) is not beyond the format's
+    range; with the fp16 cast it is. Both legs' group counts are the messages' groups (two-shot at TP 2:
+    two chunk messages of 4 x 32 values, one group each per row; leg 2 this rank's chunk)."""
+    from lowbit.comm.collectives import QuantCommunicator
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.site import Site
+
+    parts = partials_for("randn", 2, shape=(4, 64))
+    parts[0][1, 3] = 70144.0
+
+    def run(scheme):
+        def body(group):
+            comm = QuantCommunicator(group, scheme)
+            comm.reduce(torch.from_numpy(parts[group.rank].astype(np.float32)), Site(0, "o_proj"))
+            return comm.calls[-1].extra
+        return ThreadWorld(2).run(body)
+    gather = run("int4-token-sfp16")
+    assert [e["beyond_range_in"] for e in gather] == [0, 0] and [e["groups"] for e in gather] == [4, 4]
+    assert all(e["nonfinite_out"] == 0 for e in gather)
+    cast = run("int4-token-sfp16-f16")
+    # counted beyond the cast's range; lowbit's own rule clamps the cast's inf to the top code: finite output
+    assert [e["beyond_range_in"] for e in cast] == [1, 0] and cast[0]["nonfinite_out"] == 0
+    two = run("int4-group32@twoshot+int8-group32")
+    assert [e["groups"] for e in two] == [8, 8] and [e["leg2_groups"] for e in two] == [4, 4]
+
+
+def test_site_counters_sum_a_runs_calls_per_site():
+    from lowbit.comm.communicator import CallRecord
+    from lowbit.counters import site_counters
+
+    def call(layer, module, **extra):
+        return CallRecord(layer=layer, module=module, tokens=1, hidden=8, dtype="float32", bytes_sent=0, seconds=0.0,
+                          scheme="s", extra=extra)
+    calls = [call(0, "o_proj", groups=4, attenuated_groups=1, clamped=2), call(0, "o_proj", groups=4, clamped=1),
+             call(1, "down_proj", groups=2, nonfinite_out=3, leg2_groups=1), call(1, "down_proj", leg1_bits=16.0)]
+    assert site_counters(calls) == {"L0.o_proj": dict(groups=8, attenuated_groups=1, clamped=3),
+                                     "L1.down_proj": dict(groups=2, nonfinite_out=3, leg2_groups=1)}
