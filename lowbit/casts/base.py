@@ -9,7 +9,7 @@ like any other non-finite input.
 
 A cast also names the arithmetic a shipping codec runs in after it (``dtype``, ``round``): QuickReduce
 computes its scales, its decoded values and its sum in fp16 after the fp16 cast and in bf16 on
-the native path, so its scale format (``lowbit.scales.qr``) and its recipe (``lowbit.reduce``)
+the native path, so its scale format (``lowbit.scales.qr``) and its recipe (``lowbit.comm.recipes``)
 ask the cast how to round. ``max_finite`` is the largest magnitude the cast keeps finite and
 unclamped (the audit's ``beyond_range_in``; ``lowbit.counters``).
 

@@ -5,7 +5,7 @@ vLLM's QuickReduce runs its bf16 kernels when ``VLLM_ROCM_QUICK_REDUCE_CAST_BF16
 rounded to bf16, round to nearest even; docs/shipping.md). The cast rounds the partial to bf16 (the
 identity on a partial the engine already holds in bf16) and names bf16 as the arithmetic of what
 follows (``round``): QuickReduce's scale rule with its bf16 epsilon (``lowbit.scales.qr``) and its
-bf16 sum (``lowbit.reduce.quickreduce``). Values past bf16's largest finite value become inf.
+bf16 sum (``lowbit.comm.recipes``). Values past bf16's largest finite value become inf.
 
     PYTHONPATH=. python -c "import torch; from lowbit.casts.bf16 import BF16Cast; print(BF16Cast().apply(torch.tensor([1.00390625, 70144.3])))"
 """

@@ -16,7 +16,7 @@ token       what a value beyond fp16's 65504 becomes (here and in every fp16 ope
 ==========  ===========================================================================================
 
 After the cast the codec computes in fp16 (``dtype``, ``round``): QuickReduce's scale rule
-(``lowbit.scales.qr``) and its fp16 sum (``lowbit.reduce.quickreduce``) round every operation here.
+(``lowbit.scales.qr``) and its fp16 sum (``lowbit.comm.recipes``) round every operation here.
 The partial is expected as the engine holds it, bf16 (the recipes round lowbit's fp32 partials to
 bf16 first); on an fp32 partial the cast rounds once, fp32 -> fp16.
 

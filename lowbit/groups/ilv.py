@@ -11,7 +11,7 @@ message     the T x W values one rank sends, row-major, cut into blocks of 2G fr
 groups      block b: group 2b = its even positions, group 2b + 1 = its odd positions
 padding     a last block shorter than 2G is filled with zeros that are not part of the message
             (no code or scale of them travels; QuickReduce's recipe pads whole 16384-value tiles
-            itself, ``lowbit.reduce.quickreduce``)
+            itself, ``lowbit.comm.recipes``)
 scales      2 per block, in group order
 ==========  =====================================================================================
 

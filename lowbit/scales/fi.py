@@ -11,7 +11,7 @@ docs/shipping.md ("FlashInfer"). Per group, in fp32, with ``m`` the code's large
 3. the ratio ``clamp(x * (m / amax), -m, m)`` (NaN passes the clamp as NaN, *assumption*), which the
    code rounds (``f8e4m3``: ``cvt.rn.satfinite``);
 4. decoded value ``q * (amax / m)`` in fp32 (the kernel's leg-1 sum fuses it into an FMA:
-   ``lowbit.reduce.flashinfer``).
+   ``lowbit.comm.recipes``).
 
 An inf makes its group's amax inf, the quantizing scale 0 and the stored one inf: every value of the
 group decodes to 0 x inf or NaN x inf, NaN. 4 bytes per scale.

@@ -449,19 +449,6 @@ class SchemeMap:
                 out.append(s)
         return out
 
-    def _check_recipe_tp(self, tp: int) -> None:
-        """The TP sizes a shipping recipe runs at (QuickReduce's dispatch throws at any other)."""
-        allowed = {"quickreduce": (2, 4, 8), "trtllm": (2, 4), "flashinfer": (1, 2, 4, 8, 16, 32, 64)}.get(self.algo)
-        if self.algo == "quickreduce" and self.quant.code.bits == 3:
-            allowed = (2,)  # INT3: aiter's dispatch, TP 2 only
-        if allowed is not None and tp not in allowed:
-            why = {"quickreduce": "QuickReduce's kernel runs at world sizes 2, 4 and 8 only (INT3: 2); "
-                                  "vLLM csrc/quickreduce/quick_reduce.h, aiter quick_all_reduce.cuh",
-                   "trtllm": "TensorRT-LLM's low-precision all-reduce runs at 2, 4 and 8; TP 8's hierarchical "
-                             "path is not emulated",
-                   "flashinfer": "FlashInfer's stripes of 4096 go round robin: a power-of-two TP"}[self.algo]
-            raise SchemeError("tp", f"{tp} not allowed for {self} ({why}); allowed: {', '.join(map(str, allowed))}")
-
     def validate_for(self, hidden: int, tp: int) -> None:
         for s in self.schemes():
             s.validate_for(hidden, tp)

@@ -336,7 +336,7 @@ def _codes_and_scales(payload: torch.Tensor, lay: PayloadLayout, tokens: int, hi
 def decode_terms(payload: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(the code values q, the scale of each value), fp32 [T, H], of one dynamic payload without
     BF16 features: the two factors a kernel that fuses its decode into an FMA multiplies
-    (FlashInfer's leg-1 sum, ``lowbit.reduce.flashinfer``)."""
+    (FlashInfer's leg-1 sum, ``lowbit.comm.recipes``)."""
     codes, scales, _ = _codes_and_scales(payload, layout(tokens, hidden, quant), tokens, hidden, quant, None, None, None)
     return quant.code.decode(codes), quant.grouping.expand(scales.to(torch.float32), codes.shape)
 
