@@ -206,6 +206,21 @@ def matched_bits() -> str:
     return table(head, rows) + "\n\n" + "\n".join(f"- {source_line(n, load(n))}" for n in MATCHED_FILES)
 
 
+MATCHED_TP2 = "matched-bits-faithful-gemma3-tp2.json"
+
+
+@block("matched-bits-tp2")
+def matched_bits_tp2() -> str:
+    """The shipping systems' emulations at TP 2 on gemma3-270m (QuickReduce, FlashInfer and TensorRT-LLM
+    refuse TP 3, and smollm2-135m's 9 heads shard only at TP 1 and 3), next to lowbit's own rendering of
+    QuickReduce INT4 (the preset's expansion before issue 26)."""
+    data = load(MATCHED_TP2)
+    rows = [[f"`{r['scheme']}`", f"{r['bits_per_value']:.4g}", f"{r['kl']:.4f}", pct(r["top1_agreement"]),
+             f"{r['ppl']:.2f}"] for r in sorted(data["rows"], key=lambda r: (r["bits_per_value"], r["kl"]))]
+    head = ["scheme (gemma3-270m, TP 2)", "bits/value (both legs)", "KL", "top-1 agree", "ppl"]
+    return table(head, rows) + "\n\n" + source_line(MATCHED_TP2, data)
+
+
 SWEEPS_LM = ["sweep-lm-allocation.json", "sweep-lm-pinned-allocation.json", "sweep-lm-group32-allocation.json"]
 
 
