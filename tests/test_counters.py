@@ -119,3 +119,37 @@ def test_site_counters_sum_a_runs_calls_per_site():
              call(1, "down_proj", groups=2, nonfinite_out=3, leg2_groups=1), call(1, "down_proj", leg1_bits=16.0)]
     assert site_counters(calls) == {"L0.o_proj": dict(groups=8, attenuated_groups=1, clamped=3),
                                      "L1.down_proj": dict(groups=2, nonfinite_out=3, leg2_groups=1)}
+
+
+def test_on_the_stress_model_the_counters_point_at_exactly_the_two_stress_sites():
+    """stress-tiny at TP 2 (lowbit.model.stress: one site's partials above 65504, one site's under 1e-4):
+    with gfx942's fp16 clamp and with NCCL's unscaled e4m3, values beyond range are counted at the overflow
+    site only and underflowed groups at the tiny site only; QuickReduce's native bf16 path counts neither."""
+    import copy
+
+    from lowbit.comm.collectives import QuantCommunicator
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.counters import site_counters
+    from lowbit.model.models import load_model
+    from lowbit.model.stress import stress_spec
+    from lowbit.model.tp import shard_model
+
+    loaded, spec = load_model("stress-tiny"), stress_spec("stress-tiny")
+    ids = torch.randint(0, loaded.model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(2))
+
+    def sites(scheme):
+        def body(group):
+            comm = QuantCommunicator(group, scheme)
+            model = shard_model(copy.deepcopy(loaded.model), group.rank, 2, comm)
+            with torch.no_grad():
+                model(ids)
+            return site_counters(comm.calls)
+        per_site = ThreadWorld(2).run(body)[0]
+        return ({s for s, c in per_site.items() if c.get("beyond_range_in")},
+                {s for s, c in per_site.items() if c.get("underflowed_groups")},
+                {s for s, c in per_site.items() if c.get("nonfinite_out")})
+    for scheme in ("qint8-ilv32-sqr-f16sat@quickreduce", "nccl-fp8e4m3"):
+        assert sites(scheme) == ({str(spec.overflow_site)}, {str(spec.tiny_site)}, set()), scheme
+    assert sites("qint4-ilv32-sqr-bf16@quickreduce") == (set(), set(), set())
+    beyond, _, nonfinite = sites("quickreduce-int4")        # gfx950: the overflow turns the output non-finite
+    assert beyond == {str(spec.overflow_site)} and str(spec.overflow_site) in nonfinite
