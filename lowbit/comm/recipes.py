@@ -34,7 +34,8 @@ The output is rounded to bf16, as the kernels write it. The call's stats: ``clam
 requantized sum, with ``nonfinite_out`` of its output.
 
     PYTHONPATH=. python -c "from lowbit.comm.dist import ThreadWorld; from lowbit.comm.recipes import run_recipe; \\
-        from lowbit.scheme import parse_scheme; import torch; s = parse_scheme('quickreduce-int4'); w = ThreadWorld(2); \\
+        from lowbit.scheme import parse_scheme; import torch; s = parse_scheme('quickreduce-int4'); \\
+        w = ThreadWorld(2); \\
         print(w.run(lambda g: run_recipe(g, torch.randn(4, 576), s)[0].abs().max()))"
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ from lowbit.plugins import SchemeError
 from lowbit.scales import ScaleFormat
 from lowbit.scheme.outliers import OutlierSpec, ThresholdSpec  # noqa: F401 - the scheme's parts
 from lowbit.site import ROW_PARALLEL_MODULES
-from lowbit.wire.recipes import RECIPE_ALGOS
+from lowbit.wire.recipes import RECIPE_ALGOS, check_recipe, check_recipe_tp
 
 ALGOS = ("gather", "two_shot", *RECIPE_ALGOS)  # the recipes: shipping all-reduces (lowbit.comm.recipes)
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # an exact scheme's wire dtype, by name
@@ -216,7 +216,7 @@ class Scheme:
         if self.algo != "two_shot" and self.second is not None:
             raise SchemeError("second", "only the two_shot algo has a second leg; allowed: None")
         if self.algo in RECIPE_ALGOS:
-            self._check_recipe()
+            check_recipe(self)
         if self.algo == "two_shot":
             if self.second is None:
                 object.__setattr__(self, "second", DEFAULT_SECOND)
@@ -242,19 +242,6 @@ class Scheme:
             if self.algo == "two_shot" and self.outliers.select != "none":
                 raise SchemeError("rotation", "rotation with BF16 outliers runs with the gather algo only; "
                                               "allowed: @gather, or no outliers")
-
-    def _check_recipe(self) -> None:
-        """A shipping recipe sends its codec as it is: no lowbit extras, and the codec its system uses."""
-        if (self.outliers.select != "none" or self.rotation is not None or self.sparse or self.threshold is not None
-                or self.permute or self.stochastic or not self.quant.dynamic):
-            raise SchemeError("algo", f"@{self.algo} runs its system's codec as it is; allowed: no outliers, "
-                                      "-perm, -rot, -sr or static scales")
-        need = {"quickreduce": ("qr", "the QuickReduce codec qint<B>-ilv32-sqr-<cast>"),
-                "flashinfer": ("fi", "FlashInfer's f8e4m3-flat256-sfi"),
-                "trtllm": ("trt", "TensorRT-LLM's f8e4m3-pad496-strt"),
-                "ncclring": ("none", "an unscaled fp8 tensor, f8e4m3-tensor-snone or f8e5m2-tensor-snone")}
-        if self.algo in need and self.quant.scale.name != need[self.algo][0]:
-            raise SchemeError("quant", f"{self.quant} not allowed with @{self.algo}; allowed: {need[self.algo][1]}")
 
     def _check_gate(self) -> None:
         m = self.min_message
@@ -354,19 +341,6 @@ class Scheme:
             text += f"@min{size_text(self.min_message)}"
         return text
 
-    def _check_recipe_tp(self, tp: int) -> None:
-        """The TP sizes a shipping recipe runs at (QuickReduce's dispatch throws at any other)."""
-        allowed = {"quickreduce": (2, 4, 8), "trtllm": (2, 4), "flashinfer": (1, 2, 4, 8, 16, 32, 64)}.get(self.algo)
-        if self.algo == "quickreduce" and self.quant.code.bits == 3:
-            allowed = (2,)  # INT3: aiter's dispatch, TP 2 only
-        if allowed is not None and tp not in allowed:
-            why = {"quickreduce": "QuickReduce's kernel runs at world sizes 2, 4 and 8 only (INT3: 2); "
-                                  "vLLM csrc/quickreduce/quick_reduce.h, aiter quick_all_reduce.cuh",
-                   "trtllm": "TensorRT-LLM's low-precision all-reduce runs at 2, 4 and 8; TP 8's hierarchical "
-                             "path is not emulated",
-                   "flashinfer": "FlashInfer's stripes of 4096 go round robin: a power-of-two TP"}[self.algo]
-            raise SchemeError("tp", f"{tp} not allowed for {self} ({why}); allowed: {', '.join(map(str, allowed))}")
-
     def validate_for(self, hidden: int, tp: int) -> None:
         """Check this scheme can run at this hidden size and TP size; raise SchemeError if not.
 
@@ -384,7 +358,7 @@ class Scheme:
             raise SchemeError("rotation", f"block size {self.rotation} does not divide hidden size {hidden}; "
                                           f"allowed: {', '.join(map(str, allowed)) or 'none (hidden is odd)'}")
         if self.algo in RECIPE_ALGOS:
-            self._check_recipe_tp(tp)
+            check_recipe_tp(self, tp)
         if self.algo == "two_shot":
             if hidden % tp:
                 raise SchemeError(

@@ -16,11 +16,17 @@ algo             owner of position p of an n-value message at TP W (``owners``)
 ``ncclring``     ring chunks of ceil(ceil(n / W) / 16) x 16 values (only for the ring's bytes)
 ===============  ===============================================================================
 
-    PYTHONPATH=. python -c "from lowbit.wire.recipes import owners; print([o.numel() for o in owners('quickreduce', 20000, 4)])"
+``check_recipe`` / ``check_recipe_tp`` hold what each system accepts (its codec, its TP sizes); the
+scheme (``lowbit.scheme.spec``) asks them.
+
+    PYTHONPATH=. python -c "from lowbit.wire.recipes import owners; \\
+        print([o.numel() for o in owners('quickreduce', 20000, 4)])"
 """
 from __future__ import annotations
 
 import torch
+
+from lowbit.plugins import SchemeError
 
 QR_TILE = 16384  # QuickReduce: 256 threads x 8 atoms x 8 values per workgroup
 FI_BLOCK, FI_BLOCK_LARGE, FI_LARGE = 4096, 16384, 33554432  # FlashInfer's stripe, above 32 Mi values
@@ -74,3 +80,32 @@ def ring_bytes(n: int, tp: int, rank: int, itemsize: int = 1) -> int:
     """Bytes rank ``rank`` sends in NCCL's ring all-reduce (reduce-scatter + all-gather: 2 (W - 1) chunks)."""
     sizes = [o.numel() for o in owners("ncclring", n, tp)]
     return itemsize * (2 * n - sizes[rank] - sizes[(rank + 1) % tp])
+
+
+def check_recipe(scheme) -> None:
+    """A shipping recipe sends its codec as it is: no lowbit extras, and the codec its system uses."""
+    extras = (scheme.outliers.select != "none", scheme.rotation is not None, scheme.sparse,
+              scheme.threshold is not None, scheme.permute, scheme.stochastic, not scheme.quant.dynamic)
+    if any(extras):
+        raise SchemeError("algo", f"@{scheme.algo} runs its system's codec as it is; allowed: no outliers, "
+                                  "-perm, -rot, -sr or static scales")
+    need = {"quickreduce": ("qr", "the QuickReduce codec qint<B>-ilv32-sqr-<cast>"),
+            "flashinfer": ("fi", "FlashInfer's f8e4m3-flat256-sfi"),
+            "trtllm": ("trt", "TensorRT-LLM's f8e4m3-pad496-strt"),
+            "ncclring": ("none", "an unscaled fp8 tensor, f8e4m3-tensor-snone or f8e5m2-tensor-snone")}
+    if scheme.algo in need and scheme.quant.scale.name != need[scheme.algo][0]:
+        raise SchemeError("quant", f"{scheme.quant} not allowed with @{scheme.algo}; allowed: {need[scheme.algo][1]}")
+
+
+def check_recipe_tp(scheme, tp: int) -> None:
+    """The TP sizes a shipping recipe runs at (QuickReduce's dispatch throws at any other)."""
+    allowed = {"quickreduce": (2, 4, 8), "trtllm": (2, 4), "flashinfer": (1, 2, 4, 8, 16, 32, 64)}.get(scheme.algo)
+    if scheme.algo == "quickreduce" and scheme.quant.code.bits == 3:
+        allowed = (2,)  # INT3: aiter's dispatch, TP 2 only
+    if allowed is not None and tp not in allowed:
+        why = {"quickreduce": "QuickReduce's kernel runs at world sizes 2, 4 and 8 only (INT3: 2); "
+                              "vLLM csrc/quickreduce/quick_reduce.h, aiter quick_all_reduce.cuh",
+               "trtllm": "TensorRT-LLM's low-precision all-reduce runs at 2, 4 and 8; TP 8's hierarchical "
+                         "path is not emulated",
+               "flashinfer": "FlashInfer's stripes of 4096 go round robin: a power-of-two TP"}[scheme.algo]
+        raise SchemeError("tp", f"{tp} not allowed for {scheme} ({why}); allowed: {', '.join(map(str, allowed))}")
