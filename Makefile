@@ -31,8 +31,26 @@ $(STAMP): requirements.txt requirements-assets.txt
 
 setup: $(STAMP)
 
+# Class mode (docs/classroom.md): `make run CLASS=1` serves the network (ADDRESS 0.0.0.0) with a teacher
+# token (LOWBIT_TEACHER_TOKEN from the environment, else TEACHER_TOKEN=..., else a new random one) and
+# prints two links: students open the plain one (viewers: explore, no jobs), the teacher the one with
+# ?teacher=<token> (starts and cancels jobs). LOWBIT_VIEWER_JOBS=ceiling lets viewers run jobs within
+# the class ceiling (launch/ceiling.py).
+CLASS   ?=
+TEACHER_TOKEN ?=
+ADDRESS ?= $(if $(CLASS),0.0.0.0,127.0.0.1)
+
 run: $(STAMP)
-	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) --server.headless true
+	@token="$${LOWBIT_TEACHER_TOKEN:-$(TEACHER_TOKEN)}"; \
+	if [ -n "$(CLASS)" ] && [ -z "$$token" ]; then \
+		token=$$($(VPY) -c 'import secrets; print(secrets.token_urlsafe(12))'); fi; \
+	if [ -n "$$token" ]; then \
+		host=$$(hostname -I 2>/dev/null | awk '{print $$1}'); \
+		echo "Class mode. Students open:  http://$${host:-<this machine>}:$(PORT)/"; \
+		echo "Teacher opens (keep it off the projector): http://127.0.0.1:$(PORT)/?teacher=$$token"; \
+	fi; \
+	LOWBIT_TEACHER_TOKEN="$$token" exec $(VENV)/bin/streamlit run app.py --server.address $(ADDRESS) \
+		--server.port $(PORT) --server.headless true
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -q

@@ -2,13 +2,13 @@
 
 Pages live in pages/ and are registered here with st.navigation, grouped as Learn / Explore /
 Runs; they read run results (launch.store) and submit jobs (launch.queue), never doing model
-math themselves. The sidebar shows the machine, the installed models and the active job.
+math themselves. The sidebar shows the machine, the installed models and the active job (polled
+only while one runs). In class mode (pages/_access.py) only the teacher's browser starts jobs.
 """
 import streamlit as st
 
 from launch.store.machine import cluster_frame
-from launch.store.runs import active_runs
-from pages import _teach, _ui
+from pages import _access, _server, _teach, _ui
 
 st.set_page_config(page_title="lowbit: low-bit TP communication", layout="wide", page_icon="📡")
 
@@ -24,19 +24,21 @@ pages = {
         st.Page("pages/bits.py", title="Bits", icon=":material/stacked_bar_chart:"),
         st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/balance:"),
         st.Page("pages/collectives.py", title="Collectives", icon=":material/hub:"),
+        st.Page("pages/preflight.py", title="Pre-flight", icon=":material/flight_takeoff:"),
     ],
     "Runs": [st.Page("pages/runs.py", title="Runs", icon=":material/list:")],
 }
 page = st.navigation(pages)
+_access.check_teacher_link()
 _teach.apply_presentation()
 _ui.ensure_queue()
+_server.setup_once()
 
 
-@st.fragment(run_every=_ui.POLL_S * 3)
-def active_job() -> None:
-    active = active_runs(_ui.root())
+def active_job(active) -> None:
+    """The sidebar's job panel: the first queued or running job and its progress."""
     if active.empty:
-        st.caption("No job running. Start one from Overview (demo) or Runs.")
+        st.caption("No job running." + ("" if _ui.start_refusal() else " Start one from Overview (demo) or Runs."))
         return
     run = active.iloc[0]
     st.markdown(f"**{run['kind']}** · {run['model']} · TP {run['tp']}")
@@ -48,7 +50,8 @@ def active_job() -> None:
 
 with st.sidebar:
     st.subheader("Active job")
-    active_job()
+    _access.sidebar_note()
+    _ui.live_active_runs(active_job, every_s=_ui.POLL_S * 3)
     st.subheader("Machine")
     info = _ui.machine()
     gpus = f"{info['gpus']} ({', '.join(info['gpu_names'])})" if info["gpu_names"] else str(info["gpus"])

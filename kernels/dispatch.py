@@ -228,32 +228,69 @@ def quantize_pack_counts(x: torch.Tensor, quant: QuantSpec, outlier_idx=None, st
 
 
 def _unpack_dequant_sum(payloads, tokens, hidden, quant, outlier_idx=None, static_mins=None, static_maxs=None,
-                        out_dtype=torch.float32):
+                        out_dtype=torch.float32, out=None):
     _check_payloads(payloads)
     _check_spec(quant)
-    return _run("unpack_dequant_sum", backend(payloads.device, quant),
-                (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs), {"out_dtype": out_dtype})
+    ref.check_out(out, tokens, hidden, out_dtype, payloads.device)
+    which = backend(payloads.device, quant)
+    args = (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs)
+    if out is not None and _has_owner_step(quant, which):  # it writes into ``out`` itself
+        return _run("unpack_dequant_sum", which, args, {"out_dtype": out_dtype, "out": out})
+    result, ran = _run("unpack_dequant_sum", which, args, {"out_dtype": out_dtype})
+    return (result if out is None else out.copy_(result)), ran
 
 
 def unpack_dequant_sum(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
-                       static_mins=None, static_maxs=None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       static_mins=None, static_maxs=None, out_dtype: torch.dtype = torch.float32,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """The sum [T, H] (``out_dtype``) of every rank's dequantized payload, in fp32 and rank order.
 
     ``payloads`` [tp, nbytes] uint8 (the all-gather result); ``static_mins``/``maxs`` [tp, H]:
-    each sender's calibrated range (static granularity only)."""
-    return _unpack_dequant_sum(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, out_dtype)[0]
+    each sender's calibrated range (static granularity only); ``out``: a [T, H] ``out_dtype``
+    tensor to write the sum to (a column slice of a wider output is fine), returned."""
+    return _unpack_dequant_sum(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, out_dtype,
+                               out)[0]
+
+
+def _has_owner_step(quant, which: str) -> bool:
+    impl = registry.implementation(quant, which)  # None: a code no kernel has (the reference's check refuses it)
+    return impl is not None and impl.owner_step
+
+
+def _owner_step(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, second, second_min=None,
+                second_max=None):
+    """((leg-2 payload, its {"clamped", "nonfinite"}), the backend that ran): one backend runs both
+    legs (one that implements both specs, else the reference); in one pass where the registry says
+    it has the fused owner step, else its sum and then its requantization."""
+    _check_payloads(payloads)
+    _check_spec(quant)
+    ref.check_second(second, second_min, second_max)
+    which = backend(payloads.device, quant, second)
+    args = (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, second, second_min, second_max)
+    if _has_owner_step(quant, which):
+        return _run("unpack_dequant_sum_requant_counts", which, args, {})
+    reduced, ran = _run("unpack_dequant_sum", which, args[:7], {})
+    payload, counts, ran2 = _quantize_pack_counts(reduced, second, outlier_idx, second_min, second_max)
+    return (payload, counts), ran if ran == ran2 else f"{ran}+{ran2}"
+
+
+def unpack_dequant_sum_requant_counts(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec,
+                                      outlier_idx, static_mins, static_maxs, second: QuantSpec, second_min=None,
+                                      second_max=None):
+    """The two-shot owner step: sum the leg-1 payloads of this rank's chunk [T, H] in fp32, requantize
+    the sum with ``second`` (dynamic, or static with the reduced sum's calibrated range
+    ``second_min`` / ``second_max`` [H]) and the same outlier features. Returns (the leg-2 payload,
+    {"clamped", "nonfinite"} of the sum, as ``quantize_pack_counts`` counts them)."""
+    return _owner_step(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, second, second_min,
+                       second_max)[0]
 
 
 def unpack_dequant_sum_requant(payloads: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec, outlier_idx,
-                               static_mins, static_maxs, second: QuantSpec) -> torch.Tensor:
-    """Two-shot: sum the leg-1 payloads of this rank's chunk [T, H], requantize the fp32 sum with
-    the dynamic ``second`` spec and the same outlier features; returns the leg-2 payload. One
-    backend runs both legs: one that implements both specs, else the reference."""
-    _check_payloads(payloads)
-    _check_spec(quant)
-    ref.check_second(second)
-    return _run("unpack_dequant_sum_requant", backend(payloads.device, quant, second),
-                (payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs, second), {})[0]
+                               static_mins, static_maxs, second: QuantSpec, second_min=None,
+                               second_max=None) -> torch.Tensor:
+    """``unpack_dequant_sum_requant_counts``' leg-2 payload."""
+    return unpack_dequant_sum_requant_counts(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs,
+                                             second, second_min, second_max)[0]
 
 
 def _check_spec(quant) -> None:
@@ -313,10 +350,17 @@ class Codec:
         """(payload, {"clamped", "nonfinite"}, the backend that ran)."""
         return self._forced(_quantize_pack_counts, x, quant, outlier_idx, static_min, static_max)
 
-    def decode_sum(self, payloads, tokens, width, quant, outlier_idx, static_mins, static_maxs):
-        """(the fp32 rank-order sum, the backend that ran)."""
+    def decode_sum(self, payloads, tokens, width, quant, outlier_idx, static_mins, static_maxs, out=None):
+        """(the fp32 rank-order sum, written to ``out`` when given, the backend that ran)."""
         return self._forced(_unpack_dequant_sum, payloads, tokens, width, quant, outlier_idx, static_mins,
-                            static_maxs)
+                            static_maxs, torch.float32, out)
+
+    def owner_step(self, payloads, tokens, width, quant, outlier_idx, static_mins, static_maxs, second, second_min,
+                   second_max):
+        """(leg-2 payload, its {"clamped", "nonfinite"}, the backend that ran): the two-shot owner step."""
+        (payload, counts), ran = self._forced(_owner_step, payloads, tokens, width, quant, outlier_idx, static_mins,
+                                              static_maxs, second, second_min, second_max)
+        return payload, counts, ran
 
     def rotate(self, x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
         return self._forced(block_hadamard, x, block, inverse)
@@ -337,6 +381,9 @@ class Codec:
 
     def unpack_dequant_sum_requant(self, *args, **kwargs):
         return self._forced(unpack_dequant_sum_requant, *args, **kwargs)
+
+    def unpack_dequant_sum_requant_counts(self, *args, **kwargs):
+        return self._forced(unpack_dequant_sum_requant_counts, *args, **kwargs)
 
     def block_hadamard(self, *args, **kwargs):
         return self._forced(block_hadamard, *args, **kwargs)

@@ -114,10 +114,24 @@ def check_out_dtype(out_dtype) -> None:
         raise TypeError(f"out_dtype {out_dtype} not allowed; allowed: float32, bfloat16, float16")
 
 
-def check_second(second) -> None:
-    """The two-shot leg 2 spec: dynamic only (no calibration exists for the reduced sum)."""
-    if not isinstance(second, QuantSpec) or not second.dynamic:
-        raise ValueError(f"second must be a dynamic QuantSpec (token or group), got {second!r}")
+def check_out(out, tokens: int, hidden: int, out_dtype, device) -> None:
+    """``out`` (where a sum is written; None: a new tensor) must be [tokens, hidden] of ``out_dtype``
+    on the payloads' device; a view (e.g. a column slice of a wider output) is fine."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != (tokens, hidden) or out.dtype != out_dtype or out.device != torch.device(device):
+        raise ValueError(f"out must be [{tokens}, {hidden}] {out_dtype} on {device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+
+
+def check_second(second, second_min=None, second_max=None) -> None:
+    """The two-shot leg 2 spec: dynamic, or static with the reduced sum's calibrated range
+    (``second_min`` / ``second_max``; a run's calibration artifact has it: ``Calibration.sum_range``)."""
+    if not isinstance(second, QuantSpec) or (not second.dynamic and (second_min is None or second_max is None)):
+        raise ValueError(f"second must be a dynamic QuantSpec (token or group), or a static one with second_min and "
+                         f"second_max (the reduced sum's calibrated range), got {second!r}")
     check_code(second)
 
 
@@ -146,13 +160,26 @@ def prepare_quantize(x, quant, outlier_idx, static_min, static_max):
     tokens, hidden = x.shape
     feats = features(hidden, outlier_idx, x.device)
     lay = layout(tokens, hidden, quant, feats.n_outliers)
-    if not quant.dynamic:
-        scales, mins = static_tables(quant, static_min, static_max, hidden, x.device)
-        if scales.dim() != 1:
-            raise ValueError(f"static_min/static_max of one rank must be [{hidden}], got {tuple(scales.shape)}")
-    else:
-        scales = mins = torch.zeros(hidden, dtype=_FP32, device=x.device)
-    return feats, scales, mins, lay
+    return (feats, *_one_sender_tables(quant, static_min, static_max, hidden, x.device), lay)
+
+
+def _one_sender_tables(quant: QuantSpec, static_min, static_max, hidden: int, device):
+    """fp32 (scales, mins) [H] of one sender: its static tables, or zeros for dynamic scales."""
+    if quant.dynamic:
+        zeros = torch.zeros(hidden, dtype=_FP32, device=device)
+        return zeros, zeros
+    scales, mins = static_tables(quant, static_min, static_max, hidden, device)
+    if scales.dim() != 1:
+        raise ValueError(f"static_min/static_max of one rank must be [{hidden}], got {tuple(scales.shape)}")
+    return scales, mins
+
+
+def prepare_second(tokens: int, hidden: int, feats: Features, second: QuantSpec, second_min, second_max, device):
+    """Host-side checks and tables of a two-shot second leg: (scales, mins [H], its layout)."""
+    check_second(second, second_min, second_max)
+    second.validate_for(hidden)
+    return (*_one_sender_tables(second, second_min, second_max, hidden, device),
+            layout(tokens, hidden, second, feats.n_outliers))
 
 
 def prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs):
@@ -193,12 +220,17 @@ def quantize_pack_counts_ref(x, quant: QuantSpec, outlier_idx=None, static_min=N
 
 
 def unpack_dequant_sum_ref(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx=None,
-                           static_mins=None, static_maxs=None, out_dtype=torch.float32) -> torch.Tensor:
+                           static_mins=None, static_maxs=None, out_dtype=torch.float32,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """[T, H] in ``out_dtype``: fp32 zeros + decode(payloads[0]) + decode(payloads[1]) + ..., in
     rank order (``lowbit.comm.collectives``' gather sum), then one cast. ``static_mins``/``maxs`` are
-    [tp, H], each rank's calibrated range."""
+    [tp, H], each rank's calibrated range. ``out``: where to write it (a view is fine); returned."""
     feats, _, _, _ = prepare_unpack(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs)
     check_out_dtype(out_dtype)
+    check_out(out, tokens, hidden, out_dtype, payloads.device)
+    if out is not None:
+        return out.copy_(unpack_dequant_sum_ref(payloads, tokens, hidden, quant, outlier_idx, static_mins,
+                                                static_maxs, out_dtype))
     if tokens == 0:
         return torch.zeros(0, hidden, dtype=out_dtype, device=payloads.device)
     idx = feats.outliers if feats.n_outliers else None
@@ -209,13 +241,24 @@ def unpack_dequant_sum_ref(payloads, tokens: int, hidden: int, quant: QuantSpec,
     return acc.to(out_dtype)
 
 
-def unpack_dequant_sum_requant_ref(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx,
-                                   static_mins, static_maxs, second: QuantSpec) -> torch.Tensor:
-    """Two-shot leg 1 -> leg 2: the fp32 rank-order sum of the payloads, requantized with the
-    dynamic ``second`` spec and the same outlier features; returns the new payload."""
-    check_second(second)
+def unpack_dequant_sum_requant_counts_ref(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx,
+                                          static_mins, static_maxs, second: QuantSpec, second_min=None,
+                                          second_max=None):
+    """The two-shot owner step, leg 1 -> leg 2: the fp32 rank-order sum of the payloads,
+    requantized with the ``second`` spec (dynamic, or static with the reduced sum's calibrated
+    range ``second_min`` / ``second_max`` [H]) and the same outlier features; returns (the new
+    payload, its {"clamped", "nonfinite"} counts, as ``quantize_pack_counts_ref`` counts them)."""
+    check_second(second, second_min, second_max)
     reduced = unpack_dequant_sum_ref(payloads, tokens, hidden, quant, outlier_idx, static_mins, static_maxs)
-    return quantize_pack_ref(reduced, second, outlier_idx)
+    return quantize_pack_counts_ref(reduced, second, outlier_idx, second_min, second_max)
+
+
+def unpack_dequant_sum_requant_ref(payloads, tokens: int, hidden: int, quant: QuantSpec, outlier_idx,
+                                   static_mins, static_maxs, second: QuantSpec, second_min=None,
+                                   second_max=None) -> torch.Tensor:
+    """``unpack_dequant_sum_requant_counts_ref``'s payload."""
+    return unpack_dequant_sum_requant_counts_ref(payloads, tokens, hidden, quant, outlier_idx, static_mins,
+                                                 static_maxs, second, second_min, second_max)[0]
 
 
 # the registry's entry points (``kernels.registry.KernelBackend``); the ``_ref`` names are the ones tests compare with
@@ -223,3 +266,4 @@ quantize_pack = quantize_pack_ref
 quantize_pack_counts = quantize_pack_counts_ref
 unpack_dequant_sum = unpack_dequant_sum_ref
 unpack_dequant_sum_requant = unpack_dequant_sum_requant_ref
+unpack_dequant_sum_requant_counts = unpack_dequant_sum_requant_counts_ref

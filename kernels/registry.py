@@ -40,6 +40,9 @@ class KernelBackend(Protocol):
     def unpack_dequant_sum_requant(self, payloads: torch.Tensor, tokens: int, hidden: int, quant, outlier_idx,
                                    static_mins, static_maxs, second) -> torch.Tensor: ...
 
+    # and, where ``Implementation.owner_step`` says so: ``unpack_dequant_sum_requant_counts`` (the
+    # two-shot owner step in one pass, a static second leg too) and ``unpack_dequant_sum(..., out=)``
+
 
 @dataclass(frozen=True)
 class Implementation:
@@ -52,6 +55,9 @@ class Implementation:
     scale_formats: tuple[str, ...] = ("bf16", "fp32")
     roundings: tuple[str, ...] = ("nearest",)
     counts: bool = False  # it counts clamped / non-finite values in its own pass (``quantize_pack_counts``)
+    # it runs the two-shot owner step (unpack, fp32 sum, requantize, pack; dynamic or static second
+    # leg) as one call (``unpack_dequant_sum_requant_counts``) and writes a sum into a given ``out``
+    owner_step: bool = False
 
     def refusal(self, quant) -> str | None:
         """Why this implementation cannot run ``quant`` (beyond its code and grouping), or None."""
@@ -81,8 +87,10 @@ def register(code_key: str, groupings: tuple[str, ...], impl: Implementation) ->
 
 
 ROW_GROUPINGS = ("static", "token", "group")
-register("int", ROW_GROUPINGS, Implementation("reference", "kernels.reference", "any", counts=True))
-register("int", ROW_GROUPINGS, Implementation("native", "kernels.native_cpu", "cpu", counts=True))
+register("int", ROW_GROUPINGS, Implementation("reference", "kernels.reference", "any", counts=True,
+                                                          owner_step=True))
+register("int", ROW_GROUPINGS, Implementation("native", "kernels.native_cpu", "cpu", counts=True,
+                                                          owner_step=True))
 register("int", ROW_GROUPINGS, Implementation("triton", "kernels.triton_quant", "cuda", WHOLE_BYTE_BITS))
 register("int", ROW_GROUPINGS, Implementation("interpret", "kernels.triton_quant", "cpu", WHOLE_BYTE_BITS))
 # The block Hadamard rotation has one kernel (Triton); elsewhere lowbit.rotation's torch matmul runs.

@@ -8,6 +8,7 @@
     python -m launch commands spec.json          # multi-node: the torchrun command to run on each node
     python -m launch serve [--until-idle]        # run the queue in this process
     python -m launch calibrate|evaluate|tp-check ...   # the method's jobs, queued and watched (launch.client)
+    python -m launch audit --model M --tp N            # the pre-flight audit (launch.audit_cli)
 
 Runs live under $LOWBIT_RUNS (default ./runs). Without --wait, ``submit`` starts a background
 ``serve --until-idle`` when no other process (the app, another CLI) is running the queue.
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import client
+from launch import audit_cli, client
 from launch.client import report_end, watch
 from launch.events import progress, read_events, text_bar
 from launch.index import FINISHED, RunIndex
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     client.add_commands(sub)
+    audit_cli.add_command(sub)
     p = sub.add_parser("submit", help="queue a run from a spec.json")
     p.add_argument("spec")
     p.add_argument("--wait", action="store_true", help="run the queue here and show progress until it ends")

@@ -3,7 +3,9 @@
     {"time": 1700000000.1, "stage": "running", "step": 3, "total": 10, "message": "layer 3", "metrics": {}}
 
 Stages used by the worker: ``loading`` (joining the group, loading the model), ``running``
-(step/total of the kind's main loop), ``done`` or ``failed``. A kind may add its own stage names.
+(step/total of the kind's main loop), ``done`` or ``failed``. A kind may add its own stage names;
+a kind with several stages first emits a ``plan`` event naming them in order (``metrics.stages``),
+so the bar runs once from 0 to 100 % over the whole job instead of restarting at every stage.
 Readers (the app, ``python -m launch tail``) tolerate a partial last line: the writer may be in
 the middle of appending it.
 """
@@ -43,6 +45,11 @@ class EventLog:
 
     def step(self, step: int, total: int, message: str = "", **metrics) -> dict:
         return self.emit("running", message, step=step, total=total, **metrics)
+
+    def plan(self, stages: list[str]) -> dict:
+        """The stages this job will report, in order (a stage that turns out to be unneeded, such as
+        a calibration found in the cache, is skipped over: the bar jumps forward, never back)."""
+        return self.emit("plan", " -> ".join(stages), stages=list(stages))
 
     def done(self, message: str = "", **metrics) -> dict:
         return self.emit("done", message, **metrics)
@@ -85,23 +92,37 @@ def read_events(path: Path) -> list[dict]:
 
 
 def progress(events: list[dict]) -> tuple[float, str]:
-    """(fraction done in [0, 1], a one-line message) for a progress bar."""
+    """(fraction done in [0, 1], a one-line message) for a progress bar. With a ``plan`` event the
+    fraction covers the whole job: stage i of n at step/total is (i + step/total) / n, so it never
+    goes back when a new stage starts; events of stages outside the plan (a sweep's per-point text
+    evaluation) change the message, not the bar."""
     if not events:
         return 0.0, "waiting to start"
     last = events[-1]
     stage, message = last["stage"], last.get("message") or ""
     if stage == "done":
         return 1.0, f"done{': ' + message if message else ''}"
-    fraction = 0.0
+    plans = [e for e in events if e["stage"] == "plan" and isinstance((e.get("metrics") or {}).get("stages"), list)]
+    stages = plans[-1]["metrics"]["stages"] if plans else None
+    fraction, where = 0.0, ""
     for event in reversed(events):
         step, total = event.get("step"), event.get("total")
-        if isinstance(step, (int, float)) and isinstance(total, (int, float)) and total > 0:
-            fraction = min(1.0, max(0.0, step / total))
+        if not (isinstance(step, (int, float)) and isinstance(total, (int, float)) and total > 0):
+            continue
+        part = min(1.0, max(0.0, step / total))
+        if stages is None:
+            fraction = part
+            break
+        if event["stage"] in stages:
+            index = stages.index(event["stage"])
+            fraction, where = (index + part) / len(stages), f" (stage {index + 1} of {len(stages)})"
             break
     counter = ""
     if isinstance(last.get("step"), int) and isinstance(last.get("total"), int):
         counter = f" {last['step']}/{last['total']}"
-    return fraction, f"{stage}{counter}{': ' + message if message else ''}"
+    if stage == "plan":
+        return fraction, f"planned: {message}"
+    return fraction, f"{stage}{counter}{': ' + message if message else ''}{where}"
 
 
 def text_bar(fraction: float, message: str, width: int = 30) -> str:

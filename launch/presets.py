@@ -2,6 +2,7 @@
 
     from launch.presets import demo_spec
     JobQueue().submit(demo_spec())        # calibrates on the fly, evaluates 4 schemes
+    JobQueue().submit(capture_spec())     # stores sample partials for the Playground (~30 s)
 
 The demo is one ``evaluate`` run of an embedded model (SmolLM2-135M at TP 3, or Gemma 3 270M at
 TP 2: its 4 query heads / 1 KV head allow 1, 2 and 4; ``DEMO_TP``): the exact all-reduce against
@@ -38,6 +39,18 @@ def demo_tp(model: str, sizes: list[int] | None = None) -> int:
         return DEMO_TP[model]
     fitting = [s for s in sizes or [] if 1 < s <= 4]
     return fitting[0] if fitting else 1
+
+
+# A calibrate job small enough for a class: it keeps the first 16 tokens of every site's partial on
+# every rank, which is all the teaching pages (Playground, Two-shot) need; its time limit is far above what
+# it takes and within the class ceiling (launch.ceiling).
+CAPTURE = dict(kind="calibrate", model="smollm2-135m", tp=3, calib_data="wikipedia", calib_tokens=128,
+               params=dict(seq_len=64, batch_size=2), time_limit_s=600.0)
+
+
+def capture_spec() -> dict:
+    """The teaching pages' one-click sample capture (``CAPTURE``) as a fresh spec dict."""
+    return dict(CAPTURE, params=dict(CAPTURE["params"]))
 
 
 def demo_spec(model: str = "smollm2-135m", tp: int = 3, **overrides) -> dict:

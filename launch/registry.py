@@ -65,6 +65,10 @@ KINDS: dict[str, Kind] = {
     "sweep": Kind("launch.kinds.sweep:run", "auto-tune: candidate schemes over a bits/value range, Pareto "
                                             "frontier of bits vs KL, resumable (lowbit.method.sweep)",
                   checks="launch.kinds.sweep"),
+    "audit": Kind("launch.kinds.audit:run", "pre-flight audit: per format and site, non-finite outputs, inputs beyond "
+                                            "range, clamped values, lost groups, SQNR; KL/top-1/perplexity; a "
+                                            "verdict and the cheapest measured fix (lowbit.method.audit)",
+                  checks="launch.kinds.audit"),
     "tp-check": Kind("launch.kinds.tp_check:run", "sharded vs unsharded logits and greedy text"),
     "generate": Kind("launch.kinds.generate:run", "greedy generation with the TP-sharded model"),
     "selftest": Kind("launch.kinds.selftest:run",

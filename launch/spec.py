@@ -162,9 +162,12 @@ class JobSpec:
     @classmethod
     def load(cls, path: Path) -> "JobSpec":
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise SpecError([("spec", f"cannot read {path}: {exc.strerror or exc}")]) from None
+        except UnicodeDecodeError as exc:
+            raise SpecError([("spec", f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                      f"{exc.start}); save the spec as UTF-8 JSON")]) from None
         return cls.from_json(text)
 
     @classmethod

@@ -8,9 +8,10 @@
     python -m lowbit calibrate --model smollm2-135m --tp 3 --tokens 4096
     python -m lowbit evaluate --tp 3 --schemes bf16,int4-static-top1/64,int4-static-rand1/64 \\
         --calib-from <calibrate run id> --tasks arc_easy,piqa --items 50 --out results/
+    python -m lowbit audit --model smollm2-135m --tp 3 --formats quickreduce-int4,mxfp4   # pre-flight audit
 
-``models``, ``schemes`` and ``tasks`` are the library's own. ``tp-check``, ``calibrate`` and ``evaluate``
-are jobs: they are queued as runs under $LOWBIT_RUNS (./runs), like the app's, and show a
+``models``, ``schemes`` and ``tasks`` are the library's own. ``tp-check``, ``calibrate``, ``evaluate`` and
+``audit`` are jobs: they are queued as runs under $LOWBIT_RUNS (./runs), like the app's, and show a
 progress bar; this command hands them to ``python -m launch`` (``launch.client``) in the same
 process slot (exec), because the library never imports the job layer above it.
 """
@@ -20,7 +21,7 @@ import argparse
 import os
 import sys
 
-JOB_COMMANDS = ("tp-check", "calibrate", "evaluate")
+JOB_COMMANDS = ("tp-check", "calibrate", "evaluate", "audit")
 
 
 def cmd_models(args) -> int:

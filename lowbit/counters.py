@@ -6,9 +6,10 @@ with the ``leg2_`` prefix, for the second leg's message (the owner's requantized
 ======================  ==========================================================================
 counter                 counts
 ======================  ==========================================================================
-``beyond_range_in``     finite input values whose magnitude passes the range of the cast or the
-                        format (``range_limit``: fp16's 65504 after QuickReduce's cast, 448 for an
-                        unscaled e4m3); they overflow or clamp (vLLM #55345, SGLang #34473)
+``beyond_range_in``     finite input values the cast makes non-finite or whose magnitude passes the
+                        range of the cast or the format (``range_limit``: fp16's 65504 after
+                        QuickReduce's cast, 448 for an unscaled e4m3); they overflow or clamp
+                        (vLLM #55345, SGLang #34473)
 ``attenuated_groups``   groups whose decoded values keep less than half of the input's L2 norm
                         (finite values only) (SGLang #40084)
 ``underflowed_groups``  groups with a nonzero input whose every nonzero input decodes to 0
@@ -47,7 +48,8 @@ def message_counters(x: torch.Tensor, decoded: torch.Tensor, quant) -> dict[str,
     ``decoded`` what a receiver decodes from its payload (same shape)."""
     x, decoded = x.to(torch.float32), decoded.to(torch.float32)
     finite = torch.isfinite(x)
-    beyond = int((finite & (x.abs() > range_limit(quant))).sum())
+    made_nonfinite = ~torch.isfinite(quant.cast.apply(x))  # a cast without a stated range still overflows
+    beyond = int((finite & (made_nonfinite | (x.abs() > range_limit(quant)))).sum())
     xs, valid = quant.grouping.group(torch.where(finite, x, 0.0), finite)
     ds, _ = quant.grouping.group(decoded, finite)
     xs = torch.where(valid, xs, 0.0)

@@ -12,16 +12,13 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 
-from launch.store.calibration import calibration_sources, spikiest_stored_sample
+from launch.presets import CAPTURE, capture_spec
+from launch.store.calibration import spikiest_stored_sample
 from launch.store.problems import StoreProblem
 from pages import _ui
 
 PRESENT_KEY = "presentation"
 PRESENT_FONT = 26
-# A calibrate job small enough for a class: it keeps the first 16 tokens of every site's partial on
-# every rank, which is all these pages need (no measured time of it is kept in a result file).
-CAPTURE_SPEC = dict(kind="calibrate", model="smollm2-135m", tp=3, calib_data="wikipedia", calib_tokens=128,
-                    params=dict(seq_len=64, batch_size=2))
 CAPTURE_STATE = "capture_run"
 
 
@@ -40,7 +37,8 @@ def apply_presentation() -> None:
         [data-testid="stMain"] p, [data-testid="stMain"] li, [data-testid="stMain"] label,
         [data-testid="stMarkdownContainer"] p {font-size: 1.45rem !important; line-height: 1.45;}
         [data-testid="stCaptionContainer"] p {font-size: 1.3rem !important;}
-        [data-testid="stMetricValue"] {font-size: 2.8rem !important;}
+        [data-testid="stMetricValue"], [data-testid="stMetricValue"] [data-testid="stMarkdownContainer"] p,
+        [data-testid="stMetricValue"] div {font-size: 2.8rem !important; line-height: 1.2;}
         h1 {font-size: 3.2rem !important;} h2, h3 {font-size: 2.3rem !important;}
         </style>""", unsafe_allow_html=True)
 
@@ -54,14 +52,17 @@ def presentation_toggle(key: str) -> None:
         st.rerun()
 
 
-def style(fig: go.Figure, height: int = 460) -> go.Figure:
+def style(fig: go.Figure, height: int = 460, title_chars: int = _ui.TITLE_CHARS) -> go.Figure:
     """The app's plot style, larger in presentation mode."""
-    fig = _ui.style(fig, height=int(height * (1.25 if presenting() else 1.0)))
+    fig = _ui.style(fig, height=int(height * (1.25 if presenting() else 1.0)), title_chars=title_chars)
     if presenting():
         fig.update_layout(font=dict(size=PRESENT_FONT), title_font=dict(size=PRESENT_FONT + 4),
                           legend=dict(font=dict(size=PRESENT_FONT - 4)))
         fig.update_xaxes(title_font=dict(size=PRESENT_FONT), tickfont=dict(size=PRESENT_FONT - 4))
         fig.update_yaxes(title_font=dict(size=PRESENT_FONT), tickfont=dict(size=PRESENT_FONT - 4))
+        # the sidebar is hidden, so a column is wider, but the letters are larger still
+        fig.layout.title.text = fig.layout.title.text and fig.layout.title.text.replace("<br>", " ")
+        _ui.place_title(fig, int(title_chars * (_ui.FONT + 4) / (PRESENT_FONT + 4) * 1.3), PRESENT_FONT + 4)
     return fig
 
 
@@ -81,9 +82,10 @@ def capture_button(key: str) -> None:
     """One click: a small calibrate job that stores sample partials; its progress below."""
     st.markdown("These pages work on **real partial sums** that a calibration run stores (the first 16 tokens of "
                 "every layer's o_proj and down_proj partial on every rank). None is stored yet.")
-    if st.button("Capture samples now (smollm2-135m, TP 3, 128 tokens)", type="primary",
-                 icon=":material/play_arrow:", key=f"{key}_capture"):
-        _ui.submit(dict(CAPTURE_SPEC, params=dict(CAPTURE_SPEC["params"])), state_key=CAPTURE_STATE)
+    if _ui.job_button(f"Capture samples now ({CAPTURE['model']}, TP {CAPTURE['tp']}, {CAPTURE['calib_tokens']} "
+                      "tokens)", key=f"{key}_capture", refusal=_ui.start_refusal(), type="primary",
+                      icon=":material/play_arrow:"):
+        _ui.submit(capture_spec(), state_key=CAPTURE_STATE)
     run_id = st.session_state.get(CAPTURE_STATE)
     if run_id:
         status = _ui.show_progress(run_id)
@@ -97,7 +99,7 @@ def capture_button(key: str) -> None:
 def pick_sample(key: str):
     """A select box over the stored calibrations with samples; (folder, calibration, the spikiest
     (layer, module, rank)) or None after showing the empty state with the capture button."""
-    sources = calibration_sources(_ui.runs(), _ui.root())
+    sources = _ui.calibration_sources()
     if sources.empty:
         _ui.empty_state("No stored partial sums yet.", "Capture a few with one click below (a short job), "
                         "or run the classroom demo, which calibrates too.")

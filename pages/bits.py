@@ -29,8 +29,7 @@ st.markdown(
     "fixed-size index list. Two-shot sends twice: its first leg (the partials) and its second leg "
     "(the requantized reduced sum). Bits here are per value of one rank's partial sum (tokens x hidden).")
 
-frame = _ui.runs()
-evals = evaluate_runs(frame, _ui.root())
+evals = _ui.evaluate_runs()
 measured = pd.DataFrame()
 if not evals.empty:
     data, _ = _ui.result(evals.iloc[0]["id"])
@@ -60,7 +59,7 @@ for s in chosen:
     try:
         rows.append(_ui.bits_parts(s, H, tp))
     except (SchemeError, ValueError) as exc:
-        problems.append(f"`{s}: {exc}`")
+        problems.append(f"`{_ui.clip(s, 80)}: {_ui.clip(exc)}`")
 for p in problems:
     st.error(p)
 if not rows:
@@ -72,8 +71,7 @@ st.header(f"Bits per value, {model} (hidden {H}) at TP {tp}")
 fig = px.bar(parts, x="scheme", y="bits", color="part", pattern_shape="leg", color_discrete_map=_ui.PART_COLORS,
              category_orders=dict(part=list(SCHEME_PARTS), scheme=list(dict.fromkeys(parts["scheme"]))),
              labels=dict(bits="bits per value", scheme="scheme", part="part", leg="leg"))
-fig.add_hline(y=16, line=dict(dash="dash", color="#111"), annotation_text="BF16 all-reduce (16)",
-              annotation_font_size=_ui.FONT - 2)
+_ui.reference_line(fig, 16, "BF16 all-reduce (16 bits)", dash="dash", color="#111")
 if not measured.empty:
     m = measured[measured["scheme"].isin(parts["scheme"])]
     if not m.empty:
@@ -81,8 +79,10 @@ if not measured.empty:
                                  marker=dict(symbol="diamond", size=16, color="#111",
                                              line=dict(color="white", width=2))))
 totals = parts.groupby("scheme", sort=False)["bits"].sum()
-fig.add_trace(go.Scatter(x=list(totals.index), y=list(totals.values), mode="text", text=[f"{v:.3f}" for v in totals],
-                         textposition="top center", textfont=dict(size=_ui.FONT), showlegend=False))
+# Totals as annotations raised above the bar top: a text trace sat under the measured diamonds.
+fig.update_layout(annotations=[*fig.layout.annotations, *(
+    dict(x=scheme, y=total, text=f"{total:.3f}", showarrow=False, yshift=26, font=dict(size=_ui.FONT))
+    for scheme, total in totals.items())])
 fig.update_layout(title="Stacked by part; hatched = two-shot's second leg", barmode="stack")
 _ui.plot(_ui.style(fig, height=560), key="bits_stack")
 st.caption("Diamonds: bits per value measured by the latest evaluate run (bytes handed to the collectives / values); "
@@ -166,10 +166,8 @@ fig = px.bar(presets_frame, x="scheme", y="bits", color="part", pattern_shape="l
              color_discrete_map=_ui.PART_COLORS,
              category_orders=dict(part=list(SCHEME_PARTS), scheme=list(dict.fromkeys(presets_frame["scheme"]))),
              labels=dict(bits="bits per value", scheme="preset", part="part", leg="leg"))
-fig.add_hline(y=16, line=dict(dash="dash", color="#111"), annotation_text="BF16 all-reduce (16)",
-              annotation_font_size=_ui.FONT - 2)
-fig.add_hline(y=4.1875, line=dict(dash="dot", color="#555"), annotation_text="the paper (4.1875)",
-              annotation_position="bottom right", annotation_font_size=_ui.FONT - 2)
+_ui.reference_line(fig, 16, "BF16 all-reduce (16 bits)", dash="dash", color="#111")
+_ui.reference_line(fig, 4.1875, "the paper (4.1875 bits)", dash="dot", color="#555")
 fig.update_layout(title=f"Every preset at TP {tp}, stacked by part; hatched = two-shot's second leg",
                   barmode="stack")
 _ui.plot(_ui.style(fig, height=520), key="bits_presets")

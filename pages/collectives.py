@@ -3,6 +3,7 @@
 Reads the records of ``collective-bench`` runs (tp, tokens, hidden, method, scheme, median_ms,
 speedup_vs_bf16, bytes_per_rank, bits_per_value, link)."""
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from launch.kinds.collective_bench import job_spec
@@ -27,7 +28,8 @@ def bench_form(key: str) -> None:
     with c2:
         link = st.selectbox("Link", ["loopback", "1gbit", "100mbit"], key=f"{key}_link",
                             help="Rate-limited links emulate separate nodes (network namespaces + tc)")
-    if st.button("Run the collective benchmark", icon=":material/play_arrow:", key=f"{key}_go"):
+    if _ui.job_button("Run the collective benchmark", key=f"{key}_go", refusal=_ui.start_refusal(),
+                      icon=":material/play_arrow:"):
         if "collective-bench" in KINDS:
             # A classroom-sized grid: decode, a short and a long prompt at the embedded model's width
             # (the full default grid can take most of an hour over a 100 Mbit/s link).
@@ -77,22 +79,41 @@ def decades(fig):
     fig.update_xaxes(dtick=1, exponentformat="power")
     fig.for_each_annotation(lambda a: a.update(font_size=_ui.FONT + 2))
     return fig
-common = dict(color="label", facet_col="tp", markers=True, log_x=True, color_discrete_map=colors)
 
-fig = px.line(shown, x="message_mib", y="median_ms", log_y=True, **common,
-              labels=dict(message_mib="message (MiB in BF16)", median_ms="median time (ms, log scale)", label="",
-                          tp="TP"))
-fig.update_layout(title=f"All-reduce time by message size ({link_pick or 'any link'}); message = tokens x hidden x 2 B")
-fig.update_yaxes(dtick=1, exponentformat="power")
-decades(fig)
+
+sizes = shown["message_mib"].nunique()
+if sizes == 1:
+    st.info(f"These records hold one message size ({shown['message_mib'].iloc[0]:.3g} MiB in BF16), so each chart "
+            "shows one bar per method instead of a curve over sizes. Run the benchmark over more sizes (below) to see "
+            "where each scheme starts to pay.", icon=":material/info:")
+
+
+def chart(y: str, axis: str, title: str, log_y: bool) -> go.Figure:
+    """``y`` by message size, one line per method and scheme, a facet per TP size; one bar per
+    method when only one message size is stored (a line of one point is a lone dot)."""
+    labels = dict(message_mib="message (MiB in BF16)", label="", tp="TP", **{y: axis})
+    if sizes == 1:
+        fig = px.bar(shown, x="label", y=y, color="label", facet_col="tp", log_y=log_y, color_discrete_map=colors,
+                     labels=labels)
+        fig.update_layout(showlegend=False)
+        fig.for_each_annotation(lambda a: a.update(font_size=_ui.FONT + 2))
+    else:
+        fig = decades(px.line(shown, x="message_mib", y=y, color="label", facet_col="tp", markers=True, log_x=True,
+                              log_y=log_y, color_discrete_map=colors, labels=labels))
+    if log_y:
+        fig.update_yaxes(**_ui.log_ticks(shown[y]))
+    fig.update_layout(title=title)
+    return fig
+
+
+fig = chart("median_ms", "median time (ms, log scale)",
+            f"All-reduce time by message size ({link_pick or 'any link'}); message = tokens x hidden x 2 B",
+            log_y=True)
 _ui.plot(_ui.style(fig, height=520), key="cb_time")
 
-fig = px.line(shown, x="message_mib", y="speedup_vs_bf16", **common,
-              labels=dict(message_mib="message (MiB in BF16)", speedup_vs_bf16="speedup vs BF16 all-reduce (x)",
-                          label="", tp="TP"))
-fig.add_hline(y=1.0, line=dict(dash="dash", color="#111"), annotation_text="as fast as BF16")
-fig.update_layout(title="Speedup: above the dashed line the quantized collective wins")
-decades(fig)
+fig = chart("speedup_vs_bf16", "speedup vs BF16 all-reduce (x)",
+            "Speedup: above the dashed line the quantized collective wins", log_y=False)
+_ui.reference_line(fig, 1.0, "as fast as BF16", dash="dash", color="#111")
 _ui.plot(_ui.style(fig, height=480), key="cb_speedup")
 
 st.markdown("**Where each scheme starts to pay** (from these measured records): the smallest message from which "
@@ -105,12 +126,7 @@ st.dataframe(pays.drop(columns=["pays_from_bytes"]), hide_index=True, width="str
 st.caption("What you see: an empty 'pays from' means the quantized collective never won at the largest measured "
            "size on this link (the codec's cost is larger than the bytes it saves).")
 
-fig = px.line(shown, x="message_mib", y="bytes_per_rank", log_y=True, **common,
-              labels=dict(message_mib="message (MiB in BF16)", bytes_per_rank="bytes sent per rank (log scale)",
-                          label="", tp="TP"))
-fig.update_layout(title="Bytes each rank moves")
-fig.update_yaxes(dtick=1, exponentformat="power")
-decades(fig)
+fig = chart("bytes_per_rank", "bytes sent per rank (log scale)", "Bytes each rank moves", log_y=True)
 _ui.plot(_ui.style(fig, height=480), key="cb_bytes")
 
 st.dataframe(shown.drop(columns=["label"]), hide_index=True, width="stretch")

@@ -2,6 +2,7 @@
 
 Reads the per-site errors of evaluate runs (``layer_errors`` of result.json); builds a scheme
 from controls and starts an evaluate run for it."""
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -103,12 +104,16 @@ def run_scheme_form() -> None:
                          help="python -m lowbit schemes prints the grammar")
     c1, c2, c3 = st.columns(3)
     model, tp = _ui.pick_model_tp("le", c1, c2)
+    problems: list = []
     with c3:
-        tokens = st.number_input("Evaluation tokens", min_value=1, value=512, step=128, key="le_tokens")
-    if st.button("Evaluate this scheme", type="primary", icon=":material/play_arrow:", key="le_go"):
+        tokens = _ui.number_field("Evaluation tokens", "le_tokens", 512, problems, lo=1, step=128,
+                                  field="eval_tokens")
+    if _ui.job_button("Evaluate this scheme", key="le_go", refusal=_ui.start_refusal(), type="primary",
+                      icon=":material/play_arrow:"):
         _ui.submit(dict(kind="evaluate", model=model, tp=int(tp), schemes=["bf16", text.strip()],
                         calib_tokens=2048, eval_tokens=int(tokens), tasks=[], items_per_task=0,
-                        params=dict(seq_len=128, batch_size=4, layer_error=True, layer_error_chunks=1)))
+                        params=dict(seq_len=128, batch_size=4, layer_error=True, layer_error_chunks=1)),
+                   problems=problems)
 
 
 ROTATION_QUANTS = ["int4-token", "int3-token", "int4-group64", "int4-group32", "int8-token"]
@@ -122,7 +127,7 @@ def rotation_panel() -> None:
         "rotation mixes each block of R features with +-1/sqrt(R) weights: a spike is spread over its block, the "
         "token's largest value shrinks towards its RMS, and the step with it. It is orthogonal and linear, so "
         "ranks rotate, quantize and send; the fp32 sum is rotated back once.")
-    sources = calibration_sources(_ui.runs(), _ui.root())
+    sources = _ui.calibration_sources()
     if sources.empty:
         st.info("No calibration yet: its stored sample partials feed this panel. The classroom demo makes one.")
         return
@@ -181,6 +186,21 @@ def rotation_panel() -> None:
                "with per-group scales of the block's size it changes little (try int4-group64 with R=64).")
 
 
+def coinciding(frame: pd.DataFrame, column: str) -> list[list[str]]:
+    """Groups of series whose ``column`` values are equal at every (layer, module, mode) they share."""
+    wide = frame.pivot_table(index=["layer", "module", "mode"], columns="series", values=column)
+    groups: list[list[str]] = []
+    for name in wide.columns:
+        for group in groups:
+            # 1e-9: equal schemes store bit-identical errors; the margin only covers the JSON round trip
+            if np.allclose(wide[group[0]], wide[name], rtol=1e-9, atol=0.0, equal_nan=True):
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+    return [g for g in groups if len(g) > 1]
+
+
 run_id = _ui.pick_evaluate_run(key="le_run", need_layers=True)
 if run_id is None:
     _ui.empty_state("No per-layer errors yet.",
@@ -224,8 +244,9 @@ if shown.empty:
 else:
     shown = shown.assign(series=shown["scheme"] + shown["leg"].map(lambda g: " · leg 1" if g == "leg1" else ""))
     y = "rel_error" if metric == "relative error" else "snr_db"
+    # a marker shape per scheme as well as a colour: schemes whose lines coincide stay tellable apart
     fig = px.line(shown.sort_values("layer"), x="layer", y=y, color="series", line_dash="mode", facet_col="module",
-                  markers=True, log_y=y == "rel_error",
+                  symbol="series", markers=True, log_y=y == "rel_error",
                   color_discrete_map=_ui.scheme_colors(sorted(shown["series"].unique())),
                   labels=dict(layer="layer", rel_error="relative error (log scale)", snr_db="SNR (dB)", series="scheme",
                               mode="mode"))
@@ -234,7 +255,13 @@ else:
         fig.update_yaxes(dtick=1, exponentformat="power")  # one label per decade
     fig.update_layout(title=f"{data.get('model')} TP {data.get('tp')}: "
                             f"{'higher is better' if y == 'snr_db' else 'lower is better'}")
+    fig.update_traces(marker=dict(size=11, line=dict(width=1, color="white")))
+    fig.update_xaxes(**_ui.integer_ticks(int(shown["layer"].max()) + 1))
     _ui.plot(_ui.style(fig, height=560), key="le_chart")
+    same = coinciding(shown, y)
+    if same:
+        st.caption("Drawn on top of one another (the same value at every site and mode shown): "
+                   + "; ".join(" = ".join(f"`{s}`" for s in group) for group in same) + ".")
     summary = (shown.groupby(["scheme", "mode", "leg"])
                .agg(mean_rel_error=("rel_error", "mean"), worst_rel_error=("rel_error", "max"),
                     mean_snr_db=("snr_db", "mean"), max_abs_error=("max_abs_error", "max"))

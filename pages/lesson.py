@@ -65,21 +65,33 @@ st.markdown(f"**{len(STEPS)} steps, {sum(s[0] for s in STEPS)} minutes.** Each s
             "(above) enlarges text and plots on every page and hides the sidebar.")
 
 labels = [f"{i + 1}. {s[2]} ({s[0]} min)" for i, s in enumerate(STEPS)]
-if "lesson_step" not in st.session_state:
-    st.session_state["lesson_step"] = labels[0]
-c1, c2, c3 = st.columns([1, 6, 1])
-index = labels.index(st.session_state["lesson_step"])
+# The step lives under a plain session key: streamlit forgets a widget's own key while another page is
+# shown, and every step sends the class to another page.
+STEP_KEY, PICK_KEY = "lesson_step_index", "lesson_step"
+index = min(max(int(st.session_state.get(STEP_KEY, 0)), 0), len(STEPS) - 1)
+if st.session_state.get(PICK_KEY) not in labels:
+    st.session_state[PICK_KEY] = labels[index]
+
+
+def go(to: int) -> None:
+    to = min(max(to, 0), len(STEPS) - 1)
+    st.session_state[STEP_KEY] = to
+    st.session_state[PICK_KEY] = labels[to]
+
+
+def picked() -> None:
+    st.session_state[STEP_KEY] = labels.index(st.session_state[PICK_KEY])
+
+
+st.progress((index + 1) / len(STEPS), text=f"step {index + 1} of {len(STEPS)}")
+c1, c2, _ = st.columns([1, 1, 3])
 with c1:
-    if st.button("Previous", key="lesson_prev", disabled=index == 0, icon=":material/arrow_back:"):
-        st.session_state["lesson_step"] = labels[index - 1]
-        st.rerun()
-with c3:
-    if st.button("Next", key="lesson_next", disabled=index == len(STEPS) - 1, icon=":material/arrow_forward:"):
-        st.session_state["lesson_step"] = labels[index + 1]
-        st.rerun()
+    st.button("Previous", key="lesson_prev", disabled=index == 0, icon=":material/arrow_back:",
+              on_click=go, args=(index - 1,))
 with c2:
-    st.progress((index + 1) / len(STEPS), text=f"step {index + 1} of {len(STEPS)}")
-choice = st.selectbox("Step", labels, key="lesson_step")
+    st.button("Next", key="lesson_next", disabled=index == len(STEPS) - 1, icon=":material/arrow_forward:",
+              on_click=go, args=(index + 1,))
+choice = st.selectbox("Step", labels, key=PICK_KEY, on_change=picked)
 minutes, page, title, click, look, question, notice = STEPS[labels.index(choice)]
 
 st.header(title)

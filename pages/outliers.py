@@ -42,14 +42,17 @@ def new_calibration_form(key: str, model: str | None = None, tp: int | None = No
     with c3:
         s = st.selectbox("Text source", TEXT_SOURCES,
                          index=TEXT_SOURCES.index(source) if source in TEXT_SOURCES else 0, key=f"{key}_source")
+    problems: list = []
     with c4:
-        n = st.number_input("Calibration tokens", min_value=1, value=int(tokens), step=256, key=f"{key}_tokens")
-    if st.button("Start calibration", icon=":material/play_arrow:", key=f"{key}_go"):
+        n = _ui.number_field("Calibration tokens", f"{key}_tokens", int(tokens), problems, lo=1, step=256,
+                             field="calib_tokens")
+    if _ui.job_button("Start calibration", key=f"{key}_go", refusal=_ui.start_refusal(),
+                      icon=":material/play_arrow:"):
         _ui.submit(dict(kind="calibrate", model=m, tp=int(t), calib_data=s, calib_tokens=int(n),
-                        params=dict(seq_len=int(seq_len))))
+                        params=dict(seq_len=int(seq_len))), problems=problems)
 
 
-sources = calibration_sources(_ui.runs(), _ui.root())
+sources = _ui.calibration_sources()
 if sources.empty:
     _ui.empty_state("No calibration yet.",
                     "A calibration records every feature's range on each rank. The classroom demo makes one; or "
@@ -94,6 +97,8 @@ fig = px.line(ranges, x="feature", y="range", color="rank", log_y=log_y,
 for f in selected:
     fig.add_vline(x=f, line=dict(color="#D55E00", width=1, dash="dot"))
 fig.update_layout(title=f"Layer {layer} {module}: dotted lines = the {k} feature(s) the paper keeps in BF16")
+if log_y:
+    fig.update_yaxes(**_ui.log_ticks(ranges["range"]))
 _ui.plot(_ui.style(fig, height=460), key="cal_ranges")
 st.markdown("If the spikes line up across the rank lines, every rank's partial has the **same** outlier features: "
             "one shared index list is enough.")
@@ -125,6 +130,7 @@ with tab_b:
     fig.add_hline(y=baseline, line=dict(dash="dash", color="#555"), annotation_text="random sets")
     fig.update_layout(title=f"{module}: each batch's top-k vs the selected set (bars: min-max over batches)",
                       xaxis_title="layer", yaxis_title="Jaccard overlap", yaxis_range=[0, 1.05])
+    fig.update_xaxes(**_ui.integer_ticks(cal.layers))
     _ui.plot(_ui.style(fig, height=420), key="cal_batches")
 with tab_r:
     by_rank = overlap_between_ranks(cal, layer, module, k)
@@ -158,6 +164,7 @@ with tab_s:
             other_meta = peers[peers["folder"] == other_folder].iloc[0]
             fig = px.line(by_source, x="layer", y="jaccard", color="module", markers=True,
                           labels=dict(layer="layer", jaccard="Jaccard overlap", module=""))
+            fig.update_xaxes(**_ui.integer_ticks(cal.layers))
             fig.add_hline(y=baseline, line=dict(dash="dash", color="#555"), annotation_text="random sets")
             fig.update_layout(title=f"Selected features: {meta['source']} vs {other_meta['source']} text",
                               yaxis_range=[0, 1.05])
@@ -167,8 +174,11 @@ with tab_s:
 st.header("How the range estimate settles during calibration")
 ranked = feature_ranges(cal, layer, module).groupby("feature")["range"].sum().sort_values(ascending=False)
 default_feature = int(ranked.index[0])
-feature = st.number_input("Feature", min_value=0, max_value=cal.hidden - 1, value=default_feature, step=1,
-                          key="cal_feature", help="Defaults to the widest feature at this layer and module.")
+bad: list = []
+feature = _ui.number_field("Feature", "cal_feature", default_feature, bad, lo=0, hi=cal.hidden - 1, step=1,
+                           help="Defaults to the widest feature at this layer and module.")
+if bad:
+    st.stop()
 trace = ema_trace_frame(cal, layer, module, int(feature))
 fig = go.Figure()
 fig.add_trace(go.Scatter(x=trace["batch"], y=trace["batch_range"], mode="markers", name="this batch",
@@ -177,6 +187,7 @@ fig.add_trace(go.Scatter(x=trace["batch"], y=trace["ema_range"], mode="lines+mar
                          line=dict(width=3, color="#0072B2")))
 fig.update_layout(title=f"Feature {int(feature)}, layer {layer} {module} (summed over ranks)",
                   xaxis_title="calibration batch", yaxis_title="range (activation units)")
+fig.update_xaxes(**_ui.integer_ticks(len(trace)))  # batches are whole numbers (plotly chose steps of 0.2)
 _ui.plot(_ui.style(fig, height=420), key="cal_ema")
 st.caption("With gamma = 0.01 the EMA moves 1 % of the way to each new batch: a spike in one batch barely moves the "
            "scale, so a later, larger value is clamped (Layer error page shows the cost).")

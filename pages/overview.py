@@ -9,7 +9,7 @@ from launch.index import ACTIVE
 from launch.presets import DEMO_LONGER, DEMO_SCHEMES, demo_spec, demo_tp
 from launch.store.evaluate import scheme_frame
 from lowbit import stats
-from pages import _ui
+from pages import _access, _ui
 
 st.title("lowbit: low-bit communication for tensor-parallel inference")
 st.markdown(
@@ -194,6 +194,7 @@ def demo_result(run_id: str, row) -> None:
     st.caption("Top-1 agreement: how often the next-token choice equals the exact run's. KL: how far the whole "
                "next-token distribution moved. % kept: task accuracy relative to exact (the paper's measure), "
                "± one standard error of the paired differences; ! marks an error larger than the gap it claims.")
+    _ui.random_weights_note([data.get("model")])
     st.page_link("pages/tradeoffs.py", label="Compare with more schemes (Trade-offs)", icon=":material/balance:")
 
 
@@ -201,16 +202,24 @@ frame = _ui.runs()
 demo_id = st.session_state.get("demo_run")
 if demo_id is not None and demo_id not in set(frame["id"]):
     demo_id = None  # a different runs root, or a deleted run
+running_demos = demo_runs(frame[frame["status"].isin(ACTIVE)])
+if not running_demos.empty:
+    demo_id = running_demos.iloc[0]["id"]  # one demo at a time: follow the one that runs, whoever started it
 b1, b2 = st.columns([1, 3])
 with b1:
-    clicked = st.button("Run the demo", type="primary", icon=":material/play_arrow:", key="demo_button")
+    refusal = _ui.start_refusal() or (f"A demo is already queued or running ({demo_id}): its progress is below."
+                                      if not running_demos.empty else None)
+    clicked = _ui.job_button("Run the demo", key="demo_button", refusal=refusal, type="primary",
+                             icon=":material/play_arrow:")
 with b2:
     st.caption(f"Sizes are chosen to finish within about 3 minutes on a 2-core CPU. {DEMO_LONGER}")
-if clicked:
+if clicked and running_demos.empty:
     new_id = _ui.submit(demo_spec(model=model, tp=tp), state_key="demo_run")
     if new_id:
         demo_id = new_id
         frame = _ui.runs()
+elif clicked:
+    st.error(refusal, icon=":material/block:")  # a click the disabled button cannot send: refused here too
 
 if demo_id is None:
     previous = demo_runs(frame)
@@ -224,11 +233,15 @@ if demo_id is not None:
     status = row["status"] if row is not None else "unknown"
     if status in ACTIVE:
         demo_progress(demo_id)
-        if st.button("Cancel the demo", icon=":material/stop:", key="demo_cancel"):
-            _ui.cancel_run(demo_id)
-            st.rerun()
+        if _ui.job_button("Cancel the demo", key="demo_cancel", refusal=_access.cancel_refusal(demo_id),
+                          icon=":material/stop:"):
+            if _ui.cancel_run(demo_id) is not None:
+                st.rerun()
     elif status in ("done", "unindexed"):
         demo_result(demo_id, row)
+    elif status == "cancelled":
+        st.info(f"The demo run {demo_id} was cancelled{_ui.cancel_note(row)}. Press the button to start it again.",
+                icon=":material/stop_circle:")
     else:
         st.error(f"The demo run {demo_id} ended **{status}**. Nothing else is affected; press the button to try "
                  "again, or open Runs for its logs.")

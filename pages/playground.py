@@ -25,8 +25,9 @@ folder, cal, spiky = picked
 
 c1, c2, c3 = st.columns(3)
 with c1:
-    layer = st.number_input("Layer", 0, cal.layers - 1, spiky[0], key="pg_layer",
-                            help="Starts at the stored partial with the largest max/RMS (the spikiest)")
+    bad: list = []
+    layer = _ui.number_field("Layer", "pg_layer", spiky[0], bad, lo=0, hi=cal.layers - 1, step=1,
+                             help="Starts at the stored partial with the largest max/RMS (the spikiest)")
 with c2:
     module = st.radio("Module", ["o_proj", "down_proj"], index=["o_proj", "down_proj"].index(spiky[1]),
                       horizontal=True, key="pg_module")
@@ -63,6 +64,8 @@ with c5:
     compare = st.toggle("Static vs dynamic side by side", value=True, key="pg_compare",
                         help="Also show the same scheme with the other kind of scales")
 
+if bad:
+    st.stop()
 try:
     scheme = _controls.scheme_text(code, granularity=gran, group=int(group), outliers=outliers, k=k,
                                    rotation=int(block) if rotate else None,
@@ -90,12 +93,13 @@ cols = st.columns(len(views))
 for col, v, s in zip(cols, views, schemes):
     row = v["summary"].iloc[0]
     with col:
-        m1, m2, m3 = st.columns(3)
-        m1.metric(f"SQNR rank {int(rank)}", f"{row['rank_sqnr_db']:.2f} dB",
+        m1, m2, m3 = st.columns(3)  # units in the labels: at 1280 px three values share half the page
+        m1.metric(f"rank {int(rank)} SQNR (dB)", f"{row['rank_sqnr_db']:.2f}",
                   help=f"Rank {int(rank)}'s message, dequantized, against its partial")
-        m2.metric(f"SQNR sum of {int(row['tp'])}", f"{row['sum_sqnr_db']:.2f} dB",
-                  help="The sum over ranks as the communicator computes it, against the exact fp32 sum")
-        m3.metric("Bits / value", f"{row['bits_per_value']:.4f}", help="Everything this rank sends, per value")
+        m2.metric("sum SQNR (dB)", f"{row['sum_sqnr_db']:.2f}",
+                  help=f"The sum over the {int(row['tp'])} ranks as the communicator computes it, against the exact "
+                       "fp32 sum")
+        m3.metric("bits / value", f"{row['bits_per_value']:.4f}", help="Everything this rank sends, per value")
         st.caption(f"`{s}` · clamped values: **{int(row['clamped'])}** of {int(row['tokens']) * int(row['hidden'])}"
                    f" · BF16 features: {int(row['outliers'])} · message: {int(row['payload_bytes'])} bytes"
                    + (f" · two-shot first leg SQNR {row['first_leg_sqnr_db']:.2f} dB"
@@ -126,10 +130,11 @@ def histogram_figure(v: dict, s: str) -> go.Figure:
 def feature_figure(v: dict, s: str) -> go.Figure:
     f = v["features"]
     fig = go.Figure()
+    # the two errors often coincide: a wide pale line under a thin dashed one keeps both visible
     fig.add_scatter(x=f["feature"], y=f["rank_rms_error"], mode="lines", name=f"rank {int(rank)}'s message",
-                    line=dict(color="#0072B2"))
+                    line=dict(color="#0072B2", width=6), opacity=0.45)
     fig.add_scatter(x=f["feature"], y=f["sum_rms_error"], mode="lines", name="sum over ranks",
-                    line=dict(color="#009E73"))
+                    line=dict(color="#009E73", width=2, dash="dot"))
     kept = f[f["bf16"]]
     if len(kept):
         fig.add_scatter(x=kept["feature"], y=kept["sum_rms_error"], mode="markers", name="kept in BF16",
@@ -143,8 +148,9 @@ def scheme_figures(folder: str, stamp: float, layer: int, module: str, rank: int
     """(histogram or None, per-feature error) of one scheme, styled: cached, so the side-by-side
     scheme that did not change costs nothing (building a plotly figure is a visible part of a rerun)."""
     v = view(folder, stamp, layer, module, rank, scheme)
-    hist = _teach.style(histogram_figure(v, scheme), 420) if v["grid"] else None
-    return hist, _teach.style(feature_figure(v, scheme), 380)
+    narrow = _ui.NARROW_TITLE_CHARS  # drawn in a column of half the page when two schemes are compared
+    hist = _ui.legend_below(_teach.style(histogram_figure(v, scheme), 480, title_chars=narrow)) if v["grid"] else None
+    return hist, _ui.legend_below(_teach.style(feature_figure(v, scheme), 440, title_chars=narrow))
 
 
 figs = [scheme_figures(folder, stamp, int(layer), module, int(rank), s, _teach.presenting()) for s in schemes]
@@ -164,28 +170,43 @@ for col, (_, feat), i in zip(st.columns(len(views)), figs, range(len(views))):
                     what="how far each feature's dequantized value is from the original, for this rank's message "
                          "and for the sum of all ranks; BF16 features (diamonds) are nearly exact.")
 
-bits = [v["bits"].assign(scheme=s) for v, s in zip(views, schemes)]
-fig = go.Figure()
-for part in ("payload", "outliers", "scales", "indices"):
-    for b in bits:
-        rows = b[b["part"] == part]
-        fig.add_bar(x=[f"{r.scheme} · {r.leg}" for r in rows.itertuples()], y=rows["bits"], name=part,
-                    marker_color=_ui.PART_COLORS[part], legendgroup=part,
-                    showlegend=b is bits[0])
-fig.update_layout(barmode="stack", title="Bits per value by part", yaxis_title="bits per value", xaxis_title="")
-_teach.plot(fig, key="pg_bits", height=400,
+def bits_figure(views: list[dict], schemes: list[str]) -> go.Figure:
+    bits = [v["bits"].assign(scheme=s) for v, s in zip(views, schemes)]
+    fig = go.Figure()
+    for part in ("payload", "outliers", "scales", "indices"):
+        for b in bits:
+            rows = b[b["part"] == part]
+            fig.add_bar(x=[f"{r.scheme} · {r.leg}" for r in rows.itertuples()], y=rows["bits"], name=part,
+                        marker_color=_ui.PART_COLORS[part], legendgroup=part, showlegend=b is bits[0])
+    fig.update_layout(barmode="stack", title="Bits per value by part", yaxis_title="bits per value", xaxis_title="")
+    return fig
+
+
+def sqnr_figure(views: list[dict], schemes: list[str], rank: int) -> go.Figure:
+    sq = [dict(scheme=s, what=w, sqnr=v["summary"].iloc[0][c]) for v, s in zip(views, schemes)
+          for w, c in ((f"rank {rank}'s message", "rank_sqnr_db"), ("sum over ranks", "sum_sqnr_db"))]
+    fig = go.Figure()
+    for what, color in ((f"rank {rank}'s message", "#0072B2"), ("sum over ranks", "#009E73")):
+        rows = [r for r in sq if r["what"] == what]
+        fig.add_bar(x=[r["scheme"] for r in rows], y=[r["sqnr"] for r in rows], name=what, marker_color=color,
+                    text=[f"{r['sqnr']:.1f}" for r in rows], textposition="outside")
+    fig.update_layout(barmode="group", title="Error of one message and of the sum over ranks",
+                      yaxis_title="SQNR (dB, higher is better)")
+    return fig
+
+
+@st.cache_resource(show_spinner=False, max_entries=128)  # shared by every session: a class moves the same controls
+def summary_figures(folder: str, stamp: float, layer: int, module: str, rank: int, schemes: tuple, present: bool):
+    """(bits by part, SQNR of one message and of the sum) for the shown schemes, styled."""
+    views = [view(folder, stamp, layer, module, rank, s) for s in schemes]
+    return (_teach.style(bits_figure(views, list(schemes)), 400),
+            _teach.style(sqnr_figure(views, list(schemes), rank), 380))
+
+
+bits_fig, sqnr_fig = summary_figures(folder, stamp, int(layer), module, int(rank), tuple(schemes), _teach.presenting())
+_teach.show(bits_fig, key="pg_bits",
             what="what each value costs on the wire, from the payload layout: the codes, the BF16 outlier "
                  "features, the dynamic scales and any index lists (two-shot: both legs).")
-
-sq = [dict(scheme=s, what=w, sqnr=v["summary"].iloc[0][c]) for v, s in zip(views, schemes)
-      for w, c in ((f"rank {int(rank)}'s message", "rank_sqnr_db"), ("sum over ranks", "sum_sqnr_db"))]
-fig = go.Figure()
-for what, color in ((f"rank {int(rank)}'s message", "#0072B2"), ("sum over ranks", "#009E73")):
-    rows = [r for r in sq if r["what"] == what]
-    fig.add_bar(x=[r["scheme"] for r in rows], y=[r["sqnr"] for r in rows], name=what, marker_color=color,
-                text=[f"{r['sqnr']:.1f}" for r in rows], textposition="outside")
-fig.update_layout(barmode="group", title="Error of one message and of the sum over ranks",
-                  yaxis_title="SQNR (dB, higher is better)")
-_teach.plot(fig, key="pg_sum", height=380,
+_teach.show(sqnr_fig, key="pg_sum",
             what="independent ranks' rounding errors add in power, and so does the signal of uncorrelated partials: "
                  "the sum's SQNR stays near one message's, lower where partials cancel, higher where they line up.")

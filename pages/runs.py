@@ -12,7 +12,7 @@ from launch.store.evaluate import compare_results, compare_specs, scheme_frame
 from launch.store.runs import active_runs, codec_changes, events_frame, load_spec, log_tail, run_progress
 from lowbit.model.data import TASKS, TEXT_SOURCES
 from lowbit.stats import UNRESOLVED_NOTE, score_table
-from pages import _ui
+from pages import _access, _ui
 
 st.title("Runs")
 st.markdown("Every job is a real `torchrun` launch on this machine; its files live in "
@@ -20,9 +20,8 @@ st.markdown("Every job is a real `torchrun` launch on this machine; its files li
 
 
 # -- queue ---------------------------------------------------------------------------------------
-@st.fragment(run_every=_ui.POLL_S)
-def queue_panel() -> None:
-    active = active_runs(_ui.root())
+def queue_panel(active) -> None:
+    """Every queued and running job with its progress and a cancel button."""
     if active.empty:
         st.caption("Nothing queued or running.")
         return
@@ -33,14 +32,16 @@ def queue_panel() -> None:
                 st.markdown(f"**{run.kind}** · {run.model} · TP {run.tp} · `{run.id}`")
                 _ui.show_progress(run.id)
             with c2:
-                if st.button("Cancel", key=f"cancel_{run.id}", icon=":material/stop:"):
+                if _ui.job_button("Cancel", key=f"cancel_{run.id}", refusal=_access.cancel_refusal(run.id),
+                                  icon=":material/stop:"):
                     status = _ui.cancel_run(run.id)
-                    st.toast(f"{run.id}: {status}")
-                    st.rerun()
+                    if status is not None:
+                        st.toast(f"{run.id}: {status}")
+                        st.rerun()
 
 
 st.header("Queue")
-queue_panel()
+_ui.live_active_runs(queue_panel, every_s=_ui.POLL_S)
 
 
 # -- new run -------------------------------------------------------------------------------------
@@ -53,8 +54,8 @@ def new_run_form() -> None:
                             key="new_kind")
     with c2:
         model = st.selectbox("Model", names, key="new_model")
-    with c3:
-        tp = st.number_input("TP size", min_value=1, max_value=64, value=2, key="new_tp",
+    with c3:  # no bounds in the browser: JobSpec names any out-of-range value (tp, tokens, items, limit)
+        tp = st.number_input("TP size", value=2, key="new_tp",
                              help=f"valid for {model}: {', '.join(map(str, _ui.valid_tp_sizes(model)))}")
     with c4:
         backend = st.selectbox("Backend", BACKENDS, key="new_backend")
@@ -64,22 +65,23 @@ def new_run_form() -> None:
     with c1:
         calib_data = st.selectbox("Calibration text", TEXT_SOURCES, key="new_calib_data")
     with c2:
-        calib_tokens = st.number_input("Calibration tokens", min_value=0, value=2048, step=256, key="new_calib_tokens")
+        calib_tokens = st.number_input("Calibration tokens", value=2048, step=256, key="new_calib_tokens")
     with c3:
         eval_data = st.selectbox("Evaluation text", TEXT_SOURCES, key="new_eval_data")
     with c4:
-        eval_tokens = st.number_input("Evaluation tokens", min_value=0, value=1024, step=256, key="new_eval_tokens")
+        eval_tokens = st.number_input("Evaluation tokens", value=1024, step=256, key="new_eval_tokens")
     c1, c2, c3 = st.columns([2, 1, 1])
     with c1:
         tasks = st.multiselect("Tasks", TASKS, default=["arc_easy"], key="new_tasks")
     with c2:
-        items = st.number_input("Items per task", min_value=0, value=16, key="new_items")
+        items = st.number_input("Items per task", value=16, key="new_items")
     with c3:
-        limit = st.number_input("Time limit (s)", min_value=1.0, value=1800.0, step=60.0, key="new_limit")
+        limit = st.number_input("Time limit (s)", value=1800.0, step=60.0, key="new_limit")
     params_text = st.text_input("params (JSON object)", '{"seq_len": 128}', key="new_params",
                                 help="kind-specific extras, e.g. seq_len, batch_size, layer_error; evaluate: "
                                      "codec (kernels: the kernels inside the communicators; reference)")
-    if st.button("Queue this run", type="primary", icon=":material/play_arrow:", key="new_go"):
+    if _ui.job_button("Queue this run", key="new_go", refusal=_ui.start_refusal(), type="primary",
+                      icon=":material/play_arrow:"):
         try:
             params = json.loads(params_text or "{}")
         except json.JSONDecodeError as exc:
@@ -123,9 +125,10 @@ if search.strip():
     needle = search.strip().lower()
     text = (hist["id"].astype(str) + " " + hist["schemes"].fillna("") + " " + hist["error"].fillna("")).str.lower()
     hist = hist[text.str.contains(needle, regex=False)]
-st.dataframe(hist[["id", "status", "kind", "model", "tp", "schemes", "created", "duration_s", "problem"]],
-             hide_index=True, width="stretch",
-             column_config=dict(duration_s=st.column_config.NumberColumn("duration (s)", format="%.1f"),
+shown = _ui.blank_missing(hist[["id", "status", "kind", "model", "tp", "schemes", "created", "duration_s", "problem"]],
+                          dict(duration_s=".1f", tp=".0f"))
+st.dataframe(shown, hide_index=True, width="stretch",
+             column_config=dict(_ui.number_columns(shown, dict(duration_s="%.1f")),
                                 created=st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss")))
 st.caption(f"{len(hist)} of {len(frame)} runs.")
 
@@ -141,7 +144,9 @@ c3.metric("Model · TP", f"{row['model']} · {row['tp']}")
 c4.metric("Duration", f"{row['duration_s']:.0f} s" if pd.notna(row["duration_s"]) else "-")
 if row["status"] in ACTIVE:
     _ui.show_progress(run_id)
-if isinstance(row["error"], str) and row["error"]:
+if row["status"] == "cancelled":  # a user's choice: news, not an error
+    st.info(f"Cancelled{_ui.cancel_note(row)}.", icon=":material/stop_circle:")
+elif isinstance(row["error"], str) and row["error"]:
     st.error("Error reported by the launcher:")
     st.code(row["error"], language=None)
 if isinstance(row["problem"], str) and row["problem"]:
@@ -154,7 +159,8 @@ with tab_res:
     elif scheme_frame(data).empty:
         st.json(data, expanded=1)
     else:
-        st.dataframe(scheme_frame(data), hide_index=True, width="stretch")
+        st.dataframe(_ui.blank_missing(scheme_frame(data)), hide_index=True, width="stretch")
+        _ui.random_weights_note([data.get("model")])
         scores = score_table(data)
         if not scores.empty:
             st.markdown("**Scores** (± one standard error; Δ: paired difference to the exact run on the same "

@@ -76,17 +76,21 @@ def autotune_form() -> None:
         candidates = st.multiselect("Per-site candidates", choices, default=list(DEFAULT_CANDIDATES),
                                     key="at_cands", disabled=not allocate)
     st.markdown("**Accuracy floor and data**")
+    problems: list = []
     f1, f2, f3, f4 = st.columns(4)
     with f1:
-        kl_max = st.number_input("KL at most (0 = no floor)", min_value=0.0, value=0.3, step=0.05, key="at_kl")
+        kl_max = _ui.number_field("KL at most (0 = no floor)", "at_kl", 0.3, problems, lo=0.0, step=0.05,
+                                  field="params.kl_max")
     with f2:
         tasks = st.multiselect("Tasks", TASKS, default=[], key="at_tasks",
                                help="Task accuracy with paired SE; slow on a CPU (seconds per item and scheme: "
                                     "docs/results.md, the accuracy plan)")
     with f3:
-        items = st.number_input("Items per task", min_value=1, value=20, step=5, key="at_items", disabled=not tasks)
+        items = _ui.number_field("Items per task", "at_items", 20, problems, lo=1, step=5, disabled=not tasks,
+                                 field="items_per_task")
     with f4:
-        tokens = st.number_input("Evaluation tokens", min_value=256, value=512, step=256, key="at_tokens")
+        tokens = _ui.number_field("Evaluation tokens", "at_tokens", 512, problems, lo=256, step=256,
+                                  field="eval_tokens")
     grid = dict(code=list(codes) or ["int"], bits=list(bits), granularity=list(grans),
                 outliers=[None if o == "none" else o for o in outliers] or [None],
                 rotation=[None if r == "none" else int(r) for r in rotations] or [None],
@@ -95,20 +99,22 @@ def autotune_form() -> None:
     in_range = sweep_grid_candidates(grid, hidden, int(tp), *budget) if bits and grans else []
     st.caption(f"{len(in_range)} grid scheme(s) in range" + (f": {', '.join(in_range)}" if in_range else "")
                + (f"; plus {len(allocate)} allocated map(s)" if allocate else "") + "; plus the paper's scheme.")
-    if st.button("Start the auto-tune sweep", type="primary", icon=":material/tune:", key="at_go"):
+    if _ui.job_button("Start the auto-tune sweep", key="at_go", refusal=_ui.start_refusal(), type="primary",
+                      icon=":material/tune:"):
         params = dict(budget_min=float(budget[0]), budget_max=float(budget[1]), kl_max=float(kl_max) or None,
                       grid=grid if in_range else None, allocate=[float(b) for b in allocate],
                       report_at=[float(b) for b in BUDGETS], seq_len=256, batch_size=2)
         if allocate:
             params["allocate_candidates"] = list(candidates)
         _ui.submit(dict(kind="sweep", model=model, tp=int(tp), calib_tokens=2048, eval_tokens=int(tokens),
-                        tasks=list(tasks), items_per_task=int(items) if tasks else 0, params=params))
+                        tasks=list(tasks), items_per_task=int(items) if tasks else 0, params=params),
+                   problems=problems)
 
 
 run_ids = _ui.pick_evaluate_run(label="Evaluation runs and auto-tune sweeps", key="to_runs", multi=True,
                                 sweeps=True)
 if not run_ids:
-    if evaluate_runs(_ui.runs(), _ui.root(), sweeps=True).empty:
+    if _ui.evaluate_runs(sweeps=True).empty:
         _ui.empty_state("No evaluation results yet.",
                         "An evaluate run measures every scheme's accuracy, bits and communication time. The "
                         "classroom demo is one; the Runs page starts any other; the form below starts an "
@@ -130,6 +136,7 @@ for run_id in run_ids:
     f.insert(1, "model", data.get("model"))
     f.insert(2, "tp", data.get("tp"))
     frames.append(f)
+_ui.random_weights_note([f["model"].iloc[0] for f in frames if len(f)])
 if not frames:
     st.error("None of the chosen runs has a readable result.")
     st.stop()
@@ -183,9 +190,10 @@ st.subheader("All schemes")
 columns = ["run", "model", "tp", "scheme", "bits_per_value", "leg1_bits", "leg2_bits", "ppl", "kl", "top1_agreement",
            "kept_pct", "kept_se", "avg_primary", "avg_primary_se", "comm_seconds", "comm_ms_per_ktok", "clamped",
            "thr_overflow"]
-st.dataframe(table[columns], hide_index=True, width="stretch",
-             column_config=dict(kl=st.column_config.NumberColumn("kl", format="%.4g"),
-                                ppl=st.column_config.NumberColumn("ppl", format="%.2f")))
+shown = _ui.blank_missing(table[columns], dict(ppl=".2f", kept_pct=".2f", kept_se=".2f", clamped=",.0f",
+                                               thr_overflow=",.0f"))
+st.dataframe(shown, hide_index=True, width="stretch", column_config=_ui.number_columns(shown, dict(kl="%.4g",
+                                                                                                 ppl="%.2f")))
 _ui.download_csv(table[columns], "lowbit-tradeoffs.csv", key="to_csv")
 
 for run_id in run_ids:
@@ -194,8 +202,8 @@ for run_id in run_ids:
         st.subheader(f"Auto-tune answer: {run_id}")
         st.caption("The lowest-KL scheme at or under each budget (bits per value as sent). "
                    "cheapest_meeting_floor marks the cheapest frontier point that meets the run's accuracy floor.")
-        st.dataframe(answer, hide_index=True, width="stretch",
-                     column_config=dict(kl=st.column_config.NumberColumn("kl", format="%.4g")))
+        answer = _ui.blank_missing(answer)
+        st.dataframe(answer, hide_index=True, width="stretch", column_config=_ui.number_columns(answer, dict(kl="%.4g")))
 
 with st.expander("Per task"):
     tasks = pd.concat([task_frame(_ui.result(r)[0]).assign(run=r) for r in run_ids], ignore_index=True)

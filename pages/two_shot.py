@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from launch.store.teaching import bytes_by_tp, two_shot_view
-from pages import _teach
+from pages import _teach, _ui
 
 st.title("Two-shot, step by step")
 _teach.presentation_toggle("ts")
@@ -26,7 +26,8 @@ if picked is None:
 folder, cal, spiky = picked
 c1, c2, c3, c4, c5 = st.columns(5)
 with c1:
-    layer = st.number_input("Layer", 0, cal.layers - 1, spiky[0], key="ts_layer")
+    bad: list = []
+    layer = _ui.number_field("Layer", "ts_layer", spiky[0], bad, lo=0, hi=cal.layers - 1, step=1)
 with c2:
     module = st.radio("Module", ["o_proj", "down_proj"], index=["o_proj", "down_proj"].index(spiky[1]),
                       horizontal=True, key="ts_module")
@@ -38,8 +39,10 @@ with c4:
     second = st.selectbox("Second leg (requantization)", ["int8-token", "int4-token", "int6-token"], key="ts_second",
                           help="What owners send in phase 2: dynamic scales only (no calibration exists for a sum)")
 with c5:
-    tokens_for_tp = st.number_input("Tokens (bytes by TP)", 1, 65536, 2048, key="ts_tokens",
-                                    help="Message length for the bytes-per-rank curve")
+    tokens_for_tp = _ui.number_field("Tokens (bytes by TP)", "ts_tokens", 2048, bad, lo=1, hi=65536, step=1,
+                                     help="Message length for the bytes-per-rank curve")
+if bad:
+    st.stop()
 scheme = f"{first}@twoshot+{second}"
 
 

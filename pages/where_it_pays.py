@@ -7,6 +7,7 @@ Numbers from launch.store.teaching.projection_frame / crossovers / message_sizes
 (lowbit.playground -> lowbit.method.projection)."""
 import math
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -34,10 +35,11 @@ with c3:
     models = ["llama2-13b", "gemma2-27b", *[m for m in _ui.model_names() if m not in ("llama2-13b", "gemma2-27b")]]
     model = st.selectbox("Model (its hidden size and message sizes)", models, key="wp_model")
 with c4:
-    codec = st.number_input("Codec speed (GB/s of memory traffic)", min_value=1.0, value=2680.0, step=100.0,
-                            key="wp_codec", help="Quantize + dequantize modelled as memory-bound at this rate; "
-                                                 "2680 = 80% of an H100's 3350 GB/s HBM (lowbit.method.projection's "
-                                                 "assumption). Lower it to see a slow codec eat the gain.")
+    bad: list = []
+    codec = _ui.number_field("Codec speed (GB/s of memory traffic)", "wp_codec", 2680.0, bad, lo=1.0, step=100.0,
+                             help="Quantize + dequantize modelled as memory-bound at this rate; 2680 = 80% of an "
+                                  "H100's 3350 GB/s HBM (lowbit.method.projection's assumption). Lower it to see a "
+                                  "slow codec eat the gain.")
 c1, c2, c3 = st.columns(3)
 with c1:
     schemes = st.multiselect("Schemes", ["int4-static-top1/64", "int4-static-top1/64@twoshot+int8-token",
@@ -45,9 +47,11 @@ with c1:
                                          "int2-static@twoshot+int2-token", "int4-group32@twoshot+int8-token"],
                              default=["int4-static-top1/64", "int4-static-top1/64@twoshot+int8-token"], key="wp_schemes")
 with c2:
-    prompt = st.number_input("Prompt tokens (prefill)", 1, 65536, 2048, key="wp_prompt")
+    prompt = _ui.number_field("Prompt tokens (prefill)", "wp_prompt", 2048, bad, lo=1, hi=65536, step=1)
 with c3:
-    batch = st.number_input("Sequences per batch", 1, 1024, 1, key="wp_batch")
+    batch = _ui.number_field("Sequences per batch", "wp_batch", 1, bad, lo=1, hi=1024, step=1)
+if bad:
+    st.stop()
 
 fits = fitted_links(bench, int(tp)) if len(bench) else {}
 fit_pick = st.multiselect("Links fitted to your collective-bench runs (TP " + str(int(tp)) + ")", list(fits),
@@ -101,7 +105,8 @@ for i, (name, frame) in enumerate(frames.items()):
     table += [dict(link=name, **r) for r in cross.to_dict("records")]
 
 st.subheader("Crossover: smallest message from which each scheme stays faster than BF16")
-st.dataframe(table, hide_index=True, width="stretch")
+st.dataframe(_ui.blank_missing(pd.DataFrame(table), dict(tokens=".0f", message_mib=".3g", bf16_us=".1f",
+                                                          scheme_us=".1f")), hide_index=True, width="stretch")
 st.caption("Empty cells: from no size up to 65536 tokens on is the scheme faster than BF16 at every larger size "
            "(gather at large TP can win tiny, latency-bound messages -- it has N-1 steps to the ring's 2(N-1) -- but "
            "moves more bytes than the BF16 ring on large ones). Interconnects: " + "; ".join(

@@ -213,3 +213,72 @@ def test_every_page_and_the_demo_in_chromium(app_server):
     print(f"screenshots: {SCREENSHOTS}")
     assert not errors, errors
     assert "Traceback" not in Path(log_path).read_text(errors="replace"), Path(log_path).read_text()[-3000:]
+
+
+# -- a class (issue 29): five tabs at once, 1280 x 720, presentation mode ----------------------------
+METRICS_JS = """() => Array.from(document.querySelectorAll('[data-testid="stMetricValue"], [data-testid="stMetricLabel"]'))
+  .map(el => { let t = el; while (t.firstElementChild) t = t.firstElementChild;
+               return {text: el.innerText, px: parseFloat(getComputedStyle(t).fontSize),
+                       value: el.dataset.testid === 'stMetricValue', cut: t.scrollWidth > t.clientWidth + 1}; })"""
+# every plotly title: inside its figure's width, and under the toolbar strip where they share columns
+TITLES_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(p => {
+  const t = p.querySelector('.gtitle'), m = p.querySelector('.modebar');
+  if (!t || !t.textContent) return null;
+  const pr = p.getBoundingClientRect(), tr = t.getBoundingClientRect(), mr = m && m.getBoundingClientRect();
+  const underBar = !mr || tr.top >= mr.bottom - 1 || tr.right <= mr.left || tr.left >= mr.right;
+  return {title: t.textContent, inside: tr.left >= pr.left - 1 && tr.right <= pr.right + 1, underBar}; })
+  .filter(x => x)"""
+BUTTONS_JS = """() => Array.from(document.querySelectorAll('[data-testid="stButton"] button'))
+  .map(b => ({text: b.innerText.replace(/\\s+/g, ' ').trim(), cut: b.scrollWidth > b.clientWidth + 1}))"""
+
+
+def test_a_class_five_tabs_at_once_at_1280x720_and_presentation_mode(app_server):
+    from playwright.sync_api import sync_playwright
+    url, _, log_path = app_server
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport=dict(width=1280, height=720))
+            page.goto(f"{url}/playground")  # a student's link straight to a page: app.py still draws it
+            wait_rendered(page, "Playground", 6, timeout_ms=240_000)
+            assert page.locator('[data-testid="stSidebar"]').get_by_text("CPU cores").count() == 1
+            normal = page.evaluate(METRICS_JS)
+            assert normal and not [m for m in normal if m["cut"]], normal
+            titles = page.evaluate(TITLES_JS)
+            assert titles and all(t["inside"] and t["underBar"] for t in titles), titles
+            page.get_by_text("Presentation mode").first.click()
+            page.wait_for_function("!document.querySelector('[data-testid=\"stSidebar\"]') || getComputedStyle("
+                                   "document.querySelector('[data-testid=\"stSidebar\"]')).display === 'none'",
+                                   timeout=60_000)
+            wait_rendered(page, "Playground", 6)
+            present = page.evaluate(METRICS_JS)
+            values = [m["px"] for m in present if m["value"]]
+            # the key numbers grow on a projector (they shrank from 36 to 23 px before)
+            assert values and min(values) >= max(m["px"] for m in normal if m["value"]), (normal, present)
+            assert not [m for m in present if m["cut"] and m["value"]], present
+            page.get_by_text("Presentation mode").first.click()
+            nav_link(page, "Lesson").click()
+            wait_rendered(page, "Lesson", 0)
+            page.get_by_role("button", name=re.compile("Next")).click()
+            wait_rendered(page, "Lesson", 0)
+            buttons = page.evaluate(BUTTONS_JS)
+            assert {"Previous", "Next"} <= {b["text"].split(" ")[-1] for b in buttons}, buttons
+            assert not [b for b in buttons if b["cut"]], buttons
+
+            # five students open the Playground at once, then each changes one control
+            tabs = [browser.new_page(viewport=dict(width=1280, height=720)) for _ in range(5)]
+            for tab in tabs:
+                tab.goto(f"{url}/playground", wait_until="commit")
+            for tab in tabs:
+                wait_rendered(tab, "Playground", 6, timeout_ms=240_000)
+                tab.evaluate(f"window.__firstFigure = JSON.stringify({FIRST_FIGURE_JS})")
+            for tab in tabs:
+                pick(tab, "Granularity", "token")
+            for i, tab in enumerate(tabs):
+                tab.wait_for_function(f"JSON.stringify({FIRST_FIGURE_JS}) !== window.__firstFigure", timeout=120_000)
+                wait_rendered(tab, "Playground", 6)
+                assert tab.locator('[data-testid="stException"]').count() == 0, i
+        finally:
+            browser.close()
+    log = Path(log_path).read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]

@@ -322,10 +322,11 @@ def test_playground_shows_the_sqnr_and_bits_of_the_stored_sample(playground_runs
         recon = independent_gather(cal, scheme, site)
         x = cal.site_sample(site, rank)
         exact = sum(cal.site_sample(site, r).double() for r in range(cal.tp)).float()
-        assert metric(at, f"SQNR rank {rank}") == f"{db(x, recon[rank]):.2f} dB", scheme
-        assert metric(at, f"SQNR sum of {cal.tp}") == f"{db(exact, sum(recon)):.2f} dB", scheme
+        # units in the labels (issue 29: "44.63 dB" was cut at 1280 px)
+        assert metric(at, f"rank {rank} SQNR (dB)") == f"{db(x, recon[rank]):.2f}", scheme
+        assert metric(at, "sum SQNR (dB)") == f"{db(exact, sum(recon)):.2f}", scheme
         bits = 4 + 16 / 64 * 1 - 4 / 64 if scheme == "int4-static-top1/64" else 8 + 16 / 64
-        assert metric(at, "Bits / value") == f"{bits:.4f}", scheme  # hidden 64: one BF16 feature / one scale
+        assert metric(at, "bits / value") == f"{bits:.4f}", scheme  # hidden 64: one BF16 feature / one scale
     assert len(at.get("plotly_chart")) == 6 and what_you_see(at) == 6
 
 
@@ -354,12 +355,12 @@ def test_playground_offers_the_floating_point_codes_with_their_bits(playground_r
     assert_page_clean(at)
     assert any("fp4e2m1-group32" in s.value for s in at.subheader), texts(at.subheader)
     hidden, tp = 64, 4  # the fixture's tiny-llama at TP 4
-    assert metric(at, "Bits / value") == f"{accounting.scheme_bits_per_value('fp4e2m1-group32', hidden, tp, 16):.4f}"
-    assert metric(at, "Bits / value") == f"{4 + 16 / 32:.4f}"  # 4-bit codes + a bf16 scale per 32 values
+    assert metric(at, "bits / value") == f"{accounting.scheme_bits_per_value('fp4e2m1-group32', hidden, tp, 16):.4f}"
+    assert metric(at, "bits / value") == f"{4 + 16 / 32:.4f}"  # 4-bit codes + a bf16 scale per 32 values
     at.selectbox(key="pg_bits_fp").set_value("fp8e4m3").run()
     assert_page_clean(at)
     assert any("fp8e4m3-group32" in s.value for s in at.subheader)
-    assert metric(at, "Bits / value") == f"{8 + 16 / 32:.4f}"
+    assert metric(at, "bits / value") == f"{8 + 16 / 32:.4f}"
     assert at.checkbox(key="pg_sr").disabled  # fp codes round to nearest only
 
 

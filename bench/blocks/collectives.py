@@ -30,6 +30,27 @@ def collectives_gate() -> str:
     return table(["tokens x 576", "scheme"] + links, rows) + "\n\n" + source_line(name, data, note)
 
 
+TWO_SHOT = ["collectives-twoshot-fused.json", "collectives-twoshot-fused-run2.json"]
+
+
+@block("collectives-twoshot-fused")
+def collectives_twoshot_fused() -> str:
+    """8192 x 576 at TP 3 after the fused two-shot owner step, one row per (run, link, scheme):
+    median, ratio to bf16 and compute-only reduce, with each link job's load beside it."""
+    rows, sources = [], []
+    for n, name in enumerate(TWO_SHOT, 1):
+        data = load(name)
+        loads = {run["link"]: run["meta"]["load"] for run in data["meta"]["runs"]}
+        for r in data["records"]:
+            load_text = "{:.1f} -> {:.1f}".format(loads[r["link"]]["start"][0], loads[r["link"]]["end"][0])
+            rows.append([str(n), r["link"], _label(r["method"], r["scheme"]), f"{r['median_ms']:.0f}",
+                         f"{r['speedup_vs_bf16']:.2f}x", f"{r['compute_ms']:.3g}", load_text])
+        sources.append(f"- run {n}: " + source_line(name, data))
+    head = ["run", "link", "scheme (8192 x 576, TP 3)", "median ms", "x bf16", "compute ms",
+            "load (1 min, start -> end)"]
+    return table(head, rows) + "\n\n" + "\n".join(sources)
+
+
 GATE = "collectives-gate-native.json"
 
 

@@ -126,8 +126,21 @@ THROUGHPUT_LINKS = [("loopback", "throughput-loopback-native.json"), ("1 Gbit/s"
 
 @block("throughput-native")
 def throughput_native() -> str:
+    return _throughput_table(THROUGHPUT_LINKS)
+
+
+THROUGHPUT_TWO_SHOT = [("100 Mbit/s", "throughput-100mbit-twoshot.json")]
+
+
+@block("throughput-twoshot")
+def throughput_twoshot() -> str:
+    """The paper's gather and its two-shot (int4 second leg, the fused owner step) at 100 Mbit/s."""
+    return _throughput_table(THROUGHPUT_TWO_SHOT)
+
+
+def _throughput_table(links: list[tuple[str, str]]) -> str:
     rows, sources = [], []
-    for label, name in THROUGHPUT_LINKS:
+    for label, name in links:
         data = load(name)
         gates = data.get("gates") or {}
         for r in data["records"]:

@@ -26,6 +26,9 @@ def run(ctx) -> dict | None:
                   items=spec.items_per_task, seed=spec.seed)
     _, codec = kind_codec.make(kind_codec.codec_name(spec.params, "reference"))
     plan = method.plan(ctx)
+    ctx.events.plan([*(["calibrate"] if plan.needs_calibration else []), "text",
+                     *(["tasks"] if spec.tasks and spec.items_per_task else []),
+                     *(["layer-error"] if params["layer_error"] else [])])
     ctx.events.loading(f"loading {spec.model} sharded {ctx.group.world_size} ways")
     result = evaluate(ctx.group, params, method.progress(ctx), codec=codec, plan=plan)
     if result is not None:

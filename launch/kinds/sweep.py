@@ -189,6 +189,7 @@ def run(ctx) -> dict | None:
     if group.rank == 0 and piece is None:
         _copy_resumed(points_dir, p["resume_from"], ctx.paths.root)
     group.barrier()
+    ctx.events.plan([*(["sensitivity"] if p["allocate"] else []), "sweep"])
     ctx.events.loading(f"loading {spec.model} sharded {group.world_size} ways")
     tp_model = build_tp_model(spec.model, group)
     own = _own_calibration(p)

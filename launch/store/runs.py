@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -106,6 +107,33 @@ def runs_frame(root=None) -> pd.DataFrame:
                         schemes=", ".join(map(str, schemes))))
     frame = pd.DataFrame(out, columns=RUN_COLUMNS)
     return frame.sort_values("created", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def runs_stamp(root=None) -> tuple:
+    """A cheap fingerprint of what the store reads under ``root``: (name, mtime, size) of the index
+    files and of every run directory's spec, result and events. Equal stamps, equal frames: the
+    app keys the frames it caches for every session by it (a few stat calls per run, no JSON)."""
+    root = resolve_root(root)
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return ()
+    parts = []
+    for entry in entries:
+        if entry.name.startswith("index.sqlite") and entry.is_file():
+            files = [entry.path]
+        elif entry.is_dir() and not run_id_problem(entry.name):
+            paths = RunPaths(root, entry.name)
+            files = [paths.spec, paths.result, paths.events]
+        else:
+            continue
+        for path in files:
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            parts.append((entry.name, os.path.basename(path), info.st_mtime_ns, info.st_size))
+    return tuple(parts)
 
 
 def _when(t) -> pd.Timestamp | None:

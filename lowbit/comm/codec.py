@@ -37,8 +37,15 @@ class Codec(Protocol):
         """(payload, {"clamped", "nonfinite"}, the path that ran) of one message."""
 
     def decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant, outlier_idx, static_mins,
-                   static_maxs) -> tuple[torch.Tensor, str]:
-        """(the fp32 rank-order sum of the payloads, the path that ran)."""
+                   static_maxs, out: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+        """(the fp32 rank-order sum of the payloads, written to ``out`` when given (a column slice of
+        the whole output: no assembly afterwards), the path that ran)."""
+
+    def owner_step(self, payloads: torch.Tensor, tokens: int, width: int, quant, outlier_idx, static_mins,
+                   static_maxs, second, second_min, second_max) -> tuple[torch.Tensor, dict, str]:
+        """The two-shot owner step: (the leg-2 payload of the owner's chunk, {"clamped", "nonfinite"}
+        of its fp32 sum, the path that ran): ``decode_sum`` then ``encode`` with ``second``, the
+        bytes of those two, in one call (the kernels' fused pass)."""
 
     def rotate(self, x: torch.Tensor, block: int, inverse: bool = False) -> torch.Tensor:
         """The block Walsh-Hadamard rotation (``lowbit.rotation``'s, on the codec's device kernel)."""

@@ -286,7 +286,8 @@ class QuantCommunicator(Communicator):
         for j, start in enumerate(range(0, hidden, width)):
             cols = slice(start, start + width)
             static = self._static(plan, rank, cols)
-            values = seen[:, cols].contiguous() if scheme.algo == "two_shot" else seen
+            values = seen if scheme.algo != "two_shot" else (  # a kernel reads a column slice in place
+                seen[:, cols].contiguous() if expected == REFERENCE else seen[:, cols])
             payload, stats, path = self._encode(values, quant, local[j], static, enc_kw, expected, seed, levels)
             if rot is not None:
                 payload = append_outlier_columns(payload, x, idx)
@@ -340,13 +341,18 @@ class QuantCommunicator(Communicator):
         return self.codec.encode(x, quant, idx, *static)
 
     def _decode_sum(self, payloads: torch.Tensor, tokens: int, width: int, quant: QuantSpec, idx,
-                    smins, smaxs, dec_kw: dict, path: str, levels: list | None = None) -> tuple[torch.Tensor, str]:
+                    smins, smaxs, dec_kw: dict, path: str, levels: list | None = None,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
         """(fp32 zeros + the dequantized payloads [n, nbytes] in row (rank) order, the path that
         ran); ``smins``/``smaxs`` [n, width] are the senders' static ranges (None for dynamic
-        scales); ``levels`` one fitted table per row (each sender's own) or None."""
+        scales); ``levels`` one fitted table per row (each sender's own) or None; ``out``: the fp32
+        [tokens, width] tensor (a view is fine) the sum is written to."""
         if path != REFERENCE:  # the kernels' codes (uniform grid, nearest) decode the same for every sender
-            return self.codec.decode_sum(payloads, tokens, width, quant, idx, smins, smaxs)
-        out = torch.zeros(tokens, width, dtype=torch.float32, device=payloads.device)
+            return self.codec.decode_sum(payloads, tokens, width, quant, idx, smins, smaxs, out)
+        if out is None:
+            out = torch.zeros(tokens, width, dtype=torch.float32, device=payloads.device)
+        else:
+            out.zero_()
         for r in range(payloads.shape[0]):
             out += decode(payloads[r], tokens, width, quant, idx, None if smins is None else smins[r],
                           None if smaxs is None else smaxs[r], **dec_kw, levels=None if levels is None else levels[r])
@@ -393,13 +399,8 @@ class QuantCommunicator(Communicator):
         cols = messages[rank].cols
         smins = None if plan.static_min is None else plan.static_min[:, cols]
         smaxs = None if plan.static_max is None else plan.static_max[:, cols]
-        reduced, ran1 = self._decode_sum(received.reshape(tp, own_bytes), tokens, width, plan.scheme.quant,
-                                         local_idx[rank], smins, smaxs, dec_kw, messages[rank].path, plan.levels)
-        if self.keep_first_leg:
-            self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
-        # Leg 2: requantize the reduced chunk (dynamic, or static with the calibrated ranges of the
-        # reduced sum: plan.sum_min/max), all-gather the payloads padded to the largest
-        static2 = plan.sum_min is not None
+        payloads1 = received.reshape(tp, own_bytes)
+        static2 = plan.sum_min is not None  # leg 2: dynamic, or static with the reduced sum's calibrated ranges
 
         def sum_range(j: int, batch: bool = False):
             if not static2:
@@ -407,7 +408,18 @@ class QuantCommunicator(Communicator):
             lo, hi = plan.sum_min[messages[j].cols], plan.sum_max[messages[j].cols]
             return (lo.unsqueeze(0), hi.unsqueeze(0)) if batch else (lo, hi)
         expected2 = self._path(second, x.device)
-        p2, st2, enc2 = self._encode(reduced, second, local_idx[rank], sum_range(rank), {}, expected2)
+        if REFERENCE not in (messages[rank].path, expected2) and not self.keep_first_leg:
+            # the kernels' owner step: unpack, fp32 sum, requantize and pack the chunk in one pass
+            p2, st2, ran1 = self.codec.owner_step(payloads1, tokens, width, plan.scheme.quant, local_idx[rank],
+                                                  smins, smaxs, second, *sum_range(rank))
+            enc2, reduced = ran1, None  # the fused step never materializes the sum: no leg-2 counters
+        else:
+            reduced, ran1 = self._decode_sum(payloads1, tokens, width, plan.scheme.quant, local_idx[rank], smins,
+                                             smaxs, dec_kw, messages[rank].path, plan.levels)
+            if self.keep_first_leg:
+                self.last_first_leg = self.group.all_gather(reduced).permute(1, 0, 2).reshape(tokens, hidden)
+            p2, st2, enc2 = self._encode(reduced, second, local_idx[rank], sum_range(rank), {}, expected2)
+        # all-gather the leg-2 payloads padded to the largest; each decoded into its columns of out
         sizes2 = [layout(tokens, width, second, local_idx[j].numel()).total_bytes for j in range(tp)]
         leg2_bytes = leg2_chunk_bytes(tokens, width, second, [local_idx[j].numel() for j in range(tp)])
         padded = torch.zeros(leg2_bytes, dtype=torch.uint8, device=x.device)
@@ -416,14 +428,15 @@ class QuantCommunicator(Communicator):
         out = torch.empty(tokens, hidden, dtype=torch.float32, device=x.device)
         ran2 = set()
         for j in range(tp):
-            out[:, messages[j].cols], ran = self._decode_sum(gathered[j:j + 1, :sizes2[j]], tokens, width, second,
-                                                             local_idx[j], *sum_range(j, batch=True), {}, enc2)
+            _, ran = self._decode_sum(gathered[j:j + 1, :sizes2[j]], tokens, width, second, local_idx[j],
+                                      *sum_range(j, batch=True), {}, enc2, out=out[:, messages[j].cols])
             ran2.add(ran)
         values = tokens * hidden
         counts: dict = {}
         for m in messages:
             add_counters(counts, self._message_counters(plan, m))
-        add_counters(counts, message_counters(reduced, out[:, messages[rank].cols], second), "leg2_")
+        if reduced is not None:
+            add_counters(counts, message_counters(reduced, out[:, messages[rank].cols], second), "leg2_")
         extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"], **counts,
                      nonfinite_out=int((~torch.isfinite(out)).sum()),
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,

@@ -53,6 +53,10 @@ FIXTURES: dict[str, dict] = {
     "selftest": dict(kind="selftest", model="none", tp=TP, params=dict(sleep_s=0.3)),
     "throughput": dict(kind="throughput", model=MODEL, tp=TP, schemes=["bf16", "int4-token"],
                        params=dict(prompt_tokens=16, new_tokens=3, rounds=1)),
+    # the pre-flight audit on the stress model: int4 with fp16 scales cannot hold its overflow site
+    "audit": dict(kind="audit", model="stress-tiny", tp=TP, schemes=["int4-group32-sfp16", "int8-group32-sfp32"],
+                  eval_tokens=2 * SEQ_LEN, params=dict(seq_len=SEQ_LEN, batch_size=2, site_tokens=SEQ_LEN,
+                                                       degrades_kl=0.05)),
     "collective-bench-tp2": dict(kind="collective-bench", model="none", tp=2, link="loopback", params=BENCH_PARAMS),
     "collective-bench-tp4": dict(kind="collective-bench", model="none", tp=4, link="loopback", params=BENCH_PARAMS),
 }
