@@ -23,9 +23,11 @@ from lowbit.scheme import PRESETS, SchemeError, parse_scheme
 from lowbit.wire import accounting
 from lowbit.wire.payload import encode
 
-# where a preset refused at the bench's hidden size fits: name -> (hidden, tp); two-shot messages are the
-# hidden / tp chunk. Empty: every preset runs at 576.
-ELSEWHERE: dict[str, tuple[int, int]] = {}
+# where a preset refused at the bench's hidden size / TP fits: name -> (hidden, tp); two-shot messages are
+# the hidden / tp chunk. The systems that do not run at TP 3 (QuickReduce: 2/4/8, INT3 2; FlashInfer: a
+# power of two; TensorRT-LLM: 2/4) are measured at TP 2.
+ELSEWHERE: dict[str, tuple[int, int]] = {
+    **{f"quickreduce-int{b}": (576, 2) for b in (3, 4, 6, 8)}, "flashinfer-fp8": (576, 2), "trtllm-fp8": (576, 2)}
 
 
 def measured_bits(name: str, hidden: int, tp: int, tokens: int, seed: int = 576) -> float:

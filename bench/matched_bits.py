@@ -5,11 +5,28 @@ Each file is what ``python -m lowbit.method.sweep sum-error ... --out FILE`` wro
 block (command, date, load, machine) and one row per scheme. Rows print sorted by bits per value
 (then KL), one markdown line each, with the file they came from; a scheme found in two files must
 have the same KL in both (the runs are deterministic), else this refuses.
+
+Until issue 26 the presets named after shipping systems expanded to lowbit's own renderings
+(``PRESETS_BEFORE_26``); a row of a file written before then (``PRESETS_CHANGED``) under such a name
+is read under the scheme it measured, so it never stands for the system's emulation.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+# what each preset named after a system expanded to before issue 26 made it that system's emulation
+PRESETS_BEFORE_26 = {
+    "mxfp4": "fp4e2m1-group32-se8m0", "nvfp4": "fp4e2m1-group16-se4m3",
+    **{f"quickreduce-int{b}": f"int{b}-group32-sfp16@twoshot+int{b}-group32-sfp16" for b in (4, 6, 8)},
+    "flashinfer-fp8": "fp8e4m3-flat256-sfp32@twoshot+fp8e4m3-flat256-sfp32", "trtllm-fp8": "fp8e4m3-flat496-sfp32",
+}
+PRESETS_CHANGED = "2026-12-03T10:00"  # result files dated before this measured PRESETS_BEFORE_26
+
+
+def measured_scheme(scheme: str, date: str) -> str:
+    """The scheme a row named ``scheme`` in a file of ``date`` (ISO) measured."""
+    return PRESETS_BEFORE_26.get(scheme, scheme) if date < PRESETS_CHANGED else scheme
 
 
 def load_rows(paths: list[str]) -> list[dict]:
@@ -20,6 +37,7 @@ def load_rows(paths: list[str]) -> list[dict]:
         if "meta" not in data or "rows" not in data:
             raise ValueError(f"{path}: not a sum-error result (expected 'meta' and 'rows')")
         for row in data["rows"]:
+            row = dict(row, scheme=measured_scheme(row["scheme"], data["meta"]["date"]))
             seen = rows.get(row["scheme"])
             if seen is not None and seen["kl"] != row["kl"]:
                 raise ValueError(f"{row['scheme']}: KL {seen['kl']} in {seen['source']} but {row['kl']} in {path}")

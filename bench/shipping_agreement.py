@@ -1,12 +1,15 @@
-"""How close is lowbit's ``quickreduce-int4`` preset to QuickReduce's INT4 codec? (issue 26)
+"""How close are lowbit's own int4 rendering and the ``quickreduce-int4`` preset to QuickReduce's INT4 codec? (issue 26)
 
     python -m bench.shipping_agreement            # writes bench/results/shipping-agreement.json
 
 The reference is the independent numpy re-derivation in ``tests/shipping_reference.py``
 (``qr_roundtrip``, ``quickreduce``: vLLM csrc/quickreduce, fp16 cast on, IEEE fp16 overflow as on
-gfx950); lowbit is today's parse -> ``lowbit.quant.quantize`` / ``dequantize`` of the preset's
-first-leg spec, and its two-shot ``QuantCommunicator`` on a threaded TP-2 group. On one seeded
-(64, 576) bf16 tensor (``torch.randn``, seed 0):
+gfx950). "lowbit" is lowbit's own rendering, what the preset expanded to before issue 26
+(``LOWBIT_OWN``: contiguous groups of 32, lowbit's absmax rule, fp16 scales); "preset" is today's
+``quickreduce-int4`` (the emulation: ``lowbit.scales.qr``, ``lowbit.groups.ilv``,
+``lowbit.comm.recipes``). Each goes parse -> ``lowbit.quant.quantize`` / ``dequantize`` for one
+message, and its ``QuantCommunicator`` on a threaded TP-2 group. On one seeded (64, 576) bf16
+tensor (``torch.randn``, seed 0):
 
 1. codec round trip: the fraction of decoded values that are equal, and each one's relative L2
    error against the input;
@@ -37,6 +40,7 @@ from lowbit.site import Site
 from tests import shipping_reference as reference  # the independent re-derivation (phase 1 of issue 26)
 
 PRESET = "quickreduce-int4"
+LOWBIT_OWN = "int4-group32-sfp16@twoshot+int4-group32-sfp16"  # the preset's expansion before issue 26
 SHAPE = (64, 576)
 
 
@@ -45,8 +49,8 @@ def seeded_bf16(seed: int, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*SHAPE, generator=g) * scale).bfloat16().float()
 
 
-def lowbit_roundtrip(x: np.ndarray) -> np.ndarray:
-    spec = parse_scheme(PRESET).quant
+def lowbit_roundtrip(x: np.ndarray, scheme: str = LOWBIT_OWN) -> np.ndarray:
+    spec = parse_scheme(scheme).quant
     res = quantize(torch.from_numpy(x.astype(np.float32)), spec)
     return dequantize(res.codes, spec, res.scales).double().numpy()
 
@@ -81,6 +85,7 @@ def attribution(x: np.ndarray) -> dict:
     lowbit_rule_qr_groups = on_qr_groups(lowbit_roundtrip)
     qr_rule_contiguous = on_contiguous_groups(quickreduce_roundtrip)
     return dict(
+        preset=compare(lowbit_roundtrip(x, PRESET), qr_rule_qr_groups, x),
         as_shipped=compare(lowbit_rule_contiguous, qr_rule_qr_groups, x),
         same_groups_interleaved=compare(lowbit_rule_qr_groups, qr_rule_qr_groups, x),
         same_groups_contiguous=compare(lowbit_rule_contiguous, qr_rule_contiguous, x),
@@ -94,28 +99,31 @@ def edge_cases() -> dict:
     for label, value in (("70144", 70144.0), ("1e30", 1e30)):
         x = seeded_bf16(1).numpy().astype(np.float64)
         x[3, 10] = float(torch.tensor(value).bfloat16())
-        low, qr = lowbit_roundtrip(x), quickreduce_roundtrip(x)
+        low, qr, pre = lowbit_roundtrip(x), quickreduce_roundtrip(x), lowbit_roundtrip(x, PRESET)
         out[label] = dict(input=x[3, 10], lowbit_output=float(low[3, 10]), quickreduce_output=float(qr[3, 10]),
+                          preset_output=float(pre[3, 10]), preset_nonfinite=int((~np.isfinite(pre)).sum()),
                           lowbit_nonfinite=int((~np.isfinite(low)).sum()),
                           quickreduce_nonfinite=int((~np.isfinite(qr)).sum()))
     x = seeded_bf16(2, scale=1e-5).numpy().astype(np.float64)
-    low, qr = lowbit_roundtrip(x), quickreduce_roundtrip(x)
+    low, qr, pre = lowbit_roundtrip(x), quickreduce_roundtrip(x), lowbit_roundtrip(x, PRESET)
     out["randn_1e-5"] = dict(compare(low, qr, x), lowbit_nonfinite=int((~np.isfinite(low)).sum()),
+                             preset_rel_l2=compare(pre, qr, x)["rel_l2_lowbit"],
+                             preset_nonfinite=int((~np.isfinite(pre)).sum()),
                              quickreduce_nonfinite=int((~np.isfinite(qr)).sum()))
     return out
 
 
-def two_shot(seeds=(3, 4), scale: float = 1.0) -> dict:
+def two_shot(seeds=(3, 4), scale: float = 1.0, scheme: str = PRESET) -> dict:
     partials = [seeded_bf16(s, scale) for s in seeds]
     exact = (partials[0].double() + partials[1].double()).numpy()
 
     def body(group):
-        comm = QuantCommunicator(group, PRESET)
+        comm = QuantCommunicator(group, scheme)
         return comm.reduce(partials[group.rank].clone(), Site(0, "o_proj"))
     lowbit_out = ThreadWorld(len(seeds)).run(body)[0].double().numpy()
     qr_out = reference.quickreduce([p.numpy() for p in partials], "int4")[0][0]
     finite = np.isfinite(exact)
-    return dict(tp=len(seeds), scale=scale, agreement=float(np.mean(lowbit_out == qr_out)),
+    return dict(tp=len(seeds), scale=scale, scheme=scheme, agreement=float(np.mean(lowbit_out == qr_out)),
                 rel_l2_lowbit=float(np.linalg.norm(lowbit_out - exact) / np.linalg.norm(exact[finite])),
                 rel_l2_quickreduce=float(np.linalg.norm(qr_out - exact) / np.linalg.norm(exact[finite])))
 
@@ -156,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     x = seeded_bf16(0).numpy().astype(np.float64)
     result = dict(preset=PRESET, expansion=str(parse_scheme(PRESET)), shape=list(SHAPE),
                   codec=attribution(x), edge_cases=edge_cases(),
-                  all_reduce=dict(randn=two_shot(), randn_1e_5=two_shot(scale=1e-5)),
+                  all_reduce=dict(randn_own=two_shot(scheme=LOWBIT_OWN), randn_1e_5_own=two_shot(scale=1e-5, scheme=LOWBIT_OWN),
+                                  randn=two_shot(), randn_1e_5=two_shot(scale=1e-5)),
                   quickreduce_paths=quickreduce_paths())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -107,29 +107,30 @@ def static_qparams(spec, static_min: torch.Tensor, static_max: torch.Tensor) -> 
     return hi * c - lo * c, lo
 
 
-def _dynamic_qparams_full(xg: torch.Tensor, valid: torch.Tensor, spec):
-    """(scales, mins, wire_scales, message_scale) per [..., n_groups]; see ``dynamic_qparams``."""
-    if spec.symmetric:
-        absmax = torch.where(valid, xg.abs(), 0.0).amax(-1)
-        scales, wire, header = spec.scale.scales(spec.code.needed_scale(absmax))
-        return scales, None, wire, header
-    c = spec.code.scale_constant
-    any_valid = valid.any(-1)
-    lo = torch.where(valid, xg, torch.inf).amin(-1)
-    hi = torch.where(valid, xg, -torch.inf).amax(-1)
-    lo = torch.where(any_valid, lo, 0.0)
-    hi = torch.where(any_valid, hi, 0.0)
-    lo = spec.scale.round(lo, up=False)
-    scale = spec.scale.round(hi * c - lo * c, up=True)
-    return scale, lo, None, None
+def uniform_ratios(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """lowbit's ratio v = (x - lo) / scale (NaN quantizes as 0.0; +-Inf stay and clamp), and where
+    the scale is zero (every value of such a group takes the zero code): (ratio, zero_scale)."""
+    x = torch.where(torch.isnan(x), 0.0, x)
+    zero_scale = scale == 0
+    shifted = x if lo is None else x - lo
+    return shifted / torch.where(zero_scale, 1.0, scale), zero_scale
+
+
+def uniform_values(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor:
+    """lowbit's decoded value q * scale (+ lo: two roundings, no FMA), saturated to the finite fp32
+    range (never inf near the fp32 ceiling)."""
+    out = q * scale
+    if lo is not None:
+        out = out + lo
+    return torch.clamp(out, -_FP32_MAX, _FP32_MAX)
 
 
 def dynamic_qparams(xg: torch.Tensor, valid: torch.Tensor, spec):
     """Scales (and mins) per [..., n_groups] of ``xg`` [..., n_groups, group] from the valid
     (finite, not excluded) values, as the receiver uses them (e4m3: the product with the
-    message scale)."""
-    scales, mins, _, _ = _dynamic_qparams_full(xg, valid, spec)
-    return scales, mins
+    message scale): the scale format's rule (``ScaleFormat.group_params``)."""
+    params = spec.scale.group_params(xg, valid, valid | ~torch.isfinite(xg), spec)
+    return params.scales, params.mins
 
 
 def outside_static_range(x: torch.Tensor, spec, static_min: torch.Tensor, static_max: torch.Tensor) -> torch.Tensor:
@@ -163,42 +164,41 @@ def input_counts(x: torch.Tensor, spec, static_min: torch.Tensor | None = None,
 
 
 def quantize(x: torch.Tensor, spec, static_min: torch.Tensor | None = None, static_max: torch.Tensor | None = None,
-             exclude: torch.Tensor | None = None, *, seed: int = 0, levels=None) -> QuantResult:
+             exclude: torch.Tensor | None = None, *, seed: int = 0, levels=None,
+             header: torch.Tensor | None = None) -> QuantResult:
     """Quantize x [..., H] (fp32 or bf16) with ``spec``; see the module docstring for the steps.
 
     ``static_min``/``static_max`` [H] are required for static granularity. ``exclude`` (feature
     indices, e.g. the BF16 outlier columns) are left out of dynamic ranges and counts; their
     codes are the zero code. Per call: ``seed`` draws stochastic rounding's uniforms (only with
-    ``spec.rounding == "stochastic"``), ``levels`` is an lm code's fitted table.
+    ``spec.rounding == "stochastic"``), ``levels`` is an lm code's fitted table, ``header`` the
+    per-message header of the buffer this message was cut from (``ScaleFormat.message_header``).
     """
     x = spec.cast.apply(x.to(_FP32))
     finite, valid, keep = _valid(x, exclude)
-    x_in = torch.where(torch.isnan(x), 0.0, x)  # NaN quantizes as 0.0; +-Inf stay and clamp
     code, grouping = spec.code, spec.grouping
 
-    wire = header = None
+    wire = None
     if not grouping.dynamic:
         if static_min is None or static_max is None:
             raise ValueError("static granularity needs static_min and static_max (per-feature [H] tensors)")
         scales, mins = static_qparams(spec, static_min.to(x.device), static_max.to(x.device))
-        scale_b, min_b = scales, mins  # [H] broadcasts over rows
-        xs = x_in
+        ratio, zero_scale = uniform_ratios(x, scales, mins)  # [H] broadcasts over rows
         out_of_range = outside_static_range(x, spec, static_min, static_max)
     else:
-        xs, valid_g = grouping.group(x_in, valid)
-        scales, mins, wire, header = _dynamic_qparams_full(xs, valid_g, spec)
-        scale_b = scales.unsqueeze(-1)
-        min_b = mins.unsqueeze(-1) if mins is not None else None
+        kept = torch.ones_like(valid) if keep is None else keep.expand(x.shape)
+        xs, valid_g = grouping.group(x, valid)
+        _, kept_g = grouping.group(x, kept)  # padding is never kept
+        params = spec.scale.group_params(xs, valid_g, kept_g, spec, header)
+        scales, mins, wire, header = params.scales, params.mins, params.wire, params.header
+        ratio, zero_scale = spec.scale.ratios(xs, params, spec)
         out_of_range = None  # ranges come from the data itself
 
     qmin, _ = code.qrange
-    zero_scale = scale_b == 0
-    safe_scale = torch.where(zero_scale, 1.0, scale_b)
-    shifted = xs if spec.symmetric else xs - min_b
-    ratio = shifted / safe_scale
     beyond = code.beyond(ratio, spec.scale.saturates)  # dynamic: valid values the (saturated) scale could not fit
     q = code.encode(ratio, seed=seed if spec.rounding == "stochastic" else None, levels=levels)
-    q = torch.where(zero_scale, 0.0, q)
+    if zero_scale is not None:
+        q = torch.where(zero_scale, 0.0, q)
     if grouping.dynamic:
         q = grouping.ungroup(q, x.shape)
         beyond = None if beyond is None else grouping.ungroup(beyond, x.shape)
@@ -225,10 +225,11 @@ def dequantize(codes: torch.Tensor, spec, scales: torch.Tensor, mins: torch.Tens
     q = spec.code.decode(codes, levels=levels)
     if not spec.symmetric and mins is None:
         raise ValueError("asymmetric dequantization needs mins")
-    out = q * spec.grouping.expand(scales.to(_FP32), codes.shape)
-    if not spec.symmetric:
-        out = out + spec.grouping.expand(mins.to(_FP32), codes.shape)
-    return torch.clamp(out, -_FP32_MAX, _FP32_MAX)  # saturate: never inf near the fp32 ceiling
+    lo = None if spec.symmetric else spec.grouping.expand(mins.to(_FP32), codes.shape)
+    scale = spec.grouping.expand(scales.to(_FP32), codes.shape)
+    if not spec.dynamic:  # static scales are lowbit's fp32 ones, whatever the format
+        return uniform_values(q, scale, lo)
+    return spec.scale.values(q, scale, lo, spec)
 
 
 def packed_nbytes(count: int, bits: int) -> int:

@@ -10,6 +10,8 @@ import streamlit as st
 from launch.store.bits import SCHEME_PARTS
 from launch.store.evaluate import evaluate_runs, scheme_frame
 from lowbit.scheme import PRESETS as NAMED_PRESETS, SchemeError, parse_scheme
+from lowbit.wire.payload import layout
+from lowbit.wire.recipes import RECIPE_ALGOS
 from pages import _ui
 
 PRESETS = ["bf16", "int8-token", "int4-static", "int4-static-rand1/64", "int4-static-top1/64", "int4-token",
@@ -119,7 +121,8 @@ st.markdown(
     "formats, QuickReduce's two-shot int codes, FlashInfer's and TensorRT-LLM's FP8 all-reduces. Each is an "
     "ordinary scheme string; its scales are counted like everything else (e8m0 = 8 bits per 32 values, NVFP4's "
     "e4m3 = 8 per 16 plus one fp32 per message). A preset whose group does not divide this model's hidden size "
-    "(or its two-shot chunk) is shown at the next hidden size where it fits, named in its label.")
+    "(or its two-shot chunk) is shown at the next hidden size where it fits, named in its label; a preset whose "
+    "system does not run at this TP size (QuickReduce: 2, 4, 8) says so in the table's note.")
 
 
 def _fits(scheme, hidden: int) -> bool:
@@ -130,19 +133,34 @@ def _fits(scheme, hidden: int) -> bool:
         return False
 
 
+def _tp_refusal(scheme) -> str:
+    """Why the preset's system does not run at this TP size ('' when it does)."""
+    try:
+        scheme.validate_for(H, tp)
+    except SchemeError as exc:
+        return str(exc) if exc.field == "tp" else ""
+    return ""
+
+
 preset_rows, preset_table = [], []
 for name, expansion in NAMED_PRESETS.items():
     scheme = parse_scheme(expansion)
-    step = scheme.quant.group_size * (tp if scheme.algo == "two_shot" else 1)
+    refused = _tp_refusal(scheme)
+    if refused:
+        preset_table.append({"preset": name, "expansion": expansion, "hidden": H, "note": refused})
+        continue
+    step = (scheme.quant.group_size or 1) * (tp if scheme.algo == "two_shot" else 1)
     hidden = H if _fits(scheme, H) else next(h for h in range(step, 64 * step + 1, step)
                                               if h >= H and _fits(scheme, h))
     label = name if hidden == H else f"{name} (hidden {hidden})"
     bits = _ui.bits_parts(expansion, hidden, tp).assign(scheme=label)
     preset_rows.append(bits)
     first = bits[bits["leg"] == bits["leg"].iloc[0]]["bits"].sum()
+    if scheme.algo in RECIPE_ALGOS:  # a system's first leg is several messages (QuickReduce pads whole tiles)
+        first = layout(8, hidden, scheme.quant).bits_per_value["total"]
     preset_table.append({"preset": name, "expansion": expansion, "hidden": hidden,
                          "bits / value, one message": round(float(first), 4),
-                         f"bits / value, the call at TP {tp}": round(float(bits["bits"].sum()), 4)})
+                         f"bits / value, the call at TP {tp}": round(float(bits["bits"].sum()), 4), "note": ""})
 presets_frame = pd.concat(preset_rows, ignore_index=True)
 fig = px.bar(presets_frame, x="scheme", y="bits", color="part", pattern_shape="leg",
              color_discrete_map=_ui.PART_COLORS,

@@ -309,7 +309,7 @@ def test_layer_error_builder_offers_fp_codes_scale_formats_and_an_fp_second_leg(
     at.selectbox(key="le_select").set_value("none").run()
     assert_clean(at)
     built = [t.value for t in at.text_input if t.value]
-    assert "fp4e2m1-group32-se8m0" in built  # = the mxfp4 preset
+    assert "fp4e2m1-group32-se8m0" in built  # lowbit's MX rendering (the mxfp4 preset before issue 26)
     at.selectbox(key="le_algo").set_value("two_shot").run()
     at.selectbox(key="le_second").set_value("same as the first leg").run()
     assert_clean(at)

@@ -36,3 +36,15 @@ def test_disagreeing_or_metaless_files_are_refused(tmp_path):
     b.write_text(json.dumps(dict(rows=[])))
     with pytest.raises(ValueError, match="meta"):
         load_rows([str(b)])
+
+
+def test_a_preset_row_written_before_issue_26_is_read_as_the_scheme_it_measured(tmp_path):
+    """quickreduce-int4 in a file of 2026-12-02 measured lowbit's own int4-group32-sfp16 two-shot; the
+    same name in a later file is QuickReduce's emulation: both rows stand, under different names."""
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(dict(meta=META, rows=[_row("quickreduce-int4", 6.0, 0.498), _row("int4-token", 4.0, 1.4)])))
+    new.write_text(json.dumps(dict(meta=dict(META, date="2026-12-03T10:30:00+00:00"),
+                                   rows=[_row("quickreduce-int4", 9.0, 0.7)])))
+    by = {r["scheme"]: r for r in load_rows([str(old), str(new)])}
+    assert by["int4-group32-sfp16@twoshot+int4-group32-sfp16"]["kl"] == 0.498
+    assert by["quickreduce-int4"]["kl"] == 0.7 and by["int4-token"]["kl"] == 1.4

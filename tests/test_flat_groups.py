@@ -19,13 +19,15 @@ from hypothesis import strategies as st
 from lowbit.groups.flat import Flat
 from lowbit.quant import dequantize, quantize
 from lowbit.scales import SCALES
-from lowbit.scheme import PRESETS, QuantSpec, SchemeError, parse_scheme
+from lowbit.scheme import QuantSpec, SchemeError, parse_scheme
 from lowbit.wire import accounting
 from lowbit.wire.payload import decode, encode, layout
 from tests.helpers import assert_close_verbose
 
 EMBEDDED_SHAPES = [(576, 3), (640, 2)]  # (hidden, TP) of smollm2-135m and gemma3-270m
-FLAT_PRESETS = ["flashinfer-fp8", "trtllm-fp8"]
+# lowbit's flat-group schemes (what the flashinfer-fp8 / trtllm-fp8 presets expanded to before they became
+# the systems' own recipes, issue 26: those refuse TP 3 as the systems do, tests/test_shipping_recipes.py)
+FLAT_PRESETS = ["fp8e4m3-flat256-sfp32@twoshot+fp8e4m3-flat256-sfp32", "fp8e4m3-flat496-sfp32"]
 
 
 def flat_spec(group: int, code: str = "int", bits: int = 4, scale: str = "bf16", **kw) -> QuantSpec:
@@ -167,10 +169,14 @@ def test_the_flat_presets_fit_the_embedded_models_and_their_bits_are_the_bytes_s
 
 
 def test_preset_rows_show_both_flat_presets_with_their_bits_at_576():
-    rows = {r["preset"]: r for r in accounting.preset_rows(576, 3, 8)}
-    assert set(FLAT_PRESETS) <= set(PRESETS)
+    """At TP 2 both systems' presets run (FlashInfer 8.125 bits; TensorRT-LLM's 10 warps of 496, the last
+    padded and sent whole, 512 bytes each); at TP 3 both are refused with the reason, as the systems do."""
+    rows = {r["preset"]: r for r in accounting.preset_rows(576, 2, 8)}
     assert rows["flashinfer-fp8"]["note"] == "" and rows["flashinfer-fp8"]["format_bits"] == pytest.approx(8.125)
-    assert rows["trtllm-fp8"]["format_bits"] == pytest.approx(8 + 10 * 32 / (8 * 576))  # 10 groups, the last short
+    assert rows["trtllm-fp8"]["format_bits"] == pytest.approx(10 * 512 * 8 / (8 * 576))
+    at3 = {r["preset"]: r for r in accounting.preset_rows(576, 3, 8)}
+    for name in ("flashinfer-fp8", "trtllm-fp8", "quickreduce-int4"):
+        assert at3[name]["note"].startswith("tp: 3 not allowed") and at3[name]["format_bits"] is None
 
 
 @pytest.mark.slow

@@ -246,7 +246,7 @@ def test_e8m0_scales_are_powers_of_two_rounded_up():
 def test_e4m3_scales_carry_one_fp32_message_scale():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(8, 576, generator=gen)
-    spec = parse_scheme("nvfp4").quant
+    spec = parse_scheme("fp4e2m1-group16-se4m3").quant  # lowbit's NVFP4 (the nvfp4 preset is torchao's, -snv)
     res = quantize(x, spec)
     g = res.message_scale
     assert g.numel() == 1 and torch.frexp(g)[0].item() == 0.5  # a power of two
@@ -281,10 +281,12 @@ def test_refusals_name_the_field_and_the_allowed_values(text, field, allowed):
 # -- presets -----------------------------------------------------------------------------------------
 
 # bits per value of the preset's message, from the payload bytes (tokens x hidden at hidden 576); the
-# flat groups cover the 8 x 576 = 4608 values of the message: 18 of 256, and 10 of 496 (the last one short)
-PRESET_BITS_576 = {"mxfp4": 4.25, "mxfp8": 8.25, "nvfp4": 4.5 + 32 / (8 * 576), "quickreduce-int4": 4.5,
-                   "quickreduce-int6": 6.5, "quickreduce-int8": 8.5, "flashinfer-fp8": 8.125,
-                   "trtllm-fp8": 8 + 10 * 32 / (8 * 576)}
+# flat groups cover the 8 x 576 = 4608 values of the message: 18 of 256, and 10 of 496 (the last one
+# padded to 496 and sent whole, with its 16-byte scale lane: 10 x 512 bytes)
+PRESET_BITS_576 = {"mxfp4": 4.25, "mxfp8": 8.25, "nvfp4": 4.5 + 32 / (8 * 576), "quickreduce-int3": 3.5,
+                   "quickreduce-int4": 4.5, "quickreduce-int6": 6.5, "quickreduce-int8": 8.5,
+                   "flashinfer-fp8": 8.125, "trtllm-fp8": 10 * 512 * 8 / (8 * 576), "nccl-fp8e4m3": 8.0,
+                   "nccl-fp8e5m2": 8.0}
 
 
 def test_every_preset_is_measured_here():
@@ -359,7 +361,9 @@ def _torchao_mx():
     return to_mx, ScaleCalculationMode
 
 
-@pytest.mark.parametrize("name, elem", [("mxfp4", torch.float4_e2m1fn_x2), ("mxfp8", torch.float8_e4m3fn)])
+# lowbit's MX rule (-se8m0, rounded up); the mxfp4 preset is torchao's FLOOR (-se8m0fl, tests/test_shipping_codecs.py)
+@pytest.mark.parametrize("name, elem", [("fp4e2m1-group32-se8m0", torch.float4_e2m1fn_x2),
+                                        ("mxfp8", torch.float8_e4m3fn)])
 @pytest.mark.parametrize("seed, magnitude", [(0, 1.0), (1, 1e-3), (2, 300.0), (3, 2.32e4)])
 def test_mx_presets_equal_torchao_rceil_byte_for_byte(name, elem, seed, magnitude):
     to_mx, mode = _torchao_mx()
@@ -385,7 +389,7 @@ def test_nvfp4_against_torchao_with_the_same_message_scale(seed, magnitude):
         from torchao.prototype.mx_formats.nvfp4_tensor import nvfp4_quantize
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(16, 576, generator=gen) * magnitude
-    spec = parse_scheme("nvfp4").quant
+    spec = parse_scheme("fp4e2m1-group16-se4m3").quant  # lowbit's NVFP4 rule (the nvfp4 preset is torchao's)
     res = quantize(x, spec)
     theirs_scale, theirs_data = nvfp4_quantize(x.contiguous(), 16, per_tensor_scale=res.message_scale)
     ours = res.wire_scales

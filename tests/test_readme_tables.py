@@ -96,7 +96,7 @@ def test_rendering_fills_an_empty_block_of_a_new_page_and_a_registered_table_mus
     monkeypatch.setattr(blocks, "ROOT", tmp_path)
     assert report.main([]) == 0
     text = (tmp_path / "docs" / "p.md").read_text()
-    assert "| `mxfp4` | `fp4e2m1-group32-se8m0` | 4.2500 |" in text and "Source: `bench/results/formats-bits.json`" in text
+    assert "| `mxfp4` | `fp4e2m1-group32-se8m0fl@flat2shot` | 4.2500 |" in text  # the preset since issue 26 and "Source: `bench/results/formats-bits.json`" in text
     problems = report.check()
     assert "table 'uniform' is registered but no page places it (README.md or docs/*.md)" in problems
     assert not any("presets" in p for p in problems)

@@ -9,7 +9,8 @@ from bench.blocks import RESULTS, ReportError, block, load, pct, result_path, ro
 
 
 HEADLINE_SCHEMES = [("int4-token", "Int4, one scale per token"), ("int4-static-top1/64", "the paper"),
-                    ("mxfp4", "MXFP4 preset"), ("nvfp4", "NVFP4 preset"),
+                    ("fp4e2m1-group32-se8m0", "MXFP4 format, lowbit's round-up scale, one gather"),
+                    ("fp4e2m1-group16-se4m3", "NVFP4 format, lowbit's power-of-two tensor scale, one gather"),
                     ("lm4-group64-rot64", "fitted 4-bit codebook, rotated, scale per 64")]
 
 

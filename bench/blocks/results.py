@@ -194,9 +194,13 @@ def accuracy_plan() -> str:
 
 
 MATCHED_FILES = ["matched-bits-presets.json", "matched-bits-new.json", "matched-bits-pinned.json",
-                 "matched-bits-scales.json"]
-# the README's rows: the paper, every preset that runs at 576, and the best new schemes near 4.25 bits
-MATCHED = ["int4-static-top1/64", "mxfp4", "nvfp4", "quickreduce-int4", "mxfp8", "quickreduce-int6", "quickreduce-int8",
+                 "matched-bits-scales.json", "matched-bits-faithful-tp3.json"]
+# the README's rows: the paper, every preset that runs at 576 / TP 3 (the systems' emulations: mxfp4, nvfp4;
+# QuickReduce, FlashInfer and TensorRT-LLM refuse TP 3), lowbit's own renderings the presets had before
+# issue 26 (bench.matched_bits.PRESETS_BEFORE_26), and the best new schemes near 4.25 bits
+MATCHED = ["int4-static-top1/64", "mxfp4", "fp4e2m1-group32-se8m0", "nvfp4", "fp4e2m1-group16-se4m3",
+           "int4-group32-sfp16@twoshot+int4-group32-sfp16", "mxfp8", "int6-group32-sfp16@twoshot+int6-group32-sfp16",
+           "int8-group32-sfp16@twoshot+int8-group32-sfp16",
            "lm4-group64-rot64", "nf4-group64-rot64", "fp4e2m1-group32-se8m0-rot64", "lm4-group32-se8m0-rot64",
            "lm4p-static-top1/64", "lm4-static-top1/64", "lm4p-token-rot64", "lm4-token-rot64", "lm4s-token-rot64",
            "nf4-token-rot64", "fp4e2m1-token-rot64"]
@@ -213,6 +217,21 @@ def matched_bits() -> str:
              f"{r['ppl']:.2f}", f"{r.get('table_bytes', 0):,}", r["source"]] for r in (by[s] for s in MATCHED)]
     head = ["scheme", "bits/value (both legs)", "KL", "top-1 agree", "ppl", "table bytes (once per run)", "file"]
     return table(head, rows) + "\n\n" + "\n".join(f"- {source_line(n, load(n))}" for n in MATCHED_FILES)
+
+
+MATCHED_TP2 = "matched-bits-faithful-gemma3-tp2.json"
+
+
+@block("matched-bits-tp2")
+def matched_bits_tp2() -> str:
+    """The shipping systems' emulations at TP 2 on gemma3-270m (QuickReduce, FlashInfer and TensorRT-LLM
+    refuse TP 3, and smollm2-135m's 9 heads shard only at TP 1 and 3), next to lowbit's own rendering of
+    QuickReduce INT4 (the preset's expansion before issue 26)."""
+    data = load(MATCHED_TP2)
+    rows = [[f"`{r['scheme']}`", f"{r['bits_per_value']:.4g}", f"{r['kl']:.4f}", pct(r["top1_agreement"]),
+             f"{r['ppl']:.2f}"] for r in sorted(data["rows"], key=lambda r: (r["bits_per_value"], r["kl"]))]
+    head = ["scheme (gemma3-270m, TP 2)", "bits/value (both legs)", "KL", "top-1 agree", "ppl"]
+    return table(head, rows) + "\n\n" + source_line(MATCHED_TP2, data)
 
 
 SWEEPS_LM = ["sweep-lm-allocation.json", "sweep-lm-pinned-allocation.json", "sweep-lm-group32-allocation.json"]

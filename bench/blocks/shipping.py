@@ -7,7 +7,8 @@ from bench.blocks import block, load, pct, source_line, table
 
 SHIPPING = "shipping-agreement.json"
 CODEC_ROWS = {
-    "as_shipped": "as shipped: lowbit (contiguous 32, lowbit's rule) vs QuickReduce (interleaved 32, its rule)",
+    "preset": "the quickreduce-int4 preset (the emulation) vs QuickReduce",
+    "as_shipped": "lowbit's own int4-group32-sfp16 (contiguous 32, lowbit's rule) vs QuickReduce (interleaved 32, its rule)",
     "same_groups_interleaved": "both on QuickReduce's interleaved groups (only the rule differs)",
     "same_groups_contiguous": "both on contiguous groups of 32 (only the rule differs)",
     "same_rule_lowbit": "lowbit's rule on both groupings (only the grouping differs)",
@@ -21,7 +22,8 @@ def shipping_agreement() -> str:
     rows = [[label, pct(data["codec"][key]["agreement"]), f"{data['codec'][key]['rel_l2_lowbit']:.4f}",
              f"{data['codec'][key]['rel_l2_quickreduce']:.4f}"] for key, label in CODEC_ROWS.items()]
     for run in data["all_reduce"].values():
-        rows.append([f"TP-{run['tp']} two-shot all-reduce, randn x {run['scale']:g} (vs the exact sum)",
+        who = "the preset" if run.get("scheme", "quickreduce-int4") == "quickreduce-int4" else "lowbit's own"
+        rows.append([f"TP-{run['tp']} all-reduce, {who} vs QuickReduce, randn x {run['scale']:g} (error vs the exact sum)",
                      pct(run["agreement"]), f"{run['rel_l2_lowbit']:.4f}", f"{run['rel_l2_quickreduce']:.4f}"])
     head = ["comparison (seeded 64 x 576 bf16)", "equal decoded values", "rel. L2 error, A", "rel. L2 error, B"]
     return table(head, rows) + "\n\n" + source_line(SHIPPING, data, "A = the first of each pair, B = the second")
@@ -34,11 +36,14 @@ def shipping_edges() -> str:
     for key in ("70144", "1e30"):
         r = data["edge_cases"][key]
         rows.append([f"one value {r['input']:.6g} in an N(0, 1) tensor", f"{r['lowbit_output']:g}",
-                     f"{r['quickreduce_output']:g}", f"{r['lowbit_nonfinite']} / {r['quickreduce_nonfinite']}"])
+                     f"{r['preset_output']:g}", f"{r['quickreduce_output']:g}",
+                     f"{r['lowbit_nonfinite']} / {r['preset_nonfinite']} / {r['quickreduce_nonfinite']}"])
     tiny = data["edge_cases"]["randn_1e-5"]
     rows.append(["randn x 1e-5 (rel. L2 error of the round trip)", f"{tiny['rel_l2_lowbit']:.4f}",
-                 f"{tiny['rel_l2_quickreduce']:.4f}", f"{tiny['lowbit_nonfinite']} / {tiny['quickreduce_nonfinite']}"])
-    head = ["input (one codec round trip)", "lowbit output", "QuickReduce output", "non-finite outputs (lowbit / QR)"]
+                 f"{tiny['preset_rel_l2']:.4f}", f"{tiny['rel_l2_quickreduce']:.4f}",
+                 f"{tiny['lowbit_nonfinite']} / {tiny['preset_nonfinite']} / {tiny['quickreduce_nonfinite']}"])
+    head = ["input (one codec round trip)", "lowbit's own output", "preset output", "QuickReduce output",
+            "non-finite outputs (own / preset / QR)"]
     return table(head, rows) + "\n\n" + source_line(SHIPPING, data)
 
 

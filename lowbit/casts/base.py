@@ -7,6 +7,12 @@ is a small frozen dataclass with a token of its own, written after the scale for
 quantizer sees (``apply``). It costs no bits; ``lowbit.quant`` counts what it makes non-finite
 like any other non-finite input.
 
+A cast also names the arithmetic a shipping codec runs in after it (``dtype``, ``round``): QuickReduce
+computes its scales, its decoded values and its sum in fp16 after the fp16 cast and in bf16 on
+the native path, so its scale format (``lowbit.scales.qr``) and its recipe (``lowbit.comm.recipes``)
+ask the cast how to round. ``max_finite`` is the largest magnitude the cast keeps finite and
+unclamped (the audit's ``beyond_range_in``; ``lowbit.counters``).
+
 ``NoCast`` (no token) is the default: the partial as it is. A new cast is one class in one new
 module of this package, registered with ``@CASTS.register``; its ``parse`` reads its token.
 
@@ -30,6 +36,7 @@ class Cast:
     order: ClassVar[int] = 100
     syntax: ClassVar[str] = ""  # the token as the grammar's help writes it ('' for none)
     help: ClassVar[str] = ""
+    dtype: ClassVar[torch.dtype | None] = None  # the arithmetic after the cast (None: fp32, lowbit's own)
 
     @classmethod
     def parse(cls, text: str, pos: int):
@@ -47,6 +54,16 @@ class Cast:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The fp32 values the quantizer sees, from the fp32 partial ``x``."""
         raise NotImplementedError
+
+    def round(self, t: torch.Tensor) -> torch.Tensor:
+        """fp32 ``t`` (one operation's exact-enough fp32 result) rounded once to ``dtype`` with this
+        cast's overflow rule, as fp32: the arithmetic of a codec that runs after the cast."""
+        return t
+
+    @property
+    def max_finite(self) -> float:
+        """The largest magnitude that passes the cast finite and unclamped."""
+        return float("inf")
 
 
 @CASTS.register

@@ -27,6 +27,12 @@ asked                      what it answers
 ``site_levels``            per-sender tables fitted on a calibration (lm), or None
 ``kernel_key``             the family of kernels that can run it (``kernels.registry`` registers
                            implementations under it); None: ``lowbit.quant``'s torch path only
+``takes_nan``              its ``encode`` maps NaN ratios itself (a shipping code: QuickReduce sends
+                           NaN to its lowest code, fp8 keeps it); the shipping scale formats that
+                           pass NaN through (``ScaleFormat.takes_nan``) need such a code
+``max_ratio``              the largest |value| it holds in units of the scale (int4: 7.5, e4m3: 448):
+                           with the scale format's largest scale, the format's range (``lowbit.counters``)
+``zero_code``              the stored code of the value 0 (what padding sends)
 =========================  =================================================================
 
 How to add a part (each is ONE new module; nothing else changes):
@@ -88,6 +94,7 @@ class Code:
     needs_calibration: ClassVar[bool] = False
     kernel_key: ClassVar[str | None] = None
     asymmetric: ClassVar[bool] = False  # it has an asymmetric variant (scale + min)
+    takes_nan: ClassVar[bool] = False  # encode maps NaN ratios itself
 
     bits: int
     symmetric: bool = True
@@ -132,6 +139,16 @@ class Code:
     @property
     def group_multiple(self) -> int:
         return 1
+
+    @property
+    def max_ratio(self) -> float:
+        """The largest |x / scale| the code holds without clamping (a codebook's: 1)."""
+        return 1.0
+
+    @property
+    def zero_code(self) -> int:
+        """The stored (uint8) code of the value 0."""
+        return -self.qrange[0]
 
     @property
     def scale_constant(self) -> float:

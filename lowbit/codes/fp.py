@@ -168,6 +168,10 @@ Symmetric only, no -sr. No kernel implements fp codes: they stay on lowbit.quant
     def group_multiple(self) -> int:
         return FP_GROUP_MULTIPLE[self.bits]
 
+    @property
+    def max_ratio(self) -> float:
+        return self.fp_max
+
     def needed_scale(self, absmax: torch.Tensor) -> torch.Tensor:
         return absmax.to(_FP64) / self.fp_max  # float64: the scale format rounds it up once
 

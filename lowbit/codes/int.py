@@ -85,6 +85,10 @@ class IntCode(Code):
     def scale_constant(self) -> float:
         return scale_constant(self.bits, self.symmetric)
 
+    @property
+    def max_ratio(self) -> float:
+        return 1.0 / self.scale_constant  # absmax / scale: 7.5 for int4 (15 for int4a's range)
+
     def encode(self, ratio: torch.Tensor, *, seed: int | None = None, levels=None) -> torch.Tensor:
         self.check_levels(levels)
         rounded = round_half_even(ratio) if seed is None else stochastic_round(ratio, seed)

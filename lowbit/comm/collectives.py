@@ -62,10 +62,13 @@ from lowbit.calibration import Calibration, CalibrationError, select_outliers
 from lowbit.comm.codec import REFERENCE, Codec, PathLog, check_codec
 from lowbit.comm.communicator import Communicator
 from lowbit.comm.dist import Group
+from lowbit.comm.recipes import run_recipe
+from lowbit.counters import add_counters, message_counters
 from lowbit.rotation import rotate, unrotate
 from lowbit.scheme import MIN_MESSAGE_AUTO, WIRE_DTYPES, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme_map
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 from lowbit.wire.accounting import leg2_chunk_bytes, wire_bytes
+from lowbit.wire.recipes import RECIPE_ALGOS
 from lowbit.wire.payload import append_outlier_columns, decode, encode, layout, outlier_tail_sum, scheme_layout
 
 
@@ -203,6 +206,9 @@ class QuantCommunicator(Communicator):
             received = int(wire_bytes("exact", self.group.world_size, nbytes))
             extra = {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
             return out, nbytes, dict(extra, gated=1) if gated else extra
+        if plan.scheme.algo in RECIPE_ALGOS:  # a shipping all-reduce as it computes (lowbit.comm.recipes)
+            out, nbytes, extra = run_recipe(self.group, partial, plan.scheme)
+            return out.to(partial.dtype), nbytes, extra
         x, messages, expected = self._first_leg(partial.reshape(-1, hidden), site, plan)
         if plan.scheme.algo == "gather":
             out, nbytes, extra = self._gather(x, plan, messages[0])
@@ -296,6 +302,14 @@ class QuantCommunicator(Communicator):
         tokens, width = message.values.shape
         return scheme_layout(plan.scheme, tokens, width, plan.outlier_idx.numel()).codes.end
 
+    def _message_counters(self, plan: SitePlan, message: Message) -> dict:
+        """``lowbit.counters`` of one first-leg message: its values against its own payload decoded alone."""
+        tokens, width = message.values.shape
+        _, dec_kw = plan.scheme.message_kwargs(width)
+        decoded = decode(message.payload[:self._codes_bytes(plan, message)], tokens, width, plan.scheme.quant,
+                         message.outlier_idx, *message.static, **dec_kw, levels=message.levels)
+        return message_counters(message.values, decoded, plan.scheme.quant)
+
     def _static(self, plan: SitePlan, rank: int, cols: slice = slice(None)):
         if plan.static_min is None:
             return None, None
@@ -362,7 +376,9 @@ class QuantCommunicator(Communicator):
             if idx.numel():  # the BF16 columns, summed in the original space
                 out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
         bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
-        return out, payload.numel(), dict(message.stats, leg1_bits=bits["total"], bits_breakdown=bits,
+        counts = self._message_counters(plan, message)
+        return out, payload.numel(), dict(message.stats, **counts, nonfinite_out=int((~torch.isfinite(out)).sum()),
+                                          leg1_bits=bits["total"], bits_breakdown=bits,
                                           bytes_received=int(wire_bytes("gather", tp, payload.numel())),
                                           codec_path=_same(message.path, ran))
 
@@ -396,7 +412,7 @@ class QuantCommunicator(Communicator):
             # the kernels' owner step: unpack, fp32 sum, requantize and pack the chunk in one pass
             p2, st2, ran1 = self.codec.owner_step(payloads1, tokens, width, plan.scheme.quant, local_idx[rank],
                                                   smins, smaxs, second, *sum_range(rank))
-            enc2 = ran1
+            enc2, reduced = ran1, None  # the fused step never materializes the sum: no leg-2 counters
         else:
             reduced, ran1 = self._decode_sum(payloads1, tokens, width, plan.scheme.quant, local_idx[rank], smins,
                                              smaxs, dec_kw, messages[rank].path, plan.levels)
@@ -416,7 +432,13 @@ class QuantCommunicator(Communicator):
                                       *sum_range(j, batch=True), {}, enc2, out=out[:, messages[j].cols])
             ran2.add(ran)
         values = tokens * hidden
-        extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"],
+        counts: dict = {}
+        for m in messages:
+            add_counters(counts, self._message_counters(plan, m))
+        if reduced is not None:
+            add_counters(counts, message_counters(reduced, out[:, messages[rank].cols], second), "leg2_")
+        extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"], **counts,
+                     nonfinite_out=int((~torch.isfinite(out)).sum()),
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
                      leg2_bits=8.0 * leg2_bytes * tp / values if values else 0.0,
                      leg1_bytes=sum(send_splits), leg2_bytes=leg2_bytes,

@@ -14,6 +14,8 @@ asked                       what it answers
                             axis) and back
 ``expand``                  the scales broadcast to every value (dequantize, the playground's steps)
 ``static_bytes``            per-feature scales held by every receiver (static only), never sent
+``padding``                 values beyond the message whose codes travel too (a last group padded to
+                            G and sent whole: TensorRT-LLM's 496-value warps, ``lowbit.groups.pad``)
 ==========================  ==========================================================================
 
 A new grouping is one class in one new module of this package, registered with
@@ -106,6 +108,10 @@ class Grouping:
 
     def static_bytes(self, width: int, symmetric: bool) -> int:
         """Bytes every receiver holds per sender and never receives (static scales and mins)."""
+        return 0
+
+    def padding(self, tokens: int, width: int) -> int:
+        """Zero values after the message's own whose codes are sent with it (0: none)."""
         return 0
 
 

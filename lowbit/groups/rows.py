@@ -51,6 +51,13 @@ class Static(Grouping):
     def expand(self, scales: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return scales.expand(shape)  # [H] broadcasts over rows
 
+    def group(self, x: torch.Tensor, valid: torch.Tensor):
+        # the values sharing one static scale: a feature's column ([H, T]; the audit's groups)
+        return x.reshape(-1, x.shape[-1]).transpose(0, 1), valid.reshape(-1, x.shape[-1]).transpose(0, 1)
+
+    def ungroup(self, grouped: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return grouped.transpose(0, 1).reshape(shape)
+
     def static_bytes(self, width: int, symmetric: bool) -> int:
         return width * 4 * (1 if symmetric else 2)  # fp32 scales (+ mins) per sender
 

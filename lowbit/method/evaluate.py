@@ -41,6 +41,7 @@ from lowbit.comm.collectives import QuantCommunicator
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
 from lowbit.calibration import Calibration
+from lowbit.counters import site_counters
 from lowbit.method.calibrate import load_or_calibrate, with_calibration_defaults
 from lowbit.model.data import CLASSIC_TASKS, TASK_INFO, Item, load_task, token_chunks
 from lowbit.method.choices import (DEFAULT_MAX_TOKENS, ChoiceItem, choice_logliks, legacy_batches, legacy_choice_logliks,
@@ -89,7 +90,9 @@ def _summarize_calls(comm: Communicator) -> dict:
                 gated_calls=int(sum(c.extra.get("gated", 0) for c in comm.calls)),
                 comm_seconds=sum(c.seconds for c in comm.calls), calls=len(comm.calls), values=values,
                 # the codec path each site's messages took (a change of path is also an event)
-                codec_paths=comm.paths.by_site() if isinstance(comm, QuantCommunicator) else {})
+                codec_paths=comm.paths.by_site() if isinstance(comm, QuantCommunicator) else {},
+                site_counters=site_counters(comm.calls))
+
 
 
 @torch.no_grad()
@@ -357,7 +360,8 @@ def summary_record(scheme: str, text: dict, tasks: dict | None, reference_tasks:
     (``TASK_NUMBERS``)."""
     values = dict(text, text_tokens=text["tokens"], thr_overflow=text.get("thr_overflow", 0),
                   gated_calls=text.get("gated_calls", 0))
-    rec = dict(scheme=scheme, **{k: values[k] for k in TEXT_NUMBERS}, codec_paths=text.get("codec_paths", {}))
+    rec = dict(scheme=scheme, **{k: values[k] for k in TEXT_NUMBERS}, codec_paths=text.get("codec_paths", {}),
+               site_counters=text.get("site_counters", {}))
     if tasks is not None:
         rec["tasks"] = {t: r for t, r in tasks.items() if not t.startswith("_")}
         rec["kept_pct"], rec["kept_se"] = stats.kept_pct(tasks, reference_tasks)

@@ -8,17 +8,35 @@ is (``section_bytes``). The payload layout (``lowbit.wire.payload``) writes and 
 scales section through ``write`` / ``read``, so a new format is one class in one module of
 this package (registered with ``@SCALES.register``), nothing else.
 
+A format also owns the *scale rule* of its dynamic groups, which ``lowbit.quant`` asks in three
+steps; the defaults are lowbit's uniform rule, and the shipping systems' formats override them
+(``lowbit.scales.qr`` QuickReduce, ``fi`` FlashInfer, ``trt`` TensorRT-LLM, ``mxfloor`` /
+``nv`` torchao's MXFP4 / NVFP4, ``none`` unscaled):
+
+==================  ==========================================================================
+``group_params``    per group: the scale the receiver decodes with, the mins, the wire values,
+                    the message header and the multiplier the sender encodes with (default:
+                    absmax x the code's constant over the finite values, rounded up)
+``ratios``          the values the code rounds (default: NaN -> 0, (x - lo) / scale, a zero scale
+                    gives 0); a format whose code keeps NaN passes it through
+``values``          decoded values from the signed code values and the scales (default:
+                    q x scale (+ lo), saturated to the finite fp32 range)
+``message_header``  the header of a whole buffer, when a recipe quantizes the pieces of one buffer
+                    with one header (torchao's NVFP4 tensor scale); None: each message its own
+==================  ==========================================================================
+
     PYTHONPATH=. python -c "from lowbit.scales import SCALES; print(SCALES.names())"
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from lowbit.plugins import Registry, SchemeError
+from lowbit.quant import uniform_ratios, uniform_values
 
 SCALES = Registry("scale_format", "lowbit.scales")
 GUIDE = """\
@@ -89,6 +107,23 @@ def from_bytes(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return raw.clone().view(dtype)
 
 
+class GroupParams(NamedTuple):
+    """One message's dynamic scales per group [..., n_groups] (``ScaleFormat.group_params``)."""
+
+    scales: torch.Tensor  # fp32: what the receiver decodes with
+    mins: torch.Tensor | None = None  # fp32 mins (asymmetric codes)
+    wire: torch.Tensor | None = None  # the values that travel when they are not ``scales`` in the format's dtype
+    header: torch.Tensor | None = None  # the per-message header (e4m3, nv)
+    encode: torch.Tensor | None = None  # fp32 multiplier the sender encodes with (None: it divides by ``scales``)
+
+
+def kept_values(xg: torch.Tensor, valid: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Where a shipping rule looks for a group's extremes: every value of the message it kept (not a
+    BF16 outlier, not padding), infinities included, NaN left out (the IEEE maxNum / minNum the
+    kernels use ignore NaN)."""
+    return kept & ~torch.isnan(xg)
+
+
 @dataclass(frozen=True)
 class ScaleFormat:
     """One dynamic scale format. Subclasses set the class attributes and ``_round``."""
@@ -102,6 +137,7 @@ class ScaleFormat:
     # (``lowbit.quant`` then counts them as clamped)
     saturates: ClassVar[bool] = False
     header: ClassVar[torch.dtype | None] = None  # one value of this dtype per message, first in the section
+    takes_nan: ClassVar[bool] = False  # its ratios keep NaN: the code must map it (``Code.takes_nan``)
 
     def __str__(self) -> str:
         return self.name
@@ -141,13 +177,50 @@ class ScaleFormat:
         """Bytes of a mins section (asymmetric codes): the mins travel in the scales' dtype."""
         return n_mins * self.dtype.itemsize
 
-    def write(self, scales: torch.Tensor, wire: torch.Tensor | None, header: torch.Tensor | None) -> list:
+    def write(self, scales: torch.Tensor, wire: torch.Tensor | None, header: torch.Tensor | None, spec) -> list:
         """The scales section's bytes from ``quantize``'s result."""
         return [as_bytes(scales, self.dtype)]
 
-    def read(self, raw: torch.Tensor, shape: tuple) -> torch.Tensor:
+    def read(self, raw: torch.Tensor, shape: tuple, spec) -> torch.Tensor:
         """fp32 scales [shape] as the receiver uses them, from the scales section's bytes."""
         return from_bytes(raw, self.dtype).float().reshape(shape)
+
+    def max_scale(self, spec) -> float:
+        """The largest scale this format holds (what ``lowbit.counters`` takes as the format's range)."""
+        return float(torch.finfo(self.dtype).max)
+
+    # -- the scale rule (see the module docstring) -----------------------------------------------
+    def group_params(self, xg: torch.Tensor, valid: torch.Tensor, kept: torch.Tensor, spec,
+                     header: torch.Tensor | None = None) -> GroupParams:
+        """Scales per group of ``xg`` [..., n_groups, group] (NaN and inf as they are); ``valid``:
+        finite and kept, ``kept``: in the message (not a BF16 outlier, not padding); ``header``:
+        a header the caller fixed for the buffer this message was cut from (``message_header``)."""
+        if spec.symmetric:
+            absmax = torch.where(valid, xg.abs(), 0.0).amax(-1)
+            scales, wire, head = self.scales(spec.code.needed_scale(absmax))
+            return GroupParams(scales, None, wire, head)
+        c = spec.code.scale_constant
+        any_valid = valid.any(-1)
+        lo = torch.where(valid, xg, torch.inf).amin(-1)
+        hi = torch.where(valid, xg, -torch.inf).amax(-1)
+        lo = torch.where(any_valid, lo, 0.0)
+        hi = torch.where(any_valid, hi, 0.0)
+        lo = self.round(lo, up=False)
+        return GroupParams(self.round(hi * c - lo * c, up=True), lo)
+
+    def ratios(self, xg: torch.Tensor, params: GroupParams, spec) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the values the code rounds, where a zero scale forces the zero code or None)."""
+        lo = None if params.mins is None else params.mins.unsqueeze(-1)
+        return uniform_ratios(xg, params.scales.unsqueeze(-1), lo)
+
+    def values(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, spec) -> torch.Tensor:
+        """Decoded fp32 values from signed code values ``q`` and the scales (and mins) per value."""
+        return uniform_values(q, scales, mins)
+
+    def message_header(self, x: torch.Tensor, spec) -> torch.Tensor | None:
+        """The header of a whole buffer ``x`` (the quantizer's values), for a recipe that encodes its
+        pieces with one header; None: the format has none, or each message computes its own."""
+        return None
 
 
 def default_scale() -> ScaleFormat:

@@ -91,6 +91,9 @@ class E8M0(ScaleFormat):
         assert up, "e8m0 holds scales only (rounded up)"
         return power_of_two_up(t)  # straight from float64: no fp32 rounding first
 
+    def max_scale(self, spec) -> float:
+        return 2.0 ** 127
+
 
 def message_scale(needed: torch.Tensor) -> torch.Tensor:
     """The e4m3 format's fp32 second-level scale of one message from its needed scales (float64):
@@ -117,10 +120,13 @@ class E4M3(ScaleFormat):
         wire = self.round(needed.to(_FP64) / g.to(_FP64), up=True)
         return wire * g, wire, g  # g a power of two: the product is exact
 
-    def write(self, scales, wire, header) -> list:
+    def write(self, scales, wire, header, spec) -> list:
         return [as_bytes(header.reshape(1), self.header), as_bytes(wire, self.dtype)]
 
-    def read(self, raw: torch.Tensor, shape: tuple) -> torch.Tensor:
+    def max_scale(self, spec) -> float:
+        return float("inf")  # the fp32 message scale times 448
+
+    def read(self, raw: torch.Tensor, shape: tuple, spec) -> torch.Tensor:
         head = self.header.itemsize
         g = from_bytes(raw[:head], self.header).float()
         wire = from_bytes(raw[head:], self.dtype)

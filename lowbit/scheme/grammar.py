@@ -20,41 +20,44 @@ from lowbit import codes, groups, scales
 from lowbit.casts import CASTS
 from lowbit.scheme.outliers import OutlierSpec, ThresholdSpec
 from lowbit.scheme.spec import MIN_MESSAGE_AUTO, QuantSpec, Scheme, SchemeError, SchemeMap, sparse_refusal
+from lowbit.wire.recipes import RECIPE_ALGOS
 
 # Named presets: the formats shipping systems send, as aliases of ordinary scheme strings (the
 # parser expands them; str() of the result prints the expansion). Each line: name -> expansion,
 # then where it comes from and what could be checked about it. Bits per value are measured from
 # the payload bytes in tests/test_formats.py (hidden 576).
 PRESETS = {
-    # OCP Microscaling (MX) v1.0: FP4 E2M1 elements, one E8M0 shared exponent per block of 32.
-    # lowbit rounds the shared exponent UP (2**ceil(log2(absmax / 6))), as torchao's RCEIL mode /
-    # cuBLAS's block quantization do; the OCP text's floor(log2 absmax) - 2 can saturate. 4.25 bits.
-    "mxfp4": "fp4e2m1-group32-se8m0",
+    # OCP Microscaling (MX) v1.0 MXFP4 as torchao 0.18 rounds it by default (to_mx, FLOOR: the shared
+    # exponent 2**(floor(log2 amax) - 2), lowbit.scales.mxfloor), in a two-shot on the flat buffer's
+    # shards with an fp32 sum (lowbit.comm.recipes). 4.25 bits per leg. lowbit's round-up rule stays
+    # available as fp4e2m1-group32-se8m0.
+    "mxfp4": "fp4e2m1-group32-se8m0fl@flat2shot",
     # OCP MX v1.0 MXFP8: FP8 E4M3 elements, E8M0 scale per 32 (same rounding note). 8.25 bits.
     "mxfp8": "fp8e4m3-group32-se8m0",
-    # NVIDIA NVFP4 (Blackwell): E2M1 elements, an E4M3 scale per 16 and one fp32 scale per tensor
-    # (here: per message, a power of two; see lowbit.quant). 4.5 bits + 32 per message.
-    "nvfp4": "fp4e2m1-group16-se4m3",
-    # QuickReduce (MK1, AMD ROCm; in vLLM/sglang as QuickAllReduce with regimes FP, INT8, INT6, INT4
-    # and two-shot algorithms TwoShotQ4Symm/Q8Symm): two-shot, symmetric int codes in blocks of 32
-    # with an fp16 scale, the same codec on both legs (the block/scale layout is as the issue gives
-    # it; the code names and two-shot structure were checked in vLLM's Python wrapper). 4.5/6.5/8.5.
-    "quickreduce-int4": "int4-group32-sfp16@twoshot+int4-group32-sfp16",
-    "quickreduce-int6": "int6-group32-sfp16@twoshot+int6-group32-sfp16",
-    "quickreduce-int8": "int8-group32-sfp16@twoshot+int8-group32-sfp16",
-    # FlashInfer flashinfer.comm.quantized_all_reduce (docs.flashinfer.ai): "FP8 quantized two-shot
-    # AllReduce with per-block scaling", FP8 E4M3, scale_group=256 elements of the flat tensor per
-    # scale (fp32 scales: 8 + 32/256 = 8.125 bits). lowbit's two-shot chunks are column blocks, so a
-    # group is 256 consecutive values of a chunk's row-major buffer (flat<G>, lowbit.groups.flat).
-    "flashinfer-fp8": "fp8e4m3-flat256-sfp32@twoshot+fp8e4m3-flat256-sfp32",
-    # TensorRT-LLM AllReduceStrategy.LOWPRECISION (docs/source/advanced/lowprecision-pcie-allreduce.md):
-    # FP16/BF16 quantized to FP8 E4M3 "per warp": 31 threads x 16 bytes = 496 values plus one scalar
-    # sent by the 32nd thread; quantize, transmit, dequantize, reduce (for PCIe topologies). Not
-    # verified: the scalar's dtype (taken as the fp32 scale here; its 16-byte slot is not modelled)
-    # and the exchange pattern (taken as one gather here). 496 values of the flat message per scale
-    # (flat<G>): 8 + 32/496 = 8.0645 bits where 496 divides T x H, a little more where the last group
-    # is shorter.
-    "trtllm-fp8": "fp8e4m3-flat496-sfp32",
+    # NVIDIA NVFP4 as torchao 0.18 quantizes it (nvfp4_quantize: an fp32 tensor scale amax / (448 x 6)
+    # per message, an e4m3 per 16, lowbit.scales.nv), two-shot on the flat buffer's shards, fp32 sum.
+    # 4.5 bits + 32 per message. lowbit's power-of-two message scale: fp4e2m1-group16-se4m3.
+    "nvfp4": "fp4e2m1-group16-snv@flat2shot",
+    # vLLM QuickReduce (QuickAllReduce; csrc/quickreduce at 0bf6342e, ROCm aiter at e4048607): two-shot
+    # over 16384-value tiles, QuickReduce's interleaved groups of 32 and scale rule, the default
+    # bf16 -> fp16 cast (gfx950's IEEE overflow; -f16sat: gfx942, -bf16: the native path), an fp16
+    # sum; docs/shipping.md. 4.5 / 6.5 / 8.5 / 3.5 bits per leg. TP 2, 4, 8 (INT3: aiter, TP 2).
+    "quickreduce-int3": "qint3-ilv32-sqr-f16@quickreduce",
+    "quickreduce-int4": "qint4-ilv32-sqr-f16@quickreduce",
+    "quickreduce-int6": "qint6-ilv32-sqr-f16@quickreduce",
+    "quickreduce-int8": "qint8-ilv32-sqr-f16@quickreduce",
+    # FlashInfer quantized_all_reduce (flashinfer/comm/quantized_allreduce.py, b190523e .. fb28d724): FP8
+    # e4m3 with an fp32 scale per 256 values of the flat buffer (max(amax, 1e-12) / 448), stripes of
+    # 4096 round robin, a fused fp32 FMA sum; the owner keeps its own stripe. 8.125 bits per leg.
+    "flashinfer-fp8": "f8e4m3-flat256-sfi@flashinfer",
+    # TensorRT-LLM AllReduceStrategy.LOWPRECISION (customLowPrecisionAllReduceKernels.cu, 1a43c7d6): FP8
+    # e4m3 per warp of 496 values (31 lanes x 16) + the fp32 scale 448 / amax in lane 32 (512 bytes),
+    # groups restart at each rank's 1/TP shard, fp32 sum from the owner on. TP 2 / 4 (TP 8 not emulated).
+    "trtllm-fp8": "f8e4m3-pad496-strt@trtllm",
+    # NCCL >= 2.24.3 ncclAllReduce on ncclFloat8e4m3 / e5m2: the caller's torch cast to fp8, no scale,
+    # the ring's fp16 add and satfinite fp8 rounding per hop (src/device/reduce_kernel.h). 8 bits.
+    "nccl-fp8e4m3": "f8e4m3-tensor-snone@ncclring",
+    "nccl-fp8e5m2": "f8e5m2-tensor-snone@ncclring",
 }
 
 _HELP_COLUMN = 44  # where the description column starts
@@ -111,11 +114,15 @@ _FIXED_ROWS = """\
     algo:     gather (default) | twoshot[+<code>-<gran>[-s<fmt>]]   second leg (a code that requantizes:
                                             int or fp), default int8-token; static = per-feature scales of
                                             the reduced sum from calibration
+            | quickreduce | flashinfer | trtllm | ncclring | flat2shot
+                                            a shipping all-reduce as it computes (lowbit.comm.recipes,
+                                            docs/shipping.md): its owners, sum order and arithmetic
     min:      @min<n>[k|M] | @minauto       size gate: a message under n bytes (its BF16 size) goes as the
                                             exact BF16 all-reduce; auto = the crossover the collective bench
                                             measured for the job's link and TP size (counted as sent)
-  preset:   mxfp4 | mxfp8 | nvfp4 | quickreduce-int4 | quickreduce-int6 | quickreduce-int8
-            | flashinfer-fp8 | trtllm-fp8    an alias of its expansion (python -m lowbit schemes lists
+  preset:   mxfp4 | mxfp8 | nvfp4 | quickreduce-int3 | quickreduce-int4 | quickreduce-int6
+            | quickreduce-int8 | flashinfer-fp8 | trtllm-fp8 | nccl-fp8e4m3 | nccl-fp8e5m2
+                                            an alias of its expansion (python -m lowbit schemes lists
                                             them); takes no options
   scheme map: <scheme>[;L<a>[-<b>][.<module>]=<scheme>]...
 """
@@ -183,7 +190,7 @@ GRAMMAR_HELP = _grammar_help()
 
 _K = r"(\d+/\d+|\d*\.\d+|\d+)"
 _RE_OUTLIERS = re.compile(r"top" + _K + r"|rand" + _K + r"(?:s(\d+))?")
-_RE_ALGO = re.compile(r"gather|twoshot")
+_RE_ALGO = re.compile(r"gather|twoshot|" + "|".join(RECIPE_ALGOS))
 _RE_GATE = re.compile(r"@min(?:(\d+)([kM]?)|(auto))(?=$)")
 _GATE_UNITS = {"": 1, "k": 1024, "M": 1 << 20}
 _RE_ROT = re.compile(r"-rot(\d+)")
@@ -308,6 +315,8 @@ def parse_scheme(text: str) -> Scheme:
             raise _expected("algo", text, pos + 1, "an algo: gather, twoshot, twoshot+<second leg> ("
                                                    + _second_leg_text() + ")")
         pos = a.end()
+        if a.group(0) in RECIPE_ALGOS:
+            algo = a.group(0)
         if a.group(0) == "twoshot":
             algo = "two_shot"
             if text.startswith("+", pos):

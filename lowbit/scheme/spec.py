@@ -22,8 +22,9 @@ from lowbit.plugins import SchemeError
 from lowbit.scales import ScaleFormat
 from lowbit.scheme.outliers import OutlierSpec, ThresholdSpec  # noqa: F401 - the scheme's parts
 from lowbit.site import ROW_PARALLEL_MODULES
+from lowbit.wire.recipes import RECIPE_ALGOS, check_recipe, check_recipe_tp
 
-ALGOS = ("gather", "two_shot")
+ALGOS = ("gather", "two_shot", *RECIPE_ALGOS)  # the recipes: shipping all-reduces (lowbit.comm.recipes)
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # an exact scheme's wire dtype, by name
 ROUNDINGS = ("nearest", "stochastic")
 MAX_ROTATION = 4096
@@ -212,8 +213,10 @@ class Scheme:
         object.__setattr__(self, "wire_dtype", None)
         if not isinstance(self.quant, QuantSpec):
             raise SchemeError("quant", f"{self.quant!r} not allowed for kind 'quant'; allowed: a QuantSpec")
-        if self.algo == "gather" and self.second is not None:
+        if self.algo != "two_shot" and self.second is not None:
             raise SchemeError("second", "only the two_shot algo has a second leg; allowed: None")
+        if self.algo in RECIPE_ALGOS:
+            check_recipe(self)
         if self.algo == "two_shot":
             if self.second is None:
                 object.__setattr__(self, "second", DEFAULT_SECOND)
@@ -332,6 +335,8 @@ class Scheme:
             text += "-sr"
         if self.algo == "two_shot":
             text += f"@twoshot+{self.second}"
+        elif self.algo in RECIPE_ALGOS:
+            text += f"@{self.algo}"
         if self.min_message is not None:
             text += f"@min{size_text(self.min_message)}"
         return text
@@ -352,6 +357,8 @@ class Scheme:
             allowed = [2**i for i in range(1, 13) if hidden % 2**i == 0]
             raise SchemeError("rotation", f"block size {self.rotation} does not divide hidden size {hidden}; "
                                           f"allowed: {', '.join(map(str, allowed)) or 'none (hidden is odd)'}")
+        if self.algo in RECIPE_ALGOS:
+            check_recipe_tp(self, tp)
         if self.algo == "two_shot":
             if hidden % tp:
                 raise SchemeError(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from lowbit.scheme import PRESETS, QuantSpec, Scheme, SchemeError, SchemeMap, parse_scheme, parse_scheme_map
 from lowbit.wire.payload import BIT_PARTS, layout, scheme_layout
+from lowbit.wire.recipes import RECIPE_ALGOS, owners
 
 METHODS = ("exact", "gather", "two_shot")  # the collectives a site's message can take
 EXACT_BF16 = Scheme("exact", wire_dtype="bf16")  # what a gated message (``@min<size>``) sends
@@ -69,6 +70,10 @@ def scheme_bits_breakdown(scheme: Scheme | str, hidden: int, tp: int, tokens: in
     k = scheme.outliers.count(hidden)
     if scheme.algo == "gather":
         return {"leg 1": scheme_layout(scheme, tokens, hidden, k).bits_per_value, "leg 2": None}
+    if scheme.algo in RECIPE_ALGOS:
+        legs = recipe_parts(scheme, tokens, hidden, tp)
+        return {leg: None if parts is None else {part: b * 8 / values for part, b in parts.items()}
+                for leg, parts in zip(("leg 1", "leg 2"), legs)}
     per_chunk = two_shot_chunk_outliers(k, tp) if scheme.rotation is None else [0] * tp
     leg1, leg2 = two_shot_parts(scheme, tokens, hidden, tp, per_chunk)
     return {"leg 1": {part: b * 8 / values for part, b in leg1.items()},
@@ -90,6 +95,23 @@ def two_shot_parts(scheme: Scheme, tokens: int, hidden: int, tp: int, chunk_outl
     return leg1, leg2
 
 
+def recipe_parts(scheme: Scheme, tokens: int, hidden: int, tp: int, rank: int = 0
+                 ) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Bytes by part of one rank's call of a shipping recipe (``lowbit.comm.recipes``): leg 1, one
+    message per owner (``lowbit.wire.recipes.owners``; QuickReduce's tile padding included); leg 2,
+    its requantized part padded to the largest owner's. NCCL's ring: the fp8 tensor it all-reduces."""
+    n = tokens * hidden
+    if scheme.algo == "ncclring":
+        return {part: bits * n / 8 for part, bits in layout(1, n, scheme.quant).bits_per_value.items()}, None
+    counts = [o.numel() for o in owners(scheme.algo, n, tp, scheme.quant.group_size or 1)]
+    leg1: dict[str, float] = {}
+    for c in counts:
+        for part, bits in layout(1, c, scheme.quant).bits_per_value.items():
+            leg1[part] = leg1.get(part, 0.0) + bits * c / 8
+    widest = max(counts, key=lambda c: layout(1, c, scheme.quant).total_bytes)
+    return leg1, {part: bits * widest / 8 for part, bits in layout(1, widest, scheme.quant).bits_per_value.items()}
+
+
 def site_bytes(scheme: Scheme | str, tokens: int, hidden: int, tp: int,
                chunk_outliers: list[int] | None = None) -> tuple[int, int]:
     """(first-leg bytes, second-leg bytes) one rank hands to collectives in one call: exact, the
@@ -102,6 +124,9 @@ def site_bytes(scheme: Scheme | str, tokens: int, hidden: int, tp: int,
     k = scheme.outliers.count(hidden)
     if scheme.algo == "gather":
         return scheme_layout(scheme, tokens, hidden, k).total_bytes, 0
+    if scheme.algo in RECIPE_ALGOS:
+        leg1, leg2 = recipe_parts(scheme, tokens, hidden, tp)
+        return round(leg1["total"]), 0 if leg2 is None else round(leg2["total"])
     width = hidden // tp
     if chunk_outliers is None:
         chunk_outliers = two_shot_chunk_outliers(k, tp) if scheme.rotation is None else [0] * tp
@@ -127,8 +152,11 @@ def bits_rows(scheme: Scheme | str, hidden: int, tp: int, tokens: int = 8) -> li
 
 
 def method_of(scheme: Scheme) -> str:
-    """Which collective a site's message takes: ``exact`` (all-reduce), ``gather`` or ``two_shot``."""
-    return "exact" if scheme.is_exact else scheme.algo
+    """Which collective a site's message takes: ``exact`` (all-reduce), ``gather`` or ``two_shot``; a
+    shipping recipe (``lowbit.comm.recipes``) is a two-shot, NCCL's fp8 ring an all-reduce."""
+    if scheme.is_exact or scheme.algo == "ncclring":
+        return "exact"
+    return "two_shot" if scheme.algo in RECIPE_ALGOS else scheme.algo
 
 
 def wire_bytes(method: str, tp: int, leg1_bytes: float, leg2_bytes: float = 0.0) -> float:
@@ -175,7 +203,9 @@ def preset_rows(hidden: int = 576, tp: int = 3, tokens: int = 8) -> list[dict]:
             rows.append(row)
             continue
         legs = scheme_bits_breakdown(scheme, hidden, tp, tokens)
-        row["format_bits"] = legs["leg 1"]["total"]
+        # a recipe's first leg is several messages (QuickReduce's tile padding too): its format is one message's
+        row["format_bits"] = (layout(tokens, hidden, scheme.quant).bits_per_value["total"]
+                              if scheme.algo in RECIPE_ALGOS else legs["leg 1"]["total"])
         row["total_bits"] = scheme_bits_per_value(scheme, hidden, tp, tokens)
         rows.append(row)
     return rows

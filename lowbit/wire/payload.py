@@ -155,7 +155,8 @@ def layout(tokens: int, hidden: int, spec: Scheme | QuantSpec, n_outliers: int =
     n_scales = quant.grouping.n_scales(tokens, hidden)  # each part contributes its own sections
     scales = Section(0, quant.scale.section_bytes(n_scales))
     mins = Section(scales.end, 0 if quant.symmetric else quant.scale.mins_bytes(n_scales))
-    codes = Section(mins.end, quant.code.code_bytes(tokens * (hidden - (0 if coded_outliers else n_outliers))))
+    coded = tokens * (hidden - (0 if coded_outliers else n_outliers)) + quant.grouping.padding(tokens, hidden)
+    codes = Section(mins.end, quant.code.code_bytes(coded))
     outliers = Section(codes.end, tokens * (n_outliers + capacity) * OUTLIER_DTYPE.itemsize)
     thr_index = Section(outliers.end, capacity * _U16_BYTES)
     sparse_index = Section(thr_index.end, tokens * sparse * _U16_BYTES)
@@ -218,11 +219,12 @@ def encode(
     capacity: int = 0,
     seed: int = 0,
     levels=None,
+    header: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Encode x [T, H] into one uint8 payload; stats = {clamped, nonfinite} over the whole x,
     plus ``thr_selected`` / ``thr_overflow`` when ``capacity`` is set (thr) and ``sparse`` the
-    pairs sent when ``sparse`` is set (sp). ``seed`` and ``levels`` are this call's stochastic
-    rounding seed and fitted table (``lowbit.quant.quantize``)."""
+    pairs sent when ``sparse`` is set (sp). ``seed``, ``levels`` and ``header`` are this call's
+    stochastic rounding seed, fitted table and fixed message header (``lowbit.quant.quantize``)."""
     tokens, hidden = x.shape
     keep = _keep_mask(hidden, outlier_idx, x.device)
     n_out = 0 if keep is None else outlier_idx.numel()
@@ -241,13 +243,17 @@ def encode(
         picks = sparse_picks(x.float(), sparse)
         xq = x.float().scatter(1, picks, 0.0)
         extra_stats = {"sparse": tokens * sparse}
-    res = quantize(xq, quant, static_min, static_max, exclude=exclude, seed=seed, levels=levels)
+    res = quantize(xq, quant, static_min, static_max, exclude=exclude, seed=seed, levels=levels, header=header)
     codes = res.codes if keep is None else res.codes[:, keep]
     parts = []
     if quant.dynamic:
-        parts += quant.scale.write(res.scales, res.wire_scales, res.message_scale)
+        parts += quant.scale.write(res.scales, res.wire_scales, res.message_scale, quant)
         if not quant.symmetric:
             parts.append(_as_bytes(res.mins, quant.scale_dtype))
+    pad = quant.grouping.padding(tokens, hidden)  # a padded last group's codes travel too (the zero code)
+    if pad:
+        codes = torch.cat([codes.reshape(-1), torch.full((pad,), quant.code.zero_code, dtype=torch.uint8,
+                                                         device=codes.device)])
     parts.append(pack_bits(codes, quant.bits))
     if keep is not None:
         parts.append(_as_bytes(x[:, outlier_idx], OUTLIER_DTYPE))
@@ -284,23 +290,7 @@ def decode(
     keep = _keep_mask(hidden, outlier_idx, payload.device)
     n_out = 0 if keep is None else outlier_idx.numel()
     lay = layout(tokens, hidden, quant, n_out, sparse=sparse, capacity=capacity)
-    if payload.numel() != lay.total_bytes:
-        raise ValueError(f"payload has {payload.numel()} bytes; layout expects {lay.total_bytes}")
-    if quant.dynamic:
-        shape = quant.grouping.scale_shape(tokens, hidden)
-        scales = quant.scale.read(payload[lay.scales.offset:lay.scales.end], shape)
-        mins = None if quant.symmetric else _from_bytes(payload, lay.mins, quant.scale_dtype).float().reshape(shape)
-    else:
-        if static_min is None or static_max is None:
-            raise ValueError("static granularity needs static_min and static_max to decode")
-        scales, mins = static_qparams(quant, static_min.to(payload.device), static_max.to(payload.device))
-    flat = unpack_bits(payload[lay.codes.offset : lay.codes.end], quant.bits, tokens * (hidden - n_out))
-    if keep is None:
-        codes = flat.reshape(tokens, hidden)
-    else:
-        qmin, _ = quant.code.qrange
-        codes = torch.full((tokens, hidden), -qmin, dtype=torch.uint8, device=payload.device)
-        codes[:, keep] = flat.reshape(tokens, hidden - n_out)
+    codes, scales, mins = _codes_and_scales(payload, lay, tokens, hidden, quant, keep, static_min, static_max)
     out = dequantize(codes, quant, scales, mins, levels=levels)
     if keep is not None:
         out[:, outlier_idx] = _from_bytes(payload, lay.outliers, OUTLIER_DTYPE).reshape(tokens, n_out).float()
@@ -318,6 +308,37 @@ def decode(
         values = _from_bytes(payload, lay.sparse_values, OUTLIER_DTYPE).reshape(tokens, sparse).float()
         out.scatter_(1, picks, values)
     return out
+
+
+def _codes_and_scales(payload: torch.Tensor, lay: PayloadLayout, tokens: int, hidden: int, quant: QuantSpec,
+                      keep: torch.Tensor | None, static_min, static_max):
+    """(uint8 codes [T, H] with the zero code at BF16 features, fp32 scales as the receiver uses
+    them, mins or None) of one payload laid out as ``lay``."""
+    if payload.numel() != lay.total_bytes:
+        raise ValueError(f"payload has {payload.numel()} bytes; layout expects {lay.total_bytes}")
+    if quant.dynamic:
+        shape = quant.grouping.scale_shape(tokens, hidden)
+        scales = quant.scale.read(payload[lay.scales.offset:lay.scales.end], shape, quant)
+        mins = None if quant.symmetric else _from_bytes(payload, lay.mins, quant.scale_dtype).float().reshape(shape)
+    else:
+        if static_min is None or static_max is None:
+            raise ValueError("static granularity needs static_min and static_max to decode")
+        scales, mins = static_qparams(quant, static_min.to(payload.device), static_max.to(payload.device))
+    n_out = 0 if keep is None else hidden - int(keep.sum())
+    flat = unpack_bits(payload[lay.codes.offset : lay.codes.end], quant.bits, tokens * (hidden - n_out))
+    if keep is None:
+        return flat.reshape(tokens, hidden), scales, mins
+    codes = torch.full((tokens, hidden), quant.code.zero_code, dtype=torch.uint8, device=payload.device)
+    codes[:, keep] = flat.reshape(tokens, hidden - n_out)
+    return codes, scales, mins
+
+
+def decode_terms(payload: torch.Tensor, tokens: int, hidden: int, quant: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the code values q, the scale of each value), fp32 [T, H], of one dynamic payload without
+    BF16 features: the two factors a kernel that fuses its decode into an FMA multiplies
+    (FlashInfer's leg-1 sum, ``lowbit.comm.recipes``)."""
+    codes, scales, _ = _codes_and_scales(payload, layout(tokens, hidden, quant), tokens, hidden, quant, None, None, None)
+    return quant.code.decode(codes), quant.grouping.expand(scales.to(torch.float32), codes.shape)
 
 
 # -- the rotated message's tail -------------------------------------------------------------------
