@@ -1,3 +1,4 @@
+# Size: ~470 lines: the helpers every page shares (queue, cached store reads, forms, plot style); splitting is open work.
 """What every page shares: the app's job queue, cached reads of the results store, submitting a
 spec with its problems shown verbatim, progress of a run, and the projector-friendly plot style.
 
