@@ -1,7 +1,7 @@
 """``python -m lowbit audit`` (= ``python -m launch audit``): queue a pre-flight audit, watch it,
 print its report and write it as JSON and Markdown.
 
-    python -m lowbit audit --model smollm2-135m --tp 3                       # every preset
+    python -m lowbit audit --model smollm2-135m --tp 3                       # every preset that runs at TP 3
     python -m lowbit audit --model gemma3-270m --tp 2 --formats quickreduce-int4,mxfp8 --degrades-kl 0.05
     python -m lowbit audit --model ./my-hf-folder --tp 2 --out reports/      # a local HF folder
 
@@ -22,8 +22,10 @@ from launch.client import submit_and_watch
 from launch.kinds.audit import MARKDOWN_FILE
 from launch.layout import run_paths
 from launch.spec import JobSpec, SpecError
-from lowbit.method.audit import AUDIT_DEFAULTS, Thresholds
+from lowbit.method.audit import AUDIT_DEFAULTS, Thresholds, runnable_presets
 from lowbit.method.audit_report import markdown
+from lowbit.model.models import ModelUnavailable, load_config
+from lowbit.model.tp import text_config
 from lowbit.scheme import PRESETS
 
 FLAGS = {"schemes": "--formats", "eval_data": "--eval-data", "eval_tokens": "--eval-tokens", "calib_from": "--calib-from",
@@ -39,12 +41,27 @@ def flag_of(field: str) -> str:
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+def default_formats(model: str, tp: int) -> tuple[list[str], dict[str, str]]:
+    """Every preset that runs at this model's hidden size and ``tp``, and why the others do not
+    (all presets when the model's config cannot be read: the spec check then names the model)."""
+    try:
+        hidden = text_config(load_config(model)).hidden_size
+    except (OSError, ValueError, KeyError, ModelUnavailable):  # the spec check names the model field
+        return list(PRESETS), {}
+    return runnable_presets(hidden, tp)
+
+
 def audit_spec(args) -> dict:
     """The job spec of the command line's arguments (validated at submit)."""
     model = args.model
     if Path(model).is_dir():  # the ranks run elsewhere (the repository root): pass the folder absolute
         model = str(Path(model).resolve())
-    formats = [f.strip() for f in (args.formats or ",".join(PRESETS)).split(",") if f.strip()]
+    if args.formats is None:  # every preset that runs here; the others are named on stderr
+        formats, left_out = default_formats(model, args.tp)
+        for name, why in left_out.items():
+            print(f"note: {name} left out (cannot run at this model and TP size): {why}", file=sys.stderr)
+    else:
+        formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     params = dict(seq_len=args.seq_len, batch_size=args.batch_size, site_tokens=args.site_tokens,
                   max_fixes=args.max_fixes, codec=args.codec)
     if args.gate_bytes is not None:

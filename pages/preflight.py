@@ -7,7 +7,7 @@ import plotly.express as px
 import streamlit as st
 
 from launch.store.audit import audit_runs, fix_frame, report_json, report_markdown, site_frame, verdict_frame
-from lowbit.method.audit import AUDIT_DEFAULTS, Thresholds
+from lowbit.method.audit import AUDIT_DEFAULTS, Thresholds, runnable_presets
 from lowbit.scheme import PRESETS
 from pages import _ui
 
@@ -29,8 +29,15 @@ def audit_form() -> None:
     with c3:
         folder = st.text_input("…or a local Hugging Face folder", "", key="pf_folder",
                                help="a directory with config.json, safetensors weights and a tokenizer")
-    formats = st.multiselect("Formats", list(PRESETS), default=list(PRESETS), key="pf_formats",
+    if folder.strip():  # a local folder's shape is read by the job; the spec check names a preset it refuses
+        runnable, left_out = list(PRESETS), {}
+    else:
+        runnable, left_out = runnable_presets(_ui.model_shape(model)["hidden"], int(tp))
+    formats = st.multiselect("Formats", runnable, default=runnable, key=f"pf_formats_{model}_{tp}",
                              help="presets named after shipping systems; the exact BF16 all-reduce is always measured")
+    if left_out:
+        st.caption("Not offered at this model and TP size: " + "; ".join(
+            f"`{name}` ({_ui.clip(why, 160)})" for name, why in left_out.items()))
     extra = st.text_input("More formats (scheme strings, comma-separated)", "", key="pf_extra",
                           help="any scheme, e.g. int8-group32-sfp16 (python -m lowbit schemes)")
     th = Thresholds()

@@ -17,8 +17,9 @@ import pytest
 
 from launch.index import RunIndex
 from launch.store.audit import fix_frame, site_frame, verdict_frame
+from launch.store.machine import model_shape
+from lowbit.method.audit import runnable_presets
 from lowbit.method.audit_report import markdown
-from lowbit.scheme import PRESETS
 from tests.test_app import assert_clean, open_page, texts
 from tests.helpers import json_shape
 from tests.scripts.make_fixtures import fixture_result, fixture_spec
@@ -100,5 +101,9 @@ def test_preflight_page_bad_model_folder_names_the_field_and_queues_nothing(audi
     at.text_input(key="pf_folder").input("").run()
     at.text_input(key="pf_extra").input("quickreduce-int5").run()
     at.button(key="pf_go").click().run()
-    assert f"`schemes[{len(PRESETS)}]: " in texts(at.error) and "quickreduce-int4" in texts(at.error)
+    offered, left_out = runnable_presets(model_shape("smollm2-135m")["hidden"], 3)  # the form's default model and TP
+    assert f"`schemes[{len(offered)}]: " in texts(at.error) and "quickreduce-int4" in texts(at.error)
+    captions = " ".join(c.value for c in at.caption)
+    assert "quickreduce-int4" in left_out and "Not offered at this model and TP size" in captions
+    assert "`quickreduce-int4` (tp: 3 not allowed" in captions
     assert RunIndex(root).ids() == before, "a refused spec queues nothing"

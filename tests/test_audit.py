@@ -28,7 +28,7 @@ import torch
 # resolved here, once: transformers imports these lazily, and two thread-ranks resolving them at once fail
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-from launch.audit_cli import flag_of
+from launch.audit_cli import default_formats, flag_of
 from launch.spec import JobSpec, SpecError
 from lowbit.casts.base import CASTS, Cast
 from lowbit.comm.dist import ThreadWorld
@@ -39,6 +39,7 @@ from lowbit.method.audit_sites import ALL_COUNTERS, COUNTERS
 from lowbit.model import engine
 from lowbit.model.models import load_model
 from lowbit.model.stress import TINY_BOUND, stress_spec
+from lowbit.scheme import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 STRESS = "stress-tiny"
@@ -264,6 +265,19 @@ def test_an_unknown_format_names_the_allowed_ones():
     assert "schemes[1]" in problems and flag_of("schemes[1]") == "--formats"
     for preset in ("mxfp4", "quickreduce-int4", "flashinfer-fp8", "trtllm-fp8"):
         assert preset in problems["schemes[1]"]
+
+
+def test_every_preset_at_tp3_is_the_runnable_ones_and_the_rest_are_named():
+    """QuickReduce, FlashInfer and TensorRT-LLM refuse TP 3 (their kernels' world sizes): the
+    default formats of an audit there leave them out and say why, and the spec they make is valid."""
+    formats, left_out = default_formats("smollm2-135m", 3)
+    assert formats and set(formats).isdisjoint(left_out) and set(formats) | set(left_out) == set(PRESETS)
+    for name in ("quickreduce-int4", "flashinfer-fp8", "trtllm-fp8"):
+        assert name in left_out and "tp: 3 not allowed" in left_out[name]
+    assert "mxfp8" in formats
+    JobSpec.from_dict(audit_job(model="smollm2-135m", tp=3, schemes=formats))  # refused specs raise SpecError
+    formats2, left_out2 = default_formats("smollm2-135m", 2)
+    assert "quickreduce-int4" in formats2 and "quickreduce-int4" not in left_out2
 
 
 def test_a_model_path_that_does_not_exist_names_the_field(tmp_path):

@@ -39,6 +39,7 @@ import torch
 
 from lowbit.artifacts import calibration_cache_dir
 from lowbit.casts import NoCast
+from lowbit.casts.bf16 import BF16Cast
 from lowbit.comm.dist import Group
 from lowbit.method.audit_sites import LEG2, SiteProbe
 from lowbit.method.calibrate import load_or_calibrate, with_calibration_defaults
@@ -158,10 +159,10 @@ def flagged_sites(sites: list[dict], th: Thresholds) -> list[str]:
 
 
 # -- candidate fixes -----------------------------------------------------------------------------
-def _without_cast(q: QuantSpec | None) -> QuantSpec | None:
+def _with_cast(q: QuantSpec | None, cast) -> QuantSpec | None:
     if q is None or q.cast == NoCast():
         return q
-    return QuantSpec(code=q.code, grouping=q.grouping, scale=q.scale, rounding=q.rounding, cast=NoCast())
+    return QuantSpec(code=q.code, grouping=q.grouping, scale=q.scale, rounding=q.rounding, cast=cast)
 
 
 def _map(smap: SchemeMap, fn) -> SchemeMap:
@@ -169,14 +170,20 @@ def _map(smap: SchemeMap, fn) -> SchemeMap:
 
 
 def native_variant(text: str) -> str | None:
-    """``text`` without any input cast (the partial quantized as it is: QuickReduce's native bf16
-    path), or None when it casts nothing."""
+    """``text`` on its native path, or None when it casts nothing: the partial quantized as it is
+    (no input cast) where the scheme allows it, else in bf16 (``-bf16``: QuickReduce's native path,
+    whose scale rule needs the cast that names its arithmetic)."""
     smap = parse_scheme_map(text)
-
-    def drop(s: Scheme) -> Scheme:
-        return s if s.is_exact else replace(s, quant=_without_cast(s.quant), second=_without_cast(s.second))
-    native = _map(smap, drop)
-    return None if native == smap else str(native)
+    for cast in (NoCast(), BF16Cast()):
+        try:
+            native = _map(smap, lambda s: s if s.is_exact else replace(s, quant=_with_cast(s.quant, cast),
+                                                                       second=_with_cast(s.second, cast)))
+            if native == smap:
+                return None
+            return str(parse_scheme_map(str(native)))  # a cast the scale format refuses raises here
+        except SchemeError:
+            continue
+    return None
 
 
 def keep_exact_variant(text: str, sites: list[str]) -> str:
@@ -213,6 +220,14 @@ def runnable_problem(text: str, hidden: int, tp: int) -> str | None:
     except SchemeError as exc:
         return str(exc)
     return None
+
+
+def runnable_presets(hidden: int, tp: int) -> tuple[list[str], dict[str, str]]:
+    """The presets that run at this hidden size and TP size (an audit's default formats), and why
+    each other one does not: QuickReduce runs at TP 2/4/8 only, so "every preset" at TP 3 is the
+    runnable ones, with the rest named, not a refused spec."""
+    problems = {name: runnable_problem(name, hidden, tp) for name in PRESETS}
+    return [n for n, p in problems.items() if p is None], {n: p for n, p in problems.items() if p is not None}
 
 
 def gate_size(tokens: int, hidden: int) -> int:
