@@ -1,3 +1,4 @@
+# Size: ~455 lines: the communicators share one plan, encode and decode path across gather, two-shot and the shipping recipes.
 """Quantized communicators for the row-parallel partial sums.
 
 ``QuantCommunicator`` applies a ``SchemeMap`` (one scheme per site, with per-layer overrides):

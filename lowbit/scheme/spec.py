@@ -1,3 +1,4 @@
+# Size: ~450 lines: Scheme, SchemeMap and QuantSpec share one validation; splitting them would split validate_for.
 """The scheme dataclasses: what one site's partial sum becomes before it travels.
 
 ``Scheme`` (one site), ``SchemeMap`` (a default plus per-site overrides), ``QuantSpec`` (one leg's
