@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,18 +343,28 @@ def _tiny_config(name: str):
     return AutoConfig.for_model(family, vocab_size=49152, **_TINY_COMMON, **extra)
 
 
+_TINY_INIT_LOCK = threading.Lock()  # one tiny model's seeding and init at a time per process
+
+
 def _tiny_model(name: str, dtype: torch.dtype, seed: int):
     from transformers import AutoModelForCausalLM
     config = _tiny_config(name)
     config._attn_implementation = "eager"
-    with torch.random.fork_rng():
+    # The weights are drawn from a private generator that starts where torch's global one stands
+    # after ``from_config`` under ``manual_seed(seed)`` (the stream these models have always had).
+    # The global generator is one per process: threaded ranks loading at once (tests' ThreadWorld)
+    # drew from it in turn, and each rank got different weights (12 of 12 two-thread loads
+    # differed from a single load, which flipped the stress model's audit verdict now and then).
+    with _TINY_INIT_LOCK, torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        # Default init is tiny (std 0.02): scale up so activations are not all near zero and
-        # TP mismatches would show.
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.data.normal_(0.0, 0.2)
+        draws = torch.Generator()
+        draws.set_state(torch.random.get_rng_state())
+    # Default init is tiny (std 0.02): scale up so activations are not all near zero and
+    # TP mismatches would show.
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data.normal_(0.0, 0.2, generator=draws)
     return model.to(dtype)
 
 
