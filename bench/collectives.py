@@ -81,9 +81,10 @@ def codec_module(name: str):
 def make_communicator(group, scheme: str, calibration, codec):
     """A QuantCommunicator for ``scheme``; with a ``codec`` (``kernels.dispatch.Codec``) its gather
     and two-shot legs go through the kernels where they implement it (the same bytes and sums as
-    lowbit's torch path; the rest stays on that path)."""
+    lowbit's torch path; the rest stays on that path). No ``lowbit.counters``: the bench times the
+    all-reduce, not the diagnostics an evaluation records."""
     from lowbit.comm.collectives import QuantCommunicator
-    return QuantCommunicator(group, scheme, calibration, record=False, codec=codec)
+    return QuantCommunicator(group, scheme, calibration, record=False, codec=codec, counters=False)
 
 
 # -- data (bench._data) ----------------------------------------------------------------------

@@ -51,7 +51,9 @@ def throughput_job(ctx) -> dict | None:
                                         calibration_folder(spec, ctx.paths.run_id, ctx.paths.root))
     ids = token_chunks(tp.tokenizer, spec.eval_data, "eval", p["batch"], p["prompt_tokens"])
     codec_label, codec = kind_codec.make(kind_codec.codec_name(p, "kernels"))
-    comms = {s: make_communicator(group, plan[s], calibration, codec, job_progress(ctx)) for s in schemes}
+    # no per-call counters: their torch decode would be timed as communication
+    comms = {s: make_communicator(group, plan[s], calibration, codec, job_progress(ctx), counters=False)
+             for s in schemes}
     timings = {s: dict(prefill=[], decode=[], prefill_comm=[], decode_comm=[]) for s in schemes}
     total = p["rounds"] * len(schemes)
     step = 0

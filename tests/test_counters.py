@@ -108,6 +108,49 @@ def test_lowbits_own_collectives_record_the_counters_too():
     assert [e["groups"] for e in two] == [8, 8] and [e["leg2_groups"] for e in two] == [4, 4]
 
 
+def test_counters_are_counted_only_where_the_calls_stats_are_kept(monkeypatch):
+    """The counters decode each message again in torch (several times the kernels' own cost at
+    8192 x 576): a call whose stats nobody keeps (``record=False``, timed ``reduce``) or a communicator
+    built with ``counters=False`` (the benches) skips them; the sum and the bytes stay the same."""
+    from lowbit.comm import collectives
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.site import Site
+
+    parts = partials_for("randn", 2, shape=(4, 64))
+    counted = []
+    real = collectives.message_counters
+    monkeypatch.setattr(collectives, "message_counters", lambda *a: counted.append(1) or real(*a))
+    scheme = "int4-group32@twoshot+int8-group32"
+
+    def run(how):
+        def body(group):
+            x = torch.from_numpy(parts[group.rank].astype(np.float32))
+            if how == "record":
+                comm = collectives.QuantCommunicator(group, scheme)
+                return comm.reduce(x, Site(0, "o_proj")), comm.calls[-1].extra
+            if how == "stats":
+                comm = collectives.QuantCommunicator(group, scheme, record=False)
+                out, _, extra = comm.reduce_with_stats(x, Site(0, "o_proj"))
+                return out, extra
+            if how == "unrecorded":
+                comm = collectives.QuantCommunicator(group, scheme, record=False)
+                return comm.reduce(x, Site(0, "o_proj")), {}
+            comm = collectives.QuantCommunicator(group, scheme, record=False, counters=False)
+            return comm.reduce_with_stats(x, Site(0, "o_proj"))[::2]
+        counted.clear()
+        results = ThreadWorld(2).run(body)
+        return results, len(counted)
+    (kept, n_kept), (stats, n_stats) = run("record"), run("stats")
+    (unrecorded, n_unrecorded), (off, n_off) = run("unrecorded"), run("off")
+    assert n_kept == n_stats == 2 * 3  # per rank: two first-leg chunk messages and the leg-2 chunk
+    assert n_unrecorded == n_off == 0
+    assert all("groups" in e and "nonfinite_out" in e and "leg2_groups" in e for _, e in kept + stats)
+    assert all("groups" not in e and "nonfinite_out" not in e for _, e in off)
+    for other in (stats, unrecorded, off):
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(kept, other))
+    assert [e["bytes_received"] for _, e in off] == [e["bytes_received"] for _, e in kept]
+
+
 def test_site_counters_sum_a_runs_calls_per_site():
     from lowbit.comm.communicator import CallRecord
     from lowbit.counters import site_counters

@@ -1,4 +1,4 @@
-# Size: ~455 lines: the communicators share one plan, encode and decode path across gather, two-shot and the shipping recipes.
+# Size: ~465 lines: the communicators share one plan, encode and decode path across gather, two-shot and the shipping recipes.
 """Quantized communicators for the row-parallel partial sums.
 
 ``QuantCommunicator`` applies a ``SchemeMap`` (one scheme per site, with per-layer overrides):
@@ -139,8 +139,13 @@ class QuantCommunicator(Communicator):
 
     def __init__(self, group: Group, schemes: SchemeMap | str, calibration: Calibration | None = None,
                  record: bool = True, keep_first_leg: bool = False, prerotated: bool = False, seed: int = 0,
-                 codec: Codec | None = None, on_path_change: Callable[[dict], None] | None = None):
+                 codec: Codec | None = None, on_path_change: Callable[[dict], None] | None = None,
+                 counters: bool = True):
         super().__init__(group, record)
+        # lowbit.counters per call (a torch decode of this rank's own messages and a pass over the
+        # values: several times the kernels' own cost at 8192 x 576). Only when the call's stats are
+        # kept (``stats_kept``); ``counters=False`` for timings, which measure the all-reduce alone.
+        self.counters = counters
         check_codec(codec)
         self.codec = codec  # None: lowbit.wire.payload's encode/decode (the reference) for every message
         self.paths = PathLog(on_path_change)  # the codec path of each site and leg, and every change of it
@@ -303,6 +308,16 @@ class QuantCommunicator(Communicator):
         tokens, width = message.values.shape
         return scheme_layout(plan.scheme, tokens, width, plan.outlier_idx.numel()).codes.end
 
+    def _counters(self, plan: SitePlan, messages: list[Message], out: torch.Tensor) -> dict:
+        """``lowbit.counters`` of this call's first-leg messages, and ``nonfinite_out`` of the reduced
+        ``out``; {} unless asked for (``counters``) and the call's stats are kept (``stats_kept``)."""
+        if not (self.counters and self.stats_kept):
+            return {}
+        counts: dict = {}
+        for m in messages:
+            add_counters(counts, self._message_counters(plan, m))
+        return dict(counts, nonfinite_out=int((~torch.isfinite(out)).sum()))
+
     def _message_counters(self, plan: SitePlan, message: Message) -> dict:
         """``lowbit.counters`` of one first-leg message: its values against its own payload decoded alone."""
         tokens, width = message.values.shape
@@ -377,8 +392,8 @@ class QuantCommunicator(Communicator):
             if idx.numel():  # the BF16 columns, summed in the original space
                 out[:, idx] = outlier_tail_sum(gathered, n_codes, tokens, idx.numel())
         bits = scheme_layout(plan.scheme, tokens, hidden, idx.numel()).bits_per_value
-        counts = self._message_counters(plan, message)
-        return out, payload.numel(), dict(message.stats, **counts, nonfinite_out=int((~torch.isfinite(out)).sum()),
+        counts = self._counters(plan, [message], out)
+        return out, payload.numel(), dict(message.stats, **counts,
                                           leg1_bits=bits["total"], bits_breakdown=bits,
                                           bytes_received=int(wire_bytes("gather", tp, payload.numel())),
                                           codec_path=_same(message.path, ran))
@@ -433,13 +448,10 @@ class QuantCommunicator(Communicator):
                                       *sum_range(j, batch=True), {}, enc2, out=out[:, messages[j].cols])
             ran2.add(ran)
         values = tokens * hidden
-        counts: dict = {}
-        for m in messages:
-            add_counters(counts, self._message_counters(plan, m))
-        if reduced is not None:
+        counts = self._counters(plan, messages, out)
+        if reduced is not None and counts:
             add_counters(counts, message_counters(reduced, out[:, messages[rank].cols], second), "leg2_")
         extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"], **counts,
-                     nonfinite_out=int((~torch.isfinite(out)).sum()),
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
                      leg2_bits=8.0 * leg2_bytes * tp / values if values else 0.0,
                      leg1_bytes=sum(send_splits), leg2_bytes=leg2_bytes,

@@ -39,6 +39,8 @@ class Communicator(abc.ABC):
 
     Subclasses implement ``_reduce(partial, site) -> (reduced, bytes_sent, extra)``.
     ``record=False`` turns the per-call log off (e.g. for long generation runs).
+    ``stats_kept`` is True while a call's extra stats will be kept (recorded, or returned by
+    ``reduce_with_stats``): a subclass skips diagnostics nobody reads when it is False.
     """
 
     name = "base"
@@ -47,9 +49,11 @@ class Communicator(abc.ABC):
         self.group = group
         self.record = record
         self.calls: list[CallRecord] = []
+        self.stats_kept = record
 
     def reduce(self, partial: torch.Tensor, site: Site) -> torch.Tensor:
         start = time.perf_counter()
+        self.stats_kept = self.record
         reduced, nbytes, extra = self._reduce(partial, site)
         if self.record:
             hidden = partial.shape[-1]
@@ -71,6 +75,7 @@ class Communicator(abc.ABC):
     def reduce_with_stats(self, partial: torch.Tensor, site: Site) -> tuple[torch.Tensor, int, dict]:
         """(reduced, bytes handed to collectives, the call's extra stats), without recording the
         call: what a benchmark times."""
+        self.stats_kept = True
         return self._reduce(partial, site)
 
     def scheme_name(self, site: Site) -> str:
