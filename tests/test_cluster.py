@@ -144,8 +144,8 @@ def _assert_no_processes(queue, run_id):
 def test_three_node_cluster_at_100mbit_runs_exact_and_quantized_all_reduce(queue, clean_host):
     """bf16 ring all-reduce: each rank sends (and receives) 2 (N - 1) / N x the tensor's bytes,
     so at rate R it takes t = 2 (N - 1) / N * bytes * 8 / R; for 2048 x 576 bf16 (2.36 MB) at
-    N = 3 and 100 Mbit/s that is 252 ms. The measured median must be within a factor 1.5 of it
-    (both ways: faster would mean the link is not shaped)."""
+    N = 3 and 100 Mbit/s that is 252 ms. No repeat can beat the shaped wire, and the fastest
+    repeat (the one the fewest scheduling delays reached) stays near it."""
     tokens, hidden, n, rate = 2048, 576, 3, 100e6
     spec = JobSpec(kind="collective-bench", model="none", tp=n, link="100mbit", collective_timeout_s=120,
                    params=dict(tokens=[tokens], hidden=[hidden], repeats=3, min_repeats=3, warmup=1, codec="reference",
@@ -159,10 +159,13 @@ def test_three_node_cluster_at_100mbit_runs_exact_and_quantized_all_reduce(queue
 
     exact = records["bf16"]
     expected_ms = 2 * (n - 1) / n * tokens * hidden * 2 * 8 / rate * 1e3
-    ratio = exact["median_ms"] / expected_ms
-    print(f"bf16 all_reduce {exact['median_ms']:.1f} ms vs 2(N-1)/N*bytes/rate = {expected_ms:.1f} ms: x{ratio:.2f}")
-    # 1.5: TCP/IP + Ethernet headers cost ~4.5 % at MTU 1500, gloo's ring steps and Python add a
-    # few ms; a factor 1.5 still tells a shaped link from loopback (~100x faster here).
+    ratio = exact["min_ms"] / expected_ms
+    print(f"bf16 all_reduce fastest {exact['min_ms']:.1f} ms vs 2(N-1)/N*bytes/rate = {expected_ms:.1f} ms: x{ratio:.2f}")
+    # The fastest repeat, not the median: it is the link's time with the fewest scheduling delays
+    # (with both cores busy beside the test, gloo's ring threads wait for a core between steps and
+    # the slowest rank ends a repeat), so the bound tells the link, not the machine's load. 1.5 both
+    # ways: TCP/IP + Ethernet headers add ~4.5 % at MTU 1500 and gloo's ring steps a few ms; faster
+    # would mean the link is not shaped (loopback is ~100x faster here).
     assert 1 / 1.5 <= ratio <= 1.5, (exact, expected_ms)
     assert exact["link"] == "100mbit" and exact["tp"] == n
 
