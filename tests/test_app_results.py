@@ -270,6 +270,26 @@ def test_load_calibration_names_a_missing_a_damaged_and_an_outdated_artifact(res
                                                            ArtifactOutdated))
 
 
+def test_the_runs_table_shows_an_unreadable_index_and_raises_anything_else(tmp_path, monkeypatch):
+    """The index that cannot be read (a locked or damaged sqlite file, a folder without permission)
+    is a row that says so; any other error is a bug and reaches the page test's gate."""
+    import sqlite3
+
+    from launch.store import runs as store_runs
+
+    def locked(_root):
+        raise sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(store_runs, "list_runs", locked)
+    frame = store_runs.runs_frame(tmp_path)
+    assert list(frame["status"]) == ["corrupt"] and frame["problem"][0] == "database is locked"
+
+    def bug(_root):
+        raise TypeError("a bug in the store")
+    monkeypatch.setattr(store_runs, "list_runs", bug)
+    with pytest.raises(TypeError, match="a bug in the store"):
+        store_runs.runs_frame(tmp_path)
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

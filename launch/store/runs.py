@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def run_progress(run_id: str, root=None) -> tuple[float, str, list[dict]]:
     """(fraction in [0, 1], one-line message, all events) from the run's events.jsonl."""
     try:
         events = read_events(run_paths(run_id, root).events)
-    except Exception as exc:  # noqa: BLE001 - an unreadable events file is shown, not raised
+    except OSError as exc:  # an unreadable events file is shown, not raised (torn lines are skipped)
         return 0.0, f"events unreadable: {exc}", []
     fraction, message = progress(events)
     return fraction, message, events
@@ -81,7 +82,7 @@ def runs_frame(root=None) -> pd.DataFrame:
     """Every run (newest first): index rows checked against their directories, with progress."""
     try:
         rows = list_runs(resolve_root(root))
-    except Exception as exc:  # noqa: BLE001 - the page shows the problem instead of a traceback
+    except (OSError, sqlite3.Error) as exc:  # an unreadable or damaged index: the page says so
         return pd.DataFrame([dict(id="(index)", kind="?", model="?", status="corrupt", problem=str(exc))],
                             columns=RUN_COLUMNS)
     out = []
@@ -146,7 +147,7 @@ def active_runs(root=None) -> pd.DataFrame:
     """Queued and running runs in submission order: one index query (cheap enough to poll)."""
     try:
         rows = RunIndex(resolve_root(root)).list(ACTIVE)
-    except Exception:  # noqa: BLE001 - an unreadable index shows as no active run; Runs shows why
+    except (OSError, sqlite3.Error):  # an unreadable index shows as no active run; Runs shows why
         rows = []
     return pd.DataFrame([dict(id=r["id"], kind=r["kind"], model=r["model"], tp=r["tp"], status=r["status"],
                               created=_when(r["created"])) for r in rows],
