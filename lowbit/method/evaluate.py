@@ -226,7 +226,10 @@ def evaluate_tasks(model, group: Group, tokenizer, items_by_task: dict[str, list
     batches of up to ``max_tokens`` tokens; ``legacy`` for the old path); ``_timing`` holds the
     seconds of this scheme's forwards and the items they scored."""
     plan = SchemePlan.of(schemes, REFERENCE)
-    comms = {s: make_communicator(group, plan[s], calibration, codec, progress) for s in _reference_first(plan)}
+    # No lowbit.counters on task forwards: the record's counters are the held-out text's
+    # (``summary_record``), and counting every task reduce cost more than the codec itself.
+    comms = {s: make_communicator(group, plan[s], calibration, codec, progress, counters=False)
+             for s in _reference_first(plan)}
     scored = task_logliks(model, group, tokenizer, items_by_task, comms, progress, max_tokens, legacy, batch_sequences)
     hits = task_hits(scored)
     n_items = sum(len(v) for v in items_by_task.values())
