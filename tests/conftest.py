@@ -82,3 +82,13 @@ def pytest_sessionfinish(session):
     module = sys.modules.get("tests.test_slurm")
     if module is not None and module.EARLY:
         module.stop_early()
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster_answer_from_an_earlier_test():
+    """The sidebar's Slurm panel keeps ``sinfo``'s answer for 30 s in the process
+    (``launch.store.machine.cluster_frame``): a Slurm test's cluster would still show on the next
+    test's pages, whatever the shuffled order put there. Each test asks afresh."""
+    from launch.store import machine
+    machine._cluster_cache[:] = [0.0, None]
+    yield

@@ -133,8 +133,11 @@ def stop_early() -> None:
             shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm_cluster():
+    """The cluster, with $SLURM_CONF pointing at it for this module's tests only. (Session-scoped,
+    it left $SLURM_CONF set and the daemons up for every later test: the app's sidebar then showed
+    the cluster's partitions, and a page test failed or passed by the shuffled order.)"""
     problem = why_not()
     if problem:
         if os.environ.get("CI"):
