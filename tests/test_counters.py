@@ -6,6 +6,7 @@ and the shipping recipes record them per call (first leg, ``leg2_`` second leg, 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lowbit.counters import message_counters, range_limit
@@ -108,19 +109,25 @@ def test_lowbits_own_collectives_record_the_counters_too():
     assert [e["groups"] for e in two] == [8, 8] and [e["leg2_groups"] for e in two] == [4, 4]
 
 
-def test_counters_are_counted_only_where_the_calls_stats_are_kept(monkeypatch):
+@pytest.mark.parametrize("scheme,per_call,leg2", [
+    ("int4-group32@twoshot+int8-group32", 3, True),  # per rank: two first-leg chunk messages and the leg-2 chunk
+    ("quickreduce-int4", 3, True),                   # a shipping recipe: the same, in lowbit.comm.recipes
+    ("nccl-fp8e4m3", 1, False),                      # NCCL's ring: the one fp8 tensor, no second leg
+])
+def test_counters_are_counted_only_where_the_calls_stats_are_kept(monkeypatch, scheme, per_call, leg2):
     """The counters decode each message again in torch (several times the kernels' own cost at
     8192 x 576): a call whose stats nobody keeps (``record=False``, timed ``reduce``) or a communicator
-    built with ``counters=False`` (the benches) skips them; the sum and the bytes stay the same."""
-    from lowbit.comm import collectives
+    built with ``counters=False`` (the benches, task scoring) skips them, in lowbit's collectives and
+    in the shipping recipes alike; the sum and the bytes stay the same."""
+    from lowbit.comm import collectives, recipes
     from lowbit.comm.dist import ThreadWorld
     from lowbit.site import Site
 
     parts = partials_for("randn", 2, shape=(4, 64))
     counted = []
     real = collectives.message_counters
-    monkeypatch.setattr(collectives, "message_counters", lambda *a: counted.append(1) or real(*a))
-    scheme = "int4-group32@twoshot+int8-group32"
+    for module in (collectives, recipes):
+        monkeypatch.setattr(module, "message_counters", lambda *a: counted.append(1) or real(*a))
 
     def run(how):
         def body(group):
@@ -142,9 +149,9 @@ def test_counters_are_counted_only_where_the_calls_stats_are_kept(monkeypatch):
         return results, len(counted)
     (kept, n_kept), (stats, n_stats) = run("record"), run("stats")
     (unrecorded, n_unrecorded), (off, n_off) = run("unrecorded"), run("off")
-    assert n_kept == n_stats == 2 * 3  # per rank: two first-leg chunk messages and the leg-2 chunk
+    assert n_kept == n_stats == 2 * per_call
     assert n_unrecorded == n_off == 0
-    assert all("groups" in e and "nonfinite_out" in e and "leg2_groups" in e for _, e in kept + stats)
+    assert all("groups" in e and "nonfinite_out" in e and ("leg2_groups" in e) == leg2 for _, e in kept + stats)
     assert all("groups" not in e and "nonfinite_out" not in e for _, e in off)
     for other in (stats, unrecorded, off):
         assert all(torch.equal(a[0], b[0]) for a, b in zip(kept, other))

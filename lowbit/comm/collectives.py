@@ -213,7 +213,7 @@ class QuantCommunicator(Communicator):
             extra = {"leg1_bits": 8.0 * wire.element_size(), "bytes_received": received}
             return out, nbytes, dict(extra, gated=1) if gated else extra
         if plan.scheme.algo in RECIPE_ALGOS:  # a shipping all-reduce as it computes (lowbit.comm.recipes)
-            out, nbytes, extra = run_recipe(self.group, partial, plan.scheme)
+            out, nbytes, extra = run_recipe(self.group, partial, plan.scheme, self.counters and self.stats_kept)
             return out.to(partial.dtype), nbytes, extra
         x, messages, expected = self._first_leg(partial.reshape(-1, hidden), site, plan)
         if plan.scheme.algo == "gather":

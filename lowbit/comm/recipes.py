@@ -31,7 +31,9 @@ flat2shot       lowbit's two-shot on the flat buffer's contiguous 1/W shards wit
 The output is rounded to bf16, as the kernels write it. The call's stats: ``clamped`` /
 ``nonfinite`` of leg 1 and ``leg2_clamped``, bytes per leg from the payloads (``lowbit.wire``), and
 ``lowbit.counters``' per-message counters of leg 1 (this rank's messages) and, as ``leg2_*``, of its
-requantized sum, with ``nonfinite_out`` of its output.
+requantized sum, with ``nonfinite_out`` of its output; ``counters=False`` (the communicator's, when
+nobody keeps the call's stats or it was built with ``counters=False``) leaves these three out, as
+``QuantCommunicator`` does for its own collectives: counting decodes every message again in torch.
 
     PYTHONPATH=. python -c "from lowbit.comm.dist import ThreadWorld; from lowbit.comm.recipes import run_recipe; \\
         from lowbit.scheme import parse_scheme; import torch; s = parse_scheme('quickreduce-int4'); \\
@@ -87,13 +89,15 @@ def _sum_fp32(quant, rows: list[torch.Tensor], rank: int) -> torch.Tensor:
     return total
 
 
-def run_recipe(group: Group, partial: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, int, dict]:
-    """(this rank's reduced [T, H] in bf16 values as fp32, bytes it handed to collectives, stats)."""
+def run_recipe(group: Group, partial: torch.Tensor, scheme: Scheme, counters: bool = True
+               ) -> tuple[torch.Tensor, int, dict]:
+    """(this rank's reduced [T, H] in bf16 values as fp32, bytes it handed to collectives, stats);
+    ``counters``: add ``lowbit.counters``' counters and ``nonfinite_out`` to the stats."""
     quant, algo, tp, rank = scheme.quant, scheme.algo, group.world_size, group.rank
     x = _bf16(partial.reshape(-1).to(_FP32))
     n = x.numel()
     if algo == "ncclring":
-        return _nccl_ring(group, x, quant, partial.shape)
+        return _nccl_ring(group, x, quant, partial.shape, counters)
     m = padded_length(algo, n)
     if m != n:
         x = torch.cat([x, x.new_zeros(m - n)])
@@ -105,8 +109,9 @@ def run_recipe(group: Group, partial: torch.Tensor, scheme: Scheme) -> tuple[tor
         payloads.append(p)
         clamped += st["clamped"]
         nonfinite += st["nonfinite"]
-        add_counters(counts, message_counters(x[own[j]].reshape(1, -1), _decode(p, own[j].numel(), quant)
-                                              .reshape(1, -1), quant))
+        if counters:
+            add_counters(counts, message_counters(x[own[j]].reshape(1, -1), _decode(p, own[j].numel(), quant)
+                                                  .reshape(1, -1), quant))
     splits = [p.numel() for p in payloads]
     received = group.all_to_all(torch.cat(payloads), splits, [splits[rank]] * tp).reshape(tp, -1)
     count = own[rank].numel()
@@ -128,25 +133,28 @@ def run_recipe(group: Group, partial: torch.Tensor, scheme: Scheme) -> tuple[tor
     out = torch.empty(m, dtype=_FP32)
     for j in range(tp):
         out[own[j]] = _decode(gathered[j, :sizes2[j]], own[j].numel(), quant)
-    add_counters(counts, message_counters(total.reshape(1, -1), out[own[rank]].reshape(1, -1), quant), "leg2_")
+    if counters:
+        add_counters(counts, message_counters(total.reshape(1, -1), out[own[rank]].reshape(1, -1), quant), "leg2_")
     if algo == "flashinfer":
         out[own[rank]] = total  # the owner keeps its own sum: no second rounding of its stripe
     result = _bf16(out[:n])
+    if counters:
+        counts["nonfinite_out"] = int((~torch.isfinite(result)).sum())
     leg1, leg2 = sum(splits), max(sizes2)
     stats = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"], leg2_nonfinite=st2["nonfinite"],
                  # what the kernel moves to its peers: the others' parts, then its own sum to each peer
                  bytes_to_peers=leg1 - splits[rank] + (tp - 1) * sizes2[rank],
                  leg1_bits=8.0 * leg1 / n, leg2_bits=8.0 * leg2 * tp / n, leg1_bytes=leg1, leg2_bytes=leg2,
                  bytes_received=int(wire_bytes("two_shot", tp, leg1, leg2)), codec_path="reference",
-                 codec_path2="reference", nonfinite_out=int((~torch.isfinite(result)).sum()), **counts)
+                 codec_path2="reference", **counts)
     return result.reshape(partial.shape), leg1 + leg2, stats
 
 
-def _nccl_ring(group: Group, x: torch.Tensor, quant, shape) -> tuple[torch.Tensor, int, dict]:
+def _nccl_ring(group: Group, x: torch.Tensor, quant, shape, counters: bool) -> tuple[torch.Tensor, int, dict]:
     """NCCL's ring on the caller's fp8 tensors (see the module docstring)."""
     tp, n = group.world_size, x.numel()
     payload, st = _encode(x, quant)
-    counts = message_counters(x.reshape(1, -1), _decode(payload, n, quant).reshape(1, -1), quant)
+    counts = message_counters(x.reshape(1, -1), _decode(payload, n, quant).reshape(1, -1), quant) if counters else {}
     q = torch.stack([_decode(p, n, quant) for p in group.all_gather(payload)])  # [W, n] fp8 values
     chunk_of = torch.zeros(n, dtype=torch.long)
     for j, o in enumerate(owners("ncclring", n, tp)):
@@ -158,6 +166,7 @@ def _nccl_ring(group: Group, x: torch.Tensor, quant, shape) -> tuple[torch.Tenso
     handed = payload.numel()  # the fp8 tensor handed to ncclAllReduce
     stats = dict(clamped=st["clamped"], nonfinite=st["nonfinite"], leg1_bits=8.0 * handed / n,
                  bytes_to_peers=ring_bytes(n, tp, group.rank),  # the ring's chunks, exactly
-                 bytes_received=int(wire_bytes("exact", tp, handed)), codec_path="reference",
-                 nonfinite_out=int((~torch.isfinite(acc)).sum()), **counts)
+                 bytes_received=int(wire_bytes("exact", tp, handed)), codec_path="reference", **counts)
+    if counters:
+        stats["nonfinite_out"] = int((~torch.isfinite(acc)).sum())
     return acc.reshape(shape), handed, stats
