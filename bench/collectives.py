@@ -78,13 +78,13 @@ def codec_module(name: str):
     return kind_codec.make(kind_codec.codec_name({"codec": name}, "kernels"))
 
 
-def make_communicator(group, scheme: str, calibration, codec):
-    """A QuantCommunicator for ``scheme``; with a ``codec`` (``kernels.dispatch.Codec``) its gather
-    and two-shot legs go through the kernels where they implement it (the same bytes and sums as
-    lowbit's torch path; the rest stays on that path). No ``lowbit.counters``: the bench times the
-    all-reduce, not the diagnostics an evaluation records."""
-    from lowbit.comm.collectives import QuantCommunicator
-    return QuantCommunicator(group, scheme, calibration, record=False, codec=codec, counters=False)
+def timed_communicator(group, scheme: str, calibration, codec):
+    """``lowbit.method.evaluate.make_communicator`` as the bench times it: no per-call records and no
+    ``lowbit.counters`` (the bench times the all-reduce, not the diagnostics an evaluation records);
+    with a ``codec`` (``kernels.dispatch.Codec``) its gather and two-shot legs go through the kernels
+    where they implement it (the same bytes and sums as lowbit's torch path)."""
+    from lowbit.method.evaluate import make_communicator
+    return make_communicator(group, scheme, calibration, codec, counters=False, record=False)
 
 
 # -- data (bench._data) ----------------------------------------------------------------------
@@ -144,7 +144,7 @@ def bench_on_group(group, params: dict, link: str = "loopback", progress=None) -
             scheme = parse_scheme(text)
             try:
                 scheme.validate_for(hidden, tp)
-                comms[text] = make_communicator(group, text, calibration, codec)
+                comms[text] = timed_communicator(group, text, calibration, codec)
             except SchemeError as exc:
                 skipped[text] = str(exc)
         runnable = [s for s in schemes if s in comms]
@@ -249,7 +249,7 @@ def _compute_medians(group, runnable, calibration, codec, partial, site, repeats
     if repeats <= 0:
         return None
     local = NoWireGroup(group.rank, group.world_size)
-    comms = {text: make_communicator(local, text, calibration, codec) for text in runnable}
+    comms = {text: timed_communicator(local, text, calibration, codec) for text in runnable}
     for text in runnable:
         comms[text].reduce(partial, site)  # compile / allocate outside timing
     times = torch.zeros(repeats, len(runnable), dtype=torch.float64)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.collectives import (DEFAULT_SCHEMES, bench_on_group, check_params, codec_module, data_calibration,
-                               format_table, make_communicator, outlier_features, synthetic_partial)
+                               format_table, timed_communicator, outlier_features, synthetic_partial)
 from launch.spec import JobSpec, SpecError
 from lowbit.site import Site
 from lowbit.comm.dist import ThreadWorld
@@ -86,7 +86,7 @@ def test_no_wire_group_reduces_tp_copies_of_the_own_partial(scheme):
     group = NoWireGroup(1, tp)
     # every rank calibrated on this partial: the copies decode with the scales they were encoded with
     calib = ThreadWorld(tp).run(lambda g: data_calibration(g, partial))[1]
-    out = make_communicator(group, scheme, calib, None).reduce(partial, Site(0, "down_proj"))
+    out = timed_communicator(group, scheme, calib, None).reduce(partial, Site(0, "down_proj"))
     expected, scale = tp * partial, partial.abs().amax(0)
     if "twoshot" in scheme:  # every leg hands back this rank's own feature chunk (rank 1: columns 32..63)
         expected, scale = expected[:, 32:64].repeat(1, tp), scale[32:64].repeat(tp)
@@ -124,8 +124,8 @@ def test_fused_path_equals_lowbit_communicator(scheme):
         partial = synthetic_partial(tokens, hidden, group.rank, 3, torch.bfloat16)
         calib = data_calibration(group, partial)
         site = Site(0, "down_proj")
-        plain = make_communicator(group, scheme, calib, None)._reduce(partial, site)
-        fused = make_communicator(group, scheme, calib, reference)._reduce(partial, site)
+        plain = timed_communicator(group, scheme, calib, None)._reduce(partial, site)
+        fused = timed_communicator(group, scheme, calib, reference)._reduce(partial, site)
         return plain, fused
 
     for rank, ((out_a, bytes_a, extra_a), (out_b, bytes_b, extra_b)) in enumerate(ThreadWorld(tp).run(body)):

@@ -60,15 +60,18 @@ PRIMARY_METRIC = {t: info.primary for t, info in TASK_INFO.items()}
 
 
 def make_communicator(group: Group, scheme: SchemeMap | str, calibration: Calibration | None,
-                      codec: Codec | None = None, progress=None, counters: bool = True) -> Communicator:
+                      codec: Codec | None = None, progress=None, counters: bool = True,
+                      record: bool = True) -> Communicator:
     """The communicator of one (parsed) scheme; ``codec`` (``kernels.dispatch.Codec()``, injected by
     the job layer) runs the kernels inside it: the same numbers, less time. Every change of codec
     path at a site is reported to ``progress`` as a ``codec`` event (``lowbit.comm.codec``).
-    ``counters=False``: no ``lowbit.counters`` per call (timings: they are diagnostics, not comm)."""
+    ``counters=False``: no ``lowbit.counters`` per call (timings: they are diagnostics, not comm);
+    ``record=False``: no per-call records (``bench.collectives`` times bare reduces)."""
     def changed(event: dict) -> None:
         if progress:
             progress("codec", None, None, event_text(str(scheme), event), event)
-    return QuantCommunicator(group, scheme, calibration, codec=codec, on_path_change=changed, counters=counters)
+    return QuantCommunicator(group, scheme, calibration, record=record, codec=codec, on_path_change=changed,
+                             counters=counters)
 
 
 def _reference_first(plan: SchemePlan) -> list[str]:
