@@ -203,3 +203,41 @@ def test_on_the_stress_model_the_counters_point_at_exactly_the_two_stress_sites(
     assert sites("qint4-ilv32-sqr-bf16@quickreduce") == (set(), set(), set())
     beyond, _, nonfinite = sites("quickreduce-int4")        # gfx950: the overflow turns the output non-finite
     assert beyond == {str(spec.overflow_site)} and str(spec.overflow_site) in nonfinite
+
+
+@pytest.mark.parametrize("scheme", ["int4-group32@twoshot+int8-group32", "int4-token", "quickreduce-int4",
+                                    "nccl-fp8e4m3"])
+def test_a_calls_seconds_leave_out_the_time_its_counters_took(monkeypatch, scheme):
+    """``comm_seconds`` (the accuracy-against-communication-time plot) sums the call records'
+    ``seconds``; the counters are diagnostics, not communication, so a record leaves their time out
+    and keeps it as ``counters_seconds``. A per-thread fake clock (no real time is read) advances one
+    second inside each counters call and nowhere else: every record's seconds is exactly 0 and its
+    ``counters_seconds`` the number of counted messages."""
+    import threading
+    import types
+
+    from lowbit.comm import collectives, communicator, recipes
+    from lowbit.comm.dist import ThreadWorld
+    from lowbit.site import Site
+
+    now = threading.local()
+    clock = types.SimpleNamespace(perf_counter=lambda: getattr(now, "t", 0.0))
+    real = collectives.message_counters
+
+    def counted(*args):
+        now.t = getattr(now, "t", 0.0) + 1.0
+        now.n = getattr(now, "n", 0) + 1
+        return real(*args)
+    for module in (collectives, communicator, recipes):
+        monkeypatch.setattr(module, "time", clock)
+    for module in (collectives, recipes):
+        monkeypatch.setattr(module, "message_counters", counted)
+    parts = partials_for("randn", 2, shape=(4, 64))
+
+    def body(group):
+        comm = collectives.QuantCommunicator(group, scheme)
+        comm.reduce(torch.from_numpy(parts[group.rank].astype(np.float32)), Site(0, "o_proj"))
+        return comm.calls[-1], now.n
+    for record, n_counted in ThreadWorld(2).run(body):
+        assert n_counted >= 1
+        assert record.seconds == 0.0 and record.extra["counters_seconds"] == float(n_counted)

@@ -54,6 +54,7 @@ playground shows of a rank); ``decode_message`` decodes one of them alone.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -313,10 +314,12 @@ class QuantCommunicator(Communicator):
         ``out``; {} unless asked for (``counters``) and the call's stats are kept (``stats_kept``)."""
         if not (self.counters and self.stats_kept):
             return {}
+        start = time.perf_counter()
         counts: dict = {}
         for m in messages:
             add_counters(counts, self._message_counters(plan, m))
-        return dict(counts, nonfinite_out=int((~torch.isfinite(out)).sum()))
+        return dict(counts, nonfinite_out=int((~torch.isfinite(out)).sum()),
+                    counters_seconds=time.perf_counter() - start)
 
     def _message_counters(self, plan: SitePlan, message: Message) -> dict:
         """``lowbit.counters`` of one first-leg message: its values against its own payload decoded alone."""
@@ -450,7 +453,9 @@ class QuantCommunicator(Communicator):
         values = tokens * hidden
         counts = self._counters(plan, messages, out)
         if reduced is not None and counts:
+            start = time.perf_counter()
             add_counters(counts, message_counters(reduced, out[:, messages[rank].cols], second), "leg2_")
+            counts["counters_seconds"] += time.perf_counter() - start
         extra = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"], **counts,
                      leg1_bits=8.0 * sum(send_splits) / values if values else 0.0,
                      leg2_bits=8.0 * leg2_bytes * tp / values if values else 0.0,

@@ -26,7 +26,9 @@ class CallRecord:
     hidden: int
     dtype: str
     bytes_sent: int  # bytes this rank handed to collectives in this call
-    seconds: float  # wall time of the whole reduce (quantize + collective + dequantize)
+    # wall time of the whole reduce (quantize + collective + dequantize), less the time its
+    # ``lowbit.counters`` diagnostics took (``extra["counters_seconds"]``): they are not communication
+    seconds: float
     scheme: str = "exact"
     extra: dict = field(default_factory=dict)
 
@@ -65,7 +67,7 @@ class Communicator(abc.ABC):
                     hidden=hidden,
                     dtype=str(partial.dtype).removeprefix("torch."),
                     bytes_sent=int(nbytes),
-                    seconds=time.perf_counter() - start,
+                    seconds=time.perf_counter() - start - extra.get("counters_seconds", 0.0),
                     scheme=self.scheme_name(site),
                     extra=extra,
                 )

@@ -31,9 +31,11 @@ flat2shot       lowbit's two-shot on the flat buffer's contiguous 1/W shards wit
 The output is rounded to bf16, as the kernels write it. The call's stats: ``clamped`` /
 ``nonfinite`` of leg 1 and ``leg2_clamped``, bytes per leg from the payloads (``lowbit.wire``), and
 ``lowbit.counters``' per-message counters of leg 1 (this rank's messages) and, as ``leg2_*``, of its
-requantized sum, with ``nonfinite_out`` of its output; ``counters=False`` (the communicator's, when
-nobody keeps the call's stats or it was built with ``counters=False``) leaves these three out, as
-``QuantCommunicator`` does for its own collectives: counting decodes every message again in torch.
+requantized sum, with ``nonfinite_out`` of its output and ``counters_seconds``, the time they
+took (the call record's ``seconds`` leaves it out: it is not communication). ``counters=False``
+(the communicator's, when nobody keeps the call's stats or it was built with ``counters=False``)
+leaves them out, as ``QuantCommunicator`` does for its own collectives: counting decodes every
+message again in torch.
 
     PYTHONPATH=. python -c "from lowbit.comm.dist import ThreadWorld; from lowbit.comm.recipes import run_recipe; \\
         from lowbit.scheme import parse_scheme; import torch; s = parse_scheme('quickreduce-int4'); \\
@@ -41,6 +43,8 @@ nobody keeps the call's stats or it was built with ``counters=False``) leaves th
         print(w.run(lambda g: run_recipe(g, torch.randn(4, 576), s)[0].abs().max()))"
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -103,15 +107,17 @@ def run_recipe(group: Group, partial: torch.Tensor, scheme: Scheme, counters: bo
         x = torch.cat([x, x.new_zeros(m - n)])
     own = owners(algo, n, tp, quant.group_size or 1)
     header = quant.scale.message_header(quant.cast.apply(x), quant) if algo == "flat2shot" else None
-    payloads, clamped, nonfinite, counts = [], 0, 0, {}
+    payloads, clamped, nonfinite, counts, spent = [], 0, 0, {}, 0.0
     for j in range(tp):
         p, st = _encode(x[own[j]], quant, header)
         payloads.append(p)
         clamped += st["clamped"]
         nonfinite += st["nonfinite"]
         if counters:
+            start = time.perf_counter()
             add_counters(counts, message_counters(x[own[j]].reshape(1, -1), _decode(p, own[j].numel(), quant)
                                                   .reshape(1, -1), quant))
+            spent += time.perf_counter() - start
     splits = [p.numel() for p in payloads]
     received = group.all_to_all(torch.cat(payloads), splits, [splits[rank]] * tp).reshape(tp, -1)
     count = own[rank].numel()
@@ -134,12 +140,16 @@ def run_recipe(group: Group, partial: torch.Tensor, scheme: Scheme, counters: bo
     for j in range(tp):
         out[own[j]] = _decode(gathered[j, :sizes2[j]], own[j].numel(), quant)
     if counters:
+        start = time.perf_counter()
         add_counters(counts, message_counters(total.reshape(1, -1), out[own[rank]].reshape(1, -1), quant), "leg2_")
+        spent += time.perf_counter() - start
     if algo == "flashinfer":
         out[own[rank]] = total  # the owner keeps its own sum: no second rounding of its stripe
     result = _bf16(out[:n])
     if counters:
+        start = time.perf_counter()
         counts["nonfinite_out"] = int((~torch.isfinite(result)).sum())
+        counts["counters_seconds"] = spent + time.perf_counter() - start
     leg1, leg2 = sum(splits), max(sizes2)
     stats = dict(clamped=clamped, nonfinite=nonfinite, leg2_clamped=st2["clamped"], leg2_nonfinite=st2["nonfinite"],
                  # what the kernel moves to its peers: the others' parts, then its own sum to each peer
@@ -154,7 +164,9 @@ def _nccl_ring(group: Group, x: torch.Tensor, quant, shape, counters: bool) -> t
     """NCCL's ring on the caller's fp8 tensors (see the module docstring)."""
     tp, n = group.world_size, x.numel()
     payload, st = _encode(x, quant)
+    start = time.perf_counter()
     counts = message_counters(x.reshape(1, -1), _decode(payload, n, quant).reshape(1, -1), quant) if counters else {}
+    spent = time.perf_counter() - start
     q = torch.stack([_decode(p, n, quant) for p in group.all_gather(payload)])  # [W, n] fp8 values
     chunk_of = torch.zeros(n, dtype=torch.long)
     for j, o in enumerate(owners("ncclring", n, tp)):
@@ -168,5 +180,7 @@ def _nccl_ring(group: Group, x: torch.Tensor, quant, shape, counters: bool) -> t
                  bytes_to_peers=ring_bytes(n, tp, group.rank),  # the ring's chunks, exactly
                  bytes_received=int(wire_bytes("exact", tp, handed)), codec_path="reference", **counts)
     if counters:
+        start = time.perf_counter()
         stats["nonfinite_out"] = int((~torch.isfinite(acc)).sum())
+        stats["counters_seconds"] = spent + time.perf_counter() - start
     return acc.reshape(shape), handed, stats
