@@ -15,22 +15,25 @@ prefixed ``leg2_``, ``LEG2``):
 ``nonfinite_out``     non-finite values of the site's reduced output where the exact sum is
                       finite (second leg: non-finite final outputs where the first leg's sum
                       was finite). Counted by the audit on the output, whatever the codec says.
-``beyond_range_in``   finite inputs the format cannot hold: made non-finite by its input cast
-                      (``lowbit.casts``; e.g. fp16's 65504), or beyond its largest code times its
-                      scale format's largest scale. Second leg: of the first leg's sums.
+``beyond_range_in``   finite inputs the format cannot hold (``lowbit.counters``' definition: made
+                      non-finite by its input cast, e.g. fp16's 65504, or beyond ``range_limit``).
+                      Second leg: of the first leg's sums.
 ``clamped``           values the quantizer clamped (``lowbit.quant``; static scales: beyond the
                       calibrated range)
 ``attenuated_groups`` groups whose decoded values keep less than half of their input's L2 norm
 ``underflowed_groups`` groups with a nonzero input whose every nonzero input decodes to 0
-``groups``            groups sent (the denominator of the two above)
+``groups``            groups sent (the denominator of the two above; static scales: a feature's
+                      column, ``lowbit.groups``)
 ====================  =========================================================================
+
+The message counters are ``lowbit.counters.message_counters``, whoever computes them: the codec
+reports them per call, and where it does not the audit calls the same function.
 
 Where a count comes from: the codec's per-message ``stats`` (the communicator's per-call extras)
 when it reports that name (``source`` "codec"); else the audit computes it from the messages the
 communicator builds (``QuantCommunicator.first_leg`` / ``decode_message``: the same plan, tables
-and codec) and the first leg's sums (``source`` "audit"); where neither can (a static grouping
-has no groups; a rotated or permuted second leg is not compared in its quantizer's space) the
-count is None and the report says "not reported by this codec", never 0. Message counts are
+and codec) and the first leg's sums (``source`` "audit"); where neither can (a rotated or permuted second
+leg is not compared in its quantizer's space) the count is None and the report says "not reported by this codec", never 0. Message counts are
 summed over ranks (each rank counts the messages it sends); output counts are one rank's (every
 rank holds the same output). The SQNR of the sum is 10 log10(sum exact^2 / sum (out - exact)^2)
 over the positions where both are finite; None when the output equals the exact sum.
@@ -46,6 +49,7 @@ from lowbit.calibration import Calibration
 from lowbit.comm.collectives import QuantCommunicator
 from lowbit.comm.communicator import Communicator, ExactCommunicator
 from lowbit.comm.dist import Group
+from lowbit.counters import message_counters
 from lowbit.scheme import WIRE_DTYPES, QuantSpec, SchemeMap
 from lowbit.site import ROW_PARALLEL_MODULES, Site
 
@@ -54,54 +58,14 @@ LEG2 = "leg2_"
 ALL_COUNTERS = COUNTERS + tuple(LEG2 + c for c in COUNTERS)
 OUTPUT_COUNTERS = ("nonfinite_out", LEG2 + "nonfinite_out")  # counted on the output, one rank's view
 GROUP_COUNTERS = ("attenuated_groups", "underflowed_groups", "groups")
-ATTENUATED_BELOW = 0.5  # a group keeping less than this share of its input's L2 norm is attenuated
 NOT_REPORTED = "not reported by this codec"
 
 
-def format_limit(quant: QuantSpec) -> float | None:
-    """The largest magnitude ``quant`` can send: its largest code (in units of the scale) times the
-    scale format's largest value; None where no such bound exists (static scales: the calibrated
-    range, counted as clamped; asymmetric codes; a per-message fp32 header; a fitted table)."""
-    if not quant.dynamic or not quant.symmetric or quant.scale.header is not None:
-        return None
-    try:
-        levels = quant.code.grid()["levels"]
-    except Exception:  # noqa: BLE001 - a code without a fixed grid (lm: per-call tables) has no bound here
-        return None
-    top = max(abs(float(v)) for v in levels) * float(torch.finfo(quant.scale.dtype).max)
-    return top if math.isfinite(top) else None
-
-
-def beyond_range(x: torch.Tensor, quant: QuantSpec, valid: torch.Tensor) -> int:
-    """Valid finite inputs of ``x`` that ``quant``'s cast makes non-finite or that exceed its
-    ``format_limit``."""
-    x = x.float()
-    cast = quant.cast.apply(x)
-    out = valid & torch.isfinite(x) & ~torch.isfinite(cast)
-    limit = format_limit(quant)
-    if limit is not None:
-        out |= valid & torch.isfinite(cast) & (cast.abs() > limit)
-    return int(out.sum())
-
-
-def group_losses(inputs: torch.Tensor, decoded: torch.Tensor, quant: QuantSpec, valid: torch.Tensor
-                 ) -> tuple[int, int, int] | None:
-    """(attenuated, underflowed, groups) of one message: its inputs and their decoded values
-    [T, W], grouped by ``quant``'s grouping over the ``valid`` values; None for a grouping
-    without groups (static)."""
-    if not quant.dynamic:
-        return None
-    x = torch.where(valid, inputs.float(), 0.0)
-    y = torch.where(valid, decoded.float(), 0.0)
-    xg, vg = quant.grouping.group(x, valid)
-    yg, _ = quant.grouping.group(y, valid)
-    xg, yg = xg.reshape(-1, xg.shape[-1]), yg.reshape(-1, yg.shape[-1])
-    in_norm, out_norm = xg.double().norm(dim=-1), yg.double().norm(dim=-1)
-    nonzero = xg != 0
-    live = nonzero.any(-1) & torch.isfinite(in_norm)
-    attenuated = live & torch.isfinite(out_norm) & (out_norm < ATTENUATED_BELOW * in_norm)
-    underflowed = live & ~(nonzero & (yg != 0)).any(-1)
-    return int(attenuated.sum()), int(underflowed.sum()), int(xg.shape[0])
+def _counted(values: torch.Tensor, decoded: torch.Tensor, quant: QuantSpec, valid: torch.Tensor) -> dict:
+    """``lowbit.counters.message_counters`` of one message over its ``valid`` values only: an invalid
+    value (a BF16 outlier column, which travels exactly) is made non-finite, which the counters
+    leave out of both the range count and the groups."""
+    return message_counters(torch.where(valid, values.float(), float("nan")), decoded, quant)
 
 
 @dataclass
@@ -188,16 +152,13 @@ class SiteProbe(Communicator):
             valid = torch.isfinite(values)
             if message.outlier_idx.numel():
                 valid[:, message.outlier_idx] = False  # the BF16 columns travel exactly
-            if "beyond_range_in" in missing:
-                tally.add("beyond_range_in", beyond_range(values, quant, valid), "audit")
             if "clamped" in missing:
                 tally.add("clamped", message.stats.get("clamped"), "codec")
-            if any(c in missing for c in GROUP_COUNTERS):
-                losses = group_losses(values, comm.decode_message(message, site), quant, valid)
-                if losses is not None:
-                    for counter, value in zip(GROUP_COUNTERS, losses):
-                        if counter in missing:
-                            tally.add(counter, value, "audit")
+            if any(c != "clamped" for c in missing):
+                counts = _counted(values, comm.decode_message(message, site), quant, valid)
+                for counter in missing:
+                    if counter != "clamped":
+                        tally.add(counter, counts[counter], "audit")
 
     def _second_leg_counts(self, tally: SiteTally, comm: QuantCommunicator, site: Site, first: torch.Tensor,
                            out: torch.Tensor, missing: list[str]) -> None:
@@ -214,13 +175,10 @@ class SiteProbe(Communicator):
         local = idx[(idx >= cols.start) & (idx < cols.stop)] - cols.start
         if local.numel():
             valid[:, local] = False
-        if "beyond_range_in" in missing:
-            tally.add(LEG2 + "beyond_range_in", beyond_range(inputs, second, valid), "audit")
-        losses = group_losses(inputs, decoded, second, valid)
-        if losses is not None:
-            for counter, value in zip(GROUP_COUNTERS, losses):
-                if counter in missing:
-                    tally.add(LEG2 + counter, value, "audit")
+        counts = _counted(inputs, decoded, second, valid)
+        for counter in missing:
+            if counter in counts:  # clamped is the codec's (the leg-2 quantizer's), never recounted here
+                tally.add(LEG2 + counter, counts[counter], "audit")
 
     # -- the rows --------------------------------------------------------------------------------
     def rows(self) -> list[dict]:
