@@ -15,10 +15,13 @@ a much smaller one, and KL / top-1 agreement on held-out text are the low-noise 
 Nothing here is tuned: the table is what the run measured.
 
 Seconds per item per scheme: each task job times every scheme's forwards on rank 0
-(``result.task_timing``, tokenizing and packing apart); after the jobs, this process scores the
-same items once with the whole model and no communication (``bench.scoring.floor_seconds``: the
-unsharded single-process floor). Both, and their ratio, are printed and saved (``timing``) with
-the load averages.
+(``result.task_timing``, tokenizing and packing apart); right after a task job, this process scores
+the same items once with the whole model and no communication (``bench.scoring.floor_seconds``:
+the unsharded single-process floor), so the two are measured in the same hour. Each floor is kept
+in ``*-floors.json`` next to ``--out`` with the task run it belongs to; ``--resume`` reads it back
+with its run (a task run from before this file existed gets its floor now, and its row says
+``floor_after_run: false``). Both, and their ratio, are printed and saved (``timing``) with the
+floor's load averages.
 
 Sizing to a target standard error (``--target-se``): the target is the SE of each task's *paired
 Δ* (scheme minus the fp32 reference on the same items), for every scheme (``--min-bits``: every
@@ -158,6 +161,16 @@ def se_summary(data: dict, min_bits: float) -> str:
             + "; ".join(parts) + target + ".")
 
 
+def _floor_load(row: dict, floor: dict) -> str:
+    """The load during a row's floor: its own (a per-task floor; "not after its run" when the task
+    run is older than the floor), else the one floor of a file from before per-task floors."""
+    load = row.get("floor_load") or (floor or {}).get("load")
+    if not load:
+        return ""
+    text = f"{load['start'][0]:.1f} -> {load['end'][0]:.1f}"
+    return text if row.get("floor_after_run", True) else text + " (not after its run)"
+
+
 def timing_markdown(files: list[dict]) -> str:
     """Per model and task: items, seconds per item per scheme at TP N (mean of the schemes' forwards),
     the unsharded single-process floor's seconds per item, their ratio, and the floor's threads."""
@@ -169,7 +182,7 @@ def timing_markdown(files: list[dict]) -> str:
                          f"{r['seconds_per_item_per_scheme']:.3f}",
                          f"{r['floor_seconds_per_item']:.3f}" if "over_floor" in r else "",
                          f"{r['over_floor']:.2f}" if "over_floor" in r else "",
-                         f"{floor['load']['start'][0]:.1f} -> {floor['load']['end'][0]:.1f}" if floor else ""])
+                         _floor_load(r, floor)])
     head = ["model", "task", "items", "s / item / scheme at TP N", "floor s / item (1 process)", "TP N / floor",
             "load during the floor"]
     return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in rows)
@@ -361,6 +374,33 @@ class RunLog:
         return run_id, result
 
 
+class FloorLog:
+    """Each task's single-process floor (``bench.scoring.floor_seconds`` of its items), by step
+    (``task:<name>:<items>``), kept in ``*-floors.json`` next to ``--out`` with the task run it was
+    measured after: a floor is measured once per task run, in the same hour as that run when the run
+    is new, and read back with it by ``--resume``."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.floors: dict[str, dict] = json.loads(path.read_text()) if resume and path.exists() else {}
+
+    def floor(self, step: str, run_id: str, ran_now: bool, measure) -> dict:
+        """The floor of ``step``'s items for task run ``run_id``: the one kept for that run, else
+        ``measure()`` (one task's ``floor_seconds``), kept with ``after_run`` = ``ran_now`` (the task
+        job ran in this invocation just before it)."""
+        kept = self.floors.get(step)
+        if kept is not None and kept.get("task_run") == run_id:
+            return kept
+        measured = measure()
+        task = step.split(":")[1]
+        entry = dict(measured["tasks"][task], task_run=run_id, after_run=ran_now, threads=measured["threads"],
+                     load=measured["load"], measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        self.floors[step] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.floors, indent=2))
+        return entry
+
+
 def merge_results(text: dict, by_task: dict[str, dict]) -> dict:
     """One evaluate result from the held-out text job and one job per task: the text job's records
     with every task job's task rows, % kept and the average primary score recomputed over them,
@@ -390,9 +430,12 @@ def timing_rows(result: dict, floor: dict | None) -> list[dict]:
         row = dict(task=task, items=timing["items"], seconds_per_item_per_scheme=mean, per_scheme=per_scheme,
                    shared_seconds=timing["shared_seconds"], scorer=timing["scorer"])
         if floor is not None:
-            f = floor["tasks"][task]["seconds_per_item"]
-            row.update(floor_seconds_per_item=f, over_floor=mean / f, floor_acc=floor["tasks"][task]["acc"],
-                       floor_acc_norm=floor["tasks"][task]["acc_norm"])
+            entry = floor["tasks"][task]
+            f = entry["seconds_per_item"]
+            row.update(floor_seconds_per_item=f, over_floor=mean / f, floor_acc=entry["acc"],
+                       floor_acc_norm=entry["acc_norm"])
+            if "after_run" in entry:  # a per-task floor (FloorLog): its own load, and whether it followed its run
+                row.update(floor_after_run=entry["after_run"], floor_load=entry["load"])
         rows.append(row)
     return rows
 
@@ -474,11 +517,17 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in tasks if t not in missing]
     if missing:
         print(f"--finished-only: no finished run for {', '.join(missing)}; the tables leave them out")
+    floors, floor_tasks = FloorLog(out.with_name(out.stem + "-floors.json"), args.resume), {}
     for task in tasks:
-        task_runs[task], by_task[task] = runs.run(f"task:{task}:{items[task]}", spec([task], items[task], args.seq_len, False))
+        step = f"task:{task}:{items[task]}"
+        ran_now = not runs.finished(step)
+        task_runs[task], by_task[task] = runs.run(step, spec([task], items[task], args.seq_len, False))
+        if not args.no_floor:  # measured right after its task job, in the same hour
+            floor_tasks[task] = floors.floor(step, task_runs[task], ran_now,
+                                             lambda t=task: floor_seconds(args.model, [t], {t: items[t]}, args.seed))
     items = {t: items[t] for t in tasks}
     result = merge_results(text, by_task)
-    floor = None if args.no_floor else floor_seconds(args.model, tasks, items, args.seed)
+    floor = None if args.no_floor else dict(tasks=floor_tasks)
     timing = timing_rows(result, floor)
     rows = flat_rows(result)
     table = markdown(result, rows, tasks)

@@ -183,3 +183,36 @@ def test_finished_only_reads_finished_steps_back_and_runs_none(tmp_path, monkeyp
     for step in ("task:hellaswag:70", "task:piqa:111"):
         with pytest.raises(SystemExit, match=f"--finished-only: step {step} has no finished run"):
             runs.run(step, {})
+
+
+def test_each_tasks_floor_is_kept_with_its_task_run_and_read_back_by_resume(tmp_path):
+    """The floor is measured right after its task job and kept with that run (``*-floors.json``):
+    --resume reads it back (no second measurement at another load), a new run of the step gets a new
+    floor, and a row says whether its floor followed its run and at what load."""
+    from bench.accuracy import FloorLog, _floor_load, merge_results, timing_rows
+    measured = []
+
+    def measure(spi, load):
+        def run():
+            measured.append(spi)
+            return dict(tasks=dict(arc_easy=dict(items=100, seconds=100 * spi, seconds_per_item=spi, acc=0.6,
+                                                 acc_norm=0.5)), threads=2, load=dict(start=[load], end=[load + 1]))
+        return run
+    path = tmp_path / "accuracy-floors.json"
+    first = FloorLog(path, resume=False).floor("task:arc_easy:100", "run-a", True, measure(0.04, 1.0))
+    assert measured == [0.04] and first["after_run"] and first["task_run"] == "run-a"
+    again = FloorLog(path, resume=True).floor("task:arc_easy:100", "run-a", False, measure(0.09, 9.0))
+    assert measured == [0.04] and again == first                        # read back, not measured at load 9
+    other = FloorLog(path, resume=True).floor("task:arc_easy:100", "run-b", False, measure(0.05, 5.0))
+    assert measured == [0.04, 0.05] and not other["after_run"]         # another run of the step: its own floor
+    assert json.loads(path.read_text())["task:arc_easy:100"]["task_run"] == "run-b"
+    text = dict(reference="fp32", eval_tokens=2048, records=[dict(scheme="fp32", bits_per_value=32.0, kl=0.0, tasks={})])
+    merged = merge_results(text, {"arc_easy": _job_result("arc_easy", dict(fp32=0.6), dict(fp32=12.0), 100)})
+    row = timing_rows(merged, dict(tasks={"arc_easy": first}))[0]
+    assert row["over_floor"] == pytest.approx(0.12 / 0.04) and row["floor_after_run"]
+    assert _floor_load(row, {}) == "1.0 -> 2.0"
+    late = timing_rows(merged, dict(tasks={"arc_easy": other}))[0]
+    assert _floor_load(late, {}) == "5.0 -> 6.0 (not after its run)"
+    old_file = timing_rows(merged, dict(tasks={"arc_easy": dict(seconds_per_item=0.04, acc=0.6, acc_norm=0.5)},
+                                        load=dict(start=[3.0], end=[4.0])))[0]
+    assert _floor_load(old_file, dict(load=dict(start=[3.0], end=[4.0]))) == "3.0 -> 4.0"  # one floor per file
