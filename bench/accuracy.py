@@ -19,8 +19,8 @@ Seconds per item per scheme: each task job times every scheme's forwards on rank
 the same items once with the whole model and no communication (``bench.scoring.floor_seconds``:
 the unsharded single-process floor), so the two are measured in the same hour. Each floor is kept
 in ``*-floors.json`` next to ``--out`` with the task run it belongs to; ``--resume`` reads it back
-with its run (a task run from before this file existed gets its floor now, and its row says
-``floor_after_run: false``). Both, and their ratio, are printed and saved (``timing``) with the
+with its run (a task run from before this file existed gets its floor now, and its row's
+``floor_run`` says ``after_run: false``). Both, and their ratio, are printed and saved (``timing``) with the
 floor's load averages.
 
 Sizing to a target standard error (``--target-se``): the target is the SE of each task's *paired
@@ -164,11 +164,12 @@ def se_summary(data: dict, min_bits: float) -> str:
 def _floor_load(row: dict, floor: dict) -> str:
     """The load during a row's floor: its own (a per-task floor; "not after its run" when the task
     run is older than the floor), else the one floor of a file from before per-task floors."""
-    load = row.get("floor_load") or (floor or {}).get("load")
+    own = row.get("floor_run") or {}
+    load = own.get("load") or (floor or {}).get("load")
     if not load:
         return ""
     text = f"{load['start'][0]:.1f} -> {load['end'][0]:.1f}"
-    return text if row.get("floor_after_run", True) else text + " (not after its run)"
+    return text if own.get("after_run", True) else text + " (not after its run)"
 
 
 def timing_markdown(files: list[dict]) -> str:
@@ -435,7 +436,7 @@ def timing_rows(result: dict, floor: dict | None) -> list[dict]:
             row.update(floor_seconds_per_item=f, over_floor=mean / f, floor_acc=entry["acc"],
                        floor_acc_norm=entry["acc_norm"])
             if "after_run" in entry:  # a per-task floor (FloorLog): its own load, and whether it followed its run
-                row.update(floor_after_run=entry["after_run"], floor_load=entry["load"])
+                row.update(floor_run=dict(after_run=entry["after_run"], load=entry["load"]))
         rows.append(row)
     return rows
 

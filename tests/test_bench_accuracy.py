@@ -209,7 +209,7 @@ def test_each_tasks_floor_is_kept_with_its_task_run_and_read_back_by_resume(tmp_
     text = dict(reference="fp32", eval_tokens=2048, records=[dict(scheme="fp32", bits_per_value=32.0, kl=0.0, tasks={})])
     merged = merge_results(text, {"arc_easy": _job_result("arc_easy", dict(fp32=0.6), dict(fp32=12.0), 100)})
     row = timing_rows(merged, dict(tasks={"arc_easy": first}))[0]
-    assert row["over_floor"] == pytest.approx(0.12 / 0.04) and row["floor_after_run"]
+    assert row["over_floor"] == pytest.approx(0.12 / 0.04) and row["floor_run"]["after_run"]
     assert _floor_load(row, {}) == "1.0 -> 2.0"
     late = timing_rows(merged, dict(tasks={"arc_easy": other}))[0]
     assert _floor_load(late, {}) == "5.0 -> 6.0 (not after its run)"
