@@ -1,4 +1,4 @@
-# Size: ~510 lines: one end-to-end bench (plan, run each step as a job, resume, tables); its parts share the plan and the runs file.
+# Size: ~560 lines: one end-to-end bench (plan, run each step as a job, resume, tables); its parts share the plan and the runs file.
 """The accuracy tables of docs/results.md and docs/accuracy.md, end to end: calibrate, evaluate every scheme, write JSON/CSV/Markdown.
 
     python -m bench.accuracy --tp 3 --items 100 --out bench/results/accuracy.json

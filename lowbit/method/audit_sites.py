@@ -31,12 +31,13 @@ reports them per call, and where it does not the audit calls the same function.
 
 Where a count comes from: the codec's per-message ``stats`` (the communicator's per-call extras)
 when it reports that name (``source`` "codec"); else the audit computes it from the messages the
-communicator builds (``QuantCommunicator.first_leg`` / ``decode_message``: the same plan, tables
-and codec) and the first leg's sums (``source`` "audit"); where neither can (a rotated or permuted second
-leg is not compared in its quantizer's space) the count is None and the report says "not reported by this codec", never 0. Message counts are
-summed over ranks (each rank counts the messages it sends); output counts are one rank's (every
-rank holds the same output). The SQNR of the sum is 10 log10(sum exact^2 / sum (out - exact)^2)
-over the positions where both are finite; None when the output equals the exact sum.
+communicator builds (``QuantCommunicator.first_leg`` / ``decode_message``: the same plan, tables and
+codec) and the first leg's sums (``source`` "audit"); where neither can (a rotated or permuted
+second leg is not compared in its quantizer's space) the count is None and the report says "not
+reported by this codec", never 0. Message counts are summed over ranks (each rank counts the
+messages it sends); output counts are one rank's (every rank holds the same output). The SQNR of the
+sum is 10 log10(sum exact^2 / sum (out - exact)^2) over the positions where both are finite; None
+when the output equals the exact sum.
 """
 from __future__ import annotations
 
